@@ -1,0 +1,328 @@
+//! Where repository files live: the storage [`Backend`] trait and its local
+//! and in-memory implementations.
+//!
+//! A backend stores immutable, named files of three kinds. `write` is atomic
+//! and durable: once it returns the whole file is there and survives a crash,
+//! and a crash during it leaves at most a partial file that
+//! [`Backend::remove_partial`] can clear. Nothing else is ever rewritten in
+//! place, which is what keeps every backend (an object store later) simple.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// The kinds of file a repository holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FileKind {
+    /// The repository configuration (one file).
+    Config,
+    /// A pack of blobs.
+    Pack,
+    /// A restore point's manifest.
+    Manifest,
+}
+
+/// Storage for repository files.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Stores a whole file atomically and durably, replacing none: writing a
+    /// name that exists is allowed only with identical content.
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()>;
+    /// Reads a whole file.
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>>;
+    /// Reads `len` bytes at `offset`; a short file is an error.
+    fn read_at(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// The size of a file.
+    fn size(&self, kind: FileKind, name: &str) -> Result<u64>;
+    /// Names of all complete files of a kind, sorted.
+    fn list(&self, kind: FileKind) -> Result<Vec<String>>;
+    /// Removes a file durably; removing a missing file is not an error.
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()>;
+    /// Names of partial writes left by interrupted processes.
+    fn list_partial(&self) -> Result<Vec<String>>;
+    /// Removes partial writes. Only safe while no other process writes (the
+    /// caller holds the repository's exclusive lock).
+    fn remove_partial(&self) -> Result<usize>;
+    /// A human-readable location of a file, for messages.
+    fn locate(&self, kind: FileKind, name: &str) -> String;
+}
+
+/// A backend on a local (or mounted) file system.
+///
+/// Layout: `cbtvault.json`, `packs/XY/NAME.pack` (XY = first two characters of
+/// NAME, to keep directories small), `manifests/NAME.json`, and `tmp/` for
+/// writes in progress. Writes go to `tmp/`, are fsynced, renamed into place,
+/// and the target directory is fsynced, so a file is either whole or absent.
+#[derive(Debug)]
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl LocalBackend {
+    /// A backend rooted at `root` (which must exist).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalBackend { root: root.into() }
+    }
+
+    /// Creates the directory skeleton.
+    pub fn create_layout(&self) -> Result<()> {
+        for dir in ["packs", "manifests", "tmp"] {
+            let path = self.root.join(dir);
+            fs::create_dir_all(&path).map_err(Error::io(&path))?;
+        }
+        sync_dir(&self.root)
+    }
+
+    fn path(&self, kind: FileKind, name: &str) -> PathBuf {
+        match kind {
+            FileKind::Config => self.root.join(name),
+            FileKind::Pack => self
+                .root
+                .join("packs")
+                .join(name.get(..2).unwrap_or("__"))
+                .join(format!("{name}.pack")),
+            FileKind::Manifest => self.root.join("manifests").join(format!("{name}.json")),
+        }
+    }
+}
+
+/// fsync a directory so that a rename or unlink in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io(dir))
+}
+
+impl Backend for LocalBackend {
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        let target = self.path(kind, name);
+        let dir = target.parent().unwrap_or(&self.root).to_path_buf();
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+            sync_dir(dir.parent().unwrap_or(&self.root))?;
+        }
+        let tmp = self.root.join("tmp").join(format!(
+            "{name}.{}.{}.tmp",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(Error::io(&tmp))?;
+        file.write_all(data)
+            .and_then(|()| file.sync_all())
+            .map_err(Error::io(&tmp))?;
+        drop(file);
+        fs::rename(&tmp, &target).map_err(Error::io(&target))?;
+        sync_dir(&dir)
+    }
+
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
+        let path = self.path(kind, name);
+        fs::read(&path).map_err(Error::io(&path))
+    }
+
+    fn read_at(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let path = self.path(kind, name);
+        let file = File::open(&path).map_err(Error::io(&path))?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).map_err(|source| {
+            let source = if source.kind() == ErrorKind::UnexpectedEof {
+                std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    format!("file too short for {len} bytes at offset {offset}"),
+                )
+            } else {
+                source
+            };
+            Error::Io { path: path.clone(), source }
+        })?;
+        Ok(buf)
+    }
+
+    fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
+        let path = self.path(kind, name);
+        Ok(fs::metadata(&path).map_err(Error::io(&path))?.len())
+    }
+
+    fn list(&self, kind: FileKind) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        match kind {
+            FileKind::Config => {
+                if self.root.join(crate::repository::CONFIG_FILE).exists() {
+                    names.push(crate::repository::CONFIG_FILE.to_string());
+                }
+            }
+            FileKind::Manifest => list_suffix(&self.root.join("manifests"), ".json", &mut names)?,
+            FileKind::Pack => {
+                let packs = self.root.join("packs");
+                for entry in fs::read_dir(&packs).map_err(Error::io(&packs))? {
+                    let entry = entry.map_err(Error::io(&packs))?;
+                    if entry.file_type().map_err(Error::io(entry.path()))?.is_dir() {
+                        list_suffix(&entry.path(), ".pack", &mut names)?;
+                    }
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
+        let path = self.path(kind, name);
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(path.parent().unwrap_or(&self.root)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path)(e)),
+        }
+    }
+
+    fn list_partial(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        list_suffix(&self.root.join("tmp"), ".tmp", &mut names)?;
+        Ok(names.into_iter().map(|n| format!("{n}.tmp")).collect())
+    }
+
+    fn remove_partial(&self) -> Result<usize> {
+        let tmp = self.root.join("tmp");
+        let names = self.list_partial()?;
+        for name in &names {
+            let path = tmp.join(name);
+            fs::remove_file(&path).map_err(Error::io(&path))?;
+        }
+        if !names.is_empty() {
+            sync_dir(&tmp)?;
+        }
+        Ok(names.len())
+    }
+
+    fn locate(&self, kind: FileKind, name: &str) -> String {
+        self.path(kind, name).display().to_string()
+    }
+}
+
+fn list_suffix(dir: &Path, suffix: &str, out: &mut Vec<String>) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(Error::io(dir))?;
+        if let Some(stem) = entry.file_name().to_str().and_then(|n| n.strip_suffix(suffix)) {
+            out.push(stem.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// A backend in memory, for tests and for trying things out. Partial writes
+/// cannot happen in it.
+#[derive(Debug, Default)]
+pub struct MemoryBackend {
+    files: Mutex<BTreeMap<(FileKind, String), Vec<u8>>>,
+}
+
+impl MemoryBackend {
+    /// An empty backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Flips one byte of a stored file: lets tests play bit rot.
+    pub fn corrupt(&self, kind: FileKind, name: &str, offset: usize) -> bool {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        match files.get_mut(&(kind, name.to_string())).and_then(|f| f.get_mut(offset)) {
+            Some(byte) => {
+                *byte ^= 0xff;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn missing(&self, kind: FileKind, name: &str) -> Error {
+        Error::Io {
+            path: self.locate(kind, name).into(),
+            source: std::io::Error::from(ErrorKind::NotFound),
+        }
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.insert((kind, name.to_string()), data.to_vec());
+        Ok(())
+    }
+
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files
+            .get(&(kind, name.to_string()))
+            .cloned()
+            .ok_or_else(|| self.missing(kind, name))
+    }
+
+    fn read_at(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let file = files
+            .get(&(kind, name.to_string()))
+            .ok_or_else(|| self.missing(kind, name))?;
+        usize::try_from(offset)
+            .ok()
+            .and_then(|start| file.get(start..start.checked_add(len)?))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::Io {
+                path: self.locate(kind, name).into(),
+                source: std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    format!("file too short for {len} bytes at offset {offset}"),
+                ),
+            })
+    }
+
+    fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files
+            .get(&(kind, name.to_string()))
+            .map(|f| f.len() as u64)
+            .ok_or_else(|| self.missing(kind, name))
+    }
+
+    fn list(&self, kind: FileKind) -> Result<Vec<String>> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(files
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, n)| n.clone())
+            .collect())
+    }
+
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.remove(&(kind, name.to_string()));
+        Ok(())
+    }
+
+    fn list_partial(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn remove_partial(&self) -> Result<usize> {
+        Ok(0)
+    }
+
+    fn locate(&self, kind: FileKind, name: &str) -> String {
+        format!("memory:{kind:?}/{name}")
+    }
+}

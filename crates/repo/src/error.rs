@@ -1,0 +1,95 @@
+//! The repository's error type.
+
+use std::path::PathBuf;
+
+use crate::BlobId;
+
+/// Everything that can go wrong in the repository. Messages name the file,
+/// pack, blob or restore point concerned; the cause is in `source()`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{path}: not a cbtvault repository (no {file}); create one with `cbtvault init`", file = crate::repository::CONFIG_FILE)]
+    NotARepository { path: PathBuf },
+
+    #[error("{path}: a cbtvault repository already exists here")]
+    AlreadyExists { path: PathBuf },
+
+    #[error("{path}: the directory is not empty; choose an empty or new directory")]
+    NotEmpty { path: PathBuf },
+
+    #[error(
+        "repository format version {found} is not supported by this build (it reads version {supported}); use a newer cbtvault"
+    )]
+    UnsupportedVersion { found: u32, supported: u32 },
+
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("catalogue {path}; `cbtvault repair` rebuilds it from the packs and manifests")]
+    Catalogue {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    #[error("{path}: invalid repository configuration")]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("pack {pack}: {what}")]
+    CorruptPack { pack: String, what: String },
+
+    #[error("blob {id} (pack {pack}, offset {offset}): {what}")]
+    CorruptBlob {
+        id: BlobId,
+        pack: String,
+        offset: u64,
+        what: String,
+    },
+
+    #[error("blob {id} is not in the catalogue; run `cbtvault verify` and `cbtvault repair`")]
+    MissingBlob { id: BlobId },
+
+    #[error("block-map node {id}: {what}")]
+    CorruptNode { id: BlobId, what: String },
+
+    #[error("manifest {name}")]
+    Manifest {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("no restore point matches {0:?}; `cbtvault list` shows them")]
+    UnknownRestorePoint(String),
+
+    #[error("{prefix:?} matches {count} restore points; give more characters")]
+    AmbiguousRestorePoint { prefix: String, count: usize },
+
+    #[error("no disk named {0:?} in this repository")]
+    UnknownDisk(String),
+
+    #[error("{what} is locked by another cbtvault process ({holder}); wait for it to finish or retry later")]
+    Locked { what: String, holder: String },
+
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

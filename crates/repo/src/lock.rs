@@ -1,0 +1,79 @@
+//! Advisory file locks between cbtvault processes (see the locking table in
+//! the crate documentation).
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// A held lock; released when dropped (or when the process dies, which is
+/// why these are kernel locks and not lock files that could go stale).
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Lock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// How a lock is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Many holders at once.
+    Shared,
+    /// One holder, and no shared holders.
+    Exclusive,
+}
+
+/// Takes `mode` on `path`, retrying for up to `wait`.
+pub fn acquire(path: &Path, what: &str, mode: LockMode, wait: Duration) -> Result<Lock> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(Error::io(path))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let attempt = match mode {
+            LockMode::Shared => file.try_lock_shared(),
+            LockMode::Exclusive => file.try_lock(),
+        };
+        match attempt {
+            Ok(()) => {
+                return Ok(Lock {
+                    _file: file,
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    what: what.to_string(),
+                    holder: match mode {
+                        LockMode::Shared => "an exclusive operation such as gc or repair".into(),
+                        LockMode::Exclusive => "a backup, restore or other operation".into(),
+                    },
+                });
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Opening, creating and committing to a repository.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, FileKind, LocalBackend};
+use crate::catalogue::{CATALOGUE_FILE, Catalogue, RestorePointRow};
+use crate::error::{Error, Result};
+use crate::lock::{self, Lock, LockMode};
+use crate::manifest::{self, Manifest};
+use crate::store::{BlobReader, PackWriter};
+
+/// Name of the configuration file at the repository's root.
+pub const CONFIG_FILE: &str = "cbtvault.json";
+/// The repository format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Block size of every disk in a repository.
+pub const BLOCK_SIZE: u64 = 64 * 1024;
+/// Default target size of a pack.
+pub const DEFAULT_PACK_SIZE: u64 = 32 * 1024 * 1024;
+
+/// The repository's configuration, written once by `init`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// A random id, to tell repositories apart.
+    pub id: String,
+    /// [`BLOCK_SIZE`].
+    pub block_size: u64,
+    /// [`crate::tree::FANOUT`].
+    pub tree_fanout: u64,
+    /// Default zstd level for new blocks.
+    pub compression_level: i32,
+    /// Target size of pack files in bytes.
+    pub pack_size: u64,
+    /// When the repository was created.
+    pub created: jiff::Timestamp,
+}
+
+/// Options for [`Repository::init`].
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub compression_level: i32,
+    pub pack_size: u64,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            compression_level: 3,
+            pack_size: DEFAULT_PACK_SIZE,
+        }
+    }
+}
+
+/// An open repository.
+#[derive(Debug)]
+pub struct Repository {
+    root: PathBuf,
+    backend: Arc<dyn Backend>,
+    config: Config,
+    catalogue: Mutex<Catalogue>,
+}
+
+impl Repository {
+    /// Creates a repository in `path` (a new or empty directory).
+    pub fn init(path: &Path, options: &InitOptions) -> Result<Repository> {
+        if path.join(CONFIG_FILE).exists() {
+            return Err(Error::AlreadyExists { path: path.into() });
+        }
+        std::fs::create_dir_all(path).map_err(Error::io(path))?;
+        if std::fs::read_dir(path).map_err(Error::io(path))?.next().is_some() {
+            return Err(Error::NotEmpty { path: path.into() });
+        }
+        if !(1..=22).contains(&options.compression_level) {
+            return Err(Error::InvalidArgument(format!(
+                "compression level {} is outside zstd's 1..=22",
+                options.compression_level
+            )));
+        }
+        let backend = LocalBackend::new(path);
+        backend.create_layout()?;
+        let config = Config {
+            format_version: FORMAT_VERSION,
+            id: hex::encode(&blake3::hash(format!("{:?}{}", jiff::Timestamp::now(), std::process::id()).as_bytes()).as_bytes()[..16]),
+            block_size: BLOCK_SIZE,
+            tree_fanout: crate::tree::FANOUT,
+            compression_level: options.compression_level,
+            pack_size: options.pack_size,
+            created: jiff::Timestamp::now(),
+        };
+        Catalogue::open(&path.join(CATALOGUE_FILE), true)?;
+        let json = serde_json::to_vec_pretty(&config).unwrap_or_default();
+        // The config goes last: a directory without it is not a repository.
+        backend.write(FileKind::Config, CONFIG_FILE, &json)?;
+        Self::open(path)
+    }
+
+    /// Opens the repository in `path` on the local file system.
+    pub fn open(path: &Path) -> Result<Repository> {
+        if !path.join(CONFIG_FILE).is_file() {
+            return Err(Error::NotARepository { path: path.into() });
+        }
+        Self::open_with(path, Arc::new(LocalBackend::new(path)))
+    }
+
+    /// Opens a repository whose files live in `backend`, keeping the
+    /// catalogue and locks in the local directory `path`.
+    pub fn open_with(path: &Path, backend: Arc<dyn Backend>) -> Result<Repository> {
+        let raw = backend.read(FileKind::Config, CONFIG_FILE)?;
+        let probe: serde_json::Value = serde_json::from_slice(&raw).map_err(|source| Error::Config {
+            path: path.join(CONFIG_FILE),
+            source,
+        })?;
+        let version = probe.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        if version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let config: Config = serde_json::from_value(probe).map_err(|source| Error::Config {
+            path: path.join(CONFIG_FILE),
+            source,
+        })?;
+        if config.block_size != BLOCK_SIZE || config.tree_fanout != crate::tree::FANOUT {
+            return Err(Error::InvalidArgument(format!(
+                "{}: block size {} / fan-out {} are not supported",
+                path.display(),
+                config.block_size,
+                config.tree_fanout
+            )));
+        }
+        let catalogue = Catalogue::open(&path.join(CATALOGUE_FILE), false)?;
+        let repo = Repository {
+            root: path.to_path_buf(),
+            backend,
+            config,
+            catalogue: Mutex::new(catalogue),
+        };
+        repo.reconcile()?;
+        Ok(repo)
+    }
+
+    /// Brings the catalogue's restore points in line with the manifests,
+    /// which are authoritative: a crash between writing a manifest and
+    /// indexing it (or the reverse for forget) is healed here.
+    fn reconcile(&self) -> Result<()> {
+        let on_disk = self.backend.list(FileKind::Manifest)?;
+        let mut cat = self.catalogue();
+        let known: std::collections::HashSet<String> = cat.restore_point_ids()?.into_iter().collect();
+        let present: std::collections::HashSet<&String> = on_disk.iter().collect();
+        for id in known.iter().filter(|id| !present.contains(id)) {
+            tracing::info!(restore_point = %id, "manifest gone; dropping it from the catalogue");
+            cat.remove_restore_point(id)?;
+        }
+        for id in on_disk.iter().filter(|id| !known.contains(*id)) {
+            let manifest = self.load_manifest(id)?;
+            tracing::info!(restore_point = %id, "indexing a committed manifest");
+            cat.insert_restore_point(id, &manifest)?;
+        }
+        Ok(())
+    }
+
+    /// The repository's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Where its files live.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The shared catalogue connection.
+    pub fn catalogue(&self) -> MutexGuard<'_, Catalogue> {
+        self.catalogue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection to the catalogue, for another thread.
+    pub fn open_catalogue(&self) -> Result<Catalogue> {
+        Catalogue::open(&self.root.join(CATALOGUE_FILE), false)
+    }
+
+    /// A reader of blobs, for one thread.
+    pub fn reader(&self) -> Result<BlobReader> {
+        Ok(BlobReader::new(self.backend.clone(), self.open_catalogue()?))
+    }
+
+    /// A writer of new packs, for one thread.
+    pub fn pack_writer(&self, compression_level: Option<i32>) -> Result<PackWriter> {
+        PackWriter::new(
+            self.backend.clone(),
+            self.open_catalogue()?,
+            self.config.pack_size as usize,
+            compression_level.unwrap_or(self.config.compression_level),
+        )
+    }
+
+    /// The shared repository lock: held by every operation that reads or
+    /// adds data (backup, restore, verify, diff, forget).
+    pub fn lock_shared(&self) -> Result<Lock> {
+        lock::acquire(&self.lock_path("repository"), "the repository", LockMode::Shared, Duration::from_secs(5))
+    }
+
+    /// The exclusive repository lock: gc and repair, which delete files.
+    pub fn lock_exclusive(&self, wait: Duration) -> Result<Lock> {
+        lock::acquire(&self.lock_path("repository"), "the repository", LockMode::Exclusive, wait)
+    }
+
+    /// The per-disk lock: one backup of a disk at a time.
+    pub fn lock_disk(&self, disk: &str) -> Result<Lock> {
+        let key = hex::encode(&blake3::hash(disk.as_bytes()).as_bytes()[..8]);
+        lock::acquire(
+            &self.lock_path(&format!("disk-{key}")),
+            &format!("disk {disk:?}"),
+            LockMode::Exclusive,
+            Duration::ZERO,
+        )
+    }
+
+    fn lock_path(&self, name: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{name}.lock"))
+    }
+
+    /// Makes a restore point visible. Every pack it references must already
+    /// be durable and indexed (the [`PackWriter`] guarantees that once
+    /// flushed). The manifest is written durably first; the catalogue row
+    /// follows.
+    pub fn commit(&self, manifest: &Manifest) -> Result<String> {
+        let (id, bytes) = manifest::encode(manifest);
+        self.backend.write(FileKind::Manifest, &id, &bytes)?;
+        self.catalogue().insert_restore_point(&id, manifest)?;
+        Ok(id)
+    }
+
+    /// Reads a manifest from its file.
+    pub fn load_manifest(&self, id: &str) -> Result<Manifest> {
+        let bytes = self.backend.read(FileKind::Manifest, id)?;
+        if hex::encode(blake3::hash(&bytes).as_bytes()) != id {
+            return Err(Error::Manifest {
+                name: id.to_string(),
+                source: serde::de::Error::custom("content does not match its id (the file is damaged)"),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| Error::Manifest {
+            name: id.to_string(),
+            source,
+        })
+    }
+
+    /// Finds a restore point by id or unique id prefix, or `DISK@latest`.
+    pub fn resolve(&self, spec: &str) -> Result<RestorePointRow> {
+        if let Some(disk) = spec.strip_suffix("@latest") {
+            return self
+                .latest(disk)?
+                .ok_or_else(|| Error::UnknownRestorePoint(spec.to_string()));
+        }
+        if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::UnknownRestorePoint(spec.to_string()));
+        }
+        let spec = spec.to_ascii_lowercase();
+        let ids = self.catalogue().match_prefix(&spec)?;
+        match ids.as_slice() {
+            [] => Err(Error::UnknownRestorePoint(spec)),
+            [id] => Ok(RestorePointRow {
+                id: id.clone(),
+                manifest: self.load_manifest(id)?,
+            }),
+            _ => Err(Error::AmbiguousRestorePoint {
+                prefix: spec,
+                count: ids.len(),
+            }),
+        }
+    }
+
+    /// The newest restore point of `disk`.
+    pub fn latest(&self, disk: &str) -> Result<Option<RestorePointRow>> {
+        Ok(self.catalogue().restore_points(Some(disk))?.pop())
+    }
+
+    /// Removes a restore point: its manifest first (that is what makes it
+    /// invisible), then its catalogue row. Its data stays until `gc`.
+    pub fn forget(&self, id: &str) -> Result<()> {
+        self.backend.remove(FileKind::Manifest, id)?;
+        self.catalogue().remove_restore_point(id)
+    }
+}
