@@ -1,1 +1,30 @@
+//! cbtvault's engine: the pipelines that move disks in and out of a
+//! repository.
+//!
+//! - [`backup()`] reads a [`DiskSource`] — all blocks, or only those a
+//!   changed-block map marks — and commits a restore point, with bounded
+//!   memory on all cores.
+//! - [`restore()`] writes a restore point to a [`DiskTarget`], checking every
+//!   block against its id.
+//!
+//! Sources and targets are traits so that NBD, XenServer, QEMU and VMware
+//! providers plug in beside the local file ones here. Long operations take
+//! a [`CancellationToken`](tokio_util::sync::CancellationToken) and report
+//! through a [`Progress`].
+//!
+//! Crates used: `tokio` and `futures` for pipelined source reads, `flume`
+//! for bounded channels that connect async tasks to worker threads in
+//! both directions, `tokio-util` for cancellation.
 
+pub mod backup;
+pub mod error;
+pub mod progress;
+pub mod restore;
+pub mod source;
+pub mod synth;
+
+pub use backup::{BackupJob, BackupOptions, BackupOutcome, Changes, Parent, backup};
+pub use error::{Error, Result};
+pub use progress::{NoProgress, Progress};
+pub use restore::{DiskTarget, FileTarget, RestoreStats, restore};
+pub use source::{DiskSource, FileSource};

@@ -1,0 +1,481 @@
+//! The backup pipeline.
+//!
+//! ```text
+//!  reader (async)          workers (N threads)            writer (1 thread)
+//!  source.read_at ──────▶  zero check, BLAKE3,  ────────▶ reorder by sequence,
+//!  `inflight` reads,       catalogue lookup,              pack writer, tree builder,
+//!  in block order          zstd for new blocks            flush + durable packs
+//! ```
+//! Every channel is bounded, so memory is bounded by
+//! `(inflight + 2·workers) · read_size` plus one open pack, whatever the
+//! size of the disk. The writer keeps block order for the tree builder,
+//! which streams the block map out as it goes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use cbtvault_blockmap::{BLOCK_SIZE, BlockMap, block_count};
+use cbtvault_repo::pack::{self, BlobKind, Compression};
+use cbtvault_repo::tree::{Cursor, TreeBuilder};
+use cbtvault_repo::{BackupMode, BackupStats, BlobId, Manifest, Repository, RestorePointRow, is_all_zero};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::source::DiskSource;
+
+/// Which blocks to read.
+#[derive(Clone, Debug)]
+pub enum Changes {
+    /// Every block that may hold data; unchanged content still deduplicates
+    /// against everything stored.
+    Full {
+        /// Why a full was taken (recorded in the manifest).
+        reason: Option<String>,
+    },
+    /// Only the marked blocks; the others come from the parent.
+    Blocks {
+        /// One bit per block of the disk.
+        map: BlockMap,
+        /// Where the map came from (`bitmap-file`, `xenapi-cbt`, ...).
+        origin: String,
+    },
+}
+
+/// Which restore point an incremental builds on.
+#[derive(Clone, Debug, Default)]
+pub enum Parent {
+    /// The disk's newest restore point.
+    #[default]
+    Latest,
+    /// A given restore point (id or unique prefix).
+    Id(String),
+}
+
+/// Tuning of the pipeline.
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    /// zstd level; the repository's default when `None`.
+    pub compression_level: Option<i32>,
+    /// Largest read request, in bytes (a multiple of 64 KiB).
+    pub read_size: usize,
+    /// Read requests in flight.
+    pub inflight: usize,
+    /// Hashing and compression threads.
+    pub workers: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            compression_level: None,
+            read_size: 4 << 20,
+            inflight: 8,
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        }
+    }
+}
+
+/// A backup to run.
+#[derive(Clone, Debug)]
+pub struct BackupJob {
+    /// The disk's name in the repository.
+    pub disk: String,
+    pub changes: Changes,
+    pub parent: Parent,
+    /// When the source was captured; now if `None`.
+    pub time: Option<jiff::Timestamp>,
+    pub options: BackupOptions,
+}
+
+/// A committed backup.
+#[derive(Clone, Debug)]
+pub struct BackupOutcome {
+    /// The new restore point's id.
+    pub restore_point: String,
+    pub manifest: Manifest,
+}
+
+/// A chunk of consecutive blocks read from the source.
+struct Chunk {
+    seq: u64,
+    first_block: u64,
+    data: Bytes,
+}
+
+/// What a worker made of one block.
+enum Block {
+    Zero,
+    Known(BlobId),
+    New {
+        id: BlobId,
+        compression: Compression,
+        raw_len: u32,
+        stored: Vec<u8>,
+    },
+}
+
+struct Processed {
+    seq: u64,
+    first_block: u64,
+    blocks: Vec<Block>,
+}
+
+/// Backs up `source` into `repo`. Nothing becomes visible unless the whole
+/// backup succeeds; a failed or cancelled backup leaves only unreferenced
+/// packs, which gc removes.
+pub async fn backup<S: DiskSource>(
+    repo: Arc<Repository>,
+    source: Arc<S>,
+    job: BackupJob,
+    progress: Arc<dyn Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupOutcome> {
+    let span = tracing::info_span!("backup", disk = %job.disk);
+    async move {
+        let started = Instant::now();
+        let time = job.time.unwrap_or_else(jiff::Timestamp::now);
+        let (_repo_lock, _disk_lock) = {
+            let repo = repo.clone();
+            let disk = job.disk.clone();
+            blocking(move || Ok((repo.lock_shared()?, repo.lock_disk(&disk)?))).await?
+        };
+        let size = source.size();
+        let blocks = block_count(size);
+
+        let parent = match &job.changes {
+            Changes::Full { .. } => None,
+            Changes::Blocks { map, .. } => {
+                if map.block_count() != blocks {
+                    return Err(Error::MapMismatch {
+                        disk: job.disk.clone(),
+                        map_blocks: map.block_count(),
+                        disk_blocks: blocks,
+                        size,
+                    });
+                }
+                let repo = repo.clone();
+                let (disk, choice) = (job.disk.clone(), job.parent.clone());
+                let found = blocking(move || {
+                    Ok(match choice {
+                        Parent::Latest => repo.latest(&disk)?,
+                        Parent::Id(id) => Some(repo.resolve(&id)?),
+                    })
+                })
+                .await?;
+                let parent = found.ok_or_else(|| Error::NoParent { disk: job.disk.clone() })?;
+                if parent.manifest.disk != job.disk {
+                    return Err(Error::Source {
+                        disk: job.disk.clone(),
+                        what: format!(
+                            "parent restore point {} belongs to disk {:?}",
+                            parent.id, parent.manifest.disk
+                        ),
+                        source: None,
+                    });
+                }
+                Some(parent)
+            }
+        };
+
+        let to_read = match &job.changes {
+            Changes::Blocks { map, .. } => map.clone(),
+            Changes::Full { .. } => match source.allocated().await {
+                Ok(Some(map)) if map.block_count() == blocks => map,
+                Ok(_) => BlockMap::full(blocks),
+                Err(e) => {
+                    tracing::warn!(error = %e, "allocation map unavailable; reading every block");
+                    BlockMap::full(blocks)
+                }
+            },
+        };
+        let read_blocks = (job.options.read_size as u64 / BLOCK_SIZE).max(1);
+        progress.start("backup", to_read.count_set() * BLOCK_SIZE);
+        tracing::info!(size, blocks, to_read = to_read.count_set(), parent = ?parent.as_ref().map(|p| &p.id), "starting");
+
+        let run_id = {
+            let repo = repo.clone();
+            let disk = job.disk.clone();
+            blocking(move || Ok(repo.catalogue().start_run("backup", Some(&disk))?)).await?
+        };
+
+        let workers = job.options.workers.max(1);
+        let (chunk_tx, chunk_rx) = flume::bounded::<Chunk>(workers * 2);
+        let (done_tx, done_rx) = flume::bounded::<Result<Processed>>(workers * 2);
+        let level = job.options.compression_level.unwrap_or(repo.config().compression_level);
+
+        let mut worker_handles = Vec::new();
+        for _ in 0..workers {
+            let (rx, tx, repo) = (chunk_rx.clone(), done_tx.clone(), repo.clone());
+            worker_handles.push(std::thread::spawn(move || worker(&repo, level, size, rx, tx)));
+        }
+        drop((chunk_rx, done_tx));
+
+        let writer = {
+            let (repo, disk) = (repo.clone(), job.disk.clone());
+            let parent_tree = parent.as_ref().map(|p| p.manifest.tree());
+            let span = tracing::Span::current();
+            std::thread::spawn(move || {
+                let _g = span.enter();
+                write_stage(&repo, &disk, blocks, parent_tree, level, done_rx)
+            })
+        };
+
+        let read_stats = read_stage(&*source, &job.disk, &to_read, read_blocks, size, job.options.inflight, chunk_tx, &*progress, &cancel).await;
+        let written = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|e| Error::Internal(format!("writer task: {e}")))?
+            .map_err(|_| Error::Internal("writer thread panicked".into()))?;
+        for h in worker_handles {
+            let _ = h.join();
+        }
+        progress.finish();
+        let outcome = (|| {
+            let (blocks_read, bytes_read) = read_stats?;
+            let (root, mut stats) = written?;
+            stats.blocks_total = blocks;
+            stats.blocks_read = blocks_read;
+            stats.bytes_read = bytes_read;
+            stats.duration_ms = started.elapsed().as_millis() as u64;
+            let mode = match &job.changes {
+                Changes::Full { reason } => BackupMode::Full { reason: reason.clone() },
+                Changes::Blocks { map, origin } => BackupMode::Incremental {
+                    changes: origin.clone(),
+                    changed_blocks: map.count_set(),
+                },
+            };
+            Ok::<_, Error>(Manifest {
+                format: cbtvault_repo::manifest::MANIFEST_FORMAT,
+                disk: job.disk.clone(),
+                source: source.info(),
+                time,
+                virtual_size: size,
+                block_size: BLOCK_SIZE,
+                root,
+                fanout: cbtvault_repo::tree::FANOUT,
+                parent: parent.as_ref().map(|p| p.id.clone()),
+                mode,
+                stats,
+            })
+        })();
+        let repo2 = repo.clone();
+        match outcome {
+            Ok(manifest) => {
+                let id = blocking(move || {
+                    let id = repo2.commit(&manifest)?;
+                    repo2.catalogue().finish_run(run_id, "ok", Some(&id), "")?;
+                    Ok((id, manifest))
+                })
+                .await;
+                let (id, manifest) = id?;
+                tracing::info!(restore_point = %id, bytes_read = manifest.stats.bytes_read, bytes_stored = manifest.stats.bytes_stored, "committed");
+                Ok(BackupOutcome { restore_point: id, manifest })
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                let _ = blocking(move || Ok(repo2.catalogue().finish_run(run_id, "failed", None, &detail)?)).await;
+                Err(e)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task: {e}")))?
+}
+
+/// Reads the marked blocks in order, `inflight` requests at a time.
+#[allow(clippy::too_many_arguments)]
+async fn read_stage<S: DiskSource>(
+    source: &S,
+    disk: &str,
+    to_read: &BlockMap,
+    read_blocks: u64,
+    size: u64,
+    inflight: usize,
+    tx: flume::Sender<Chunk>,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<(u64, u64)> {
+    let requests = to_read.runs(read_blocks).map(|run| {
+        let offset = run.start * BLOCK_SIZE;
+        let len = (run.end * BLOCK_SIZE).min(size) - offset;
+        (run.start, offset, len as usize)
+    });
+    let mut reads = futures::stream::iter(requests)
+        .map(|(first_block, offset, len)| async move {
+            let data = source.read_at(offset, len).await.map_err(|source| Error::SourceRead {
+                disk: disk.to_string(),
+                offset,
+                len,
+                source,
+            })?;
+            if data.len() != len {
+                return Err(Error::ShortRead {
+                    disk: disk.to_string(),
+                    offset,
+                    expected: len,
+                    got: data.len(),
+                });
+            }
+            Ok((first_block, data))
+        })
+        .buffered(inflight.max(1));
+    let (mut blocks, mut bytes, mut seq) = (0u64, 0u64, 0u64);
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+            next = reads.next() => next,
+        };
+        let Some(read) = next else { break };
+        let (first_block, data) = read?;
+        bytes += data.len() as u64;
+        blocks += (data.len() as u64).div_ceil(BLOCK_SIZE);
+        progress.advance(data.len() as u64);
+        if tx.send_async(Chunk { seq, first_block, data }).await.is_err() {
+            // The writer stopped; its error is the one to report.
+            break;
+        }
+        seq += 1;
+    }
+    Ok((blocks, bytes))
+}
+
+/// Hashes, deduplicates and compresses chunks.
+fn worker(repo: &Repository, level: i32, size: u64, rx: flume::Receiver<Chunk>, tx: flume::Sender<Result<Processed>>) {
+    let setup = (|| -> Result<_> {
+        let cat = repo.open_catalogue()?;
+        let comp = zstd::bulk::Compressor::new(level)
+            .map_err(|e| Error::Internal(format!("zstd level {level}: {e}")))?;
+        Ok((cat, comp))
+    })();
+    let (cat, mut comp) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    };
+    for chunk in rx.iter() {
+        let result = (|| -> Result<Processed> {
+            let mut blocks = Vec::with_capacity(chunk.data.len().div_ceil(BLOCK_SIZE as usize));
+            for (i, content) in chunk.data.chunks(BLOCK_SIZE as usize).enumerate() {
+                let offset = (chunk.first_block + i as u64) * BLOCK_SIZE;
+                debug_assert!(content.len() as u64 == BLOCK_SIZE.min(size - offset));
+                if is_all_zero(content) {
+                    blocks.push(Block::Zero);
+                    continue;
+                }
+                let id = BlobId::of(content);
+                if cat.contains(&id)? {
+                    blocks.push(Block::Known(id));
+                } else {
+                    let (compression, stored) = pack::encode_blob(&mut comp, content);
+                    blocks.push(Block::New {
+                        id,
+                        compression,
+                        raw_len: content.len() as u32,
+                        stored,
+                    });
+                }
+            }
+            Ok(Processed {
+                seq: chunk.seq,
+                first_block: chunk.first_block,
+                blocks,
+            })
+        })();
+        if tx.send(result).is_err() {
+            return;
+        }
+    }
+}
+
+/// Puts processed chunks back in order, stores new blocks and builds the
+/// block map. Returns the tree root and the storage half of the stats.
+fn write_stage(
+    repo: &Repository,
+    disk: &str,
+    blocks: u64,
+    parent: Option<cbtvault_repo::Tree>,
+    level: i32,
+    rx: flume::Receiver<Result<Processed>>,
+) -> Result<(BlobId, BackupStats)> {
+    let reader = repo.reader()?;
+    let mut writer = repo.pack_writer(Some(level))?;
+    let base = parent.map(|t| Cursor::new(t, &reader));
+    let mut tree = TreeBuilder::new(blocks, base);
+    let mut stats = BackupStats::default();
+    let mut waiting = BTreeMap::new();
+    let mut next_seq = 0u64;
+    for processed in rx.iter() {
+        let processed = processed?;
+        waiting.insert(processed.seq, processed);
+        while let Some(p) = waiting.remove(&next_seq) {
+            next_seq += 1;
+            for (i, block) in p.blocks.into_iter().enumerate() {
+                let index = p.first_block + i as u64;
+                let id = match block {
+                    Block::Zero => {
+                        stats.blocks_zero += 1;
+                        BlobId::ZERO
+                    }
+                    Block::Known(id) => {
+                        stats.blocks_dedup += 1;
+                        id
+                    }
+                    Block::New {
+                        id,
+                        compression,
+                        raw_len,
+                        stored,
+                    } => {
+                        if writer.add_stored(id, BlobKind::Data, compression, raw_len, &stored)? {
+                            stats.blocks_new += 1;
+                            stats.bytes_new += u64::from(raw_len);
+                            stats.bytes_stored += stored.len() as u64;
+                        } else {
+                            stats.blocks_dedup += 1;
+                        }
+                        id
+                    }
+                };
+                tree.push(index, id, &mut writer)?;
+            }
+        }
+    }
+    if !waiting.is_empty() {
+        // The reader stopped early (an error or cancellation it reports).
+        return Err(Error::Internal(format!("disk {disk:?}: {} chunks never arrived in order", waiting.len())));
+    }
+    let (tree, _) = tree.finish(&mut writer)?;
+    writer.flush()?;
+    stats.nodes_new = writer.stats().blobs - stats.blocks_new;
+    Ok((tree.root, stats))
+}
+
+/// The restore point a backup of `disk` would build on.
+pub fn latest(repo: &Repository, disk: &str) -> Result<Option<RestorePointRow>> {
+    Ok(repo.latest(disk)?)
+}
+
+/// Counts bytes handed to a [`Progress`] (used by tests and the CLI).
+#[derive(Debug, Default)]
+pub struct CountingProgress(pub AtomicU64);
+
+impl Progress for CountingProgress {
+    fn start(&self, _phase: &str, _total: u64) {}
+    fn advance(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn finish(&self) {}
+}

@@ -1,0 +1,293 @@
+//! Restoring a restore point to a target, checking every block.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use cbtvault_blockmap::BLOCK_SIZE;
+use cbtvault_repo::tree::{self, Visitor};
+use cbtvault_repo::{BlobId, Repository, RestorePointRow};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// Where a restore writes. Called from several threads at once.
+pub trait DiskTarget: Send + Sync {
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// True when the target reads as zeros already (a new sparse file), so
+    /// zero blocks need no write.
+    fn is_zeroed(&self) -> bool;
+    /// Makes everything written durable and final.
+    fn finish(&self) -> std::io::Result<()>;
+}
+
+/// A new sparse file. It is written under a temporary name beside the
+/// destination and renamed over it only when the restore succeeded, so a
+/// failed restore never leaves a half-written file under the real name.
+#[derive(Debug)]
+pub struct FileTarget {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl FileTarget {
+    /// Prepares a file of `size` bytes at `path`; an existing file is an
+    /// error unless `overwrite`.
+    pub fn create(path: &Path, size: u64, overwrite: bool) -> Result<FileTarget> {
+        if path.exists() && !overwrite {
+            return Err(Error::Target(format!(
+                "{} exists; pass --force to overwrite it",
+                path.display()
+            )));
+        }
+        if path.is_dir() {
+            return Err(Error::Target(format!("{} is a directory", path.display())));
+        }
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::Target(format!("{} is not a file name", path.display())))?;
+        let tmp = path.with_file_name(format!(".{}.cbtvault-partial", name.to_string_lossy()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .and_then(|f| f.set_len(size).map(|()| f))
+            .map_err(|e| Error::Target(format!("cannot create {}: {e}", tmp.display())))?;
+        Ok(FileTarget {
+            file,
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Removes the temporary file after a failure.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+impl DiskTarget for FileTarget {
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let zeros = vec![0u8; BLOCK_SIZE as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(BLOCK_SIZE);
+            self.file.write_all_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn is_zeroed(&self) -> bool {
+        true
+    }
+
+    fn finish(&self) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// What a restore did.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct RestoreStats {
+    pub blocks_written: u64,
+    pub bytes_written: u64,
+    pub blocks_zero: u64,
+    pub duration_ms: u64,
+}
+
+/// One level-1 node's worth of work.
+struct Leaf {
+    first: u64,
+    ids: Vec<BlobId>,
+}
+
+/// Restores `rp` into `target` on `workers` threads. Every block is
+/// checked against its id; the first damaged block stops the restore with
+/// an error naming its disk offset.
+pub fn restore(
+    repo: &Repository,
+    rp: &RestorePointRow,
+    target: &dyn DiskTarget,
+    workers: usize,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<RestoreStats> {
+    let started = std::time::Instant::now();
+    let _lock = repo.lock_shared()?;
+    let manifest = &rp.manifest;
+    let tree = manifest.tree();
+    let size = manifest.virtual_size;
+    progress.start("restore", size);
+    let (tx, rx) = flume::bounded::<Leaf>(workers * 4);
+    let stats = Mutex::new(RestoreStats::default());
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    };
+    let damaged = |offset: u64, source: cbtvault_repo::Error| Error::DamagedBlock {
+        disk: manifest.disk.clone(),
+        restore_point: rp.id.clone(),
+        offset,
+        source,
+    };
+
+    let totals = &stats;
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            let rx = rx.clone();
+            s.spawn(move || {
+                let reader = match repo.reader() {
+                    Ok(r) => r,
+                    Err(e) => return fail(e.into()),
+                };
+                for leaf in rx.iter() {
+                    if cancel.is_cancelled() {
+                        return fail(Error::Cancelled);
+                    }
+                    let mut local = RestoreStats::default();
+                    let wanted: Vec<(u64, BlobId)> = leaf
+                        .ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| (leaf.first + i as u64, *id))
+                        .filter(|(_, id)| !id.is_zero())
+                        .collect();
+                    local.blocks_zero = leaf.ids.len() as u64 - wanted.len() as u64;
+                    let ids: Vec<BlobId> = wanted.iter().map(|(_, id)| *id).collect();
+                    let contents = match reader.read_many(&ids) {
+                        Ok(c) => c,
+                        Err(e) => return fail(damaged(wanted[0].0 * BLOCK_SIZE, e)),
+                    };
+                    for ((block, _), content) in wanted.iter().zip(contents) {
+                        let offset = block * BLOCK_SIZE;
+                        let content = match content {
+                            Ok(c) => c,
+                            Err(e) => return fail(damaged(offset, e)),
+                        };
+                        let expected = BLOCK_SIZE.min(size - offset);
+                        if content.len() as u64 != expected {
+                            return fail(damaged(
+                                offset,
+                                cbtvault_repo::Error::InvalidArgument(format!(
+                                    "block holds {} bytes where {expected} belong",
+                                    content.len()
+                                )),
+                            ));
+                        }
+                        if let Err(source) = target.write_at(offset, &content) {
+                            return fail(Error::TargetWrite { offset, source });
+                        }
+                        local.blocks_written += 1;
+                        local.bytes_written += content.len() as u64;
+                    }
+                    if !target.is_zeroed() {
+                        for (i, id) in leaf.ids.iter().enumerate() {
+                            if id.is_zero() {
+                                let offset = (leaf.first + i as u64) * BLOCK_SIZE;
+                                if let Err(source) = target.write_zeroes(offset, BLOCK_SIZE.min(size - offset)) {
+                                    return fail(Error::TargetWrite { offset, source });
+                                }
+                            }
+                        }
+                    }
+                    progress.advance(leaf.ids.len() as u64 * BLOCK_SIZE);
+                    let mut total = totals.lock().unwrap_or_else(|p| p.into_inner());
+                    total.blocks_written += local.blocks_written;
+                    total.bytes_written += local.bytes_written;
+                    total.blocks_zero += local.blocks_zero;
+                }
+            });
+        }
+        drop(rx);
+        // The walk runs here, feeding the workers; zero subtrees that the
+        // walk skips are zeroed explicitly when the target needs it.
+        let walked = (|| -> Result<()> {
+            let reader = repo.reader()?;
+            let mut feed = Feed {
+                tx: &tx,
+                target,
+                size,
+                next: 0,
+                progress,
+            };
+            tree::walk(&tree, &reader, &mut feed).map_err(|e| damaged(feed.next * BLOCK_SIZE, e))?;
+            feed.zero_to(tree.shape.blocks)
+        })();
+        drop(tx);
+        if let Err(e) = walked {
+            fail(e);
+        }
+    });
+    progress.finish();
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    target
+        .finish()
+        .map_err(|source| Error::TargetWrite { offset: size, source })?;
+    let mut stats = stats.into_inner().unwrap_or_else(|p| p.into_inner());
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(stats)
+}
+
+struct Feed<'a> {
+    tx: &'a flume::Sender<Leaf>,
+    target: &'a dyn DiskTarget,
+    size: u64,
+    next: u64,
+    progress: &'a dyn Progress,
+}
+
+impl Feed<'_> {
+    /// Accounts for (and, on a target that needs it, zeroes) the blocks
+    /// of skipped zero subtrees up to `block`.
+    fn zero_to(&mut self, block: u64) -> Result<()> {
+        if block > self.next {
+            let offset = self.next * BLOCK_SIZE;
+            let len = (block * BLOCK_SIZE).min(self.size) - offset;
+            if !self.target.is_zeroed() {
+                self.target
+                    .write_zeroes(offset, len)
+                    .map_err(|source| Error::TargetWrite { offset, source })?;
+            }
+            self.progress.advance(len);
+            self.next = block;
+        }
+        Ok(())
+    }
+}
+
+impl Visitor for Feed<'_> {
+    fn leaf(&mut self, first: u64, ids: &[BlobId]) -> cbtvault_repo::Result<()> {
+        self.zero_to(first)
+            .map_err(|e| cbtvault_repo::Error::InvalidArgument(e.to_string()))?;
+        self.next = first + ids.len() as u64;
+        self.tx
+            .send(Leaf {
+                first,
+                ids: ids.to_vec(),
+            })
+            .map_err(|_| cbtvault_repo::Error::InvalidArgument("restore workers stopped".into()))
+    }
+}

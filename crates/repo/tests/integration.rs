@@ -1,0 +1,10 @@
+//! Integration tests of the repository crate: one test binary whose
+//! modules live in `tests/integration/`.
+
+mod integration {
+    mod common;
+    mod damage;
+    mod maintenance;
+    mod repository;
+    mod tree;
+}
