@@ -60,7 +60,7 @@ fn fill(rng: &mut ChaCha8Rng, kind: u8, buf: &mut [u8]) {
 
 /// Writes a sparse image of `size` bytes at `path`, block by block.
 pub fn write_image(path: &Path, size: u64, seed: u64, mix: Mix) -> std::io::Result<()> {
-    let file = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
+    let file = OpenOptions::new().create(true).read(true).write(true).truncate(true).open(path)?;
     file.set_len(size)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let blocks = block_count(size);

@@ -170,18 +170,20 @@ pub fn commit_disk(
     repo.commit(&manifest(disk, tree.shape.blocks, tree.root, second))
 }
 
-/// Every file under `root` (relative path and content), sorted.
-pub fn snapshot(root: &Path) -> Vec<(String, Vec<u8>)> {
+/// Every directory and file under `root` (relative path, and content for
+/// files), sorted.
+pub fn snapshot(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {
     let mut out = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).expect("read_dir") {
             let path = entry.expect("dir entry").path();
+            let rel = path.strip_prefix(root).expect("under root").display().to_string();
             if path.is_dir() {
+                out.push((rel, None));
                 dirs.push(path);
             } else {
-                let rel = path.strip_prefix(root).expect("under root").display().to_string();
-                out.push((rel, std::fs::read(&path).expect("read file")));
+                out.push((rel, Some(std::fs::read(&path).expect("read file"))));
             }
         }
     }

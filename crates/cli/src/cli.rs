@@ -1,0 +1,179 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "cbtvault", version, about = "Incremental, changed-block-tracking backups of virtual disks")]
+pub struct Args {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ClapArgs, Debug, Clone, Copy)]
+pub struct Global {
+    /// Print only errors (no progress, no summaries).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+pub struct RepoArg {
+    /// The repository directory.
+    #[arg(long, env = "CBTVAULT_REPO")]
+    pub repo: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a repository.
+    Init {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Default zstd level for new blocks (1-22).
+        #[arg(long, default_value_t = 3)]
+        compression_level: i32,
+        /// Target pack size in MiB.
+        #[arg(long, default_value_t = 32)]
+        pack_size_mib: u64,
+    },
+    /// Back up a disk: all of it, or only the blocks a changed-block map marks.
+    Backup(BackupArgs),
+    /// List restore points.
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Only this disk.
+        #[arg(long)]
+        disk: Option<String>,
+    },
+    /// Show one restore point.
+    Show {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point id (a unique prefix is enough) or DISK@latest.
+        id: String,
+    },
+    /// Restore a restore point, byte-exact, into a sparse file.
+    Restore {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point id (a unique prefix is enough) or DISK@latest.
+        id: String,
+        /// Where to write the disk image.
+        #[arg(long)]
+        to: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+        /// Threads reading, checking and writing blocks.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Tell which blocks differ between two restore points.
+    Diff {
+        #[command(flatten)]
+        repo: RepoArg,
+        a: String,
+        b: String,
+    },
+    /// Check the repository; with --read-data re-hash every stored block.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Remove restore points by id or by a retention policy (data goes at the next gc).
+    Forget(ForgetArgs),
+    /// Delete data no restore point references; rewrite mostly-dead packs.
+    Gc {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Seconds to wait for running backups to finish.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+        /// Report without deleting anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Rebuild the catalogue from the packs and manifests.
+    Repair {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Seconds to wait for running operations to finish.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Generate a disk, back it up, change 1%, back up the change, restore and check both.
+    Demo {
+        /// Work directory (a temporary one by default, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of the generated disk in MiB.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// The disk's name in the repository.
+    #[arg(long)]
+    pub disk: String,
+    /// What to read: file:PATH (a raw image or block device).
+    #[arg(long)]
+    pub source: String,
+    /// A XenAPI-style base64 bitmap of changed 64 KiB blocks (MSB first), as
+    /// VDI.list_changed_blocks returns it; only these blocks are read.
+    #[arg(long)]
+    pub changed_blocks: Option<PathBuf>,
+    /// The restore point the changes are relative to (default: the disk's latest).
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// zstd level for this backup (default: the repository's).
+    #[arg(long)]
+    pub compression_level: Option<i32>,
+    /// Hashing and compression threads (default: all cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Read requests in flight.
+    #[arg(long, default_value_t = 8)]
+    pub inflight: usize,
+    /// Largest read request in KiB (a multiple of 64).
+    #[arg(long, default_value_t = 4096)]
+    pub read_size_kib: usize,
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// Restore points to forget (ids or unique prefixes).
+    pub ids: Vec<String>,
+    /// Apply the policy to this disk only (default: every disk).
+    #[arg(long)]
+    pub disk: Option<String>,
+    #[arg(long)]
+    pub keep_last: Option<usize>,
+    #[arg(long)]
+    pub keep_daily: Option<usize>,
+    #[arg(long)]
+    pub keep_weekly: Option<usize>,
+    #[arg(long)]
+    pub keep_monthly: Option<usize>,
+    /// Show what would be forgotten.
+    #[arg(long)]
+    pub dry_run: bool,
+}

@@ -1,0 +1,255 @@
+//! Looking after a repository: init, list, show, diff, verify, forget, gc, repair.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cbtvault_engine::Progress;
+use cbtvault_repo::forget::{self, KeepPolicy};
+use cbtvault_repo::gc::{self, GcOptions};
+use cbtvault_repo::{BLOCK_SIZE, InitOptions, Repository, repair as repair_mod, tree, verify as verify_mod};
+use serde_json::json;
+
+use crate::cli::{ForgetArgs, Global};
+use crate::output::{self, Bar};
+
+pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCode> {
+    if !(1..=1024).contains(&pack_mib) {
+        bail!("--pack-size-mib {pack_mib} is outside 1..=1024");
+    }
+    let repo = Repository::init(
+        path,
+        &InitOptions {
+            compression_level: level,
+            pack_size: pack_mib << 20,
+        },
+    )
+    .with_context(|| format!("creating repository {}", path.display()))?;
+    if g.json {
+        output::print_json(&json!({ "repository": path, "config": repo.config() }));
+    } else if !g.quiet {
+        println!("created repository {} (id {})", path.display(), repo.config().id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
+    let repo = super::open(path)?;
+    if let Some(d) = disk {
+        if !repo.catalogue().disks()?.iter().any(|n| n == d) {
+            bail!(cbtvault_repo::Error::UnknownDisk(d.to_string()));
+        }
+    }
+    let points = repo.catalogue().restore_points(disk)?;
+    if g.json {
+        output::print_json(&points.iter().map(output::restore_point_json).collect());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if g.quiet {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  mode",
+        "id", "disk", "time", "size", "read", "stored"
+    );
+    for rp in &points {
+        let m = &rp.manifest;
+        println!(
+            "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  {}",
+            output::short(&rp.id),
+            m.disk,
+            m.time.strftime("%Y-%m-%d %H:%M:%S"),
+            output::bytes(m.virtual_size),
+            output::bytes(m.stats.bytes_read),
+            output::bytes(m.stats.bytes_stored),
+            output::mode(&m.mode)
+        );
+    }
+    println!("{} restore points", points.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn show(g: &Global, path: &Path, id: &str) -> Result<ExitCode> {
+    let repo = super::open(path)?;
+    let rp = repo.resolve(id)?;
+    if g.json || !g.quiet {
+        output::print_json(&output::restore_point_json(&rp));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
+    let repo = super::open(path)?;
+    let (ra, rb) = (repo.resolve(a)?, repo.resolve(b)?);
+    let reader = repo.reader()?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    tree::diff(&ra.manifest.tree(), &rb.manifest.tree(), &reader, &mut |first, count| {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == first => *len += count,
+            _ => runs.push((first, count)),
+        }
+    })
+    .context("comparing block maps")?;
+    let blocks: u64 = runs.iter().map(|r| r.1).sum();
+    if g.json {
+        output::print_json(&json!({
+            "a": ra.id, "b": rb.id, "block_size": BLOCK_SIZE, "blocks_differ": blocks,
+            "extents": runs.iter().map(|(f, n)| json!({"offset": f * BLOCK_SIZE, "length": n * BLOCK_SIZE})).collect::<Vec<_>>(),
+        }));
+    } else if !g.quiet {
+        for (first, count) in &runs {
+            println!("blocks {first}..{} (offset {} length {})", first + count, first * BLOCK_SIZE, count * BLOCK_SIZE);
+        }
+        println!("{blocks} blocks differ ({})", output::bytes(blocks * BLOCK_SIZE));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
+    let repo = super::open(path)?;
+    let _lock = repo.lock_shared()?;
+    let bar = Bar::new(g);
+    let total: u64 = repo.catalogue().packs()?.iter().map(|p| p.1).sum();
+    if read_data {
+        bar.start("verify", total);
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let report = verify_mod::verify(&repo, read_data, threads, &|n| bar.advance(n))?;
+    bar.finish();
+    if g.json {
+        output::print_json(&serde_json::to_value(&report)?);
+    } else if !g.quiet || !report.is_ok() {
+        for p in &report.problems {
+            eprintln!("problem: {}: {}", p.object, p.problem);
+        }
+        for d in &report.damaged {
+            let shown: Vec<String> = d.offsets.iter().take(8).map(u64::to_string).collect();
+            eprintln!(
+                "damaged: restore point {} of disk {:?}: {} blocks at offsets {}{}",
+                d.restore_point,
+                d.disk,
+                d.offsets.len(),
+                shown.join(", "),
+                if d.offsets.len() > 8 { ", ..." } else { "" }
+            );
+        }
+        if !g.quiet {
+            println!(
+                "{}: {} restore points, {} packs{}{}",
+                if report.is_ok() { "ok" } else { "FAILED" },
+                report.restore_points,
+                report.packs,
+                if read_data { format!(", {} blobs ({}) re-hashed", report.blobs_read, output::bytes(report.bytes_read)) } else { String::new() },
+                if report.partial_files > 0 { format!(", {} partial files of running or interrupted writes", report.partial_files) } else { String::new() },
+            );
+        }
+    }
+    if report.is_ok() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        bail!(
+            "verify found {} problems; {} restore points are damaged",
+            report.problems.len(),
+            report.damaged.len()
+        )
+    }
+}
+
+pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
+    let repo = super::open(&args.repo.repo)?;
+    let _lock = repo.lock_shared()?;
+    let policy = KeepPolicy {
+        last: args.keep_last,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+    };
+    if policy.is_empty() && args.ids.is_empty() {
+        bail!("give restore point ids or a --keep-* policy; forget never removes everything by default");
+    }
+    if !policy.is_empty() && !args.ids.is_empty() {
+        bail!("give either restore point ids or a --keep-* policy, not both");
+    }
+    let mut decisions = Vec::new();
+    if args.ids.is_empty() {
+        let disks = match &args.disk {
+            Some(d) => vec![d.clone()],
+            None => repo.catalogue().disks()?,
+        };
+        for disk in disks {
+            let points = repo.catalogue().restore_points(Some(&disk))?;
+            decisions.extend(forget::plan(&points, &policy));
+        }
+    } else {
+        for id in &args.ids {
+            let rp = repo.resolve(id)?;
+            decisions.push(forget::Decision {
+                id: rp.id,
+                disk: rp.manifest.disk,
+                time: rp.manifest.time,
+                keep: false,
+                reasons: Vec::new(),
+            });
+        }
+    }
+    if !args.dry_run {
+        for d in decisions.iter().filter(|d| !d.keep) {
+            repo.forget(&d.id).with_context(|| format!("forgetting {}", d.id))?;
+        }
+    }
+    let removed = decisions.iter().filter(|d| !d.keep).count();
+    if g.json {
+        output::print_json(&json!({ "dry_run": args.dry_run, "decisions": decisions }));
+    } else if !g.quiet {
+        for d in &decisions {
+            let what = if d.keep { format!("keep ({})", d.reasons.join(", ")) } else { "forget".into() };
+            println!("{}  {:<16}  {}  {}", output::short(&d.id), d.disk, d.time.strftime("%Y-%m-%d %H:%M:%S"), what);
+        }
+        println!(
+            "{} {removed} restore points; run `cbtvault gc` to free their space",
+            if args.dry_run { "would forget" } else { "forgot" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(g: &Global, path: &Path, wait: u64, dry_run: bool) -> Result<ExitCode> {
+    let repo = super::open(path)?;
+    let _lock = repo.lock_exclusive(Duration::from_secs(wait))?;
+    let report = gc::collect_garbage(&repo, GcOptions { dry_run, ..Default::default() })?;
+    if g.json {
+        output::print_json(&serde_json::to_value(&report)?);
+    } else if !g.quiet {
+        println!(
+            "{}{} packs deleted, {} rewritten into {}, {} blobs removed, {} freed; {} live blobs; {} partial files cleared, {} stray packs indexed",
+            if dry_run { "dry run: " } else { "" },
+            report.packs_deleted,
+            report.packs_rewritten,
+            report.packs_written,
+            report.blobs_removed,
+            output::bytes(report.bytes_freed),
+            report.blobs_live,
+            report.partial_files_removed,
+            report.packs_indexed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn repair(g: &Global, path: &Path, wait: u64) -> Result<ExitCode> {
+    let report = repair_mod::repair(path, Duration::from_secs(wait))
+        .with_context(|| format!("repairing {}", path.display()))?;
+    if g.json {
+        output::print_json(&serde_json::to_value(&report)?);
+    } else if !g.quiet {
+        for s in &report.skipped {
+            eprintln!("skipped: {s}");
+        }
+        println!(
+            "catalogue rebuilt: {} packs ({} blobs), {} restore points",
+            report.packs_indexed, report.blobs_indexed, report.restore_points
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

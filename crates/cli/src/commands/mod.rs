@@ -1,0 +1,56 @@
+//! One function per subcommand.
+
+mod data;
+mod maintenance;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use cbtvault_repo::Repository;
+
+use crate::cli::{Args, Command};
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let g = args.global;
+    match args.command {
+        Command::Init {
+            repo,
+            compression_level,
+            pack_size_mib,
+        } => maintenance::init(&g, &repo.repo, compression_level, pack_size_mib),
+        Command::Backup(b) => data::backup(&g, b),
+        Command::List { repo, disk } => maintenance::list(&g, &repo.repo, disk.as_deref()),
+        Command::Show { repo, id } => maintenance::show(&g, &repo.repo, &id),
+        Command::Restore {
+            repo,
+            id,
+            to,
+            force,
+            workers,
+        } => data::restore(&g, &repo.repo, &id, &to, force, workers),
+        Command::Diff { repo, a, b } => maintenance::diff(&g, &repo.repo, &a, &b),
+        Command::Verify { repo, read_data } => maintenance::verify(&g, &repo.repo, read_data),
+        Command::Forget(f) => maintenance::forget(&g, f),
+        Command::Gc { repo, wait, dry_run } => maintenance::gc(&g, &repo.repo, wait, dry_run),
+        Command::Repair { repo, wait } => maintenance::repair(&g, &repo.repo, wait),
+        Command::Demo { dir, size_mib } => crate::demo::run(&g, dir.as_deref(), size_mib),
+    }
+}
+
+/// Opens the repository at `path` with a message that names it.
+pub fn open(path: &Path) -> Result<Arc<Repository>> {
+    Ok(Arc::new(
+        Repository::open(path).with_context(|| format!("opening repository {}", path.display()))?,
+    ))
+}
+
+/// A tokio runtime for the network-facing parts.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cbtvault-io")
+        .build()
+        .context("starting the async runtime")
+}
