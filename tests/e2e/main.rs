@@ -1,1 +1,10 @@
+//! End-to-end tests of the `cbtvault` binary on real files: every command,
+//! incrementals from changed-block bitmaps, corruption, crashes and
+//! concurrency. Each test works in its own temporary directory.
 
+mod common;
+mod commands;
+mod concurrency;
+mod corruption;
+mod crash;
+mod incremental;

@@ -105,7 +105,7 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
         if keep.is_empty() {
             dead_packs.push(name.clone());
             report.bytes_freed += size;
-        } else if (live_bytes as f64) < options.repack_below * (*size as f64) {
+        } else if !drop.is_empty() && (live_bytes as f64) < options.repack_below * (*size as f64) {
             report.bytes_freed += size - live_bytes;
             rewrites.push((name.clone(), keep));
         }
@@ -144,7 +144,9 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
     let mut gone = dead_packs;
     gone.extend(rewrites.into_iter().map(|(name, _)| name));
     repo.catalogue().replace_packs(&gone, &added)?;
-    for name in &gone {
+    // A rewritten pack can have the very name of an old one (same blobs at
+    // the same offsets): that file now holds live blobs and must stay.
+    for name in gone.iter().filter(|name| !added.iter().any(|(new, _, _)| new == *name)) {
         backend.remove(FileKind::Pack, name)?;
     }
     tracing::info!(?report, "gc finished");

@@ -204,7 +204,6 @@ pub struct TreeBuilder<'s> {
     depth: u32,
     base: Option<Cursor<'s>>,
     pending: Vec<Vec<BlobId>>,
-    closed: Vec<u64>,
     next: u64,
     root: Option<BlobId>,
     stats: BuildStats,
@@ -220,7 +219,6 @@ impl<'s> TreeBuilder<'s> {
             depth,
             base,
             pending: vec![Vec::new(); depth as usize + 1],
-            closed: vec![0; depth as usize + 1],
             next: 0,
             root: None,
             stats: BuildStats::default(),
@@ -303,18 +301,20 @@ impl<'s> TreeBuilder<'s> {
     /// Appends subtree `id` of `level` to its parent node, closing nodes
     /// that become complete.
     fn append(&mut self, level: u32, id: BlobId, sink: &mut dyn NodeSink) -> Result<()> {
-        self.next = self.shape.end_of(level, self.next / TreeShape::span(level));
+        let start = self.next;
+        self.next = self.shape.end_of(level, start / TreeShape::span(level));
         let mut level = level + 1;
         let mut id = id;
         loop {
             let slot = &mut self.pending[level as usize];
             slot.push(id);
-            let index = self.closed[level as usize];
+            // The node being filled is the one containing `start`, whether
+            // or not its earlier siblings were built here or taken whole.
+            let index = start / TreeShape::span(level);
             if (slot.len() as u64) < self.shape.children_of(level, index) {
                 return Ok(());
             }
             let children = std::mem::take(slot);
-            self.closed[level as usize] += 1;
             id = if children.iter().all(BlobId::is_zero) {
                 BlobId::ZERO
             } else {

@@ -37,7 +37,7 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading changed-block bitmap {}", file.display()))?;
             let map = BlockMap::from_xenapi_base64(&text, cbtvault_engine::DiskSource::size(&source))
-                .with_context(|| format!("changed-block bitmap {} does not fit {}", file.display(), path.display()))?;
+                .with_context(|| format!("--changed-blocks {} for image {}", file.display(), path.display()))?;
             Changes::Blocks {
                 map,
                 origin: "bitmap-file".into(),

@@ -1,0 +1,203 @@
+//! gc and repair: what they remove, what they keep, and what they rebuild.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cbtvault_repo::gc::{GcOptions, GcReport, collect_garbage};
+use cbtvault_repo::pack::{BlobKind, Compression, PackBuilder};
+use cbtvault_repo::repair::repair;
+use cbtvault_repo::tree::{self, Visitor};
+use cbtvault_repo::verify::verify;
+use cbtvault_repo::{BlobId, Error, FileKind, Repository, Result};
+
+use super::common::{commit_disk, data_block, new_repo, pack_files};
+
+fn gc(repo: &Repository) -> Result<GcReport> {
+    collect_garbage(repo, GcOptions::default())
+}
+
+/// Pack files on storage and packs in the catalogue must be the same set.
+fn assert_packs_consistent(repo: &Repository) -> Result<()> {
+    let indexed: Vec<String> = repo.catalogue().packs()?.into_iter().map(|(name, _)| name).collect();
+    assert_eq!(pack_files(repo), indexed, "storage and catalogue disagree");
+    Ok(())
+}
+
+fn assert_verifies(repo: &Repository) -> Result<()> {
+    let report = verify(repo, true, 2, &|_| {})?;
+    assert!(report.is_ok(), "{report:?}");
+    Ok(())
+}
+
+/// Every block id of a restore point's block map.
+fn blocks_of(repo: &Repository, id: &str) -> Result<Vec<BlobId>> {
+    struct Blocks(Vec<BlobId>);
+    impl Visitor for Blocks {
+        fn leaf(&mut self, _first: u64, ids: &[BlobId]) -> Result<()> {
+            self.0.extend_from_slice(ids);
+            Ok(())
+        }
+    }
+    let mut blocks = Blocks(Vec::new());
+    tree::walk(&repo.resolve(id)?.manifest.tree(), &repo.reader()?, &mut blocks)?;
+    Ok(blocks.0)
+}
+
+#[test]
+fn gc_after_forget_removes_only_unreferenced_data() -> Result<()> {
+    let (_dir, repo) = new_repo(32 << 20);
+    let mut writer = repo.pack_writer(None)?;
+    let a = writer.add(BlobKind::Data, &data_block(1))?;
+    let b = writer.add(BlobKind::Data, &data_block(2))?;
+    writer.flush()?;
+    let c = writer.add(BlobKind::Data, &data_block(3))?;
+    writer.flush()?;
+    let forgotten = commit_disk(&repo, &mut writer, "vm1", &[a, b], 0)?;
+    let kept = commit_disk(&repo, &mut writer, "vm1", &[a, BlobId::ZERO, c], 10)?;
+    assert_eq!(pack_files(&repo).len(), 4);
+
+    repo.forget(&forgotten)?;
+    assert!(matches!(repo.resolve(&forgotten), Err(Error::UnknownRestorePoint(_))));
+    let report = gc(&repo)?;
+    // b and the forgotten block map's only node are gone; the pack that
+    // held that node is deleted, and the pack of a and b is rewritten.
+    assert_eq!(report.blobs_removed, 2, "{report:?}");
+    assert_eq!(report.packs_deleted, 1, "{report:?}");
+    assert_eq!(report.packs_rewritten, 1, "{report:?}");
+    assert_eq!(report.packs_written, 1, "{report:?}");
+    assert_eq!(pack_files(&repo).len(), 3);
+    assert_packs_consistent(&repo)?;
+
+    let reader = repo.reader()?;
+    assert!(matches!(reader.read(&b), Err(Error::MissingBlob { .. })));
+    assert_eq!(reader.read(&a)?, data_block(1));
+    assert_eq!(reader.read(&c)?, data_block(3));
+    assert_eq!(blocks_of(&repo, &kept)?, [a, BlobId::ZERO, c]);
+    assert_verifies(&repo)?;
+
+    // Nothing is left to collect.
+    let again = gc(&repo)?;
+    assert_eq!((again.blobs_removed, again.packs_deleted, again.packs_rewritten), (0, 0, 0), "{again:?}");
+    assert_verifies(&repo)?;
+    Ok(())
+}
+
+#[test]
+fn gc_keeps_live_packs_of_small_blobs() -> Result<()> {
+    // A well-compressible block and a two-block map: packs whose index is
+    // bigger than their data, every blob in them live.
+    let (_dir, repo) = new_repo(32 << 20);
+    let mut writer = repo.pack_writer(None)?;
+    let block = vec![7u8; 65536];
+    let id = writer.add(BlobKind::Data, &block)?;
+    writer.flush()?;
+    let rp = commit_disk(&repo, &mut writer, "vm1", &[id, BlobId::ZERO], 0)?;
+    let packs = pack_files(&repo);
+
+    for _ in 0..2 {
+        let report = gc(&repo)?;
+        assert_eq!(report.blobs_removed, 0, "{report:?}");
+        assert_eq!(report.packs_deleted, 0, "{report:?}");
+        assert_packs_consistent(&repo)?;
+        assert_eq!(repo.reader()?.read(&id)?, block);
+        assert_eq!(blocks_of(&repo, &rp)?, [id, BlobId::ZERO]);
+        assert_verifies(&repo)?;
+    }
+    assert_eq!(pack_files(&repo).len(), packs.len());
+    Ok(())
+}
+
+/// Writes a pack straight to storage without indexing it, as a crash
+/// between the two steps leaves it.
+fn write_unindexed_pack(repo: &Repository, content: &[u8]) -> Result<(String, BlobId)> {
+    let id = BlobId::of(content);
+    let mut builder = PackBuilder::with_capacity(content.len());
+    builder.push(id, BlobKind::Data, Compression::None, content.len() as u32, content);
+    let pack = builder.finish();
+    repo.backend().write(FileKind::Pack, &pack.name, &pack.bytes)?;
+    Ok((pack.name, id))
+}
+
+#[test]
+fn gc_indexes_pack_files_the_catalogue_does_not_know() -> Result<()> {
+    let (_dir, repo) = new_repo(32 << 20);
+    let (used_pack, used) = write_unindexed_pack(&repo, &data_block(1))?;
+    let (unused_pack, _) = write_unindexed_pack(&repo, &data_block(2))?;
+    assert!(matches!(repo.reader()?.read(&used), Err(Error::MissingBlob { .. })));
+    let mut writer = repo.pack_writer(None)?;
+    let rp = commit_disk(&repo, &mut writer, "vm1", &[used], 0)?;
+
+    let report = gc(&repo)?;
+    assert_eq!(report.packs_indexed, 2, "{report:?}");
+    // The pack nothing references is indexed, then collected.
+    assert_eq!(report.packs_deleted, 1, "{report:?}");
+    let files = pack_files(&repo);
+    assert!(files.contains(&used_pack) && !files.contains(&unused_pack), "{files:?}");
+    assert_packs_consistent(&repo)?;
+    assert_eq!(repo.reader()?.read(&used)?, data_block(1));
+    assert_eq!(blocks_of(&repo, &rp)?, [used]);
+    assert_verifies(&repo)?;
+    Ok(())
+}
+
+#[test]
+fn gc_dry_run_changes_nothing() -> Result<()> {
+    let (_dir, repo) = new_repo(32 << 20);
+    let mut writer = repo.pack_writer(None)?;
+    let a = writer.add(BlobKind::Data, &data_block(1))?;
+    writer.flush()?;
+    let rp = commit_disk(&repo, &mut writer, "vm1", &[a], 0)?;
+    repo.forget(&rp)?;
+    let before = pack_files(&repo);
+    let report = collect_garbage(&repo, GcOptions { dry_run: true, ..GcOptions::default() })?;
+    assert_eq!(report.packs_deleted, 2, "{report:?}");
+    assert_eq!(pack_files(&repo), before);
+    assert_eq!(repo.reader()?.read(&a)?, data_block(1));
+    Ok(())
+}
+
+#[test]
+fn repair_rebuilds_a_deleted_catalogue() -> Result<()> {
+    let (dir, repo) = new_repo(200_000);
+    let mut writer = repo.pack_writer(None)?;
+    let blocks: Vec<Vec<u8>> = (0..6).map(data_block).collect();
+    let mut ids = Vec::new();
+    for content in &blocks {
+        ids.push(writer.add(BlobKind::Data, content)?);
+    }
+    let mut first = ids.clone();
+    first.resize(1000, BlobId::ZERO);
+    let rp1 = commit_disk(&repo, &mut writer, "vm1", &first, 0)?;
+    let rp2 = commit_disk(&repo, &mut writer, "vm2", &ids[2..], 10)?;
+    let packs = pack_files(&repo);
+    drop(writer);
+    drop(repo);
+
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.path().join(format!("catalogue.sqlite{suffix}"));
+        if path.exists() {
+            std::fs::remove_file(&path).expect("delete catalogue");
+        }
+    }
+    let broken = Repository::open(dir.path());
+    assert!(matches!(broken, Err(Error::Catalogue { .. })), "{broken:?}");
+
+    let report = repair(dir.path(), Duration::ZERO)?;
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    assert_eq!(report.restore_points, 2);
+    assert_eq!(report.packs_indexed, packs.len());
+
+    let repo = Repository::open(dir.path())?;
+    let points: BTreeSet<String> = repo.catalogue().restore_point_ids()?.into_iter().collect();
+    assert_eq!(points, BTreeSet::from([rp1.clone(), rp2.clone()]));
+    assert_eq!(repo.resolve("vm2@latest")?.id, rp2);
+    assert_eq!(blocks_of(&repo, &rp1)?, first);
+    assert_eq!(blocks_of(&repo, &rp2)?, ids[2..]);
+    let reader = repo.reader()?;
+    for (id, content) in ids.iter().zip(&blocks) {
+        assert_eq!(&reader.read(id)?, content);
+    }
+    assert_packs_consistent(&repo)?;
+    assert_verifies(&repo)?;
+    Ok(())
+}

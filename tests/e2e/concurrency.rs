@@ -1,0 +1,78 @@
+//! Several cbtvault processes on one repository.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+
+fn slow_backup(s: &Scratch, disk: &str, image: &std::path::Path) -> std::process::Child {
+    let repo = s.repo();
+    Command::new(env!("CARGO_BIN_EXE_cbtvault"))
+        .args(["backup", "--json", "--repo", repo.to_str().unwrap(), "--disk", disk])
+        .arg(format!("--source=file:{}", image.display()))
+        .args(["--compression-level", "19"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn backup")
+}
+
+fn wait_ok(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn backups_of_different_disks_run_together() {
+    let s = Scratch::new();
+    let a = s.image("a.img", 16, 60);
+    let b = s.image("b.img", 16, 61);
+    let (pa, pb) = (slow_backup(&s, "a", &a), slow_backup(&s, "b", &b));
+    let (ra, rb) = (wait_ok(pa), wait_ok(pb));
+    let (ok, report) = s.verify(true);
+    assert!(ok, "{report}");
+    assert_same_file(&a, &s.restore(&id(&ra), "ra.img"));
+    assert_same_file(&b, &s.restore(&id(&rb), "rb.img"));
+}
+
+#[test]
+fn second_backup_of_the_same_disk_is_refused_while_one_runs() {
+    let s = Scratch::new();
+    let a = s.image("a.img", 24, 62);
+    let first = slow_backup(&s, "a", &a);
+    std::thread::sleep(Duration::from_millis(300));
+    let repo = s.repo();
+    let err = s.fails(&["backup", "--repo", repo.to_str().unwrap(), "--disk", "a", "--source", &format!("file:{}", a.display())]);
+    assert!(err.contains("locked"), "{err}");
+    wait_ok(first);
+    assert_eq!(s.list().len(), 1);
+}
+
+#[test]
+fn gc_never_runs_beside_a_backup() {
+    let s = Scratch::new();
+    let repo = s.repo();
+    let repo = repo.to_str().unwrap();
+    let a = s.image("a.img", 32, 63);
+    // Something for gc to collect: a forgotten restore point sharing data.
+    let old = id(&s.backup("a", &a, None));
+    s.ok(&["forget", "--quiet", "--repo", repo, &old]);
+    // The running backup reuses some of those blocks and compresses new ones.
+    s.churn(&a, 0.6, 64, "c.b64");
+    let running = slow_backup(&s, "a", &a);
+    std::thread::sleep(Duration::from_millis(300));
+    let err = s.fails(&["gc", "--repo", repo]);
+    assert!(err.contains("locked"), "{err}");
+    // With --wait, gc runs once the backup is done and keeps its data.
+    let waiting = Command::new(env!("CARGO_BIN_EXE_cbtvault"))
+        .args(["gc", "--quiet", "--repo", repo, "--wait", "120"])
+        .spawn()
+        .unwrap();
+    let rp = wait_ok(running);
+    let gc = waiting.wait_with_output().unwrap();
+    assert!(gc.status.success());
+    let (ok, report) = s.verify(true);
+    assert!(ok, "{report}");
+    assert_same_file(&a, &s.restore(&id(&rp), "r.img"));
+}
