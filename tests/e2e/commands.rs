@@ -20,11 +20,24 @@ fn full_backup_then_restore_is_byte_exact_and_listed() {
     for key in ["id", "disk", "time", "virtual_size", "parent", "stats"] {
         assert!(listed[0].get(key).is_some(), "list --json lacks {key}");
     }
-    for key in ["blocks_total", "blocks_read", "bytes_read", "blocks_new", "bytes_stored", "duration_ms"] {
+    for key in [
+        "blocks_total",
+        "blocks_read",
+        "bytes_read",
+        "blocks_new",
+        "bytes_stored",
+        "duration_ms",
+    ] {
         assert!(listed[0]["stats"].get(key).is_some(), "stats lack {key}");
     }
     assert_eq!(listed[0]["virtual_size"], 24 * MIB);
-    assert!(listed[0]["time"].as_str().unwrap().parse::<jiff::Timestamp>().is_ok());
+    assert!(
+        listed[0]["time"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .is_ok()
+    );
 
     let restored = s.restore(&id(&rp)[..10], "restored.img");
     assert_same_file(&image, &restored);
@@ -32,8 +45,11 @@ fn full_backup_then_restore_is_byte_exact_and_listed() {
     // show by prefix and by DISK@latest agree.
     let repo = s.repo();
     let repo = repo.to_str().unwrap();
-    let a: serde_json::Value = serde_json::from_str(&s.ok(&["show", "--json", "--repo", repo, &id(&rp)[..8]])).unwrap();
-    let b: serde_json::Value = serde_json::from_str(&s.ok(&["show", "--json", "--repo", repo, "vm1-disk0@latest"])).unwrap();
+    let a: serde_json::Value =
+        serde_json::from_str(&s.ok(&["show", "--json", "--repo", repo, &id(&rp)[..8]])).unwrap();
+    let b: serde_json::Value =
+        serde_json::from_str(&s.ok(&["show", "--json", "--repo", repo, "vm1-disk0@latest"]))
+            .unwrap();
     assert_eq!(a, b);
     assert_eq!(a["id"], rp["id"]);
 }
@@ -60,10 +76,26 @@ fn restore_refuses_to_overwrite_without_force() {
     let to = s.path("exists.img");
     std::fs::write(&to, b"precious").unwrap();
     let repo = s.repo();
-    let err = s.fails(&["restore", "--repo", repo.to_str().unwrap(), &rp, "--to", to.to_str().unwrap()]);
+    let err = s.fails(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        &rp,
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert!(err.contains("--force"), "{err}");
     assert_eq!(std::fs::read(&to).unwrap(), b"precious");
-    s.ok(&["restore", "--quiet", "--repo", repo.to_str().unwrap(), &rp, "--to", to.to_str().unwrap(), "--force"]);
+    s.ok(&[
+        "restore",
+        "--quiet",
+        "--repo",
+        repo.to_str().unwrap(),
+        &rp,
+        "--to",
+        to.to_str().unwrap(),
+        "--force",
+    ]);
     assert_same_file(&image, &to);
 }
 
@@ -76,7 +108,8 @@ fn diff_reports_exactly_the_changed_blocks() {
     let b = id(&s.backup("d", &image, Some(&bitmap)));
     let repo = s.repo();
     let out: serde_json::Value =
-        serde_json::from_str(&s.ok(&["diff", "--json", "--repo", repo.to_str().unwrap(), &a, &b])).unwrap();
+        serde_json::from_str(&s.ok(&["diff", "--json", "--repo", repo.to_str().unwrap(), &a, &b]))
+            .unwrap();
     let mut differing = Vec::new();
     for e in out["extents"].as_array().unwrap() {
         let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
@@ -104,9 +137,25 @@ fn forget_and_gc_free_space_and_keep_the_rest_restorable() {
 
     let err = s.fails(&["forget", "--repo", repo]);
     assert!(err.contains("--keep"), "{err}");
-    let dry: serde_json::Value =
-        serde_json::from_str(&s.ok(&["forget", "--json", "--repo", repo, "--keep-last", "1", "--dry-run"])).unwrap();
-    assert_eq!(dry["decisions"].as_array().unwrap().iter().filter(|d| d["keep"] == false).count(), 3);
+    let dry: serde_json::Value = serde_json::from_str(&s.ok(&[
+        "forget",
+        "--json",
+        "--repo",
+        repo,
+        "--keep-last",
+        "1",
+        "--dry-run",
+    ]))
+    .unwrap();
+    assert_eq!(
+        dry["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["keep"] == false)
+            .count(),
+        3
+    );
     assert_eq!(s.list().len(), 4, "dry run changed nothing");
 
     s.ok(&["forget", "--repo", repo, "--keep-last", "1"]);
@@ -114,7 +163,8 @@ fn forget_and_gc_free_space_and_keep_the_rest_restorable() {
     assert_eq!(left.len(), 1);
     assert_eq!(id(&left[0]), ids[3]);
 
-    let gc: serde_json::Value = serde_json::from_str(&s.ok(&["gc", "--json", "--repo", repo])).unwrap();
+    let gc: serde_json::Value =
+        serde_json::from_str(&s.ok(&["gc", "--json", "--repo", repo])).unwrap();
     assert!(gc["bytes_freed"].as_u64().unwrap() > 0, "{gc}");
     let after = pack_bytes(&s.repo());
     assert!(after < before, "packs {before} -> {after}");
@@ -131,13 +181,19 @@ fn repair_rebuilds_a_lost_catalogue() {
     let a = id(&s.backup("d", &image, None));
     let (_, bitmap) = s.churn(&image, 0.1, 7, "c.b64");
     let b = id(&s.backup("d", &image, Some(&bitmap)));
-    for f in ["catalogue.sqlite", "catalogue.sqlite-wal", "catalogue.sqlite-shm"] {
+    for f in [
+        "catalogue.sqlite",
+        "catalogue.sqlite-wal",
+        "catalogue.sqlite-shm",
+    ] {
         let _ = std::fs::remove_file(s.repo().join(f));
     }
     let repo = s.repo();
     let err = s.fails(&["list", "--repo", repo.to_str().unwrap()]);
     assert!(err.contains("repair"), "{err}");
-    let out: serde_json::Value = serde_json::from_str(&s.ok(&["repair", "--json", "--repo", repo.to_str().unwrap()])).unwrap();
+    let out: serde_json::Value =
+        serde_json::from_str(&s.ok(&["repair", "--json", "--repo", repo.to_str().unwrap()]))
+            .unwrap();
     assert_eq!(out["restore_points"], 2);
     assert_eq!(s.list().len(), 2);
     let (ok, report) = s.verify(true);

@@ -78,7 +78,16 @@ impl Scratch {
     pub fn backup(&self, disk: &str, image: &Path, bitmap: Option<&Path>) -> Value {
         let repo = self.repo();
         let source = format!("file:{}", image.display());
-        let mut args = vec!["backup", "--json", "--repo", repo.to_str().unwrap(), "--disk", disk, "--source", &source];
+        let mut args = vec![
+            "backup",
+            "--json",
+            "--repo",
+            repo.to_str().unwrap(),
+            "--disk",
+            disk,
+            "--source",
+            &source,
+        ];
         let bitmap_arg;
         if let Some(b) = bitmap {
             bitmap_arg = b.display().to_string();
@@ -91,12 +100,26 @@ impl Scratch {
     pub fn restore(&self, id: &str, name: &str) -> PathBuf {
         let to = self.path(name);
         let repo = self.repo();
-        self.ok(&["restore", "--quiet", "--repo", repo.to_str().unwrap(), id, "--to", to.to_str().unwrap()]);
+        self.ok(&[
+            "restore",
+            "--quiet",
+            "--repo",
+            repo.to_str().unwrap(),
+            id,
+            "--to",
+            to.to_str().unwrap(),
+        ]);
         to
     }
 
     /// Changes `fraction` of the image and writes the XenAPI bitmap file.
-    pub fn churn(&self, image: &Path, fraction: f64, seed: u64, bitmap_name: &str) -> (BlockMap, PathBuf) {
+    pub fn churn(
+        &self,
+        image: &Path,
+        fraction: f64,
+        seed: u64,
+        bitmap_name: &str,
+    ) -> (BlockMap, PathBuf) {
         let map = synth::churn(image, fraction, seed).expect("churn");
         let path = self.path(bitmap_name);
         std::fs::write(&path, map.to_xenapi_base64()).expect("write bitmap");
@@ -118,14 +141,27 @@ impl Scratch {
     pub fn list(&self) -> Vec<Value> {
         let repo = self.repo();
         let out = self.ok(&["list", "--json", "--repo", repo.to_str().unwrap()]);
-        serde_json::from_str::<Value>(&out).expect("list json").as_array().cloned().unwrap_or_default()
+        serde_json::from_str::<Value>(&out)
+            .expect("list json")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
 /// Asserts two files have identical bytes (and sizes).
 pub fn assert_same_file(a: &Path, b: &Path) {
-    let (x, y) = (std::fs::read(a).expect("read a"), std::fs::read(b).expect("read b"));
-    assert_eq!(x.len(), y.len(), "{} and {} differ in size", a.display(), b.display());
+    let (x, y) = (
+        std::fs::read(a).expect("read a"),
+        std::fs::read(b).expect("read b"),
+    );
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
     if let Some(pos) = x.iter().zip(&y).position(|(p, q)| p != q) {
         panic!("{} and {} differ at byte {pos}", a.display(), b.display());
     }
@@ -145,7 +181,11 @@ pub fn pack_bytes(repo: &Path) -> u64 {
                     .flatten()
                     .map(|e| {
                         let p = e.path();
-                        if p.is_dir() { walk(&p) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }
+                        if p.is_dir() {
+                            walk(&p)
+                        } else {
+                            e.metadata().map(|m| m.len()).unwrap_or(0)
+                        }
                     })
                     .sum()
             })
@@ -157,8 +197,14 @@ pub fn pack_bytes(repo: &Path) -> u64 {
 /// All pack files of a repository.
 pub fn pack_files(repo: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for sub in std::fs::read_dir(repo.join("packs")).expect("packs dir").flatten() {
-        for f in std::fs::read_dir(sub.path()).expect("pack subdir").flatten() {
+    for sub in std::fs::read_dir(repo.join("packs"))
+        .expect("packs dir")
+        .flatten()
+    {
+        for f in std::fs::read_dir(sub.path())
+            .expect("pack subdir")
+            .flatten()
+        {
             out.push(f.path());
         }
     }

@@ -8,7 +8,14 @@ use crate::common::*;
 fn slow_backup(s: &Scratch, disk: &str, image: &std::path::Path) -> std::process::Child {
     let repo = s.repo();
     Command::new(env!("CARGO_BIN_EXE_cbtvault"))
-        .args(["backup", "--json", "--repo", repo.to_str().unwrap(), "--disk", disk])
+        .args([
+            "backup",
+            "--json",
+            "--repo",
+            repo.to_str().unwrap(),
+            "--disk",
+            disk,
+        ])
         .arg(format!("--source=file:{}", image.display()))
         .args(["--compression-level", "19"])
         .stdout(Stdio::piped())
@@ -19,7 +26,11 @@ fn slow_backup(s: &Scratch, disk: &str, image: &std::path::Path) -> std::process
 
 fn wait_ok(child: std::process::Child) -> serde_json::Value {
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -43,7 +54,15 @@ fn second_backup_of_the_same_disk_is_refused_while_one_runs() {
     let first = slow_backup(&s, "a", &a);
     std::thread::sleep(Duration::from_millis(300));
     let repo = s.repo();
-    let err = s.fails(&["backup", "--repo", repo.to_str().unwrap(), "--disk", "a", "--source", &format!("file:{}", a.display())]);
+    let err = s.fails(&[
+        "backup",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--disk",
+        "a",
+        "--source",
+        &format!("file:{}", a.display()),
+    ]);
     assert!(err.contains("locked"), "{err}");
     wait_ok(first);
     assert_eq!(s.list().len(), 1);

@@ -31,8 +31,16 @@ fn flipped_byte_is_reported_with_restore_points_and_offsets() {
     let (ok, report) = s.verify(true);
     assert!(!ok, "verify must fail");
     let damaged = report["damaged"].as_array().unwrap();
-    let full_entry = damaged.iter().find(|d| d["restore_point"] == a_full.as_str()).expect("a's full is damaged");
-    let offsets: Vec<u64> = full_entry["offsets"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    let full_entry = damaged
+        .iter()
+        .find(|d| d["restore_point"] == a_full.as_str())
+        .expect("a's full is damaged");
+    let offsets: Vec<u64> = full_entry["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
     assert_eq!(offsets.len(), 1, "one block is damaged: {report}");
     let block = offsets[0] / 65536;
     let mut expected = BTreeSet::from([a_full.clone()]);
@@ -40,16 +48,29 @@ fn flipped_byte_is_reported_with_restore_points_and_offsets() {
         // The incremental still uses the block unless it was rewritten.
         expected.insert(a_incr.clone());
     }
-    let found: BTreeSet<String> = damaged.iter().map(|d| d["restore_point"].as_str().unwrap().to_string()).collect();
+    let found: BTreeSet<String> = damaged
+        .iter()
+        .map(|d| d["restore_point"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(found, expected, "{report}");
     assert!(!found.contains(&b_full));
     let problems = report["problems"].to_string();
-    assert!(problems.contains(a_packs[0].file_stem().unwrap().to_str().unwrap()), "names the pack: {report}");
+    assert!(
+        problems.contains(a_packs[0].file_stem().unwrap().to_str().unwrap()),
+        "names the pack: {report}"
+    );
 
     // restore names the disk and the offset, and leaves no file behind.
     let repo = s.repo();
     let to = s.path("a-restored.img");
-    let err = s.fails(&["restore", "--repo", repo.to_str().unwrap(), &a_full, "--to", to.to_str().unwrap()]);
+    let err = s.fails(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        &a_full,
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert!(err.contains("\"a\""), "{err}");
     assert!(err.contains(&format!("offset {}", offsets[0])), "{err}");
     assert!(!to.exists());
@@ -73,6 +94,13 @@ fn truncated_pack_is_reported() {
     assert!(report["problems"].to_string().contains("pack"), "{report}");
     assert_eq!(report["damaged"][0]["restore_point"], rp.as_str());
     let repo = s.repo();
-    let err = s.fails(&["restore", "--repo", repo.to_str().unwrap(), &rp, "--to", s.path("r.img").to_str().unwrap()]);
+    let err = s.fails(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        &rp,
+        "--to",
+        s.path("r.img").to_str().unwrap(),
+    ]);
     assert!(err.contains("offset"), "{err}");
 }

@@ -38,14 +38,28 @@ fn killed_backups_leave_a_consistent_repository() {
     for round in 0..8 {
         let (_, bitmap) = s.churn(&image, 0.2, 100 + round, "c.b64");
         // A slow compression level stretches the backup so kills land mid-way.
-        let mut args = vec!["backup", "--quiet", "--repo", repo, "--disk", "d", "--source", &source, "--compression-level", "19"];
+        let mut args = vec![
+            "backup",
+            "--quiet",
+            "--repo",
+            repo,
+            "--disk",
+            "d",
+            "--source",
+            &source,
+            "--compression-level",
+            "19",
+        ];
         let bitmap = bitmap.to_str().unwrap().to_string();
         if round % 2 == 1 {
             args.extend(["--changed-blocks", &bitmap]);
         }
         let finished = kill_after(spawn(&args), Duration::from_millis(rng.gen_range(20..900)));
         let listed = s.list().len();
-        assert!(listed == committed || (finished && listed == committed + 1), "round {round}: {listed} vs {committed}");
+        assert!(
+            listed == committed || (finished && listed == committed + 1),
+            "round {round}: {listed} vs {committed}"
+        );
         committed = listed;
         let (ok, report) = s.verify(true);
         assert!(ok, "round {round}: verify after kill: {report}");
@@ -54,7 +68,10 @@ fn killed_backups_leave_a_consistent_repository() {
             s.restore(&id(&rp), &format!("r{round}-{}.img", &id(&rp)[..8]));
         }
         for f in std::fs::read_dir(s.dir.path()).unwrap().flatten() {
-            if f.file_name().to_string_lossy().starts_with(&format!("r{round}-")) {
+            if f.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("r{round}-"))
+            {
                 std::fs::remove_file(f.path()).unwrap();
             }
         }
@@ -62,7 +79,8 @@ fn killed_backups_leave_a_consistent_repository() {
     // The next backup succeeds and is exact; gc clears what kills left.
     let rp = s.backup("d", &image, None);
     assert_same_file(&image, &s.restore(&id(&rp), "final.img"));
-    let gc: serde_json::Value = serde_json::from_str(&s.ok(&["gc", "--json", "--repo", repo])).unwrap();
+    let gc: serde_json::Value =
+        serde_json::from_str(&s.ok(&["gc", "--json", "--repo", repo])).unwrap();
     assert!(gc.get("partial_files_removed").is_some());
     let (ok, report) = s.verify(true);
     assert!(ok, "{report}");
@@ -86,7 +104,10 @@ fn killed_gc_leaves_a_consistent_repository() {
             }
         }
         s.ok(&["forget", "--quiet", "--repo", repo, "--keep-last", "2"]);
-        kill_after(spawn(&["gc", "--repo", repo]), Duration::from_millis(rng.gen_range(5..300)));
+        kill_after(
+            spawn(&["gc", "--repo", repo]),
+            Duration::from_millis(rng.gen_range(5..300)),
+        );
         let (ok, report) = s.verify(true);
         assert!(ok, "round {round}: verify after killed gc: {report}");
         let latest = s.list().last().cloned().unwrap();

@@ -18,7 +18,10 @@ fn incremental_reads_only_marked_blocks_and_restores_every_point() {
         assert_eq!(rp["mode"]["kind"], "incremental");
         assert_eq!(rp["parent"], points.last().unwrap().0.as_str());
         // Metadata grows with the change: a few nodes per changed block at most.
-        assert!(stats["nodes_new"].as_u64().unwrap() <= map.count_set() * 2 + 2, "{stats}");
+        assert!(
+            stats["nodes_new"].as_u64().unwrap() <= map.count_set() * 2 + 2,
+            "{stats}"
+        );
         let snap = s.path(&format!("snap{night}.img"));
         std::fs::copy(&image, &snap).unwrap();
         points.push((id(&rp), snap));
@@ -38,15 +41,29 @@ fn incremental_against_an_explicit_parent() {
     s.backup("d", &image, Some(&b1));
     // Changes since `base` are the union of both nights.
     let (m2, _) = s.churn(&image, 0.05, 2, "c2.b64");
-    let mut union = cbtvault_blockmap::BlockMap::from_xenapi_base64(&std::fs::read_to_string(&b1).unwrap(), 8 * MIB).unwrap();
+    let mut union = cbtvault_blockmap::BlockMap::from_xenapi_base64(
+        &std::fs::read_to_string(&b1).unwrap(),
+        8 * MIB,
+    )
+    .unwrap();
     union.union_with(&m2);
     let both = s.path("both.b64");
     std::fs::write(&both, union.to_xenapi_base64()).unwrap();
     let repo = s.repo();
     let source = format!("file:{}", image.display());
     let out = s.ok(&[
-        "backup", "--json", "--repo", repo.to_str().unwrap(), "--disk", "d", "--source", &source,
-        "--changed-blocks", both.to_str().unwrap(), "--parent", &base[..12],
+        "backup",
+        "--json",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--disk",
+        "d",
+        "--source",
+        &source,
+        "--changed-blocks",
+        both.to_str().unwrap(),
+        "--parent",
+        &base[..12],
     ]);
     let rp: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rp["parent"], base.as_str());
@@ -63,7 +80,17 @@ fn bad_inputs_give_one_clear_error_and_change_nothing() {
 
     // Incremental with no parent.
     let (_, bitmap) = s.churn(&image, 0.05, 1, "c.b64");
-    let err = s.fails(&["backup", "--repo", repo, "--disk", "d", "--source", &source, "--changed-blocks", bitmap.to_str().unwrap()]);
+    let err = s.fails(&[
+        "backup",
+        "--repo",
+        repo,
+        "--disk",
+        "d",
+        "--source",
+        &source,
+        "--changed-blocks",
+        bitmap.to_str().unwrap(),
+    ]);
     assert!(err.contains("full backup first"), "{err}");
     s.backup("d", &image, None);
     let packs = pack_files(&s.repo());
@@ -77,16 +104,37 @@ fn bad_inputs_give_one_clear_error_and_change_nothing() {
     for (name, content, expect) in cases {
         let f = s.path(name);
         std::fs::write(&f, content).unwrap();
-        let err = s.fails(&["backup", "--repo", repo, "--disk", "d", "--source", &source, "--changed-blocks", f.to_str().unwrap()]);
+        let err = s.fails(&[
+            "backup",
+            "--repo",
+            repo,
+            "--disk",
+            "d",
+            "--source",
+            &source,
+            "--changed-blocks",
+            f.to_str().unwrap(),
+        ]);
         assert!(err.to_lowercase().contains(expect), "{name}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
     let missing = format!("file:{}", s.path("nope.img").display());
-    let err = s.fails(&["backup", "--repo", repo, "--disk", "d", "--source", &missing]);
+    let err = s.fails(&[
+        "backup", "--repo", repo, "--disk", "d", "--source", &missing,
+    ]);
     assert!(err.contains("nope.img"), "{err}");
-    let err = s.fails(&["restore", "--repo", repo, "ffffffffffff", "--to", s.path("x").to_str().unwrap()]);
+    let err = s.fails(&[
+        "restore",
+        "--repo",
+        repo,
+        "ffffffffffff",
+        "--to",
+        s.path("x").to_str().unwrap(),
+    ]);
     assert!(err.contains("ffffffffffff"), "{err}");
-    let err = s.fails(&["backup", "--repo", repo, "--disk", "d", "--source", "ftp://x"]);
+    let err = s.fails(&[
+        "backup", "--repo", repo, "--disk", "d", "--source", "ftp://x",
+    ]);
     assert!(err.contains("scheme"), "{err}");
     let err = s.fails(&["list", "--repo", s.path("nothing-here").to_str().unwrap()]);
     assert!(err.contains("not a cbtvault repository"), "{err}");
@@ -100,11 +148,21 @@ fn bad_inputs_give_one_clear_error_and_change_nothing() {
 fn unknown_repository_format_is_refused_untouched() {
     let s = Scratch::new();
     let config = s.repo().join("cbtvault.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"format_version\": 1", "\"format_version\": 7");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"format_version\": 1", "\"format_version\": 7");
     std::fs::write(&config, &text).unwrap();
     let image = s.image("disk.img", 2, 13);
     let repo = s.repo();
-    let err = s.fails(&["backup", "--repo", repo.to_str().unwrap(), "--disk", "d", "--source", &format!("file:{}", image.display())]);
+    let err = s.fails(&[
+        "backup",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--disk",
+        "d",
+        "--source",
+        &format!("file:{}", image.display()),
+    ]);
     assert!(err.contains("format version 7"), "{err}");
     assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
     assert!(pack_files(&s.repo()).is_empty());

@@ -2,8 +2,8 @@
 //! incrementals from changed-block bitmaps, corruption, crashes and
 //! concurrency. Each test works in its own temporary directory.
 
-mod common;
 mod commands;
+mod common;
 mod concurrency;
 mod corruption;
 mod crash;

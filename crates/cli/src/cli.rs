@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "cbtvault", version, about = "Incremental, changed-block-tracking backups of virtual disks")]
+#[command(
+    name = "cbtvault",
+    version,
+    about = "Incremental, changed-block-tracking backups of virtual disks"
+)]
 pub struct Args {
     #[command(flatten)]
     pub global: Global,

@@ -99,7 +99,10 @@ pub fn short(id: &str) -> &str {
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 /// Human description of how a restore point was taken.

@@ -20,7 +20,9 @@ use bytes::Bytes;
 use cbtvault_blockmap::{BLOCK_SIZE, BlockMap, block_count};
 use cbtvault_repo::pack::{self, BlobKind, Compression};
 use cbtvault_repo::tree::{Cursor, TreeBuilder};
-use cbtvault_repo::{BackupMode, BackupStats, BlobId, Manifest, Repository, RestorePointRow, is_all_zero};
+use cbtvault_repo::{
+    BackupMode, BackupStats, BlobId, Manifest, Repository, RestorePointRow, is_all_zero,
+};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -76,7 +78,9 @@ impl Default for BackupOptions {
             compression_level: None,
             read_size: 4 << 20,
             inflight: 8,
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
         }
     }
 }
@@ -313,12 +317,15 @@ async fn read_stage<S: DiskSource>(
     });
     let mut reads = futures::stream::iter(requests)
         .map(|(first_block, offset, len)| async move {
-            let data = source.read_at(offset, len).await.map_err(|source| Error::SourceRead {
-                disk: disk.to_string(),
-                offset,
-                len,
-                source,
-            })?;
+            let data = source
+                .read_at(offset, len)
+                .await
+                .map_err(|source| Error::SourceRead {
+                    disk: disk.to_string(),
+                    offset,
+                    len,
+                    source,
+                })?;
             if data.len() != len {
                 return Err(Error::ShortRead {
                     disk: disk.to_string(),
@@ -341,7 +348,15 @@ async fn read_stage<S: DiskSource>(
         bytes += data.len() as u64;
         blocks += (data.len() as u64).div_ceil(BLOCK_SIZE);
         progress.advance(data.len() as u64);
-        if tx.send_async(Chunk { seq, first_block, data }).await.is_err() {
+        if tx
+            .send_async(Chunk {
+                seq,
+                first_block,
+                data,
+            })
+            .await
+            .is_err()
+        {
             // The writer stopped; its error is the one to report.
             break;
         }
@@ -351,7 +366,13 @@ async fn read_stage<S: DiskSource>(
 }
 
 /// Hashes, deduplicates and compresses chunks.
-fn worker(repo: &Repository, level: i32, size: u64, rx: flume::Receiver<Chunk>, tx: flume::Sender<Result<Processed>>) {
+fn worker(
+    repo: &Repository,
+    level: i32,
+    size: u64,
+    rx: flume::Receiver<Chunk>,
+    tx: flume::Sender<Result<Processed>>,
+) {
     let setup = (|| -> Result<_> {
         let cat = repo.open_catalogue()?;
         let comp = zstd::bulk::Compressor::new(level)
@@ -455,7 +476,10 @@ fn write_stage(
     }
     if !waiting.is_empty() {
         // The reader stopped early (an error or cancellation it reports).
-        return Err(Error::Internal(format!("disk {disk:?}: {} chunks never arrived in order", waiting.len())));
+        return Err(Error::Internal(format!(
+            "disk {disk:?}: {} chunks never arrived in order",
+            waiting.len()
+        )));
     }
     let (tree, _) = tree.finish(&mut writer)?;
     writer.flush()?;

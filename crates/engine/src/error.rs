@@ -20,7 +20,9 @@ pub enum Error {
         source: BoxError,
     },
 
-    #[error("disk {disk:?}: the source returned {got} bytes at offset {offset} where {expected} were asked")]
+    #[error(
+        "disk {disk:?}: the source returned {got} bytes at offset {offset} where {expected} were asked"
+    )]
     ShortRead {
         disk: String,
         offset: u64,
@@ -36,7 +38,9 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
-    #[error("disk {disk:?}: the changed-block map covers {map_blocks} blocks but the disk ({size} bytes) has {disk_blocks}")]
+    #[error(
+        "disk {disk:?}: the changed-block map covers {map_blocks} blocks but the disk ({size} bytes) has {disk_blocks}"
+    )]
     MapMismatch {
         disk: String,
         map_blocks: u64,
@@ -44,7 +48,9 @@ pub enum Error {
         size: u64,
     },
 
-    #[error("disk {disk:?} has no restore point to take unchanged blocks from; run a full backup first")]
+    #[error(
+        "disk {disk:?} has no restore point to take unchanged blocks from; run a full backup first"
+    )]
     NoParent { disk: String },
 
     #[error(

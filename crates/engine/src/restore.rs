@@ -85,7 +85,8 @@ impl DiskTarget for FileTarget {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(BLOCK_SIZE);
-            self.file.write_all_at(&zeros[..n as usize], offset + done)?;
+            self.file
+                .write_all_at(&zeros[..n as usize], offset + done)?;
             done += n;
         }
         Ok(())
@@ -99,7 +100,11 @@ impl DiskTarget for FileTarget {
         self.file.sync_all()?;
         std::fs::rename(&self.tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
             File::open(dir)?.sync_all()?;
         }
         Ok(())
@@ -205,7 +210,9 @@ pub fn restore(
                         for (i, id) in leaf.ids.iter().enumerate() {
                             if id.is_zero() {
                                 let offset = (leaf.first + i as u64) * BLOCK_SIZE;
-                                if let Err(source) = target.write_zeroes(offset, BLOCK_SIZE.min(size - offset)) {
+                                if let Err(source) =
+                                    target.write_zeroes(offset, BLOCK_SIZE.min(size - offset))
+                                {
                                     return fail(Error::TargetWrite { offset, source });
                                 }
                             }
@@ -231,7 +238,8 @@ pub fn restore(
                 next: 0,
                 progress,
             };
-            tree::walk(&tree, &reader, &mut feed).map_err(|e| damaged(feed.next * BLOCK_SIZE, e))?;
+            tree::walk(&tree, &reader, &mut feed)
+                .map_err(|e| damaged(feed.next * BLOCK_SIZE, e))?;
             feed.zero_to(tree.shape.blocks)
         })();
         drop(tx);
@@ -243,9 +251,10 @@ pub fn restore(
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    target
-        .finish()
-        .map_err(|source| Error::TargetWrite { offset: size, source })?;
+    target.finish().map_err(|source| Error::TargetWrite {
+        offset: size,
+        source,
+    })?;
     let mut stats = stats.into_inner().unwrap_or_else(|p| p.into_inner());
     stats.duration_ms = started.elapsed().as_millis() as u64;
     Ok(stats)

@@ -22,7 +22,11 @@ pub trait DiskSource: Send + Sync + 'static {
     /// The disk's size in bytes.
     fn size(&self) -> u64;
     /// Reads exactly `len` bytes at `offset`.
-    fn read_at(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes, BoxError>> + Send;
+    fn read_at(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Bytes, BoxError>> + Send;
     /// Blocks that may hold data, when the source knows (sparse files,
     /// NBD `base:allocation`); a full backup reads only these.
     fn allocated(&self) -> impl Future<Output = Result<Option<BlockMap>, BoxError>> + Send {
@@ -44,7 +48,10 @@ impl FileSource {
         let file = File::open(path)?;
         let meta = file.metadata()?;
         if meta.is_dir() {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "is a directory"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is a directory",
+            ));
         }
         // A block device reports 0 in metadata; seeking to the end works for both.
         let size = {

@@ -18,6 +18,8 @@ pub struct Mix {
     pub zero: u8,
     pub text: u8,
     pub duplicate: u8,
+    /// Leave zero blocks as holes (a sparse file) rather than writing zeros.
+    pub holes: bool,
 }
 
 impl Default for Mix {
@@ -27,14 +29,44 @@ impl Default for Mix {
             zero: 40,
             text: 30,
             duplicate: 5,
+            holes: true,
         }
     }
 }
 
 const WORDS: &[&str] = &[
-    "the", "disk", "block", "backup", "kernel", "error", "request", "server", "user", "session", "GET", "/var/log",
-    "200", "404", "INFO", "WARN", "connection", "restored", "snapshot", "pool", "tracking", "changed", "virtual",
-    "machine", "2026-11-22T03:14:15Z", "xen", "qemu", "nbd", "export", "sector", "journal", "inode",
+    "the",
+    "disk",
+    "block",
+    "backup",
+    "kernel",
+    "error",
+    "request",
+    "server",
+    "user",
+    "session",
+    "GET",
+    "/var/log",
+    "200",
+    "404",
+    "INFO",
+    "WARN",
+    "connection",
+    "restored",
+    "snapshot",
+    "pool",
+    "tracking",
+    "changed",
+    "virtual",
+    "machine",
+    "2026-11-22T03:14:15Z",
+    "xen",
+    "qemu",
+    "nbd",
+    "export",
+    "sector",
+    "journal",
+    "inode",
 ];
 
 /// Fills `buf` with one block of the given kind.
@@ -60,7 +92,12 @@ fn fill(rng: &mut ChaCha8Rng, kind: u8, buf: &mut [u8]) {
 
 /// Writes a sparse image of `size` bytes at `path`, block by block.
 pub fn write_image(path: &Path, size: u64, seed: u64, mix: Mix) -> std::io::Result<()> {
-    let file = OpenOptions::new().create(true).read(true).write(true).truncate(true).open(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(path)?;
     file.set_len(size)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let blocks = block_count(size);
@@ -84,7 +121,8 @@ pub fn write_image(path: &Path, size: u64, seed: u64, mix: Mix) -> std::io::Resu
             let offset = b * BLOCK_SIZE;
             let len = BLOCK_SIZE.min(size - offset) as usize;
             match kind {
-                0 => continue,
+                0 if mix.holes => continue,
+                0 => buf[..len].fill(0),
                 3 => {
                     let from = written[rng.gen_range(0..written.len())];
                     let from_len = BLOCK_SIZE.min(size - from * BLOCK_SIZE) as usize;

@@ -141,7 +141,8 @@ pub enum Error {
 
 impl Error {
     /// Whether retrying on a fresh connection may help: transport failures
-    /// and timeouts are, protocol violations and server error replies are not.
+    /// and timeouts are; TLS failures, protocol violations and server error
+    /// replies are not.
     pub fn is_transport(&self) -> bool {
         matches!(
             self,
@@ -149,7 +150,6 @@ impl Error {
                 | Error::Io { .. }
                 | Error::Timeout { .. }
                 | Error::Closed { .. }
-                | Error::Tls { .. }
         )
     }
 

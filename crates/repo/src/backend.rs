@@ -144,7 +144,10 @@ impl Backend for LocalBackend {
             } else {
                 source
             };
-            Error::Io { path: path.clone(), source }
+            Error::Io {
+                path: path.clone(),
+                source,
+            }
         })?;
         Ok(buf)
     }
@@ -218,7 +221,11 @@ fn list_suffix(dir: &Path, suffix: &str, out: &mut Vec<String>) -> Result<()> {
     };
     for entry in entries {
         let entry = entry.map_err(Error::io(dir))?;
-        if let Some(stem) = entry.file_name().to_str().and_then(|n| n.strip_suffix(suffix)) {
+        if let Some(stem) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(suffix))
+        {
             out.push(stem.to_string());
         }
     }
@@ -241,7 +248,10 @@ impl MemoryBackend {
     /// Flips one byte of a stored file: lets tests play bit rot.
     pub fn corrupt(&self, kind: FileKind, name: &str, offset: usize) -> bool {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        match files.get_mut(&(kind, name.to_string())).and_then(|f| f.get_mut(offset)) {
+        match files
+            .get_mut(&(kind, name.to_string()))
+            .and_then(|f| f.get_mut(offset))
+        {
             Some(byte) => {
                 *byte ^= 0xff;
                 true

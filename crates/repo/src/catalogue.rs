@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use crate::BlobId;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::pack::{BlobKind, Compression, PackEntry};
-use crate::BlobId;
 
 /// The catalogue's file name inside the repository.
 pub const CATALOGUE_FILE: &str = "catalogue.sqlite";
@@ -105,8 +105,10 @@ impl Catalogue {
         };
         let conn = Connection::open_with_flags(path, flags).map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(wrap)?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-            .map_err(wrap)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
+        )
+        .map_err(wrap)?;
         let cat = Catalogue {
             conn,
             path: path.to_path_buf(),
@@ -270,7 +272,11 @@ impl Catalogue {
     /// Replaces the index of several packs at once (garbage collection):
     /// removes `dead` packs and their blobs, and indexes `added` packs
     /// whose blobs take over from the removed ones.
-    pub fn replace_packs(&mut self, dead: &[String], added: &[(String, u64, Vec<PackEntry>)]) -> Result<()> {
+    pub fn replace_packs(
+        &mut self,
+        dead: &[String],
+        added: &[(String, u64, Vec<PackEntry>)],
+    ) -> Result<()> {
         let path = self.path.clone();
         let err = |source| Error::Catalogue {
             path: path.clone(),
@@ -283,7 +289,8 @@ impl Catalogue {
                 [name],
             )
             .map_err(err)?;
-            tx.execute("DELETE FROM packs WHERE name = ?1", [name]).map_err(err)?;
+            tx.execute("DELETE FROM packs WHERE name = ?1", [name])
+                .map_err(err)?;
         }
         for (name, size, entries) in added {
             tx.execute(
@@ -328,8 +335,11 @@ impl Catalogue {
             source,
         })?;
         let tx = self.conn.transaction().map_err(err)?;
-        tx.execute("INSERT OR IGNORE INTO disks(name) VALUES (?1)", [&manifest.disk])
-            .map_err(err)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO disks(name) VALUES (?1)",
+            [&manifest.disk],
+        )
+        .map_err(err)?;
         tx.execute(
             "INSERT OR IGNORE INTO restore_points(id, disk_id, time_ms, virtual_size, parent, manifest)
              VALUES (?1, (SELECT id FROM disks WHERE name = ?2), ?3, ?4, ?5, ?6)",
@@ -433,7 +443,13 @@ impl Catalogue {
     }
 
     /// Records how a run ended.
-    pub fn finish_run(&self, run: i64, status: &str, restore_point: Option<&str>, detail: &str) -> Result<()> {
+    pub fn finish_run(
+        &self,
+        run: i64,
+        status: &str,
+        restore_point: Option<&str>,
+        detail: &str,
+    ) -> Result<()> {
         self.conn
             .execute(
                 "UPDATE runs SET finished = ?2, status = ?3, restore_point = ?4, detail = ?5 WHERE id = ?1",

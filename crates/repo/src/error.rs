@@ -77,7 +77,9 @@ pub enum Error {
     #[error("no disk named {0:?} in this repository")]
     UnknownDisk(String),
 
-    #[error("{what} is locked by another cbtvault process ({holder}); wait for it to finish or retry later")]
+    #[error(
+        "{what} is locked by another cbtvault process ({holder}); wait for it to finish or retry later"
+    )]
     Locked { what: String, holder: String },
 
     #[error("{0}")]

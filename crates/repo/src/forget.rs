@@ -62,7 +62,9 @@ pub fn plan(points: &[RestorePointRow], policy: &KeepPolicy) -> Vec<Decision> {
             let w = t.date().iso_week_date();
             (w.year(), i16::from(w.week()))
         }),
-        ("monthly", policy.monthly, |t| (t.year(), i16::from(t.month()))),
+        ("monthly", policy.monthly, |t| {
+            (t.year(), i16::from(t.month()))
+        }),
     ];
     for (name, count, bucket) in rules {
         let Some(count) = count else { continue };
@@ -118,17 +120,30 @@ mod tests {
             point("c", "2026-11-02T01:00:00Z"),
             point("d", "2026-11-03T01:00:00Z"),
         ];
-        let kept: Vec<_> = plan(&points, &KeepPolicy { daily: Some(2), ..Default::default() })
-            .into_iter()
-            .filter(|d| d.keep)
-            .map(|d| d.id)
-            .collect();
+        let kept: Vec<_> = plan(
+            &points,
+            &KeepPolicy {
+                daily: Some(2),
+                ..Default::default()
+            },
+        )
+        .into_iter()
+        .filter(|d| d.keep)
+        .map(|d| d.id)
+        .collect();
         assert_eq!(kept, ["d", "c"]);
-        let kept: Vec<_> = plan(&points, &KeepPolicy { daily: Some(5), last: Some(1), ..Default::default() })
-            .into_iter()
-            .filter(|d| d.keep)
-            .map(|d| d.id)
-            .collect();
+        let kept: Vec<_> = plan(
+            &points,
+            &KeepPolicy {
+                daily: Some(5),
+                last: Some(1),
+                ..Default::default()
+            },
+        )
+        .into_iter()
+        .filter(|d| d.keep)
+        .map(|d| d.id)
+        .collect();
         assert_eq!(kept, ["d", "c", "b"]);
     }
 
@@ -141,10 +156,32 @@ mod tests {
             point("d", "2026-11-03T00:00:00Z"),
         ];
         let keep = |p: KeepPolicy| -> Vec<String> {
-            plan(&points, &p).into_iter().filter(|d| d.keep).map(|d| d.id).collect()
+            plan(&points, &p)
+                .into_iter()
+                .filter(|d| d.keep)
+                .map(|d| d.id)
+                .collect()
         };
-        assert_eq!(keep(KeepPolicy { weekly: Some(2), ..Default::default() }), ["d", "b"]);
-        assert_eq!(keep(KeepPolicy { monthly: Some(3), ..Default::default() }), ["d", "b"]);
-        assert_eq!(keep(KeepPolicy { last: Some(0), ..Default::default() }), Vec::<String>::new());
+        assert_eq!(
+            keep(KeepPolicy {
+                weekly: Some(2),
+                ..Default::default()
+            }),
+            ["d", "b"]
+        );
+        assert_eq!(
+            keep(KeepPolicy {
+                monthly: Some(3),
+                ..Default::default()
+            }),
+            ["d", "b"]
+        );
+        assert_eq!(
+            keep(KeepPolicy {
+                last: Some(0),
+                ..Default::default()
+            }),
+            Vec::<String>::new()
+        );
     }
 }

@@ -12,12 +12,12 @@
 
 use std::collections::HashSet;
 
+use crate::BlobId;
 use crate::backend::FileKind;
 use crate::error::Result;
 use crate::pack::{self, PackBuilder, PackEntry};
 use crate::repository::Repository;
 use crate::tree::{self, Visitor};
-use crate::BlobId;
 
 /// Options for [`collect_garbage`].
 #[derive(Clone, Copy, Debug)]
@@ -99,7 +99,8 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
     let mut rewrites: Vec<(String, Vec<PackEntry>)> = Vec::new();
     for (name, size) in &packs {
         let entries = repo.catalogue().blobs_in_pack(name)?;
-        let (keep, drop): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| live.contains(&e.id));
+        let (keep, drop): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|e| live.contains(&e.id));
         report.blobs_removed += drop.len() as u64;
         let live_bytes: u64 = keep.iter().map(|e| u64::from(e.stored_len)).sum();
         if keep.is_empty() {
@@ -120,12 +121,13 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
     // recompression), after checking each against its id.
     let mut added = Vec::new();
     let mut builder = PackBuilder::with_capacity(repo.config().pack_size as usize);
-    let write = |builder: PackBuilder, added: &mut Vec<(String, u64, Vec<PackEntry>)>| -> Result<()> {
-        let pack = builder.finish();
-        backend.write(FileKind::Pack, &pack.name, &pack.bytes)?;
-        added.push((pack.name, pack.bytes.len() as u64, pack.entries));
-        Ok(())
-    };
+    let write =
+        |builder: PackBuilder, added: &mut Vec<(String, u64, Vec<PackEntry>)>| -> Result<()> {
+            let pack = builder.finish();
+            backend.write(FileKind::Pack, &pack.name, &pack.bytes)?;
+            added.push((pack.name, pack.bytes.len() as u64, pack.entries));
+            Ok(())
+        };
     for (name, keep) in &rewrites {
         for e in keep {
             let stored = backend.read_at(FileKind::Pack, name, e.offset, e.stored_len as usize)?;
@@ -146,7 +148,10 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
     repo.catalogue().replace_packs(&gone, &added)?;
     // A rewritten pack can have the very name of an old one (same blobs at
     // the same offsets): that file now holds live blobs and must stay.
-    for name in gone.iter().filter(|name| !added.iter().any(|(new, _, _)| new == *name)) {
+    for name in gone
+        .iter()
+        .filter(|name| !added.iter().any(|(new, _, _)| new == *name))
+    {
         backend.remove(FileKind::Pack, name)?;
     }
     tracing::info!(?report, "gc finished");
@@ -157,7 +162,12 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
 /// a pack and indexing it). Their blobs keep any location already indexed.
 pub fn index_unknown_packs(repo: &Repository) -> Result<usize> {
     let backend = repo.backend();
-    let known: HashSet<String> = repo.catalogue().packs()?.into_iter().map(|(n, _)| n).collect();
+    let known: HashSet<String> = repo
+        .catalogue()
+        .packs()?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let mut count = 0;
     for name in backend.list(FileKind::Pack)? {
         if known.contains(&name) {

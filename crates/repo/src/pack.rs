@@ -12,9 +12,9 @@ use std::mem::size_of;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::BlobId;
 use crate::backend::{Backend, FileKind};
 use crate::error::{Error, Result};
-use crate::BlobId;
 
 /// Magic bytes at the start of a pack trailer.
 pub const PACK_MAGIC: [u8; 8] = *b"CBTVPACK";
@@ -155,7 +155,14 @@ impl PackBuilder {
     }
 
     /// Appends a blob's stored bytes.
-    pub fn push(&mut self, id: BlobId, kind: BlobKind, compression: Compression, raw_len: u32, stored: &[u8]) {
+    pub fn push(
+        &mut self,
+        id: BlobId,
+        kind: BlobKind,
+        compression: Compression,
+        raw_len: u32,
+        stored: &[u8],
+    ) {
         self.entries.push(PackEntry {
             id,
             kind,
@@ -208,45 +215,63 @@ pub fn read_index(backend: &dyn Backend, name: &str) -> Result<Vec<PackEntry>> {
     };
     let size = backend.size(FileKind::Pack, name)?;
     if size < TRAILER_LEN as u64 {
-        return Err(corrupt(format!("truncated: {size} bytes, shorter than its trailer")));
+        return Err(corrupt(format!(
+            "truncated: {size} bytes, shorter than its trailer"
+        )));
     }
     let tail = backend.read_at(FileKind::Pack, name, size - TRAILER_LEN as u64, TRAILER_LEN)?;
-    let trailer = RawPackTrailer::read_from_bytes(&tail)
-        .map_err(|_| corrupt("unreadable trailer".into()))?;
+    let trailer =
+        RawPackTrailer::read_from_bytes(&tail).map_err(|_| corrupt("unreadable trailer".into()))?;
     if trailer.magic != PACK_MAGIC {
-        return Err(corrupt("no pack trailer at the end (truncated or not a pack)".into()));
+        return Err(corrupt(
+            "no pack trailer at the end (truncated or not a pack)".into(),
+        ));
     }
     if trailer.version.get() != PACK_VERSION {
-        return Err(corrupt(format!("unknown pack version {}", trailer.version.get())));
+        return Err(corrupt(format!(
+            "unknown pack version {}",
+            trailer.version.get()
+        )));
     }
     let count = u64::from(trailer.count.get());
     let index_len = count * ENTRY_LEN as u64;
     let data_len = size
         .checked_sub(TRAILER_LEN as u64 + index_len)
-        .ok_or_else(|| corrupt(format!("index of {count} entries does not fit in {size} bytes")))?;
+        .ok_or_else(|| {
+            corrupt(format!(
+                "index of {count} entries does not fit in {size} bytes"
+            ))
+        })?;
     let index = backend.read_at(FileKind::Pack, name, data_len, index_len as usize)?;
     if *blake3::hash(&index).as_bytes() != trailer.index_hash {
         return Err(corrupt("index checksum mismatch".into()));
     }
     if hex::encode(trailer.index_hash) != name {
-        return Err(corrupt("index checksum does not match the pack's name".into()));
+        return Err(corrupt(
+            "index checksum does not match the pack's name".into(),
+        ));
     }
-    let raw = <[RawPackEntry]>::ref_from_bytes(&index)
-        .map_err(|_| corrupt("unreadable index".into()))?;
+    let raw =
+        <[RawPackEntry]>::ref_from_bytes(&index).map_err(|_| corrupt("unreadable index".into()))?;
     raw.iter()
         .enumerate()
         .map(|(i, e)| {
             let entry = PackEntry {
                 id: BlobId(e.id),
-                kind: BlobKind::from_u8(e.kind).ok_or_else(|| corrupt(format!("entry {i}: unknown blob kind {}", e.kind)))?,
-                compression: Compression::from_u8(e.compression)
-                    .ok_or_else(|| corrupt(format!("entry {i}: unknown compression {}", e.compression)))?,
+                kind: BlobKind::from_u8(e.kind)
+                    .ok_or_else(|| corrupt(format!("entry {i}: unknown blob kind {}", e.kind)))?,
+                compression: Compression::from_u8(e.compression).ok_or_else(|| {
+                    corrupt(format!("entry {i}: unknown compression {}", e.compression))
+                })?,
                 offset: e.offset.get(),
                 stored_len: e.stored_len.get(),
                 raw_len: e.raw_len.get(),
             };
             if entry.offset + u64::from(entry.stored_len) > data_len {
-                return Err(corrupt(format!("entry {i} ({}) points past the blob data", entry.id.short())));
+                return Err(corrupt(format!(
+                    "entry {i} ({}) points past the blob data",
+                    entry.id.short()
+                )));
             }
             Ok(entry)
         })
@@ -274,14 +299,19 @@ pub fn decode_blob(pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u
         )));
     }
     if BlobId::of(&content) != entry.id {
-        return Err(corrupt("content does not match its id (the pack is damaged)".into()));
+        return Err(corrupt(
+            "content does not match its id (the pack is damaged)".into(),
+        ));
     }
     Ok(content)
 }
 
 /// Compresses `content` with zstd at `level` unless that does not make it
 /// smaller; returns the bytes to store and how they are stored.
-pub fn encode_blob(compressor: &mut zstd::bulk::Compressor<'_>, content: &[u8]) -> (Compression, Vec<u8>) {
+pub fn encode_blob(
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    content: &[u8],
+) -> (Compression, Vec<u8>) {
     match compressor.compress(content) {
         Ok(packed) if packed.len() < content.len() => (Compression::Zstd, packed),
         _ => (Compression::None, content.to_vec()),
@@ -298,7 +328,13 @@ mod tests {
         let mut c = zstd::bulk::Compressor::new(3).unwrap();
         for content in [vec![7u8; 4096], (0..=255u8).collect::<Vec<_>>()] {
             let (comp, stored) = encode_blob(&mut c, &content);
-            b.push(BlobId::of(&content), BlobKind::Data, comp, content.len() as u32, &stored);
+            b.push(
+                BlobId::of(&content),
+                BlobKind::Data,
+                comp,
+                content.len() as u32,
+                &stored,
+            );
         }
         b.finish()
     }
@@ -307,21 +343,29 @@ mod tests {
     fn round_trip_and_checks() {
         let backend = MemoryBackend::new();
         let pack = sample();
-        backend.write(FileKind::Pack, &pack.name, &pack.bytes).unwrap();
+        backend
+            .write(FileKind::Pack, &pack.name, &pack.bytes)
+            .unwrap();
         let entries = read_index(&backend, &pack.name).unwrap();
         assert_eq!(entries, pack.entries);
         assert_eq!(entries[0].compression, Compression::Zstd);
         assert_eq!(entries[1].compression, Compression::None);
         for e in &entries {
-            let stored = backend.read_at(FileKind::Pack, &pack.name, e.offset, e.stored_len as usize).unwrap();
+            let stored = backend
+                .read_at(FileKind::Pack, &pack.name, e.offset, e.stored_len as usize)
+                .unwrap();
             let content = decode_blob(&pack.name, e, &stored).unwrap();
             assert_eq!(BlobId::of(&content), e.id);
         }
         // A flipped data byte is caught by the blob's id.
         backend.corrupt(FileKind::Pack, &pack.name, (entries[1].offset + 3) as usize);
         let e = entries[1];
-        let stored = backend.read_at(FileKind::Pack, &pack.name, e.offset, e.stored_len as usize).unwrap();
-        let err = decode_blob(&pack.name, &e, &stored).unwrap_err().to_string();
+        let stored = backend
+            .read_at(FileKind::Pack, &pack.name, e.offset, e.stored_len as usize)
+            .unwrap();
+        let err = decode_blob(&pack.name, &e, &stored)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not match its id"), "{err}");
     }
 
@@ -329,7 +373,9 @@ mod tests {
     fn truncated_and_damaged_index_are_reported() {
         let backend = MemoryBackend::new();
         let pack = sample();
-        backend.write(FileKind::Pack, "t", &pack.bytes[..pack.bytes.len() - 10]).unwrap();
+        backend
+            .write(FileKind::Pack, "t", &pack.bytes[..pack.bytes.len() - 10])
+            .unwrap();
         let err = read_index(&backend, "t").unwrap_err().to_string();
         assert!(err.contains("pack t"), "{err}");
         let mut bad = pack.bytes.clone();

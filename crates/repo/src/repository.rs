@@ -73,7 +73,11 @@ impl Repository {
             return Err(Error::AlreadyExists { path: path.into() });
         }
         std::fs::create_dir_all(path).map_err(Error::io(path))?;
-        if std::fs::read_dir(path).map_err(Error::io(path))?.next().is_some() {
+        if std::fs::read_dir(path)
+            .map_err(Error::io(path))?
+            .next()
+            .is_some()
+        {
             return Err(Error::NotEmpty { path: path.into() });
         }
         if !(1..=22).contains(&options.compression_level) {
@@ -86,7 +90,12 @@ impl Repository {
         backend.create_layout()?;
         let config = Config {
             format_version: FORMAT_VERSION,
-            id: hex::encode(&blake3::hash(format!("{:?}{}", jiff::Timestamp::now(), std::process::id()).as_bytes()).as_bytes()[..16]),
+            id: hex::encode(
+                &blake3::hash(
+                    format!("{:?}{}", jiff::Timestamp::now(), std::process::id()).as_bytes(),
+                )
+                .as_bytes()[..16],
+            ),
             block_size: BLOCK_SIZE,
             tree_fanout: crate::tree::FANOUT,
             compression_level: options.compression_level,
@@ -112,11 +121,15 @@ impl Repository {
     /// catalogue and locks in the local directory `path`.
     pub fn open_with(path: &Path, backend: Arc<dyn Backend>) -> Result<Repository> {
         let raw = backend.read(FileKind::Config, CONFIG_FILE)?;
-        let probe: serde_json::Value = serde_json::from_slice(&raw).map_err(|source| Error::Config {
-            path: path.join(CONFIG_FILE),
-            source,
-        })?;
-        let version = probe.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        let probe: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|source| Error::Config {
+                path: path.join(CONFIG_FILE),
+                source,
+            })?;
+        let version = probe
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32;
         if version != FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
                 found: version,
@@ -152,7 +165,8 @@ impl Repository {
     fn reconcile(&self) -> Result<()> {
         let on_disk = self.backend.list(FileKind::Manifest)?;
         let mut cat = self.catalogue();
-        let known: std::collections::HashSet<String> = cat.restore_point_ids()?.into_iter().collect();
+        let known: std::collections::HashSet<String> =
+            cat.restore_point_ids()?.into_iter().collect();
         let present: std::collections::HashSet<&String> = on_disk.iter().collect();
         for id in known.iter().filter(|id| !present.contains(id)) {
             tracing::info!(restore_point = %id, "manifest gone; dropping it from the catalogue");
@@ -193,7 +207,10 @@ impl Repository {
 
     /// A reader of blobs, for one thread.
     pub fn reader(&self) -> Result<BlobReader> {
-        Ok(BlobReader::new(self.backend.clone(), self.open_catalogue()?))
+        Ok(BlobReader::new(
+            self.backend.clone(),
+            self.open_catalogue()?,
+        ))
     }
 
     /// A writer of new packs, for one thread.
@@ -209,12 +226,22 @@ impl Repository {
     /// The shared repository lock: held by every operation that reads or
     /// adds data (backup, restore, verify, diff, forget).
     pub fn lock_shared(&self) -> Result<Lock> {
-        lock::acquire(&self.lock_path("repository"), "the repository", LockMode::Shared, Duration::from_secs(5))
+        lock::acquire(
+            &self.lock_path("repository"),
+            "the repository",
+            LockMode::Shared,
+            Duration::from_secs(5),
+        )
     }
 
     /// The exclusive repository lock: gc and repair, which delete files.
     pub fn lock_exclusive(&self, wait: Duration) -> Result<Lock> {
-        lock::acquire(&self.lock_path("repository"), "the repository", LockMode::Exclusive, wait)
+        lock::acquire(
+            &self.lock_path("repository"),
+            "the repository",
+            LockMode::Exclusive,
+            wait,
+        )
     }
 
     /// The per-disk lock: one backup of a disk at a time.
@@ -249,7 +276,9 @@ impl Repository {
         if hex::encode(blake3::hash(&bytes).as_bytes()) != id {
             return Err(Error::Manifest {
                 name: id.to_string(),
-                source: serde::de::Error::custom("content does not match its id (the file is damaged)"),
+                source: serde::de::Error::custom(
+                    "content does not match its id (the file is damaged)",
+                ),
             });
         }
         serde_json::from_slice(&bytes).map_err(|source| Error::Manifest {

@@ -4,12 +4,12 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::BlobId;
 use crate::backend::{Backend, FileKind};
 use crate::catalogue::{BlobLocation, Catalogue};
 use crate::error::{Error, Result};
 use crate::pack::{self, BlobKind, Compression, PackBuilder};
 use crate::tree::{NodeSink, NodeStore};
-use crate::BlobId;
 
 /// Reads blobs for one thread (it owns a catalogue connection).
 #[derive(Debug)]
@@ -61,13 +61,17 @@ impl BlobReader {
             while j < located.len()
                 && located[j].1.pack == located[i].1.pack
                 && located[j].1.entry.offset <= end + 64 * 1024
-                && located[j].1.entry.offset + u64::from(located[j].1.entry.stored_len) - start <= 8 << 20
+                && located[j].1.entry.offset + u64::from(located[j].1.entry.stored_len) - start
+                    <= 8 << 20
             {
                 end = end.max(located[j].1.entry.offset + u64::from(located[j].1.entry.stored_len));
                 j += 1;
             }
             let pack_name = &located[i].1.pack;
-            match self.backend.read_at(FileKind::Pack, pack_name, start, (end - start) as usize) {
+            match self
+                .backend
+                .read_at(FileKind::Pack, pack_name, start, (end - start) as usize)
+            {
                 Ok(buf) => {
                     for (slot, loc) in &located[i..j] {
                         let from = (loc.entry.offset - start) as usize;
@@ -136,15 +140,21 @@ pub struct PackWriter {
 
 impl std::fmt::Debug for PackWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PackWriter").field("stats", &self.stats).finish()
+        f.debug_struct("PackWriter")
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
 impl PackWriter {
-    pub(crate) fn new(backend: Arc<dyn Backend>, catalogue: Catalogue, target: usize, level: i32) -> Result<Self> {
-        let compressor = zstd::bulk::Compressor::new(level).map_err(|e| {
-            Error::InvalidArgument(format!("zstd level {level}: {e}"))
-        })?;
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        catalogue: Catalogue,
+        target: usize,
+        level: i32,
+    ) -> Result<Self> {
+        let compressor = zstd::bulk::Compressor::new(level)
+            .map_err(|e| Error::InvalidArgument(format!("zstd level {level}: {e}")))?;
         Ok(PackWriter {
             backend,
             catalogue,
@@ -205,9 +215,13 @@ impl PackWriter {
         if self.builder.is_empty() {
             return Ok(());
         }
-        let builder = std::mem::replace(&mut self.builder, PackBuilder::with_capacity(self.target + self.target / 8));
+        let builder = std::mem::replace(
+            &mut self.builder,
+            PackBuilder::with_capacity(self.target + self.target / 8),
+        );
         let pack = builder.finish();
-        self.backend.write(FileKind::Pack, &pack.name, &pack.bytes)?;
+        self.backend
+            .write(FileKind::Pack, &pack.name, &pack.bytes)?;
         self.catalogue
             .insert_pack(&pack.name, pack.bytes.len() as u64, &pack.entries)?;
         tracing::debug!(pack = %pack.name, blobs = pack.entries.len(), bytes = pack.bytes.len(), "pack written");

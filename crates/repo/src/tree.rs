@@ -14,8 +14,8 @@
 //! with the change, not with the disk. Every restore point still has a
 //! complete tree of its own, so restores never replay a chain.
 
-use crate::error::{Error, Result};
 use crate::BlobId;
+use crate::error::{Error, Result};
 
 /// Children per node. 128 ids make a 4 KiB node: small enough that a
 /// scattered change rewrites little, large enough to keep trees shallow
@@ -116,7 +116,10 @@ pub fn decode_node(id: &BlobId, bytes: &[u8], level: u32, children: u64) -> Resu
     }
     let body = &bytes[NODE_HEADER_LEN..];
     if body.len() as u64 != 32 * count {
-        return Err(corrupt(format!("{} bytes of ids for {count} children", body.len())));
+        return Err(corrupt(format!(
+            "{} bytes of ids for {count} children",
+            body.len()
+        )));
     }
     Ok(body
         .chunks_exact(32)
@@ -249,9 +252,22 @@ impl<'s> TreeBuilder<'s> {
         let root = match self.root {
             Some(root) => root,
             // Only an empty disk closes no node.
-            None => BlobId::ZERO,
+            None if self.shape.blocks == 0 => BlobId::ZERO,
+            // Anything else is a bug that must not pass as an all-zero disk.
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "block map of {} blocks did not close its root",
+                    self.shape.blocks
+                )));
+            }
         };
-        Ok((Tree { root, shape: self.shape }, self.stats))
+        Ok((
+            Tree {
+                root,
+                shape: self.shape,
+            },
+            self.stats,
+        ))
     }
 
     fn fill_to(&mut self, target: u64, sink: &mut dyn NodeSink) -> Result<()> {
@@ -260,7 +276,7 @@ impl<'s> TreeBuilder<'s> {
             // Take the largest aligned subtree that fits before `target`.
             for level in (0..self.depth).rev() {
                 let span = TreeShape::span(level);
-                if self.next % span != 0 {
+                if !self.next.is_multiple_of(span) {
                     continue;
                 }
                 let index = self.next / span;
@@ -273,7 +289,10 @@ impl<'s> TreeBuilder<'s> {
                 }
             }
             let (level, id) = chosen.ok_or_else(|| {
-                Error::InvalidArgument(format!("cannot take block {} from the base tree", self.next))
+                Error::InvalidArgument(format!(
+                    "cannot take block {} from the base tree",
+                    self.next
+                ))
             })?;
             self.append(level, id, sink)?;
         }
@@ -292,7 +311,9 @@ impl<'s> TreeBuilder<'s> {
             // The disk grew: unmarked blocks of the new region are zero.
             return Ok(Some(BlobId::ZERO));
         }
-        if level > base_shape.depth() || base_shape.end_of(level, index) != self.shape.end_of(level, index) {
+        if level > base_shape.depth()
+            || base_shape.end_of(level, index) != self.shape.end_of(level, index)
+        {
             return Ok(None);
         }
         base.subtree(level, index).map(Some)
@@ -350,7 +371,14 @@ pub fn walk(tree: &Tree, store: &dyn NodeStore, visitor: &mut dyn Visitor) -> Re
     visit(tree, store, visitor, tree.shape.depth(), 0, tree.root)
 }
 
-fn visit(tree: &Tree, store: &dyn NodeStore, v: &mut dyn Visitor, level: u32, index: u64, id: BlobId) -> Result<()> {
+fn visit(
+    tree: &Tree,
+    store: &dyn NodeStore,
+    v: &mut dyn Visitor,
+    level: u32,
+    index: u64,
+    id: BlobId,
+) -> Result<()> {
     if id.is_zero() || !v.node(level, index, &id)? {
         return Ok(());
     }
@@ -360,7 +388,14 @@ fn visit(tree: &Tree, store: &dyn NodeStore, v: &mut dyn Visitor, level: u32, in
         return v.leaf(index * FANOUT, &children);
     }
     for (slot, child) in children.into_iter().enumerate() {
-        visit(tree, store, v, level - 1, index * FANOUT + slot as u64, child)?;
+        visit(
+            tree,
+            store,
+            v,
+            level - 1,
+            index * FANOUT + slot as u64,
+            child,
+        )?;
     }
     Ok(())
 }

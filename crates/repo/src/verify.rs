@@ -7,12 +7,12 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::BlobId;
 use crate::backend::FileKind;
 use crate::error::Result;
 use crate::pack;
 use crate::repository::{BLOCK_SIZE, Repository};
 use crate::tree::{self, Visitor};
-use crate::BlobId;
 
 /// One thing wrong.
 #[derive(Clone, Debug, Serialize)]
@@ -57,7 +57,12 @@ pub type OnProgress<'a> = &'a (dyn Fn(u64) + Sync);
 
 /// Checks the repository. With `read_data`, re-reads and re-hashes every
 /// blob of every pack, on `threads` threads.
-pub fn verify(repo: &Repository, read_data: bool, threads: usize, progress: OnProgress<'_>) -> Result<VerifyReport> {
+pub fn verify(
+    repo: &Repository,
+    read_data: bool,
+    threads: usize,
+    progress: OnProgress<'_>,
+) -> Result<VerifyReport> {
     let backend = repo.backend().clone();
     let mut report = VerifyReport {
         partial_files: backend.list_partial()?.len(),
@@ -65,7 +70,10 @@ pub fn verify(repo: &Repository, read_data: bool, threads: usize, progress: OnPr
     };
     let mut bad: HashSet<BlobId> = HashSet::new();
     let problem = |report: &mut VerifyReport, object: String, what: String| {
-        report.problems.push(Problem { object, problem: what });
+        report.problems.push(Problem {
+            object,
+            problem: what,
+        });
     };
 
     // Packs: present, index intact, and agreeing with the catalogue.
@@ -75,16 +83,29 @@ pub fn verify(repo: &Repository, read_data: bool, threads: usize, progress: OnPr
     let mut readable = Vec::new();
     for (name, _) in &packs {
         if !on_storage.contains(name) {
-            problem(&mut report, format!("pack {name}"), "missing from storage".into());
+            problem(
+                &mut report,
+                format!("pack {name}"),
+                "missing from storage".into(),
+            );
             bad.extend(repo.catalogue().blobs_in_pack(name)?.iter().map(|e| e.id));
             continue;
         }
         match pack::read_index(backend.as_ref(), name) {
             Ok(entries) => {
-                let in_pack: HashSet<_> = entries.iter().map(|e| (e.id, e.offset, e.stored_len)).collect();
+                let in_pack: HashSet<_> = entries
+                    .iter()
+                    .map(|e| (e.id, e.offset, e.stored_len))
+                    .collect();
                 for e in repo.catalogue().blobs_in_pack(name)? {
                     if !in_pack.contains(&(e.id, e.offset, e.stored_len)) {
-                        problem(&mut report, format!("blob {}", e.id), format!("catalogue places it in pack {name}, whose index disagrees; run `cbtvault repair`"));
+                        problem(
+                            &mut report,
+                            format!("blob {}", e.id),
+                            format!(
+                                "catalogue places it in pack {name}, whose index disagrees; run `cbtvault repair`"
+                            ),
+                        );
                         bad.insert(e.id);
                     }
                 }
@@ -112,12 +133,18 @@ pub fn verify(repo: &Repository, read_data: bool, threads: usize, progress: OnPr
                         let whole = backend.read_at(FileKind::Pack, &name, 0, size as usize);
                         let mut local = Vec::new();
                         for e in &entries {
-                            let outcome = whole.as_ref().map_err(|e| e.to_string()).and_then(|buf| {
-                                let stored = buf
-                                    .get(e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize)
-                                    .ok_or_else(|| "outside the pack".to_string())?;
-                                pack::decode_blob(&name, e, stored).map(|_| ()).map_err(|e| e.to_string())
-                            });
+                            let outcome =
+                                whole.as_ref().map_err(|e| e.to_string()).and_then(|buf| {
+                                    let stored = buf
+                                        .get(
+                                            e.offset as usize
+                                                ..(e.offset + u64::from(e.stored_len)) as usize,
+                                        )
+                                        .ok_or_else(|| "outside the pack".to_string())?;
+                                    pack::decode_blob(&name, e, stored)
+                                        .map(|_| ())
+                                        .map_err(|e| e.to_string())
+                                });
                             if let Err(what) = outcome {
                                 local.push((e.id, what));
                             }
@@ -128,7 +155,10 @@ pub fn verify(repo: &Repository, read_data: bool, threads: usize, progress: OnPr
                             c.1 += size;
                         }
                         progress(size);
-                        found.lock().unwrap_or_else(|e| e.into_inner()).extend(local);
+                        found
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend(local);
                     }
                 });
             }
@@ -150,7 +180,11 @@ pub fn verify(repo: &Repository, read_data: bool, threads: usize, progress: OnPr
     let mut seen = HashSet::new();
     for rp in &points {
         if let Err(e) = repo.load_manifest(&rp.id) {
-            problem(&mut report, format!("restore point {}", rp.id), e.to_string());
+            problem(
+                &mut report,
+                format!("restore point {}", rp.id),
+                e.to_string(),
+            );
         }
         struct Check<'a> {
             seen: &'a mut HashSet<BlobId>,
@@ -176,10 +210,18 @@ pub fn verify(repo: &Repository, read_data: bool, threads: usize, progress: OnPr
             missing: Vec::new(),
         };
         if let Err(e) = tree::walk(&rp.manifest.tree(), &reader, &mut check) {
-            problem(&mut report, format!("restore point {}", rp.id), format!("block map unreadable: {e}"));
+            problem(
+                &mut report,
+                format!("restore point {}", rp.id),
+                format!("block map unreadable: {e}"),
+            );
         }
         for id in check.missing {
-            problem(&mut report, format!("blob {id}"), "referenced but not stored".into());
+            problem(
+                &mut report,
+                format!("blob {id}"),
+                "referenced but not stored".into(),
+            );
             bad.insert(id);
         }
     }

@@ -20,7 +20,9 @@ enum SourceSpec {
 fn parse_source(spec: &str) -> Result<SourceSpec> {
     match spec.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(SourceSpec::File(path.into())),
-        Some((scheme, _)) => bail!("source {spec:?}: unsupported scheme {scheme:?} (supported: file:PATH)"),
+        Some((scheme, _)) => {
+            bail!("source {spec:?}: unsupported scheme {scheme:?} (supported: file:PATH)")
+        }
         None => bail!("source {spec:?}: give a scheme, e.g. file:{spec}"),
     }
 }
@@ -28,16 +30,27 @@ fn parse_source(spec: &str) -> Result<SourceSpec> {
 pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
     let SourceSpec::File(path) = parse_source(&args.source)?;
     if args.read_size_kib == 0 || args.read_size_kib % 64 != 0 {
-        bail!("--read-size-kib {} is not a positive multiple of 64", args.read_size_kib);
+        bail!(
+            "--read-size-kib {} is not a positive multiple of 64",
+            args.read_size_kib
+        );
     }
-    let source = FileSource::open(&path).with_context(|| format!("opening source image {}", path.display()))?;
+    let source = FileSource::open(&path)
+        .with_context(|| format!("opening source image {}", path.display()))?;
     let changes = match &args.changed_blocks {
         None => Changes::Full { reason: None },
         Some(file) => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading changed-block bitmap {}", file.display()))?;
-            let map = BlockMap::from_xenapi_base64(&text, cbtvault_engine::DiskSource::size(&source))
-                .with_context(|| format!("--changed-blocks {} for image {}", file.display(), path.display()))?;
+            let map =
+                BlockMap::from_xenapi_base64(&text, cbtvault_engine::DiskSource::size(&source))
+                    .with_context(|| {
+                        format!(
+                            "--changed-blocks {} for image {}",
+                            file.display(),
+                            path.display()
+                        )
+                    })?;
             Changes::Blocks {
                 map,
                 origin: "bitmap-file".into(),
@@ -97,11 +110,22 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn restore(g: &Global, repo: &Path, id: &str, to: &Path, force: bool, workers: Option<usize>) -> Result<ExitCode> {
+pub fn restore(
+    g: &Global,
+    repo: &Path,
+    id: &str,
+    to: &Path,
+    force: bool,
+    workers: Option<usize>,
+) -> Result<ExitCode> {
     let repo = super::open(repo)?;
     let rp = repo.resolve(id)?;
     let target = FileTarget::create(to, rp.manifest.virtual_size, force)?;
-    let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
     let bar = Bar::new(g);
     let cancel = CancellationToken::new();
     match cbtvault_engine::restore(&repo, &rp, &target, workers, &bar, &cancel) {
@@ -126,7 +150,13 @@ pub fn restore(g: &Global, repo: &Path, id: &str, to: &Path, force: bool, worker
         }
         Err(e) => {
             target.abandon();
-            Err(e).with_context(|| format!("restore of {} to {} failed; nothing was written there", output::short(&rp.id), to.display()))
+            Err(e).with_context(|| {
+                format!(
+                    "restore of {} to {} failed; nothing was written there",
+                    output::short(&rp.id),
+                    to.display()
+                )
+            })
         }
     }
 }

@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 use cbtvault_engine::Progress;
 use cbtvault_repo::forget::{self, KeepPolicy};
 use cbtvault_repo::gc::{self, GcOptions};
-use cbtvault_repo::{BLOCK_SIZE, InitOptions, Repository, repair as repair_mod, tree, verify as verify_mod};
+use cbtvault_repo::{
+    BLOCK_SIZE, InitOptions, Repository, repair as repair_mod, tree, verify as verify_mod,
+};
 use serde_json::json;
 
 use crate::cli::{ForgetArgs, Global};
@@ -29,7 +31,11 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
     if g.json {
         output::print_json(&json!({ "repository": path, "config": repo.config() }));
     } else if !g.quiet {
-        println!("created repository {} (id {})", path.display(), repo.config().id);
+        println!(
+            "created repository {} (id {})",
+            path.display(),
+            repo.config().id
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -84,12 +90,15 @@ pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
     let (ra, rb) = (repo.resolve(a)?, repo.resolve(b)?);
     let reader = repo.reader()?;
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    tree::diff(&ra.manifest.tree(), &rb.manifest.tree(), &reader, &mut |first, count| {
-        match runs.last_mut() {
+    tree::diff(
+        &ra.manifest.tree(),
+        &rb.manifest.tree(),
+        &reader,
+        &mut |first, count| match runs.last_mut() {
             Some((start, len)) if *start + *len == first => *len += count,
             _ => runs.push((first, count)),
-        }
-    })
+        },
+    )
     .context("comparing block maps")?;
     let blocks: u64 = runs.iter().map(|r| r.1).sum();
     if g.json {
@@ -99,9 +108,17 @@ pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
         }));
     } else if !g.quiet {
         for (first, count) in &runs {
-            println!("blocks {first}..{} (offset {} length {})", first + count, first * BLOCK_SIZE, count * BLOCK_SIZE);
+            println!(
+                "blocks {first}..{} (offset {} length {})",
+                first + count,
+                first * BLOCK_SIZE,
+                count * BLOCK_SIZE
+            );
         }
-        println!("{blocks} blocks differ ({})", output::bytes(blocks * BLOCK_SIZE));
+        println!(
+            "{blocks} blocks differ ({})",
+            output::bytes(blocks * BLOCK_SIZE)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -114,7 +131,9 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
     if read_data {
         bar.start("verify", total);
     }
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let report = verify_mod::verify(&repo, read_data, threads, &|n| bar.advance(n))?;
     bar.finish();
     if g.json {
@@ -140,8 +159,23 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
                 if report.is_ok() { "ok" } else { "FAILED" },
                 report.restore_points,
                 report.packs,
-                if read_data { format!(", {} blobs ({}) re-hashed", report.blobs_read, output::bytes(report.bytes_read)) } else { String::new() },
-                if report.partial_files > 0 { format!(", {} partial files of running or interrupted writes", report.partial_files) } else { String::new() },
+                if read_data {
+                    format!(
+                        ", {} blobs ({}) re-hashed",
+                        report.blobs_read,
+                        output::bytes(report.bytes_read)
+                    )
+                } else {
+                    String::new()
+                },
+                if report.partial_files > 0 {
+                    format!(
+                        ", {} partial files of running or interrupted writes",
+                        report.partial_files
+                    )
+                } else {
+                    String::new()
+                },
             );
         }
     }
@@ -166,7 +200,9 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
         monthly: args.keep_monthly,
     };
     if policy.is_empty() && args.ids.is_empty() {
-        bail!("give restore point ids or a --keep-* policy; forget never removes everything by default");
+        bail!(
+            "give restore point ids or a --keep-* policy; forget never removes everything by default"
+        );
     }
     if !policy.is_empty() && !args.ids.is_empty() {
         bail!("give either restore point ids or a --keep-* policy, not both");
@@ -195,7 +231,8 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
     }
     if !args.dry_run {
         for d in decisions.iter().filter(|d| !d.keep) {
-            repo.forget(&d.id).with_context(|| format!("forgetting {}", d.id))?;
+            repo.forget(&d.id)
+                .with_context(|| format!("forgetting {}", d.id))?;
         }
     }
     let removed = decisions.iter().filter(|d| !d.keep).count();
@@ -203,12 +240,26 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
         output::print_json(&json!({ "dry_run": args.dry_run, "decisions": decisions }));
     } else if !g.quiet {
         for d in &decisions {
-            let what = if d.keep { format!("keep ({})", d.reasons.join(", ")) } else { "forget".into() };
-            println!("{}  {:<16}  {}  {}", output::short(&d.id), d.disk, d.time.strftime("%Y-%m-%d %H:%M:%S"), what);
+            let what = if d.keep {
+                format!("keep ({})", d.reasons.join(", "))
+            } else {
+                "forget".into()
+            };
+            println!(
+                "{}  {:<16}  {}  {}",
+                output::short(&d.id),
+                d.disk,
+                d.time.strftime("%Y-%m-%d %H:%M:%S"),
+                what
+            );
         }
         println!(
             "{} {removed} restore points; run `cbtvault gc` to free their space",
-            if args.dry_run { "would forget" } else { "forgot" }
+            if args.dry_run {
+                "would forget"
+            } else {
+                "forgot"
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -217,7 +268,13 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
 pub fn gc(g: &Global, path: &Path, wait: u64, dry_run: bool) -> Result<ExitCode> {
     let repo = super::open(path)?;
     let _lock = repo.lock_exclusive(Duration::from_secs(wait))?;
-    let report = gc::collect_garbage(&repo, GcOptions { dry_run, ..Default::default() })?;
+    let report = gc::collect_garbage(
+        &repo,
+        GcOptions {
+            dry_run,
+            ..Default::default()
+        },
+    )?;
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {

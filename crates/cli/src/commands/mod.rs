@@ -33,7 +33,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Diff { repo, a, b } => maintenance::diff(&g, &repo.repo, &a, &b),
         Command::Verify { repo, read_data } => maintenance::verify(&g, &repo.repo, read_data),
         Command::Forget(f) => maintenance::forget(&g, f),
-        Command::Gc { repo, wait, dry_run } => maintenance::gc(&g, &repo.repo, wait, dry_run),
+        Command::Gc {
+            repo,
+            wait,
+            dry_run,
+        } => maintenance::gc(&g, &repo.repo, wait, dry_run),
         Command::Repair { repo, wait } => maintenance::repair(&g, &repo.repo, wait),
         Command::Demo { dir, size_mib } => crate::demo::run(&g, dir.as_deref(), size_mib),
     }
@@ -41,9 +45,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 /// Opens the repository at `path` with a message that names it.
 pub fn open(path: &Path) -> Result<Arc<Repository>> {
-    Ok(Arc::new(
-        Repository::open(path).with_context(|| format!("opening repository {}", path.display()))?,
-    ))
+    Ok(Arc::new(Repository::open(path).with_context(|| {
+        format!("opening repository {}", path.display())
+    })?))
 }
 
 /// A tokio runtime for the network-facing parts.

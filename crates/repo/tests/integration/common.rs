@@ -4,10 +4,10 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::Path;
 
-use cbtvault_repo::tree::{NodeSink, NodeStore, TreeBuilder};
+use cbtvault_repo::tree::{NodeSink, NodeStore, Tree, TreeBuilder, Visitor, walk};
 use cbtvault_repo::{
-    BLOCK_SIZE, BackupMode, BackupStats, BlobId, Error, InitOptions, Manifest, PackWriter, Repository, Result,
-    SourceInfo, tree::FANOUT,
+    BLOCK_SIZE, BackupMode, BackupStats, BlobId, Error, InitOptions, Manifest, PackWriter,
+    Repository, Result, SourceInfo, tree::FANOUT,
 };
 use tempfile::TempDir;
 
@@ -33,10 +33,15 @@ impl MemStore {
 
 impl NodeStore for MemStore {
     fn load_node(&self, id: &BlobId) -> Result<Vec<u8>> {
-        let bytes = self.nodes.borrow().get(id).cloned().ok_or_else(|| Error::CorruptNode {
-            id: *id,
-            what: "not in the store".into(),
-        })?;
+        let bytes = self
+            .nodes
+            .borrow()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::CorruptNode {
+                id: *id,
+                what: "not in the store".into(),
+            })?;
         if BlobId::of(&bytes) != *id {
             return Err(Error::CorruptNode {
                 id: *id,
@@ -51,7 +56,11 @@ impl NodeStore for MemStore {
 /// (writing), so the sink is a shared reference.
 impl NodeSink for &MemStore {
     fn store_node(&mut self, id: BlobId, bytes: Vec<u8>) -> Result<()> {
-        assert_eq!(BlobId::of(&bytes), id, "node handed to the sink under a wrong id");
+        assert_eq!(
+            BlobId::of(&bytes),
+            id,
+            "node handed to the sink under a wrong id"
+        );
         if self.nodes.borrow_mut().insert(id, bytes).is_none() {
             self.inserted.set(self.inserted.get() + 1);
         }
@@ -103,10 +112,14 @@ pub fn random_ids(blocks: u64, seed: u64, zeros: u64, zero_runs: u64) -> Vec<Blo
     let mut ids = Vec::with_capacity(blocks as usize);
     let mut run_is_zero = false;
     for i in 0..blocks {
-        if i % FANOUT == 0 {
+        if i.is_multiple_of(FANOUT) {
             run_is_zero = rng.chance(zero_runs);
         }
-        ids.push(if run_is_zero || rng.chance(zeros) { BlobId::ZERO } else { rng.id() });
+        ids.push(if run_is_zero || rng.chance(zeros) {
+            BlobId::ZERO
+        } else {
+            rng.id()
+        });
     }
     ids
 }
@@ -178,7 +191,11 @@ pub fn snapshot(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).expect("read_dir") {
             let path = entry.expect("dir entry").path();
-            let rel = path.strip_prefix(root).expect("under root").display().to_string();
+            let rel = path
+                .strip_prefix(root)
+                .expect("under root")
+                .display()
+                .to_string();
             if path.is_dir() {
                 out.push((rel, None));
                 dirs.push(path);
@@ -193,5 +210,22 @@ pub fn snapshot(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {
 
 /// Pack files on storage.
 pub fn pack_files(repo: &Repository) -> Vec<String> {
-    repo.backend().list(cbtvault_repo::FileKind::Pack).expect("list packs")
+    repo.backend()
+        .list(cbtvault_repo::FileKind::Pack)
+        .expect("list packs")
+}
+
+/// Every block id of a block map, zero blocks included.
+pub fn blocks_of(tree: &Tree, store: &dyn NodeStore) -> Result<Vec<BlobId>> {
+    struct Blocks(Vec<BlobId>);
+    impl Visitor for Blocks {
+        fn leaf(&mut self, first: u64, ids: &[BlobId]) -> Result<()> {
+            let first = first as usize;
+            self.0[first..first + ids.len()].copy_from_slice(ids);
+            Ok(())
+        }
+    }
+    let mut blocks = Blocks(vec![BlobId::ZERO; tree.shape.blocks as usize]);
+    walk(tree, store, &mut blocks)?;
+    Ok(blocks.0)
 }

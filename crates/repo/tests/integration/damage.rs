@@ -15,11 +15,17 @@ use super::common::{commit_disk, data_block, new_repo, pack_files};
 fn flip_byte(repo: &Repository, id: &BlobId, at: u64) -> Result<()> {
     let loc = repo.reader()?.locate(id)?;
     let path = repo.backend().locate(FileKind::Pack, &loc.pack);
-    let file = OpenOptions::new().read(true).write(true).open(&path).expect("open pack");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open pack");
     let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, loc.entry.offset + at).expect("read byte");
+    file.read_exact_at(&mut byte, loc.entry.offset + at)
+        .expect("read byte");
     byte[0] ^= 0xff;
-    file.write_all_at(&byte, loc.entry.offset + at).expect("write byte");
+    file.write_all_at(&byte, loc.entry.offset + at)
+        .expect("write byte");
     Ok(())
 }
 
@@ -28,7 +34,11 @@ fn verify_all(repo: &Repository) -> Result<VerifyReport> {
     let report = verify(repo, true, 2, &|bytes| {
         progress.fetch_add(bytes, Ordering::Relaxed);
     })?;
-    assert_eq!(progress.into_inner(), report.bytes_read, "progress must add up to the bytes read");
+    assert_eq!(
+        progress.into_inner(),
+        report.bytes_read,
+        "progress must add up to the bytes read"
+    );
     Ok(report)
 }
 
@@ -89,9 +99,17 @@ fn a_flipped_byte_in_a_block_is_caught_and_located() -> Result<()> {
     flip_byte(&repo, &f.c, 100)?;
 
     let reader = repo.reader()?;
-    let err = reader.read(&f.c).expect_err("a damaged blob must not be returned");
-    assert!(matches!(&err, Error::CorruptBlob { id, .. } if *id == f.c), "{err:?}");
-    assert!(err.to_string().contains(&f.c.to_hex()), "the message must name the blob: {err}");
+    let err = reader
+        .read(&f.c)
+        .expect_err("a damaged blob must not be returned");
+    assert!(
+        matches!(&err, Error::CorruptBlob { id, .. } if *id == f.c),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains(&f.c.to_hex()),
+        "the message must name the blob: {err}"
+    );
     assert_eq!(reader.read(&f.a)?, data_block(1));
     assert_eq!(reader.read(&f.b)?, data_block(2));
 
@@ -125,12 +143,24 @@ fn a_damaged_block_map_node_loses_the_blocks_below_it() -> Result<()> {
 
     let report = verify_all(&repo)?;
     let objects: Vec<&str> = report.problems.iter().map(|p| p.object.as_str()).collect();
-    assert!(objects.contains(&format!("blob {}", first.root).as_str()), "{objects:?}");
+    assert!(
+        objects.contains(&format!("blob {}", first.root).as_str()),
+        "{objects:?}"
+    );
     assert_eq!(report.damaged.len(), 1, "{:?}", report.damaged);
     let damage = &report.damaged[0];
     assert_eq!(damage.restore_point, f.first);
-    assert!(damage.offsets.contains(&0) && damage.offsets.contains(&BLOCK_SIZE), "{damage:?}");
-    assert!(damage.offsets.iter().all(|o| o % BLOCK_SIZE == 0 && *o < 10 * BLOCK_SIZE), "{damage:?}");
+    assert!(
+        damage.offsets.contains(&0) && damage.offsets.contains(&BLOCK_SIZE),
+        "{damage:?}"
+    );
+    assert!(
+        damage
+            .offsets
+            .iter()
+            .all(|o| o.is_multiple_of(BLOCK_SIZE) && *o < 10 * BLOCK_SIZE),
+        "{damage:?}"
+    );
     Ok(())
 }
 
@@ -143,13 +173,19 @@ fn a_missing_pack_is_reported_with_what_it_held() -> Result<()> {
 
     let report = verify_all(&repo)?;
     assert!(
-        report.problems.iter().any(|p| p.object == format!("pack {pack}") && p.problem.contains("missing")),
+        report
+            .problems
+            .iter()
+            .any(|p| p.object == format!("pack {pack}") && p.problem.contains("missing")),
         "{:?}",
         report.problems
     );
     // The pack held every block, so both restore points lose theirs.
-    let mut damaged: Vec<(&str, &[u64])> =
-        report.damaged.iter().map(|d| (d.restore_point.as_str(), d.offsets.as_slice())).collect();
+    let mut damaged: Vec<(&str, &[u64])> = report
+        .damaged
+        .iter()
+        .map(|d| (d.restore_point.as_str(), d.offsets.as_slice()))
+        .collect();
     damaged.sort();
     let mut expected: Vec<(&str, &[u64])> = vec![
         (f.first.as_str(), &[0, BLOCK_SIZE]),

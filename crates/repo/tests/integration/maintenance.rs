@@ -6,11 +6,10 @@ use std::time::Duration;
 use cbtvault_repo::gc::{GcOptions, GcReport, collect_garbage};
 use cbtvault_repo::pack::{BlobKind, Compression, PackBuilder};
 use cbtvault_repo::repair::repair;
-use cbtvault_repo::tree::{self, Visitor};
 use cbtvault_repo::verify::verify;
 use cbtvault_repo::{BlobId, Error, FileKind, Repository, Result};
 
-use super::common::{commit_disk, data_block, new_repo, pack_files};
+use super::common::{self, commit_disk, data_block, new_repo, pack_files};
 
 fn gc(repo: &Repository) -> Result<GcReport> {
     collect_garbage(repo, GcOptions::default())
@@ -18,7 +17,12 @@ fn gc(repo: &Repository) -> Result<GcReport> {
 
 /// Pack files on storage and packs in the catalogue must be the same set.
 fn assert_packs_consistent(repo: &Repository) -> Result<()> {
-    let indexed: Vec<String> = repo.catalogue().packs()?.into_iter().map(|(name, _)| name).collect();
+    let indexed: Vec<String> = repo
+        .catalogue()
+        .packs()?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     assert_eq!(pack_files(repo), indexed, "storage and catalogue disagree");
     Ok(())
 }
@@ -31,16 +35,7 @@ fn assert_verifies(repo: &Repository) -> Result<()> {
 
 /// Every block id of a restore point's block map.
 fn blocks_of(repo: &Repository, id: &str) -> Result<Vec<BlobId>> {
-    struct Blocks(Vec<BlobId>);
-    impl Visitor for Blocks {
-        fn leaf(&mut self, _first: u64, ids: &[BlobId]) -> Result<()> {
-            self.0.extend_from_slice(ids);
-            Ok(())
-        }
-    }
-    let mut blocks = Blocks(Vec::new());
-    tree::walk(&repo.resolve(id)?.manifest.tree(), &repo.reader()?, &mut blocks)?;
-    Ok(blocks.0)
+    common::blocks_of(&repo.resolve(id)?.manifest.tree(), &repo.reader()?)
 }
 
 #[test]
@@ -57,7 +52,10 @@ fn gc_after_forget_removes_only_unreferenced_data() -> Result<()> {
     assert_eq!(pack_files(&repo).len(), 4);
 
     repo.forget(&forgotten)?;
-    assert!(matches!(repo.resolve(&forgotten), Err(Error::UnknownRestorePoint(_))));
+    assert!(matches!(
+        repo.resolve(&forgotten),
+        Err(Error::UnknownRestorePoint(_))
+    ));
     let report = gc(&repo)?;
     // b and the forgotten block map's only node are gone; the pack that
     // held that node is deleted, and the pack of a and b is rewritten.
@@ -77,7 +75,15 @@ fn gc_after_forget_removes_only_unreferenced_data() -> Result<()> {
 
     // Nothing is left to collect.
     let again = gc(&repo)?;
-    assert_eq!((again.blobs_removed, again.packs_deleted, again.packs_rewritten), (0, 0, 0), "{again:?}");
+    assert_eq!(
+        (
+            again.blobs_removed,
+            again.packs_deleted,
+            again.packs_rewritten
+        ),
+        (0, 0, 0),
+        "{again:?}"
+    );
     assert_verifies(&repo)?;
     Ok(())
 }
@@ -107,23 +113,39 @@ fn gc_keeps_live_packs_of_small_blobs() -> Result<()> {
     Ok(())
 }
 
-/// Writes a pack straight to storage without indexing it, as a crash
-/// between the two steps leaves it.
-fn write_unindexed_pack(repo: &Repository, content: &[u8]) -> Result<(String, BlobId)> {
-    let id = BlobId::of(content);
-    let mut builder = PackBuilder::with_capacity(content.len());
-    builder.push(id, BlobKind::Data, Compression::None, content.len() as u32, content);
+/// Writes a pack of one blob, stored as given, straight to storage without
+/// indexing it, as a crash between the two steps leaves it.
+fn write_unindexed_pack(
+    repo: &Repository,
+    id: BlobId,
+    compression: Compression,
+    raw_len: u32,
+    stored: &[u8],
+) -> Result<String> {
+    let mut builder = PackBuilder::with_capacity(stored.len());
+    builder.push(id, BlobKind::Data, compression, raw_len, stored);
     let pack = builder.finish();
-    repo.backend().write(FileKind::Pack, &pack.name, &pack.bytes)?;
-    Ok((pack.name, id))
+    repo.backend()
+        .write(FileKind::Pack, &pack.name, &pack.bytes)?;
+    Ok(pack.name)
+}
+
+/// As above, for a block stored raw.
+fn write_unindexed_block(repo: &Repository, content: &[u8]) -> Result<(String, BlobId)> {
+    let id = BlobId::of(content);
+    let name = write_unindexed_pack(repo, id, Compression::None, content.len() as u32, content)?;
+    Ok((name, id))
 }
 
 #[test]
 fn gc_indexes_pack_files_the_catalogue_does_not_know() -> Result<()> {
     let (_dir, repo) = new_repo(32 << 20);
-    let (used_pack, used) = write_unindexed_pack(&repo, &data_block(1))?;
-    let (unused_pack, _) = write_unindexed_pack(&repo, &data_block(2))?;
-    assert!(matches!(repo.reader()?.read(&used), Err(Error::MissingBlob { .. })));
+    let (used_pack, used) = write_unindexed_block(&repo, &data_block(1))?;
+    let (unused_pack, _) = write_unindexed_block(&repo, &data_block(2))?;
+    assert!(matches!(
+        repo.reader()?.read(&used),
+        Err(Error::MissingBlob { .. })
+    ));
     let mut writer = repo.pack_writer(None)?;
     let rp = commit_disk(&repo, &mut writer, "vm1", &[used], 0)?;
 
@@ -132,10 +154,53 @@ fn gc_indexes_pack_files_the_catalogue_does_not_know() -> Result<()> {
     // The pack nothing references is indexed, then collected.
     assert_eq!(report.packs_deleted, 1, "{report:?}");
     let files = pack_files(&repo);
-    assert!(files.contains(&used_pack) && !files.contains(&unused_pack), "{files:?}");
+    assert!(
+        files.contains(&used_pack) && !files.contains(&unused_pack),
+        "{files:?}"
+    );
     assert_packs_consistent(&repo)?;
     assert_eq!(repo.reader()?.read(&used)?, data_block(1));
     assert_eq!(blocks_of(&repo, &rp)?, [used]);
+    assert_verifies(&repo)?;
+    Ok(())
+}
+
+#[test]
+fn gc_never_deletes_the_pack_it_just_wrote() -> Result<()> {
+    // Pack P holds a small block x and a big block z. A second pack R holds
+    // only x, stored the same way (two backups stored x at once), so the
+    // catalogue places nothing in R. Once z is dead, rewriting P yields a
+    // pack identical to R, under R's name, while R itself is dropped.
+    let (_dir, repo) = new_repo(32 << 20);
+    let mut writer = repo.pack_writer(None)?;
+    let small = vec![7u8; 65536];
+    let x = writer.add(BlobKind::Data, &small)?;
+    let z = writer.add(BlobKind::Data, &data_block(1))?;
+    writer.flush()?;
+    let loc = repo.reader()?.locate(&x)?;
+    let stored = repo.backend().read_at(
+        FileKind::Pack,
+        &loc.pack,
+        loc.entry.offset,
+        loc.entry.stored_len as usize,
+    )?;
+    let twin = write_unindexed_pack(&repo, x, loc.entry.compression, loc.entry.raw_len, &stored)?;
+    let uses_z = commit_disk(&repo, &mut writer, "vm1", &[z], 0)?;
+    let uses_x = commit_disk(
+        &repo,
+        &mut writer,
+        "vm2",
+        &[x, BlobId::ZERO, BlobId::ZERO],
+        0,
+    )?;
+    repo.forget(&uses_z)?;
+
+    let report = gc(&repo)?;
+    assert_eq!(report.packs_rewritten, 1, "{report:?}");
+    assert!(pack_files(&repo).contains(&twin));
+    assert_packs_consistent(&repo)?;
+    assert_eq!(repo.reader()?.read(&x)?, small);
+    assert_eq!(blocks_of(&repo, &uses_x)?, [x, BlobId::ZERO, BlobId::ZERO]);
     assert_verifies(&repo)?;
     Ok(())
 }
@@ -149,7 +214,13 @@ fn gc_dry_run_changes_nothing() -> Result<()> {
     let rp = commit_disk(&repo, &mut writer, "vm1", &[a], 0)?;
     repo.forget(&rp)?;
     let before = pack_files(&repo);
-    let report = collect_garbage(&repo, GcOptions { dry_run: true, ..GcOptions::default() })?;
+    let report = collect_garbage(
+        &repo,
+        GcOptions {
+            dry_run: true,
+            ..GcOptions::default()
+        },
+    )?;
     assert_eq!(report.packs_deleted, 2, "{report:?}");
     assert_eq!(pack_files(&repo), before);
     assert_eq!(repo.reader()?.read(&a)?, data_block(1));

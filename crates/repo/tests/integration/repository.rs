@@ -4,10 +4,13 @@
 use std::collections::HashMap;
 
 use cbtvault_repo::pack::BlobKind;
-use cbtvault_repo::tree::{self, Visitor};
-use cbtvault_repo::{BlobId, CONFIG_FILE, Error, FORMAT_VERSION, FileKind, InitOptions, Repository, Result, manifest};
+use cbtvault_repo::{
+    BlobId, CONFIG_FILE, Error, FORMAT_VERSION, FileKind, InitOptions, Repository, Result, manifest,
+};
 
-use super::common::{Rng, commit_disk, data_block, manifest, new_repo, pack_files, snapshot};
+use super::common::{
+    Rng, blocks_of, commit_disk, data_block, manifest, new_repo, pack_files, snapshot,
+};
 
 #[test]
 fn init_then_open_keeps_the_configuration() -> Result<()> {
@@ -27,9 +30,15 @@ fn init_then_open_keeps_the_configuration() -> Result<()> {
     assert!(opened.catalogue().restore_points(None)?.is_empty());
 
     let again = Repository::init(&path, &options);
-    assert!(matches!(again, Err(Error::AlreadyExists { .. })), "{again:?}");
+    assert!(
+        matches!(again, Err(Error::AlreadyExists { .. })),
+        "{again:?}"
+    );
     let elsewhere = Repository::open(dir.path());
-    assert!(matches!(elsewhere, Err(Error::NotARepository { .. })), "{elsewhere:?}");
+    assert!(
+        matches!(elsewhere, Err(Error::NotARepository { .. })),
+        "{elsewhere:?}"
+    );
     Ok(())
 }
 
@@ -49,9 +58,14 @@ fn open_refuses_an_unknown_format_version_and_changes_nothing() {
     drop(repo);
     let config_path = dir.path().join(CONFIG_FILE);
     let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config_path).expect("read config")).expect("parse config");
+        serde_json::from_slice(&std::fs::read(&config_path).expect("read config"))
+            .expect("parse config");
     config["format_version"] = 99.into();
-    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).expect("encode config")).expect("write config");
+    std::fs::write(
+        &config_path,
+        serde_json::to_vec_pretty(&config).expect("encode config"),
+    )
+    .expect("write config");
 
     let before = snapshot(dir.path());
     let result = Repository::open(dir.path());
@@ -59,7 +73,11 @@ fn open_refuses_an_unknown_format_version_and_changes_nothing() {
         matches!(result, Err(Error::UnsupportedVersion { found: 99, supported }) if supported == FORMAT_VERSION),
         "{result:?}"
     );
-    assert_eq!(snapshot(dir.path()), before, "a refused open must not touch the repository");
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "a refused open must not touch the repository"
+    );
 }
 
 #[test]
@@ -75,16 +93,27 @@ fn written_blobs_read_back_once_flushed() -> Result<()> {
         ids.push(writer.add(BlobKind::Data, content)?);
     }
     assert_eq!(writer.add(BlobKind::Data, &contents[3])?, ids[3]);
-    assert_eq!(writer.stats().blobs, contents.len() as u64, "a duplicate was stored twice");
+    assert_eq!(
+        writer.stats().blobs,
+        contents.len() as u64,
+        "a duplicate was stored twice"
+    );
 
     let pending = *ids.last().expect("ids");
     assert!(writer.is_pending(&pending));
     let reader = repo.reader()?;
-    assert!(matches!(reader.read(&pending), Err(Error::MissingBlob { .. })));
+    assert!(matches!(
+        reader.read(&pending),
+        Err(Error::MissingBlob { .. })
+    ));
 
     writer.flush()?;
     assert_eq!(writer.pending_len(), 0);
-    assert!(pack_files(&repo).len() >= 3, "packs: {:?}", pack_files(&repo));
+    assert!(
+        pack_files(&repo).len() >= 3,
+        "packs: {:?}",
+        pack_files(&repo)
+    );
     for (id, content) in ids.iter().zip(&contents) {
         assert_eq!(BlobId::of(content), *id);
         assert_eq!(&reader.read(id)?, content);
@@ -92,7 +121,9 @@ fn written_blobs_read_back_once_flushed() -> Result<()> {
 
     // Any order, duplicates included, comes back in the order asked.
     let mut rng = Rng::new(7);
-    let order: Vec<usize> = (0..30).map(|_| rng.below(ids.len() as u64) as usize).collect();
+    let order: Vec<usize> = (0..30)
+        .map(|_| rng.below(ids.len() as u64) as usize)
+        .collect();
     let asked: Vec<BlobId> = order.iter().map(|&i| ids[i]).collect();
     let got = reader.read_many(&asked)?;
     assert_eq!(got.len(), asked.len());
@@ -102,17 +133,6 @@ fn written_blobs_read_back_once_flushed() -> Result<()> {
     let unknown = [ids[0], BlobId::of(b"never stored")];
     assert!(reader.read_many(&unknown).is_err());
     Ok(())
-}
-
-/// Collects every block id of a block map.
-struct Blocks(Vec<BlobId>);
-
-impl Visitor for Blocks {
-    fn leaf(&mut self, first: u64, ids: &[BlobId]) -> Result<()> {
-        assert_eq!(first, self.0.len() as u64);
-        self.0.extend_from_slice(ids);
-        Ok(())
-    }
 }
 
 #[test]
@@ -134,29 +154,44 @@ fn committed_restore_points_resolve_by_unique_prefix() -> Result<()> {
     assert_eq!(repo.resolve("vm1@latest")?.id, newer);
 
     // The block map read back from the repository is the one written.
-    let reader = repo.reader()?;
-    let mut blocks = Blocks(Vec::new());
-    tree::walk(&row.manifest.tree(), &reader, &mut blocks)?;
-    assert_eq!(blocks.0, ids);
+    assert_eq!(blocks_of(&row.manifest.tree(), &repo.reader()?)?, ids);
 
-    let unknown = format!("{}{}", if newer.starts_with('0') { '1' } else { '0' }, &newer[1..8]);
-    let unknown = if older.starts_with(&unknown) { "ffffffff".to_string() } else { unknown };
-    assert!(matches!(repo.resolve(&unknown), Err(Error::UnknownRestorePoint(_))));
-    assert!(matches!(repo.resolve(&newer[..3]), Err(Error::UnknownRestorePoint(_))));
-    assert!(matches!(repo.resolve("not-hex!"), Err(Error::UnknownRestorePoint(_))));
-    assert!(matches!(repo.resolve("vm2@latest"), Err(Error::UnknownRestorePoint(_))));
+    let unknown = (0u32..)
+        .map(|n| format!("{n:08x}"))
+        .find(|p| !newer.starts_with(p.as_str()) && !older.starts_with(p.as_str()))
+        .expect("some prefix is unused");
+    assert!(matches!(
+        repo.resolve(&unknown),
+        Err(Error::UnknownRestorePoint(_))
+    ));
+    assert!(matches!(
+        repo.resolve(&newer[..3]),
+        Err(Error::UnknownRestorePoint(_))
+    ));
+    assert!(matches!(
+        repo.resolve("not-hex!"),
+        Err(Error::UnknownRestorePoint(_))
+    ));
+    assert!(matches!(
+        repo.resolve("vm2@latest"),
+        Err(Error::UnknownRestorePoint(_))
+    ));
     Ok(())
 }
 
 #[test]
 fn a_prefix_shared_by_two_restore_points_is_ambiguous() -> Result<()> {
-    // Find two manifests whose ids share their first four hex digits.
+    // Find two manifests whose ids share their first four hex digits
+    // (the shortest prefix resolve accepts).
+    let numbered = |n: u64| {
+        let mut m = manifest("vm1", 0, BlobId::ZERO, 0);
+        m.stats.duration_ms = n;
+        m
+    };
     let mut seen: HashMap<String, u64> = HashMap::new();
     let mut pair = None;
     for n in 0u64.. {
-        let mut m = manifest("vm1", 0, BlobId::ZERO, 0);
-        m.stats.duration_ms = n;
-        let (id, _) = manifest::encode(&m);
+        let (id, _) = manifest::encode(&numbered(n));
         if let Some(&first) = seen.get(&id[..4]) {
             pair = Some((first, n, id[..4].to_string()));
             break;
@@ -166,20 +201,19 @@ fn a_prefix_shared_by_two_restore_points_is_ambiguous() -> Result<()> {
     let (first, second, prefix) = pair.expect("pigeonhole guarantees a shared prefix");
 
     let (_dir, repo) = new_repo(1 << 20);
-    let mut committed = Vec::new();
-    for n in [first, second] {
-        let mut m = manifest("vm1", 0, BlobId::ZERO, n as i64);
-        m.stats.duration_ms = n;
-        m.time = manifest("vm1", 0, BlobId::ZERO, 0).time;
-        committed.push(repo.commit(&m)?);
-    }
+    let committed = [
+        repo.commit(&numbered(first))?,
+        repo.commit(&numbered(second))?,
+    ];
     let result = repo.resolve(&prefix);
     assert!(
         matches!(&result, Err(Error::AmbiguousRestorePoint { count: 2, .. })),
         "{result:?}"
     );
     for id in &committed {
-        let unique = (5..=64).map(|n| &id[..n]).find(|p| committed.iter().filter(|c| c.starts_with(p)).count() == 1);
+        let unique = (5..=64)
+            .map(|n| &id[..n])
+            .find(|p| committed.iter().filter(|c| c.starts_with(p)).count() == 1);
         let unique = unique.expect("ids differ");
         assert_eq!(&repo.resolve(unique)?.id, id);
     }
@@ -193,12 +227,16 @@ fn reopening_reconciles_the_catalogue_with_the_manifests() -> Result<()> {
     let deleted = repo.commit(&manifest("vm1", 0, BlobId::ZERO, 10))?;
     drop(repo);
 
-    std::fs::remove_file(dir.path().join("manifests").join(format!("{deleted}.json"))).expect("delete manifest");
+    std::fs::remove_file(dir.path().join("manifests").join(format!("{deleted}.json")))
+        .expect("delete manifest");
     let repo = Repository::open(dir.path())?;
     let mut known = repo.catalogue().restore_point_ids()?;
     known.sort();
     assert_eq!(known, vec![kept.clone()]);
-    assert!(matches!(repo.resolve(&deleted), Err(Error::UnknownRestorePoint(_))));
+    assert!(matches!(
+        repo.resolve(&deleted),
+        Err(Error::UnknownRestorePoint(_))
+    ));
 
     // A manifest written without its catalogue row (a crash in between)
     // is indexed on the next open.

@@ -83,8 +83,9 @@ struct Collect {
 impl Visitor for Collect {
     fn leaf(&mut self, first: u64, ids: &[BlobId]) -> Result<()> {
         let expected_len = (self.shape.blocks - first.min(self.shape.blocks)).min(tree::FANOUT);
-        if first % tree::FANOUT != 0 || ids.len() as u64 != expected_len {
-            self.bad_leaves.push(format!("leaf at {first} with {} ids", ids.len()));
+        if !first.is_multiple_of(tree::FANOUT) || ids.len() as u64 != expected_len {
+            self.bad_leaves
+                .push(format!("leaf at {first} with {} ids", ids.len()));
         }
         self.found.extend(
             ids.iter()
@@ -96,21 +97,30 @@ impl Visitor for Collect {
     }
 }
 
-fn walk_nonzero(tree: &Tree, store: &MemStore) -> std::result::Result<Vec<(u64, BlobId)>, TestCaseError> {
+fn walk_nonzero(
+    tree: &Tree,
+    store: &MemStore,
+) -> std::result::Result<Vec<(u64, BlobId)>, TestCaseError> {
     let mut collect = Collect {
         shape: tree.shape,
         found: Vec::new(),
         bad_leaves: Vec::new(),
     };
     tree::walk(tree, store, &mut collect)?;
-    prop_assert!(collect.bad_leaves.is_empty(), "misplaced leaves: {:?}", collect.bad_leaves);
+    prop_assert!(
+        collect.bad_leaves.is_empty(),
+        "misplaced leaves: {:?}",
+        collect.bad_leaves
+    );
     Ok(collect.found)
 }
 
 /// Blocks reported by `tree::diff`, runs expanded, in reporting order.
 fn diff_blocks(a: &Tree, b: &Tree, store: &MemStore) -> Result<Vec<u64>> {
     let mut out = Vec::new();
-    tree::diff(a, b, store, &mut |first, count| out.extend(first..first + count))?;
+    tree::diff(a, b, store, &mut |first, count| {
+        out.extend(first..first + count)
+    })?;
     Ok(out)
 }
 
@@ -131,7 +141,10 @@ fn check_walk(blocks: u64, seed: u64, zeros: u64, zero_runs: u64) -> Outcome {
     let expected = nonzero(&ids);
     prop_assert_eq!(walk_nonzero(&tree, &store)?, expected.clone());
     if expected.is_empty() {
-        prop_assert!(tree.root.is_zero(), "an all-zero disk must have the zero root");
+        prop_assert!(
+            tree.root.is_zero(),
+            "an all-zero disk must have the zero root"
+        );
         prop_assert_eq!(store.len(), 0, "all-zero subtrees must not be stored");
     }
     // The same blocks always give the same root, holes pushed or not.
@@ -146,7 +159,13 @@ fn check_walk(blocks: u64, seed: u64, zeros: u64, zero_runs: u64) -> Outcome {
 
 /// Changes `changed`% of the blocks of a disk of `base_blocks` blocks that
 /// becomes `new_blocks` long; the incremental must equal a full rebuild.
-fn check_incremental(base_blocks: u64, new_blocks: u64, seed: u64, zeros: u64, changed: u64) -> Outcome {
+fn check_incremental(
+    base_blocks: u64,
+    new_blocks: u64,
+    seed: u64,
+    zeros: u64,
+    changed: u64,
+) -> Outcome {
     let base_ids = random_ids(base_blocks, seed, zeros, 20);
     let store = MemStore::default();
     let base = build_full(&store, &base_ids)?;
@@ -158,7 +177,11 @@ fn check_incremental(base_blocks: u64, new_blocks: u64, seed: u64, zeros: u64, c
         .collect();
     for (block, slot) in expected.iter_mut().enumerate() {
         if rng.below(1000) < changed * 10 {
-            let id = if rng.chance(20) { BlobId::ZERO } else { rng.id() };
+            let id = if rng.chance(20) {
+                BlobId::ZERO
+            } else {
+                rng.id()
+            };
             changes.insert(block as u64, id);
             *slot = id;
         }
@@ -187,9 +210,20 @@ fn check_incremental_cost(blocks: u64, seed: u64, k: usize) -> Outcome {
     let new_nodes = store.inserted() - before;
     let depth = tree.shape.depth() as usize;
     let bound = changes.len() * depth;
-    prop_assert!(new_nodes <= bound, "{new_nodes} new nodes for {} changes at depth {depth}", changes.len());
-    prop_assert!(stats.nodes as usize <= bound, "builder wrote {} nodes", stats.nodes);
-    prop_assert!(new_nodes >= depth, "only {new_nodes} new nodes: the changed path was not rewritten");
+    prop_assert!(
+        new_nodes <= bound,
+        "{new_nodes} new nodes for {} changes at depth {depth}",
+        changes.len()
+    );
+    prop_assert!(
+        stats.nodes as usize <= bound,
+        "builder wrote {} nodes",
+        stats.nodes
+    );
+    prop_assert!(
+        new_nodes >= depth,
+        "only {new_nodes} new nodes: the changed path was not rewritten"
+    );
     let mut expected = ids;
     for (block, id) in &changes {
         expected[*block as usize] = *id;
@@ -268,7 +302,7 @@ fn push_out_of_order_or_past_the_end_is_refused() -> Outcome {
 
 proptest! {
     // No regression files: tests write nothing outside temporary directories.
-    #![proptest_config(Config { cases: 40, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(Config { cases: 64, failure_persistence: None, ..Config::default() })]
 
     #[test]
     fn walk_yields_exactly_the_nonzero_blocks(
