@@ -64,9 +64,11 @@ fn run(what: &str, cmd: &mut Command) -> Result<Measured> {
 }
 
 fn file_hash(path: &Path) -> Result<blake3::Hash> {
+    // Streamed, not mapped: a large RSS here would be inherited by the next
+    // child at fork and spoil its peak-RSS figure.
     let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_mmap_rayon(path)
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)
         .with_context(|| format!("hashing {}", path.display()))?;
     Ok(hasher.finalize())
 }
