@@ -1,0 +1,14 @@
+//! Integration tests of the NBD crate: one test binary whose modules live
+//! in `tests/integration/`. Every external server (qemu-nbd, nbdkit) is
+//! started by the test itself on a unix socket in a temporary directory or
+//! on a free 127.0.0.1 port, and killed when the test ends; a test whose
+//! binary is missing prints why it is skipped.
+
+mod integration {
+    mod common;
+    mod hostile;
+    mod nbdkit;
+    mod qemu;
+    mod server;
+    mod tls;
+}

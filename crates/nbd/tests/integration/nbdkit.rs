@@ -1,0 +1,1 @@
+//! nbdkit tests (to come).
