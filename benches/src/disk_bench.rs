@@ -68,8 +68,11 @@ fn file_hash(path: &Path) -> Result<blake3::Hash> {
     // child at fork and spoil its peak-RSS figure.
     let mut hasher = blake3::Hasher::new();
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)
-        .with_context(|| format!("hashing {}", path.display()))?;
+    std::io::copy(
+        &mut std::io::BufReader::with_capacity(1 << 20, file),
+        &mut hasher,
+    )
+    .with_context(|| format!("hashing {}", path.display()))?;
     Ok(hasher.finalize())
 }
 

@@ -88,7 +88,7 @@ fn killed_backups_leave_a_consistent_repository() {
 }
 
 #[test]
-fn killed_gc_leaves_a_consistent_repository() {
+fn killed_forget_and_gc_leave_a_consistent_repository() {
     let s = Scratch::new();
     let repo = s.repo();
     let repo = repo.to_str().unwrap();
@@ -103,7 +103,10 @@ fn killed_gc_leaves_a_consistent_repository() {
                 s.backup("d", &image, Some(&bitmap));
             }
         }
-        s.ok(&["forget", "--quiet", "--repo", repo, "--keep-last", "2"]);
+        kill_after(
+            spawn(&["forget", "--repo", repo, "--keep-last", "2"]),
+            Duration::from_millis(rng.gen_range(1..40)),
+        );
         kill_after(
             spawn(&["gc", "--repo", repo]),
             Duration::from_millis(rng.gen_range(5..300)),

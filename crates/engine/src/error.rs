@@ -61,7 +61,7 @@ pub enum Error {
         restore_point: String,
         offset: u64,
         #[source]
-        source: cbtvault_repo::Error,
+        source: Box<cbtvault_repo::Error>,
     },
 
     #[error("writing to the target at offset {offset}")]

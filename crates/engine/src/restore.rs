@@ -154,7 +154,7 @@ pub fn restore(
         disk: manifest.disk.clone(),
         restore_point: rp.id.clone(),
         offset,
-        source,
+        source: Box::new(source),
     };
 
     let totals = &stats;

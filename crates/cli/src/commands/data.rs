@@ -29,7 +29,7 @@ fn parse_source(spec: &str) -> Result<SourceSpec> {
 
 pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
     let SourceSpec::File(path) = parse_source(&args.source)?;
-    if args.read_size_kib == 0 || args.read_size_kib % 64 != 0 {
+    if args.read_size_kib == 0 || !args.read_size_kib.is_multiple_of(64) {
         bail!(
             "--read-size-kib {} is not a positive multiple of 64",
             args.read_size_kib

@@ -42,10 +42,10 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
 
 pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
     let repo = super::open(path)?;
-    if let Some(d) = disk {
-        if !repo.catalogue().disks()?.iter().any(|n| n == d) {
-            bail!(cbtvault_repo::Error::UnknownDisk(d.to_string()));
-        }
+    if let Some(d) = disk
+        && !repo.catalogue().disks()?.iter().any(|n| n == d)
+    {
+        bail!(cbtvault_repo::Error::UnknownDisk(d.to_string()));
     }
     let points = repo.catalogue().restore_points(disk)?;
     if g.json {

@@ -42,21 +42,36 @@ async fn raw_over_unix_reads_the_whole_file() {
         let c = client.clone();
         let off = (i * 262_147) % (data.len() as u64 - 70_000);
         let len = 1 + (i as usize * 2111) % 65_000;
-        tasks.push(tokio::spawn(async move { (off, len, c.read(off, len).await) }));
+        tasks.push(tokio::spawn(
+            async move { (off, len, c.read(off, len).await) },
+        ));
     }
     for t in tasks {
         let (off, len, got) = t.await.unwrap();
         let got = got.unwrap();
-        assert_eq!(&got[..], &data[off as usize..off as usize + len], "read at {off}+{len}");
+        assert_eq!(
+            &got[..],
+            &data[off as usize..off as usize + len],
+            "read at {off}+{len}"
+        );
     }
     assert!(client.read(data.len() as u64 - 10, 11).await.is_err());
     client.disconnect().await;
     assert!(client.read(0, 512).await.is_err());
 }
 
-fn qcow2_with_writes(dir: &std::path::Path, size: &str, writes: &[(u64, u64)]) -> std::path::PathBuf {
+fn qcow2_with_writes(
+    dir: &std::path::Path,
+    size: &str,
+    writes: &[(u64, u64)],
+) -> std::path::PathBuf {
     let img = dir.join("disk.qcow2");
-    common::run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg(size));
+    common::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg(size),
+    );
     for &(off, len) in writes {
         qemu_io_write(&img, off, len);
     }
@@ -91,7 +106,16 @@ async fn qcow2_over_tcp_block_status_reports_holes() {
     let port = common::free_port();
     let mut srv = ChildGuard::spawn(
         Command::new("qemu-nbd")
-            .args(["--persistent", "--shared=4", "-r", "-f", "qcow2", "-b", "127.0.0.1", "-p"])
+            .args([
+                "--persistent",
+                "--shared=4",
+                "-r",
+                "-f",
+                "qcow2",
+                "-b",
+                "127.0.0.1",
+                "-p",
+            ])
             .arg(port.to_string())
             .arg(&img),
     );
@@ -108,27 +132,68 @@ async fn qcow2_over_tcp_block_status_reports_holes() {
         let data = client.read(0, 16 * MIB as usize).await.unwrap();
         assert!(data[..] == expected(16 * MIB, &writes)[..]);
 
-        let ext = client.block_status("base:allocation", 0, 16 * MIB).await.unwrap();
+        let ext = client
+            .block_status("base:allocation", 0, 16 * MIB)
+            .await
+            .unwrap();
         let hole = StatusExtent::HOLE | StatusExtent::ZERO;
         let want = vec![
-            StatusExtent { offset: 0, length: MIB, flags: hole },
-            StatusExtent { offset: MIB, length: 256 * 1024, flags: 0 },
-            StatusExtent { offset: MIB + 256 * 1024, length: 9 * MIB - 256 * 1024, flags: hole },
-            StatusExtent { offset: 10 * MIB, length: 64 * 1024, flags: 0 },
-            StatusExtent { offset: 10 * MIB + 64 * 1024, length: 6 * MIB - 64 * 1024, flags: hole },
+            StatusExtent {
+                offset: 0,
+                length: MIB,
+                flags: hole,
+            },
+            StatusExtent {
+                offset: MIB,
+                length: 256 * 1024,
+                flags: 0,
+            },
+            StatusExtent {
+                offset: MIB + 256 * 1024,
+                length: 9 * MIB - 256 * 1024,
+                flags: hole,
+            },
+            StatusExtent {
+                offset: 10 * MIB,
+                length: 64 * 1024,
+                flags: 0,
+            },
+            StatusExtent {
+                offset: 10 * MIB + 64 * 1024,
+                length: 6 * MIB - 64 * 1024,
+                flags: hole,
+            },
         ];
         assert_eq!(ext, want, "extended headers: {extended}");
         // A window in the middle is clipped exactly.
-        let ext = client.block_status("base:allocation", MIB + 4096, 8192).await.unwrap();
-        assert_eq!(ext, vec![StatusExtent { offset: MIB + 4096, length: 8192, flags: 0 }]);
-        assert!(client.block_status("qemu:dirty-bitmap:none", 0, 4096).await.is_err());
+        let ext = client
+            .block_status("base:allocation", MIB + 4096, 8192)
+            .await
+            .unwrap();
+        assert_eq!(
+            ext,
+            vec![StatusExtent {
+                offset: MIB + 4096,
+                length: 8192,
+                flags: 0
+            }]
+        );
+        assert!(
+            client
+                .block_status("qemu:dirty-bitmap:none", 0, 4096)
+                .await
+                .is_err()
+        );
         client.disconnect().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_dirty_bitmap_reports_written_clusters() {
-    if !common::have("qemu-nbd", "persistent_dirty_bitmap_reports_written_clusters") {
+    if !common::have(
+        "qemu-nbd",
+        "persistent_dirty_bitmap_reports_written_clusters",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -145,7 +210,10 @@ async fn persistent_dirty_bitmap_reports_written_clusters() {
     qemu_io_write(&img, 4 * MIB, 0x20000);
 
     let sock = dir.path().join("nbd.sock");
-    let _srv = common::qemu_nbd_unix(&sock, &["-r", "-f", "qcow2", "-B", "b0", img.to_str().unwrap()]);
+    let _srv = common::qemu_nbd_unix(
+        &sock,
+        &["-r", "-f", "qcow2", "-B", "b0", img.to_str().unwrap()],
+    );
     let opts = ConnectOptions::unix(&sock, "")
         .with_meta_context("base:allocation")
         .with_meta_context("qemu:dirty-bitmap:b0");
@@ -154,17 +222,26 @@ async fn persistent_dirty_bitmap_reports_written_clusters() {
     names.sort();
     assert_eq!(names, ["base:allocation", "qemu:dirty-bitmap:b0"]);
 
-    let ext = client.block_status("qemu:dirty-bitmap:b0", 0, 8 * MIB).await.unwrap();
+    let ext = client
+        .block_status("qemu:dirty-bitmap:b0", 0, 8 * MIB)
+        .await
+        .unwrap();
     let dirty: Vec<(u64, u64)> = ext
         .iter()
         .filter(|e| e.flags & StatusExtent::DIRTY != 0)
         .map(|e| (e.offset, e.length))
         .collect();
-    assert_eq!(dirty, vec![(0x30000, 0x10000), (MIB, 0x10000), (4 * MIB, 0x20000)]);
+    assert_eq!(
+        dirty,
+        vec![(0x30000, 0x10000), (MIB, 0x10000), (4 * MIB, 0x20000)]
+    );
     let covered: u64 = ext.iter().map(|e| e.length).sum();
     assert_eq!(covered, 8 * MIB);
     // The write before the bitmap is allocated but not dirty.
-    let alloc = client.block_status("base:allocation", 2 * MIB, 64 * 1024).await.unwrap();
+    let alloc = client
+        .block_status("base:allocation", 2 * MIB, 64 * 1024)
+        .await
+        .unwrap();
     assert_eq!(alloc[0].flags, 0);
     client.disconnect().await;
 }
@@ -178,7 +255,9 @@ async fn writes_zeroes_and_flush_round_trip() {
     let (img, mut data) = raw_image(dir.path(), 4 * MIB as usize);
     let sock = dir.path().join("nbd.sock");
     let _srv = common::qemu_nbd_unix(&sock, &["-f", "raw", img.to_str().unwrap()]);
-    let client = Client::connect(&ConnectOptions::unix(&sock, "")).await.unwrap();
+    let client = Client::connect(&ConnectOptions::unix(&sock, ""))
+        .await
+        .unwrap();
     assert!(!client.is_read_only());
     let block = common::pattern(300_000, 99);
     client.write(8192, &block).await.unwrap();
