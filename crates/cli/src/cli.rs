@@ -73,15 +73,34 @@ pub enum Command {
         repo: RepoArg,
         /// Restore point id (a unique prefix is enough) or DISK@latest.
         id: String,
-        /// Where to write the disk image.
+        /// Where to write the disk: a file path, or a writable NBD export URI.
         #[arg(long)]
-        to: PathBuf,
+        to: String,
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+        /// The NBD target reads as zeros already (a new image): skip writing zero blocks.
+        #[arg(long)]
+        target_is_zero: bool,
         /// Threads reading, checking and writing blocks.
         #[arg(long)]
         workers: Option<usize>,
+    },
+    /// Serve a restore point read-only over NBD (instant restore).
+    Serve {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point id (a unique prefix is enough) or DISK@latest.
+        id: String,
+        /// Where to listen: HOST:PORT or unix:PATH.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// Serve with TLS: the certificate chain (PEM)...
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// ...and its private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Tell which blocks differ between two restore points.
     Diff {
@@ -136,9 +155,19 @@ pub struct BackupArgs {
     /// The disk's name in the repository.
     #[arg(long)]
     pub disk: String,
-    /// What to read: file:PATH (a raw image or block device).
+    /// What to read: file:PATH (a raw image or block device), or an NBD URI:
+    /// nbd://HOST[:PORT]/EXPORT, nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH.
+    /// TLS options go in the query: tls-certificates=DIR (ca-cert.pem), tls-pin=FILE
+    /// (the server's exact certificate), tls-hostname=NAME.
     #[arg(long)]
     pub source: String,
+    /// Take the changed blocks from the QEMU dirty bitmap NAME exported with the
+    /// NBD source (the qemu:dirty-bitmap:NAME meta context).
+    #[arg(long, conflicts_with = "changed_blocks")]
+    pub dirty_bitmap: Option<String>,
+    /// NBD connections to open (used when the server allows several).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
     /// A XenAPI-style base64 bitmap of changed 64 KiB blocks (MSB first), as
     /// VDI.list_changed_blocks returns it; only these blocks are read.
     #[arg(long)]

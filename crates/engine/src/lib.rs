@@ -18,8 +18,10 @@
 
 pub mod backup;
 pub mod error;
+pub mod nbd;
 pub mod progress;
 pub mod restore;
+pub mod serve;
 pub mod source;
 pub mod synth;
 

@@ -40,9 +40,10 @@ pub enum Error {
 
     /// The TLS handshake failed: wrong CA, wrong pinned certificate, name
     /// mismatch, or the peer does not speak TLS.
-    #[error("{peer}: TLS handshake failed")]
+    #[error("{peer}: TLS handshake failed: {why}")]
     Tls {
         peer: String,
+        why: String,
         #[source]
         source: Arc<std::io::Error>,
     },
@@ -165,6 +166,23 @@ impl Error {
         Error::Io {
             peer: peer.to_owned(),
             during: during.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    pub(crate) fn tls(peer: &str, source: std::io::Error) -> Self {
+        let why = match source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)))
+                if o.0.downcast_ref::<crate::tls::PinMismatch>().is_some() =>
+            {
+                o.0.to_string()
+            }
+            Some(e) => e.to_string(),
+            None => source.to_string(),
+        };
+        Error::Tls {
+            peer: peer.to_owned(),
+            why,
             source: Arc::new(source),
         }
     }

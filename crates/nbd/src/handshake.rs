@@ -205,10 +205,7 @@ pub(crate) async fn negotiate(
             .connector
             .connect(tls.name, io.stream)
             .await
-            .map_err(|e| Error::Tls {
-                peer: peer.to_owned(),
-                source: std::sync::Arc::new(e),
-            })?;
+            .map_err(|e| Error::tls(peer, e))?;
         io.stream = Box::new(stream);
         debug!(peer, "TLS established");
     }

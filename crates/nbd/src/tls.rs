@@ -202,7 +202,7 @@ impl fmt::Debug for PinnedVerifier {
 }
 
 #[derive(Debug)]
-struct PinMismatch;
+pub(crate) struct PinMismatch;
 
 impl fmt::Display for PinMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

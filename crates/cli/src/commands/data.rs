@@ -6,74 +6,70 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use cbtvault_blockmap::BlockMap;
-use cbtvault_engine::{BackupJob, BackupOptions, Changes, FileSource, FileTarget, Parent};
+use cbtvault_engine::nbd::{NbdSource, NbdTarget, dirty_bitmap_context};
+use cbtvault_engine::{
+    BackupJob, BackupOptions, BackupOutcome, Changes, DiskSource, DiskTarget, FileSource, FileTarget, Parent,
+    Progress,
+};
+use cbtvault_nbd::ConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BackupArgs, Global};
 use crate::output::{self, Bar};
 
-/// A parsed `--source`.
-enum SourceSpec {
+/// Where a disk is, as given on the command line.
+pub enum Location {
     File(std::path::PathBuf),
+    Nbd(String),
 }
 
-fn parse_source(spec: &str) -> Result<SourceSpec> {
+/// Parses `file:PATH` or an NBD URI.
+pub fn parse_location(spec: &str) -> Result<Location> {
     match spec.split_once(':') {
-        Some(("file", path)) if !path.is_empty() => Ok(SourceSpec::File(path.into())),
+        Some(("file", path)) if !path.is_empty() => Ok(Location::File(path.into())),
+        Some(("nbd" | "nbds" | "nbd+unix" | "nbds+unix", _)) => Ok(Location::Nbd(spec.to_string())),
         Some((scheme, _)) => {
-            bail!("source {spec:?}: unsupported scheme {scheme:?} (supported: file:PATH)")
+            bail!("{spec:?}: unsupported scheme {scheme:?} (supported: file:PATH, nbd://, nbds://, nbd+unix://)")
         }
-        None => bail!("source {spec:?}: give a scheme, e.g. file:{spec}"),
+        None => bail!("{spec:?}: give a scheme, e.g. file:{spec}"),
     }
+}
+
+/// The URI without its query, for records and messages.
+fn display_uri(uri: &str) -> String {
+    uri.split('?').next().unwrap_or(uri).to_string()
+}
+
+fn read_bitmap(file: &Path, size: u64, source: &str) -> Result<Changes> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading changed-block bitmap {}", file.display()))?;
+    let map = BlockMap::from_xenapi_base64(&text, size)
+        .with_context(|| format!("--changed-blocks {} for {source}", file.display()))?;
+    Ok(Changes::Blocks {
+        map,
+        origin: "bitmap-file".into(),
+    })
 }
 
 pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
-    let SourceSpec::File(path) = parse_source(&args.source)?;
     if args.read_size_kib == 0 || !args.read_size_kib.is_multiple_of(64) {
-        bail!(
-            "--read-size-kib {} is not a positive multiple of 64",
-            args.read_size_kib
-        );
+        bail!("--read-size-kib {} is not a positive multiple of 64", args.read_size_kib);
     }
-    let source = FileSource::open(&path)
-        .with_context(|| format!("opening source image {}", path.display()))?;
-    let changes = match &args.changed_blocks {
-        None => Changes::Full { reason: None },
-        Some(file) => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading changed-block bitmap {}", file.display()))?;
-            let map =
-                BlockMap::from_xenapi_base64(&text, cbtvault_engine::DiskSource::size(&source))
-                    .with_context(|| {
-                        format!(
-                            "--changed-blocks {} for image {}",
-                            file.display(),
-                            path.display()
-                        )
-                    })?;
-            Changes::Blocks {
-                map,
-                origin: "bitmap-file".into(),
-            }
-        }
-    };
+    let location = parse_location(&args.source).context("--source")?;
+    if args.dirty_bitmap.is_some() && !matches!(location, Location::Nbd(_)) {
+        bail!("--dirty-bitmap needs an NBD source that exports the bitmap");
+    }
     let repo = super::open(&args.repo.repo)?;
     let defaults = BackupOptions::default();
-    let job = BackupJob {
-        disk: args.disk.clone(),
-        changes,
-        parent: args.parent.clone().map(Parent::Id).unwrap_or_default(),
-        time: None,
-        options: BackupOptions {
-            compression_level: args.compression_level,
-            read_size: args.read_size_kib * 1024,
-            inflight: args.inflight,
-            workers: args.workers.unwrap_or(defaults.workers),
-        },
+    let options = BackupOptions {
+        compression_level: args.compression_level,
+        read_size: args.read_size_kib * 1024,
+        inflight: args.inflight,
+        workers: args.workers.unwrap_or(defaults.workers),
     };
     let rt = super::runtime()?;
     let cancel = CancellationToken::new();
-    let bar: Arc<dyn cbtvault_engine::Progress> = Arc::new(Bar::new(g));
+    let bar: Arc<dyn Progress> = Arc::new(Bar::new(g));
     let outcome = rt.block_on(async {
         let watch = cancel.clone();
         tokio::spawn(async move {
@@ -82,7 +78,43 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
                 watch.cancel();
             }
         });
-        cbtvault_engine::backup(repo.clone(), Arc::new(source), job, bar, cancel).await
+        let job = |changes| BackupJob {
+            disk: args.disk.clone(),
+            changes,
+            parent: args.parent.clone().map(Parent::Id).unwrap_or_default(),
+            time: None,
+            options: options.clone(),
+        };
+        match &location {
+            Location::File(path) => {
+                let source =
+                    FileSource::open(path).with_context(|| format!("opening source image {}", path.display()))?;
+                let changes = match &args.changed_blocks {
+                    Some(f) => read_bitmap(f, source.size(), &path.display().to_string())?,
+                    None => Changes::Full { reason: None },
+                };
+                run_backup(repo.clone(), source, job(changes), bar, cancel).await
+            }
+            Location::Nbd(uri) => {
+                let mut opts = ConnectOptions::from_uri(uri).with_context(|| format!("NBD URI {}", display_uri(uri)))?;
+                opts.connections = args.connections.max(1);
+                opts.inflight = args.inflight.max(1);
+                if let Some(bitmap) = &args.dirty_bitmap {
+                    opts.meta_contexts.push(dirty_bitmap_context(bitmap));
+                }
+                let source = NbdSource::connect(opts, display_uri(uri)).await?;
+                let changes = match (&args.changed_blocks, &args.dirty_bitmap) {
+                    (Some(f), _) => read_bitmap(f, source.size(), &display_uri(uri))?,
+                    (None, Some(bitmap)) => Changes::Blocks {
+                        map: source.dirty_blocks(bitmap).await?,
+                        origin: format!("qemu-dirty-bitmap:{bitmap}"),
+                    },
+                    (None, None) => Changes::Full { reason: None },
+                };
+                let outcome = run_backup(repo.clone(), source, job(changes), bar, cancel).await;
+                outcome
+            }
+        }
     });
     let outcome = outcome.with_context(|| format!("backup of disk {:?} failed", args.disk))?;
     let row = cbtvault_repo::RestorePointRow {
@@ -110,53 +142,89 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn run_backup<S: DiskSource>(
+    repo: Arc<cbtvault_repo::Repository>,
+    source: S,
+    job: BackupJob,
+    progress: Arc<dyn Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupOutcome> {
+    Ok(cbtvault_engine::backup(repo, Arc::new(source), job, progress, cancel).await?)
+}
+
 pub fn restore(
     g: &Global,
     repo: &Path,
     id: &str,
-    to: &Path,
+    to: &str,
     force: bool,
+    target_is_zero: bool,
     workers: Option<usize>,
 ) -> Result<ExitCode> {
     let repo = super::open(repo)?;
     let rp = repo.resolve(id)?;
-    let target = FileTarget::create(to, rp.manifest.virtual_size, force)?;
-    let workers = workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-    });
+    let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let bar = Bar::new(g);
     let cancel = CancellationToken::new();
-    match cbtvault_engine::restore(&repo, &rp, &target, workers, &bar, &cancel) {
-        Ok(stats) => {
-            if g.json {
-                output::print_json(&serde_json::json!({
-                    "restore_point": rp.id, "disk": rp.manifest.disk, "to": to, "stats": stats,
-                }));
-            } else if !g.quiet {
-                println!(
-                    "restored {} of disk {:?} to {}: {} written in {} blocks, {} zero blocks left as holes, {:.1} s",
-                    output::short(&rp.id),
-                    rp.manifest.disk,
-                    to.display(),
-                    output::bytes(stats.bytes_written),
-                    stats.blocks_written,
-                    stats.blocks_zero,
-                    stats.duration_ms as f64 / 1000.0
+    let size = rp.manifest.virtual_size;
+    // A bare path is a file; only an explicit NBD scheme means the network.
+    let location = match parse_location(to) {
+        Ok(Location::Nbd(uri)) => Location::Nbd(uri),
+        _ => Location::File(to.strip_prefix("file:").unwrap_or(to).into()),
+    };
+    let stats = match location {
+        Location::File(path) => {
+            let target = FileTarget::create(&path, size, force)?;
+            match cbtvault_engine::restore(&repo, &rp, &target, workers, &bar, &cancel) {
+                Ok(stats) => stats,
+                Err(e) => {
+                    target.abandon();
+                    return Err(e).with_context(|| {
+                        format!(
+                            "restore of {} to {} failed; nothing was written there",
+                            output::short(&rp.id),
+                            path.display()
+                        )
+                    });
+                }
+            }
+        }
+        Location::Nbd(uri) => {
+            let rt = super::runtime()?;
+            let opts = ConnectOptions::from_uri(&uri).with_context(|| format!("NBD URI {}", display_uri(&uri)))?;
+            let client = rt
+                .block_on(cbtvault_nbd::Client::connect(&opts))
+                .with_context(|| format!("connecting to {}", display_uri(&uri)))?;
+            if client.size() < size {
+                bail!(
+                    "the NBD export {} holds {} bytes; restore point {} needs {size}",
+                    display_uri(&uri),
+                    client.size(),
+                    output::short(&rp.id)
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            let target = NbdTarget::new(client, rt.handle().clone(), target_is_zero)?;
+            let stats = cbtvault_engine::restore(&repo, &rp, &target, workers, &bar, &cancel)
+                .with_context(|| format!("restore of {} to {}", output::short(&rp.id), display_uri(&uri)))?;
+            target.finish().context("flushing the NBD export")?;
+            stats
         }
-        Err(e) => {
-            target.abandon();
-            Err(e).with_context(|| {
-                format!(
-                    "restore of {} to {} failed; nothing was written there",
-                    output::short(&rp.id),
-                    to.display()
-                )
-            })
-        }
+    };
+    if g.json {
+        output::print_json(&serde_json::json!({
+            "restore_point": rp.id, "disk": rp.manifest.disk, "to": to, "stats": stats,
+        }));
+    } else if !g.quiet {
+        println!(
+            "restored {} of disk {:?} to {}: {} written in {} blocks, {} zero blocks, {:.1} s",
+            output::short(&rp.id),
+            rp.manifest.disk,
+            display_uri(to),
+            output::bytes(stats.bytes_written),
+            stats.blocks_written,
+            stats.blocks_zero,
+            stats.duration_ms as f64 / 1000.0
+        );
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 
 mod data;
 mod maintenance;
+mod serve;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -28,8 +29,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             id,
             to,
             force,
+            target_is_zero,
             workers,
-        } => data::restore(&g, &repo.repo, &id, &to, force, workers),
+        } => data::restore(&g, &repo.repo, &id, &to, force, target_is_zero, workers),
+        Command::Serve {
+            repo,
+            id,
+            listen,
+            tls_cert,
+            tls_key,
+        } => serve::serve(&g, &repo.repo, &id, &listen, tls_cert.zip(tls_key)),
         Command::Diff { repo, a, b } => maintenance::diff(&g, &repo.repo, &a, &b),
         Command::Verify { repo, read_data } => maintenance::verify(&g, &repo.repo, read_data),
         Command::Forget(f) => maintenance::forget(&g, f),

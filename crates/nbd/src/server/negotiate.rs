@@ -152,10 +152,7 @@ pub(crate) async fn negotiate(
                 let s = tokio_rustls::TlsAcceptor::from(tls)
                     .accept(c.stream)
                     .await
-                    .map_err(|e| Error::Tls {
-                        peer: peer.to_owned(),
-                        source: Arc::new(e),
-                    })?;
+                    .map_err(|e| Error::tls(peer, e))?;
                 c.stream = Box::new(s);
                 tls_done = true;
                 structured = false;

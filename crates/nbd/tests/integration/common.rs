@@ -125,3 +125,50 @@ pub fn qemu_nbd_unix(socket: &Path, args: &[&str]) -> ChildGuard {
     wait_unix(socket, &mut g);
     g
 }
+
+/// A throwaway CA and a server certificate for 127.0.0.1 and localhost,
+/// written as `ca-cert.pem`, `server-cert.pem`, `server-key.pem` (the file
+/// names QEMU's tls-creds-x509 expects) into `dir`.
+pub struct Certs {
+    pub dir: std::path::PathBuf,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub fn make_certs(dir: &Path) -> Certs {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "cbtvault test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, "localhost");
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+
+    std::fs::create_dir_all(dir).unwrap();
+    let certs = Certs {
+        dir: dir.to_owned(),
+        ca_pem: ca_cert.pem(),
+        cert_pem: leaf_cert.pem(),
+        key_pem: leaf_key.serialize_pem(),
+    };
+    std::fs::write(dir.join("ca-cert.pem"), &certs.ca_pem).unwrap();
+    std::fs::write(dir.join("server-cert.pem"), &certs.cert_pem).unwrap();
+    std::fs::write(dir.join("server-key.pem"), &certs.key_pem).unwrap();
+    certs
+}
+
+/// The rustls server configuration for these certificates.
+pub fn server_tls(certs: &Certs) -> std::sync::Arc<rustls::ServerConfig> {
+    cbtvault_nbd::tls::server_config(
+        &cbtvault_nbd::Pem::Inline(certs.cert_pem.clone()),
+        &cbtvault_nbd::Pem::Inline(certs.key_pem.clone()),
+    )
+    .unwrap()
+}

@@ -1,0 +1,193 @@
+//! NBD as a source and a target: any NBD server (qemu-nbd, QEMU's fleecing
+//! exports, nbdkit, XenServer's xapi-nbd) feeds a backup, and any writable
+//! export receives a restore.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cbtvault_blockmap::{BLOCK_SIZE, BlockMap, Extent, block_count};
+use cbtvault_nbd::{Client, ConnectOptions, StatusExtent};
+use cbtvault_repo::SourceInfo;
+
+use crate::error::{BoxError, Error, Result};
+use crate::restore::DiskTarget;
+use crate::source::DiskSource;
+
+/// The meta context that tells where a disk holds data.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// The meta context of a QEMU dirty bitmap.
+pub fn dirty_bitmap_context(bitmap: &str) -> String {
+    format!("qemu:dirty-bitmap:{bitmap}")
+}
+
+/// A disk read over NBD.
+pub struct NbdSource {
+    client: Client,
+    info: SourceInfo,
+}
+
+impl NbdSource {
+    /// Connects, asking for `base:allocation` (and any contexts already in
+    /// `options`). `location` is what the manifest records (no secrets).
+    pub async fn connect(mut options: ConnectOptions, location: String) -> Result<NbdSource> {
+        if !options.meta_contexts.iter().any(|c| c == BASE_ALLOCATION) {
+            options.meta_contexts.push(BASE_ALLOCATION.into());
+        }
+        let client = Client::connect(&options).await.map_err(|e| Error::Source {
+            disk: location.clone(),
+            what: "cannot connect to the NBD server".into(),
+            source: Some(Box::new(e)),
+        })?;
+        Ok(NbdSource {
+            client,
+            info: SourceInfo {
+                provider: "nbd".into(),
+                location,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Wraps a connected client.
+    pub fn from_client(client: Client, info: SourceInfo) -> NbdSource {
+        NbdSource { client, info }
+    }
+
+    /// The client, for callers that need more of the protocol.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Sets what the manifest records about this source.
+    pub fn set_info(&mut self, info: SourceInfo) {
+        self.info = info;
+    }
+
+    /// Blocks marked dirty in the QEMU dirty bitmap `bitmap`, which must
+    /// have been asked for at connect time (`qemu:dirty-bitmap:NAME`).
+    pub async fn dirty_blocks(&self, bitmap: &str) -> Result<BlockMap> {
+        let context = dirty_bitmap_context(bitmap);
+        if !self.client.meta_contexts().iter().any(|c| *c == context) {
+            return Err(Error::Source {
+                disk: self.info.location.clone(),
+                what: format!("the server does not offer {context}; is the bitmap exported (qemu-nbd -B {bitmap})?"),
+                source: None,
+            });
+        }
+        let extents = self.status(&context).await?;
+        let dirty = extents
+            .into_iter()
+            .filter(|e| e.flags & 1 != 0)
+            .map(|e| Extent::new(e.offset, e.length));
+        BlockMap::from_extents(block_count(self.client.size()), dirty).map_err(|e| Error::Source {
+            disk: self.info.location.clone(),
+            what: "the dirty bitmap does not fit the disk".into(),
+            source: Some(Box::new(e)),
+        })
+    }
+
+    async fn status(&self, context: &str) -> Result<Vec<StatusExtent>> {
+        let size = self.client.size();
+        let mut out = Vec::new();
+        let step = 1u64 << 32;
+        let mut offset = 0;
+        while offset < size {
+            let len = step.min(size - offset);
+            let part = self.client.block_status(context, offset, len).await.map_err(|e| Error::Source {
+                disk: self.info.location.clone(),
+                what: format!("block status ({context}) at offset {offset}"),
+                source: Some(Box::new(e)),
+            })?;
+            out.extend(part);
+            offset += len;
+        }
+        Ok(out)
+    }
+}
+
+impl DiskSource for NbdSource {
+    fn info(&self) -> SourceInfo {
+        self.info.clone()
+    }
+
+    fn size(&self) -> u64 {
+        self.client.size()
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, BoxError> {
+        Ok(self.client.read(offset, len).await?)
+    }
+
+    async fn allocated(&self) -> Result<Option<BlockMap>, BoxError> {
+        if !self.client.meta_contexts().iter().any(|c| c == BASE_ALLOCATION) {
+            return Ok(None);
+        }
+        // Extents that read as zeros need not be read at all.
+        let extents = self.status(BASE_ALLOCATION).await?;
+        let data = extents
+            .into_iter()
+            .filter(|e| e.flags & StatusExtent::ZERO == 0)
+            .map(|e| Extent::new(e.offset, e.length));
+        Ok(Some(BlockMap::from_extents(block_count(self.client.size()), data)?))
+    }
+}
+
+/// A writable NBD export as a restore target. Its methods are called from
+/// the restore's worker threads and block on the async client.
+pub struct NbdTarget {
+    client: Arc<Client>,
+    runtime: tokio::runtime::Handle,
+    zeroed: bool,
+}
+
+impl NbdTarget {
+    /// A target on a connected client. `known_zero` says the export reads
+    /// as zeros already (a fresh image), so zero blocks are not written.
+    pub fn new(client: Client, runtime: tokio::runtime::Handle, known_zero: bool) -> Result<NbdTarget> {
+        if client.is_read_only() {
+            return Err(Error::Target("the NBD export is read-only".into()));
+        }
+        Ok(NbdTarget {
+            client: Arc::new(client),
+            runtime,
+            zeroed: known_zero,
+        })
+    }
+
+    /// The export's size.
+    pub fn size(&self) -> u64 {
+        self.client.size()
+    }
+}
+
+fn io(e: cbtvault_nbd::Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+impl DiskTarget for NbdTarget {
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.runtime.block_on(self.client.write(offset, data)).map_err(io)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut done = 0;
+        // Bounded pieces keep each request within the server's limits.
+        while done < len {
+            let n = (len - done).min(1024 * BLOCK_SIZE);
+            self.runtime
+                .block_on(self.client.write_zeroes(offset + done, n))
+                .map_err(io)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn is_zeroed(&self) -> bool {
+        self.zeroed
+    }
+
+    fn finish(&self) -> std::io::Result<()> {
+        self.runtime.block_on(self.client.flush()).map_err(io)
+    }
+}

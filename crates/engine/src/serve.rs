@@ -1,0 +1,176 @@
+//! A restore point served read-only over NBD ("instant restore"): any NBD
+//! client (qemu-img, nbdcopy, a VM's disk) reads the backup without a
+//! restore first. Every block served is checked against its id.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use cbtvault_blockmap::BLOCK_SIZE;
+use cbtvault_nbd::server::{Export, Extent};
+use cbtvault_repo::tree::{FANOUT, Tree, decode_node};
+use cbtvault_repo::{BlobId, BlobReader, Repository, RestorePointRow};
+use futures::future::BoxFuture;
+
+use crate::error::BoxError;
+
+/// Decoded nodes kept in memory (4 KiB each).
+const NODE_CACHE: usize = 4096;
+
+/// A restore point as an NBD export.
+pub struct RestorePointExport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    repo: Arc<Repository>,
+    tree: Tree,
+    size: u64,
+    label: String,
+    readers: Mutex<Vec<BlobReader>>,
+    nodes: Mutex<HashMap<(u32, u64), Arc<Vec<BlobId>>>>,
+}
+
+impl RestorePointExport {
+    /// Serves `rp` from `repo`.
+    pub fn new(repo: Arc<Repository>, rp: &RestorePointRow) -> RestorePointExport {
+        RestorePointExport {
+            inner: Arc::new(Inner {
+                tree: rp.manifest.tree(),
+            size: rp.manifest.virtual_size,
+            label: format!("restore point {} of disk {:?}", rp.id, rp.manifest.disk),
+            repo,
+            readers: Mutex::new(Vec::new()),
+                nodes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn reader(&self) -> Result<BlobReader, BoxError> {
+        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match pooled {
+            Some(r) => Ok(r),
+            None => Ok(self.repo.reader()?),
+        }
+    }
+
+    fn give_back(&self, reader: BlobReader) {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).push(reader);
+    }
+
+    /// The id of subtree `(level, index)`.
+    fn subtree(&self, reader: &BlobReader, level: u32, index: u64) -> Result<BlobId, BoxError> {
+        let depth = self.tree.shape.depth();
+        if index >= self.tree.shape.count_at(level) {
+            return Ok(BlobId::ZERO);
+        }
+        if level == depth {
+            return Ok(self.tree.root);
+        }
+        let children = self.node(reader, level + 1, index / FANOUT)?;
+        Ok(children.get((index % FANOUT) as usize).copied().unwrap_or(BlobId::ZERO))
+    }
+
+    fn node(&self, reader: &BlobReader, level: u32, index: u64) -> Result<Arc<Vec<BlobId>>, BoxError> {
+        if let Some(n) = self.nodes.lock().unwrap_or_else(|p| p.into_inner()).get(&(level, index)) {
+            return Ok(n.clone());
+        }
+        let id = self.subtree(reader, level, index)?;
+        let count = self.tree.shape.children_of(level, index);
+        let children = Arc::new(if id.is_zero() {
+            vec![BlobId::ZERO; count as usize]
+        } else {
+            decode_node(&id, &reader.read(&id)?, level, count)?
+        });
+        let mut cache = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= NODE_CACHE {
+            // Bounded memory; reads are mostly sequential, so a plain reset is enough.
+            cache.clear();
+        }
+        cache.insert((level, index), children.clone());
+        Ok(children)
+    }
+
+    fn read_blocking(&self, offset: u64, len: u32) -> Result<Bytes, BoxError> {
+        let reader = self.reader()?;
+        let result = (|| {
+            let end = offset + u64::from(len);
+            let (first, last) = (offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE);
+            let ids = (first..=last)
+                .map(|b| self.subtree(&reader, 0, b))
+                .collect::<Result<Vec<_>, _>>()?;
+            let wanted: Vec<BlobId> = ids.iter().copied().filter(|id| !id.is_zero()).collect();
+            let mut contents = reader.read_many(&wanted)?.into_iter();
+            let mut out = BytesMut::with_capacity(len as usize);
+            for (i, id) in ids.iter().enumerate() {
+                let block_start = (first + i as u64) * BLOCK_SIZE;
+                let block_len = BLOCK_SIZE.min(self.size - block_start) as usize;
+                let from = offset.saturating_sub(block_start) as usize;
+                let to = (end - block_start).min(block_len as u64) as usize;
+                if id.is_zero() {
+                    out.resize(out.len() + (to - from), 0);
+                    continue;
+                }
+                let content = contents
+                    .next()
+                    .ok_or("block missing from the batch")?
+                    .map_err(|e| format!("{}: block at offset {block_start}: {e}", self.label))?;
+                let piece = content
+                    .get(from..to)
+                    .ok_or_else(|| format!("{}: block at offset {block_start} is too short", self.label))?;
+                out.extend_from_slice(piece);
+            }
+            Ok(out.freeze())
+        })();
+        self.give_back(reader);
+        result
+    }
+
+    fn status_blocking(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BoxError> {
+        let reader = self.reader()?;
+        let result = (|| {
+            // Answer at most one leaf's worth at a time; the client asks again.
+            let end = (offset + len).min(self.size).min((offset / BLOCK_SIZE + FANOUT) * BLOCK_SIZE);
+            let mut out: Vec<Extent> = Vec::new();
+            let mut cur = offset;
+            while cur < end {
+                let block = cur / BLOCK_SIZE;
+                let next = ((block + 1) * BLOCK_SIZE).min(end);
+                let zero = self.subtree(&reader, 0, block)?.is_zero();
+                let flags = if zero { Extent::HOLE | Extent::ZERO } else { 0 };
+                match out.last_mut() {
+                    Some(e) if e.flags == flags => e.length += next - cur,
+                    _ => out.push(Extent { length: next - cur, flags }),
+                }
+                cur = next;
+            }
+            Ok(out)
+        })();
+        self.give_back(reader);
+        result
+    }
+}
+
+impl Export for RestorePointExport {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, BoxError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(Bytes::new());
+            }
+            // SQLite lookups and pack reads are blocking work.
+            tokio::task::spawn_blocking(move || inner.read_blocking(offset, len)).await?
+        })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>, BoxError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || inner.status_blocking(offset, len)).await? })
+    }
+}
