@@ -8,3 +8,4 @@ mod concurrency;
 mod corruption;
 mod crash;
 mod incremental;
+mod nbd;
