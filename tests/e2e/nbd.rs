@@ -264,7 +264,7 @@ fn failing_reads_fail_the_backup_clearly_and_commit_nothing() {
             "--filter=error",
             "pattern",
             "size=32M",
-            "error-pread-rate=20%",
+            "error-pread-rate=100%",
             "error-pread=EIO",
         ],
     );
