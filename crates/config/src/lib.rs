@@ -1,0 +1,286 @@
+//! cbtvault's configuration file (TOML): one repository, the XenServer
+//! pools and QEMU hosts it backs up, and the jobs that say which disks,
+//! when, and how long to keep them. The one-off `cbtvault backup --config
+//! FILE --job NAME` and the nightly daemon read the same file.
+//!
+//! Loading validates everything a run would otherwise trip over halfway:
+//! unknown keys (typos), references to pools or hosts that do not exist,
+//! duplicate names, malformed UUIDs and times, ambiguous credentials or
+//! trust settings. Passwords are never in the file itself: a pool names a
+//! file or an environment variable, and [`Secret`] keeps the value out of
+//! logs. The format is documented in `docs/config.md`; `config/` has an
+//! example that the tests load.
+//!
+//! `toml` (with serde) is used because it is the de-facto TOML parser of
+//! the Rust ecosystem and reports errors with line and column.
+
+mod secret;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use secret::Secret;
+
+/// A configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub repository: RepositoryConfig,
+    /// XenServer / XCP-ng pools.
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<Pool>,
+    /// QEMU/KVM hosts (a VM's QEMU or a qemu-storage-daemon, by QMP socket).
+    #[serde(default, rename = "qemu")]
+    pub qemu_hosts: Vec<QemuHost>,
+    #[serde(default, rename = "job")]
+    pub jobs: Vec<Job>,
+}
+
+/// Where backups go.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    pub path: PathBuf,
+    /// zstd level for new blocks; the repository's default when absent.
+    pub compression_level: Option<i32>,
+}
+
+/// How a pool's XenAPI is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// JSON-RPC at /jsonrpc, falling back to XML-RPC when the host lacks it.
+    #[default]
+    Auto,
+    JsonRpc,
+    XmlRpc,
+}
+
+/// A XenServer / XCP-ng pool.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub name: String,
+    /// `https://HOST[:PORT]` of the pool master.
+    pub url: String,
+    #[serde(default = "default_username")]
+    pub username: String,
+    /// A file holding the password (first line).
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Trust the pool's certificate through this CA (PEM).
+    pub ca: Option<PathBuf>,
+    /// Trust exactly this certificate (PEM), as XenServer hands it out.
+    pub pin: Option<PathBuf>,
+    /// Trust any certificate. Logged as a warning on every run.
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub transport: Transport,
+    /// NBD connections per disk (xapi-nbd allows 16 per host).
+    #[serde(default = "one")]
+    pub nbd_connections: usize,
+}
+
+/// A QEMU/KVM host, addressed by its QMP socket.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuHost {
+    pub name: String,
+    pub qmp_socket: PathBuf,
+}
+
+/// What a job backs up.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum JobKind {
+    /// VDIs of a XenServer pool, by VM (all its disks) or by VDI.
+    Xenserver {
+        pool: String,
+        #[serde(default)]
+        vms: Vec<String>,
+        #[serde(default)]
+        vdis: Vec<String>,
+        /// Snapshot all disks of a VM together with `VM.snapshot`.
+        #[serde(default)]
+        consistent_vm_snapshot: bool,
+    },
+    /// Block nodes of a QEMU host.
+    Qemu { host: String, nodes: Vec<String> },
+}
+
+/// A backup job. (serde cannot deny unknown fields next to `flatten`;
+/// `validate::job_keys` does it instead.)
+#[derive(Clone, Debug, Deserialize)]
+pub struct Job {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: JobKind,
+    /// Disks backed up at once.
+    #[serde(default = "two")]
+    pub parallel: usize,
+    /// When the daemon runs it; one-off runs ignore it.
+    pub schedule: Option<Schedule>,
+    /// What `forget` keeps after a run.
+    pub retention: Option<Retention>,
+}
+
+/// Days and time of day (local time of the daemon's host).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// `HH:MM`, 24-hour clock.
+    pub at: String,
+    /// `mon` … `sun`; every day when empty.
+    #[serde(default)]
+    pub days: Vec<String>,
+}
+
+/// Retention per disk, as `cbtvault forget --keep-*`.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub keep_last: Option<usize>,
+    pub keep_daily: Option<usize>,
+    pub keep_weekly: Option<usize>,
+    pub keep_monthly: Option<usize>,
+}
+
+fn default_username() -> String {
+    "root".into()
+}
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+
+/// A configuration that cannot be used, and where.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{path}: cannot read")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid configuration")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+    #[error("pool {pool:?}: cannot read its password from {from}")]
+    Password {
+        pool: String,
+        from: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no job named {0:?} in the configuration")]
+    UnknownJob(String),
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is for messages and
+    /// for resolving relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let parse_error = |source| Error::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        };
+        let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        validate::job_keys(&table).map_err(|what| Error::Invalid {
+            path: path.into(),
+            what,
+        })?;
+        let mut config: Config = table.try_into().map_err(parse_error)?;
+        validate::check(&config).map_err(|what| Error::Invalid {
+            path: path.into(),
+            what,
+        })?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
+    /// Relative paths are relative to the configuration file.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.repository.path);
+        for pool in &mut self.pools {
+            for p in [&mut pool.password_file, &mut pool.ca, &mut pool.pin]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
+        }
+        for host in &mut self.qemu_hosts {
+            fix(&mut host.qmp_socket);
+        }
+    }
+
+    /// The job named `name`.
+    pub fn job(&self, name: &str) -> Result<&Job, Error> {
+        self.jobs
+            .iter()
+            .find(|j| j.name == name)
+            .ok_or_else(|| Error::UnknownJob(name.into()))
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The QEMU host named `name`.
+    pub fn qemu_host(&self, name: &str) -> Option<&QemuHost> {
+        self.qemu_hosts.iter().find(|h| h.name == name)
+    }
+}
+
+impl Pool {
+    /// Reads the password from its file or environment variable.
+    pub fn password(&self) -> Result<Secret, Error> {
+        match (&self.password_file, &self.password_env) {
+            (Some(file), _) => Secret::from_file(file).map_err(|source| Error::Password {
+                pool: self.name.clone(),
+                from: file.display().to_string(),
+                source,
+            }),
+            (None, Some(var)) => Secret::from_env(var).map_err(|source| Error::Password {
+                pool: self.name.clone(),
+                from: format!("${var}"),
+                source,
+            }),
+            (None, None) => Err(Error::Password {
+                pool: self.name.clone(),
+                from: "nowhere".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

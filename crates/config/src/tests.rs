@@ -1,0 +1,111 @@
+use std::path::Path;
+
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../../config/cbtvault.example.toml");
+
+fn parse(text: &str) -> Result<Config, Error> {
+    Config::parse(text, Path::new("/etc/cbtvault/cbtvault.toml"))
+}
+
+#[test]
+fn the_shipped_example_loads() {
+    let c = parse(EXAMPLE).unwrap();
+    assert_eq!(c.pools.len(), 2);
+    assert_eq!(c.jobs.len(), 3);
+    let job = c.job("web-nightly").unwrap();
+    assert!(
+        matches!(&job.kind, JobKind::Xenserver { pool, consistent_vm_snapshot: true, .. } if pool == "pool-a")
+    );
+    assert_eq!(job.retention.unwrap().keep_daily, Some(14));
+    assert!(matches!(
+        c.job("kvm-1-drives").unwrap().kind,
+        JobKind::Qemu { .. }
+    ));
+    assert!(matches!(c.job("nope"), Err(Error::UnknownJob(_))));
+    assert_eq!(c.pool("pool-b").unwrap().username, "root");
+}
+
+#[test]
+fn mistakes_are_named() {
+    let cases = [
+        (
+            EXAMPLE.replace("nbd_connections = 4", "nbd_conections = 4"),
+            "nbd_conections",
+        ),
+        (
+            EXAMPLE.replace("pool = \"pool-a\"", "pool = \"pool-x\""),
+            "no pool named \"pool-x\"",
+        ),
+        (
+            EXAMPLE.replace("password_env = \"CBTVAULT_POOL_B_PASSWORD\"", ""),
+            "exactly one of password_file",
+        ),
+        (
+            EXAMPLE.replace("at = \"02:00\"", "at = \"25:00\""),
+            "not HH:MM",
+        ),
+        (
+            EXAMPLE.replace("\"mon\", \"wed\"", "\"monday\", \"wed\""),
+            "unknown day \"monday\"",
+        ),
+        (
+            EXAMPLE.replace("6b9e2f1a-0c3d-4e5f-8a7b-9c0d1e2f3a4b", "web01"),
+            "\"web01\" is not a UUID",
+        ),
+        (
+            EXAMPLE.replace("name = \"db-disks\"", "name = \"web-nightly\""),
+            "two jobs are named",
+        ),
+        (
+            EXAMPLE.replace(
+                "ca = \"/etc/cbtvault/pool-b-ca.pem\"",
+                "ca = \"x\"\ninsecure = true",
+            ),
+            "at most one of ca",
+        ),
+        (
+            EXAMPLE.replace("kind = \"qemu\"", "kind = \"vmware\""),
+            "vmware",
+        ),
+        (
+            EXAMPLE.replace("parallel = 2", "paralel = 2"),
+            "job \"web-nightly\": unknown key \"paralel\"",
+        ),
+    ];
+    for (text, expect) in cases {
+        let err = parse(&text).unwrap_err();
+        let msg = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
+        assert!(msg.contains(expect), "expected {expect:?} in {msg}");
+    }
+}
+
+#[test]
+fn relative_paths_follow_the_file_and_passwords_stay_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+    let text = r#"
+        [repository]
+        path = "repo"
+        [[pool]]
+        name = "p"
+        url = "https://h"
+        password_file = "pw"
+    "#;
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, text).unwrap();
+    let c = Config::load(&file).unwrap();
+    assert_eq!(c.repository.path, dir.path().join("repo"));
+    let pw = c.pools[0].password().unwrap();
+    assert_eq!(pw.expose(), "s3cret");
+    assert!(!format!("{pw:?} {pw} {:?}", c.pools[0]).contains("s3cret"));
+    assert!(matches!(
+        Config::load(&dir.path().join("missing.toml")),
+        Err(Error::Read { .. })
+    ));
+}

@@ -1,0 +1,139 @@
+//! Checks that a parsed configuration can be used.
+
+use std::collections::HashSet;
+
+use crate::{Config, JobKind};
+
+const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// True for a UUID in its usual 8-4-4-4-12 hex form.
+pub fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn unique<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    let mut seen = HashSet::new();
+    for n in names {
+        if n.is_empty() {
+            return Err(format!("a {what} has an empty name"));
+        }
+        if !seen.insert(n) {
+            return Err(format!("two {what}s are named {n:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Returns what is wrong, naming the item.
+pub fn check(c: &Config) -> Result<(), String> {
+    unique("pool", c.pools.iter().map(|p| p.name.as_str()))?;
+    unique("qemu host", c.qemu_hosts.iter().map(|h| h.name.as_str()))?;
+    unique("job", c.jobs.iter().map(|j| j.name.as_str()))?;
+    if let Some(level) = c.repository.compression_level
+        && !(1..=22).contains(&level)
+    {
+        return Err(format!(
+            "repository: compression_level {level} is outside 1..=22"
+        ));
+    }
+    for p in &c.pools {
+        let at = format!("pool {:?}", p.name);
+        if !(p.url.starts_with("https://") || p.url.starts_with("http://")) {
+            return Err(format!(
+                "{at}: url {:?} must start with https:// (or http://)",
+                p.url
+            ));
+        }
+        if p.password_file.is_some() == p.password_env.is_some() {
+            return Err(format!(
+                "{at}: give exactly one of password_file and password_env"
+            ));
+        }
+        let trust = [p.ca.is_some(), p.pin.is_some(), p.insecure]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if trust > 1 {
+            return Err(format!("{at}: give at most one of ca, pin and insecure"));
+        }
+        if !(1..=16).contains(&p.nbd_connections) {
+            return Err(format!(
+                "{at}: nbd_connections must be 1..=16 (xapi-nbd's limit per host)"
+            ));
+        }
+    }
+    for j in &c.jobs {
+        let at = format!("job {:?}", j.name);
+        if j.parallel == 0 {
+            return Err(format!("{at}: parallel must be at least 1"));
+        }
+        match &j.kind {
+            JobKind::Xenserver {
+                pool, vms, vdis, ..
+            } => {
+                if c.pool(pool).is_none() {
+                    return Err(format!("{at}: no pool named {pool:?}"));
+                }
+                if vms.is_empty() && vdis.is_empty() {
+                    return Err(format!("{at}: list vms or vdis to back up"));
+                }
+                if let Some(bad) = vms.iter().chain(vdis).find(|u| !is_uuid(u)) {
+                    return Err(format!("{at}: {bad:?} is not a UUID"));
+                }
+            }
+            JobKind::Qemu { host, nodes } => {
+                if c.qemu_host(host).is_none() {
+                    return Err(format!("{at}: no qemu host named {host:?}"));
+                }
+                if nodes.is_empty() {
+                    return Err(format!("{at}: list the block nodes to back up"));
+                }
+            }
+        }
+        if let Some(s) = &j.schedule {
+            let ok = s.at.split_once(':').is_some_and(|(h, m)| {
+                h.len() == 2
+                    && m.len() == 2
+                    && h.parse::<u8>().is_ok_and(|h| h < 24)
+                    && m.parse::<u8>().is_ok_and(|m| m < 60)
+            });
+            if !ok {
+                return Err(format!("{at}: schedule time {:?} is not HH:MM", s.at));
+            }
+            if let Some(d) = s.days.iter().find(|d| !DAYS.contains(&d.as_str())) {
+                return Err(format!("{at}: unknown day {d:?} (use {})", DAYS.join(", ")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rejects unknown keys in `[[job]]` tables, which serde cannot do for the
+/// flattened job kinds.
+pub fn job_keys(table: &toml::Table) -> Result<(), String> {
+    const COMMON: [&str; 5] = ["name", "kind", "parallel", "schedule", "retention"];
+    let Some(jobs) = table.get("job").and_then(|j| j.as_array()) else {
+        return Ok(());
+    };
+    for job in jobs.iter().filter_map(|j| j.as_table()) {
+        let name = job.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+        let specific: &[&str] = match job.get("kind").and_then(|k| k.as_str()) {
+            Some("xenserver") => &["pool", "vms", "vdis", "consistent_vm_snapshot"],
+            Some("qemu") => &["host", "nodes"],
+            // serde reports unknown or missing kinds with the list of valid ones.
+            _ => continue,
+        };
+        if let Some(key) = job
+            .keys()
+            .find(|k| !COMMON.contains(&k.as_str()) && !specific.contains(&k.as_str()))
+        {
+            return Err(format!("job {name:?}: unknown key {key:?}"));
+        }
+    }
+    Ok(())
+}
