@@ -33,6 +33,8 @@ pub trait DiskTarget: Send + Sync {
 #[derive(Debug)]
 pub struct FileTarget {
     file: File,
+    /// Writers queue here instead of spinning on the kernel's inode lock.
+    write_lock: Mutex<()>,
     tmp: PathBuf,
     path: PathBuf,
 }
@@ -64,6 +66,7 @@ impl FileTarget {
             .map_err(|e| Error::Target(format!("cannot create {}: {e}", tmp.display())))?;
         Ok(FileTarget {
             file,
+            write_lock: Mutex::new(()),
             tmp,
             path: path.to_path_buf(),
         })
@@ -77,6 +80,7 @@ impl FileTarget {
 
 impl DiskTarget for FileTarget {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let _turn = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.file.write_all_at(data, offset)
     }
 
@@ -184,6 +188,10 @@ pub fn restore(
                         Ok(c) => c,
                         Err(e) => return fail(damaged(wanted[0].0 * BLOCK_SIZE, e)),
                     };
+                    // Adjacent blocks go out as one write: fewer system calls
+                    // and far less contention on the target's inode lock.
+                    let mut run: Vec<u8> = Vec::new();
+                    let mut run_start = 0u64;
                     for ((block, _), content) in wanted.iter().zip(contents) {
                         let offset = block * BLOCK_SIZE;
                         let content = match content {
@@ -200,11 +208,23 @@ pub fn restore(
                                 )),
                             ));
                         }
-                        if let Err(source) = target.write_at(offset, &content) {
-                            return fail(Error::TargetWrite { offset, source });
+                        if !run.is_empty() && run_start + run.len() as u64 != offset {
+                            if let Err(source) = target.write_at(run_start, &run) {
+                                return fail(Error::TargetWrite { offset: run_start, source });
+                            }
+                            run.clear();
                         }
+                        if run.is_empty() {
+                            run_start = offset;
+                        }
+                        run.extend_from_slice(&content);
                         local.blocks_written += 1;
                         local.bytes_written += content.len() as u64;
+                    }
+                    if !run.is_empty()
+                        && let Err(source) = target.write_at(run_start, &run)
+                    {
+                        return fail(Error::TargetWrite { offset: run_start, source });
                     }
                     if !target.is_zeroed() {
                         for (i, id) in leaf.ids.iter().enumerate() {

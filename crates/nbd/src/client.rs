@@ -1,10 +1,9 @@
 //! The NBD client: options, connection pool, request splitting and retry.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
@@ -15,157 +14,15 @@ use tracing::warn;
 use crate::conn::{Cmd, Conn, Reply};
 use crate::error::{Error, Result};
 use crate::handshake::{self, BoxStream, Negotiated};
+pub use crate::options::{Address, ConnectOptions, StatusExtent};
 use crate::proto;
-use crate::tls::{self, TlsOptions};
-
-/// Where the server is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Address {
-    Tcp { host: String, port: u16 },
-    Unix(PathBuf),
-}
-
-impl fmt::Display for Address {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Address::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
-            Address::Tcp { host, port } => write!(f, "{host}:{port}"),
-            Address::Unix(p) => write!(f, "{}", p.display()),
-        }
-    }
-}
-
-/// How to connect. Build with [`ConnectOptions::new`], [`ConnectOptions::tcp`],
-/// [`ConnectOptions::unix`] or [`ConnectOptions::from_uri`], then adjust.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ConnectOptions {
-    pub address: Address,
-    /// Export name; empty for the server's default export.
-    pub export: String,
-    /// `None` for plaintext.
-    pub tls: Option<TlsOptions>,
-    /// Meta contexts to select, e.g. `base:allocation`,
-    /// `qemu:dirty-bitmap:NAME`.
-    pub meta_contexts: Vec<String>,
-    /// Connections to open; more than one only if the server sets
-    /// CAN_MULTI_CONN. Default 1.
-    pub connections: usize,
-    /// Requests in flight per connection. Default 16.
-    pub inflight: usize,
-    /// Per-request timeout; a request without a reply by then fails the
-    /// connection (and is retried). Default 60 s.
-    pub request_timeout: Option<Duration>,
-    /// Time allowed to connect and negotiate. Default 30 s.
-    pub connect_timeout: Duration,
-    /// Reconnects per request after transport failures. Default 3.
-    pub retries: u32,
-    /// First backoff between retries, doubled each time (at most 5 s).
-    /// Default 100 ms.
-    pub retry_backoff: Duration,
-    /// Retries of a request the server answered with an error (e.g. EIO).
-    /// Default 0: server errors are reported at once.
-    pub server_error_retries: u32,
-    /// Ask for extended headers (64-bit lengths). Default true.
-    pub extended_headers: bool,
-}
-
-impl ConnectOptions {
-    /// Defaults for the given address and export.
-    pub fn new(address: Address, export: impl Into<String>) -> Self {
-        ConnectOptions {
-            address,
-            export: export.into(),
-            tls: None,
-            meta_contexts: Vec::new(),
-            connections: 1,
-            inflight: 16,
-            request_timeout: Some(Duration::from_secs(60)),
-            connect_timeout: Duration::from_secs(30),
-            retries: 3,
-            retry_backoff: Duration::from_millis(100),
-            server_error_retries: 0,
-            extended_headers: true,
-        }
-    }
-
-    pub fn tcp(host: impl Into<String>, port: u16, export: impl Into<String>) -> Self {
-        Self::new(
-            Address::Tcp {
-                host: host.into(),
-                port,
-            },
-            export,
-        )
-    }
-
-    pub fn unix(path: impl Into<PathBuf>, export: impl Into<String>) -> Self {
-        Self::new(Address::Unix(path.into()), export)
-    }
-
-    pub fn with_tls(mut self, tls: TlsOptions) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
-    pub fn with_meta_context(mut self, name: impl Into<String>) -> Self {
-        self.meta_contexts.push(name.into());
-        self
-    }
-
-    pub fn with_connections(mut self, n: usize) -> Self {
-        self.connections = n;
-        self
-    }
-
-    pub fn with_inflight(mut self, n: usize) -> Self {
-        self.inflight = n;
-        self
-    }
-
-    pub fn with_request_timeout(mut self, t: Option<Duration>) -> Self {
-        self.request_timeout = t;
-        self
-    }
-
-    pub fn with_retries(mut self, retries: u32, backoff: Duration) -> Self {
-        self.retries = retries;
-        self.retry_backoff = backoff;
-        self
-    }
-
-    pub fn with_server_error_retries(mut self, n: u32) -> Self {
-        self.server_error_retries = n;
-        self
-    }
-}
-
-/// One extent of a block-status answer. The meaning of `flags` depends on
-/// the context: for `base:allocation` bit 0 is HOLE and bit 1 ZERO, for
-/// `qemu:dirty-bitmap:NAME` bit 0 is DIRTY.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StatusExtent {
-    pub offset: u64,
-    pub length: u64,
-    pub flags: u64,
-}
-
-impl StatusExtent {
-    /// `base:allocation`: unallocated.
-    pub const HOLE: u64 = proto::STATE_HOLE as u64;
-    /// `base:allocation`: reads as zeros.
-    pub const ZERO: u64 = proto::STATE_ZERO as u64;
-    /// `qemu:dirty-bitmap:NAME`: changed.
-    pub const DIRTY: u64 = proto::STATE_DIRTY as u64;
-
-    pub fn end(&self) -> u64 {
-        self.offset + self.length
-    }
-}
+use crate::tls;
 
 struct Slot {
     current: RwLock<Option<Arc<Conn>>>,
-    reconnect: tokio::sync::Mutex<()>,
+    /// Held while reconnecting; remembers the last failed attempt so that
+    /// requests queued behind it share its result instead of each trying.
+    reconnect: tokio::sync::Mutex<Option<(Instant, Error)>>,
 }
 
 struct Inner {
@@ -236,14 +93,17 @@ impl Client {
                 .await?;
                 conns.extend(more.into_iter().map(Arc::new));
             } else {
-                warn!(peer, wanted, "the server does not set CAN_MULTI_CONN; using one connection");
+                warn!(
+                    peer,
+                    wanted, "the server does not set CAN_MULTI_CONN; using one connection"
+                );
             }
         }
         let slots = conns
             .into_iter()
             .map(|c| Slot {
                 current: RwLock::new(Some(c)),
-                reconnect: tokio::sync::Mutex::new(()),
+                reconnect: tokio::sync::Mutex::new(None),
             })
             .collect();
         Ok(Client {
@@ -279,7 +139,12 @@ impl Client {
 
     /// Names of the meta contexts the server selected.
     pub fn meta_contexts(&self) -> Vec<String> {
-        self.inner.info.contexts.iter().map(|(n, _)| n.clone()).collect()
+        self.inner
+            .info
+            .contexts
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Minimum, preferred and maximum block sizes in force.
@@ -324,7 +189,9 @@ impl Client {
 
     fn check_writable(&self, what: &str) -> Result<()> {
         if self.is_read_only() {
-            return Err(Error::InvalidRequest(format!("{what}: the export is read-only")));
+            return Err(Error::InvalidRequest(format!(
+                "{what}: the export is read-only"
+            )));
         }
         Ok(())
     }
@@ -374,7 +241,10 @@ impl Client {
     }
 
     fn unexpected(&self, what: &str, reply: Reply) -> Error {
-        Error::protocol(&self.inner.peer, format!("{what}: unexpected reply {reply:?}"))
+        Error::protocol(
+            &self.inner.peer,
+            format!("{what}: unexpected reply {reply:?}"),
+        )
     }
 
     /// Writes `data` at `offset` (which must respect the server's minimum
@@ -383,7 +253,7 @@ impl Client {
         self.check_writable("write")?;
         self.check_range("write", offset, data.len() as u64)?;
         let align = self.align();
-        if offset % align != 0 || (data.len() as u64) % align != 0 {
+        if !offset.is_multiple_of(align) || !(data.len() as u64).is_multiple_of(align) {
             return Err(Error::InvalidRequest(format!(
                 "write at offset {offset}, length {} is not aligned to the server's {align}-byte blocks",
                 data.len()
@@ -393,10 +263,19 @@ impl Client {
         let piece = (self.inner.info.max_payload as usize / align as usize * align as usize).max(1);
         let pieces: Vec<(u64, Bytes)> = (0..data.len())
             .step_by(piece)
-            .map(|i| (offset + i as u64, data.slice(i..(i + piece).min(data.len()))))
+            .map(|i| {
+                (
+                    offset + i as u64,
+                    data.slice(i..(i + piece).min(data.len())),
+                )
+            })
             .collect();
-        self.run_all(pieces.into_iter().map(|(o, d)| Cmd::Write { offset: o, data: d }))
-            .await
+        self.run_all(
+            pieces
+                .into_iter()
+                .map(|(o, d)| Cmd::Write { offset: o, data: d }),
+        )
+        .await
     }
 
     async fn run_all(&self, cmds: impl Iterator<Item = Cmd>) -> Result<()> {
@@ -414,7 +293,7 @@ impl Client {
         self.check_writable("write_zeroes")?;
         self.check_range("write_zeroes", offset, len)?;
         let align = self.align();
-        if offset % align != 0 || len % align != 0 {
+        if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(Error::InvalidRequest(format!(
                 "write_zeroes at offset {offset}, length {len} is not aligned to {align}-byte blocks"
             )));
@@ -448,7 +327,12 @@ impl Client {
     /// Block status of `[offset, offset+len)` in one meta context, as
     /// consecutive extents covering exactly that range (adjacent extents with
     /// equal flags merged). Loops while the server answers short.
-    pub async fn block_status(&self, context: &str, offset: u64, len: u64) -> Result<Vec<StatusExtent>> {
+    pub async fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<StatusExtent>> {
         self.check_range("block_status", offset, len)?;
         if !self.inner.info.structured {
             return Err(Error::Unsupported {
@@ -561,14 +445,26 @@ impl Client {
         if let Some(c) = live(slot) {
             return Ok(c);
         }
-        let _guard = slot.reconnect.lock().await;
+        let mut last_failure = slot.reconnect.lock().await;
         if let Some(c) = live(slot) {
             return Ok(c);
         }
         if self.is_closed() {
             return Err(Error::InvalidRequest("the client was disconnected".into()));
         }
-        let c = open(&self.inner.opts, &self.inner.peer, self.inner.tls.as_ref()).await?;
+        if let Some((when, e)) = last_failure.as_ref()
+            && when.elapsed() < self.inner.opts.retry_backoff
+        {
+            return Err(e.clone());
+        }
+        let c = match open(&self.inner.opts, &self.inner.peer, self.inner.tls.as_ref()).await {
+            Ok(c) => c,
+            Err(e) => {
+                *last_failure = Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
+        *last_failure = None;
         let n = c.negotiated();
         if n.size != self.inner.info.size || n.min_block != self.inner.info.min_block {
             return Err(Error::handshake(

@@ -105,8 +105,13 @@ impl Shared {
 }
 
 enum Outgoing {
-    Request { header: Bytes, payload: Option<Bytes> },
-    Disconnect { header: Bytes },
+    Request {
+        header: Bytes,
+        payload: Option<Bytes>,
+    },
+    Disconnect {
+        header: Bytes,
+    },
 }
 
 /// A negotiated, running connection.
@@ -143,8 +148,15 @@ impl Conn {
         });
         let (r, w) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(inflight);
-        tokio::spawn(writer(BufWriter::with_capacity(256 * 1024, w), rx, shared.clone()));
-        tokio::spawn(reader(BufReader::with_capacity(256 * 1024, r), shared.clone()));
+        tokio::spawn(writer(
+            BufWriter::with_capacity(256 * 1024, w),
+            rx,
+            shared.clone(),
+        ));
+        tokio::spawn(reader(
+            BufReader::with_capacity(256 * 1024, r),
+            shared.clone(),
+        ));
         Conn {
             shared,
             out: tx,
@@ -165,10 +177,14 @@ impl Conn {
     }
 
     fn dead_error(&self) -> Error {
-        self.shared.table().failed.clone().unwrap_or_else(|| Error::Closed {
-            peer: self.shared.peer.clone(),
-            why: "the connection's tasks ended".into(),
-        })
+        self.shared
+            .table()
+            .failed
+            .clone()
+            .unwrap_or_else(|| Error::Closed {
+                peer: self.shared.peer.clone(),
+                why: "the connection's tasks ended".into(),
+            })
     }
 
     /// Issues one request and waits for its complete, validated reply.
@@ -226,30 +242,34 @@ impl Conn {
         }
         let reply = match self.timeout {
             None => rx.await,
-            Some(d) => match tokio::time::timeout(d, rx).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let command = proto::command_name(kind);
-                    self.shared.fail(Error::Closed {
+            Some(d) => {
+                match tokio::time::timeout(d, rx).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let command = proto::command_name(kind);
+                        self.shared.fail(Error::Closed {
                         peer: self.shared.peer.clone(),
                         why: format!("abandoned after {command} at offset {offset} got no reply within {d:?}"),
                     });
-                    return Err(Error::Timeout {
-                        peer: self.shared.peer.clone(),
-                        command,
-                        offset,
-                        length,
-                        after: d,
-                    });
+                        return Err(Error::Timeout {
+                            peer: self.shared.peer.clone(),
+                            command,
+                            offset,
+                            length,
+                            after: d,
+                        });
+                    }
                 }
-            },
+            }
         };
         reply.unwrap_or_else(|_| Err(self.dead_error()))
     }
 
     /// Waits for the requests in flight, sends NBD_CMD_DISC and closes.
     pub(crate) async fn disconnect(&self) {
-        let permits = self.window.acquire_many(self.window_size).await;
+        // Requests in flight get a bounded time to finish.
+        let grace = self.timeout.unwrap_or(Duration::from_secs(30));
+        let permits = tokio::time::timeout(grace, self.window.acquire_many(self.window_size)).await;
         {
             let mut t = self.shared.table();
             if t.failed.is_some() {
@@ -367,7 +387,18 @@ async fn read_loop(r: &mut BufReader<ReadHalf<BoxStream>>, shared: &Shared) -> E
         };
         match handle(r, shared, header, &mut p).await {
             Ok(false) => {
-                shared.table().map.insert(cookie, p);
+                // More chunks to come, unless the connection failed meanwhile.
+                let mut t = shared.table();
+                match t.failed.clone() {
+                    Some(e) => {
+                        drop(t);
+                        let _ = p.tx.send(Err(e.clone()));
+                        return e;
+                    }
+                    None => {
+                        t.map.insert(cookie, p);
+                    }
+                }
             }
             Ok(true) => {
                 let close = shared.neg.export_name_fallback && p.error.is_some();
@@ -375,7 +406,8 @@ async fn read_loop(r: &mut BufReader<ReadHalf<BoxStream>>, shared: &Shared) -> E
                 if close {
                     return Error::Closed {
                         peer: peer.to_owned(),
-                        why: "a server without NBD_OPT_GO ends the connection after an error reply".into(),
+                        why: "a server without NBD_OPT_GO ends the connection after an error reply"
+                            .into(),
                     };
                 }
             }
@@ -422,9 +454,9 @@ async fn handle(
                 return Ok(true);
             }
             match p.kind {
-                proto::CMD_READ if shared.neg.structured => {
-                    Err(bad("simple reply to a read after structured replies were negotiated".into()))
-                }
+                proto::CMD_READ if shared.neg.structured => Err(bad(
+                    "simple reply to a read after structured replies were negotiated".into(),
+                )),
                 proto::CMD_READ => {
                     r.read_exact(&mut p.buf)
                         .await
@@ -437,10 +469,15 @@ async fn handle(
             }
         }
         ReplyHeader::Chunk {
-            flags, kind, length, ..
+            flags,
+            kind,
+            length,
+            ..
         } => {
             if !shared.neg.structured {
-                return Err(bad("structured reply chunk, but structured replies were not negotiated".into()));
+                return Err(bad(
+                    "structured reply chunk, but structured replies were not negotiated".into(),
+                ));
             }
             let limit = match kind {
                 proto::CHUNK_OFFSET_DATA => p.length + 8,
@@ -450,7 +487,9 @@ async fn handle(
                 _ => 4 + 2 + proto::MAX_STRING as u64 + 8,
             };
             if length > limit {
-                return Err(bad(format!("chunk of type {kind} with {length} bytes of payload (at most {limit} expected)")));
+                return Err(bad(format!(
+                    "chunk of type {kind} with {length} bytes of payload (at most {limit} expected)"
+                )));
             }
             let done = flags & proto::REPLY_FLAG_DONE != 0;
             if kind == proto::CHUNK_OFFSET_DATA && p.kind == proto::CMD_READ && length > 8 {
@@ -475,7 +514,9 @@ async fn handle(
                 Chunk::None if done => {}
                 Chunk::None => return Err(bad("NBD_REPLY_TYPE_NONE without the DONE flag".into())),
                 Chunk::Data { .. } | Chunk::Hole { .. } if p.kind != proto::CMD_READ => {
-                    return Err(bad("data chunk in reply to a command that reads nothing".into()));
+                    return Err(bad(
+                        "data chunk in reply to a command that reads nothing".into()
+                    ));
                 }
                 Chunk::Data { offset, data } => {
                     let rel = cover(p, offset, data.len() as u64).map_err(bad)?;
@@ -494,7 +535,9 @@ async fn handle(
                     }
                     if context == p.context {
                         if p.extents.is_some() {
-                            return Err(bad(format!("two block status chunks for context {context}")));
+                            return Err(bad(format!(
+                                "two block status chunks for context {context}"
+                            )));
                         }
                         p.extents = Some(extents);
                     }
@@ -507,7 +550,9 @@ async fn handle(
                     if let Some(o) = offset
                         && (o < p.offset || o >= p.offset.saturating_add(p.length))
                     {
-                        return Err(bad(format!("error chunk names offset {o}, outside the request")));
+                        return Err(bad(format!(
+                            "error chunk names offset {o}, outside the request"
+                        )));
                     }
                     if p.error.is_none() {
                         p.error = Some(server_error(shared, p, errno, message));

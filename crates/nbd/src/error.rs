@@ -4,7 +4,6 @@
 //! one broken connection fails every request in flight on it, and each of
 //! those requests gets its own copy of the reason.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +70,9 @@ pub enum Error {
     },
 
     /// The server requires TLS and none was configured.
-    #[error("{peer}: the server requires TLS; connect with nbds:// or configure a CA or pinned certificate")]
+    #[error(
+        "{peer}: the server requires TLS; connect with nbds:// or configure a CA or pinned certificate"
+    )]
     TlsRequired { peer: String },
 
     /// The server does not know the export.
@@ -122,15 +123,6 @@ pub enum Error {
     #[error("NBD URI {uri:?}: {what}")]
     Uri { uri: String, what: String },
 
-    /// A file named in the options (certificate directory, socket path)
-    /// could not be used.
-    #[error("{path}")]
-    File {
-        path: PathBuf,
-        #[source]
-        source: Arc<std::io::Error>,
-    },
-
     /// The server side could not bind or accept.
     #[error("NBD server: {what}")]
     Serve {
@@ -147,10 +139,7 @@ impl Error {
     pub fn is_transport(&self) -> bool {
         matches!(
             self,
-            Error::Connect { .. }
-                | Error::Io { .. }
-                | Error::Timeout { .. }
-                | Error::Closed { .. }
+            Error::Connect { .. } | Error::Io { .. } | Error::Timeout { .. } | Error::Closed { .. }
         )
     }
 
@@ -171,7 +160,10 @@ impl Error {
     }
 
     pub(crate) fn tls(peer: &str, source: std::io::Error) -> Self {
-        let why = match source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        let why = match source
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
             Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)))
                 if o.0.downcast_ref::<crate::tls::PinMismatch>().is_some() =>
             {

@@ -141,7 +141,12 @@ impl Io<'_> {
             proto::REP_ACK => Ok(true),
             proto::REP_ERR_TLS_REQD => Err(self.refused(option, reply, &data)),
             r if r & proto::REP_ERR_BIT != 0 => {
-                debug!(peer = self.peer, option = proto::option_name(option), reply = proto::reply_name(r), "option refused");
+                debug!(
+                    peer = self.peer,
+                    option = proto::option_name(option),
+                    reply = proto::reply_name(r),
+                    "option refused"
+                );
                 Ok(false)
             }
             r => Err(self.unexpected(option, r)),
@@ -188,7 +193,12 @@ pub(crate) async fn negotiate(
         });
     }
     let no_zeroes = hflags & proto::FLAG_NO_ZEROES != 0;
-    let cflags = proto::CLIENT_FIXED_NEWSTYLE | if no_zeroes { proto::CLIENT_NO_ZEROES } else { 0 };
+    let cflags = proto::CLIENT_FIXED_NEWSTYLE
+        | if no_zeroes {
+            proto::CLIENT_NO_ZEROES
+        } else {
+            0
+        };
     io.write(&cflags.to_be_bytes(), "the client flags").await?;
 
     if let Some(tls) = tls {
@@ -236,16 +246,19 @@ pub(crate) async fn negotiate(
                 proto::REP_META_CONTEXT => {
                     let mut c = Cursor::new(&data, "NBD_REP_META_CONTEXT");
                     let id = c.u32().map_err(|e| Error::handshake(peer, e))?;
-                    let name = String::from_utf8(c.rest().to_vec()).map_err(|_| {
-                        Error::handshake(peer, "meta context name is not UTF-8")
-                    })?;
+                    let name = String::from_utf8(c.rest().to_vec())
+                        .map_err(|_| Error::handshake(peer, "meta context name is not UTF-8"))?;
                     contexts.push((name, id));
                 }
                 proto::REP_ERR_TLS_REQD => {
                     return Err(io.refused(proto::OPT_SET_META_CONTEXT, reply, &data));
                 }
                 r if r & proto::REP_ERR_BIT != 0 => {
-                    warn!(peer, reply = proto::reply_name(r), "the server refused meta contexts; block status is unavailable");
+                    warn!(
+                        peer,
+                        reply = proto::reply_name(r),
+                        "the server refused meta contexts; block status is unavailable"
+                    );
                     contexts.clear();
                     break;
                 }
@@ -278,7 +291,10 @@ pub(crate) async fn negotiate(
                 parsed.map_err(|e| Error::handshake(peer, e))?;
             }
             proto::REP_ERR_UNSUP => {
-                warn!(peer, "the server does not support NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME (simple replies, 512-byte alignment)");
+                warn!(
+                    peer,
+                    "the server does not support NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME (simple replies, 512-byte alignment)"
+                );
                 return export_name(io, opts, no_zeroes, structured, extended).await;
             }
             proto::REP_ERR_UNKNOWN => {
@@ -329,7 +345,14 @@ async fn export_name(
 ) -> Result<(BoxStream, Negotiated)> {
     io.send_option(proto::OPT_EXPORT_NAME, opts.export.as_bytes())
         .await?;
-    let mut reply = vec![0u8; 10 + if no_zeroes { 0 } else { proto::EXPORT_NAME_PADDING }];
+    let mut reply = vec![
+        0u8;
+        10 + if no_zeroes {
+            0
+        } else {
+            proto::EXPORT_NAME_PADDING
+        }
+    ];
     io.stream.read_exact(&mut reply).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::handshake(

@@ -36,7 +36,8 @@
 //! # Modules
 //! [`proto`] holds the wire constants and pure encoders/decoders (fuzzed
 //! with proptest); `handshake` the client negotiation; `conn` one pipelined
-//! connection; `client` options, the connection pool and retry; [`server`]
+//! connection; `options` what [`ConnectOptions`] holds; `client` the
+//! connection pool, request splitting and retry; [`server`]
 //! the server; [`tls`] rustls configuration including certificate pinning;
 //! `uri` parsing of `nbd://` URIs.
 //!
@@ -55,6 +56,7 @@ mod client;
 mod conn;
 pub mod error;
 mod handshake;
+mod options;
 pub mod proto;
 pub mod server;
 pub mod tls;

@@ -8,7 +8,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 // Handshake magics.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-pub const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
 // Handshake flags (server) and client flags.
@@ -437,7 +437,7 @@ pub fn decode_chunk(kind: u16, mut payload: Bytes) -> Result<Chunk, String> {
             Ok(Chunk::Hole { offset, length })
         }
         CHUNK_BLOCK_STATUS => {
-            if len < 12 || (len - 4) % 8 != 0 {
+            if len < 12 || !(len - 4).is_multiple_of(8) {
                 return Err(format!("BLOCK_STATUS chunk of {len} bytes is malformed"));
             }
             let context = payload.get_u32();
@@ -450,8 +450,10 @@ pub fn decode_chunk(kind: u16, mut payload: Bytes) -> Result<Chunk, String> {
             Ok(Chunk::Status { context, extents })
         }
         CHUNK_BLOCK_STATUS_EXT => {
-            if len < 24 || (len - 8) % 16 != 0 {
-                return Err(format!("BLOCK_STATUS_EXT chunk of {len} bytes is malformed"));
+            if len < 24 || !(len - 8).is_multiple_of(16) {
+                return Err(format!(
+                    "BLOCK_STATUS_EXT chunk of {len} bytes is malformed"
+                ));
             }
             let context = payload.get_u32();
             let count = payload.get_u32() as usize;

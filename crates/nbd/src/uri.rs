@@ -18,8 +18,8 @@ use std::path::PathBuf;
 
 use url::{Host, Url};
 
-use crate::client::{Address, ConnectOptions};
 use crate::error::{Error, Result};
+use crate::options::{Address, ConnectOptions};
 use crate::tls::TlsOptions;
 
 /// The IANA port for NBD.
@@ -195,7 +195,10 @@ mod tests {
         )
         .unwrap();
         let t = o.tls.unwrap();
-        assert_eq!(t.trust, TlsTrust::Pinned(Pem::File("/certs/host.pem".into())));
+        assert_eq!(
+            t.trust,
+            TlsTrust::Pinned(Pem::File("/certs/host.pem".into()))
+        );
         assert_eq!(t.server_name.as_deref(), Some("xen1"));
     }
 

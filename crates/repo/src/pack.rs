@@ -280,6 +280,23 @@ pub fn read_index(backend: &dyn Backend, name: &str) -> Result<Vec<PackEntry>> {
 
 /// Checks stored bytes against their entry and returns the content.
 pub fn decode_blob(pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::CorruptBlob {
+        id: entry.id,
+        pack: pack.to_string(),
+        offset: entry.offset,
+        what: format!("cannot set up zstd: {e}"),
+    })?;
+    decode_blob_with(&mut decompressor, pack, entry, stored)
+}
+
+/// [`decode_blob`] with a reusable decompression context (one per thread
+/// on hot paths: creating a context costs more than decompressing a block).
+pub fn decode_blob_with(
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    pack: &str,
+    entry: &PackEntry,
+    stored: &[u8],
+) -> Result<Vec<u8>> {
     let corrupt = |what: String| Error::CorruptBlob {
         id: entry.id,
         pack: pack.to_string(),
@@ -288,7 +305,8 @@ pub fn decode_blob(pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u
     };
     let content = match entry.compression {
         Compression::None => stored.to_vec(),
-        Compression::Zstd => zstd::bulk::decompress(stored, entry.raw_len as usize)
+        Compression::Zstd => decompressor
+            .decompress(stored, entry.raw_len as usize)
             .map_err(|e| corrupt(format!("cannot decompress: {e}")))?,
     };
     if content.len() != entry.raw_len as usize {

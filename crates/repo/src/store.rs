@@ -1,6 +1,7 @@
 //! Reading blobs back (always checked against their id) and writing new
 //! ones into packs.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -8,19 +9,42 @@ use crate::BlobId;
 use crate::backend::{Backend, FileKind};
 use crate::catalogue::{BlobLocation, Catalogue};
 use crate::error::{Error, Result};
-use crate::pack::{self, BlobKind, Compression, PackBuilder};
+use crate::pack::{self, BlobKind, Compression, PackBuilder, PackEntry};
 use crate::tree::{NodeSink, NodeStore};
 
-/// Reads blobs for one thread (it owns a catalogue connection).
-#[derive(Debug)]
+/// Reads blobs for one thread (it owns a catalogue connection and a
+/// decompression context).
 pub struct BlobReader {
     backend: Arc<dyn Backend>,
     catalogue: Catalogue,
+    decompressor: RefCell<Option<zstd::bulk::Decompressor<'static>>>,
+}
+
+impl std::fmt::Debug for BlobReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobReader").field("catalogue", &self.catalogue).finish()
+    }
 }
 
 impl BlobReader {
     pub(crate) fn new(backend: Arc<dyn Backend>, catalogue: Catalogue) -> Self {
-        BlobReader { backend, catalogue }
+        BlobReader {
+            backend,
+            catalogue,
+            decompressor: RefCell::new(None),
+        }
+    }
+
+    /// Decodes with this reader's decompression context.
+    fn decode(&self, pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+        let mut slot = self.decompressor.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Decompressor::new().ok();
+        }
+        match slot.as_mut() {
+            Some(d) => pack::decode_blob_with(d, pack, entry, stored),
+            None => pack::decode_blob(pack, entry, stored),
+        }
     }
 
     /// Where `id` is stored.
@@ -39,7 +63,7 @@ impl BlobReader {
             loc.entry.offset,
             loc.entry.stored_len as usize,
         )?;
-        pack::decode_blob(&loc.pack, &loc.entry, &stored)
+        self.decode(&loc.pack, &loc.entry, &stored)
     }
 
     /// Reads many blobs, coalescing neighbours in the same pack into one
@@ -76,7 +100,7 @@ impl BlobReader {
                     for (slot, loc) in &located[i..j] {
                         let from = (loc.entry.offset - start) as usize;
                         let stored = &buf[from..from + loc.entry.stored_len as usize];
-                        out[*slot] = Some(pack::decode_blob(pack_name, &loc.entry, stored));
+                        out[*slot] = Some(self.decode(pack_name, &loc.entry, stored));
                     }
                 }
                 Err(e) => {

@@ -54,7 +54,12 @@ pub trait Export: Send + Sync + 'static {
     /// `offset`; they may cover less than asked (the client asks again) and
     /// are clipped if they cover more. The default reports all data.
     fn block_status(&self, _offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>, BoxError>> {
-        Box::pin(async move { Ok(vec![Extent { length: len, flags: 0 }]) })
+        Box::pin(async move {
+            Ok(vec![Extent {
+                length: len,
+                flags: 0,
+            }])
+        })
     }
 
     /// Whether writes are refused. Default true.
@@ -144,7 +149,10 @@ impl Export for MemoryExport {
             let flags = if zero { Extent::HOLE | Extent::ZERO } else { 0 };
             match out.last_mut() {
                 Some(e) if e.flags == flags => e.length += next - cur,
-                _ => out.push(Extent { length: next - cur, flags }),
+                _ => out.push(Extent {
+                    length: next - cur,
+                    flags,
+                }),
             }
             cur = next;
         }
@@ -198,6 +206,8 @@ pub struct ServerConfig {
     pub max_payload: u32,
     /// Announce CAN_MULTI_CONN (full mode). Default true.
     pub multi_conn: bool,
+    /// Time a client has to finish the handshake. Default 30 s.
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -210,6 +220,7 @@ impl Default for ServerConfig {
             inflight: 16,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             multi_conn: true,
+            handshake_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -225,6 +236,7 @@ impl ServerConfig {
             inflight: 1,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             multi_conn: false,
+            handshake_timeout: std::time::Duration::from_secs(30),
         }
     }
 
@@ -303,7 +315,10 @@ impl Server {
     }
 
     fn registry(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
-        self.inner.registry.write().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Adds (or replaces) an export.
@@ -327,7 +342,11 @@ impl Server {
     }
 
     /// Accepts TCP clients until `shutdown`, then waits for them to finish.
-    pub async fn serve_tcp(&self, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    pub async fn serve_tcp(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
         let tracker = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
@@ -348,7 +367,11 @@ impl Server {
     }
 
     /// Accepts unix-socket clients until `shutdown`, then waits for them.
-    pub async fn serve_unix(&self, listener: UnixListener, shutdown: CancellationToken) -> Result<()> {
+    pub async fn serve_unix(
+        &self,
+        listener: UnixListener,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
         let tracker = TaskTracker::new();
         let mut n = 0u64;
         loop {
@@ -374,7 +397,11 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Ok(permit) = self.inner.connections.clone().try_acquire_owned() else {
-            warn!(peer, limit = self.inner.config.max_connections, "server busy: connection limit reached; closing");
+            warn!(
+                peer,
+                limit = self.inner.config.max_connections,
+                "server busy: connection limit reached; closing"
+            );
             return;
         };
         let server = self.clone();
@@ -387,13 +414,21 @@ impl Server {
     }
 
     /// Serves one already-accepted connection to its end.
-    pub async fn serve_stream<S>(&self, stream: S, peer: &str, shutdown: CancellationToken) -> Result<()>
+    pub async fn serve_stream<S>(
+        &self,
+        stream: S,
+        peer: &str,
+        shutdown: CancellationToken,
+    ) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let negotiated = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            n = negotiate::negotiate(&self.inner, Box::new(stream), peer) => n?,
+            n = tokio::time::timeout(
+                self.inner.config.handshake_timeout,
+                negotiate::negotiate(&self.inner, Box::new(stream), peer),
+            ) => n.map_err(|_| Error::handshake(peer, "the client did not finish the handshake in time"))??,
         };
         let Some((stream, session)) = negotiated else {
             return Ok(());
@@ -406,7 +441,9 @@ impl Server {
 async fn accept_error(e: std::io::Error) -> Result<()> {
     // Running out of descriptors is transient; anything else is fatal.
     warn!(error = %e, "accept failed");
-    if matches!(e.raw_os_error(), Some(23 | 24)) || e.kind() == std::io::ErrorKind::ConnectionAborted {
+    if matches!(e.raw_os_error(), Some(23 | 24))
+        || e.kind() == std::io::ErrorKind::ConnectionAborted
+    {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         Ok(())
     } else {

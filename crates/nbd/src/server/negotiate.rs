@@ -48,7 +48,13 @@ impl Conn<'_> {
     }
 
     async fn error(&mut self, option: u32, reply: u32, message: &str) -> Result<()> {
-        debug!(peer = self.peer, option = proto::option_name(option), reply = proto::reply_name(reply), message, "option refused");
+        debug!(
+            peer = self.peer,
+            option = proto::option_name(option),
+            reply = proto::reply_name(reply),
+            message,
+            "option refused"
+        );
         self.reply(option, reply, message.as_bytes()).await
     }
 
@@ -96,7 +102,10 @@ pub(crate) async fn negotiate(
     c.read(&mut cflags).await?;
     let cflags = u32::from_be_bytes(cflags);
     if cflags & !u32::from(offered) != 0 {
-        return Err(Error::handshake(peer, format!("client flags {cflags:#x} not offered")));
+        return Err(Error::handshake(
+            peer,
+            format!("client flags {cflags:#x} not offered"),
+        ));
     }
     let no_zeroes = cflags & proto::CLIENT_NO_ZEROES != 0;
 
@@ -113,14 +122,18 @@ pub(crate) async fn negotiate(
             _ => return Err(Error::handshake(peer, "truncated option header")),
         };
         if magic != proto::IHAVEOPT {
-            return Err(Error::handshake(peer, format!("bad option magic {magic:#x}")));
+            return Err(Error::handshake(
+                peer,
+                format!("bad option magic {magic:#x}"),
+            ));
         }
         if len > MAX_OPTION_DATA {
             let mut sink = tokio::io::sink();
             tokio::io::copy(&mut (&mut c.stream).take(u64::from(len)), &mut sink)
                 .await
                 .map_err(|e| Error::io(peer, "skipping option data", e))?;
-            c.error(option, proto::REP_ERR_TOO_BIG, "option data too long").await?;
+            c.error(option, proto::REP_ERR_TOO_BIG, "option data too long")
+                .await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
@@ -131,7 +144,8 @@ pub(crate) async fn negotiate(
             if option == proto::OPT_EXPORT_NAME {
                 return Err(Error::handshake(peer, "NBD_OPT_EXPORT_NAME before TLS"));
             }
-            c.error(option, proto::REP_ERR_TLS_REQD, "TLS is required").await?;
+            c.error(option, proto::REP_ERR_TLS_REQD, "TLS is required")
+                .await?;
             continue;
         }
         match option {
@@ -141,11 +155,17 @@ pub(crate) async fn negotiate(
             }
             proto::OPT_STARTTLS => {
                 let Some(tls) = inner.config.tls.clone() else {
-                    c.error(option, proto::REP_ERR_POLICY, "TLS is not configured").await?;
+                    c.error(option, proto::REP_ERR_POLICY, "TLS is not configured")
+                        .await?;
                     continue;
                 };
                 if tls_done || len != 0 {
-                    c.error(option, proto::REP_ERR_INVALID, "TLS already started or bad data").await?;
+                    c.error(
+                        option,
+                        proto::REP_ERR_INVALID,
+                        "TLS already started or bad data",
+                    )
+                    .await?;
                     continue;
                 }
                 c.reply(option, proto::REP_ACK, &[]).await?;
@@ -187,18 +207,26 @@ pub(crate) async fn negotiate(
                 )));
             }
             proto::OPT_LIST if minimal => {
-                c.error(option, proto::REP_ERR_POLICY, "listing is not allowed").await?;
+                c.error(option, proto::REP_ERR_POLICY, "listing is not allowed")
+                    .await?;
             }
             _ if minimal => {
-                c.error(option, proto::REP_ERR_UNSUP, "not supported").await?;
+                c.error(option, proto::REP_ERR_UNSUP, "not supported")
+                    .await?;
             }
             proto::OPT_LIST => {
                 if len != 0 {
-                    c.error(option, proto::REP_ERR_INVALID, "NBD_OPT_LIST carries no data").await?;
+                    c.error(
+                        option,
+                        proto::REP_ERR_INVALID,
+                        "NBD_OPT_LIST carries no data",
+                    )
+                    .await?;
                     continue;
                 }
                 let Some(names) = inner.names() else {
-                    c.error(option, proto::REP_ERR_POLICY, "exports are not listed").await?;
+                    c.error(option, proto::REP_ERR_POLICY, "exports are not listed")
+                        .await?;
                     continue;
                 };
                 for n in names {
@@ -210,7 +238,8 @@ pub(crate) async fn negotiate(
             }
             proto::OPT_STRUCTURED_REPLY => {
                 if len != 0 {
-                    c.error(option, proto::REP_ERR_INVALID, "no data expected").await?;
+                    c.error(option, proto::REP_ERR_INVALID, "no data expected")
+                        .await?;
                     continue;
                 }
                 structured = true;
@@ -219,23 +248,31 @@ pub(crate) async fn negotiate(
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
                 let set = option == proto::OPT_SET_META_CONTEXT;
                 if set && !structured {
-                    c.error(option, proto::REP_ERR_INVALID, "structured replies first").await?;
+                    c.error(option, proto::REP_ERR_INVALID, "structured replies first")
+                        .await?;
                     continue;
                 }
                 let parsed = parse_meta(&data);
                 let Ok((name, queries)) = parsed else {
-                    c.error(option, proto::REP_ERR_INVALID, &parsed.err().unwrap_or_default()).await?;
+                    c.error(
+                        option,
+                        proto::REP_ERR_INVALID,
+                        &parsed.err().unwrap_or_default(),
+                    )
+                    .await?;
                     continue;
                 };
                 if inner.lookup(&name).is_none() {
-                    c.error(option, proto::REP_ERR_UNKNOWN, "no such export").await?;
+                    c.error(option, proto::REP_ERR_UNKNOWN, "no such export")
+                        .await?;
                     continue;
                 }
                 let matched = if queries.is_empty() {
                     !set
                 } else {
                     queries.iter().any(|q| {
-                        q == proto::BASE_ALLOCATION || (!set && (q == "base:" || q == "base:allocation"))
+                        q == proto::BASE_ALLOCATION
+                            || (!set && (q == "base:" || q == "base:allocation"))
                     })
                 };
                 if matched {
@@ -254,7 +291,9 @@ pub(crate) async fn negotiate(
                 let parsed: std::result::Result<(String, Vec<u16>), String> = (|| {
                     let name = d.string()?;
                     let n = d.u16()?;
-                    let infos = (0..n).map(|_| d.u16()).collect::<std::result::Result<_, _>>()?;
+                    let infos = (0..n)
+                        .map(|_| d.u16())
+                        .collect::<std::result::Result<_, _>>()?;
                     if !d.is_empty() {
                         return Err("trailing data".into());
                     }
@@ -268,7 +307,8 @@ pub(crate) async fn negotiate(
                     }
                 };
                 let Some(export) = inner.lookup(&name) else {
-                    c.error(option, proto::REP_ERR_UNKNOWN, "no such export").await?;
+                    c.error(option, proto::REP_ERR_UNKNOWN, "no such export")
+                        .await?;
                     continue;
                 };
                 let flags = transmission_flags(inner, export.as_ref());
@@ -304,7 +344,8 @@ pub(crate) async fn negotiate(
                 }
             }
             _ => {
-                c.error(option, proto::REP_ERR_UNSUP, "not supported").await?;
+                c.error(option, proto::REP_ERR_UNSUP, "not supported")
+                    .await?;
             }
         }
     }
@@ -318,7 +359,9 @@ fn parse_meta(data: &[u8]) -> std::result::Result<(String, Vec<String>), String>
     if n > 128 {
         return Err(format!("{n} queries is too many"));
     }
-    let queries = (0..n).map(|_| d.string()).collect::<std::result::Result<Vec<_>, _>>()?;
+    let queries = (0..n)
+        .map(|_| d.string())
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     if !d.is_empty() {
         return Err("trailing data".into());
     }

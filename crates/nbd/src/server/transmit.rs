@@ -36,7 +36,11 @@ pub(crate) async fn serve(
     let (r, w) = tokio::io::split(stream);
     let mut r = BufReader::with_capacity(64 * 1024, r);
     let minimal = inner.config.mode == Mode::Minimal;
-    let inflight = if minimal { 1 } else { inner.config.inflight.max(1) };
+    let inflight = if minimal {
+        1
+    } else {
+        inner.config.inflight.max(1)
+    };
     let (tx, mut rx) = mpsc::channel::<Out>(inflight);
     let writer_peer = peer.to_owned();
     let writer = tokio::spawn(async move {
@@ -86,7 +90,10 @@ pub(crate) async fn serve(
             let mut payload = None;
             if req.kind == proto::CMD_WRITE {
                 if req.length > u64::from(max_payload) {
-                    return Err(Error::protocol(peer, format!("write of {} bytes is over the limit", req.length)));
+                    return Err(Error::protocol(
+                        peer,
+                        format!("write of {} bytes is over the limit", req.length),
+                    ));
                 }
                 let mut buf = BytesMut::zeroed(req.length as usize);
                 r.read_exact(&mut buf)
@@ -143,7 +150,13 @@ fn error_reply(session: &Session, req: &Request, errno: u32, message: &str) -> S
 fn ok_reply(session: &Session, req: &Request) -> Served {
     let mut b = BytesMut::new();
     if session.structured {
-        proto::put_chunk_header(&mut b, proto::REPLY_FLAG_DONE, proto::CHUNK_NONE, req.cookie, 0);
+        proto::put_chunk_header(
+            &mut b,
+            proto::REPLY_FLAG_DONE,
+            proto::CHUNK_NONE,
+            req.cookie,
+            0,
+        );
     } else {
         proto::put_simple_reply(&mut b, 0, req.cookie);
     }
@@ -162,12 +175,15 @@ async fn handle(
 ) -> Served {
     let export: &dyn Export = session.export.as_ref();
     let size = export.size();
-    let in_range = req.offset.checked_add(req.length).is_some_and(|e| e <= size);
+    let in_range = req
+        .offset
+        .checked_add(req.length)
+        .is_some_and(|e| e <= size);
     let read_only = session.flags & proto::TFLAG_READ_ONLY != 0;
     let einval = |what: &str| error_reply(session, &req, proto::EINVAL, what);
     match req.kind {
         proto::CMD_READ => {
-            if minimal && (req.offset % 512 != 0 || req.length % 512 != 0) {
+            if minimal && (!req.offset.is_multiple_of(512) || !req.length.is_multiple_of(512)) {
                 return einval("reads must be aligned to 512 bytes");
             }
             if !in_range {
@@ -182,7 +198,11 @@ async fn handle(
             let data = match export.read(req.offset, req.length as u32).await {
                 Ok(d) if d.len() as u64 == req.length => d,
                 Ok(d) => {
-                    let m = format!("export returned {} bytes for a read of {}", d.len(), req.length);
+                    let m = format!(
+                        "export returned {} bytes for a read of {}",
+                        d.len(),
+                        req.length
+                    );
                     return error_reply(session, &req, proto::EIO, &m);
                 }
                 Err(e) => return error_reply(session, &req, errno_of(&e), &e.to_string()),
@@ -190,7 +210,13 @@ async fn handle(
             let mut b = BytesMut::new();
             if session.structured {
                 let len = 8 + data.len() as u32;
-                proto::put_chunk_header(&mut b, proto::REPLY_FLAG_DONE, proto::CHUNK_OFFSET_DATA, req.cookie, len);
+                proto::put_chunk_header(
+                    &mut b,
+                    proto::REPLY_FLAG_DONE,
+                    proto::CHUNK_OFFSET_DATA,
+                    req.cookie,
+                    len,
+                );
                 b.put_u64(req.offset);
             } else {
                 proto::put_simple_reply(&mut b, 0, req.cookie);
@@ -200,7 +226,9 @@ async fn handle(
                 failed: false,
             }
         }
-        proto::CMD_WRITE if minimal || read_only => error_reply(session, &req, proto::EPERM, "read-only export"),
+        proto::CMD_WRITE if minimal || read_only => {
+            error_reply(session, &req, proto::EPERM, "read-only export")
+        }
         proto::CMD_WRITE => {
             if !in_range {
                 return einval("write past the end of the export");
@@ -256,7 +284,13 @@ async fn handle(
                 return error_reply(session, &req, proto::EIO, "the export gave no extents");
             }
             let mut b = BytesMut::new();
-            proto::put_chunk_header(&mut b, proto::REPLY_FLAG_DONE, proto::CHUNK_BLOCK_STATUS, req.cookie, body.len() as u32);
+            proto::put_chunk_header(
+                &mut b,
+                proto::REPLY_FLAG_DONE,
+                proto::CHUNK_BLOCK_STATUS,
+                req.cookie,
+                body.len() as u32,
+            );
             b.put_slice(&body);
             Served {
                 reply: (b.freeze(), None),

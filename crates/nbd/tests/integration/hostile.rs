@@ -33,7 +33,9 @@ async fn handshake(s: &mut TcpStream) -> std::io::Result<()> {
         s.read_exact(&mut data).await?;
         let mut b = BytesMut::new();
         match opt {
-            proto::OPT_STRUCTURED_REPLY => proto::put_option_reply(&mut b, opt, proto::REP_ACK, &[]),
+            proto::OPT_STRUCTURED_REPLY => {
+                proto::put_option_reply(&mut b, opt, proto::REP_ACK, &[])
+            }
             proto::OPT_SET_META_CONTEXT => {
                 let mut d = BytesMut::new();
                 d.put_u32(CONTEXT);
@@ -69,7 +71,9 @@ async fn fake_server(script: Script) -> u16 {
                 }
                 let mut head = [0u8; proto::REQUEST_LEN];
                 while s.read_exact(&mut head).await.is_ok() {
-                    let Ok(req) = Request::decode_compact(&head) else { return };
+                    let Ok(req) = Request::decode_compact(&head) else {
+                        return;
+                    };
                     if req.kind == proto::CMD_DISC {
                         return;
                     }
@@ -94,7 +98,13 @@ fn opts(port: u16) -> ConnectOptions {
 
 fn data_chunk(cookie: u64, flags: u16, offset: u64, len: usize) -> Vec<u8> {
     let mut b = BytesMut::new();
-    proto::put_chunk_header(&mut b, flags, proto::CHUNK_OFFSET_DATA, cookie, 8 + len as u32);
+    proto::put_chunk_header(
+        &mut b,
+        flags,
+        proto::CHUNK_OFFSET_DATA,
+        cookie,
+        8 + len as u32,
+    );
     b.put_u64(offset);
     b.put_bytes(0x5a, len);
     b.to_vec()
@@ -105,7 +115,10 @@ const DONE: u16 = proto::REPLY_FLAG_DONE;
 async fn read_error(script: Script) -> Error {
     let port = fake_server(script).await;
     let client = Client::connect(&opts(port)).await.unwrap();
-    let err = client.read(4096, 8192).await.expect_err("a lying server must not produce data");
+    let err = client
+        .read(4096, 8192)
+        .await
+        .expect_err("a lying server must not produce data");
     // The connection is written off; the next request fails cleanly too.
     assert!(client.read(0, 512).await.is_err());
     err
@@ -120,7 +133,13 @@ fn assert_protocol(e: &Error, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_reply_magic() {
-    let e = read_error(Arc::new(|_| (vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], false))).await;
+    let e = read_error(Arc::new(|_| {
+        (
+            vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            false,
+        )
+    }))
+    .await;
     assert_protocol(&e, "bad reply magic");
 }
 
@@ -137,19 +156,34 @@ async fn unknown_cookie() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_outside_the_request() {
-    let e = read_error(Arc::new(|r| (data_chunk(r.cookie, DONE, r.offset + r.length, 512), false))).await;
+    let e = read_error(Arc::new(|r| {
+        (data_chunk(r.cookie, DONE, r.offset + r.length, 512), false)
+    }))
+    .await;
     assert_protocol(&e, "outside the request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_data_than_asked() {
-    let e = read_error(Arc::new(|r| (data_chunk(r.cookie, DONE, r.offset, r.length as usize + 512), false))).await;
+    let e = read_error(Arc::new(|r| {
+        (
+            data_chunk(r.cookie, DONE, r.offset, r.length as usize + 512),
+            false,
+        )
+    }))
+    .await;
     assert_protocol(&e, "at most");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_that_ends_short() {
-    let e = read_error(Arc::new(|r| (data_chunk(r.cookie, DONE, r.offset, r.length as usize / 2), false))).await;
+    let e = read_error(Arc::new(|r| {
+        (
+            data_chunk(r.cookie, DONE, r.offset, r.length as usize / 2),
+            false,
+        )
+    }))
+    .await;
     assert_protocol(&e, "ended after");
 }
 
@@ -157,7 +191,12 @@ async fn reply_that_ends_short() {
 async fn overlapping_chunks() {
     let e = read_error(Arc::new(|r| {
         let mut v = data_chunk(r.cookie, 0, r.offset, r.length as usize / 2);
-        v.extend(data_chunk(r.cookie, DONE, r.offset + 512, r.length as usize / 2));
+        v.extend(data_chunk(
+            r.cookie,
+            DONE,
+            r.offset + 512,
+            r.length as usize / 2,
+        ));
         (v, false)
     }))
     .await;
@@ -217,7 +256,10 @@ async fn lying_block_status() {
     for (script, needle) in [(zero_len, "length 0"), (wrong_context, "no extents")] {
         let port = fake_server(script).await;
         let client = Client::connect(&opts(port)).await.unwrap();
-        let e = client.block_status("base:allocation", 0, SIZE).await.unwrap_err();
+        let e = client
+            .block_status("base:allocation", 0, SIZE)
+            .await
+            .unwrap_err();
         assert_protocol(&e, needle);
     }
 }

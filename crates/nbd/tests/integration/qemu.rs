@@ -97,7 +97,11 @@ fn expected(size: u64, writes: &[(u64, u64)]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qcow2_over_tcp_block_status_reports_holes() {
-    if !common::have("qemu-nbd", "qcow2_over_tcp_block_status_reports_holes") {
+    let test = "qcow2_over_tcp_block_status_reports_holes";
+    if !common::have("qemu-nbd", test)
+        || !common::have("qemu-img", test)
+        || !common::have("qemu-io", test)
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -269,4 +273,55 @@ async fn writes_zeroes_and_flush_round_trip() {
     assert!(back[..] == data[..]);
     client.disconnect().await;
     assert!(std::fs::read(&img).unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_and_restarted_mid_stream() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !common::have("qemu-nbd", "server_killed_and_restarted_mid_stream") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, data) = raw_image(dir.path(), 8 * MIB as usize);
+    let sock = dir.path().join("nbd.sock");
+    let args = ["-r", "-f", "raw", img.to_str().unwrap()];
+    let mut srv = common::qemu_nbd_unix(&sock, &args);
+    let opts =
+        ConnectOptions::unix(&sock, "").with_retries(10, std::time::Duration::from_millis(25));
+    let client = Client::connect(&opts).await.unwrap();
+
+    let restarted = Arc::new(AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let (client, restarted, data) = (client.clone(), restarted.clone(), data.clone());
+        async move {
+            let mut rounds_after = 0;
+            let mut round = 0u64;
+            while rounds_after < 5 {
+                if restarted.load(Ordering::SeqCst) {
+                    rounds_after += 1;
+                }
+                let reads = (0..16u64).map(|i| {
+                    let c = client.clone();
+                    let off = ((round * 16 + i) * 65_536) % (8 * MIB);
+                    async move { (off, c.read(off, 65_536).await) }
+                });
+                for (off, r) in futures::future::join_all(reads).await {
+                    let r = r.unwrap_or_else(|e| panic!("read at {off} failed: {e}"));
+                    assert!(r[..] == data[off as usize..off as usize + 65_536]);
+                }
+                round += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            round
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    srv.kill();
+    let _ = std::fs::remove_file(&sock);
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let _srv2 = common::qemu_nbd_unix(&sock, &args);
+    restarted.store(true, Ordering::SeqCst);
+    let rounds = reader.await.unwrap();
+    assert!(rounds > 5);
 }

@@ -67,26 +67,55 @@ async fn full_server_with_our_client() {
     let client = Client::connect(&opts).await.unwrap();
     assert_eq!(client.connections(), 2);
     assert!(client.structured_replies());
-    assert!(!client.extended_headers(), "our server refuses extended headers");
+    assert!(
+        !client.extended_headers(),
+        "our server refuses extended headers"
+    );
     assert!(client.is_read_only());
     assert!(client.read(0, data.len()).await.unwrap()[..] == data[..]);
-    let ext = client.block_status("base:allocation", 0, data.len() as u64).await.unwrap();
+    let ext = client
+        .block_status("base:allocation", 0, data.len() as u64)
+        .await
+        .unwrap();
     let (m, h) = (MIB as u64, StatusExtent::HOLE | StatusExtent::ZERO);
     assert_eq!(
         ext,
         vec![
-            StatusExtent { offset: 0, length: m, flags: 0 },
-            StatusExtent { offset: m, length: 2 * m, flags: h },
-            StatusExtent { offset: 3 * m, length: m / 2, flags: 0 },
-            StatusExtent { offset: 3 * m + m / 2, length: m / 2, flags: h },
+            StatusExtent {
+                offset: 0,
+                length: m,
+                flags: 0
+            },
+            StatusExtent {
+                offset: m,
+                length: 2 * m,
+                flags: h
+            },
+            StatusExtent {
+                offset: 3 * m,
+                length: m / 2,
+                flags: 0
+            },
+            StatusExtent {
+                offset: 3 * m + m / 2,
+                length: m / 2,
+                flags: h
+            },
         ]
     );
-    assert!(matches!(client.write(0, &[0; 512]).await, Err(Error::InvalidRequest(_))));
+    assert!(matches!(
+        client.write(0, &[0; 512]).await,
+        Err(Error::InvalidRequest(_))
+    ));
 
     // The default export under the empty name; an unknown name is refused.
-    let c2 = Client::connect(&ConnectOptions::tcp("127.0.0.1", srv.port, "")).await.unwrap();
+    let c2 = Client::connect(&ConnectOptions::tcp("127.0.0.1", srv.port, ""))
+        .await
+        .unwrap();
     assert_eq!(c2.size(), data.len() as u64);
-    let err = Client::connect(&ConnectOptions::tcp("127.0.0.1", srv.port, "nope")).await.unwrap_err();
+    let err = Client::connect(&ConnectOptions::tcp("127.0.0.1", srv.port, "nope"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::UnknownExport { .. }), "{err}");
 
     // Shutdown is graceful even with idle clients connected.
@@ -104,8 +133,17 @@ async fn nbdinfo_maps_and_qemu_img_converts_our_export() {
     let data = disk();
     let server = Server::new(ServerConfig::default());
     server.add_export("", Arc::new(MemoryExport::new(data.clone())));
+    server.add_export("second", Arc::new(MemoryExport::new(vec![1; 8192])));
     let srv = start_tcp(&server).await;
     let uri = format!("nbd://127.0.0.1:{}", srv.port);
+
+    let listing = tokio::task::spawn_blocking({
+        let uri = uri.clone();
+        move || common::run(Command::new("nbdinfo").arg("--list").arg(uri))
+    })
+    .await
+    .unwrap();
+    assert!(listing.contains("second"), "{listing}");
 
     let out = tokio::task::spawn_blocking({
         let uri = uri.clone();
@@ -117,11 +155,24 @@ async fn nbdinfo_maps_and_qemu_img_converts_our_export() {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            Some((f.first()?.parse().ok()?, f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.parse().ok()?,
+                f.get(2)?.parse().ok()?,
+            ))
         })
         .collect();
     let m = MIB as u64;
-    assert_eq!(map, vec![(0, m, 0), (m, 2 * m, 3), (3 * m, m / 2, 0), (3 * m + m / 2, m / 2, 3)], "{out}");
+    assert_eq!(
+        map,
+        vec![
+            (0, m, 0),
+            (m, 2 * m, 3),
+            (3 * m, m / 2, 0),
+            (3 * m + m / 2, m / 2, 3)
+        ],
+        "{out}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("out.raw");
@@ -156,7 +207,9 @@ async fn writable_export_over_unix_socket() {
         async move { s.serve_unix(listener, t).await }
     });
     let uri = format!("nbd+unix:///w?socket={}", path.display());
-    let client = Client::connect(&ConnectOptions::from_uri(&uri).unwrap()).await.unwrap();
+    let client = Client::connect(&ConnectOptions::from_uri(&uri).unwrap())
+        .await
+        .unwrap();
     assert!(!client.is_read_only());
     let block = common::pattern(100_000, 5);
     client.write(4096, &block).await.unwrap();
@@ -225,7 +278,10 @@ async fn minimal_mode_makes_the_client_fall_back_to_export_name() {
     // Unaligned reads are aligned by the client (the server refuses others).
     let odd = client.read(1_000_001, 333_333).await.unwrap();
     assert!(odd[..] == data[1_000_001..1_333_334]);
-    assert!(matches!(client.block_status("base:allocation", 0, 4096).await, Err(Error::Unsupported { .. })));
+    assert!(matches!(
+        client.block_status("base:allocation", 0, 4096).await,
+        Err(Error::Unsupported { .. })
+    ));
     // A server error is reported; the server closes, the client reconnects.
     let err = client.read(2 * MIB as u64, 4096).await.unwrap_err();
     assert_eq!(err.server_errno(), Some(5), "{err}");
@@ -236,7 +292,10 @@ async fn minimal_mode_makes_the_client_fall_back_to_export_name() {
     let second = Client::connect(&opts).await.unwrap();
     let mut third = opts.clone();
     third.retries = 0;
-    assert!(Client::connect(&third).await.is_err(), "connection limit of 2");
+    assert!(
+        Client::connect(&third).await.is_err(),
+        "connection limit of 2"
+    );
     second.disconnect().await;
     let mut patient = opts.clone();
     patient.retry_backoff = Duration::from_millis(50);
@@ -254,4 +313,130 @@ async fn minimal_mode_makes_the_client_fall_back_to_export_name() {
 
     client.disconnect().await;
     srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_over_unix_socket_with_a_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = common::make_certs(&dir.path().join("pki"));
+    let config = ServerConfig::default().with_tls(common::server_tls(&certs), true);
+    let server = Server::new(config);
+    let data = disk();
+    server.add_export("d", Arc::new(MemoryExport::new(data.clone())));
+    let path = dir.path().join("tls.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (s, t) = (server.clone(), stop.clone());
+        async move { s.serve_unix(listener, t).await }
+    });
+    // Over a unix socket the name checked defaults to "localhost".
+    let uri = format!(
+        "nbds+unix:///d?socket={}&tls-certificates={}",
+        path.display(),
+        certs.dir.display()
+    );
+    let opts = ConnectOptions::from_uri(&uri)
+        .unwrap()
+        .with_meta_context("base:allocation");
+    let client = Client::connect(&opts).await.unwrap();
+    assert!(client.read(0, data.len()).await.unwrap()[..] == data[..]);
+    assert_eq!(
+        client
+            .block_status("base:allocation", 0, 4096)
+            .await
+            .unwrap()[0]
+            .flags,
+        0
+    );
+    client.disconnect().await;
+    let plain = ConnectOptions::unix(&path, "d");
+    assert!(matches!(
+        Client::connect(&plain).await,
+        Err(Error::TlsRequired { .. })
+    ));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Speaks raw option requests to the server through an in-memory pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn option_replies_by_hand() {
+    use bytes::{BufMut, BytesMut};
+    use cbtvault_nbd::proto;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = Server::new(ServerConfig::default());
+    server.add_export("", Arc::new(MemoryExport::new(vec![0; 4096])));
+    let (mut c, s) = tokio::io::duplex(64 * 1024);
+    let task = tokio::spawn({
+        let server = server.clone();
+        async move {
+            server
+                .serve_stream(s, "pipe", CancellationToken::new())
+                .await
+        }
+    });
+    let mut greeting = [0u8; 18];
+    c.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    c.write_u32(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES)
+        .await
+        .unwrap();
+
+    async fn ask(c: &mut tokio::io::DuplexStream, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        let mut b = BytesMut::new();
+        proto::put_option(&mut b, option, data);
+        c.write_all(&b).await.unwrap();
+        let mut replies = Vec::new();
+        loop {
+            assert_eq!(c.read_u64().await.unwrap(), proto::OPTION_REPLY_MAGIC);
+            assert_eq!(c.read_u32().await.unwrap(), option);
+            let kind = c.read_u32().await.unwrap();
+            let mut d = vec![0; c.read_u32().await.unwrap() as usize];
+            c.read_exact(&mut d).await.unwrap();
+            let last = kind == proto::REP_ACK || kind & proto::REP_ERR_BIT != 0;
+            replies.push((kind, d));
+            if last {
+                return replies;
+            }
+        }
+    }
+    let mut meta = BytesMut::new();
+    proto::put_string(&mut meta, "");
+    meta.put_u32(0);
+    let r = ask(&mut c, proto::OPT_LIST_META_CONTEXT, &meta).await;
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].0, proto::REP_META_CONTEXT);
+    assert_eq!(&r[0].1[4..], b"base:allocation");
+    let r = ask(&mut c, proto::OPT_SET_META_CONTEXT, &meta).await;
+    assert_eq!(
+        r[0].0,
+        proto::REP_ERR_INVALID,
+        "SET before structured replies"
+    );
+    assert_eq!(ask(&mut c, 99, &[]).await[0].0, proto::REP_ERR_UNSUP);
+    assert_eq!(
+        ask(&mut c, proto::OPT_STARTTLS, &[]).await[0].0,
+        proto::REP_ERR_POLICY
+    );
+    let mut go = BytesMut::new();
+    proto::put_string(&mut go, "missing");
+    go.put_u16(0);
+    assert_eq!(
+        ask(&mut c, proto::OPT_GO, &go).await[0].0,
+        proto::REP_ERR_UNKNOWN
+    );
+    go.truncate(3);
+    assert_eq!(
+        ask(&mut c, proto::OPT_GO, &go).await[0].0,
+        proto::REP_ERR_INVALID
+    );
+    let list = ask(&mut c, proto::OPT_LIST, &[]).await;
+    assert_eq!(list.len(), 2, "one export and the ACK");
+    assert_eq!(
+        ask(&mut c, proto::OPT_ABORT, &[]).await[0].0,
+        proto::REP_ACK
+    );
+    task.await.unwrap().unwrap();
 }

@@ -14,7 +14,15 @@ fn tls_qemu_nbd(certs: &common::Certs, img: &std::path::Path, port: u16) -> Chil
                 "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off",
                 certs.dir.display()
             ))
-            .args(["--tls-creds", "tls0", "--persistent", "--shared=4", "-r", "-f", "raw"])
+            .args([
+                "--tls-creds",
+                "tls0",
+                "--persistent",
+                "--shared=4",
+                "-r",
+                "-f",
+                "raw",
+            ])
             .args(["-b", "127.0.0.1", "-p"])
             .arg(port.to_string())
             .arg(img),
@@ -37,38 +45,52 @@ async fn qemu_nbd_with_tls_by_ca_and_by_pin() {
     let _srv = tls_qemu_nbd(&certs, &img, port);
 
     // By CA, from a URI with the libnbd/QEMU directory layout.
-    let uri = format!("nbds://127.0.0.1:{port}/?tls-certificates={}", certs.dir.display());
-    let client = Client::connect(&ConnectOptions::from_uri(&uri).unwrap()).await.unwrap();
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        certs.dir.display()
+    );
+    let client = Client::connect(&ConnectOptions::from_uri(&uri).unwrap())
+        .await
+        .unwrap();
     assert!(client.read(0, data.len()).await.unwrap()[..] == data[..]);
     client.disconnect().await;
 
     // By pinned certificate (what XenServer hands out), with an odd name.
-    let opts = ConnectOptions::tcp("127.0.0.1", port, "")
-        .with_tls(TlsOptions::pinned_pem(certs.cert_pem.clone()).with_server_name("not-the-name.example"));
+    let opts = ConnectOptions::tcp("127.0.0.1", port, "").with_tls(
+        TlsOptions::pinned_pem(certs.cert_pem.clone()).with_server_name("not-the-name.example"),
+    );
     let client = Client::connect(&opts).await.unwrap();
     assert!(client.read(1000, 70_000).await.unwrap()[..] == data[1000..71_000]);
     client.disconnect().await;
 
     // A wrong pin fails clearly, and is not retried as a transport error.
     let other = common::make_certs(&dir.path().join("other"));
-    let opts = ConnectOptions::tcp("127.0.0.1", port, "").with_tls(TlsOptions::pinned_file(other.dir.join("server-cert.pem")));
+    let opts = ConnectOptions::tcp("127.0.0.1", port, "")
+        .with_tls(TlsOptions::pinned_file(other.dir.join("server-cert.pem")));
     let err = Client::connect(&opts).await.unwrap_err();
     assert!(matches!(err, Error::Tls { .. }), "{err}");
     let chain = error_chain(&err);
     assert!(chain.contains("not the pinned certificate"), "{chain}");
 
     // A CA that did not sign the server's certificate fails too.
-    let opts = ConnectOptions::tcp("127.0.0.1", port, "").with_tls(TlsOptions::ca_file(other.dir.join("ca-cert.pem")));
+    let opts = ConnectOptions::tcp("127.0.0.1", port, "")
+        .with_tls(TlsOptions::ca_file(other.dir.join("ca-cert.pem")));
     let err = Client::connect(&opts).await.unwrap_err();
     assert!(matches!(err, Error::Tls { .. }), "{err}");
 
     // The right CA but the wrong name fails.
-    let opts = ConnectOptions::tcp("127.0.0.1", port, "")
-        .with_tls(TlsOptions::ca_file(certs.dir.join("ca-cert.pem")).with_server_name("elsewhere.example"));
-    assert!(matches!(Client::connect(&opts).await.unwrap_err(), Error::Tls { .. }));
+    let opts = ConnectOptions::tcp("127.0.0.1", port, "").with_tls(
+        TlsOptions::ca_file(certs.dir.join("ca-cert.pem")).with_server_name("elsewhere.example"),
+    );
+    assert!(matches!(
+        Client::connect(&opts).await.unwrap_err(),
+        Error::Tls { .. }
+    ));
 
     // Plaintext to a TLS-only server says TLS is required.
-    let err = Client::connect(&ConnectOptions::tcp("127.0.0.1", port, "")).await.unwrap_err();
+    let err = Client::connect(&ConnectOptions::tcp("127.0.0.1", port, ""))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::TlsRequired { .. }), "{err}");
 }
 
