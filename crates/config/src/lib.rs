@@ -7,21 +7,19 @@
 //! unknown keys (typos), references to pools or hosts that do not exist,
 //! duplicate names, malformed UUIDs and times, ambiguous credentials or
 //! trust settings. Passwords are never in the file itself: a pool names a
-//! file or an environment variable, and [`Secret`] keeps the value out of
-//! logs. The format is documented in `docs/config.md`; `config/` has an
+//! file or an environment variable ([`PasswordSource`]), read only by the
+//! XenAPI client when it logs in. The format is documented in `docs/config.md`; `config/` has an
 //! example that the tests load.
 //!
 //! `toml` (with serde) is used because it is the de-facto TOML parser of
 //! the Rust ecosystem and reports errors with line and column.
 
-mod secret;
 mod validate;
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use secret::Secret;
 
 /// A configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -177,13 +175,6 @@ pub enum Error {
     },
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
-    #[error("pool {pool:?}: cannot read its password from {from}")]
-    Password {
-        pool: String,
-        from: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("no job named {0:?} in the configuration")]
     UnknownJob(String),
 }
@@ -259,25 +250,22 @@ impl Config {
     }
 }
 
+/// Where a pool's password is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// The first line of a file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+}
+
 impl Pool {
-    /// Reads the password from its file or environment variable.
-    pub fn password(&self) -> Result<Secret, Error> {
+    /// Where the password is (validation guarantees exactly one source).
+    pub fn password_source(&self) -> PasswordSource {
         match (&self.password_file, &self.password_env) {
-            (Some(file), _) => Secret::from_file(file).map_err(|source| Error::Password {
-                pool: self.name.clone(),
-                from: file.display().to_string(),
-                source,
-            }),
-            (None, Some(var)) => Secret::from_env(var).map_err(|source| Error::Password {
-                pool: self.name.clone(),
-                from: format!("${var}"),
-                source,
-            }),
-            (None, None) => Err(Error::Password {
-                pool: self.name.clone(),
-                from: "nowhere".into(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            }),
+            (Some(file), _) => PasswordSource::File(file.clone()),
+            (None, Some(var)) => PasswordSource::Env(var.clone()),
+            (None, None) => PasswordSource::Env(String::new()),
         }
     }
 }
