@@ -9,3 +9,4 @@ mod corruption;
 mod crash;
 mod incremental;
 mod nbd;
+mod qemu;

@@ -150,17 +150,34 @@ pub enum Command {
 
 #[derive(ClapArgs, Debug)]
 pub struct BackupArgs {
-    #[command(flatten)]
-    pub repo: RepoArg,
-    /// The disk's name in the repository.
-    #[arg(long)]
-    pub disk: String,
-    /// What to read: file:PATH (a raw image or block device), or an NBD URI:
+    /// The repository directory (from the configuration file with --config).
+    #[arg(long, env = "CBTVAULT_REPO")]
+    pub repo: Option<PathBuf>,
+    /// The disk's name in the repository (file and NBD sources).
+    #[arg(long, required_unless_present_any = ["xapi", "config"])]
+    pub disk: Option<String>,
+    /// What to read: file:PATH (a raw image or block device), qmp:SOCKET with
+    /// --node NODE (a QEMU VM or qemu-storage-daemon, via its dirty bitmaps), or an NBD URI:
     /// nbd://HOST[:PORT]/EXPORT, nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH.
     /// TLS options go in the query: tls-certificates=DIR (ca-cert.pem), tls-pin=FILE
     /// (the server's exact certificate), tls-hostname=NAME.
+    #[arg(long, required_unless_present_any = ["xapi", "config"])]
+    pub source: Option<String>,
+    /// The QEMU block node to back up (with --source qmp:SOCKET).
     #[arg(long)]
-    pub source: String,
+    pub node: Option<String>,
+    /// The unix socket of the NBD server QEMU already runs, if any (with
+    /// qmp:SOCKET); otherwise cbtvault starts one beside the QMP socket.
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub xen: XenArgs,
+    /// A configuration file (see docs/config.md); run the job --job from it.
+    #[arg(long, requires = "job", conflicts_with_all = ["source", "xapi"])]
+    pub config: Option<PathBuf>,
+    /// The job to run from --config.
+    #[arg(long, requires = "config")]
+    pub job: Option<String>,
     /// Take the changed blocks from the QEMU dirty bitmap NAME exported with the
     /// NBD source (the qemu:dirty-bitmap:NAME meta context).
     #[arg(long, conflicts_with = "changed_blocks")]
@@ -209,4 +226,39 @@ pub struct ForgetArgs {
     /// Show what would be forgotten.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// A XenServer / XCP-ng pool to back up from.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct XenArgs {
+    /// The pool master's XenAPI address: https://HOST[:PORT].
+    #[arg(long, conflicts_with = "source")]
+    pub xapi: Option<String>,
+    /// XenAPI user.
+    #[arg(long, default_value = "root")]
+    pub username: String,
+    /// A file whose first line is the password.
+    #[arg(long, requires = "xapi", conflicts_with = "password_env")]
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password.
+    #[arg(long, requires = "xapi")]
+    pub password_env: Option<String>,
+    /// Trust the pool's certificate through this CA (PEM).
+    #[arg(long, requires = "xapi", conflicts_with_all = ["pin", "insecure"])]
+    pub ca: Option<PathBuf>,
+    /// Trust exactly this certificate (PEM).
+    #[arg(long, requires = "xapi", conflicts_with = "insecure")]
+    pub pin: Option<PathBuf>,
+    /// Trust any certificate (logged as a warning).
+    #[arg(long, requires = "xapi")]
+    pub insecure: bool,
+    /// VDIs to back up (by uuid).
+    #[arg(long, requires = "xapi")]
+    pub vdi: Vec<String>,
+    /// VMs whose disks to back up (by uuid).
+    #[arg(long, requires = "xapi")]
+    pub vm: Vec<String>,
+    /// Disks backed up at once.
+    #[arg(long, default_value_t = 2)]
+    pub parallel: usize,
 }

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-
 /// A configuration file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +88,9 @@ pub struct Pool {
 pub struct QemuHost {
     pub name: String,
     pub qmp_socket: PathBuf,
+    /// The unix socket of an NBD server QEMU already runs; without it
+    /// cbtvault starts one beside the QMP socket for each backup.
+    pub nbd_socket: Option<PathBuf>,
 }
 
 /// What a job backs up.
@@ -228,6 +230,9 @@ impl Config {
         }
         for host in &mut self.qemu_hosts {
             fix(&mut host.qmp_socket);
+            if let Some(p) = &mut host.nbd_socket {
+                fix(p);
+            }
         }
     }
 

@@ -101,7 +101,10 @@ fn relative_paths_follow_the_file() {
     std::fs::write(&file, text).unwrap();
     let c = Config::load(&file).unwrap();
     assert_eq!(c.repository.path, dir.path().join("repo"));
-    assert_eq!(c.pools[0].password_source(), PasswordSource::File(dir.path().join("pw")));
+    assert_eq!(
+        c.pools[0].password_source(),
+        PasswordSource::File(dir.path().join("pw"))
+    );
     assert!(matches!(
         Config::load(&dir.path().join("missing.toml")),
         Err(Error::Read { .. })

@@ -20,10 +20,12 @@ pub mod backup;
 pub mod error;
 pub mod nbd;
 pub mod progress;
+pub mod qemu;
 pub mod restore;
 pub mod serve;
 pub mod source;
 pub mod synth;
+pub mod xenserver;
 
 pub use backup::{BackupJob, BackupOptions, BackupOutcome, Changes, Parent, backup};
 pub use error::{Error, Result};

@@ -71,7 +71,9 @@ impl NbdSource {
         if !self.client.meta_contexts().iter().any(|c| *c == context) {
             return Err(Error::Source {
                 disk: self.info.location.clone(),
-                what: format!("the server does not offer {context}; is the bitmap exported (qemu-nbd -B {bitmap})?"),
+                what: format!(
+                    "the server does not offer {context}; is the bitmap exported (qemu-nbd -B {bitmap})?"
+                ),
                 source: None,
             });
         }
@@ -94,11 +96,15 @@ impl NbdSource {
         let mut offset = 0;
         while offset < size {
             let len = step.min(size - offset);
-            let part = self.client.block_status(context, offset, len).await.map_err(|e| Error::Source {
-                disk: self.info.location.clone(),
-                what: format!("block status ({context}) at offset {offset}"),
-                source: Some(Box::new(e)),
-            })?;
+            let part = self
+                .client
+                .block_status(context, offset, len)
+                .await
+                .map_err(|e| Error::Source {
+                    disk: self.info.location.clone(),
+                    what: format!("block status ({context}) at offset {offset}"),
+                    source: Some(Box::new(e)),
+                })?;
             out.extend(part);
             offset += len;
         }
@@ -120,7 +126,12 @@ impl DiskSource for NbdSource {
     }
 
     async fn allocated(&self) -> Result<Option<BlockMap>, BoxError> {
-        if !self.client.meta_contexts().iter().any(|c| c == BASE_ALLOCATION) {
+        if !self
+            .client
+            .meta_contexts()
+            .iter()
+            .any(|c| c == BASE_ALLOCATION)
+        {
             return Ok(None);
         }
         // Extents that read as zeros need not be read at all.
@@ -129,7 +140,10 @@ impl DiskSource for NbdSource {
             .into_iter()
             .filter(|e| e.flags & StatusExtent::ZERO == 0)
             .map(|e| Extent::new(e.offset, e.length));
-        Ok(Some(BlockMap::from_extents(block_count(self.client.size()), data)?))
+        Ok(Some(BlockMap::from_extents(
+            block_count(self.client.size()),
+            data,
+        )?))
     }
 }
 
@@ -144,7 +158,11 @@ pub struct NbdTarget {
 impl NbdTarget {
     /// A target on a connected client. `known_zero` says the export reads
     /// as zeros already (a fresh image), so zero blocks are not written.
-    pub fn new(client: Client, runtime: tokio::runtime::Handle, known_zero: bool) -> Result<NbdTarget> {
+    pub fn new(
+        client: Client,
+        runtime: tokio::runtime::Handle,
+        known_zero: bool,
+    ) -> Result<NbdTarget> {
         if client.is_read_only() {
             return Err(Error::Target("the NBD export is read-only".into()));
         }
@@ -167,7 +185,9 @@ fn io(e: cbtvault_nbd::Error) -> std::io::Error {
 
 impl DiskTarget for NbdTarget {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.runtime.block_on(self.client.write(offset, data)).map_err(io)
+        self.runtime
+            .block_on(self.client.write(offset, data))
+            .map_err(io)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -190,4 +210,66 @@ impl DiskTarget for NbdTarget {
     fn finish(&self) -> std::io::Result<()> {
         self.runtime.block_on(self.client.flush()).map_err(io)
     }
+}
+
+/// Reads `samples` blocks spread over the disk from `nbd` (the snapshot a
+/// restore point was taken from) and checks that the restore point holds
+/// exactly them, and that the repository returns them intact. Run before
+/// any irreversible step on the snapshot.
+pub async fn verify_sample(
+    nbd: &Client,
+    repo: &Arc<cbtvault_repo::Repository>,
+    restore_point: &str,
+    manifest: &cbtvault_repo::Manifest,
+    samples: usize,
+) -> Result<()> {
+    use cbtvault_repo::BlobId;
+    let tree = manifest.tree();
+    let disk = manifest.disk.clone();
+    let repo2 = repo.clone();
+    let picks = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, BlobId)>> {
+        let reader = repo2.reader()?;
+        let mut cursor = cbtvault_repo::tree::Cursor::new(tree, &reader);
+        let blocks = tree.shape.blocks;
+        let step = (blocks / samples.max(1) as u64).max(1);
+        let mut out = Vec::new();
+        let mut b = 0;
+        while b < blocks && out.len() < samples {
+            let id = cursor.subtree(0, b)?;
+            if !id.is_zero() {
+                // The stored copy must read back whole, too.
+                reader.read(&id)?;
+            }
+            out.push((b, id));
+            b += step;
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    for (block, id) in picks {
+        let offset = block * BLOCK_SIZE;
+        let len = BLOCK_SIZE.min(manifest.virtual_size - offset) as usize;
+        let data = nbd.read(offset, len).await.map_err(|e| Error::SourceRead {
+            disk: disk.clone(),
+            offset,
+            len,
+            source: Box::new(e),
+        })?;
+        let actual = if cbtvault_repo::is_all_zero(&data) {
+            BlobId::ZERO
+        } else {
+            BlobId::of(&data)
+        };
+        if actual != id {
+            return Err(Error::Source {
+                disk: disk.clone(),
+                what: format!(
+                    "check before the irreversible step failed: the block at offset {offset} of the snapshot differs from restore point {restore_point}; the snapshot is kept"
+                ),
+                source: None,
+            });
+        }
+    }
+    Ok(())
 }

@@ -210,7 +210,10 @@ pub fn restore(
                         }
                         if !run.is_empty() && run_start + run.len() as u64 != offset {
                             if let Err(source) = target.write_at(run_start, &run) {
-                                return fail(Error::TargetWrite { offset: run_start, source });
+                                return fail(Error::TargetWrite {
+                                    offset: run_start,
+                                    source,
+                                });
                             }
                             run.clear();
                         }
@@ -224,7 +227,10 @@ pub fn restore(
                     if !run.is_empty()
                         && let Err(source) = target.write_at(run_start, &run)
                     {
-                        return fail(Error::TargetWrite { offset: run_start, source });
+                        return fail(Error::TargetWrite {
+                            offset: run_start,
+                            source,
+                        });
                     }
                     if !target.is_zeroed() {
                         for (i, id) in leaf.ids.iter().enumerate() {

@@ -37,10 +37,10 @@ impl RestorePointExport {
         RestorePointExport {
             inner: Arc::new(Inner {
                 tree: rp.manifest.tree(),
-            size: rp.manifest.virtual_size,
-            label: format!("restore point {} of disk {:?}", rp.id, rp.manifest.disk),
-            repo,
-            readers: Mutex::new(Vec::new()),
+                size: rp.manifest.virtual_size,
+                label: format!("restore point {} of disk {:?}", rp.id, rp.manifest.disk),
+                repo,
+                readers: Mutex::new(Vec::new()),
                 nodes: Mutex::new(HashMap::new()),
             }),
         }
@@ -57,7 +57,10 @@ impl Inner {
     }
 
     fn give_back(&self, reader: BlobReader) {
-        self.readers.lock().unwrap_or_else(|p| p.into_inner()).push(reader);
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reader);
     }
 
     /// The id of subtree `(level, index)`.
@@ -70,11 +73,24 @@ impl Inner {
             return Ok(self.tree.root);
         }
         let children = self.node(reader, level + 1, index / FANOUT)?;
-        Ok(children.get((index % FANOUT) as usize).copied().unwrap_or(BlobId::ZERO))
+        Ok(children
+            .get((index % FANOUT) as usize)
+            .copied()
+            .unwrap_or(BlobId::ZERO))
     }
 
-    fn node(&self, reader: &BlobReader, level: u32, index: u64) -> Result<Arc<Vec<BlobId>>, BoxError> {
-        if let Some(n) = self.nodes.lock().unwrap_or_else(|p| p.into_inner()).get(&(level, index)) {
+    fn node(
+        &self,
+        reader: &BlobReader,
+        level: u32,
+        index: u64,
+    ) -> Result<Arc<Vec<BlobId>>, BoxError> {
+        if let Some(n) = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(level, index))
+        {
             return Ok(n.clone());
         }
         let id = self.subtree(reader, level, index)?;
@@ -117,9 +133,9 @@ impl Inner {
                     .next()
                     .ok_or("block missing from the batch")?
                     .map_err(|e| format!("{}: block at offset {block_start}: {e}", self.label))?;
-                let piece = content
-                    .get(from..to)
-                    .ok_or_else(|| format!("{}: block at offset {block_start} is too short", self.label))?;
+                let piece = content.get(from..to).ok_or_else(|| {
+                    format!("{}: block at offset {block_start} is too short", self.label)
+                })?;
                 out.extend_from_slice(piece);
             }
             Ok(out.freeze())
@@ -132,7 +148,9 @@ impl Inner {
         let reader = self.reader()?;
         let result = (|| {
             // Answer at most one leaf's worth at a time; the client asks again.
-            let end = (offset + len).min(self.size).min((offset / BLOCK_SIZE + FANOUT) * BLOCK_SIZE);
+            let end = (offset + len)
+                .min(self.size)
+                .min((offset / BLOCK_SIZE + FANOUT) * BLOCK_SIZE);
             let mut out: Vec<Extent> = Vec::new();
             let mut cur = offset;
             while cur < end {
@@ -142,7 +160,10 @@ impl Inner {
                 let flags = if zero { Extent::HOLE | Extent::ZERO } else { 0 };
                 match out.last_mut() {
                     Some(e) if e.flags == flags => e.length += next - cur,
-                    _ => out.push(Extent { length: next - cur, flags }),
+                    _ => out.push(Extent {
+                        length: next - cur,
+                        flags,
+                    }),
                 }
                 cur = next;
             }
@@ -171,6 +192,8 @@ impl Export for RestorePointExport {
 
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>, BoxError>> {
         let inner = self.inner.clone();
-        Box::pin(async move { tokio::task::spawn_blocking(move || inner.status_blocking(offset, len)).await? })
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || inner.status_blocking(offset, len)).await?
+        })
     }
 }

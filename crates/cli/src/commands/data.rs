@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use cbtvault_blockmap::BlockMap;
 use cbtvault_engine::nbd::{NbdSource, NbdTarget, dirty_bitmap_context};
 use cbtvault_engine::{
-    BackupJob, BackupOptions, BackupOutcome, Changes, DiskSource, DiskTarget, FileSource, FileTarget, Parent,
-    Progress,
+    BackupJob, BackupOptions, BackupOutcome, Changes, DiskSource, DiskTarget, FileSource,
+    FileTarget, Parent, Progress,
 };
 use cbtvault_nbd::ConnectOptions;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,7 @@ use crate::output::{self, Bar};
 pub enum Location {
     File(std::path::PathBuf),
     Nbd(String),
+    Qmp(std::path::PathBuf),
 }
 
 /// Parses `file:PATH` or an NBD URI.
@@ -28,8 +29,11 @@ pub fn parse_location(spec: &str) -> Result<Location> {
     match spec.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(Location::File(path.into())),
         Some(("nbd" | "nbds" | "nbd+unix" | "nbds+unix", _)) => Ok(Location::Nbd(spec.to_string())),
+        Some(("qmp", path)) if !path.is_empty() => Ok(Location::Qmp(path.into())),
         Some((scheme, _)) => {
-            bail!("{spec:?}: unsupported scheme {scheme:?} (supported: file:PATH, nbd://, nbds://, nbd+unix://)")
+            bail!(
+                "{spec:?}: unsupported scheme {scheme:?} (supported: file:PATH, qmp:SOCKET, nbd://, nbds://, nbd+unix://)"
+            )
         }
         None => bail!("{spec:?}: give a scheme, e.g. file:{spec}"),
     }
@@ -41,8 +45,8 @@ fn display_uri(uri: &str) -> String {
 }
 
 fn read_bitmap(file: &Path, size: u64, source: &str) -> Result<Changes> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading changed-block bitmap {}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading changed-block bitmap {}", file.display()))?;
     let map = BlockMap::from_xenapi_base64(&text, size)
         .with_context(|| format!("--changed-blocks {} for {source}", file.display()))?;
     Ok(Changes::Blocks {
@@ -52,21 +56,27 @@ fn read_bitmap(file: &Path, size: u64, source: &str) -> Result<Changes> {
 }
 
 pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
-    if args.read_size_kib == 0 || !args.read_size_kib.is_multiple_of(64) {
-        bail!("--read-size-kib {} is not a positive multiple of 64", args.read_size_kib);
+    if args.config.is_some() || args.xen.xapi.is_some() {
+        return super::jobs::backup(g, &args);
     }
-    let location = parse_location(&args.source).context("--source")?;
+    let (Some(repo_dir), Some(disk), Some(source)) = (&args.repo, &args.disk, &args.source) else {
+        bail!("give --repo, --disk and --source (or --xapi, or --config with --job)");
+    };
+    if args.read_size_kib == 0 || !args.read_size_kib.is_multiple_of(64) {
+        bail!(
+            "--read-size-kib {} is not a positive multiple of 64",
+            args.read_size_kib
+        );
+    }
+    let location = parse_location(source).context("--source")?;
+    if let Location::Qmp(socket) = &location {
+        return super::jobs::backup_qemu_once(g, &args, repo_dir, disk, socket);
+    }
     if args.dirty_bitmap.is_some() && !matches!(location, Location::Nbd(_)) {
         bail!("--dirty-bitmap needs an NBD source that exports the bitmap");
     }
-    let repo = super::open(&args.repo.repo)?;
-    let defaults = BackupOptions::default();
-    let options = BackupOptions {
-        compression_level: args.compression_level,
-        read_size: args.read_size_kib * 1024,
-        inflight: args.inflight,
-        workers: args.workers.unwrap_or(defaults.workers),
-    };
+    let repo = super::open(repo_dir)?;
+    let options = backup_options(&args);
     let rt = super::runtime()?;
     let cancel = CancellationToken::new();
     let bar: Arc<dyn Progress> = Arc::new(Bar::new(g));
@@ -79,7 +89,7 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
             }
         });
         let job = |changes| BackupJob {
-            disk: args.disk.clone(),
+            disk: disk.clone(),
             changes,
             parent: args.parent.clone().map(Parent::Id).unwrap_or_default(),
             time: None,
@@ -87,16 +97,18 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
         };
         match &location {
             Location::File(path) => {
-                let source =
-                    FileSource::open(path).with_context(|| format!("opening source image {}", path.display()))?;
+                let source = FileSource::open(path)
+                    .with_context(|| format!("opening source image {}", path.display()))?;
                 let changes = match &args.changed_blocks {
                     Some(f) => read_bitmap(f, source.size(), &path.display().to_string())?,
                     None => Changes::Full { reason: None },
                 };
                 run_backup(repo.clone(), source, job(changes), bar, cancel).await
             }
+            Location::Qmp(_) => Err(anyhow::anyhow!("QMP sources take the QEMU path")),
             Location::Nbd(uri) => {
-                let mut opts = ConnectOptions::from_uri(uri).with_context(|| format!("NBD URI {}", display_uri(uri)))?;
+                let mut opts = ConnectOptions::from_uri(uri)
+                    .with_context(|| format!("NBD URI {}", display_uri(uri)))?;
                 opts.connections = args.connections.max(1);
                 opts.inflight = args.inflight.max(1);
                 if let Some(bitmap) = &args.dirty_bitmap {
@@ -116,7 +128,25 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
             }
         }
     });
-    let outcome = outcome.with_context(|| format!("backup of disk {:?} failed", args.disk))?;
+    let outcome = outcome.with_context(|| format!("backup of disk {disk:?} failed"))?;
+    print_outcome(g, outcome);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The pipeline settings the command line asks for.
+pub fn backup_options(args: &BackupArgs) -> BackupOptions {
+    BackupOptions {
+        compression_level: args.compression_level,
+        read_size: args.read_size_kib * 1024,
+        inflight: args.inflight,
+        workers: args
+            .workers
+            .unwrap_or_else(|| BackupOptions::default().workers),
+    }
+}
+
+/// Prints a committed backup as the user asked.
+pub fn print_outcome(g: &Global, outcome: BackupOutcome) {
     let row = cbtvault_repo::RestorePointRow {
         id: outcome.restore_point.clone(),
         manifest: outcome.manifest,
@@ -139,7 +169,6 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
             s.duration_ms as f64 / 1000.0
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_backup<S: DiskSource>(
@@ -163,7 +192,11 @@ pub fn restore(
 ) -> Result<ExitCode> {
     let repo = super::open(repo)?;
     let rp = repo.resolve(id)?;
-    let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
     let bar = Bar::new(g);
     let cancel = CancellationToken::new();
     let size = rp.manifest.virtual_size;
@@ -173,6 +206,9 @@ pub fn restore(
         _ => Location::File(to.strip_prefix("file:").unwrap_or(to).into()),
     };
     let stats = match location {
+        Location::Qmp(_) => {
+            bail!("cannot restore into a QMP socket; restore to a file or an NBD export")
+        }
         Location::File(path) => {
             let target = FileTarget::create(&path, size, force)?;
             match cbtvault_engine::restore(&repo, &rp, &target, workers, &bar, &cancel) {
@@ -191,7 +227,8 @@ pub fn restore(
         }
         Location::Nbd(uri) => {
             let rt = super::runtime()?;
-            let opts = ConnectOptions::from_uri(&uri).with_context(|| format!("NBD URI {}", display_uri(&uri)))?;
+            let opts = ConnectOptions::from_uri(&uri)
+                .with_context(|| format!("NBD URI {}", display_uri(&uri)))?;
             let client = rt
                 .block_on(cbtvault_nbd::Client::connect(&opts))
                 .with_context(|| format!("connecting to {}", display_uri(&uri)))?;
@@ -205,7 +242,13 @@ pub fn restore(
             }
             let target = NbdTarget::new(client, rt.handle().clone(), target_is_zero)?;
             let stats = cbtvault_engine::restore(&repo, &rp, &target, workers, &bar, &cancel)
-                .with_context(|| format!("restore of {} to {}", output::short(&rp.id), display_uri(&uri)))?;
+                .with_context(|| {
+                    format!(
+                        "restore of {} to {}",
+                        output::short(&rp.id),
+                        display_uri(&uri)
+                    )
+                })?;
             target.finish().context("flushing the NBD export")?;
             stats
         }

@@ -1,6 +1,7 @@
 //! One function per subcommand.
 
 mod data;
+mod jobs;
 mod maintenance;
 mod serve;
 

@@ -12,7 +12,13 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::Global;
 use crate::output;
 
-pub fn serve(g: &Global, repo: &Path, id: &str, listen: &str, tls: Option<(PathBuf, PathBuf)>) -> Result<ExitCode> {
+pub fn serve(
+    g: &Global,
+    repo: &Path,
+    id: &str,
+    listen: &str,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> Result<ExitCode> {
     let repo = super::open(repo)?;
     let rp = repo.resolve(id)?;
     // Held for as long as we serve: gc must not delete what clients read.
@@ -21,7 +27,8 @@ pub fn serve(g: &Global, repo: &Path, id: &str, listen: &str, tls: Option<(PathB
     if let Some((cert, key)) = &tls {
         let cert_pem = cbtvault_nbd::Pem::File(cert.clone());
         let key_pem = cbtvault_nbd::Pem::File(key.clone());
-        let tls = cbtvault_nbd::tls::server_config(&cert_pem, &key_pem).context("loading the TLS certificate and key")?;
+        let tls = cbtvault_nbd::tls::server_config(&cert_pem, &key_pem)
+            .context("loading the TLS certificate and key")?;
         config = config.with_tls(tls, true);
     }
     let server = Server::new(config);

@@ -1,0 +1,462 @@
+//! Backups of hypervisor disks: XenServer VDIs (one-off with --xapi, or a
+//! job from --config) and QEMU block nodes (qmp:SOCKET, or a job).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use cbtvault_config::{Config, JobKind, PasswordSource, Retention};
+use cbtvault_engine::qemu::QemuOptions;
+use cbtvault_engine::xenserver::{self, XenOptions};
+use cbtvault_engine::{BackupOutcome, Progress};
+use cbtvault_repo::Repository;
+use cbtvault_xenapi::{Client, ClientOptions, Password, TlsTrust, TransportChoice};
+use futures::StreamExt;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{BackupArgs, Global};
+use crate::output::{self, Bar};
+
+/// One disk's result in a multi-disk run.
+struct DiskResult {
+    label: String,
+    outcome: Result<BackupOutcome>,
+}
+
+/// A pool to log in to.
+struct PoolPlan {
+    options: ClientOptions,
+    nbd_connections: usize,
+}
+
+/// What a XenServer or QEMU run does.
+enum Plan {
+    Xen {
+        pool: PoolPlan,
+        vms: Vec<String>,
+        vdis: Vec<String>,
+    },
+    Qemu {
+        socket: PathBuf,
+        nbd_socket: Option<PathBuf>,
+        nodes: Vec<String>,
+    },
+}
+
+struct Run {
+    job: String,
+    repo: PathBuf,
+    parallel: usize,
+    retention: Option<Retention>,
+    plan: Plan,
+}
+
+fn password(source: PasswordSource) -> Result<Password> {
+    Ok(match source {
+        PasswordSource::File(f) => Password::from_file(&f)?,
+        PasswordSource::Env(v) => Password::from_env(&v)?,
+    })
+}
+
+fn trust(ca: Option<&Path>, pin: Option<&Path>, insecure: bool) -> Result<Option<TlsTrust>> {
+    Ok(match (ca, pin, insecure) {
+        (Some(ca), _, _) => Some(TlsTrust::ca_file(ca)?),
+        (None, Some(pin), _) => Some(TlsTrust::pinned_file(pin)?),
+        (None, None, true) => {
+            tracing::warn!("--insecure: the pool's certificate is not checked");
+            Some(TlsTrust::InsecureAcceptAny)
+        }
+        (None, None, false) => None,
+    })
+}
+
+/// The run the command line describes.
+fn plan(args: &BackupArgs) -> Result<Run> {
+    if let Some(path) = &args.config {
+        let config = Config::load(path)?;
+        let name = args.job.as_deref().unwrap_or_default();
+        let job = config.job(name)?;
+        let plan = match &job.kind {
+            JobKind::Xenserver {
+                pool, vms, vdis, ..
+            } => {
+                let p = config.pool(pool).context("the job's pool")?;
+                let mut options =
+                    ClientOptions::new(&p.url, p.username.clone(), password(p.password_source())?)?;
+                options.tls = trust(p.ca.as_deref(), p.pin.as_deref(), p.insecure)?;
+                options.transport = match p.transport {
+                    cbtvault_config::Transport::Auto => TransportChoice::Auto,
+                    cbtvault_config::Transport::JsonRpc => TransportChoice::JsonRpc,
+                    cbtvault_config::Transport::XmlRpc => TransportChoice::XmlRpc,
+                };
+                Plan::Xen {
+                    pool: PoolPlan {
+                        options,
+                        nbd_connections: p.nbd_connections,
+                    },
+                    vms: vms.clone(),
+                    vdis: vdis.clone(),
+                }
+            }
+            JobKind::Qemu { host, nodes } => {
+                let h = config.qemu_host(host).context("the job's QEMU host")?;
+                Plan::Qemu {
+                    socket: h.qmp_socket.clone(),
+                    nbd_socket: h.nbd_socket.clone(),
+                    nodes: nodes.clone(),
+                }
+            }
+        };
+        return Ok(Run {
+            job: job.name.clone(),
+            repo: args
+                .repo
+                .clone()
+                .unwrap_or_else(|| config.repository.path.clone()),
+            parallel: job.parallel,
+            retention: job.retention,
+            plan,
+        });
+    }
+    let x = &args.xen;
+    let (Some(url), Some(repo)) = (&x.xapi, &args.repo) else {
+        bail!("give --repo and --xapi (or --config with --job)");
+    };
+    if x.vdi.is_empty() && x.vm.is_empty() {
+        bail!("give --vdi UUID or --vm UUID (repeatable)");
+    }
+    let source = match (&x.password_file, &x.password_env) {
+        (Some(f), _) => PasswordSource::File(f.clone()),
+        (None, Some(v)) => PasswordSource::Env(v.clone()),
+        (None, None) => {
+            bail!("give --password-file FILE or --password-env VAR (never the password itself)")
+        }
+    };
+    let mut options = ClientOptions::new(url, x.username.clone(), password(source)?)?;
+    options.tls = trust(x.ca.as_deref(), x.pin.as_deref(), x.insecure)?;
+    Ok(Run {
+        job: "adhoc".into(),
+        repo: repo.clone(),
+        parallel: x.parallel,
+        retention: None,
+        plan: Plan::Xen {
+            pool: PoolPlan {
+                options,
+                nbd_connections: args.connections.max(1),
+            },
+            vms: x.vm.clone(),
+            vdis: x.vdi.clone(),
+        },
+    })
+}
+
+/// `backup --xapi ...` or `backup --config FILE --job NAME`.
+pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
+    let run = plan(args)?;
+    let repo = super::open(&run.repo)?;
+    let options = super::data::backup_options(args);
+    let rt = super::runtime()?;
+    let cancel = CancellationToken::new();
+    let progress: Arc<dyn Progress> = Arc::new(Bar::new(g));
+    let results = rt.block_on(async {
+        let watch = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                watch.cancel();
+            }
+        });
+        match &run.plan {
+            Plan::Xen { pool, vms, vdis } => {
+                run_xen(
+                    &run,
+                    pool,
+                    vms,
+                    vdis,
+                    repo.clone(),
+                    options,
+                    progress,
+                    cancel,
+                )
+                .await
+            }
+            Plan::Qemu {
+                socket,
+                nbd_socket,
+                nodes,
+            } => {
+                let host = QemuHostPlan {
+                    socket,
+                    nbd_socket: nbd_socket.as_deref(),
+                };
+                run_qemu(
+                    &run.job,
+                    host,
+                    nodes,
+                    run.parallel,
+                    repo.clone(),
+                    options,
+                    progress,
+                    cancel,
+                )
+                .await
+            }
+        }
+    })?;
+    report(g, &repo, &results, run.retention)
+}
+
+/// `backup --source qmp:SOCKET --node NODE --disk NAME`.
+pub fn backup_qemu_once(
+    g: &Global,
+    args: &BackupArgs,
+    repo: &Path,
+    disk: &str,
+    socket: &Path,
+) -> Result<ExitCode> {
+    let Some(node) = &args.node else {
+        bail!("--source qmp:SOCKET needs --node NODE");
+    };
+    let repo = super::open(repo)?;
+    let options = QemuOptions {
+        job: "cbtv".into(),
+        disk: disk.to_string(),
+        verify_samples: 16,
+        backup: super::data::backup_options(args),
+    };
+    let rt = super::runtime()?;
+    let progress: Arc<dyn Progress> = Arc::new(Bar::new(g));
+    let outcome = rt.block_on(async {
+        let disk_options = cbtvault_qemu::DiskOptions {
+            nbd_socket: args.nbd_socket.clone(),
+            ..Default::default()
+        };
+        let qemu =
+            cbtvault_qemu::QemuDisk::connect_with(socket.to_path_buf().into(), node, disk_options)
+                .await?;
+        Ok::<_, anyhow::Error>(
+            cbtvault_engine::qemu::backup_node(
+                &qemu,
+                repo.clone(),
+                &options,
+                progress,
+                CancellationToken::new(),
+            )
+            .await?,
+        )
+    });
+    let outcome =
+        outcome.with_context(|| format!("backup of QEMU node {node:?} ({disk:?}) failed"))?;
+    super::data::print_outcome(g, outcome);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_xen(
+    run: &Run,
+    pool: &PoolPlan,
+    vms: &[String],
+    vdis: &[String],
+    repo: Arc<Repository>,
+    backup: cbtvault_engine::BackupOptions,
+    progress: Arc<dyn Progress>,
+    cancel: CancellationToken,
+) -> Result<Vec<DiskResult>> {
+    let client = Client::connect(pool.options.clone())
+        .await
+        .with_context(|| format!("logging in to {}", pool.options.url))?;
+    let mut targets: Vec<String> = vdis.to_vec();
+    for vm in vms {
+        for uuid in vm_disks(&client, vm)
+            .await
+            .with_context(|| format!("listing the disks of VM {vm}"))?
+        {
+            if !targets.contains(&uuid) {
+                targets.push(uuid);
+            }
+        }
+    }
+    let mut options = XenOptions::new(&run.job, pool.options.url.to_string());
+    options.nbd_connections = pool.nbd_connections;
+    options.backup = backup;
+    let results = futures::stream::iter(targets)
+        .map(|uuid| {
+            let (client, repo, options, progress, cancel) = (
+                &client,
+                repo.clone(),
+                &options,
+                progress.clone(),
+                cancel.clone(),
+            );
+            async move {
+                let outcome =
+                    xenserver::backup_vdi(client, repo, &uuid, options, progress, cancel).await;
+                DiskResult {
+                    label: format!("VDI {uuid}"),
+                    outcome: outcome.map_err(anyhow::Error::from),
+                }
+            }
+        })
+        .buffer_unordered(run.parallel.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    if let Err(e) = client.logout().await {
+        tracing::warn!(error = %e, "logout failed");
+    }
+    Ok(results)
+}
+
+/// The uuids of a VM's disks (not CD drives, not empty drives).
+async fn vm_disks(client: &Client, vm_uuid: &str) -> Result<Vec<String>> {
+    let vm = client.vm().get_by_uuid(vm_uuid).await?;
+    let record = client.vm().get_record(&vm).await?;
+    let mut out = Vec::new();
+    for vbd in &record.vbds {
+        let v = client.vbd().get_record(vbd).await?;
+        if v.vbd_type.eq_ignore_ascii_case("disk") && !v.empty && !v.vdi.is_null() {
+            out.push(client.vdi().get_uuid(&v.vdi).await?);
+        }
+    }
+    Ok(out)
+}
+
+/// Where a QEMU host's sockets are.
+struct QemuHostPlan<'a> {
+    socket: &'a Path,
+    nbd_socket: Option<&'a Path>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_qemu(
+    job: &str,
+    host: QemuHostPlan<'_>,
+    nodes: &[String],
+    parallel: usize,
+    repo: Arc<Repository>,
+    backup: cbtvault_engine::BackupOptions,
+    progress: Arc<dyn Progress>,
+    cancel: CancellationToken,
+) -> Result<Vec<DiskResult>> {
+    // A QEMU monitor serves one client at a time: the nodes share it.
+    let qmp = Arc::new(
+        cbtvault_qemu::Qmp::connect(host.socket)
+            .await
+            .with_context(|| format!("connecting to QMP at {}", host.socket.display()))?,
+    );
+    let results = futures::stream::iter(nodes.iter().enumerate())
+        .map(|(i, node)| {
+            let (qmp, repo, progress, cancel, backup) = (
+                qmp.clone(),
+                repo.clone(),
+                progress.clone(),
+                cancel.clone(),
+                backup.clone(),
+            );
+            let nbd_socket = host.nbd_socket.map(Path::to_path_buf);
+            async move {
+                let options = QemuOptions {
+                    // QEMU names must stay short: the job plus the node's position.
+                    job: format!(
+                        "{}{i}",
+                        job.chars()
+                            .take(cbtvault_qemu::MAX_JOB_NAME - 3)
+                            .collect::<String>()
+                    ),
+                    disk: format!("qemu-{node}"),
+                    verify_samples: 16,
+                    backup,
+                };
+                let outcome = async {
+                    let disk_options = cbtvault_qemu::DiskOptions {
+                        nbd_socket: nbd_socket.clone(),
+                        ..Default::default()
+                    };
+                    let disk = cbtvault_qemu::QemuDisk::from_qmp(qmp, node, disk_options).await?;
+                    Ok::<_, anyhow::Error>(
+                        cbtvault_engine::qemu::backup_node(&disk, repo, &options, progress, cancel)
+                            .await?,
+                    )
+                }
+                .await;
+                DiskResult {
+                    label: format!("node {node}"),
+                    outcome,
+                }
+            }
+        })
+        .buffer_unordered(parallel.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    Ok(results)
+}
+
+/// Prints one line (or JSON object) per disk, applies retention to the
+/// disks that succeeded, and fails if any disk failed.
+fn report(
+    g: &Global,
+    repo: &Repository,
+    results: &[DiskResult],
+    retention: Option<Retention>,
+) -> Result<ExitCode> {
+    let mut rows = Vec::new();
+    let mut failed = 0;
+    for r in results {
+        match &r.outcome {
+            Ok(o) => {
+                let s = &o.manifest.stats;
+                if !g.quiet && !g.json {
+                    println!(
+                        "{}: restore point {} ({}), read {} in {} blocks, stored {} new",
+                        r.label,
+                        output::short(&o.restore_point),
+                        output::mode(&o.manifest.mode),
+                        output::bytes(s.bytes_read),
+                        s.blocks_read,
+                        output::bytes(s.bytes_stored)
+                    );
+                }
+                if let Some(keep) = retention {
+                    apply_retention(repo, &o.manifest.disk, keep)?;
+                }
+                rows.push(
+                    json!({"disk": r.label, "ok": true, "restore_point": o.restore_point,
+                                 "mode": o.manifest.mode, "stats": o.manifest.stats}),
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("cbtvault: error: {}: {e:#}", r.label);
+                rows.push(json!({"disk": r.label, "ok": false, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    if g.json {
+        output::print_json(&serde_json::Value::Array(rows));
+    }
+    if failed > 0 {
+        bail!("{failed} of {} disks failed", results.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn apply_retention(repo: &Repository, disk: &str, keep: Retention) -> Result<()> {
+    let policy = cbtvault_repo::forget::KeepPolicy {
+        last: keep.keep_last,
+        daily: keep.keep_daily,
+        weekly: keep.keep_weekly,
+        monthly: keep.keep_monthly,
+    };
+    if policy.is_empty() {
+        return Ok(());
+    }
+    let points = repo.catalogue().restore_points(Some(disk))?;
+    for d in cbtvault_repo::forget::plan(&points, &policy)
+        .into_iter()
+        .filter(|d| !d.keep)
+    {
+        repo.forget(&d.id)
+            .with_context(|| format!("forgetting {}", d.id))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Backing up a QEMU/KVM block node from a persistent dirty bitmap.
+//!
+//! The QEMU side (one atomic `transaction` that starts a checkpoint bitmap
+//! and a fleecing point-in-time view, exported over NBD) is in
+//! `cbtvault-qemu`. Here: read the view — only the dirty blocks for an
+//! incremental, every allocated block otherwise —, commit the restore
+//! point, check a sample against the view, and only then let QEMU drop the
+//! previous checkpoint. On any failure the export is aborted, which keeps
+//! every change for the next run.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cbtvault_nbd::ConnectOptions;
+use cbtvault_qemu::{BackupKind, CheckpointName, QemuDisk};
+use cbtvault_repo::{Repository, SourceInfo};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+
+use crate::backup::{BackupJob, BackupOptions, BackupOutcome, Changes, Parent};
+use crate::error::{Error, Result};
+use crate::nbd::NbdSource;
+use crate::progress::Progress;
+
+/// How to back up a QEMU node.
+#[derive(Clone, Debug)]
+pub struct QemuOptions {
+    /// The job name (1-20 characters: it names QEMU objects).
+    pub job: String,
+    /// The disk's name in the repository.
+    pub disk: String,
+    /// Blocks re-read from the view before the old checkpoint goes.
+    pub verify_samples: usize,
+    pub backup: BackupOptions,
+}
+
+fn qemu(disk: &str, what: &str) -> impl FnOnce(cbtvault_qemu::Error) -> Error {
+    let (disk, what) = (disk.to_string(), what.to_string());
+    move |e| Error::Source {
+        disk,
+        what,
+        source: Some(Box::new(e)),
+    }
+}
+
+/// Backs up `node` of the QEMU behind `qemu_disk`.
+pub async fn backup_node(
+    qemu_disk: &QemuDisk,
+    repo: Arc<Repository>,
+    options: &QemuOptions,
+    progress: Arc<dyn Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupOutcome> {
+    let disk = options.disk.clone();
+    let span = tracing::info_span!("qemu", job = %options.job, node = %qemu_disk.node());
+    async move {
+        let latest = repo.latest(&disk)?;
+        // The checkpoint the latest restore point ends at, if it is ours.
+        let previous = latest
+            .as_ref()
+            .filter(|rp| rp.manifest.source.provider == "qemu")
+            .and_then(|rp| rp.manifest.source.snapshot.as_deref())
+            .and_then(|name| name.parse::<CheckpointName>().ok());
+        let removed = qemu_disk
+            .cleanup_leftovers(&options.job)
+            .await
+            .map_err(qemu(&disk, "cleaning up after an interrupted run"))?;
+        if !removed.is_empty() {
+            info!(?removed, "cleaned up after an interrupted run");
+        }
+        let export = qemu_disk
+            .prepare(&options.job, previous.as_ref())
+            .await
+            .map_err(qemu(&disk, "starting the point-in-time view"))?;
+        match read_export(qemu_disk, &repo, &export, previous.is_some(), options, progress, cancel).await {
+            Ok(outcome) => {
+                qemu_disk
+                    .commit(export)
+                    .await
+                    .map_err(qemu(&disk, "retiring the previous checkpoint"))?;
+                Ok(outcome)
+            }
+            Err(e) => {
+                if let Err(a) = qemu_disk.abort(export).await {
+                    warn!(error = %a, "could not abort the QEMU backup cleanly; the next run cleans up");
+                }
+                Err(e)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn read_export(
+    qemu_disk: &QemuDisk,
+    repo: &Arc<Repository>,
+    export: &cbtvault_qemu::BackupExport,
+    had_previous: bool,
+    options: &QemuOptions,
+    progress: Arc<dyn Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupOutcome> {
+    let disk = &options.disk;
+    let mut connect = ConnectOptions::unix(export.nbd_socket().to_path_buf(), export.export_name());
+    if let Some(context) = export.dirty_bitmap_context() {
+        connect.meta_contexts.push(context.to_string());
+    }
+    let mut source = NbdSource::connect(connect, format!("qemu node {}", qemu_disk.node())).await?;
+    source.set_info(SourceInfo {
+        provider: "qemu".into(),
+        location: format!("{} node {}", qemu_disk.qmp().address(), qemu_disk.node()),
+        snapshot: Some(export.checkpoint().to_string()),
+        details: BTreeMap::from([("job".to_string(), options.job.clone())]),
+    });
+    let changes = match export.kind() {
+        BackupKind::Incremental {
+            dirty_bitmap_context,
+            ..
+        } => {
+            let bitmap = dirty_bitmap_context
+                .strip_prefix("qemu:dirty-bitmap:")
+                .unwrap_or(dirty_bitmap_context);
+            Changes::Blocks {
+                map: source.dirty_blocks(bitmap).await?,
+                origin: format!("qemu-dirty-bitmap:{bitmap}"),
+            }
+        }
+        BackupKind::NeedsFull { reason } => Changes::Full {
+            reason: Some(reason.clone()),
+        },
+        BackupKind::Full => Changes::Full {
+            reason: had_previous
+                .then(|| "the previous restore point has no QEMU checkpoint".into()),
+        },
+    };
+    let client = source.client().clone();
+    let job = BackupJob {
+        disk: disk.clone(),
+        changes,
+        parent: Parent::Latest,
+        time: Some(jiff::Timestamp::now()),
+        options: options.backup.clone(),
+    };
+    let outcome =
+        crate::backup::backup(repo.clone(), Arc::new(source), job, progress, cancel).await;
+    let checked = match &outcome {
+        Ok(o) => {
+            crate::nbd::verify_sample(
+                &client,
+                repo,
+                &o.restore_point,
+                &o.manifest,
+                options.verify_samples,
+            )
+            .await
+        }
+        Err(_) => Ok(()),
+    };
+    client.disconnect().await;
+    let outcome = outcome?;
+    checked?;
+    Ok(outcome)
+}

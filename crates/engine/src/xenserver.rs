@@ -1,0 +1,407 @@
+//! Backing up a XenServer / XCP-ng VDI with changed-block tracking.
+//!
+//! Per disk and run (see ARCHITECTURE.md for the invariants this keeps):
+//! 1. reap what an interrupted run left (tagged snapshots holding data);
+//! 2. make sure CBT is on (the first backup after enabling is full);
+//! 3. `VDI.snapshot`, tagged in `other_config` with the job and the source;
+//! 4. `VDI.list_changed_blocks(previous snapshot, new snapshot)` before
+//!    opening NBD; a broken chain (error 460, a vanished or shrunk base)
+//!    falls back to a full read that still stores only new blocks;
+//! 5. read the blocks over NBD (TLS, the host's certificate pinned) and
+//!    commit the restore point durably;
+//! 6. verify before destroy: re-read a sample of the blocks from the
+//!    snapshot and compare them with what the repository holds;
+//! 7. `VDI.data_destroy` the new snapshot (retrying `VDI_IN_USE`), then
+//!    destroy the previous `cbt_metadata` base.
+//!
+//! Any failure before the commit destroys the new snapshot at once; its
+//! changed-block log is merged into the disk's, so nothing is lost and the
+//! previous base still works.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cbtvault_blockmap::BlockMap;
+use cbtvault_nbd::{Client as NbdClient, ConnectOptions, TlsOptions};
+use cbtvault_repo::{Repository, SourceInfo};
+use cbtvault_xenapi::{Client, NbdInfo, VdiRef, VdiType, XapiError};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+
+use crate::backup::{BackupJob, BackupOptions, BackupOutcome, Changes, Parent};
+use crate::error::{Error, Result};
+use crate::nbd::NbdSource;
+use crate::progress::Progress;
+
+/// `other_config` key naming the job that made a snapshot.
+pub const TAG_JOB: &str = "cbtvault-job";
+/// `other_config` key naming the VDI a snapshot is of.
+pub const TAG_SOURCE: &str = "cbtvault-source";
+
+/// How to back up VDIs.
+#[derive(Clone, Debug)]
+pub struct XenOptions {
+    /// The job's name, for tags and logs.
+    pub job: String,
+    /// The pool's address, recorded in manifests.
+    pub pool: String,
+    /// NBD connections per disk.
+    pub nbd_connections: usize,
+    /// Blocks re-read from the snapshot before it is destroyed.
+    pub verify_samples: usize,
+    /// Tries of `data_destroy` while the VDI is still in use.
+    pub data_destroy_tries: u32,
+    /// First pause between those tries (doubling).
+    pub data_destroy_backoff: Duration,
+    pub backup: BackupOptions,
+}
+
+impl XenOptions {
+    /// Defaults for `job` on `pool`.
+    pub fn new(job: impl Into<String>, pool: impl Into<String>) -> Self {
+        XenOptions {
+            job: job.into(),
+            pool: pool.into(),
+            nbd_connections: 1,
+            verify_samples: 16,
+            data_destroy_tries: 6,
+            data_destroy_backoff: Duration::from_secs(1),
+            backup: BackupOptions::default(),
+        }
+    }
+}
+
+fn xapi(disk: &str, what: &str) -> impl FnOnce(cbtvault_xenapi::Error) -> Error {
+    let (disk, what) = (disk.to_string(), what.to_string());
+    move |e| Error::Source {
+        disk,
+        what,
+        source: Some(Box::new(e)),
+    }
+}
+
+fn is_missing(e: &cbtvault_xenapi::Error) -> bool {
+    matches!(e.xapi(), Some(XapiError::HandleInvalid { .. }))
+        || e.to_string().contains("UUID_INVALID")
+}
+
+/// The repository's name for a VDI's disk.
+pub fn disk_name(vdi_uuid: &str) -> String {
+    format!("xen-{vdi_uuid}")
+}
+
+/// Backs up one VDI; see the module documentation for the steps.
+pub async fn backup_vdi(
+    xapi_client: &Client,
+    repo: Arc<Repository>,
+    vdi_uuid: &str,
+    options: &XenOptions,
+    progress: Arc<dyn Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupOutcome> {
+    let disk = disk_name(vdi_uuid);
+    let span = tracing::info_span!("vdi", job = %options.job, vdi = %vdi_uuid);
+    async move {
+        let vdis = xapi_client.vdi();
+        let vdi = vdis.get_by_uuid(vdi_uuid).await.map_err(xapi(&disk, "looking up the VDI"))?;
+        let record = vdis.get_record(&vdi).await.map_err(xapi(&disk, "reading the VDI record"))?;
+        let latest = repo.latest(&disk)?;
+        let base_uuid = latest.as_ref().and_then(|rp| rp.manifest.source.snapshot.clone());
+        reap(xapi_client, repo.clone(), &disk, vdi_uuid, latest.as_ref(), options).await?;
+
+        let mut full_reason = None;
+        if !record.cbt_enabled {
+            vdis.enable_cbt(&vdi).await.map_err(xapi(&disk, "enabling changed-block tracking"))?;
+            full_reason = Some(if latest.is_some() {
+                "changed-block tracking was off (disabled or lost); re-enabled".to_string()
+            } else {
+                "changed-block tracking was just enabled".to_string()
+            });
+        }
+        let base = match (&base_uuid, &full_reason) {
+            (Some(uuid), None) => match vdis.get_by_uuid(uuid).await {
+                Ok(r) => Some(r),
+                Err(e) if is_missing(&e) => {
+                    full_reason = Some(format!("the previous snapshot {uuid} is gone"));
+                    None
+                }
+                Err(e) => return Err(xapi(&disk, "looking up the previous snapshot")(e)),
+            },
+            _ => None,
+        };
+        if latest.is_none() && full_reason.is_none() {
+            full_reason = Some("first backup of this disk".into());
+        }
+
+        let snapshot = vdis
+            .snapshot(&vdi, &BTreeMap::new())
+            .await
+            .map_err(xapi(&disk, "taking a snapshot"))?;
+        let result = back_up_snapshot(xapi_client, &repo, &disk, &vdi, &snapshot, base.as_ref(), full_reason, latest.as_ref().map(|l| l.manifest.virtual_size), options, progress, cancel).await;
+        match result {
+            Ok(outcome) => {
+                finish(xapi_client, &disk, &snapshot, base.as_ref(), options).await?;
+                Ok(outcome)
+            }
+            Err(e) => {
+                // Nothing was committed: the snapshot goes now, its CBT log
+                // merging into the disk's, so the previous base stays valid.
+                if let Err(d) = vdis.destroy(&snapshot).await {
+                    warn!(error = %d, snapshot = %snapshot.as_str(), "could not destroy the snapshot of a failed run; the next run reaps it");
+                }
+                Err(e)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn back_up_snapshot(
+    xapi_client: &Client,
+    repo: &Arc<Repository>,
+    disk: &str,
+    vdi: &VdiRef,
+    snapshot: &VdiRef,
+    base: Option<&VdiRef>,
+    mut full_reason: Option<String>,
+    previous_size: Option<u64>,
+    options: &XenOptions,
+    progress: Arc<dyn Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupOutcome> {
+    let vdis = xapi_client.vdi();
+    vdis.add_to_other_config(snapshot, TAG_JOB, &options.job)
+        .await
+        .map_err(xapi(disk, "tagging the snapshot"))?;
+    let source_uuid = vdis
+        .get_uuid(vdi)
+        .await
+        .map_err(xapi(disk, "reading the VDI uuid"))?;
+    vdis.add_to_other_config(snapshot, TAG_SOURCE, &source_uuid)
+        .await
+        .map_err(xapi(disk, "tagging the snapshot"))?;
+    let snap = vdis
+        .get_record(snapshot)
+        .await
+        .map_err(xapi(disk, "reading the snapshot"))?;
+    if let Some(prev) = previous_size
+        && snap.virtual_size < prev
+        && full_reason.is_none()
+    {
+        full_reason = Some(format!(
+            "the disk shrank from {prev} to {} bytes",
+            snap.virtual_size
+        ));
+    }
+
+    // Changed blocks come before NBD: xapi refuses them while vdi_to is in use.
+    let changes = match (base, full_reason) {
+        (Some(base), None) => match vdis.list_changed_blocks(base, snapshot).await {
+            Ok(text) => match BlockMap::from_xenapi_base64(&text, snap.virtual_size) {
+                Ok(map) => Changes::Blocks {
+                    map,
+                    origin: "xenapi-cbt".into(),
+                },
+                Err(e) => Changes::Full {
+                    reason: Some(format!(
+                        "VDI.list_changed_blocks returned an unusable bitmap: {e}"
+                    )),
+                },
+            },
+            Err(e)
+                if matches!(
+                    e.xapi(),
+                    Some(XapiError::SrBackendFailure { code: 460, .. })
+                ) =>
+            {
+                Changes::Full {
+                    reason: Some(format!("the changed-block chain is broken: {e}")),
+                }
+            }
+            Err(e) => return Err(xapi(disk, "VDI.list_changed_blocks")(e)),
+        },
+        (_, reason) => Changes::Full { reason },
+    };
+    if let Changes::Full { reason: Some(r) } = &changes {
+        info!(reason = %r, "full backup");
+    }
+
+    let nbd = connect_nbd(xapi_client, disk, snapshot, options).await?;
+    let source = NbdSource::from_client(
+        nbd.clone(),
+        SourceInfo {
+            provider: "xenserver".into(),
+            location: format!("{}/vdi/{source_uuid}", options.pool),
+            snapshot: Some(snap.uuid.clone()),
+            details: BTreeMap::from([
+                ("vdi_name".to_string(), snap.name_label.clone()),
+                ("job".to_string(), options.job.clone()),
+            ]),
+        },
+    );
+    let time = jiff::Timestamp::now();
+    let job = BackupJob {
+        disk: disk.to_string(),
+        changes,
+        parent: Parent::Latest,
+        time: Some(time),
+        options: options.backup.clone(),
+    };
+    let outcome =
+        crate::backup::backup(repo.clone(), Arc::new(source), job, progress, cancel).await;
+    nbd.disconnect().await;
+    let outcome = outcome?;
+    verify_sample(
+        xapi_client,
+        repo,
+        disk,
+        snapshot,
+        &outcome.restore_point,
+        &outcome.manifest,
+        options,
+    )
+    .await?;
+    Ok(outcome)
+}
+
+/// Opens NBD to `vdi` with the address and pinned certificate XAPI gives.
+async fn connect_nbd(
+    xapi_client: &Client,
+    disk: &str,
+    vdi: &VdiRef,
+    options: &XenOptions,
+) -> Result<NbdClient> {
+    let infos = xapi_client
+        .vdi()
+        .get_nbd_info(vdi)
+        .await
+        .map_err(xapi(disk, "VDI.get_nbd_info"))?;
+    let mut last = None;
+    for info in &infos {
+        match NbdClient::connect(&nbd_options(info, options)).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                warn!(address = %info.address, error = %e, "NBD host unreachable; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(Error::Source {
+        disk: disk.to_string(),
+        what: if infos.is_empty() {
+            "VDI.get_nbd_info returned no NBD host: give a pool network the nbd purpose".into()
+        } else {
+            "no NBD host accepted the connection".into()
+        },
+        source: last.map(|e| Box::new(e) as crate::error::BoxError),
+    })
+}
+
+fn nbd_options(info: &NbdInfo, options: &XenOptions) -> ConnectOptions {
+    let mut o = ConnectOptions::tcp(info.address.clone(), info.port, info.exportname.clone())
+        .with_tls(TlsOptions::pinned_pem(info.cert.clone()).with_server_name(info.subject.clone()));
+    // xapi-nbd allows 16 connections per host and no multi-conn flag, so
+    // parallelism comes from requests in flight.
+    o.connections = options.nbd_connections.max(1);
+    o
+}
+
+/// Re-reads a sample of the blocks from the snapshot and checks that the
+/// repository holds exactly them: the last look before data_destroy.
+async fn verify_sample(
+    xapi_client: &Client,
+    repo: &Arc<Repository>,
+    disk: &str,
+    snapshot: &VdiRef,
+    restore_point: &str,
+    manifest: &cbtvault_repo::Manifest,
+    options: &XenOptions,
+) -> Result<()> {
+    let nbd = connect_nbd(xapi_client, disk, snapshot, options).await?;
+    let result =
+        crate::nbd::verify_sample(&nbd, repo, restore_point, manifest, options.verify_samples)
+            .await;
+    nbd.disconnect().await;
+    result
+}
+
+/// The irreversible steps, after commit and verification.
+async fn finish(
+    xapi_client: &Client,
+    disk: &str,
+    snapshot: &VdiRef,
+    base: Option<&VdiRef>,
+    options: &XenOptions,
+) -> Result<()> {
+    let vdis = xapi_client.vdi();
+    let mut pause = options.data_destroy_backoff;
+    for attempt in 1..=options.data_destroy_tries.max(1) {
+        match vdis.data_destroy(snapshot).await {
+            Ok(()) => break,
+            Err(e)
+                if matches!(e.xapi(), Some(XapiError::VdiInUse { .. }))
+                    && attempt < options.data_destroy_tries =>
+            {
+                warn!(attempt, "snapshot still in use; retrying data_destroy");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(xapi(disk, "VDI.data_destroy of the new snapshot")(e)),
+        }
+    }
+    if let Some(base) = base
+        && base != snapshot
+        && let Err(e) = vdis.destroy(base).await
+    {
+        // A leftover cbt_metadata VDI costs no data; the next run reaps it.
+        warn!(error = %e, "could not destroy the previous base");
+    }
+    Ok(())
+}
+
+/// Cleans up after interrupted runs of this job on this VDI: snapshots
+/// still holding data are destroyed (their logs merge into the disk's),
+/// except the current base, whose restore point is committed: it only
+/// missed its data_destroy. Stale cbt_metadata bases are destroyed.
+async fn reap(
+    xapi_client: &Client,
+    repo: Arc<Repository>,
+    disk: &str,
+    vdi_uuid: &str,
+    latest: Option<&cbtvault_repo::RestorePointRow>,
+    options: &XenOptions,
+) -> Result<()> {
+    let base_uuid = latest.and_then(|rp| rp.manifest.source.snapshot.as_deref());
+    let vdis = xapi_client.vdi();
+    let all = vdis
+        .get_all_records()
+        .await
+        .map_err(xapi(disk, "listing VDIs"))?;
+    for (r, rec) in all {
+        let ours = rec.other_config.get(TAG_JOB) == Some(&options.job)
+            && rec.other_config.get(TAG_SOURCE).map(String::as_str) == Some(vdi_uuid);
+        if !ours {
+            continue;
+        }
+        let is_base = base_uuid == Some(rec.uuid.as_str());
+        let step = match (latest, rec.vdi_type == VdiType::CbtMetadata) {
+            (Some(_), true) if is_base => continue,
+            // Committed but killed before its data_destroy: check, then finish.
+            (Some(rp), false) if is_base => {
+                verify_sample(xapi_client, &repo, disk, &r, &rp.id, &rp.manifest, options).await?;
+                vdis.data_destroy(&r).await
+            }
+            _ => vdis.destroy(&r).await,
+        };
+        match step {
+            Ok(()) => {
+                info!(snapshot = %rec.uuid, base = is_base, "reaped a snapshot left by an interrupted run")
+            }
+            Err(e) => warn!(snapshot = %rec.uuid, error = %e, "could not reap a leftover snapshot"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! The binary against a real qemu-storage-daemon: full and incremental
+//! backups from persistent dirty bitmaps, a crashed QSD, and a killed
+//! cbtvault.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const SIZE: u64 = 64 << 20;
+
+/// A qemu-storage-daemon with `disk.qcow2` as node `disk`, a QMP socket,
+/// and a writable NBD export `guest` that stands in for the VM.
+struct Qsd {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Qsd {
+    fn start(dir: PathBuf) -> Qsd {
+        let mut q = Qsd { child: None, dir };
+        q.launch();
+        q
+    }
+
+    fn launch(&mut self) {
+        let _ = std::fs::remove_file(self.qmp());
+        let _ = std::fs::remove_file(self.nbd());
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk-file,filename={}",
+                self.dir.join("disk.qcow2").display()
+            ))
+            .args(["--blockdev", "driver=qcow2,node-name=disk,file=disk-file"])
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                self.qmp().display()
+            ))
+            .args(["--monitor", "chardev=qmp0"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", self.nbd().display()))
+            .args([
+                "--export",
+                "type=nbd,id=guest,node-name=disk,name=guest,writable=on",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (qemu-utils) must be installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(self.qmp().exists() && self.nbd().exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    fn nbd(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+
+    fn guest(&self) -> String {
+        format!("nbd+unix:///guest?socket={}", self.nbd().display())
+    }
+
+    /// A guest write of `len` bytes of `pattern` at `offset`.
+    fn write(&self, pattern: u8, offset: u64, len: u64) {
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {pattern:#x} {offset} {len}"),
+                &self.guest(),
+            ])
+            .output()
+            .expect("qemu-io");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The live disk as the guest sees it.
+    fn snapshot_to(&self, path: &std::path::Path) {
+        let out = Command::new("nbdcopy")
+            .args([&self.guest(), path.to_str().unwrap()])
+            .output()
+            .expect("nbdcopy");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn setup(s: &Scratch) -> Qsd {
+    let dir = s.path("qsd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+            &SIZE.to_string(),
+        ])
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success());
+    let qsd = Qsd::start(dir);
+    qsd.write(0x11, 0, 1 << 20);
+    qsd.write(0x22, 30 << 20, 3 << 16);
+    qsd
+}
+
+fn backup(s: &Scratch, qsd: &Qsd) -> serde_json::Value {
+    let repo = s.repo();
+    let out = s.ok(&[
+        "backup",
+        "--json",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--disk",
+        "vm1",
+        "--node",
+        "disk",
+        "--source",
+        &format!("qmp:{}", qsd.qmp().display()),
+        "--nbd-socket",
+        qsd.nbd().to_str().unwrap(),
+    ]);
+    serde_json::from_str(&out).expect("backup json")
+}
+
+#[test]
+fn full_then_incrementals_from_dirty_bitmaps_restore_exactly() {
+    let s = Scratch::new();
+    let qsd = setup(&s);
+    let full = backup(&s, &qsd);
+    assert_eq!(full["mode"]["kind"], "full");
+    // base:allocation: only the written clusters were read.
+    assert_eq!(full["stats"]["bytes_read"], (1 << 20) + 3 * 65536);
+    let snap0 = s.path("snap0.raw");
+    qsd.snapshot_to(&snap0);
+    let mut points = vec![(id(&full), snap0)];
+    for night in 1..=3u64 {
+        // Two clusters, one straddling write (two more), one small write.
+        qsd.write(0x30 + night as u8, night << 20, 128 << 10);
+        qsd.write(0x40 + night as u8, (40 << 20) + 65536 - 512, 1024);
+        qsd.write(0x50 + night as u8, (50 << 20) + night * 4096, 4096);
+        let rp = backup(&s, &qsd);
+        assert_eq!(rp["mode"]["kind"], "incremental", "{rp}");
+        assert_eq!(rp["stats"]["blocks_read"], 5, "{rp}");
+        assert_eq!(rp["stats"]["bytes_read"], 5 * 65536);
+        let snap = s.path(&format!("snap{night}.raw"));
+        qsd.snapshot_to(&snap);
+        points.push((id(&rp), snap));
+    }
+    for (i, (rp, snap)) in points.iter().enumerate() {
+        assert_same_file(snap, &s.restore(rp, &format!("r{i}.img")));
+    }
+}
+
+#[test]
+fn crashed_qsd_leads_to_a_full_backup_with_the_reason() {
+    let s = Scratch::new();
+    let mut qsd = setup(&s);
+    backup(&s, &qsd);
+    qsd.write(0x77, 5 << 20, 65536);
+    // The bitmap was never flushed: after kill -9 it is missing or inconsistent.
+    qsd.kill9();
+    qsd.launch();
+    let rp = backup(&s, &qsd);
+    assert_eq!(rp["mode"]["kind"], "full", "{rp}");
+    let reason = rp["mode"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!reason.is_empty(), "a reason is recorded: {rp}");
+    let snap = s.path("after-crash.raw");
+    qsd.snapshot_to(&snap);
+    assert_same_file(&snap, &s.restore(&id(&rp), "r.img"));
+    // And the chain goes on: the next run is incremental again.
+    qsd.write(0x78, 6 << 20, 65536);
+    let next = backup(&s, &qsd);
+    assert_eq!(next["mode"]["kind"], "incremental", "{next}");
+    assert_eq!(next["stats"]["blocks_read"], 1);
+}
+
+#[test]
+fn killed_backup_leaves_qsd_clean_and_loses_no_change() {
+    let s = Scratch::new();
+    let qsd = setup(&s);
+    backup(&s, &qsd);
+    for round in 0..4u64 {
+        qsd.write(0x60 + round as u8, (10 + round) << 20, 65536);
+        let repo = s.repo();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cbtvault"))
+            .args([
+                "backup",
+                "--quiet",
+                "--repo",
+                repo.to_str().unwrap(),
+                "--disk",
+                "vm1",
+                "--node",
+                "disk",
+            ])
+            .arg(format!("--source=qmp:{}", qsd.qmp().display()))
+            .arg(format!("--nbd-socket={}", qsd.nbd().display()))
+            .args(["--compression-level", "19"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(40 + 60 * round));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // The next run cleans up what the killed ones left and misses nothing.
+    let rp = backup(&s, &qsd);
+    let snap = s.path("final.raw");
+    qsd.snapshot_to(&snap);
+    assert_same_file(&snap, &s.restore(&id(&rp), "final.img"));
+    let (ok, report) = s.verify(true);
+    assert!(ok, "{report}");
+    // And QSD holds nothing of ours: only the guest export remains.
+    let again = backup(&s, &qsd);
+    assert_eq!(again["mode"]["kind"], "incremental", "{again}");
+    assert_eq!(again["stats"]["blocks_read"], 0);
+}
