@@ -73,9 +73,15 @@ pub enum Command {
         repo: RepoArg,
         /// Restore point id (a unique prefix is enough) or DISK@latest.
         id: String,
-        /// Where to write the disk: a file path, or a writable NBD export URI.
+        /// Where to write the disk: a file path, a writable NBD export URI, or
+        /// `xapi` (a new VDI in the pool given with --xapi, on --sr).
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        login: XapiLogin,
+        /// With --to xapi: the SR to create the VDI on.
+        #[arg(long)]
+        sr: Option<String>,
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
@@ -228,11 +234,11 @@ pub struct ForgetArgs {
     pub dry_run: bool,
 }
 
-/// A XenServer / XCP-ng pool to back up from.
+/// How to log in to a XenServer / XCP-ng pool.
 #[derive(ClapArgs, Debug, Clone)]
-pub struct XenArgs {
+pub struct XapiLogin {
     /// The pool master's XenAPI address: https://HOST[:PORT].
-    #[arg(long, conflicts_with = "source")]
+    #[arg(long)]
     pub xapi: Option<String>,
     /// XenAPI user.
     #[arg(long, default_value = "root")]
@@ -252,6 +258,13 @@ pub struct XenArgs {
     /// Trust any certificate (logged as a warning).
     #[arg(long, requires = "xapi")]
     pub insecure: bool,
+}
+
+/// A XenServer / XCP-ng pool to back up from.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct XenArgs {
+    #[command(flatten)]
+    pub login: XapiLogin,
     /// VDIs to back up (by uuid).
     #[arg(long, requires = "xapi")]
     pub vdi: Vec<String>,

@@ -56,7 +56,7 @@ fn read_bitmap(file: &Path, size: u64, source: &str) -> Result<Changes> {
 }
 
 pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
-    if args.config.is_some() || args.xen.xapi.is_some() {
+    if args.config.is_some() || args.xen.login.xapi.is_some() {
         return super::jobs::backup(g, &args);
     }
     let (Some(repo_dir), Some(disk), Some(source)) = (&args.repo, &args.disk, &args.source) else {

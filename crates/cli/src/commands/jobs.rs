@@ -16,7 +16,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BackupArgs, Global};
+use crate::cli::{BackupArgs, Global, XapiLogin};
 use crate::output::{self, Bar};
 
 /// One disk's result in a multi-disk run.
@@ -121,21 +121,13 @@ fn plan(args: &BackupArgs) -> Result<Run> {
         });
     }
     let x = &args.xen;
-    let (Some(url), Some(repo)) = (&x.xapi, &args.repo) else {
+    let Some(repo) = &args.repo else {
         bail!("give --repo and --xapi (or --config with --job)");
     };
     if x.vdi.is_empty() && x.vm.is_empty() {
         bail!("give --vdi UUID or --vm UUID (repeatable)");
     }
-    let source = match (&x.password_file, &x.password_env) {
-        (Some(f), _) => PasswordSource::File(f.clone()),
-        (None, Some(v)) => PasswordSource::Env(v.clone()),
-        (None, None) => {
-            bail!("give --password-file FILE or --password-env VAR (never the password itself)")
-        }
-    };
-    let mut options = ClientOptions::new(url, x.username.clone(), password(source)?)?;
-    options.tls = trust(x.ca.as_deref(), x.pin.as_deref(), x.insecure)?;
+    let options = login_options(&x.login)?;
     Ok(Run {
         job: "adhoc".into(),
         repo: repo.clone(),
@@ -150,6 +142,21 @@ fn plan(args: &BackupArgs) -> Result<Run> {
             vdis: x.vdi.clone(),
         },
     })
+}
+
+/// Client options from `--xapi` and its companions.
+pub fn login_options(login: &XapiLogin) -> Result<ClientOptions> {
+    let Some(url) = &login.xapi else {
+        bail!("give --xapi https://HOST");
+    };
+    let source = match (&login.password_file, &login.password_env) {
+        (Some(f), _) => PasswordSource::File(f.clone()),
+        (None, Some(v)) => PasswordSource::Env(v.clone()),
+        (None, None) => bail!("give --password-file FILE or --password-env VAR (never the password itself)"),
+    };
+    let mut options = ClientOptions::new(url, login.username.clone(), password(source)?)?;
+    options.tls = trust(login.ca.as_deref(), login.pin.as_deref(), login.insecure)?;
+    Ok(options)
 }
 
 /// `backup --xapi ...` or `backup --config FILE --job NAME`.
@@ -459,4 +466,46 @@ fn apply_retention(repo: &Repository, disk: &str, keep: Retention) -> Result<()>
             .with_context(|| format!("forgetting {}", d.id))?;
     }
     Ok(())
+}
+
+/// `restore ID --to xapi --sr UUID --xapi ...`: a new VDI in the pool,
+/// uploaded through XAPI's `/import_raw_vdi`.
+pub fn restore_to_xapi(g: &Global, repo: &Path, id: &str, login: &XapiLogin, sr: Option<&str>) -> Result<ExitCode> {
+    let Some(sr_uuid) = sr else {
+        bail!("--to xapi needs --sr UUID");
+    };
+    let options = login_options(login)?;
+    let repo = super::open(repo)?;
+    let rp = repo.resolve(id)?;
+    let _lock = repo.lock_shared()?;
+    let rt = super::runtime()?;
+    let vdi_uuid = rt.block_on(async {
+        let client = Client::connect(options).await.context("logging in")?;
+        let result = async {
+            let sr = client.sr().get_by_uuid(sr_uuid).await.context("looking up the SR")?;
+            let size = rp.manifest.virtual_size;
+            let label = format!("restore of {} ({})", rp.manifest.disk, rp.manifest.time);
+            let vdi = client
+                .vdi()
+                .create(&cbtvault_xenapi::VdiCreate::new(label, sr, size))
+                .await
+                .context("creating the VDI")?;
+            let reader = cbtvault_engine::serve::restore_point_reader(repo.clone(), &rp);
+            if let Err(e) = client.import_raw_vdi(&vdi, reader, size).await {
+                // Leave no half-written disk in the pool.
+                let _ = client.vdi().destroy(&vdi).await;
+                return Err(anyhow::Error::from(e).context("uploading the disk"));
+            }
+            Ok(client.vdi().get_uuid(&vdi).await?)
+        }
+        .await;
+        let _ = client.logout().await;
+        result
+    })?;
+    if g.json {
+        output::print_json(&json!({"restore_point": rp.id, "vdi": vdi_uuid, "sr": sr_uuid}));
+    } else if !g.quiet {
+        println!("restored {} into new VDI {vdi_uuid} on SR {sr_uuid}", output::short(&rp.id));
+    }
+    Ok(ExitCode::SUCCESS)
 }

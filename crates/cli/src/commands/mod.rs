@@ -32,7 +32,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
             force,
             target_is_zero,
             workers,
-        } => data::restore(&g, &repo.repo, &id, &to, force, target_is_zero, workers),
+            login,
+            sr,
+        } => {
+            if to == "xapi" {
+                jobs::restore_to_xapi(&g, &repo.repo, &id, &login, sr.as_deref())
+            } else {
+                data::restore(&g, &repo.repo, &id, &to, force, target_is_zero, workers)
+            }
+        }
         Command::Serve {
             repo,
             id,
