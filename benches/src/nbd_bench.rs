@@ -63,11 +63,17 @@ async fn ours(options: &ConnectOptions, request: usize, inflight: usize) -> Resu
     let client = Client::connect(options).await?;
     let size = client.size();
     let start = Instant::now();
-    let offsets: Vec<u64> = (0..size.div_ceil(request as u64)).map(|i| i * request as u64).collect();
+    let offsets: Vec<u64> = (0..size.div_ceil(request as u64))
+        .map(|i| i * request as u64)
+        .collect();
     let mut reads = futures::stream::iter(offsets)
         .map(|off| {
             let client = &client;
-            async move { client.read(off, (size - off).min(request as u64) as usize).await }
+            async move {
+                client
+                    .read(off, (size - off).min(request as u64) as usize)
+                    .await
+            }
         })
         .buffer_unordered(inflight * client.connections());
     let mut total = 0u64;
@@ -82,13 +88,19 @@ async fn ours(options: &ConnectOptions, request: usize, inflight: usize) -> Resu
     Ok(elapsed)
 }
 
-async fn scattered(options: &ConnectOptions, fraction: f64, inflight: usize) -> Result<(usize, Duration)> {
+async fn scattered(
+    options: &ConnectOptions,
+    fraction: f64,
+    inflight: usize,
+) -> Result<(usize, Duration)> {
     let client = Client::connect(options).await?;
     let blocks = client.size() / 65536;
     let count = ((blocks as f64) * fraction) as usize;
     // A fixed stride permutation spreads the blocks over the whole disk.
     let stride = 7919u64;
-    let picks: Vec<u64> = (0..count as u64).map(|i| (i * stride * 101) % blocks).collect();
+    let picks: Vec<u64> = (0..count as u64)
+        .map(|i| (i * stride * 101) % blocks)
+        .collect();
     let start = Instant::now();
     let mut reads = futures::stream::iter(picks)
         .map(|b| {
@@ -105,7 +117,9 @@ async fn scattered(options: &ConnectOptions, fraction: f64, inflight: usize) -> 
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn main() -> Result<()> {
@@ -134,13 +148,20 @@ fn main() -> Result<()> {
     let _unix = start(&["-k", sock.to_str().unwrap_or_default()])?;
     let _tcp = start(&["-b", "127.0.0.1", "-p", &port.to_string()])?;
     wait_until("qemu-nbd (unix)", || Path::new(&sock).exists())?;
-    wait_until("qemu-nbd (tcp)", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())?;
+    wait_until("qemu-nbd (tcp)", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
     // Warm the page cache so both readers see the same memory-speed source.
     nbdcopy(&format!("nbd+unix:///?socket={}", sock.display()), 4)?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let size = args.size_gib << 30;
-    println!("{:<8} {:>5} {:>14} {:>14} {:>10}", "over", "conns", "nbdcopy MB/s", "cbtvault MB/s", "ratio");
+    println!(
+        "{:<8} {:>5} {:>14} {:>14} {:>10}",
+        "over", "conns", "nbdcopy MB/s", "cbtvault MB/s", "ratio"
+    );
     let mut full_unix_1 = None;
     for (name, uri) in [
         ("unix", format!("nbd+unix:///?socket={}", sock.display())),

@@ -51,7 +51,7 @@ pub enum Command {
         pack_size_mib: u64,
     },
     /// Back up a disk: all of it, or only the blocks a changed-block map marks.
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
     /// List restore points.
     List {
         #[command(flatten)]

@@ -13,16 +13,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
 use cbtvault_blockmap::{BLOCK_SIZE, BlockMap, block_count};
 use cbtvault_repo::pack::{self, BlobKind, Compression};
 use cbtvault_repo::tree::{Cursor, TreeBuilder};
-use cbtvault_repo::{
-    BackupMode, BackupStats, BlobId, Manifest, Repository, RestorePointRow, is_all_zero,
-};
+use cbtvault_repo::{BackupMode, BackupStats, BlobId, Manifest, Repository, is_all_zero};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -485,21 +482,4 @@ fn write_stage(
     writer.flush()?;
     stats.nodes_new = writer.stats().blobs - stats.blocks_new;
     Ok((tree.root, stats))
-}
-
-/// The restore point a backup of `disk` would build on.
-pub fn latest(repo: &Repository, disk: &str) -> Result<Option<RestorePointRow>> {
-    Ok(repo.latest(disk)?)
-}
-
-/// Counts bytes handed to a [`Progress`] (used by tests and the CLI).
-#[derive(Debug, Default)]
-pub struct CountingProgress(pub AtomicU64);
-
-impl Progress for CountingProgress {
-    fn start(&self, _phase: &str, _total: u64) {}
-    fn advance(&self, bytes: u64) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
-    }
-    fn finish(&self) {}
 }

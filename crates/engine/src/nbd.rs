@@ -68,7 +68,7 @@ impl NbdSource {
     /// have been asked for at connect time (`qemu:dirty-bitmap:NAME`).
     pub async fn dirty_blocks(&self, bitmap: &str) -> Result<BlockMap> {
         let context = dirty_bitmap_context(bitmap);
-        if !self.client.meta_contexts().iter().any(|c| *c == context) {
+        if !self.client.meta_contexts().contains(&context) {
             return Err(Error::Source {
                 disk: self.info.location.clone(),
                 what: format!(

@@ -14,6 +14,9 @@ use futures::future::BoxFuture;
 
 use crate::error::BoxError;
 
+/// Decoded block-map nodes by (level, index).
+type NodeCache = HashMap<(u32, u64), Arc<Vec<BlobId>>>;
+
 /// Decoded nodes kept in memory (4 KiB each).
 const NODE_CACHE: usize = 4096;
 
@@ -28,7 +31,7 @@ struct Inner {
     size: u64,
     label: String,
     readers: Mutex<Vec<BlobReader>>,
-    nodes: Mutex<HashMap<(u32, u64), Arc<Vec<BlobId>>>>,
+    nodes: Mutex<NodeCache>,
 }
 
 impl RestorePointExport {
@@ -201,7 +204,10 @@ impl Export for RestorePointExport {
 /// The whole disk of a restore point as a byte stream, in order, every
 /// block checked (for uploads such as XenServer's `/import_raw_vdi`).
 /// Errors end the stream with an `io::Error` that names the block.
-pub fn restore_point_reader(repo: Arc<Repository>, rp: &RestorePointRow) -> tokio::io::DuplexStream {
+pub fn restore_point_reader(
+    repo: Arc<Repository>,
+    rp: &RestorePointRow,
+) -> tokio::io::DuplexStream {
     use tokio::io::AsyncWriteExt;
     let export = RestorePointExport::new(repo, rp);
     let size = export.size();

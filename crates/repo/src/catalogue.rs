@@ -73,6 +73,42 @@ pub struct RestorePointRow {
     pub manifest: Manifest,
 }
 
+/// Records pack `name` and its blobs in `tx`. Without `replace`, a blob
+/// already indexed elsewhere keeps its first location.
+fn index_pack(
+    tx: &rusqlite::Transaction<'_>,
+    name: &str,
+    size: u64,
+    entries: &[PackEntry],
+    replace: bool,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO packs(name, size) VALUES (?1, ?2)",
+        params![name, size],
+    )?;
+    let pack_id: i64 =
+        tx.query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0))?;
+    let mut stmt = tx.prepare_cached(if replace {
+        "INSERT OR REPLACE INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    } else {
+        "INSERT OR IGNORE INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    })?;
+    for e in entries {
+        stmt.execute(params![
+            &e.id.0[..],
+            pack_id,
+            e.offset,
+            e.stored_len,
+            e.raw_len,
+            e.kind as u8,
+            e.compression as u8
+        ])?;
+    }
+    Ok(())
+}
+
 /// A connection to the catalogue.
 pub struct Catalogue {
     conn: Connection,
@@ -195,40 +231,13 @@ impl Catalogue {
     /// another pack keeps its first location.
     pub fn insert_pack(&mut self, name: &str, size: u64, entries: &[PackEntry]) -> Result<()> {
         let path = self.path.clone();
-        let err = |source| Error::Catalogue {
+        let tx = self.conn.transaction().map_err(|source| Error::Catalogue {
             path: path.clone(),
             source,
-        };
-        let tx = self.conn.transaction().map_err(err)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO packs(name, size) VALUES (?1, ?2)",
-            params![name, size],
-        )
-        .map_err(err)?;
-        let pack_id: i64 = tx
-            .query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0))
-            .map_err(err)?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(err)?;
-            for e in entries {
-                stmt.execute(params![
-                    &e.id.0[..],
-                    pack_id,
-                    e.offset,
-                    e.stored_len,
-                    e.raw_len,
-                    e.kind as u8,
-                    e.compression as u8
-                ])
-                .map_err(err)?;
-            }
-        }
-        tx.commit().map_err(err)
+        })?;
+        index_pack(&tx, name, size, entries, false)
+            .and_then(|()| tx.commit())
+            .map_err(|source| Error::Catalogue { path, source })
     }
 
     /// Packs known to the catalogue, with their sizes.
@@ -293,32 +302,8 @@ impl Catalogue {
                 .map_err(err)?;
         }
         for (name, size, entries) in added {
-            tx.execute(
-                "INSERT OR IGNORE INTO packs(name, size) VALUES (?1, ?2)",
-                params![name, size],
-            )
-            .map_err(err)?;
-            let pack_id: i64 = tx
-                .query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0))
-                .map_err(err)?;
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(err)?;
-            for e in entries {
-                stmt.execute(params![
-                    &e.id.0[..],
-                    pack_id,
-                    e.offset,
-                    e.stored_len,
-                    e.raw_len,
-                    e.kind as u8,
-                    e.compression as u8
-                ])
-                .map_err(err)?;
-            }
+            // The new packs take over: their locations replace the old ones.
+            index_pack(&tx, name, *size, entries, true).map_err(err)?;
         }
         tx.commit().map_err(err)
     }

@@ -123,8 +123,7 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
                     },
                     (None, None) => Changes::Full { reason: None },
                 };
-                let outcome = run_backup(repo.clone(), source, job(changes), bar, cancel).await;
-                outcome
+                run_backup(repo.clone(), source, job(changes), bar, cancel).await
             }
         }
     });

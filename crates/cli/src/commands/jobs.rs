@@ -34,7 +34,7 @@ struct PoolPlan {
 /// What a XenServer or QEMU run does.
 enum Plan {
     Xen {
-        pool: PoolPlan,
+        pool: Box<PoolPlan>,
         vms: Vec<String>,
         vdis: Vec<String>,
     },
@@ -92,10 +92,10 @@ fn plan(args: &BackupArgs) -> Result<Run> {
                     cbtvault_config::Transport::XmlRpc => TransportChoice::XmlRpc,
                 };
                 Plan::Xen {
-                    pool: PoolPlan {
+                    pool: Box::new(PoolPlan {
                         options,
                         nbd_connections: p.nbd_connections,
-                    },
+                    }),
                     vms: vms.clone(),
                     vdis: vdis.clone(),
                 }
@@ -134,10 +134,10 @@ fn plan(args: &BackupArgs) -> Result<Run> {
         parallel: x.parallel,
         retention: None,
         plan: Plan::Xen {
-            pool: PoolPlan {
+            pool: Box::new(PoolPlan {
                 options,
                 nbd_connections: args.connections.max(1),
-            },
+            }),
             vms: x.vm.clone(),
             vdis: x.vdi.clone(),
         },
@@ -152,7 +152,9 @@ pub fn login_options(login: &XapiLogin) -> Result<ClientOptions> {
     let source = match (&login.password_file, &login.password_env) {
         (Some(f), _) => PasswordSource::File(f.clone()),
         (None, Some(v)) => PasswordSource::Env(v.clone()),
-        (None, None) => bail!("give --password-file FILE or --password-env VAR (never the password itself)"),
+        (None, None) => {
+            bail!("give --password-file FILE or --password-env VAR (never the password itself)")
+        }
     };
     let mut options = ClientOptions::new(url, login.username.clone(), password(source)?)?;
     options.tls = trust(login.ca.as_deref(), login.pin.as_deref(), login.insecure)?;
@@ -470,7 +472,13 @@ fn apply_retention(repo: &Repository, disk: &str, keep: Retention) -> Result<()>
 
 /// `restore ID --to xapi --sr UUID --xapi ...`: a new VDI in the pool,
 /// uploaded through XAPI's `/import_raw_vdi`.
-pub fn restore_to_xapi(g: &Global, repo: &Path, id: &str, login: &XapiLogin, sr: Option<&str>) -> Result<ExitCode> {
+pub fn restore_to_xapi(
+    g: &Global,
+    repo: &Path,
+    id: &str,
+    login: &XapiLogin,
+    sr: Option<&str>,
+) -> Result<ExitCode> {
     let Some(sr_uuid) = sr else {
         bail!("--to xapi needs --sr UUID");
     };
@@ -482,7 +490,11 @@ pub fn restore_to_xapi(g: &Global, repo: &Path, id: &str, login: &XapiLogin, sr:
     let vdi_uuid = rt.block_on(async {
         let client = Client::connect(options).await.context("logging in")?;
         let result = async {
-            let sr = client.sr().get_by_uuid(sr_uuid).await.context("looking up the SR")?;
+            let sr = client
+                .sr()
+                .get_by_uuid(sr_uuid)
+                .await
+                .context("looking up the SR")?;
             let size = rp.manifest.virtual_size;
             let label = format!("restore of {} ({})", rp.manifest.disk, rp.manifest.time);
             let vdi = client
@@ -505,7 +517,10 @@ pub fn restore_to_xapi(g: &Global, repo: &Path, id: &str, login: &XapiLogin, sr:
     if g.json {
         output::print_json(&json!({"restore_point": rp.id, "vdi": vdi_uuid, "sr": sr_uuid}));
     } else if !g.quiet {
-        println!("restored {} into new VDI {vdi_uuid} on SR {sr_uuid}", output::short(&rp.id));
+        println!(
+            "restored {} into new VDI {vdi_uuid} on SR {sr_uuid}",
+            output::short(&rp.id)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -22,7 +22,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             compression_level,
             pack_size_mib,
         } => maintenance::init(&g, &repo.repo, compression_level, pack_size_mib),
-        Command::Backup(b) => data::backup(&g, b),
+        Command::Backup(b) => data::backup(&g, *b),
         Command::List { repo, disk } => maintenance::list(&g, &repo.repo, disk.as_deref()),
         Command::Show { repo, id } => maintenance::show(&g, &repo.repo, &id),
         Command::Restore {
