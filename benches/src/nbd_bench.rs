@@ -20,10 +20,10 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     size_gib: u64,
     /// Bytes per read request of our client.
-    #[arg(long, default_value_t = 2 << 20)]
+    #[arg(long, default_value_t = 256 << 10)]
     request: usize,
     /// Requests in flight per connection.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     inflight: usize,
 }
 

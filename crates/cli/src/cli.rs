@@ -205,10 +205,10 @@ pub struct BackupArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// Read requests in flight.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub inflight: usize,
     /// Largest read request in KiB (a multiple of 64).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 1024)]
     pub read_size_kib: usize,
 }
 

@@ -73,8 +73,11 @@ impl Default for BackupOptions {
     fn default() -> Self {
         BackupOptions {
             compression_level: None,
-            read_size: 4 << 20,
-            inflight: 8,
+            // Requests of about a MiB keep buffers small enough for the
+            // allocator to reuse (bigger ones fault fresh pages every time),
+            // and 16 of them keep a network source busy.
+            read_size: 1 << 20,
+            inflight: 16,
             workers: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),

@@ -1,0 +1,406 @@
+//! The control surface: what a test does to the pool that a XenAPI client
+//! cannot (guest writes, plugging disks, faults). Available as `sim.*`
+//! RPCs (session first, like every call; refs as elsewhere) and as
+//! methods of [`Sim`] taking UUIDs.
+//!
+//! | RPC | parameters | result |
+//! |---|---|---|
+//! | `sim.write_blocks` | VDI, block indexes, seed | `""` |
+//! | `sim.churn` | VDI, count, seed | the blocks written |
+//! | `sim.write` | VDI, offset, base64 data | `""` |
+//! | `sim.read` | VDI, offset, length | base64 data |
+//! | `sim.plug` / `sim.unplug` | VDI, VM / VDI | VBD / `""` |
+//! | `sim.resize` | VDI, size | `""` |
+//! | `sim.fault_cbt_disable` | VDI | `""` |
+//! | `sim.expire_sessions` | – | number expired |
+//! | `sim.fault_nbd_disconnect` | bytes | `""` |
+//! | `sim.fault_data_destroy_in_use` | – | `""` |
+//! | `sim.fault_slow` | delay in ms, calls (0: all) | `""` |
+//! | `sim.clear_faults` | – | `""` |
+//! | `sim.nbd_connections` | – | open NBD connections |
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use cbtvault_blockmap::{BLOCK_SIZE, block_count};
+use cbtvault_xenapi::{Value, XapiError};
+use rand::SeedableRng;
+use rand::seq::index::sample;
+
+use crate::dispatch::{arity, int, text};
+use crate::error::Result;
+use crate::sim::{Sim, internal};
+use crate::store::{block_content, block_len};
+use crate::vdi::{handle_invalid, vdi, vdi_ref_by_uuid};
+
+/// A VDI as listed by [`Sim::vdis`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VdiSummary {
+    /// Reference.
+    pub r#ref: String,
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name_label: String,
+    /// Type.
+    pub vdi_type: String,
+    /// Size.
+    pub virtual_size: u64,
+    /// Snapshot.
+    pub is_a_snapshot: bool,
+    /// CBT enabled.
+    pub cbt_enabled: bool,
+    /// Has a CBT log.
+    pub has_cbt_log: bool,
+    /// UUIDs of the VMs with a VBD to it.
+    pub vms: Vec<String>,
+}
+
+/// A VM as listed by [`Sim::vms`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSummary {
+    /// Reference.
+    pub r#ref: String,
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name_label: String,
+    /// Snapshot.
+    pub is_a_snapshot: bool,
+    /// Control domain.
+    pub is_control_domain: bool,
+    /// UUIDs of its VDIs, by VBD position.
+    pub vdis: Vec<String>,
+}
+
+pub(crate) async fn run(
+    sim: &Sim,
+    _session: &str,
+    op: &str,
+    args: Vec<Value>,
+) -> Result<Value, XapiError> {
+    let method = format!("sim.{op}");
+    let sim = sim.clone();
+    let op = op.to_owned();
+    tokio::task::spawn_blocking(move || run_blocking(&sim, &method, &op, &args))
+        .await
+        .map_err(internal)?
+}
+
+fn run_blocking(sim: &Sim, method: &str, op: &str, args: &[Value]) -> Result<Value, XapiError> {
+    let a = |n: usize| arity(method, args, n);
+    let empty = || Ok(Value::from(""));
+    let uint = |i: usize| {
+        u64::try_from(int(args, i)?).map_err(|_| XapiError::Other {
+            code: "FIELD_TYPE_ERROR".into(),
+            params: vec![format!("parameter {}", i + 2)],
+        })
+    };
+    match op {
+        "write_blocks" => {
+            a(3)?;
+            let blocks = args[1]
+                .as_array()
+                .ok_or_else(|| XapiError::Other {
+                    code: "FIELD_TYPE_ERROR".into(),
+                    params: vec!["blocks".into()],
+                })?
+                .iter()
+                .map(|b| b.as_i64().and_then(|i| u64::try_from(i).ok()))
+                .collect::<Option<Vec<u64>>>()
+                .ok_or_else(|| XapiError::Other {
+                    code: "FIELD_TYPE_ERROR".into(),
+                    params: vec!["blocks".into()],
+                })?;
+            write_blocks(sim, &text(args, 0)?, &blocks, uint(2)?)?;
+            empty()
+        }
+        "churn" => {
+            a(3)?;
+            let blocks = churn(sim, &text(args, 0)?, uint(1)?, uint(2)?)?;
+            Ok(Value::Array(
+                blocks.into_iter().map(|b| Value::Int(b as i64)).collect(),
+            ))
+        }
+        "write" => {
+            a(3)?;
+            let data = STANDARD
+                .decode(text(args, 2)?.trim())
+                .map_err(|e| internal(format!("bad base64: {e}")))?;
+            sim.vdi_write(&text(args, 0)?, uint(1)?, &data)?;
+            empty()
+        }
+        "read" => {
+            a(3)?;
+            let len = usize::try_from(uint(2)?).map_err(internal)?;
+            let data = read(sim, &text(args, 0)?, uint(1)?, len)?;
+            Ok(Value::String(STANDARD.encode(data)))
+        }
+        "plug" => {
+            a(2)?;
+            sim.plug_vdi(&text(args, 0)?, &text(args, 1)?)
+                .map(Value::String)
+        }
+        "unplug" => {
+            a(1)?;
+            sim.unplug_vdi(&text(args, 0)?)?;
+            empty()
+        }
+        "resize" => {
+            a(2)?;
+            sim.vdi_resize(&text(args, 0)?, uint(1)?, true)
+        }
+        "fault_cbt_disable" => {
+            a(1)?;
+            cbt_auto_disable(sim, &text(args, 0)?)?;
+            empty()
+        }
+        "expire_sessions" => {
+            a(0)?;
+            Ok(Value::Int(sim.sessions().expire_all() as i64))
+        }
+        "fault_nbd_disconnect" => {
+            a(1)?;
+            sim.faults().nbd_disconnect_after = Some(uint(0)?);
+            empty()
+        }
+        "fault_data_destroy_in_use" => {
+            a(0)?;
+            sim.faults().data_destroy_in_use += 1;
+            empty()
+        }
+        "fault_slow" => {
+            a(2)?;
+            let calls = u32::try_from(uint(1)?).unwrap_or(u32::MAX);
+            sim.fault_slow(
+                Duration::from_millis(uint(0)?),
+                (calls > 0).then_some(calls),
+            );
+            empty()
+        }
+        "clear_faults" => {
+            a(0)?;
+            sim.clear_faults();
+            empty()
+        }
+        "nbd_connections" => {
+            a(0)?;
+            Ok(Value::Int(
+                sim.inner.nbd_connections.load(Ordering::SeqCst) as i64
+            ))
+        }
+        _ => Err(XapiError::MessageMethodUnknown {
+            method: method.into(),
+        }),
+    }
+}
+
+fn write_blocks(sim: &Sim, r: &str, blocks: &[u64], seed: u64) -> Result<(), XapiError> {
+    let size = vdi(&sim.db(), r)?.virtual_size;
+    if let Some(b) = blocks.iter().find(|&&b| b >= block_count(size)) {
+        return Err(XapiError::OperationNotAllowed {
+            reason: format!("block {b} is past the end of {r}"),
+        });
+    }
+    sim.vdi_write_many(
+        r,
+        blocks
+            .iter()
+            .map(|&b| (b * BLOCK_SIZE, block_content(seed, b, block_len(size, b)))),
+    )
+}
+
+fn churn(sim: &Sim, r: &str, count: u64, seed: u64) -> Result<Vec<u64>, XapiError> {
+    let blocks = block_count(vdi(&sim.db(), r)?.virtual_size);
+    let count = count.min(blocks);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut chosen: Vec<u64> = sample(&mut rng, blocks as usize, count as usize)
+        .into_iter()
+        .map(|b| b as u64)
+        .collect();
+    chosen.sort_unstable();
+    write_blocks(sim, r, &chosen, seed)?;
+    Ok(chosen)
+}
+
+fn read(sim: &Sim, r: &str, offset: u64, len: usize) -> Result<Vec<u8>, XapiError> {
+    let (uuid, has_data, size) = {
+        let db = sim.db();
+        let v = vdi(&db, r)?;
+        (v.uuid.clone(), v.has_data, v.virtual_size)
+    };
+    if !has_data {
+        return Err(XapiError::VdiIncompatibleType {
+            vdi: r.into(),
+            vdi_type: "cbt_metadata".into(),
+        });
+    }
+    let len = len.min(size.saturating_sub(offset) as usize);
+    let mut buf = vec![0u8; len];
+    sim.store()
+        .read_at(&uuid, offset, &mut buf)
+        .map_err(internal)?;
+    Ok(buf)
+}
+
+/// The storage manager disabling CBT by itself (an inconsistent log after
+/// a crash, a failed log resize): the log is deleted and `cbt_enabled`
+/// cleared without any call from a client.
+fn cbt_auto_disable(sim: &Sim, r: &str) -> Result<(), XapiError> {
+    sim.mutate(|db, _| {
+        let uuid = vdi(db, r)?.uuid.clone();
+        db.cbt.disable(&uuid);
+        if let Some(v) = db.vdis.get_mut(r) {
+            v.cbt_enabled = false;
+        }
+        tracing::info!("fault: CBT silently disabled on VDI {uuid}");
+        Ok(())
+    })
+}
+
+impl Sim {
+    /// Reference of the VDI with `uuid`.
+    pub fn vdi_ref(&self, uuid: &str) -> Result<String> {
+        Ok(vdi_ref_by_uuid(&self.db(), uuid)?)
+    }
+
+    fn vm_ref(&self, uuid: &str) -> Result<String> {
+        let db = self.db();
+        Ok(db
+            .vms
+            .iter()
+            .find(|(_, v)| v.uuid == uuid)
+            .map(|(r, _)| r.clone())
+            .ok_or_else(|| handle_invalid("VM", uuid))?)
+    }
+
+    /// Writes seeded pseudo-random data into whole `blocks` of a VDI, as a
+    /// guest would, marking them in its CBT log.
+    pub fn write_blocks(&self, vdi_uuid: &str, blocks: &[u64], seed: u64) -> Result<()> {
+        Ok(write_blocks(self, &self.vdi_ref(vdi_uuid)?, blocks, seed)?)
+    }
+
+    /// Writes `count` distinct blocks chosen at random from `seed`;
+    /// returns them, ascending.
+    pub fn churn(&self, vdi_uuid: &str, count: u64, seed: u64) -> Result<Vec<u64>> {
+        Ok(churn(self, &self.vdi_ref(vdi_uuid)?, count, seed)?)
+    }
+
+    /// Writes `data` at `offset` of a VDI, marking every block it touches.
+    pub fn write(&self, vdi_uuid: &str, offset: u64, data: &[u8]) -> Result<()> {
+        Ok(self.vdi_write(&self.vdi_ref(vdi_uuid)?, offset, data)?)
+    }
+
+    /// Reads `len` bytes at `offset` of a VDI (or snapshot with data).
+    pub fn read(&self, vdi_uuid: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        Ok(read(self, &self.vdi_ref(vdi_uuid)?, offset, len)?)
+    }
+
+    /// Plugs a VDI into a running VM.
+    pub fn plug(&self, vdi_uuid: &str, vm_uuid: &str) -> Result<()> {
+        let vm = self.vm_ref(vm_uuid)?;
+        self.plug_vdi(&self.vdi_ref(vdi_uuid)?, &vm)?;
+        Ok(())
+    }
+
+    /// Unplugs a VDI from every guest VM.
+    pub fn unplug(&self, vdi_uuid: &str) -> Result<()> {
+        Ok(self.unplug_vdi(&self.vdi_ref(vdi_uuid)?)?)
+    }
+
+    /// Grows a VDI (online); its CBT log is zero-extended.
+    pub fn resize(&self, vdi_uuid: &str, size: u64) -> Result<()> {
+        self.vdi_resize(&self.vdi_ref(vdi_uuid)?, size, true)?;
+        Ok(())
+    }
+
+    /// Fault: the storage manager silently disables CBT on a VDI.
+    pub fn fault_cbt_disable(&self, vdi_uuid: &str) -> Result<()> {
+        Ok(cbt_auto_disable(self, &self.vdi_ref(vdi_uuid)?)?)
+    }
+
+    /// Fault: every session expires. Returns how many there were.
+    pub fn expire_sessions(&self) -> usize {
+        self.sessions().expire_all()
+    }
+
+    /// Fault: the next NBD connection breaks after `bytes` bytes of reads.
+    pub fn fault_nbd_disconnect_after(&self, bytes: u64) {
+        self.faults().nbd_disconnect_after = Some(bytes);
+    }
+
+    /// Fault: the next `VDI.data_destroy` waits its timeout and fails with
+    /// `VDI_IN_USE`, as when a dom0 VBD lingers.
+    pub fn fault_data_destroy_in_use(&self) {
+        self.faults().data_destroy_in_use += 1;
+    }
+
+    /// Fault: the next `calls` API calls (all if `None`) answer `delay` late.
+    pub fn fault_slow(&self, delay: Duration, calls: Option<u32>) {
+        self.faults().slow = (!delay.is_zero()).then_some((delay, calls));
+    }
+
+    /// Clears every pending fault.
+    pub fn clear_faults(&self) {
+        *self.faults() = crate::sim::Faults::default();
+    }
+
+    /// Open NBD connections.
+    pub fn nbd_connections(&self) -> usize {
+        self.inner.nbd_connections.load(Ordering::SeqCst)
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions().count()
+    }
+
+    /// All VDIs.
+    pub fn vdis(&self) -> Vec<VdiSummary> {
+        let db = self.db();
+        db.vdis
+            .iter()
+            .map(|(r, v)| VdiSummary {
+                r#ref: r.clone(),
+                uuid: v.uuid.clone(),
+                name_label: v.name_label.clone(),
+                vdi_type: v.vdi_type.clone(),
+                virtual_size: v.virtual_size,
+                is_a_snapshot: v.is_a_snapshot,
+                cbt_enabled: v.cbt_enabled,
+                has_cbt_log: db.cbt.has(&v.uuid),
+                vms: db
+                    .vbds
+                    .values()
+                    .filter(|b| &b.vdi == r)
+                    .filter_map(|b| db.vms.get(&b.vm).map(|m| m.uuid.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// All VMs (guests, snapshots and dom0).
+    pub fn vms(&self) -> Vec<VmSummary> {
+        let db = self.db();
+        db.vms
+            .iter()
+            .map(|(r, m)| {
+                let mut vbds: Vec<_> = db.vbds.values().filter(|b| &b.vm == r && !b.nbd).collect();
+                vbds.sort_by(|a, b| a.userdevice.cmp(&b.userdevice));
+                VmSummary {
+                    r#ref: r.clone(),
+                    uuid: m.uuid.clone(),
+                    name_label: m.name_label.clone(),
+                    is_a_snapshot: m.is_a_snapshot,
+                    is_control_domain: m.is_control_domain,
+                    vdis: vbds
+                        .iter()
+                        .filter_map(|b| db.vdis.get(&b.vdi).map(|v| v.uuid.clone()))
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,415 @@
+//! Routes a call to its implementation, as xapi's message layer does:
+//! login and logout, session validation (`SESSION_INVALID`), parameter
+//! counts (`MESSAGE_PARAMETER_COUNT_MISMATCH`, counting the session),
+//! unknown methods (`MESSAGE_METHOD_UNKNOWN`), bad handles
+//! (`HANDLE_INVALID`), the implicit getters of every class (`get_record`,
+//! `get_all`, `get_all_records`, `get_by_uuid`, `get_by_name_label`,
+//! `get_<field>`), and `Async.*` calls, which return a task at once.
+
+use std::collections::BTreeMap;
+
+use cbtvault_xenapi::{Value, XapiError};
+
+use crate::sim::{Sim, internal};
+use crate::vdi::handle_invalid;
+
+/// Classes with records.
+const CLASSES: &[&str] = &["VDI", "VM", "VBD", "SR", "host", "pool", "task", "session"];
+
+/// Runs one call and returns its result or XAPI failure.
+pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Value, XapiError> {
+    if !method.starts_with("sim.") {
+        slow_down(sim).await;
+    }
+    match method {
+        "session.login_with_password" => return login(sim, &params),
+        "session.logout" => {
+            let session = take_session(sim, method, &mut params)?;
+            sim.sessions().logout(&session);
+            return Ok(Value::from(""));
+        }
+        _ => {}
+    }
+    let session = take_session(sim, method, &mut params)?;
+    if let Some(inner) = method.strip_prefix("Async.") {
+        if !has_async_form(inner) {
+            return Err(unknown(method));
+        }
+        let task = sim.tasks().create(method);
+        let (sim2, inner, task2) = (sim.clone(), inner.to_owned(), task.clone());
+        tokio::spawn(async move {
+            let outcome = run(&sim2, &session, &inner, params).await;
+            sim2.tasks().finish(&task2, outcome);
+        });
+        return Ok(Value::String(task));
+    }
+    run(sim, &session, method, params).await
+}
+
+async fn slow_down(sim: &Sim) {
+    let delay = {
+        let mut faults = sim.faults();
+        match &mut faults.slow {
+            Some((d, None)) => Some(*d),
+            Some((d, Some(n))) if *n > 0 => {
+                let d = *d;
+                *n -= 1;
+                if *n == 0 {
+                    faults.slow = None;
+                }
+                Some(d)
+            }
+            _ => None,
+        }
+    };
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+}
+
+fn unknown(method: &str) -> XapiError {
+    XapiError::MessageMethodUnknown {
+        method: method.into(),
+    }
+}
+
+/// Removes and validates the session parameter.
+fn take_session(sim: &Sim, method: &str, params: &mut Vec<Value>) -> Result<String, XapiError> {
+    if params.is_empty() {
+        return Err(XapiError::MessageParameterCountMismatch {
+            method: method.into(),
+            expected: "1".into(),
+            received: "0".into(),
+        });
+    }
+    let session = match params.remove(0) {
+        Value::String(s) => s,
+        other => format!("{other:?}"),
+    };
+    sim.sessions().check(&session)?;
+    Ok(session)
+}
+
+fn login(sim: &Sim, params: &[Value]) -> Result<Value, XapiError> {
+    if !(2..=4).contains(&params.len()) {
+        return Err(XapiError::MessageParameterCountMismatch {
+            method: "session.login_with_password".into(),
+            expected: "4".into(),
+            received: params.len().to_string(),
+        });
+    }
+    let text = |i: usize| params.get(i).and_then(Value::as_str).unwrap_or_default();
+    let config = sim.config();
+    if text(0) != config.username || text(1) != config.password {
+        return Err(XapiError::SessionAuthenticationFailed);
+    }
+    Ok(Value::String(sim.sessions().login(text(0), text(3))))
+}
+
+/// Calls that have an `Async.` form in the simulator (getters, setters,
+/// map edits, session and task calls and `VDI.get_nbd_info` have none).
+fn has_async_form(method: &str) -> bool {
+    matches!(
+        method,
+        "VDI.snapshot"
+            | "VDI.enable_cbt"
+            | "VDI.disable_cbt"
+            | "VDI.list_changed_blocks"
+            | "VDI.data_destroy"
+            | "VDI.destroy"
+            | "VDI.create"
+            | "VDI.resize"
+            | "VDI.resize_online"
+            | "VM.snapshot"
+            | "VM.destroy"
+            | "VBD.create"
+            | "VBD.plug"
+            | "VBD.unplug"
+            | "VBD.destroy"
+    )
+}
+
+/// Checks the parameter count (`expected` excludes the session, as do
+/// `args`; the error counts it, as xapi does).
+pub(crate) fn arity(method: &str, args: &[Value], expected: usize) -> Result<(), XapiError> {
+    if args.len() != expected {
+        return Err(XapiError::MessageParameterCountMismatch {
+            method: method.into(),
+            expected: (expected + 1).to_string(),
+            received: (args.len() + 1).to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// String parameter `i`.
+pub(crate) fn text(args: &[Value], i: usize) -> Result<String, XapiError> {
+    match args.get(i) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        _ => Err(XapiError::Other {
+            code: "FIELD_TYPE_ERROR".into(),
+            params: vec![format!("parameter {}", i + 2)],
+        }),
+    }
+}
+
+/// Integer parameter `i` (a JSON number or an XML-RPC digit string).
+pub(crate) fn int(args: &[Value], i: usize) -> Result<i64, XapiError> {
+    args.get(i)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| XapiError::Other {
+            code: "FIELD_TYPE_ERROR".into(),
+            params: vec![format!("parameter {}", i + 2)],
+        })
+}
+
+async fn run(sim: &Sim, session: &str, method: &str, args: Vec<Value>) -> Result<Value, XapiError> {
+    if let Some(op) = method.strip_prefix("sim.") {
+        return crate::control::run(sim, session, op, args).await;
+    }
+    if method == "VDI.data_destroy" {
+        arity(method, &args, 1)?;
+        return sim.vdi_data_destroy(&text(&args, 0)?).await;
+    }
+    let (sim, session, method) = (sim.clone(), session.to_owned(), method.to_owned());
+    tokio::task::spawn_blocking(move || run_blocking(&sim, &session, &method, &args))
+        .await
+        .map_err(internal)?
+}
+
+fn run_blocking(
+    sim: &Sim,
+    session: &str,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, XapiError> {
+    let (class, name) = method.split_once('.').ok_or_else(|| unknown(method))?;
+    let a = |n: usize| arity(method, args, n);
+    match (class, name) {
+        ("VDI", "snapshot") => {
+            a(2)?;
+            sim.vdi_snapshot(&text(args, 0)?)
+        }
+        ("VDI", "enable_cbt") => {
+            a(1)?;
+            sim.vdi_enable_cbt(&text(args, 0)?)
+        }
+        ("VDI", "disable_cbt") => {
+            a(1)?;
+            sim.vdi_disable_cbt(&text(args, 0)?)
+        }
+        ("VDI", "list_changed_blocks") => {
+            a(2)?;
+            sim.vdi_list_changed_blocks(&text(args, 0)?, &text(args, 1)?)
+        }
+        ("VDI", "get_nbd_info") => {
+            a(1)?;
+            sim.vdi_get_nbd_info(session, &text(args, 0)?)
+        }
+        ("VDI", "destroy") => {
+            a(1)?;
+            sim.vdi_destroy(&text(args, 0)?)
+        }
+        ("VDI", "create") => {
+            a(1)?;
+            sim.vdi_create(&args[0])
+        }
+        ("VDI", "resize" | "resize_online") => {
+            a(2)?;
+            let size = u64::try_from(int(args, 1)?).map_err(internal)?;
+            sim.vdi_resize(&text(args, 0)?, size, name == "resize_online")
+        }
+        ("VDI" | "VM", "add_to_other_config") => {
+            a(3)?;
+            sim.set_field(class, &text(args, 0)?, name, &args[1..])
+        }
+        (
+            "VDI" | "VM",
+            "remove_from_other_config"
+            | "set_other_config"
+            | "set_name_label"
+            | "set_name_description",
+        ) => {
+            a(2)?;
+            sim.set_field(class, &text(args, 0)?, name, &args[1..])
+        }
+        ("VM", "snapshot") => {
+            a(2)?;
+            sim.vm_snapshot(&text(args, 0)?, &text(args, 1)?)
+        }
+        ("VM", "destroy") => {
+            a(1)?;
+            sim.vm_destroy(&text(args, 0)?)
+        }
+        ("VBD", "create") => {
+            a(1)?;
+            sim.vbd_create(&args[0])
+        }
+        ("VBD", "plug" | "unplug") => {
+            a(1)?;
+            sim.vbd_set_plugged(&text(args, 0)?, name == "plug")
+        }
+        ("VBD", "destroy") => {
+            a(1)?;
+            sim.vbd_destroy(&text(args, 0)?)
+        }
+        ("task", "cancel") => {
+            a(1)?;
+            sim.tasks()
+                .cancel(&text(args, 0)?)
+                .map(|()| Value::from(""))
+        }
+        ("task", "destroy") => {
+            a(1)?;
+            sim.tasks()
+                .destroy(&text(args, 0)?)
+                .map(|()| Value::from(""))
+        }
+        ("host", "get_server_certificate") => {
+            a(1)?;
+            let host = text(args, 0)?;
+            if host != sim.db().host_ref {
+                return Err(handle_invalid("host", &host));
+            }
+            Ok(Value::from(sim.certificate_pem()))
+        }
+        _ if CLASSES.contains(&class) => getter(sim, method, class, name, args),
+        _ => Err(unknown(method)),
+    }
+}
+
+/// The record of `class` object `r`.
+fn record(sim: &Sim, class: &str, r: &str) -> Option<Value> {
+    match class {
+        "task" => {
+            let host = sim.db().host_ref.clone();
+            sim.tasks().value(r, &host)
+        }
+        "session" => session_value(sim, r),
+        _ => {
+            let db = sim.db();
+            match class {
+                "VDI" => db.vdi_value(r),
+                "VM" => db.vm_value(r),
+                "VBD" => db.vbd_value(r),
+                "SR" => db.sr_value(r),
+                "host" => db.host_value(r),
+                "pool" => db.pool_value(r),
+                _ => None,
+            }
+        }
+    }
+}
+
+fn session_value(sim: &Sim, r: &str) -> Option<Value> {
+    let host = sim.db().host_ref.clone();
+    let pool = sim.db().pool_ref.clone();
+    let sessions = sim.sessions();
+    let s = sessions.get(r)?;
+    let fields: Vec<(&str, Value)> = vec![
+        ("uuid", Value::from(s.uuid.as_str())),
+        ("this_host", Value::from(host)),
+        ("this_user", Value::from(cbtvault_xenapi::NULL_REF)),
+        ("last_active", Value::DateTime(s.created.clone())),
+        ("pool", Value::Bool(false)),
+        ("other_config", Value::Struct(BTreeMap::new())),
+        ("is_local_superuser", Value::Bool(true)),
+        ("auth_user_name", Value::from(s.user.as_str())),
+        ("originator", Value::from(s.originator.as_str())),
+        ("parent", Value::from(cbtvault_xenapi::NULL_REF)),
+        ("tasks", Value::Array(vec![])),
+        ("pool_ref", Value::from(pool)),
+    ];
+    Some(Value::Struct(
+        fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+    ))
+}
+
+fn all_refs(sim: &Sim, class: &str) -> Vec<String> {
+    match class {
+        "task" => sim.tasks().refs(),
+        "session" => Vec::new(),
+        _ => {
+            let db = sim.db();
+            match class {
+                "VDI" => db.vdis.keys().cloned().collect(),
+                "VM" => db.vms.keys().cloned().collect(),
+                "VBD" => db.vbds.keys().cloned().collect(),
+                "SR" => db.srs.keys().cloned().collect(),
+                "host" => vec![db.host_ref.clone()],
+                "pool" => vec![db.pool_ref.clone()],
+                _ => Vec::new(),
+            }
+        }
+    }
+}
+
+fn getter(
+    sim: &Sim,
+    method: &str,
+    class: &str,
+    name: &str,
+    args: &[Value],
+) -> Result<Value, XapiError> {
+    match name {
+        "get_all" => {
+            arity(method, args, 0)?;
+            Ok(Value::Array(
+                all_refs(sim, class)
+                    .into_iter()
+                    .map(Value::String)
+                    .collect(),
+            ))
+        }
+        "get_all_records" => {
+            arity(method, args, 0)?;
+            let map = all_refs(sim, class)
+                .into_iter()
+                .filter_map(|r| record(sim, class, &r).map(|v| (r, v)))
+                .collect();
+            Ok(Value::Struct(map))
+        }
+        "get_by_uuid" => {
+            arity(method, args, 1)?;
+            let uuid = text(args, 0)?;
+            all_refs(sim, class)
+                .into_iter()
+                .find(|r| {
+                    record(sim, class, r)
+                        .and_then(|v| v.as_struct().and_then(|m| m.get("uuid").cloned()))
+                        .is_some_and(|u| u.as_str() == Some(uuid.as_str()))
+                })
+                .map(Value::String)
+                .ok_or_else(|| XapiError::Other {
+                    code: "UUID_INVALID".into(),
+                    params: vec![class.into(), uuid],
+                })
+        }
+        "get_by_name_label" => {
+            arity(method, args, 1)?;
+            let label = text(args, 0)?;
+            let refs = all_refs(sim, class)
+                .into_iter()
+                .filter(|r| {
+                    record(sim, class, r)
+                        .and_then(|v| v.as_struct().and_then(|m| m.get("name_label").cloned()))
+                        .is_some_and(|n| n.as_str() == Some(label.as_str()))
+                })
+                .map(Value::String)
+                .collect();
+            Ok(Value::Array(refs))
+        }
+        _ => {
+            let field = name.strip_prefix("get_").ok_or_else(|| unknown(method))?;
+            arity(method, args, 1)?;
+            let r = text(args, 0)?;
+            let rec = record(sim, class, &r).ok_or_else(|| handle_invalid(class, &r))?;
+            if field == "record" {
+                return Ok(rec);
+            }
+            rec.as_struct()
+                .and_then(|m| m.get(field).cloned())
+                .ok_or_else(|| unknown(method))
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! A XenServer (XAPI) simulator for cbtvault's tests: a library that
+//! starts a simulated pool master in-process, and the `xapi-sim` binary.
+//!
+//! # What it serves
+//! On one `127.0.0.1` port, plain HTTP and HTTPS (the first byte of a
+//! connection tells them apart; the certificate is generated once and
+//! kept in the state directory):
+//! XML-RPC at `POST /` and `/RPC2`, JSON-RPC at `POST /jsonrpc` (can be
+//! turned off to imitate old hosts), and `PUT /import_raw_vdi`. The
+//! XenAPI subset is what a CBT backup and a restore use: sessions
+//! (`login_with_password`, `logout`, xapi's per-originator limits, idle
+//! expiry), the implicit getters of `VDI`, `VM`, `VBD`, `SR`, `host`,
+//! `pool`, `task` and `session`, `VDI.snapshot`, `enable_cbt`,
+//! `disable_cbt`, `list_changed_blocks`, `get_nbd_info`, `data_destroy`,
+//! `destroy`, `create`, `resize`, other_config edits, `VM.snapshot`,
+//! `VM.destroy`, `VBD.create/plug/unplug/destroy`, and `Async.*` forms with
+//! tasks. The semantics follow xen-api's `xapi_vdi.ml` and the storage
+//! manager's CBT code as summarised in `shared/specs/xenapi.md`: the
+//! checks and their order, the error codes and parameters, the CBT log
+//! chain ([`cbt`]), `data_destroy`'s tentative type and 4-second wait.
+//!
+//! # State
+//! `state.json` (the database, written atomically after every change),
+//! `vdis/<uuid>.img` (sparse data files; a snapshot keeps its own until
+//! `data_destroy` or `destroy`) and `host-cert.pem`/`host-key.pem`.
+//! Sessions and tasks live in memory: a restart invalidates sessions, as
+//! a host restart does.
+//!
+//! # Control and faults
+//! [`control`] lists the `sim.*` RPCs and the matching [`Sim`] methods:
+//! guest writes marking CBT exactly as tapdisk does, plugging, resizing,
+//! and the faults (CBT silently disabled, session expiry, NBD disconnect
+//! after N bytes, `VDI_IN_USE` on the next `data_destroy`, slow answers).
+//!
+//! # NBD
+//! [`nbd`] has the xapi-nbd logic (export-name authentication, the
+//! 16-connection limit, the dom0 VBD that makes the VDI "in use") and
+//! [`VdiReader`], the data of an export. [`Simulator`] serves them with
+//! `cbtvault_nbd::server` in its xapi-nbd mode (EXPORT_NAME only, TLS
+//! required with the host certificate, read-only, 16 connections) on
+//! [`SimConfig::nbd_listen`], and `VDI.get_nbd_info` announces that port
+//! (no NBD server: an empty list, as for a pool without an NBD network).
+//!
+//! # Crates used
+//! `cbtvault-nbd` (the NBD server), `futures` and `bytes` (its export
+//! trait), `cbtvault-xenapi` (the XML-RPC/JSON-RPC codecs and the typed XAPI
+//! errors, so both sides agree on one vocabulary), `cbtvault-blockmap`
+//! (the CBT bitmaps and their base64 form), `hyper`, `hyper-util`,
+//! `http-body-util` and `http` (the HTTP/1.1 server), `tokio` and
+//! `tokio-util` (sockets, timers, blocking pool, graceful shutdown),
+//! `rustls`, `tokio-rustls`, `rustls-pki-types` and `rcgen` (TLS and the
+//! generated host certificate), `serde`/`serde_json` (the state file),
+//! `rand`/`rand_chacha` (reproducible seeded churn), `base64` (`sim.*`
+//! data), `jiff` (XAPI datetimes), `url` (query strings), `libc`
+//! (SEEK_DATA/SEEK_HOLE for sparse snapshot copies), `thiserror`,
+//! `tracing`; the binary adds `clap`, `anyhow` and `tracing-subscriber`.
+
+pub mod cbt;
+mod certs;
+pub mod control;
+mod dispatch;
+mod error;
+mod http;
+mod model;
+pub mod nbd;
+mod nbd_server;
+mod sessions;
+mod sim;
+mod store;
+mod tasks;
+mod vdi;
+mod vm;
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use certs::SUBJECT as CERT_SUBJECT;
+pub use control::{VdiSummary, VmSummary};
+pub use error::{Error, Result};
+pub use nbd::{NbdExport, NbdRefusal, VdiReader};
+pub use sessions::SessionLimits;
+pub use sim::{Faults, PoolSpec, Sim, SimConfig};
+
+/// A running simulator: the pool and its HTTP(S) endpoint.
+pub struct Simulator {
+    sim: Sim,
+    addr: SocketAddr,
+    nbd_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Simulator {
+    /// Opens (or creates) the pool in `config.state_dir` and serves it on a
+    /// free port of 127.0.0.1.
+    pub async fn start(config: SimConfig) -> Result<Simulator> {
+        Self::start_on(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// As [`Simulator::start`], on `listen`.
+    pub async fn start_on(config: SimConfig, listen: SocketAddr) -> Result<Simulator> {
+        let sim = tokio::task::spawn_blocking(move || Sim::open(config))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: listen.to_string(),
+                source,
+            })?;
+        let addr = listener.local_addr()?;
+        let tls = sim.inner.cert.server_config()?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(http::serve(
+            listener,
+            sim.clone(),
+            tls,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracing::info!("xapi-sim serving http://{addr} and https://{addr}");
+        let nbd_addr = match sim.config().nbd_listen {
+            Some(listen) => {
+                Some(nbd_server::start(&sim, listen, shutdown.clone(), &tracker).await?)
+            }
+            None => None,
+        };
+        Ok(Simulator {
+            sim,
+            addr,
+            nbd_addr,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// The pool, for direct control from tests.
+    pub fn sim(&self) -> &Sim {
+        &self.sim
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The NBD server's address, if one runs.
+    pub fn nbd_addr(&self) -> Option<SocketAddr> {
+        self.nbd_addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `https://127.0.0.1:PORT` (same port).
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// PEM of the host certificate, to pin.
+    pub fn certificate_pem(&self) -> &str {
+        self.sim.certificate_pem()
+    }
+
+    /// A token cancelled when the simulator shuts down (to tie other
+    /// servers, such as an NBD server, to its lifetime).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The tracker of the simulator's tasks (for servers added beside it).
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Stops accepting, lets open connections finish their current
+    /// request, and waits for everything to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}

@@ -1,0 +1,482 @@
+//! The simulated pool's database: the objects XAPI keeps (pool, host, SR,
+//! VMs, VBDs, VDIs) and the CBT logs the storage manager keeps beside
+//! them, with their XAPI record form. Persisted as JSON in the state
+//! directory.
+
+use std::collections::BTreeMap;
+
+use cbtvault_xenapi::{NULL_REF, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::cbt::CbtLogs;
+
+/// A fresh random (version 4) UUID.
+pub fn new_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// A fresh reference, `OpaqueRef:<uuid>` as XAPI makes them.
+pub fn new_ref() -> String {
+    format!("OpaqueRef:{}", new_uuid())
+}
+
+/// XAPI's datetime text for now (`20240131T12:00:00Z`).
+pub fn now_datetime() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y%m%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// The datetime XAPI shows for "never".
+pub const EPOCH: &str = "19700101T00:00:00Z";
+
+fn s(v: &str) -> Value {
+    Value::from(v)
+}
+
+fn refs(v: impl IntoIterator<Item = String>) -> Value {
+    Value::Array(v.into_iter().map(Value::String).collect())
+}
+
+fn map(m: &BTreeMap<String, String>) -> Value {
+    Value::from(m)
+}
+
+fn int(v: u64) -> Value {
+    Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Struct(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+}
+
+/// The pool.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PoolRec {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name_label: String,
+    /// Free-form configuration.
+    pub other_config: BTreeMap<String, String>,
+    /// Whether the CBT feature is licensed (`LICENCE_RESTRICTION` if not).
+    pub cbt_licensed: bool,
+}
+
+/// The single host (the pool master).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostRec {
+    /// UUID.
+    pub uuid: String,
+    /// Name and host name.
+    pub hostname: String,
+    /// Management address.
+    pub address: String,
+}
+
+/// A storage repository.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SrRec {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name_label: String,
+    /// SM type (`ext`: file-based VHD, CBT-capable).
+    pub sr_type: String,
+    /// Capacity in bytes.
+    pub physical_size: u64,
+    /// Free-form configuration.
+    pub other_config: BTreeMap<String, String>,
+}
+
+/// A VM, a VM snapshot, or the control domain.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmRec {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name_label: String,
+    /// Description.
+    pub name_description: String,
+    /// `Running`, `Halted`, …
+    pub power_state: String,
+    /// Is the control domain.
+    pub is_control_domain: bool,
+    /// Is a snapshot.
+    pub is_a_snapshot: bool,
+    /// Source VM of a snapshot.
+    pub snapshot_of: String,
+    /// When the snapshot was taken.
+    pub snapshot_time: String,
+    /// Free-form configuration.
+    pub other_config: BTreeMap<String, String>,
+    /// Blocked operations.
+    pub blocked_operations: BTreeMap<String, String>,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+/// A VBD.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VbdRec {
+    /// UUID.
+    pub uuid: String,
+    /// VM reference.
+    pub vm: String,
+    /// VDI reference.
+    pub vdi: String,
+    /// Device name.
+    pub device: String,
+    /// Position.
+    pub userdevice: String,
+    /// `RO` or `RW`.
+    pub mode: String,
+    /// `Disk`.
+    pub vbd_type: String,
+    /// Bootable.
+    pub bootable: bool,
+    /// Plugged.
+    pub currently_attached: bool,
+    /// Free-form configuration.
+    pub other_config: BTreeMap<String, String>,
+    /// Made by an NBD connection (dom0, read-only): gone when it closes
+    /// and never persisted across restarts.
+    #[serde(default)]
+    pub nbd: bool,
+}
+
+/// A VDI.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VdiRec {
+    /// UUID (also the name of its data file and CBT log).
+    pub uuid: String,
+    /// Name.
+    pub name_label: String,
+    /// Description.
+    pub name_description: String,
+    /// SR reference.
+    pub sr: String,
+    /// Size presented to the guest.
+    pub virtual_size: u64,
+    /// `user`, `system`, `cbt_metadata`, …
+    pub vdi_type: String,
+    /// Sharable.
+    pub sharable: bool,
+    /// Read-only.
+    pub read_only: bool,
+    /// Is a snapshot.
+    pub is_a_snapshot: bool,
+    /// Source VDI of a snapshot (a reference, possibly dangling).
+    pub snapshot_of: String,
+    /// When the snapshot was taken.
+    pub snapshot_time: String,
+    /// Changed blocks are tracked.
+    pub cbt_enabled: bool,
+    /// `persist` or `reset`.
+    pub on_boot: String,
+    /// Free-form configuration.
+    pub other_config: BTreeMap<String, String>,
+    /// SM configuration.
+    pub sm_config: BTreeMap<String, String>,
+    /// Xenstore data.
+    pub xenstore_data: BTreeMap<String, String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// The data file exists (false after `data_destroy`).
+    pub has_data: bool,
+    /// Allocated bytes of the data file, refreshed on writes.
+    pub physical_utilisation: u64,
+}
+
+/// Everything persisted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Db {
+    /// Pool reference.
+    pub pool_ref: String,
+    /// The pool.
+    pub pool: PoolRec,
+    /// Host reference.
+    pub host_ref: String,
+    /// The host.
+    pub host: HostRec,
+    /// SRs by reference.
+    pub srs: BTreeMap<String, SrRec>,
+    /// VMs by reference.
+    pub vms: BTreeMap<String, VmRec>,
+    /// VBDs by reference.
+    pub vbds: BTreeMap<String, VbdRec>,
+    /// VDIs by reference.
+    pub vdis: BTreeMap<String, VdiRec>,
+    /// CBT logs by VDI UUID.
+    pub cbt: CbtLogs,
+}
+
+impl Db {
+    /// Reference of the VDI with `uuid`.
+    pub fn vdi_ref_by_uuid(&self, uuid: &str) -> Option<String> {
+        self.vdis
+            .iter()
+            .find(|(_, v)| v.uuid == uuid)
+            .map(|(r, _)| r.clone())
+    }
+
+    /// Reference of the control domain.
+    pub fn dom0_ref(&self) -> Option<String> {
+        self.vms
+            .iter()
+            .find(|(_, v)| v.is_control_domain)
+            .map(|(r, _)| r.clone())
+    }
+
+    /// VBD references of a VDI.
+    pub fn vbds_of_vdi(&self, vdi: &str) -> Vec<String> {
+        self.vbds
+            .iter()
+            .filter(|(_, b)| b.vdi == vdi)
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// VBD references of a VM.
+    pub fn vbds_of_vm(&self, vm: &str) -> Vec<String> {
+        self.vbds
+            .iter()
+            .filter(|(_, b)| b.vm == vm)
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// Whether `vdi` has a plugged VBD to a VM that is not a snapshot
+    /// (the `VDI_IN_USE` condition; dom0 and so NBD connections count).
+    pub fn vdi_attached(&self, vdi: &str) -> bool {
+        self.vbds.values().any(|b| {
+            b.vdi == vdi
+                && b.currently_attached
+                && self.vms.get(&b.vm).is_none_or(|vm| !vm.is_a_snapshot)
+        })
+    }
+
+    /// The record of VDI `r` as `VDI.get_record` returns it.
+    pub fn vdi_value(&self, r: &str) -> Option<Value> {
+        let v = self.vdis.get(r)?;
+        let snapshots = self
+            .vdis
+            .iter()
+            .filter(|(_, o)| o.snapshot_of == r)
+            .map(|(sr, _)| sr.clone());
+        let mut ops = vec![];
+        if v.vdi_type == "cbt_metadata" {
+            ops.extend(["destroy", "data_destroy", "list_changed_blocks", "forget"]);
+        } else {
+            ops.extend([
+                "snapshot",
+                "clone",
+                "copy",
+                "resize",
+                "enable_cbt",
+                "disable_cbt",
+            ]);
+            if v.is_a_snapshot && v.cbt_enabled {
+                ops.push("data_destroy");
+            }
+            if !self.vdi_attached(r) {
+                ops.extend(["destroy", "list_changed_blocks", "forget"]);
+            }
+        }
+        Some(record(vec![
+            ("uuid", s(&v.uuid)),
+            ("name_label", s(&v.name_label)),
+            ("name_description", s(&v.name_description)),
+            (
+                "allowed_operations",
+                refs(ops.into_iter().map(str::to_owned)),
+            ),
+            ("current_operations", Value::Struct(BTreeMap::new())),
+            ("SR", s(&v.sr)),
+            ("VBDs", refs(self.vbds_of_vdi(r))),
+            ("crash_dumps", refs([])),
+            ("virtual_size", int(v.virtual_size)),
+            ("physical_utilisation", int(v.physical_utilisation)),
+            ("type", s(&v.vdi_type)),
+            ("sharable", Value::Bool(v.sharable)),
+            ("read_only", Value::Bool(v.read_only)),
+            ("other_config", map(&v.other_config)),
+            ("storage_lock", Value::Bool(false)),
+            ("location", s(&v.uuid)),
+            ("managed", Value::Bool(true)),
+            ("missing", Value::Bool(false)),
+            ("parent", s(NULL_REF)),
+            ("xenstore_data", map(&v.xenstore_data)),
+            ("sm_config", map(&v.sm_config)),
+            ("is_a_snapshot", Value::Bool(v.is_a_snapshot)),
+            ("snapshot_of", s(&v.snapshot_of)),
+            ("snapshots", refs(snapshots)),
+            ("snapshot_time", Value::DateTime(v.snapshot_time.clone())),
+            ("tags", refs(v.tags.iter().cloned())),
+            ("allow_caching", Value::Bool(false)),
+            ("on_boot", s(&v.on_boot)),
+            ("metadata_of_pool", s(NULL_REF)),
+            ("metadata_latest", Value::Bool(false)),
+            ("is_tools_iso", Value::Bool(false)),
+            ("cbt_enabled", Value::Bool(v.cbt_enabled)),
+        ]))
+    }
+
+    /// The record of VM `r`.
+    pub fn vm_value(&self, r: &str) -> Option<Value> {
+        let v = self.vms.get(r)?;
+        let snapshots = self
+            .vms
+            .iter()
+            .filter(|(_, o)| o.snapshot_of == r)
+            .map(|(sr, _)| sr.clone());
+        let running = v.power_state == "Running";
+        let ops: Vec<String> = if v.is_a_snapshot || !running {
+            vec!["destroy".into(), "clone".into(), "copy".into()]
+        } else {
+            vec![
+                "snapshot".into(),
+                "checkpoint".into(),
+                "clean_shutdown".into(),
+            ]
+        };
+        Some(record(vec![
+            ("uuid", s(&v.uuid)),
+            ("name_label", s(&v.name_label)),
+            ("name_description", s(&v.name_description)),
+            ("allowed_operations", refs(ops)),
+            ("current_operations", Value::Struct(BTreeMap::new())),
+            ("power_state", s(&v.power_state)),
+            ("user_version", Value::Int(1)),
+            ("is_a_template", Value::Bool(false)),
+            ("is_default_template", Value::Bool(false)),
+            ("suspend_VDI", s(NULL_REF)),
+            (
+                "resident_on",
+                s(if running { &self.host_ref } else { NULL_REF }),
+            ),
+            ("affinity", s(NULL_REF)),
+            ("is_control_domain", Value::Bool(v.is_control_domain)),
+            ("domid", Value::Int(if running { 1 } else { -1 })),
+            ("is_a_snapshot", Value::Bool(v.is_a_snapshot)),
+            ("snapshot_of", s(&v.snapshot_of)),
+            ("snapshots", refs(snapshots)),
+            ("snapshot_time", Value::DateTime(v.snapshot_time.clone())),
+            ("VBDs", refs(self.vbds_of_vm(r))),
+            ("other_config", map(&v.other_config)),
+            ("blocked_operations", map(&v.blocked_operations)),
+            ("tags", refs(v.tags.iter().cloned())),
+        ]))
+    }
+
+    /// The record of VBD `r`.
+    pub fn vbd_value(&self, r: &str) -> Option<Value> {
+        let b = self.vbds.get(r)?;
+        Some(record(vec![
+            ("uuid", s(&b.uuid)),
+            ("allowed_operations", refs([])),
+            ("current_operations", Value::Struct(BTreeMap::new())),
+            ("VM", s(&b.vm)),
+            ("VDI", s(&b.vdi)),
+            ("device", s(&b.device)),
+            ("userdevice", s(&b.userdevice)),
+            ("bootable", Value::Bool(b.bootable)),
+            ("mode", s(&b.mode)),
+            ("type", s(&b.vbd_type)),
+            ("unpluggable", Value::Bool(true)),
+            ("storage_lock", Value::Bool(false)),
+            ("empty", Value::Bool(false)),
+            ("other_config", map(&b.other_config)),
+            ("currently_attached", Value::Bool(b.currently_attached)),
+            ("status_code", Value::Int(0)),
+            ("status_detail", s("")),
+            ("runtime_properties", Value::Struct(BTreeMap::new())),
+        ]))
+    }
+
+    /// The record of SR `r`.
+    pub fn sr_value(&self, r: &str) -> Option<Value> {
+        let sr = self.srs.get(r)?;
+        let vdis: Vec<String> = self
+            .vdis
+            .iter()
+            .filter(|(_, v)| v.sr == r)
+            .map(|(vr, _)| vr.clone())
+            .collect();
+        let (used, allocated) = self
+            .vdis
+            .values()
+            .filter(|v| v.sr == r)
+            .fold((0u64, 0u64), |(u, a), v| {
+                (u + v.physical_utilisation, a + v.virtual_size)
+            });
+        Some(record(vec![
+            ("uuid", s(&sr.uuid)),
+            ("name_label", s(&sr.name_label)),
+            ("name_description", s("")),
+            ("allowed_operations", refs([])),
+            ("current_operations", Value::Struct(BTreeMap::new())),
+            ("VDIs", refs(vdis)),
+            ("PBDs", refs([])),
+            ("virtual_allocation", int(allocated)),
+            ("physical_utilisation", int(used)),
+            ("physical_size", int(sr.physical_size)),
+            ("type", s(&sr.sr_type)),
+            ("content_type", s("user")),
+            ("shared", Value::Bool(false)),
+            ("other_config", map(&sr.other_config)),
+            ("tags", refs([])),
+            ("sm_config", Value::Struct(BTreeMap::new())),
+            ("is_tools_sr", Value::Bool(false)),
+            ("clustered", Value::Bool(false)),
+        ]))
+    }
+
+    /// The host record.
+    pub fn host_value(&self, r: &str) -> Option<Value> {
+        (r == self.host_ref).then(|| {
+            record(vec![
+                ("uuid", s(&self.host.uuid)),
+                ("name_label", s(&self.host.hostname)),
+                ("name_description", s("simulated XenServer host")),
+                ("hostname", s(&self.host.hostname)),
+                ("address", s(&self.host.address)),
+                ("API_version_major", Value::Int(2)),
+                ("API_version_minor", Value::Int(21)),
+                ("API_version_vendor", s("XenSource")),
+                ("enabled", Value::Bool(true)),
+                (
+                    "software_version",
+                    Value::string_map([("product_brand", "xapi-sim"), ("xapi", "24.0")]),
+                ),
+                ("other_config", Value::Struct(BTreeMap::new())),
+            ])
+        })
+    }
+
+    /// The pool record.
+    pub fn pool_value(&self, r: &str) -> Option<Value> {
+        (r == self.pool_ref).then(|| {
+            let default_sr = self.srs.keys().next().cloned().unwrap_or(NULL_REF.into());
+            record(vec![
+                ("uuid", s(&self.pool.uuid)),
+                ("name_label", s(&self.pool.name_label)),
+                ("name_description", s("")),
+                ("master", s(&self.host_ref)),
+                ("default_SR", s(&default_sr)),
+                ("other_config", map(&self.pool.other_config)),
+            ])
+        })
+    }
+}
