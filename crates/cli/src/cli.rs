@@ -143,14 +143,24 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         wait: u64,
     },
-    /// Generate a disk, back it up, change 1%, back up the change, restore and check both.
+    /// Run a simulated XenServer pool, back its disks up for several nights
+    /// with guest writes in between, restore every restore point and check it.
     Demo {
         /// Work directory (a temporary one by default, removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Size of the generated disk in MiB.
-        #[arg(long, default_value_t = 512)]
-        size_mib: u64,
+        /// VMs in the pool (one disk each).
+        #[arg(long, default_value_t = 3)]
+        vms: usize,
+        /// Size of each disk in MiB.
+        #[arg(long, default_value_t = 1024)]
+        disk_size_mib: u64,
+        /// Nights: one full backup, then incrementals.
+        #[arg(long, default_value_t = 4)]
+        nights: usize,
+        /// 64 KiB blocks each guest writes per night.
+        #[arg(long, default_value_t = 300)]
+        churn: u64,
     },
 }
 

@@ -57,7 +57,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
             dry_run,
         } => maintenance::gc(&g, &repo.repo, wait, dry_run),
         Command::Repair { repo, wait } => maintenance::repair(&g, &repo.repo, wait),
-        Command::Demo { dir, size_mib } => crate::demo::run(&g, dir.as_deref(), size_mib),
+        Command::Demo {
+            dir,
+            vms,
+            disk_size_mib,
+            nights,
+            churn,
+        } => crate::demo::run(
+            &g,
+            dir.as_deref(),
+            crate::demo::DemoSpec {
+                vms,
+                disk_mib: disk_size_mib,
+                nights,
+                churn,
+            },
+        ),
     }
 }
 
