@@ -291,7 +291,7 @@ pub(crate) async fn negotiate(
                 parsed.map_err(|e| Error::handshake(peer, e))?;
             }
             proto::REP_ERR_UNSUP => {
-                warn!(
+                tracing::info!(
                     peer,
                     "the server does not support NBD_OPT_GO; falling back to NBD_OPT_EXPORT_NAME (simple replies, 512-byte alignment)"
                 );
