@@ -10,3 +10,4 @@ mod crash;
 mod incremental;
 mod nbd;
 mod qemu;
+mod xen;

@@ -95,6 +95,28 @@ pub struct BackupJob {
     /// When the source was captured; now if `None`.
     pub time: Option<jiff::Timestamp>,
     pub options: BackupOptions,
+    /// The locks, when the caller took them already (a provider that must
+    /// hold them around hypervisor steps too); `None`: the backup takes them.
+    pub held: Option<Arc<DiskLocks>>,
+}
+
+/// The shared repository lock and a disk's exclusive lock, held together.
+#[derive(Debug)]
+pub struct DiskLocks {
+    _repo: cbtvault_repo::Lock,
+    _disk: cbtvault_repo::Lock,
+}
+
+/// Takes the locks a backup of `disk` needs (see the locking table).
+pub async fn lock_disk(repo: &Arc<Repository>, disk: &str) -> Result<Arc<DiskLocks>> {
+    let (repo, disk) = (repo.clone(), disk.to_string());
+    blocking(move || {
+        Ok(Arc::new(DiskLocks {
+            _repo: repo.lock_shared()?,
+            _disk: repo.lock_disk(&disk)?,
+        }))
+    })
+    .await
 }
 
 /// A committed backup.
@@ -144,10 +166,9 @@ pub async fn backup<S: DiskSource>(
     async move {
         let started = Instant::now();
         let time = job.time.unwrap_or_else(jiff::Timestamp::now);
-        let (_repo_lock, _disk_lock) = {
-            let repo = repo.clone();
-            let disk = job.disk.clone();
-            blocking(move || Ok((repo.lock_shared()?, repo.lock_disk(&disk)?))).await?
+        let _locks = match &job.held {
+            Some(held) => held.clone(),
+            None => lock_disk(&repo, &job.disk).await?,
         };
         let size = source.size();
         let blocks = block_count(size);

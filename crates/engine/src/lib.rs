@@ -27,7 +27,9 @@ pub mod source;
 pub mod synth;
 pub mod xenserver;
 
-pub use backup::{BackupJob, BackupOptions, BackupOutcome, Changes, Parent, backup};
+pub use backup::{
+    BackupJob, BackupOptions, BackupOutcome, Changes, DiskLocks, Parent, backup, lock_disk,
+};
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
 pub use restore::{DiskTarget, FileTarget, RestoreStats, restore};

@@ -141,6 +141,7 @@ async fn read_export(
         parent: Parent::Latest,
         time: Some(jiff::Timestamp::now()),
         options: options.backup.clone(),
+        held: None,
     };
     let outcome =
         crate::backup::backup(repo.clone(), Arc::new(source), job, progress, cancel).await;

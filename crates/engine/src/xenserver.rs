@@ -36,8 +36,9 @@ use crate::progress::Progress;
 
 /// `other_config` key naming the job that made a snapshot.
 pub const TAG_JOB: &str = "cbtvault-job";
-/// `other_config` key naming the VDI a snapshot is of.
-pub const TAG_SOURCE: &str = "cbtvault-source";
+/// The run kind that records a snapshot being taken, so that a snapshot
+/// whose run died before tagging it is still found.
+const SNAPSHOT_RUN: &str = "xen-snapshot";
 
 /// How to back up VDIs.
 #[derive(Clone, Debug)]
@@ -103,12 +104,15 @@ pub async fn backup_vdi(
     let disk = disk_name(vdi_uuid);
     let span = tracing::info_span!("vdi", job = %options.job, vdi = %vdi_uuid);
     async move {
+        // Held across the hypervisor steps too: no two runs reap each other.
+        let locks = crate::backup::lock_disk(&repo, &disk).await?;
         let vdis = xapi_client.vdi();
         let vdi = vdis.get_by_uuid(vdi_uuid).await.map_err(xapi(&disk, "looking up the VDI"))?;
-        let record = vdis.get_record(&vdi).await.map_err(xapi(&disk, "reading the VDI record"))?;
         let latest = repo.latest(&disk)?;
         let base_uuid = latest.as_ref().and_then(|rp| rp.manifest.source.snapshot.clone());
-        reap(xapi_client, repo.clone(), &disk, vdi_uuid, latest.as_ref(), options).await?;
+        reap(xapi_client, repo.clone(), &disk, &vdi, latest.as_ref(), options).await?;
+        // Read after reaping: it lists the snapshots that remain.
+        let record = vdis.get_record(&vdi).await.map_err(xapi(&disk, "reading the VDI record"))?;
 
         let mut full_reason = None;
         if !record.cbt_enabled {
@@ -134,11 +138,27 @@ pub async fn backup_vdi(
             full_reason = Some("first backup of this disk".into());
         }
 
-        let snapshot = vdis
-            .snapshot(&vdi, &BTreeMap::new())
-            .await
-            .map_err(xapi(&disk, "taking a snapshot"))?;
-        let result = back_up_snapshot(xapi_client, &repo, &disk, &vdi, &snapshot, base.as_ref(), full_reason, latest.as_ref().map(|l| l.manifest.virtual_size), options, progress, cancel).await;
+        // Note the snapshots that exist, so that one this run makes can be
+        // told apart if the run dies before tagging it.
+        let known: Vec<&str> = record.snapshots.iter().map(|r| r.as_str()).collect();
+        let intent = {
+            let cat = repo.catalogue();
+            let run = cat.start_run(SNAPSHOT_RUN, Some(&disk))?;
+            cat.set_run_detail(run, &serde_json::to_string(&known).unwrap_or_default())?;
+            run
+        };
+        let snapshot = vdis.snapshot(&vdi, &BTreeMap::new()).await;
+        let tagged = match &snapshot {
+            Ok(snap) => vdis.add_to_other_config(snap, TAG_JOB, &options.job).await,
+            Err(_) => Ok(()),
+        };
+        repo.catalogue().finish_run(intent, "done", None, "")?;
+        let snapshot = snapshot.map_err(xapi(&disk, "taking a snapshot"))?;
+        if let Err(e) = tagged {
+            let _ = vdis.destroy(&snapshot).await;
+            return Err(xapi(&disk, "tagging the snapshot")(e));
+        }
+        let result = back_up_snapshot(xapi_client, &repo, &disk, &vdi, &snapshot, base.as_ref(), full_reason, latest.as_ref().map(|l| l.manifest.virtual_size), options, progress, cancel, locks).await;
         match result {
             Ok(outcome) => {
                 finish(xapi_client, &disk, &snapshot, base.as_ref(), options).await?;
@@ -171,18 +191,13 @@ async fn back_up_snapshot(
     options: &XenOptions,
     progress: Arc<dyn Progress>,
     cancel: CancellationToken,
+    locks: Arc<crate::backup::DiskLocks>,
 ) -> Result<BackupOutcome> {
     let vdis = xapi_client.vdi();
-    vdis.add_to_other_config(snapshot, TAG_JOB, &options.job)
-        .await
-        .map_err(xapi(disk, "tagging the snapshot"))?;
     let source_uuid = vdis
         .get_uuid(vdi)
         .await
         .map_err(xapi(disk, "reading the VDI uuid"))?;
-    vdis.add_to_other_config(snapshot, TAG_SOURCE, &source_uuid)
-        .await
-        .map_err(xapi(disk, "tagging the snapshot"))?;
     let snap = vdis
         .get_record(snapshot)
         .await
@@ -249,6 +264,7 @@ async fn back_up_snapshot(
         parent: Parent::Latest,
         time: Some(time),
         options: options.backup.clone(),
+        held: Some(locks),
     };
     let outcome =
         crate::backup::backup(repo.clone(), Arc::new(source), job, progress, cancel).await;
@@ -306,6 +322,9 @@ fn nbd_options(info: &NbdInfo, options: &XenOptions) -> ConnectOptions {
     // xapi-nbd allows 16 connections per host and no multi-conn flag, so
     // parallelism comes from requests in flight.
     o.connections = options.nbd_connections.max(1);
+    // xapi-nbd closes the connection after any error reply: a read that
+    // failed that way is worth one more try on a new connection.
+    o.server_error_retries = 3;
     o
 }
 
@@ -365,12 +384,14 @@ async fn finish(
 /// Cleans up after interrupted runs of this job on this VDI: snapshots
 /// still holding data are destroyed (their logs merge into the disk's),
 /// except the current base, whose restore point is committed: it only
-/// missed its data_destroy. Stale cbt_metadata bases are destroyed.
+/// missed its data_destroy, which happens now, after a check. Stale
+/// cbt_metadata bases are destroyed. A snapshot whose run died before
+/// tagging it is found through the run's note of the snapshots before it.
 async fn reap(
     xapi_client: &Client,
     repo: Arc<Repository>,
     disk: &str,
-    vdi_uuid: &str,
+    vdi: &VdiRef,
     latest: Option<&cbtvault_repo::RestorePointRow>,
     options: &XenOptions,
 ) -> Result<()> {
@@ -380,14 +401,40 @@ async fn reap(
         .get_all_records()
         .await
         .map_err(xapi(disk, "listing VDIs"))?;
-    for (r, rec) in all {
-        let ours = rec.other_config.get(TAG_JOB) == Some(&options.job)
-            && rec.other_config.get(TAG_SOURCE).map(String::as_str) == Some(vdi_uuid);
-        if !ours {
-            continue;
+    let mut doomed: Vec<(VdiRef, String, bool)> = Vec::new();
+    for (r, rec) in &all {
+        if rec.snapshot_of == *vdi && rec.other_config.get(TAG_JOB) == Some(&options.job) {
+            doomed.push((
+                r.clone(),
+                rec.uuid.clone(),
+                rec.vdi_type == VdiType::CbtMetadata,
+            ));
         }
-        let is_base = base_uuid == Some(rec.uuid.as_str());
-        let step = match (latest, rec.vdi_type == VdiType::CbtMetadata) {
+    }
+    let unfinished = repo.catalogue().unfinished_runs(SNAPSHOT_RUN, disk)?;
+    for (run, detail) in unfinished {
+        let known: Vec<String> = serde_json::from_str(&detail).unwrap_or_default();
+        // The earliest untagged snapshot made after the note is that run's.
+        let orphan = all
+            .iter()
+            .filter(|(r, rec)| {
+                rec.snapshot_of == *vdi
+                    && !rec.other_config.contains_key(TAG_JOB)
+                    && !known.iter().any(|k| k == r.as_str())
+            })
+            .min_by(|a, b| a.1.snapshot_time.cmp(&b.1.snapshot_time));
+        if let Some((r, rec)) = orphan {
+            doomed.push((
+                r.clone(),
+                rec.uuid.clone(),
+                rec.vdi_type == VdiType::CbtMetadata,
+            ));
+        }
+        repo.catalogue().finish_run(run, "reaped", None, "")?;
+    }
+    for (r, uuid, is_metadata) in doomed {
+        let is_base = base_uuid == Some(uuid.as_str());
+        let step = match (latest, is_metadata) {
             (Some(_), true) if is_base => continue,
             // Committed but killed before its data_destroy: check, then finish.
             (Some(rp), false) if is_base => {
@@ -398,9 +445,9 @@ async fn reap(
         };
         match step {
             Ok(()) => {
-                info!(snapshot = %rec.uuid, base = is_base, "reaped a snapshot left by an interrupted run")
+                info!(snapshot = %uuid, base = is_base, "reaped a snapshot left by an interrupted run")
             }
-            Err(e) => warn!(snapshot = %rec.uuid, error = %e, "could not reap a leftover snapshot"),
+            Err(e) => warn!(snapshot = %uuid, error = %e, "could not reap a leftover snapshot"),
         }
     }
     Ok(())

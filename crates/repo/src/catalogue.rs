@@ -427,6 +427,32 @@ impl Catalogue {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// Runs of `kind` on `disk` that never recorded an end (their process
+    /// died), with their detail text.
+    pub fn unfinished_runs(&self, kind: &str, disk: &str) -> Result<Vec<(i64, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, coalesce(detail, '') FROM runs WHERE kind = ?1 AND disk = ?2 AND finished IS NULL")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([kind, disk], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        Ok(rows)
+    }
+
+    /// Notes what a running run needs found again if it dies.
+    pub fn set_run_detail(&self, run: i64, detail: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE runs SET detail = ?2 WHERE id = ?1",
+                params![run, detail],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
     /// Records how a run ended.
     pub fn finish_run(
         &self,

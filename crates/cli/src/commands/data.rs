@@ -94,6 +94,7 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
             parent: args.parent.clone().map(Parent::Id).unwrap_or_default(),
             time: None,
             options: options.clone(),
+            held: None,
         };
         match &location {
             Location::File(path) => {

@@ -1,0 +1,244 @@
+//! The binary against the XAPI simulator: CBT incrementals over xapi-nbd,
+//! chain breaks, faults, a grown disk, and a killed run.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use cbtvault_xapi_sim::{PoolSpec, SimConfig, Simulator};
+use serde_json::Value;
+
+use crate::common::*;
+
+/// A simulated pool running in this test process.
+struct Pool {
+    sim: Option<Simulator>,
+    rt: tokio::runtime::Runtime,
+    password: PathBuf,
+    pin: PathBuf,
+}
+
+impl Pool {
+    fn start(s: &Scratch, vms: usize) -> Pool {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mut config = SimConfig::new(s.path("pool"), "pool-secret");
+        config.pool = PoolSpec {
+            vms,
+            disks_per_vm: 1,
+            disk_size: 32 << 20,
+            initial_blocks: 40,
+        };
+        config.data_destroy_timeout = Duration::from_millis(500);
+        let sim = rt.block_on(Simulator::start(config)).expect("simulator");
+        let password = s.path("pool.password");
+        std::fs::write(&password, "pool-secret\n").unwrap();
+        let pin = s.path("pool.pem");
+        std::fs::write(&pin, sim.certificate_pem()).unwrap();
+        Pool { sim: Some(sim), rt, password, pin }
+    }
+
+    fn sim(&self) -> &cbtvault_xapi_sim::Sim {
+        self.sim.as_ref().unwrap().sim()
+    }
+
+    fn vdis(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.sim().vdis().into_iter().filter(|v| !v.is_a_snapshot && v.vdi_type == "user").map(|v| v.uuid).collect();
+        v.sort();
+        v
+    }
+
+    fn args(&self, s: &Scratch) -> Vec<String> {
+        let url = self.sim.as_ref().unwrap().https_url();
+        [
+            "backup", "--json", "--repo", s.repo().to_str().unwrap(), "--xapi", &url,
+            "--password-file", self.password.to_str().unwrap(), "--pin", self.pin.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    }
+
+    /// Backs up `vdi` and returns its result object.
+    fn backup(&self, s: &Scratch, vdi: &str) -> Value {
+        let mut args = self.args(s);
+        args.extend(["--vdi".to_string(), vdi.to_string()]);
+        let out = s.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let v: Value = serde_json::from_str(&out).expect("json");
+        let r = v[0].clone();
+        assert_eq!(r["ok"], true, "{r}");
+        r
+    }
+
+    /// The disk's bytes now, in a file (for comparing with a restore).
+    fn copy_disk(&self, s: &Scratch, vdi: &str, name: &str) -> PathBuf {
+        let from = self.sim().state_dir().join("vdis").join(format!("{vdi}.img"));
+        let to = s.path(name);
+        std::fs::copy(&from, &to).unwrap();
+        to
+    }
+
+    /// Snapshots that still hold data.
+    fn data_snapshots(&self) -> Vec<String> {
+        self.sim().vdis().into_iter().filter(|v| v.is_a_snapshot && v.vdi_type != "cbt_metadata").map(|v| v.uuid).collect()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Some(sim) = self.sim.take() {
+            self.rt.block_on(sim.shutdown());
+        }
+    }
+}
+
+#[test]
+fn full_then_incrementals_read_exactly_the_changed_blocks() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 2);
+    let vdi = &pool.vdis()[0];
+    let full = pool.backup(&s, vdi);
+    assert_eq!(full["mode"]["kind"], "full");
+    // xapi-nbd has no block status: a full reads every block.
+    assert_eq!(full["stats"]["bytes_read"], 32 << 20);
+    let mut points = vec![(full["restore_point"].as_str().unwrap().to_string(), pool.copy_disk(&s, vdi, "n0.img"))];
+    for night in 1..=3u64 {
+        let written = pool.sim().churn(vdi, 7 * night, night).unwrap();
+        let r = pool.backup(&s, vdi);
+        assert_eq!(r["mode"]["kind"], "incremental", "{r}");
+        let distinct: std::collections::BTreeSet<_> = written.iter().collect();
+        assert_eq!(r["mode"]["changed_blocks"], distinct.len() as u64);
+        assert_eq!(r["stats"]["bytes_read"], distinct.len() as u64 * 65536);
+        points.push((r["restore_point"].as_str().unwrap().to_string(), pool.copy_disk(&s, vdi, &format!("n{night}.img"))));
+    }
+    assert!(pool.data_snapshots().is_empty(), "only CBT metadata stays: {:?}", pool.data_snapshots());
+    // One cbt_metadata VDI remains: the base of the next run.
+    let meta = pool.sim().vdis().into_iter().filter(|v| v.vdi_type == "cbt_metadata").count();
+    assert_eq!(meta, 1);
+    for (i, (rp, disk)) in points.iter().enumerate() {
+        assert_same_file(disk, &s.restore(rp, &format!("r{i}.img")));
+    }
+}
+
+#[test]
+fn chain_breaks_fall_back_to_a_full_with_the_reason() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = &pool.vdis()[0];
+    pool.backup(&s, vdi);
+    pool.sim().churn(vdi, 5, 1).unwrap();
+    pool.sim().fault_cbt_disable(vdi).unwrap();
+    let r = pool.backup(&s, vdi);
+    assert_eq!(r["mode"]["kind"], "full", "{r}");
+    assert!(r["mode"]["reason"].as_str().unwrap().contains("changed-block tracking"), "{r}");
+    // Only new blocks are stored by that full.
+    assert!(r["stats"]["blocks_new"].as_u64().unwrap() <= 5, "{r}");
+    assert_same_file(&pool.copy_disk(&s, vdi, "d.img"), &s.restore(r["restore_point"].as_str().unwrap(), "r.img"));
+    pool.sim().churn(vdi, 3, 2).unwrap();
+    let next = pool.backup(&s, vdi);
+    assert_eq!(next["mode"]["kind"], "incremental", "{next}");
+}
+
+#[test]
+fn faults_are_survived_retried_or_reported() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = &pool.vdis()[0];
+    pool.backup(&s, vdi);
+
+    // An NBD connection that drops mid-read: the client reconnects.
+    pool.sim().churn(vdi, 30, 3).unwrap();
+    pool.sim().fault_nbd_disconnect_after(600 * 1024);
+    let r = pool.backup(&s, vdi);
+    assert_eq!(r["mode"]["kind"], "incremental", "{r}");
+    assert_same_file(&pool.copy_disk(&s, vdi, "a.img"), &s.restore(r["restore_point"].as_str().unwrap(), "ra.img"));
+
+    // data_destroy answers VDI_IN_USE once: retried.
+    pool.sim().churn(vdi, 4, 4).unwrap();
+    pool.sim().fault_data_destroy_in_use();
+    pool.backup(&s, vdi);
+    assert!(pool.data_snapshots().is_empty(), "{:?}", pool.data_snapshots());
+
+    // Sessions expire between runs and during one: the client logs in again.
+    pool.sim().churn(vdi, 4, 5).unwrap();
+    pool.sim().expire_sessions();
+    pool.sim().fault_slow(Duration::from_millis(5), Some(3));
+    let r = pool.backup(&s, vdi);
+    assert_eq!(r["mode"]["kind"], "incremental", "{r}");
+}
+
+#[test]
+fn a_grown_disk_stays_incremental() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = &pool.vdis()[0];
+    pool.backup(&s, vdi);
+    pool.sim().resize(vdi, 48 << 20).unwrap();
+    pool.sim().write(vdi, (40 << 20) + 100, b"written past the old end").unwrap();
+    let r = pool.backup(&s, vdi);
+    assert_eq!(r["mode"]["kind"], "incremental", "{r}");
+    assert_eq!(r["stats"]["blocks_read"], 1);
+    let restored = s.restore(r["restore_point"].as_str().unwrap(), "grown.img");
+    assert_eq!(std::fs::metadata(&restored).unwrap().len(), 48 << 20);
+    assert_same_file(&pool.copy_disk(&s, vdi, "g.img"), &restored);
+}
+
+#[test]
+fn a_killed_run_is_reaped_and_the_next_run_stays_incremental() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = pool.vdis()[0].clone();
+    pool.backup(&s, &vdi);
+    let mut args = pool.args(&s);
+    args.extend(["--vdi".to_string(), vdi.clone()]);
+    for round in 0..4u64 {
+        pool.sim().churn(&vdi, 200, 10 + round).unwrap();
+        // Slow calls stretch the run so that the kill lands inside it.
+        pool.sim().fault_slow(Duration::from_millis(60), Some(20));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cbtvault")).args(&args).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(100 + 150 * round));
+        let _ = child.kill();
+        let _ = child.wait();
+        pool.sim().clear_faults();
+    }
+    let r = pool.backup(&s, &vdi);
+    assert_eq!(r["mode"]["kind"], "incremental", "{r}");
+    assert!(pool.data_snapshots().is_empty(), "leftovers reaped: {:?}", pool.data_snapshots());
+    assert_same_file(&pool.copy_disk(&s, &vdi, "k.img"), &s.restore(r["restore_point"].as_str().unwrap(), "rk.img"));
+    let (ok, report) = s.verify(true);
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn restore_into_the_pool_as_a_new_vdi() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = &pool.vdis()[0];
+    let r = pool.backup(&s, vdi);
+    let url = pool.sim.as_ref().unwrap().https_url();
+    let sr = pool.rt.block_on(async {
+        let mut options = cbtvault_xenapi::ClientOptions::new(
+            &url,
+            "root",
+            cbtvault_xenapi::Password::from_file(&pool.password).unwrap(),
+        )
+        .unwrap();
+        options.tls = Some(cbtvault_xenapi::TlsTrust::pinned_file(&pool.pin).unwrap());
+        let client = cbtvault_xenapi::Client::connect(options).await.unwrap();
+        let vdi_ref = client.vdi().get_by_uuid(vdi).await.unwrap();
+        let sr_ref = client.vdi().get_record(&vdi_ref).await.unwrap().sr;
+        let sr = client.sr().get_record(&sr_ref).await.unwrap().uuid;
+        client.logout().await.unwrap();
+        sr
+    });
+    let repo = s.repo();
+    let out = s.ok(&[
+        "restore", "--json", "--repo", repo.to_str().unwrap(), r["restore_point"].as_str().unwrap(), "--to", "xapi",
+        "--sr", &sr, "--xapi", &url, "--password-file", pool.password.to_str().unwrap(), "--pin",
+        pool.pin.to_str().unwrap(),
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let new_vdi = v["vdi"].as_str().unwrap();
+    assert_ne!(new_vdi, vdi);
+    assert_same_file(&pool.copy_disk(&s, vdi, "orig.img"), &pool.copy_disk(&s, new_vdi, "new.img"));
+}
