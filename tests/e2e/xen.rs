@@ -20,7 +20,11 @@ struct Pool {
 
 impl Pool {
     fn start(s: &Scratch, vms: usize) -> Pool {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let mut config = SimConfig::new(s.path("pool"), "pool-secret");
         config.pool = PoolSpec {
             vms,
@@ -34,7 +38,12 @@ impl Pool {
         std::fs::write(&password, "pool-secret\n").unwrap();
         let pin = s.path("pool.pem");
         std::fs::write(&pin, sim.certificate_pem()).unwrap();
-        Pool { sim: Some(sim), rt, password, pin }
+        Pool {
+            sim: Some(sim),
+            rt,
+            password,
+            pin,
+        }
     }
 
     fn sim(&self) -> &cbtvault_xapi_sim::Sim {
@@ -42,8 +51,13 @@ impl Pool {
     }
 
     fn vdis(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.sim().vdis().into_iter().filter(|v| !v.is_a_snapshot && v.vdi_type == "user").map(|v| v.uuid).collect();
+        let mut v: Vec<String> = self
+            .sim()
+            .vdis()
+            .into_iter()
+            .filter(|v| !v.is_a_snapshot && v.vdi_type == "user")
+            .map(|v| v.uuid)
+            .collect();
         v.sort();
         v
     }
@@ -51,8 +65,16 @@ impl Pool {
     fn args(&self, s: &Scratch) -> Vec<String> {
         let url = self.sim.as_ref().unwrap().https_url();
         [
-            "backup", "--json", "--repo", s.repo().to_str().unwrap(), "--xapi", &url,
-            "--password-file", self.password.to_str().unwrap(), "--pin", self.pin.to_str().unwrap(),
+            "backup",
+            "--json",
+            "--repo",
+            s.repo().to_str().unwrap(),
+            "--xapi",
+            &url,
+            "--password-file",
+            self.password.to_str().unwrap(),
+            "--pin",
+            self.pin.to_str().unwrap(),
         ]
         .iter()
         .map(|a| a.to_string())
@@ -72,7 +94,11 @@ impl Pool {
 
     /// The disk's bytes now, in a file (for comparing with a restore).
     fn copy_disk(&self, s: &Scratch, vdi: &str, name: &str) -> PathBuf {
-        let from = self.sim().state_dir().join("vdis").join(format!("{vdi}.img"));
+        let from = self
+            .sim()
+            .state_dir()
+            .join("vdis")
+            .join(format!("{vdi}.img"));
         let to = s.path(name);
         std::fs::copy(&from, &to).unwrap();
         to
@@ -80,7 +106,12 @@ impl Pool {
 
     /// Snapshots that still hold data.
     fn data_snapshots(&self) -> Vec<String> {
-        self.sim().vdis().into_iter().filter(|v| v.is_a_snapshot && v.vdi_type != "cbt_metadata").map(|v| v.uuid).collect()
+        self.sim()
+            .vdis()
+            .into_iter()
+            .filter(|v| v.is_a_snapshot && v.vdi_type != "cbt_metadata")
+            .map(|v| v.uuid)
+            .collect()
     }
 }
 
@@ -101,7 +132,10 @@ fn full_then_incrementals_read_exactly_the_changed_blocks() {
     assert_eq!(full["mode"]["kind"], "full");
     // xapi-nbd has no block status: a full reads every block.
     assert_eq!(full["stats"]["bytes_read"], 32 << 20);
-    let mut points = vec![(full["restore_point"].as_str().unwrap().to_string(), pool.copy_disk(&s, vdi, "n0.img"))];
+    let mut points = vec![(
+        full["restore_point"].as_str().unwrap().to_string(),
+        pool.copy_disk(&s, vdi, "n0.img"),
+    )];
     for night in 1..=3u64 {
         let written = pool.sim().churn(vdi, 7 * night, night).unwrap();
         let r = pool.backup(&s, vdi);
@@ -109,11 +143,23 @@ fn full_then_incrementals_read_exactly_the_changed_blocks() {
         let distinct: std::collections::BTreeSet<_> = written.iter().collect();
         assert_eq!(r["mode"]["changed_blocks"], distinct.len() as u64);
         assert_eq!(r["stats"]["bytes_read"], distinct.len() as u64 * 65536);
-        points.push((r["restore_point"].as_str().unwrap().to_string(), pool.copy_disk(&s, vdi, &format!("n{night}.img"))));
+        points.push((
+            r["restore_point"].as_str().unwrap().to_string(),
+            pool.copy_disk(&s, vdi, &format!("n{night}.img")),
+        ));
     }
-    assert!(pool.data_snapshots().is_empty(), "only CBT metadata stays: {:?}", pool.data_snapshots());
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "only CBT metadata stays: {:?}",
+        pool.data_snapshots()
+    );
     // One cbt_metadata VDI remains: the base of the next run.
-    let meta = pool.sim().vdis().into_iter().filter(|v| v.vdi_type == "cbt_metadata").count();
+    let meta = pool
+        .sim()
+        .vdis()
+        .into_iter()
+        .filter(|v| v.vdi_type == "cbt_metadata")
+        .count();
     assert_eq!(meta, 1);
     for (i, (rp, disk)) in points.iter().enumerate() {
         assert_same_file(disk, &s.restore(rp, &format!("r{i}.img")));
@@ -130,10 +176,19 @@ fn chain_breaks_fall_back_to_a_full_with_the_reason() {
     pool.sim().fault_cbt_disable(vdi).unwrap();
     let r = pool.backup(&s, vdi);
     assert_eq!(r["mode"]["kind"], "full", "{r}");
-    assert!(r["mode"]["reason"].as_str().unwrap().contains("changed-block tracking"), "{r}");
+    assert!(
+        r["mode"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("changed-block tracking"),
+        "{r}"
+    );
     // Only new blocks are stored by that full.
     assert!(r["stats"]["blocks_new"].as_u64().unwrap() <= 5, "{r}");
-    assert_same_file(&pool.copy_disk(&s, vdi, "d.img"), &s.restore(r["restore_point"].as_str().unwrap(), "r.img"));
+    assert_same_file(
+        &pool.copy_disk(&s, vdi, "d.img"),
+        &s.restore(r["restore_point"].as_str().unwrap(), "r.img"),
+    );
     pool.sim().churn(vdi, 3, 2).unwrap();
     let next = pool.backup(&s, vdi);
     assert_eq!(next["mode"]["kind"], "incremental", "{next}");
@@ -151,13 +206,20 @@ fn faults_are_survived_retried_or_reported() {
     pool.sim().fault_nbd_disconnect_after(600 * 1024);
     let r = pool.backup(&s, vdi);
     assert_eq!(r["mode"]["kind"], "incremental", "{r}");
-    assert_same_file(&pool.copy_disk(&s, vdi, "a.img"), &s.restore(r["restore_point"].as_str().unwrap(), "ra.img"));
+    assert_same_file(
+        &pool.copy_disk(&s, vdi, "a.img"),
+        &s.restore(r["restore_point"].as_str().unwrap(), "ra.img"),
+    );
 
     // data_destroy answers VDI_IN_USE once: retried.
     pool.sim().churn(vdi, 4, 4).unwrap();
     pool.sim().fault_data_destroy_in_use();
     pool.backup(&s, vdi);
-    assert!(pool.data_snapshots().is_empty(), "{:?}", pool.data_snapshots());
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "{:?}",
+        pool.data_snapshots()
+    );
 
     // Sessions expire between runs and during one: the client logs in again.
     pool.sim().churn(vdi, 4, 5).unwrap();
@@ -174,7 +236,9 @@ fn a_grown_disk_stays_incremental() {
     let vdi = &pool.vdis()[0];
     pool.backup(&s, vdi);
     pool.sim().resize(vdi, 48 << 20).unwrap();
-    pool.sim().write(vdi, (40 << 20) + 100, b"written past the old end").unwrap();
+    pool.sim()
+        .write(vdi, (40 << 20) + 100, b"written past the old end")
+        .unwrap();
     let r = pool.backup(&s, vdi);
     assert_eq!(r["mode"]["kind"], "incremental", "{r}");
     assert_eq!(r["stats"]["blocks_read"], 1);
@@ -195,7 +259,10 @@ fn a_killed_run_is_reaped_and_the_next_run_stays_incremental() {
         pool.sim().churn(&vdi, 200, 10 + round).unwrap();
         // Slow calls stretch the run so that the kill lands inside it.
         pool.sim().fault_slow(Duration::from_millis(60), Some(20));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cbtvault")).args(&args).spawn().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cbtvault"))
+            .args(&args)
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(100 + 150 * round));
         let _ = child.kill();
         let _ = child.wait();
@@ -203,8 +270,15 @@ fn a_killed_run_is_reaped_and_the_next_run_stays_incremental() {
     }
     let r = pool.backup(&s, &vdi);
     assert_eq!(r["mode"]["kind"], "incremental", "{r}");
-    assert!(pool.data_snapshots().is_empty(), "leftovers reaped: {:?}", pool.data_snapshots());
-    assert_same_file(&pool.copy_disk(&s, &vdi, "k.img"), &s.restore(r["restore_point"].as_str().unwrap(), "rk.img"));
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "leftovers reaped: {:?}",
+        pool.data_snapshots()
+    );
+    assert_same_file(
+        &pool.copy_disk(&s, &vdi, "k.img"),
+        &s.restore(r["restore_point"].as_str().unwrap(), "rk.img"),
+    );
     let (ok, report) = s.verify(true);
     assert!(ok, "{report}");
 }
@@ -233,12 +307,27 @@ fn restore_into_the_pool_as_a_new_vdi() {
     });
     let repo = s.repo();
     let out = s.ok(&[
-        "restore", "--json", "--repo", repo.to_str().unwrap(), r["restore_point"].as_str().unwrap(), "--to", "xapi",
-        "--sr", &sr, "--xapi", &url, "--password-file", pool.password.to_str().unwrap(), "--pin",
+        "restore",
+        "--json",
+        "--repo",
+        repo.to_str().unwrap(),
+        r["restore_point"].as_str().unwrap(),
+        "--to",
+        "xapi",
+        "--sr",
+        &sr,
+        "--xapi",
+        &url,
+        "--password-file",
+        pool.password.to_str().unwrap(),
+        "--pin",
         pool.pin.to_str().unwrap(),
     ]);
     let v: Value = serde_json::from_str(&out).unwrap();
     let new_vdi = v["vdi"].as_str().unwrap();
     assert_ne!(new_vdi, vdi);
-    assert_same_file(&pool.copy_disk(&s, vdi, "orig.img"), &pool.copy_disk(&s, new_vdi, "new.img"));
+    assert_same_file(
+        &pool.copy_disk(&s, vdi, "orig.img"),
+        &pool.copy_disk(&s, new_vdi, "new.img"),
+    );
 }
