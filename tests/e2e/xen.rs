@@ -20,6 +20,10 @@ struct Pool {
 
 impl Pool {
     fn start(s: &Scratch, vms: usize) -> Pool {
+        Self::start_with(s, vms, 1)
+    }
+
+    fn start_with(s: &Scratch, vms: usize, disks_per_vm: usize) -> Pool {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -28,7 +32,7 @@ impl Pool {
         let mut config = SimConfig::new(s.path("pool"), "pool-secret");
         config.pool = PoolSpec {
             vms,
-            disks_per_vm: 1,
+            disks_per_vm,
             disk_size: 32 << 20,
             initial_blocks: 40,
         };
@@ -330,4 +334,73 @@ fn restore_into_the_pool_as_a_new_vdi() {
         &pool.copy_disk(&s, vdi, "orig.img"),
         &pool.copy_disk(&s, new_vdi, "new.img"),
     );
+}
+
+#[test]
+fn all_disks_of_a_vm_from_one_vm_snapshot() {
+    let s = Scratch::new();
+    let pool = Pool::start_with(&s, 1, 2);
+    let vm = pool
+        .sim()
+        .vms()
+        .into_iter()
+        .find(|v| !v.is_a_snapshot && !v.is_control_domain)
+        .map(|v| v.uuid)
+        .unwrap();
+    let disks = pool.vdis();
+    assert_eq!(disks.len(), 2);
+    let run = |pool: &Pool| -> Vec<Value> {
+        let mut args = pool.args(&s);
+        args.extend(["--vm".into(), vm.clone(), "--vm-snapshot".into()]);
+        let out = s.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v.as_array().unwrap().clone()
+    };
+    let first = run(&pool);
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert!(
+        first
+            .iter()
+            .all(|r| r["ok"] == true && r["mode"]["kind"] == "full"),
+        "{first:?}"
+    );
+    for d in &disks {
+        pool.sim().churn(d, 3, 9).unwrap();
+    }
+    let second = run(&pool);
+    assert!(
+        second
+            .iter()
+            .all(|r| r["ok"] == true && r["mode"]["kind"] == "incremental"),
+        "{second:?}"
+    );
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "{:?}",
+        pool.data_snapshots()
+    );
+    let snapshot_vms = pool
+        .sim()
+        .vms()
+        .into_iter()
+        .filter(|v| v.is_a_snapshot)
+        .count();
+    assert_eq!(snapshot_vms, 0, "the VM snapshot is destroyed");
+    for r in &second {
+        let disk = r["disk"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        let copy = pool.copy_disk(&s, &disk, &format!("{disk}.img"));
+        assert_same_file(
+            &copy,
+            &s.restore(
+                r["restore_point"].as_str().unwrap(),
+                &format!("r-{disk}.img"),
+            ),
+        );
+    }
 }

@@ -281,6 +281,10 @@ pub struct XenArgs {
     /// VMs whose disks to back up (by uuid).
     #[arg(long, requires = "xapi")]
     pub vm: Vec<String>,
+    /// Snapshot all disks of each --vm together (one VM.snapshot), so the
+    /// restore points of a VM are consistent with each other.
+    #[arg(long, requires = "vm")]
+    pub vm_snapshot: bool,
     /// Disks backed up at once.
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,

@@ -37,6 +37,8 @@ enum Plan {
         pool: Box<PoolPlan>,
         vms: Vec<String>,
         vdis: Vec<String>,
+        /// All disks of a VM from one VM snapshot.
+        consistent: bool,
     },
     Qemu {
         socket: PathBuf,
@@ -80,7 +82,10 @@ fn plan(args: &BackupArgs) -> Result<Run> {
         let job = config.job(name)?;
         let plan = match &job.kind {
             JobKind::Xenserver {
-                pool, vms, vdis, ..
+                pool,
+                vms,
+                vdis,
+                consistent_vm_snapshot,
             } => {
                 let p = config.pool(pool).context("the job's pool")?;
                 let mut options =
@@ -98,6 +103,7 @@ fn plan(args: &BackupArgs) -> Result<Run> {
                     }),
                     vms: vms.clone(),
                     vdis: vdis.clone(),
+                    consistent: *consistent_vm_snapshot,
                 }
             }
             JobKind::Qemu { host, nodes } => {
@@ -140,6 +146,7 @@ fn plan(args: &BackupArgs) -> Result<Run> {
             }),
             vms: x.vm.clone(),
             vdis: x.vdi.clone(),
+            consistent: x.vm_snapshot,
         },
     })
 }
@@ -177,18 +184,18 @@ pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
             }
         });
         match &run.plan {
-            Plan::Xen { pool, vms, vdis } => {
-                run_xen(
-                    &run,
-                    pool,
+            Plan::Xen {
+                pool,
+                vms,
+                vdis,
+                consistent,
+            } => {
+                let targets = XenTargets {
                     vms,
                     vdis,
-                    repo.clone(),
-                    options,
-                    progress,
-                    cancel,
-                )
-                .await
+                    consistent: *consistent,
+                };
+                run_xen(&run, pool, targets, repo.clone(), options, progress, cancel).await
             }
             Plan::Qemu {
                 socket,
@@ -261,12 +268,17 @@ pub fn backup_qemu_once(
     Ok(ExitCode::SUCCESS)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Which disks of a pool to back up.
+struct XenTargets<'a> {
+    vms: &'a [String],
+    vdis: &'a [String],
+    consistent: bool,
+}
+
 async fn run_xen(
     run: &Run,
     pool: &PoolPlan,
-    vms: &[String],
-    vdis: &[String],
+    targets_in: XenTargets<'_>,
     repo: Arc<Repository>,
     backup: cbtvault_engine::BackupOptions,
     progress: Arc<dyn Progress>,
@@ -275,7 +287,40 @@ async fn run_xen(
     let client = Client::connect(pool.options.clone())
         .await
         .with_context(|| format!("logging in to {}", pool.options.url))?;
-    let mut targets: Vec<String> = vdis.to_vec();
+    let mut options = XenOptions::new(&run.job, pool.options.url.to_string());
+    options.nbd_connections = pool.nbd_connections;
+    options.backup = backup;
+    let mut results = Vec::new();
+    if targets_in.consistent {
+        for vm in targets_in.vms {
+            match xenserver::backup_vm(
+                &client,
+                repo.clone(),
+                vm,
+                &options,
+                run.parallel,
+                progress.clone(),
+                cancel.clone(),
+            )
+            .await
+            {
+                Ok(disks) => results.extend(disks.into_iter().map(|(uuid, outcome)| DiskResult {
+                    label: format!("VDI {uuid} (VM {vm})"),
+                    outcome: outcome.map_err(anyhow::Error::from),
+                })),
+                Err(e) => results.push(DiskResult {
+                    label: format!("VM {vm}"),
+                    outcome: Err(e.into()),
+                }),
+            }
+        }
+    }
+    let vms: &[String] = if targets_in.consistent {
+        &[]
+    } else {
+        targets_in.vms
+    };
+    let mut targets: Vec<String> = targets_in.vdis.to_vec();
     for vm in vms {
         for uuid in vm_disks(&client, vm)
             .await
@@ -286,10 +331,7 @@ async fn run_xen(
             }
         }
     }
-    let mut options = XenOptions::new(&run.job, pool.options.url.to_string());
-    options.nbd_connections = pool.nbd_connections;
-    options.backup = backup;
-    let results = futures::stream::iter(targets)
+    let singles: Vec<DiskResult> = futures::stream::iter(targets)
         .map(|uuid| {
             let (client, repo, options, progress, cancel) = (
                 &client,
@@ -310,6 +352,7 @@ async fn run_xen(
         .buffer_unordered(run.parallel.max(1))
         .collect::<Vec<_>>()
         .await;
+    results.extend(singles);
     if let Err(e) = client.logout().await {
         tracing::warn!(error = %e, "logout failed");
     }

@@ -24,12 +24,16 @@ use std::time::Duration;
 
 use cbtvault_blockmap::BlockMap;
 use cbtvault_nbd::{Client as NbdClient, ConnectOptions, TlsOptions};
-use cbtvault_repo::{Repository, SourceInfo};
+use cbtvault_repo::{Repository, RestorePointRow, SourceInfo};
+
+mod vm;
+
 use cbtvault_xenapi::{Client, NbdInfo, VdiRef, VdiType, XapiError};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
+pub use vm::backup_vm;
 
-use crate::backup::{BackupJob, BackupOptions, BackupOutcome, Changes, Parent};
+use crate::backup::{BackupJob, BackupOptions, BackupOutcome, Changes, DiskLocks, Parent};
 use crate::error::{Error, Result};
 use crate::nbd::NbdSource;
 use crate::progress::Progress;
@@ -92,6 +96,165 @@ pub fn disk_name(vdi_uuid: &str) -> String {
     format!("xen-{vdi_uuid}")
 }
 
+/// A disk ready to be snapshotted: locked, reaped, CBT on, base found.
+pub(crate) struct Prepared {
+    disk: String,
+    vdi: VdiRef,
+    locks: Arc<DiskLocks>,
+    latest: Option<RestorePointRow>,
+    base: Option<VdiRef>,
+    full_reason: Option<String>,
+    /// The VDI's snapshots before this run takes one.
+    known: Vec<String>,
+}
+
+/// Steps 1 and 2 for one VDI, and the base of the incremental.
+pub(crate) async fn prepare(
+    xapi_client: &Client,
+    repo: &Arc<Repository>,
+    vdi_uuid: &str,
+    options: &XenOptions,
+) -> Result<Prepared> {
+    let disk = disk_name(vdi_uuid);
+    // Held across the hypervisor steps too: no two runs reap each other.
+    let locks = crate::backup::lock_disk(repo, &disk).await?;
+    let vdis = xapi_client.vdi();
+    let vdi = vdis
+        .get_by_uuid(vdi_uuid)
+        .await
+        .map_err(xapi(&disk, "looking up the VDI"))?;
+    let latest = repo.latest(&disk)?;
+    let base_uuid = latest
+        .as_ref()
+        .and_then(|rp| rp.manifest.source.snapshot.clone());
+    reap(
+        xapi_client,
+        repo.clone(),
+        &disk,
+        &vdi,
+        latest.as_ref(),
+        options,
+    )
+    .await?;
+    // Read after reaping: it lists the snapshots that remain.
+    let record = vdis
+        .get_record(&vdi)
+        .await
+        .map_err(xapi(&disk, "reading the VDI record"))?;
+    let mut full_reason = None;
+    if !record.cbt_enabled {
+        vdis.enable_cbt(&vdi)
+            .await
+            .map_err(xapi(&disk, "enabling changed-block tracking"))?;
+        full_reason = Some(if latest.is_some() {
+            "changed-block tracking was off (disabled or lost); re-enabled".to_string()
+        } else {
+            "changed-block tracking was just enabled".to_string()
+        });
+    }
+    let base = match (&base_uuid, &full_reason) {
+        (Some(uuid), None) => match vdis.get_by_uuid(uuid).await {
+            Ok(r) => Some(r),
+            Err(e) if is_missing(&e) => {
+                full_reason = Some(format!("the previous snapshot {uuid} is gone"));
+                None
+            }
+            Err(e) => return Err(xapi(&disk, "looking up the previous snapshot")(e)),
+        },
+        _ => None,
+    };
+    if latest.is_none() && full_reason.is_none() {
+        full_reason = Some("first backup of this disk".into());
+    }
+    Ok(Prepared {
+        disk,
+        vdi,
+        locks,
+        latest,
+        base,
+        full_reason,
+        known: record
+            .snapshots
+            .iter()
+            .map(|r| r.as_str().to_string())
+            .collect(),
+    })
+}
+
+impl Prepared {
+    /// Notes the snapshots that exist, so that one this run makes can be
+    /// told apart if the run dies before tagging it. Returns the note's run.
+    pub(crate) fn note_intent(&self, repo: &Repository) -> Result<i64> {
+        let cat = repo.catalogue();
+        let run = cat.start_run(SNAPSHOT_RUN, Some(&self.disk))?;
+        cat.set_run_detail(run, &serde_json::to_string(&self.known).unwrap_or_default())?;
+        Ok(run)
+    }
+
+    /// Steps 4 to 7 on `snapshot`, a fresh tagged snapshot of this disk.
+    /// With `own_snapshot` false the snapshot belongs to a VM snapshot: the
+    /// caller destroys that VM first, then finishes or destroys the VDI.
+    pub(crate) async fn back_up(
+        &self,
+        xapi_client: &Client,
+        repo: &Arc<Repository>,
+        snapshot: &VdiRef,
+        options: &XenOptions,
+        progress: Arc<dyn Progress>,
+        cancel: CancellationToken,
+        own_snapshot: bool,
+    ) -> Result<BackupOutcome> {
+        let result = back_up_snapshot(
+            xapi_client,
+            repo,
+            &self.disk,
+            &self.vdi,
+            snapshot,
+            self.base.as_ref(),
+            self.full_reason.clone(),
+            self.latest.as_ref().map(|l| l.manifest.virtual_size),
+            options,
+            progress,
+            cancel,
+            self.locks.clone(),
+        )
+        .await;
+        match result {
+            Ok(outcome) if own_snapshot => {
+                self.finish(xapi_client, snapshot, options).await?;
+                Ok(outcome)
+            }
+            Ok(outcome) => Ok(outcome),
+            Err(e) if !own_snapshot => Err(e),
+            Err(e) => {
+                // Nothing was committed: the snapshot goes now, its CBT log
+                // merging into the disk's, so the previous base stays valid.
+                if let Err(d) = xapi_client.vdi().destroy(snapshot).await {
+                    warn!(error = %d, snapshot = %snapshot.as_str(), "could not destroy the snapshot of a failed run; the next run reaps it");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Step 7: the irreversible steps, after commit and verification.
+    pub(crate) async fn finish(
+        &self,
+        xapi_client: &Client,
+        snapshot: &VdiRef,
+        options: &XenOptions,
+    ) -> Result<()> {
+        finish(
+            xapi_client,
+            &self.disk,
+            snapshot,
+            self.base.as_ref(),
+            options,
+        )
+        .await
+    }
+}
+
 /// Backs up one VDI; see the module documentation for the steps.
 pub async fn backup_vdi(
     xapi_client: &Client,
@@ -101,78 +264,34 @@ pub async fn backup_vdi(
     progress: Arc<dyn Progress>,
     cancel: CancellationToken,
 ) -> Result<BackupOutcome> {
-    let disk = disk_name(vdi_uuid);
     let span = tracing::info_span!("vdi", job = %options.job, vdi = %vdi_uuid);
     async move {
-        // Held across the hypervisor steps too: no two runs reap each other.
-        let locks = crate::backup::lock_disk(&repo, &disk).await?;
+        let prepared = prepare(xapi_client, &repo, vdi_uuid, options).await?;
+        let disk = &prepared.disk;
         let vdis = xapi_client.vdi();
-        let vdi = vdis.get_by_uuid(vdi_uuid).await.map_err(xapi(&disk, "looking up the VDI"))?;
-        let latest = repo.latest(&disk)?;
-        let base_uuid = latest.as_ref().and_then(|rp| rp.manifest.source.snapshot.clone());
-        reap(xapi_client, repo.clone(), &disk, &vdi, latest.as_ref(), options).await?;
-        // Read after reaping: it lists the snapshots that remain.
-        let record = vdis.get_record(&vdi).await.map_err(xapi(&disk, "reading the VDI record"))?;
-
-        let mut full_reason = None;
-        if !record.cbt_enabled {
-            vdis.enable_cbt(&vdi).await.map_err(xapi(&disk, "enabling changed-block tracking"))?;
-            full_reason = Some(if latest.is_some() {
-                "changed-block tracking was off (disabled or lost); re-enabled".to_string()
-            } else {
-                "changed-block tracking was just enabled".to_string()
-            });
-        }
-        let base = match (&base_uuid, &full_reason) {
-            (Some(uuid), None) => match vdis.get_by_uuid(uuid).await {
-                Ok(r) => Some(r),
-                Err(e) if is_missing(&e) => {
-                    full_reason = Some(format!("the previous snapshot {uuid} is gone"));
-                    None
-                }
-                Err(e) => return Err(xapi(&disk, "looking up the previous snapshot")(e)),
-            },
-            _ => None,
-        };
-        if latest.is_none() && full_reason.is_none() {
-            full_reason = Some("first backup of this disk".into());
-        }
-
-        // Note the snapshots that exist, so that one this run makes can be
-        // told apart if the run dies before tagging it.
-        let known: Vec<&str> = record.snapshots.iter().map(|r| r.as_str()).collect();
-        let intent = {
-            let cat = repo.catalogue();
-            let run = cat.start_run(SNAPSHOT_RUN, Some(&disk))?;
-            cat.set_run_detail(run, &serde_json::to_string(&known).unwrap_or_default())?;
-            run
-        };
-        let snapshot = vdis.snapshot(&vdi, &BTreeMap::new()).await;
+        let intent = prepared.note_intent(&repo)?;
+        let snapshot = vdis.snapshot(&prepared.vdi, &BTreeMap::new()).await;
         let tagged = match &snapshot {
             Ok(snap) => vdis.add_to_other_config(snap, TAG_JOB, &options.job).await,
             Err(_) => Ok(()),
         };
         repo.catalogue().finish_run(intent, "done", None, "")?;
-        let snapshot = snapshot.map_err(xapi(&disk, "taking a snapshot"))?;
+        let snapshot = snapshot.map_err(xapi(disk, "taking a snapshot"))?;
         if let Err(e) = tagged {
             let _ = vdis.destroy(&snapshot).await;
-            return Err(xapi(&disk, "tagging the snapshot")(e));
+            return Err(xapi(disk, "tagging the snapshot")(e));
         }
-        let result = back_up_snapshot(xapi_client, &repo, &disk, &vdi, &snapshot, base.as_ref(), full_reason, latest.as_ref().map(|l| l.manifest.virtual_size), options, progress, cancel, locks).await;
-        match result {
-            Ok(outcome) => {
-                finish(xapi_client, &disk, &snapshot, base.as_ref(), options).await?;
-                Ok(outcome)
-            }
-            Err(e) => {
-                // Nothing was committed: the snapshot goes now, its CBT log
-                // merging into the disk's, so the previous base stays valid.
-                if let Err(d) = vdis.destroy(&snapshot).await {
-                    warn!(error = %d, snapshot = %snapshot.as_str(), "could not destroy the snapshot of a failed run; the next run reaps it");
-                }
-                Err(e)
-            }
-        }
+        prepared
+            .back_up(
+                xapi_client,
+                &repo,
+                &snapshot,
+                options,
+                progress,
+                cancel,
+                true,
+            )
+            .await
     }
     .instrument(span)
     .await
