@@ -194,6 +194,7 @@ impl Prepared {
     /// Steps 4 to 7 on `snapshot`, a fresh tagged snapshot of this disk.
     /// With `own_snapshot` false the snapshot belongs to a VM snapshot: the
     /// caller destroys that VM first, then finishes or destroys the VDI.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn back_up(
         &self,
         xapi_client: &Client,
