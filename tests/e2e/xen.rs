@@ -404,3 +404,55 @@ fn all_disks_of_a_vm_from_one_vm_snapshot() {
         );
     }
 }
+
+#[test]
+fn an_expired_session_mid_run_logs_in_again() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = pool.vdis()[0].clone();
+    pool.backup(&s, &vdi);
+    let written: std::collections::BTreeSet<u64> =
+        pool.sim().churn(&vdi, 6, 21).unwrap().into_iter().collect();
+    let url = pool.sim.as_ref().unwrap().https_url();
+    let outcome = pool.rt.block_on(async {
+        let mut options = cbtvault_xenapi::ClientOptions::new(
+            &url,
+            "root",
+            cbtvault_xenapi::Password::from_file(&pool.password).unwrap(),
+        )
+        .unwrap();
+        options.tls = Some(cbtvault_xenapi::TlsTrust::pinned_file(&pool.pin).unwrap());
+        let client = cbtvault_xenapi::Client::connect(options).await.unwrap();
+        let before = client.session();
+        // The host forgets every session: the run's first call meets SESSION_INVALID.
+        pool.sim().expire_sessions();
+        let repo = std::sync::Arc::new(cbtvault_repo::Repository::open(&s.repo()).unwrap());
+        let o = cbtvault_engine::xenserver::backup_vdi(
+            &client,
+            repo,
+            &vdi,
+            &cbtvault_engine::xenserver::XenOptions::new("adhoc", url.clone()),
+            std::sync::Arc::new(cbtvault_engine::NoProgress),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
+        assert_ne!(client.session(), before, "logged in again");
+        o
+    });
+    let o = outcome.expect("the run survives the expired session");
+    assert!(
+        matches!(
+            o.manifest.mode,
+            cbtvault_repo::BackupMode::Incremental {
+                changed_blocks: 6,
+                ..
+            }
+        ),
+        "{:?}",
+        o.manifest.mode
+    );
+    assert_same_file(
+        &pool.copy_disk(&s, &vdi, "e.img"),
+        &s.restore(&o.restore_point, "re.img"),
+    );
+}
