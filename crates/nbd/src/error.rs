@@ -165,7 +165,9 @@ impl Error {
             .and_then(|e| e.downcast_ref::<rustls::Error>())
         {
             Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)))
-                if o.0.downcast_ref::<crate::tls::PinMismatch>().is_some() =>
+                if o.0
+                    .downcast_ref::<cbtvault_tls_pin::PinMismatch>()
+                    .is_some() =>
             {
                 o.0.to_string()
             }

@@ -7,15 +7,12 @@
 //! very certificate and proves it holds its key; the handshake signature is
 //! still verified against the pinned certificate's public key.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::error::{Error, Result};
 
@@ -152,7 +149,10 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfi
             let pinned = pem.certificates()?.swap_remove(0);
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedVerifier { pinned, provider }))
+                .with_custom_certificate_verifier(cbtvault_tls_pin::PinnedVerifier::new(
+                    vec![pinned],
+                    &provider,
+                ))
                 .with_no_client_auth()
         }
     };
@@ -186,81 +186,4 @@ pub fn server_config(cert_chain: &Pem, key: &Pem) -> Result<Arc<rustls::ServerCo
         .with_single_cert(certs, key)
         .map_err(|e| config_error("certificate and key do not form a usable pair", e))?;
     Ok(Arc::new(config))
-}
-
-/// Accepts exactly one end-entity certificate, whatever its issuer, name
-/// or dates, and checks the handshake signatures against it.
-struct PinnedVerifier {
-    pinned: CertificateDer<'static>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl fmt::Debug for PinnedVerifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PinnedVerifier").finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug)]
-pub(crate) struct PinMismatch;
-
-impl fmt::Display for PinMismatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the server's certificate is not the pinned certificate")
-    }
-}
-
-impl std::error::Error for PinMismatch {}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.pinned.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch))),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

@@ -12,11 +12,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::{Error, Result};
 
@@ -107,10 +104,10 @@ impl TlsTrust {
             }
             TlsTrust::Pinned(certs) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Verifier {
-                    pinned: Some(certs.clone()),
-                    algorithms: provider.signature_verification_algorithms,
-                }))
+                .with_custom_certificate_verifier(cbtvault_tls_pin::PinnedVerifier::new(
+                    certs.clone(),
+                    &provider,
+                ))
                 .with_no_client_auth(),
             TlsTrust::InsecureAcceptAny => {
                 tracing::warn!(
@@ -119,66 +116,13 @@ impl TlsTrust {
                 );
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(Verifier {
-                        pinned: None,
-                        algorithms: provider.signature_verification_algorithms,
-                    }))
+                    .with_custom_certificate_verifier(cbtvault_tls_pin::PinnedVerifier::accept_any(
+                        &provider,
+                    ))
                     .with_no_client_auth()
             }
         };
         Ok(Arc::new(config))
-    }
-}
-
-/// Checks the end-entity certificate against the pinned ones (or accepts
-/// any when `pinned` is `None`); handshake signatures are always verified,
-/// so the server must hold the certificate's private key.
-#[derive(Debug)]
-struct Verifier {
-    pinned: Option<Vec<CertificateDer<'static>>>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match &self.pinned {
-            None => Ok(ServerCertVerified::assertion()),
-            Some(pinned) if pinned.iter().any(|p| p.as_ref() == end_entity.as_ref()) => {
-                Ok(ServerCertVerified::assertion())
-            }
-            Some(_) => Err(rustls::Error::General(
-                "the server's certificate is not the pinned XenServer pool certificate".into(),
-            )),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algorithms.supported_schemes()
     }
 }
 
