@@ -50,6 +50,15 @@ impl Pool {
         }
     }
 
+    /// A XenAPI client logged in to the pool, as the CLI would be.
+    async fn login(&self) -> cbtvault_xenapi::Client {
+        let url = self.sim.as_ref().unwrap().https_url();
+        let password = cbtvault_xenapi::Password::from_file(&self.password).unwrap();
+        let mut options = cbtvault_xenapi::ClientOptions::new(&url, "root", password).unwrap();
+        options.tls = Some(cbtvault_xenapi::TlsTrust::pinned_file(&self.pin).unwrap());
+        cbtvault_xenapi::Client::connect(options).await.unwrap()
+    }
+
     fn sim(&self) -> &cbtvault_xapi_sim::Sim {
         self.sim.as_ref().unwrap().sim()
     }
@@ -295,14 +304,7 @@ fn restore_into_the_pool_as_a_new_vdi() {
     let r = pool.backup(&s, vdi);
     let url = pool.sim.as_ref().unwrap().https_url();
     let sr = pool.rt.block_on(async {
-        let mut options = cbtvault_xenapi::ClientOptions::new(
-            &url,
-            "root",
-            cbtvault_xenapi::Password::from_file(&pool.password).unwrap(),
-        )
-        .unwrap();
-        options.tls = Some(cbtvault_xenapi::TlsTrust::pinned_file(&pool.pin).unwrap());
-        let client = cbtvault_xenapi::Client::connect(options).await.unwrap();
+        let client = pool.login().await;
         let vdi_ref = client.vdi().get_by_uuid(vdi).await.unwrap();
         let sr_ref = client.vdi().get_record(&vdi_ref).await.unwrap().sr;
         let sr = client.sr().get_record(&sr_ref).await.unwrap().uuid;
@@ -415,14 +417,7 @@ fn an_expired_session_mid_run_logs_in_again() {
         pool.sim().churn(&vdi, 6, 21).unwrap().into_iter().collect();
     let url = pool.sim.as_ref().unwrap().https_url();
     let outcome = pool.rt.block_on(async {
-        let mut options = cbtvault_xenapi::ClientOptions::new(
-            &url,
-            "root",
-            cbtvault_xenapi::Password::from_file(&pool.password).unwrap(),
-        )
-        .unwrap();
-        options.tls = Some(cbtvault_xenapi::TlsTrust::pinned_file(&pool.pin).unwrap());
-        let client = cbtvault_xenapi::Client::connect(options).await.unwrap();
+        let client = pool.login().await;
         let before = client.session();
         // The host forgets every session: the run's first call meets SESSION_INVALID.
         pool.sim().expire_sessions();
