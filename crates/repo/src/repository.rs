@@ -215,9 +215,11 @@ impl Repository {
 
     /// A writer of new packs, for one thread.
     pub fn pack_writer(&self, compression_level: Option<i32>) -> Result<PackWriter> {
+        let path = self.root.join(CATALOGUE_FILE);
         PackWriter::new(
             self.backend.clone(),
             self.open_catalogue()?,
+            Arc::new(move || Catalogue::open(&path, false)),
             self.config.pack_size as usize,
             compression_level.unwrap_or(self.config.compression_level),
         )

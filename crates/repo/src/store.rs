@@ -3,13 +3,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::BlobId;
 use crate::backend::{Backend, FileKind};
 use crate::catalogue::{BlobLocation, Catalogue};
 use crate::error::{Error, Result};
-use crate::pack::{self, BlobKind, Compression, PackBuilder, PackEntry};
+use crate::pack::{self, BlobKind, Compression, FinishedPack, PackBuilder, PackEntry};
 use crate::tree::{NodeSink, NodeStore};
 
 /// Reads blobs for one thread (it owns a catalogue connection and a
@@ -150,18 +150,33 @@ pub struct WriteStats {
     pub packs: u64,
 }
 
-/// Appends new blobs to packs. A pack becomes durable and indexed when it
-/// reaches the target size or on [`PackWriter::flush`]; until then its blobs
-/// are only in memory, and a crash loses them (and no restore point can
-/// reference them, because commit happens after flush).
+/// Appends new blobs to packs. A full pack is handed to a background
+/// thread that writes it durably and indexes it while new blobs keep
+/// arriving (at most one pack waits, so memory stays bounded);
+/// [`PackWriter::flush`] writes the open pack and waits until every pack is
+/// durable and indexed. Until then blobs may be only in memory and a crash
+/// loses them — but no restore point can reference them, because commit
+/// happens after flush.
 pub struct PackWriter {
     backend: Arc<dyn Backend>,
     catalogue: Catalogue,
     builder: PackBuilder,
+    /// Blobs in the open pack.
     pending: HashSet<BlobId>,
+    /// Blobs in packs the flusher has not indexed yet.
+    in_flight: Arc<Mutex<HashSet<BlobId>>>,
+    flusher: Option<Flusher>,
+    /// Opens the flusher's own catalogue connection.
+    open_catalogue: Arc<dyn Fn() -> Result<Catalogue> + Send + Sync>,
     target: usize,
     compressor: zstd::bulk::Compressor<'static>,
     stats: WriteStats,
+}
+
+/// The background thread that makes packs durable.
+struct Flusher {
+    tx: std::sync::mpsc::SyncSender<FinishedPack>,
+    thread: std::thread::JoinHandle<Result<()>>,
 }
 
 impl std::fmt::Debug for PackWriter {
@@ -176,6 +191,7 @@ impl PackWriter {
     pub(crate) fn new(
         backend: Arc<dyn Backend>,
         catalogue: Catalogue,
+        open_catalogue: Arc<dyn Fn() -> Result<Catalogue> + Send + Sync>,
         target: usize,
         level: i32,
     ) -> Result<Self> {
@@ -186,15 +202,22 @@ impl PackWriter {
             catalogue,
             builder: PackBuilder::with_capacity(target + target / 8),
             pending: HashSet::new(),
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
+            flusher: None,
+            open_catalogue,
             target,
             compressor,
             stats: WriteStats::default(),
         })
     }
 
-    /// True when `id` is stored or waiting in the open pack.
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<BlobId>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when `id` is stored, being stored, or waiting in the open pack.
     pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        Ok(self.pending.contains(id) || self.catalogue.contains(id)?)
+        Ok(self.pending.contains(id) || self.in_flight().contains(id) || self.catalogue.contains(id)?)
     }
 
     /// True when `id` is waiting in the open pack.
@@ -204,7 +227,7 @@ impl PackWriter {
 
     /// Adds a blob whose stored form was prepared by the caller (so that
     /// compression can run on other threads). Returns false, and stores
-    /// nothing, when the blob is already in the open pack.
+    /// nothing, when the blob is already on its way into a pack.
     pub fn add_stored(
         &mut self,
         id: BlobId,
@@ -213,15 +236,16 @@ impl PackWriter {
         raw_len: u32,
         stored: &[u8],
     ) -> Result<bool> {
-        if !self.pending.insert(id) {
+        if self.pending.contains(&id) || self.in_flight().contains(&id) {
             return Ok(false);
         }
+        self.pending.insert(id);
         self.builder.push(id, kind, compression, raw_len, stored);
         self.stats.blobs += 1;
         self.stats.raw_bytes += u64::from(raw_len);
         self.stats.stored_bytes += stored.len() as u64;
         if self.builder.data_len() >= self.target {
-            self.flush()?;
+            self.hand_over()?;
         }
         Ok(true)
     }
@@ -236,8 +260,8 @@ impl PackWriter {
         Ok(id)
     }
 
-    /// Writes the open pack durably and indexes it.
-    pub fn flush(&mut self) -> Result<()> {
+    /// Finishes the open pack and gives it to the flusher.
+    fn hand_over(&mut self) -> Result<()> {
         if self.builder.is_empty() {
             return Ok(());
         }
@@ -246,14 +270,66 @@ impl PackWriter {
             PackBuilder::with_capacity(self.target + self.target / 8),
         );
         let pack = builder.finish();
-        self.backend
-            .write(FileKind::Pack, &pack.name, &pack.bytes)?;
-        self.catalogue
-            .insert_pack(&pack.name, pack.bytes.len() as u64, &pack.entries)?;
-        tracing::debug!(pack = %pack.name, blobs = pack.entries.len(), bytes = pack.bytes.len(), "pack written");
+        self.in_flight().extend(pack.entries.iter().map(|e| e.id));
         self.pending.clear();
         self.stats.packs += 1;
+        if self.flusher.is_none() {
+            self.flusher = Some(self.start_flusher()?);
+        }
+        let sent = self.flusher.as_ref().map(|f| f.tx.send(pack));
+        if !matches!(sent, Some(Ok(()))) {
+            // The flusher stopped: its error says why.
+            return self.join_flusher().and(Err(Error::InvalidArgument("the pack flusher stopped".into())));
+        }
         Ok(())
+    }
+
+    fn start_flusher(&self) -> Result<Flusher> {
+        let catalogue = (self.open_catalogue)()?;
+        let backend = self.backend.clone();
+        let in_flight = self.in_flight.clone();
+        // One pack may wait while one is written: bounded memory.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<FinishedPack>(1);
+        let thread = std::thread::Builder::new()
+            .name("cbtvault-packs".into())
+            .spawn(move || -> Result<()> {
+                let mut catalogue = catalogue;
+                for pack in rx {
+                    backend.write(FileKind::Pack, &pack.name, &pack.bytes)?;
+                    catalogue.insert_pack(&pack.name, pack.bytes.len() as u64, &pack.entries)?;
+                    tracing::debug!(pack = %pack.name, blobs = pack.entries.len(), bytes = pack.bytes.len(), "pack written");
+                    let mut set = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    for e in &pack.entries {
+                        set.remove(&e.id);
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::Io {
+                path: "pack flusher thread".into(),
+                source: e,
+            })?;
+        Ok(Flusher { tx, thread })
+    }
+
+    fn join_flusher(&mut self) -> Result<()> {
+        match self.flusher.take() {
+            None => Ok(()),
+            Some(Flusher { tx, thread }) => {
+                drop(tx);
+                thread
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::InvalidArgument("the pack flusher panicked".into())))
+            }
+        }
+    }
+
+    /// Writes the open pack and waits until every pack is durable and
+    /// indexed.
+    pub fn flush(&mut self) -> Result<()> {
+        let handed = self.hand_over();
+        let joined = self.join_flusher();
+        handed.and(joined)
     }
 
     /// What was written so far.
@@ -264,6 +340,13 @@ impl PackWriter {
     /// Entries of the open pack (for tests).
     pub fn pending_len(&self) -> usize {
         self.pending.len()
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        // Finish what was handed over; an error was or will be reported by flush.
+        let _ = self.join_flusher();
     }
 }
 
