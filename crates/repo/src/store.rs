@@ -217,7 +217,9 @@ impl PackWriter {
 
     /// True when `id` is stored, being stored, or waiting in the open pack.
     pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        Ok(self.pending.contains(id) || self.in_flight().contains(id) || self.catalogue.contains(id)?)
+        Ok(self.pending.contains(id)
+            || self.in_flight().contains(id)
+            || self.catalogue.contains(id)?)
     }
 
     /// True when `id` is waiting in the open pack.
@@ -279,7 +281,9 @@ impl PackWriter {
         let sent = self.flusher.as_ref().map(|f| f.tx.send(pack));
         if !matches!(sent, Some(Ok(()))) {
             // The flusher stopped: its error says why.
-            return self.join_flusher().and(Err(Error::InvalidArgument("the pack flusher stopped".into())));
+            return self.join_flusher().and(Err(Error::InvalidArgument(
+                "the pack flusher stopped".into(),
+            )));
         }
         Ok(())
     }
@@ -317,9 +321,9 @@ impl PackWriter {
             None => Ok(()),
             Some(Flusher { tx, thread }) => {
                 drop(tx);
-                thread
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::InvalidArgument("the pack flusher panicked".into())))
+                thread.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidArgument("the pack flusher panicked".into()))
+                })
             }
         }
     }
