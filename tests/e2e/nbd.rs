@@ -316,3 +316,42 @@ fn slow_server_is_read_correctly_with_requests_in_flight() {
         assert_eq!(word, (i as u64 * 8).to_be_bytes());
     }
 }
+
+#[test]
+fn the_check_before_irreversible_steps_catches_a_different_snapshot() {
+    let s = Scratch::new();
+    let image = s.image("src.img", 8, 72);
+    let rp = id(&s.backup("d", &image, None));
+    let other = s.path("other.img");
+    std::fs::copy(&image, &other).unwrap();
+    let (changed, _) = s.churn(&other, 0.5, 73, "c.b64");
+    let repo = std::sync::Arc::new(cbtvault_repo::Repository::open(&s.repo()).unwrap());
+    let row = repo.resolve(&rp).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let check =
+        |path: &std::path::Path, sock_name: &str, focus: Option<&cbtvault_blockmap::BlockMap>| {
+            let sock = s.path(sock_name);
+            let _peer = qemu_nbd(path, &sock, &["-r", "-f", "raw"]);
+            rt.block_on(async {
+                let opts = cbtvault_nbd::ConnectOptions::from_uri(&uri(&sock)).unwrap();
+                let client = cbtvault_nbd::Client::connect(&opts).await.unwrap();
+                let r = cbtvault_engine::nbd::verify_sample(
+                    &client,
+                    &repo,
+                    &row.id,
+                    &row.manifest,
+                    16,
+                    focus,
+                )
+                .await;
+                client.disconnect().await;
+                r
+            })
+        };
+    check(&image, "same.sock", None).expect("the snapshot it came from passes");
+    let err = check(&other, "other.sock", Some(&changed)).expect_err("a different disk fails");
+    assert!(
+        err.to_string().contains("differs from restore point"),
+        "{err}"
+    );
+}

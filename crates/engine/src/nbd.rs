@@ -212,36 +212,56 @@ impl DiskTarget for NbdTarget {
     }
 }
 
-/// Reads `samples` blocks spread over the disk from `nbd` (the snapshot a
-/// restore point was taken from) and checks that the restore point holds
-/// exactly them, and that the repository returns them intact. Run before
-/// any irreversible step on the snapshot.
+/// Reads `samples` blocks from `nbd` (the snapshot a restore point was
+/// taken from) and checks that the restore point holds exactly them, and
+/// that the repository returns them intact. Run before any irreversible
+/// step on the snapshot. The blocks are spread over `focus` (the blocks an
+/// incremental read) when given, else over the disk, preferring blocks
+/// that hold data.
 pub async fn verify_sample(
     nbd: &Client,
     repo: &Arc<cbtvault_repo::Repository>,
     restore_point: &str,
     manifest: &cbtvault_repo::Manifest,
     samples: usize,
+    focus: Option<&BlockMap>,
 ) -> Result<()> {
     use cbtvault_repo::BlobId;
     let tree = manifest.tree();
     let disk = manifest.disk.clone();
     let repo2 = repo.clone();
+    let changed: Option<Vec<u64>> = focus
+        .filter(|m| m.any_set())
+        .map(|m| m.set_blocks().collect());
     let picks = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, BlobId)>> {
         let reader = repo2.reader()?;
         let mut cursor = cbtvault_repo::tree::Cursor::new(tree, &reader);
         let blocks = tree.shape.blocks;
-        let step = (blocks / samples.max(1) as u64).max(1);
-        let mut out = Vec::new();
-        let mut b = 0;
-        while b < blocks && out.len() < samples {
-            let id = cursor.subtree(0, b)?;
-            if !id.is_zero() {
-                // The stored copy must read back whole, too.
-                reader.read(&id)?;
+        let positions: Vec<u64> = match &changed {
+            Some(list) => {
+                let step = (list.len() / samples.max(1)).max(1);
+                list.iter().step_by(step).take(samples).copied().collect()
             }
-            out.push((b, id));
-            b += step;
+            None => {
+                let step = (blocks / samples.max(1) as u64).max(1);
+                (0..blocks).step_by(step as usize).take(samples).collect()
+            }
+        };
+        let mut out = Vec::new();
+        for start in positions {
+            // Prefer a block with data near the chosen place (in order, so
+            // the cursor's cache keeps this cheap).
+            let mut pick = (start, cursor.subtree(0, start)?);
+            let mut b = start + 1;
+            while pick.1.is_zero() && changed.is_none() && b < blocks.min(start + 128) {
+                pick = (b, cursor.subtree(0, b)?);
+                b += 1;
+            }
+            if !pick.1.is_zero() {
+                // The stored copy must read back whole, too.
+                reader.read(&pick.1)?;
+            }
+            out.push(pick);
         }
         Ok(out)
     })

@@ -135,6 +135,10 @@ async fn read_export(
         },
     };
     let client = source.client().clone();
+    let focus = match &changes {
+        Changes::Blocks { map, .. } => Some(map.clone()),
+        Changes::Full { .. } => None,
+    };
     let job = BackupJob {
         disk: disk.clone(),
         changes,
@@ -153,6 +157,7 @@ async fn read_export(
                 &o.restore_point,
                 &o.manifest,
                 options.verify_samples,
+                focus.as_ref(),
             )
             .await
         }

@@ -378,6 +378,11 @@ async fn back_up_snapshot(
         },
     );
     let time = jiff::Timestamp::now();
+    // What the check before data_destroy samples: the blocks just read.
+    let focus = match &changes {
+        Changes::Blocks { map, .. } => Some(map.clone()),
+        Changes::Full { .. } => None,
+    };
     let job = BackupJob {
         disk: disk.to_string(),
         changes,
@@ -395,9 +400,12 @@ async fn back_up_snapshot(
         repo,
         disk,
         snapshot,
-        &outcome.restore_point,
-        &outcome.manifest,
+        &RestorePointRow {
+            id: outcome.restore_point.clone(),
+            manifest: outcome.manifest.clone(),
+        },
         options,
+        focus.as_ref(),
     )
     .await?;
     Ok(outcome)
@@ -455,14 +463,20 @@ async fn verify_sample(
     repo: &Arc<Repository>,
     disk: &str,
     snapshot: &VdiRef,
-    restore_point: &str,
-    manifest: &cbtvault_repo::Manifest,
+    committed: &RestorePointRow,
     options: &XenOptions,
+    focus: Option<&BlockMap>,
 ) -> Result<()> {
     let nbd = connect_nbd(xapi_client, disk, snapshot, options).await?;
-    let result =
-        crate::nbd::verify_sample(&nbd, repo, restore_point, manifest, options.verify_samples)
-            .await;
+    let result = crate::nbd::verify_sample(
+        &nbd,
+        repo,
+        &committed.id,
+        &committed.manifest,
+        options.verify_samples,
+        focus,
+    )
+    .await;
     nbd.disconnect().await;
     result
 }
@@ -558,7 +572,7 @@ async fn reap(
             (Some(_), true) if is_base => continue,
             // Committed but killed before its data_destroy: check, then finish.
             (Some(rp), false) if is_base => {
-                verify_sample(xapi_client, &repo, disk, &r, &rp.id, &rp.manifest, options).await?;
+                verify_sample(xapi_client, &repo, disk, &r, rp, options, None).await?;
                 vdis.data_destroy(&r).await
             }
             _ => vdis.destroy(&r).await,
