@@ -67,7 +67,7 @@ pub enum Command {
         /// Restore point id (a unique prefix is enough) or DISK@latest.
         id: String,
     },
-    /// Restore a restore point, byte-exact, into a sparse file.
+    /// Restore a restore point, byte-exact, to a sparse file, an NBD export or a new VDI.
     Restore {
         #[command(flatten)]
         repo: RepoArg,

@@ -78,9 +78,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 /// Opens the repository at `path` with a message that names it.
 pub fn open(path: &Path) -> Result<Arc<Repository>> {
-    Ok(Arc::new(Repository::open(path).with_context(|| {
-        format!("opening repository {}", path.display())
-    })?))
+    // The repository's own errors name the path.
+    Ok(Arc::new(
+        Repository::open(path).context("opening the repository")?,
+    ))
 }
 
 /// A tokio runtime for the network-facing parts.
