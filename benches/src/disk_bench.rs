@@ -137,54 +137,35 @@ fn main() -> Result<()> {
         run("restic init", &mut restic(&["init"]))?;
     }
     let mut rows = Vec::new();
-    let full = run(
-        "full",
-        &mut cbt(&[
-            "backup",
-            "--repo",
-            repo.to_str().unwrap_or_default(),
-            "--disk",
-            "bench",
-            "--source",
-            &src,
-        ]),
-    )?;
-    let full_r = if with_restic {
-        Some(run(
-            "restic full",
-            &mut restic(&["backup", image.to_str().unwrap_or_default()]),
-        )?)
-    } else {
-        None
+    let repo_arg = repo.to_str().unwrap_or_default().to_string();
+    let image_arg = image.to_str().unwrap_or_default().to_string();
+    let backup = |what: &str, extra: &[&str]| {
+        let mut args = vec![
+            "backup", "--repo", &repo_arg, "--disk", "bench", "--source", &src,
+        ];
+        args.extend_from_slice(extra);
+        run(what, &mut cbt(&args))
     };
+    let restic_backup = |what: &str| -> Result<Option<Measured>> {
+        if with_restic {
+            Ok(Some(run(what, &mut restic(&["backup", &image_arg]))?))
+        } else {
+            Ok(None)
+        }
+    };
+    let full = backup("full", &[])?;
+    let full_r = restic_backup("restic full")?;
     rows.push(("full backup", size, full, full_r));
 
     let map = cbtvault_engine::synth::churn(&image, args.churn, 5)?;
     let bitmap = dir.join("changed.b64");
     std::fs::write(&bitmap, map.to_xenapi_base64())?;
     let changed = map.count_set() * cbtvault_blockmap::BLOCK_SIZE;
-    let incr = run(
+    let incr = backup(
         "incremental",
-        &mut cbt(&[
-            "backup",
-            "--repo",
-            repo.to_str().unwrap_or_default(),
-            "--disk",
-            "bench",
-            "--source",
-            &src,
-            "--changed-blocks",
-            bitmap.to_str().unwrap_or_default(),
-        ]),
+        &["--changed-blocks", bitmap.to_str().unwrap_or_default()],
     )?;
-    let incr_r = if with_restic {
-        Some(run(
-            "restic incremental",
-            &mut restic(&["backup", image.to_str().unwrap_or_default()]),
-        )?)
-    } else {
-        None
-    };
+    let incr_r = restic_backup("restic incremental")?;
     rows.push(("1% incremental", changed, incr, incr_r));
 
     let expected = file_hash(&image)?;
