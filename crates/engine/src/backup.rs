@@ -7,8 +7,8 @@
 //!  in block order          zstd for new blocks            flush + durable packs
 //! ```
 //! Every channel is bounded, so memory is bounded by
-//! `(inflight + 2·workers) · read_size` plus one open pack, whatever the
-//! size of the disk. The writer keeps block order for the tree builder,
+//! `(inflight + 4·workers) · read_size` plus the open pack and one pack
+//! being written, whatever the size of the disk. The writer keeps block order for the tree builder,
 //! which streams the block map out as it goes.
 
 use std::collections::BTreeMap;
