@@ -72,12 +72,17 @@ impl BlobReader {
     /// read. Results come back in the order asked; a damaged blob gives an
     /// error in its own slot without failing the others.
     pub fn read_many(&self, ids: &[BlobId]) -> Result<Vec<Result<Vec<u8>>>> {
+        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..ids.len()).map(|_| None).collect();
         let mut located = Vec::with_capacity(ids.len());
         for (slot, id) in ids.iter().enumerate() {
-            located.push((slot, self.locate(id)?));
+            // A blob missing from the catalogue fails only its own slot, so
+            // the caller names the right block.
+            match self.catalogue.locate(id)? {
+                Some(loc) => located.push((slot, loc)),
+                None => out[slot] = Some(Err(Error::MissingBlob { id: *id })),
+            }
         }
         located.sort_by(|a, b| (&a.1.pack, a.1.entry.offset).cmp(&(&b.1.pack, b.1.entry.offset)));
-        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..ids.len()).map(|_| None).collect();
         let mut i = 0;
         while i < located.len() {
             // Extend the run while blobs are contiguous (or nearly) in one pack.
