@@ -87,8 +87,8 @@ fn xapi(disk: &str, what: &str) -> impl FnOnce(cbtvault_xenapi::Error) -> Error 
 }
 
 fn is_missing(e: &cbtvault_xenapi::Error) -> bool {
-    matches!(e.xapi(), Some(XapiError::HandleInvalid { .. }))
-        || e.to_string().contains("UUID_INVALID")
+    e.xapi()
+        .is_some_and(|x| matches!(x, XapiError::HandleInvalid { .. }) || x.code() == "UUID_INVALID")
 }
 
 /// The repository's name for a VDI's disk.
