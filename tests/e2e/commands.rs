@@ -75,22 +75,12 @@ fn restore_refuses_to_overwrite_without_force() {
     let rp = id(&s.backup("d", &image, None));
     let to = s.path("exists.img");
     std::fs::write(&to, b"precious").unwrap();
-    let repo = s.repo();
-    let err = s.fails(&[
-        "restore",
-        "--repo",
-        repo.to_str().unwrap(),
-        &rp,
-        "--to",
-        to.to_str().unwrap(),
-    ]);
+    let err = s.fails(&["restore", &rp, "--to", to.to_str().unwrap()]);
     assert!(err.contains("--force"), "{err}");
     assert_eq!(std::fs::read(&to).unwrap(), b"precious");
     s.ok(&[
         "restore",
         "--quiet",
-        "--repo",
-        repo.to_str().unwrap(),
         &rp,
         "--to",
         to.to_str().unwrap(),
@@ -106,10 +96,7 @@ fn diff_reports_exactly_the_changed_blocks() {
     let a = id(&s.backup("d", &image, None));
     let (map, bitmap) = s.churn(&image, 0.05, 9, "changes.b64");
     let b = id(&s.backup("d", &image, Some(&bitmap)));
-    let repo = s.repo();
-    let out: serde_json::Value =
-        serde_json::from_str(&s.ok(&["diff", "--json", "--repo", repo.to_str().unwrap(), &a, &b]))
-            .unwrap();
+    let out: serde_json::Value = serde_json::from_str(&s.ok(&["diff", "--json", &a, &b])).unwrap();
     let mut differing = Vec::new();
     for e in out["extents"].as_array().unwrap() {
         let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());

@@ -40,13 +40,17 @@ impl Scratch {
         path
     }
 
-    /// Runs cbtvault with `args`, with `--repo` added when the command takes it.
+    /// The binary, with the scratch repository in `CBTVAULT_REPO` (so
+    /// `--repo` is needed only for another one) and no log settings.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cbtvault"));
+        c.env("CBTVAULT_REPO", self.repo()).env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs cbtvault with `args` and waits for it.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cbtvault"))
-            .args(args)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run cbtvault")
+        self.command().args(args).output().expect("run cbtvault")
     }
 
     /// Runs and expects success; returns stdout.

@@ -1,21 +1,13 @@
 //! Several cbtvault processes on one repository.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common::*;
 
 fn slow_backup(s: &Scratch, disk: &str, image: &std::path::Path) -> std::process::Child {
-    let repo = s.repo();
-    Command::new(env!("CARGO_BIN_EXE_cbtvault"))
-        .args([
-            "backup",
-            "--json",
-            "--repo",
-            repo.to_str().unwrap(),
-            "--disk",
-            disk,
-        ])
+    s.command()
+        .args(["backup", "--json", "--disk", disk])
         .arg(format!("--source=file:{}", image.display()))
         .args(["--compression-level", "19"])
         .stdout(Stdio::piped())
@@ -53,11 +45,8 @@ fn second_backup_of_the_same_disk_is_refused_while_one_runs() {
     let a = s.image("a.img", 24, 62);
     let first = slow_backup(&s, "a", &a);
     std::thread::sleep(Duration::from_millis(300));
-    let repo = s.repo();
     let err = s.fails(&[
         "backup",
-        "--repo",
-        repo.to_str().unwrap(),
         "--disk",
         "a",
         "--source",
@@ -84,7 +73,8 @@ fn gc_never_runs_beside_a_backup() {
     let err = s.fails(&["gc", "--repo", repo]);
     assert!(err.contains("locked"), "{err}");
     // With --wait, gc runs once the backup is done and keeps its data.
-    let waiting = Command::new(env!("CARGO_BIN_EXE_cbtvault"))
+    let waiting = s
+        .command()
         .args(["gc", "--quiet", "--repo", repo, "--wait", "120"])
         .spawn()
         .unwrap();

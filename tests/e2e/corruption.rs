@@ -61,16 +61,8 @@ fn flipped_byte_is_reported_with_restore_points_and_offsets() {
     );
 
     // restore names the disk and the offset, and leaves no file behind.
-    let repo = s.repo();
     let to = s.path("a-restored.img");
-    let err = s.fails(&[
-        "restore",
-        "--repo",
-        repo.to_str().unwrap(),
-        &a_full,
-        "--to",
-        to.to_str().unwrap(),
-    ]);
+    let err = s.fails(&["restore", &a_full, "--to", to.to_str().unwrap()]);
     assert!(err.contains("\"a\""), "{err}");
     assert!(err.contains(&format!("offset {}", offsets[0])), "{err}");
     assert!(!to.exists());
@@ -93,14 +85,6 @@ fn truncated_pack_is_reported() {
     assert!(!ok);
     assert!(report["problems"].to_string().contains("pack"), "{report}");
     assert_eq!(report["damaged"][0]["restore_point"], rp.as_str());
-    let repo = s.repo();
-    let err = s.fails(&[
-        "restore",
-        "--repo",
-        repo.to_str().unwrap(),
-        &rp,
-        "--to",
-        s.path("r.img").to_str().unwrap(),
-    ]);
+    let err = s.fails(&["restore", &rp, "--to", s.path("r.img").to_str().unwrap()]);
     assert!(err.contains("offset"), "{err}");
 }

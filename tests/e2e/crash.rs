@@ -79,9 +79,11 @@ fn killed_backups_leave_a_consistent_repository() {
     // The next backup succeeds and is exact; gc clears what kills left.
     let rp = s.backup("d", &image, None);
     assert_same_file(&image, &s.restore(&id(&rp), "final.img"));
+    // gc clears exactly the partial files the kills left.
+    let (_, before) = s.verify(false);
     let gc: serde_json::Value =
         serde_json::from_str(&s.ok(&["gc", "--json", "--repo", repo])).unwrap();
-    assert!(gc.get("partial_files_removed").is_some());
+    assert_eq!(gc["partial_files_removed"], before["partial_files"], "{gc}");
     let (ok, report) = s.verify(true);
     assert!(ok, "{report}");
     assert_eq!(report["partial_files"], 0);

@@ -49,13 +49,10 @@ fn incremental_against_an_explicit_parent() {
     union.union_with(&m2);
     let both = s.path("both.b64");
     std::fs::write(&both, union.to_xenapi_base64()).unwrap();
-    let repo = s.repo();
     let source = format!("file:{}", image.display());
     let out = s.ok(&[
         "backup",
         "--json",
-        "--repo",
-        repo.to_str().unwrap(),
         "--disk",
         "d",
         "--source",
@@ -153,11 +150,8 @@ fn unknown_repository_format_is_refused_untouched() {
         .replace("\"format_version\": 1", "\"format_version\": 7");
     std::fs::write(&config, &text).unwrap();
     let image = s.image("disk.img", 2, 13);
-    let repo = s.repo();
     let err = s.fails(&[
         "backup",
-        "--repo",
-        repo.to_str().unwrap(),
         "--disk",
         "d",
         "--source",

@@ -188,16 +188,7 @@ fn restore_into_a_writable_nbd_export() {
     std::fs::write(&target, vec![0x77u8; 16 << 20]).unwrap();
     let sock = s.path("t.sock");
     let peer = qemu_nbd(&target, &sock, &["-f", "raw"]);
-    let repo = s.repo();
-    s.ok(&[
-        "restore",
-        "--quiet",
-        "--repo",
-        repo.to_str().unwrap(),
-        &rp,
-        "--to",
-        &uri(&sock),
-    ]);
+    s.ok(&["restore", "--quiet", &rp, "--to", &uri(&sock)]);
     drop(peer);
     assert_same_file(&image, &target);
 }
@@ -209,9 +200,9 @@ fn served_restore_point_reads_back_with_nbdinfo_nbdcopy_and_qemu_img() {
     let image = s.image("src.img", 12, 71);
     let rp = id(&s.backup("d", &image, None));
     let sock = s.path("serve.sock");
-    let repo = s.repo();
-    let child = Command::new(env!("CARGO_BIN_EXE_cbtvault"))
-        .args(["serve", "--quiet", "--repo", repo.to_str().unwrap(), &rp])
+    let child = s
+        .command()
+        .args(["serve", "--quiet", &rp])
         .arg(format!("--listen=unix:{}", sock.display()))
         .spawn()
         .expect("serve");
@@ -268,16 +259,7 @@ fn failing_reads_fail_the_backup_clearly_and_commit_nothing() {
             "error-pread=EIO",
         ],
     );
-    let repo = s.repo();
-    let err = s.fails(&[
-        "backup",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--disk",
-        "e",
-        "--source",
-        &uri(&sock),
-    ]);
+    let err = s.fails(&["backup", "--disk", "e", "--source", &uri(&sock)]);
     assert!(err.contains("offset"), "names where: {err}");
     assert!(s.list().is_empty());
     let (ok, report) = s.verify(true);
@@ -292,12 +274,9 @@ fn slow_server_is_read_correctly_with_requests_in_flight() {
         &sock,
         &["--filter=delay", "pattern", "size=8M", "rdelay=40ms"],
     );
-    let repo = s.repo();
     let rp: serde_json::Value = serde_json::from_str(&s.ok(&[
         "backup",
         "--json",
-        "--repo",
-        repo.to_str().unwrap(),
         "--disk",
         "slow",
         "--source",

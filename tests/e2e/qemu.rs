@@ -142,12 +142,9 @@ fn setup(s: &Scratch) -> Qsd {
 }
 
 fn backup(s: &Scratch, qsd: &Qsd) -> serde_json::Value {
-    let repo = s.repo();
     let out = s.ok(&[
         "backup",
         "--json",
-        "--repo",
-        repo.to_str().unwrap(),
         "--disk",
         "vm1",
         "--node",
@@ -222,18 +219,9 @@ fn killed_backup_leaves_qsd_clean_and_loses_no_change() {
     backup(&s, &qsd);
     for round in 0..4u64 {
         qsd.write(0x60 + round as u8, (10 + round) << 20, 65536);
-        let repo = s.repo();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cbtvault"))
-            .args([
-                "backup",
-                "--quiet",
-                "--repo",
-                repo.to_str().unwrap(),
-                "--disk",
-                "vm1",
-                "--node",
-                "disk",
-            ])
+        let mut child = s
+            .command()
+            .args(["backup", "--quiet", "--disk", "vm1", "--node", "disk"])
             .arg(format!("--source=qmp:{}", qsd.qmp().display()))
             .arg(format!("--nbd-socket={}", qsd.nbd().display()))
             .args(["--compression-level", "19"])

@@ -2,7 +2,6 @@
 //! chain breaks, faults, a grown disk, and a killed run.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use cbtvault_xapi_sim::{PoolSpec, SimConfig, Simulator};
@@ -272,10 +271,7 @@ fn a_killed_run_is_reaped_and_the_next_run_stays_incremental() {
         pool.sim().churn(&vdi, 200, 10 + round).unwrap();
         // Slow calls stretch the run so that the kill lands inside it.
         pool.sim().fault_slow(Duration::from_millis(60), Some(20));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cbtvault"))
-            .args(&args)
-            .spawn()
-            .unwrap();
+        let mut child = s.command().args(&args).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(100 + 150 * round));
         let _ = child.kill();
         let _ = child.wait();
@@ -311,12 +307,9 @@ fn restore_into_the_pool_as_a_new_vdi() {
         client.logout().await.unwrap();
         sr
     });
-    let repo = s.repo();
     let out = s.ok(&[
         "restore",
         "--json",
-        "--repo",
-        repo.to_str().unwrap(),
         r["restore_point"].as_str().unwrap(),
         "--to",
         "xapi",
