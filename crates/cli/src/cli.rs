@@ -239,6 +239,10 @@ pub struct ForgetArgs {
     pub keep_weekly: Option<usize>,
     #[arg(long)]
     pub keep_monthly: Option<usize>,
+    /// Allow forgetting a disk's last restore point (kept otherwise,
+    /// whatever the policy or ids say).
+    #[arg(long)]
+    pub allow_forget_last: bool,
     /// Show what would be forgotten.
     #[arg(long)]
     pub dry_run: bool,

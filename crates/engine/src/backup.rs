@@ -172,6 +172,12 @@ pub async fn backup<S: DiskSource>(
         };
         let size = source.size();
         let blocks = block_count(size);
+        {
+            // Deduplicating against a pack that is gone would commit a
+            // restore point that cannot be restored.
+            let repo = repo.clone();
+            blocking(move || Ok(repo.quarantine_missing_packs()?)).await?;
+        }
 
         let parent = match &job.changes {
             Changes::Full { .. } => None,
@@ -208,7 +214,7 @@ pub async fn backup<S: DiskSource>(
             }
         };
 
-        let to_read = match &job.changes {
+        let mut to_read = match &job.changes {
             Changes::Blocks { map, .. } => map.clone(),
             Changes::Full { .. } => match source.allocated().await {
                 Ok(Some(map)) if map.block_count() == blocks => map,
@@ -219,6 +225,12 @@ pub async fn backup<S: DiskSource>(
                 }
             },
         };
+        if let Some(parent) = &parent {
+            let extra = must_reread(&repo, parent, size).await?;
+            for range in extra {
+                to_read.set_range(range);
+            }
+        }
         let read_blocks = (job.options.read_size as u64 / BLOCK_SIZE).max(1);
         progress.start("backup", to_read.count_set() * BLOCK_SIZE);
         tracing::info!(size, blocks, to_read = to_read.count_set(), parent = ?parent.as_ref().map(|p| &p.id), "starting");
@@ -226,7 +238,17 @@ pub async fn backup<S: DiskSource>(
         let run_id = {
             let repo = repo.clone();
             let disk = job.disk.clone();
-            blocking(move || Ok(repo.catalogue().start_run("backup", Some(&disk))?)).await?
+            blocking(move || {
+                // This process holds the disk's lock: a run of it still
+                // marked running died without saying so.
+                let cat = repo.catalogue();
+                let stale = cat.close_stale_runs("backup", &disk)?;
+                if stale > 0 {
+                    tracing::info!(runs = stale, "closed runs of this disk that were interrupted");
+                }
+                Ok(cat.start_run("backup", Some(&disk))?)
+            })
+            .await?
         };
 
         let workers = job.options.workers.max(1);
@@ -243,11 +265,13 @@ pub async fn backup<S: DiskSource>(
 
         let writer = {
             let (repo, disk) = (repo.clone(), job.disk.clone());
-            let parent_tree = parent.as_ref().map(|p| p.manifest.tree());
+            let parent_tree = parent
+                .as_ref()
+                .map(|p| (p.manifest.tree(), p.manifest.virtual_size));
             let span = tracing::Span::current();
             std::thread::spawn(move || {
                 let _g = span.enter();
-                write_stage(&repo, &disk, blocks, parent_tree, level, done_rx)
+                write_stage(&repo, &disk, size, parent_tree, level, done_rx)
             })
         };
 
@@ -293,7 +317,11 @@ pub async fn backup<S: DiskSource>(
             Ok(manifest) => {
                 let id = blocking(move || {
                     let id = repo2.commit(&manifest)?;
-                    repo2.catalogue().finish_run(run_id, "ok", Some(&id), "")?;
+                    // Committed: bookkeeping that fails now must not turn
+                    // the backup into a reported failure.
+                    if let Err(e) = repo2.catalogue().finish_run(run_id, "ok", Some(&id), "") {
+                        tracing::warn!(error = %e, "could not record the run's end");
+                    }
                     Ok((id, manifest))
                 })
                 .await;
@@ -310,6 +338,49 @@ pub async fn backup<S: DiskSource>(
     }
     .instrument(span)
     .await
+}
+
+/// Blocks an incremental must read although the changed-block source did
+/// not mark them: the last block of the parent and of the new disk when the
+/// size changed (their lengths differ, so the parent's copy cannot serve),
+/// and blocks whose stored copy is quarantined or gone (reading them again
+/// heals the repository instead of carrying the damage forward).
+async fn must_reread(
+    repo: &Arc<Repository>,
+    parent: &cbtvault_repo::RestorePointRow,
+    size: u64,
+) -> Result<Vec<std::ops::Range<u64>>> {
+    let blocks = block_count(size);
+    let mut extra = Vec::new();
+    let parent_size = parent.manifest.virtual_size;
+    if parent_size != size {
+        for tail in [size, parent_size] {
+            if !tail.is_multiple_of(BLOCK_SIZE) && tail / BLOCK_SIZE < blocks {
+                extra.push(tail / BLOCK_SIZE..tail / BLOCK_SIZE + 1);
+            }
+        }
+        tracing::info!(
+            parent_size,
+            size,
+            "the disk changed size; its last blocks are read again"
+        );
+    }
+    let (repo, tree) = (repo.clone(), parent.manifest.tree());
+    let heal = blocking(move || Ok(repo.blocks_to_heal(&tree)?)).await?;
+    let heal: Vec<_> = heal
+        .into_iter()
+        .map(|r| r.start.min(blocks)..r.end.min(blocks))
+        .filter(|r| !r.is_empty())
+        .collect();
+    if !heal.is_empty() {
+        let count: u64 = heal.iter().map(|r| r.end - r.start).sum();
+        tracing::warn!(
+            blocks = count,
+            "the parent restore point uses damaged blocks; reading them again to heal the repository"
+        );
+    }
+    extra.extend(heal);
+    Ok(extra)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -447,15 +518,15 @@ fn worker(
 fn write_stage(
     repo: &Repository,
     disk: &str,
-    blocks: u64,
-    parent: Option<cbtvault_repo::Tree>,
+    size: u64,
+    parent: Option<(cbtvault_repo::Tree, u64)>,
     level: i32,
     rx: flume::Receiver<Result<Processed>>,
 ) -> Result<(BlobId, BackupStats)> {
     let reader = repo.reader()?;
     let mut writer = repo.pack_writer(Some(level))?;
-    let base = parent.map(|t| Cursor::new(t, &reader));
-    let mut tree = TreeBuilder::new(blocks, base);
+    let base = parent.map(|(t, base_size)| (Cursor::new(t, &reader), base_size));
+    let mut tree = TreeBuilder::for_disk(size, base);
     let mut stats = BackupStats::default();
     let mut waiting = BTreeMap::new();
     let mut next_seq = 0u64;

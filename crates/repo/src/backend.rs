@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +50,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn remove_partial(&self) -> Result<usize>;
     /// A human-readable location of a file, for messages.
     fn locate(&self, kind: FileKind, name: &str) -> String;
+    /// Moves a damaged file out of the way without deleting it (repair),
+    /// so that it is no longer listed; returns where it went.
+    fn set_aside(&self, kind: FileKind, name: &str) -> Result<String>;
 }
 
 /// A backend on a local (or mounted) file system.
@@ -73,9 +76,9 @@ impl LocalBackend {
 
     /// Creates the directory skeleton.
     pub fn create_layout(&self) -> Result<()> {
-        for dir in ["packs", "manifests", "tmp"] {
-            let path = self.root.join(dir);
-            fs::create_dir_all(&path).map_err(Error::io(&path))?;
+        set_private(&self.root, 0o700)?;
+        for dir in ["packs", "manifests", "tmp", "locks"] {
+            create_private_dir(&self.root.join(dir))?;
         }
         sync_dir(&self.root)
     }
@@ -93,6 +96,11 @@ impl LocalBackend {
     }
 }
 
+/// Sets `path`'s permission bits to `mode`.
+pub(crate) fn set_private(path: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(Error::io(path))
+}
+
 /// fsync a directory so that a rename or unlink in it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -105,7 +113,7 @@ impl Backend for LocalBackend {
         let target = self.path(kind, name);
         let dir = target.parent().unwrap_or(&self.root).to_path_buf();
         if !dir.exists() {
-            fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+            create_private_dir(&dir)?;
             sync_dir(dir.parent().unwrap_or(&self.root))?;
         }
         let tmp = self.root.join("tmp").join(format!(
@@ -116,13 +124,23 @@ impl Backend for LocalBackend {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(Error::io(&tmp))?;
-        file.write_all(data)
+        let written = file
+            .write_all(data)
             .and_then(|()| file.sync_all())
-            .map_err(Error::io(&tmp))?;
-        drop(file);
-        fs::rename(&tmp, &target).map_err(Error::io(&target))?;
+            .map_err(Error::io(&tmp))
+            .and_then(|()| {
+                drop(file);
+                fs::rename(&tmp, &target).map_err(Error::io(&target))
+            });
+        if let Err(e) = written {
+            // A full disk or a failed rename must not leave the partial
+            // file behind for gc.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         sync_dir(&dir)
     }
 
@@ -211,6 +229,38 @@ impl Backend for LocalBackend {
     fn locate(&self, kind: FileKind, name: &str) -> String {
         self.path(kind, name).display().to_string()
     }
+
+    fn set_aside(&self, kind: FileKind, name: &str) -> Result<String> {
+        let from = self.path(kind, name);
+        let dir = self.root.join("damaged");
+        create_private_dir(&dir)?;
+        let file_name = from
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| name.to_string());
+        let to = dir.join(format!(
+            "{file_name}.{}",
+            jiff::Timestamp::now().as_second()
+        ));
+        fs::rename(&from, &to).map_err(Error::io(&from))?;
+        sync_dir(from.parent().unwrap_or(&self.root))?;
+        sync_dir(&dir)?;
+        Ok(to.display().to_string())
+    }
+}
+
+/// Creates `dir` (and its parents) readable by the owner only: repository
+/// files hold guest data, whatever the umask.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::io(dir))
 }
 
 fn list_suffix(dir: &Path, suffix: &str, out: &mut Vec<String>) -> Result<()> {
@@ -237,6 +287,7 @@ fn list_suffix(dir: &Path, suffix: &str, out: &mut Vec<String>) -> Result<()> {
 #[derive(Debug, Default)]
 pub struct MemoryBackend {
     files: Mutex<BTreeMap<(FileKind, String), Vec<u8>>>,
+    aside: Mutex<Vec<(FileKind, String, Vec<u8>)>>,
 }
 
 impl MemoryBackend {
@@ -334,5 +385,17 @@ impl Backend for MemoryBackend {
 
     fn locate(&self, kind: FileKind, name: &str) -> String {
         format!("memory:{kind:?}/{name}")
+    }
+
+    fn set_aside(&self, kind: FileKind, name: &str) -> Result<String> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let data = files
+            .remove(&(kind, name.to_string()))
+            .ok_or_else(|| self.missing(kind, name))?;
+        self.aside
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((kind, name.to_string(), data));
+        Ok(format!("memory:damaged/{kind:?}/{name}"))
     }
 }

@@ -5,6 +5,20 @@
 //! Each thread or process opens its own connection. WAL mode lets readers
 //! run beside the single writer; `synchronous=FULL` makes a committed
 //! transaction durable, which the commit protocol relies on.
+//!
+//! Besides the index, it keeps what only it can know:
+//! - `quarantine`: blobs found damaged (by verify, restore or any read).
+//!   A quarantined blob has no row in `blobs`, so the next backup that
+//!   meets the same content stores it again, and from then on every
+//!   restore point that uses it reads the new copy (healing).
+//! - `forgetting`: restore points whose manifest is being removed, so that
+//!   a manifest that vanishes *without* forget is noticed;
+//! - `lost_restore_points`: such vanished restore points, kept (with their
+//!   manifest text) for verify to report and repair to restore.
+//! - `runs`: what each backup run did, for the daemon and the reapers.
+//!
+//! Schema version 2 added the first three tables; a version 1 catalogue
+//! is migrated when it is opened for writing.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,7 +32,7 @@ use crate::pack::{BlobKind, Compression, PackEntry};
 
 /// The catalogue's file name inside the repository.
 pub const CATALOGUE_FILE: &str = "catalogue.sqlite";
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS disks(
@@ -55,7 +69,43 @@ CREATE TABLE IF NOT EXISTS runs(
     status TEXT NOT NULL,
     restore_point TEXT,
     detail TEXT);
+CREATE TABLE IF NOT EXISTS quarantine(
+    id BLOB PRIMARY KEY,
+    pack TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    noticed TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS forgetting(
+    id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS lost_restore_points(
+    id TEXT PRIMARY KEY,
+    disk TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    noticed TEXT NOT NULL);
 ";
+
+/// A quarantined blob.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct QuarantinedBlob {
+    pub id: BlobId,
+    /// The pack that held the damaged copy.
+    pub pack: String,
+    pub offset: u64,
+    /// What was wrong with it.
+    pub reason: String,
+    /// When it was found (RFC 3339).
+    pub noticed: String,
+}
+
+/// A restore point whose manifest vanished without `forget`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LostRestorePoint {
+    pub id: String,
+    pub disk: String,
+    /// The manifest as the catalogue knew it (JSON).
+    pub manifest: String,
+    pub noticed: String,
+}
 
 /// Where a blob is stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +114,19 @@ pub struct BlobLocation {
     pub pack: String,
     /// The blob's entry in it.
     pub entry: PackEntry,
+}
+
+/// One run as the `runs` table records it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub kind: String,
+    pub disk: String,
+    pub status: String,
+    pub restore_point: String,
+    pub detail: String,
+    pub started: String,
+    pub finished: String,
 }
 
 /// A restore point as the catalogue lists it.
@@ -109,6 +172,17 @@ fn index_pack(
     Ok(())
 }
 
+/// Blobs stored again leave quarantine: the damage is healed.
+fn unquarantine(tx: &rusqlite::Transaction<'_>, entries: &[PackEntry]) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached("DELETE FROM quarantine WHERE id = ?1")?;
+    for e in entries {
+        if stmt.execute([&e.id.0[..]])? > 0 {
+            tracing::info!(blob = %e.id, "quarantined blob stored again: healed");
+        }
+    }
+    Ok(())
+}
+
 /// A connection to the catalogue.
 pub struct Catalogue {
     conn: Connection,
@@ -122,7 +196,8 @@ impl std::fmt::Debug for Catalogue {
 }
 
 impl Catalogue {
-    /// Opens (and with `create`, creates) the catalogue at `path`.
+    /// Opens (and with `create`, creates) the catalogue at `path`,
+    /// migrating an older schema.
     pub fn open(path: &Path, create: bool) -> Result<Catalogue> {
         let flags = if create {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
@@ -134,6 +209,17 @@ impl Catalogue {
                 path: path.to_path_buf(),
                 source: rusqlite::Error::InvalidPath(path.to_path_buf()),
             });
+        }
+        if create && !path.exists() {
+            // SQLite gives its WAL and shared-memory files the database
+            // file's mode: owner-only from the start, whatever the umask.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(Error::io(path))?;
         }
         let wrap = |source| Error::Catalogue {
             path: path.to_path_buf(),
@@ -159,9 +245,15 @@ impl Catalogue {
                 .conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .map_err(wrap)?;
-            if version != SCHEMA_VERSION {
+            if version == 1 {
+                // Version 2 only added tables.
+                cat.conn.execute_batch(SCHEMA).map_err(wrap)?;
+                cat.conn
+                    .pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(wrap)?;
+            } else if version != SCHEMA_VERSION {
                 return Err(Error::UnsupportedVersion {
-                    found: version as u32,
+                    found: u32::try_from(version).unwrap_or(u32::MAX),
                     supported: SCHEMA_VERSION as u32,
                 });
             }
@@ -236,8 +328,161 @@ impl Catalogue {
             source,
         })?;
         index_pack(&tx, name, size, entries, false)
+            .and_then(|()| unquarantine(&tx, entries))
             .and_then(|()| tx.commit())
             .map_err(|source| Error::Catalogue { path, source })
+    }
+
+    /// Takes blob `id` out of use after it was found damaged in `pack`:
+    /// its index row goes (so the next backup that meets the content stores
+    /// it again) and the finding is recorded. Only the location that was
+    /// read is quarantined: a blob that moved meanwhile (gc, a healing
+    /// backup) keeps its new, good location.
+    pub fn quarantine(&self, id: &BlobId, pack: &str, offset: u64, reason: &str) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| Error::Catalogue {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let removed = tx
+            .execute(
+                "DELETE FROM blobs WHERE id = ?1 AND offset = ?3
+                 AND pack = (SELECT id FROM packs WHERE name = ?2)",
+                params![&id.0[..], pack, offset],
+            )
+            .map_err(err)?;
+        if removed > 0 {
+            tx.execute(
+                "INSERT OR REPLACE INTO quarantine(id, pack, offset, reason, noticed)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    &id.0[..],
+                    pack,
+                    offset,
+                    reason,
+                    jiff::Timestamp::now().to_string()
+                ],
+            )
+            .map_err(err)?;
+            tracing::warn!(blob = %id, pack, offset, reason, "damaged blob quarantined");
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Quarantines every blob the catalogue places in `pack` (a pack file
+    /// that is gone), and forgets the pack.
+    pub fn quarantine_pack(&self, pack: &str, reason: &str) -> Result<usize> {
+        let entries = self.blobs_in_pack(pack)?;
+        for e in &entries {
+            self.quarantine(&e.id, pack, e.offset, reason)?;
+        }
+        self.conn
+            .execute("DELETE FROM packs WHERE name = ?1", [pack])
+            .map_err(self.err())?;
+        Ok(entries.len())
+    }
+
+    /// Records a quarantined blob that has no index row (repair).
+    pub fn quarantine_record(
+        &self,
+        id: &BlobId,
+        pack: &str,
+        offset: u64,
+        reason: &str,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO quarantine(id, pack, offset, reason, noticed)
+                 SELECT ?1, ?2, ?3, ?4, ?5 WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE id = ?1)",
+                params![
+                    &id.0[..],
+                    pack,
+                    offset,
+                    reason,
+                    jiff::Timestamp::now().to_string()
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Copies the runs, and the quarantine of blobs still not indexed,
+    /// from the catalogue at `old` (repair).
+    pub fn copy_history_from(&self, old: &Path) -> Result<()> {
+        let old = old.to_string_lossy();
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS old", [old.as_ref()])
+            .map_err(self.err())?;
+        let copied = self.conn.execute_batch(
+            "INSERT INTO runs(kind, disk, pid, started, finished, status, restore_point, detail)
+               SELECT kind, disk, pid, started, finished, status, restore_point, detail
+               FROM old.runs ORDER BY id;
+             INSERT OR IGNORE INTO quarantine(id, pack, offset, reason, noticed)
+               SELECT id, pack, offset, reason, noticed FROM old.quarantine
+               WHERE id NOT IN (SELECT id FROM blobs);",
+        );
+        let detached = self.conn.execute_batch("DETACH DATABASE old");
+        copied.and(detached).map_err(self.err())
+    }
+
+    /// Restore point ids with the manifest text the catalogue keeps.
+    pub fn restore_point_rows_raw(&self) -> Result<Vec<(String, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, manifest FROM restore_points")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        Ok(rows)
+    }
+
+    /// Blobs in quarantine.
+    pub fn quarantined(&self) -> Result<Vec<QuarantinedBlob>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, pack, offset, reason, noticed FROM quarantine ORDER BY noticed, id",
+            )
+            .map_err(self.err())?;
+        let rows: Vec<(Vec<u8>, String, u64, String, String)> = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, pack, offset, reason, noticed)| {
+                Some(QuarantinedBlob {
+                    id: BlobId::try_from(id.as_slice()).ok()?,
+                    pack,
+                    offset,
+                    reason,
+                    noticed,
+                })
+            })
+            .collect())
+    }
+
+    /// Why blob `id` is quarantined, if it is (and not stored again since).
+    pub fn quarantined_reason(&self, id: &BlobId) -> Result<Option<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT reason FROM quarantine WHERE id = ?1")
+            .map_err(self.err())?;
+        stmt.query_row([&id.0[..]], |r| r.get(0))
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Ids of the quarantined blobs.
+    pub fn quarantined_ids(&self) -> Result<std::collections::HashSet<BlobId>> {
+        Ok(self.quarantined()?.into_iter().map(|q| q.id).collect())
     }
 
     /// Packs known to the catalogue, with their sizes.
@@ -304,6 +549,7 @@ impl Catalogue {
         for (name, size, entries) in added {
             // The new packs take over: their locations replace the old ones.
             index_pack(&tx, name, *size, entries, true).map_err(err)?;
+            unquarantine(&tx, entries).map_err(err)?;
         }
         tx.commit().map_err(err)
     }
@@ -315,9 +561,9 @@ impl Catalogue {
             path: path.clone(),
             source,
         };
-        let json = serde_json::to_string(manifest).map_err(|source| Error::Manifest {
+        let json = serde_json::to_string(manifest).map_err(|e| Error::Manifest {
             name: id.to_string(),
-            source,
+            what: e.to_string(),
         })?;
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
@@ -341,10 +587,96 @@ impl Catalogue {
         tx.commit().map_err(err)
     }
 
-    /// Forgets a restore point.
+    /// Drops a restore point's row (and any forget mark).
     pub fn remove_restore_point(&self, id: &str) -> Result<()> {
         self.conn
-            .execute("DELETE FROM restore_points WHERE id = ?1", [id])
+            .execute_batch("BEGIN")
+            .and_then(|()| {
+                self.conn
+                    .execute("DELETE FROM restore_points WHERE id = ?1", [id])?;
+                self.conn
+                    .execute("DELETE FROM forgetting WHERE id = ?1", [id])?;
+                self.conn.execute_batch("COMMIT")
+            })
+            .map_err(self.err())
+    }
+
+    /// Notes that `id`'s manifest is about to be removed on purpose.
+    pub fn mark_forgetting(&self, id: &str) -> Result<()> {
+        self.conn
+            .execute("INSERT OR IGNORE INTO forgetting(id) VALUES (?1)", [id])
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Clears a forget mark whose forget never happened.
+    pub fn remove_forget_mark(&self, id: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM forgetting WHERE id = ?1", [id])
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Restore points marked by [`Catalogue::mark_forgetting`].
+    pub fn forgetting(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM forgetting")
+            .map_err(self.err())?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        Ok(ids)
+    }
+
+    /// Moves restore point `id`, whose manifest vanished without forget,
+    /// out of the list into `lost_restore_points`.
+    pub fn mark_lost(&mut self, id: &str) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| Error::Catalogue {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO lost_restore_points(id, disk, manifest, noticed)
+             SELECT r.id, d.name, r.manifest, ?2 FROM restore_points r
+             JOIN disks d ON d.id = r.disk_id WHERE r.id = ?1",
+            params![id, jiff::Timestamp::now().to_string()],
+        )
+        .map_err(err)?;
+        tx.execute("DELETE FROM restore_points WHERE id = ?1", [id])
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Restore points whose manifest vanished without forget.
+    pub fn lost_restore_points(&self) -> Result<Vec<LostRestorePoint>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, disk, manifest, noticed FROM lost_restore_points ORDER BY id")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(LostRestorePoint {
+                    id: r.get(0)?,
+                    disk: r.get(1)?,
+                    manifest: r.get(2)?,
+                    noticed: r.get(3)?,
+                })
+            })
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        Ok(rows)
+    }
+
+    /// Drops a lost restore point's record (it was restored or given up).
+    pub fn clear_lost(&self, id: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM lost_restore_points WHERE id = ?1", [id])
             .map_err(self.err())?;
         Ok(())
     }
@@ -365,10 +697,11 @@ impl Catalogue {
             .map_err(self.err())?;
         rows.into_iter()
             .map(|(id, json)| {
-                let manifest = serde_json::from_str(&json).map_err(|source| Error::Manifest {
-                    name: id.clone(),
-                    source,
-                })?;
+                let manifest =
+                    Manifest::from_json(json.as_bytes()).map_err(|what| Error::Manifest {
+                        name: id.clone(),
+                        what: format!("catalogue copy: {what}; `cbtvault repair` rebuilds it"),
+                    })?;
                 Ok(RestorePointRow { id, manifest })
             })
             .collect()
@@ -436,6 +769,49 @@ impl Catalogue {
             .map_err(self.err())?;
         let rows = stmt
             .query_map([kind, disk], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        Ok(rows)
+    }
+
+    /// Closes runs of `kind` on `disk` still marked running: the caller
+    /// holds the disk's lock, so their process is gone. Their detail text
+    /// stays for the reapers ([`Catalogue::unfinished_runs`] is a different
+    /// kind of run). Returns how many were closed.
+    pub fn close_stale_runs(&self, kind: &str, disk: &str) -> Result<usize> {
+        self.conn
+            .execute(
+                "UPDATE runs SET finished = ?3, status = 'interrupted'
+                 WHERE kind = ?1 AND disk = ?2 AND finished IS NULL",
+                params![kind, disk, jiff::Timestamp::now().to_string()],
+            )
+            .map_err(self.err())
+    }
+
+    /// Runs as recorded, newest first (at most `limit`).
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRow>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, kind, coalesce(disk, ''), status, coalesce(restore_point, ''),
+                        coalesce(detail, ''), started, coalesce(finished, '')
+                 FROM runs ORDER BY id DESC LIMIT ?1",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                Ok(RunRow {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    disk: r.get(2)?,
+                    status: r.get(3)?,
+                    restore_point: r.get(4)?,
+                    detail: r.get(5)?,
+                    started: r.get(6)?,
+                    finished: r.get(7)?,
+                })
+            })
             .map_err(self.err())?
             .collect::<rusqlite::Result<_>>()
             .map_err(self.err())?;

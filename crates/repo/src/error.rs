@@ -61,12 +61,16 @@ pub enum Error {
     #[error("block-map node {id}: {what}")]
     CorruptNode { id: BlobId, what: String },
 
-    #[error("manifest {name}")]
-    Manifest {
-        name: String,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("manifest {name}: {what}")]
+    Manifest { name: String, what: String },
+
+    #[error(
+        "blob {id} was found damaged ({reason}) and is quarantined; the next backup that reads the same data stores it again and heals every restore point that uses it"
+    )]
+    Quarantined { id: BlobId, reason: String },
+
+    #[error("{path}: the repository is read-only here; {what} needs write access")]
+    ReadOnly { path: PathBuf, what: String },
 
     #[error("no restore point matches {0:?}; `cbtvault list` shows them")]
     UnknownRestorePoint(String),

@@ -16,12 +16,19 @@ pub struct KeepPolicy {
     pub daily: Option<usize>,
     pub weekly: Option<usize>,
     pub monthly: Option<usize>,
+    /// Allow a disk's last restore point to go. Without it the newest one
+    /// of each disk is always kept, whatever the rules say
+    /// (`--keep-last 0` would otherwise forget everything).
+    pub forget_last: bool,
 }
 
 impl KeepPolicy {
     /// True when no rule is set (which would forget everything: refused).
     pub fn is_empty(&self) -> bool {
-        *self == KeepPolicy::default()
+        self.last.is_none()
+            && self.daily.is_none()
+            && self.weekly.is_none()
+            && self.monthly.is_none()
     }
 }
 
@@ -85,7 +92,37 @@ pub fn plan(points: &[RestorePointRow], policy: &KeepPolicy) -> Vec<Decision> {
     for d in &mut decisions {
         d.keep = !d.reasons.is_empty();
     }
+    if !policy.forget_last {
+        protect_last(&mut decisions);
+    }
     decisions
+}
+
+/// The reason given when a disk's last restore point is kept.
+pub const LAST_POINT: &str = "the disk's last restore point";
+
+/// Keeps the newest restore point of each disk whose every restore point
+/// `decisions` (one disk's points, or several disks') would forget.
+/// `decisions` must hold all restore points of the disks concerned.
+pub fn protect_last(decisions: &mut [Decision]) {
+    let mut newest: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut kept: std::collections::BTreeSet<String> = Default::default();
+    for (i, d) in decisions.iter().enumerate() {
+        if d.keep {
+            kept.insert(d.disk.clone());
+        }
+        let slot = newest.entry(d.disk.clone()).or_insert(i);
+        let current = &decisions[*slot];
+        if (d.time, &d.id) > (current.time, &current.id) {
+            *slot = i;
+        }
+    }
+    for (disk, i) in newest {
+        if !kept.contains(&disk) {
+            decisions[i].keep = true;
+            decisions[i].reasons.push(LAST_POINT.into());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -176,9 +213,19 @@ mod tests {
             }),
             ["d", "b"]
         );
+        // `--keep-last 0` keeps the disk's last restore point unless
+        // forgetting it is asked for explicitly.
         assert_eq!(
             keep(KeepPolicy {
                 last: Some(0),
+                ..Default::default()
+            }),
+            ["d"]
+        );
+        assert_eq!(
+            keep(KeepPolicy {
+                last: Some(0),
+                forget_last: true,
                 ..Default::default()
             }),
             Vec::<String>::new()

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 
 use crate::BlobId;
 use crate::backend::FileKind;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pack::{self, PackBuilder, PackEntry};
 use crate::repository::Repository;
 use crate::tree::{self, Visitor};
@@ -57,6 +57,8 @@ pub struct GcReport {
     pub blobs_removed: u64,
     /// Storage freed, in bytes.
     pub bytes_freed: u64,
+    /// Live blobs found damaged while being copied, and quarantined.
+    pub blobs_quarantined: u64,
 }
 
 /// Every blob (node or block) referenced by a restore point.
@@ -76,7 +78,12 @@ pub fn live_blobs(repo: &Repository) -> Result<HashSet<BlobId>> {
     let reader = repo.reader()?;
     let mut live = HashSet::new();
     for rp in repo.catalogue().restore_points(None)? {
-        tree::walk(&rp.manifest.tree(), &reader, &mut Mark(&mut live))?;
+        tree::walk(&rp.manifest.tree(), &reader, &mut Mark(&mut live)).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "restore point {} (disk {:?}): its block map cannot be read ({e}), so gc cannot tell which blobs it uses and deletes nothing; the next backup of the disk heals it if the data is still there, or `cbtvault forget` the restore point",
+                rp.id, rp.manifest.disk
+            ))
+        })?;
     }
     Ok(live)
 }
@@ -90,6 +97,7 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
     } else {
         report.partial_files_removed = backend.remove_partial()?;
         report.packs_indexed = index_unknown_packs(repo)?;
+        repo.quarantine_missing_packs()?;
     }
     let live = live_blobs(repo)?;
     report.blobs_live = live.len() as u64;
@@ -101,13 +109,20 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
         let entries = repo.catalogue().blobs_in_pack(name)?;
         let (keep, drop): (Vec<_>, Vec<_>) =
             entries.into_iter().partition(|e| live.contains(&e.id));
-        report.blobs_removed += drop.len() as u64;
+        // Bytes the catalogue no longer places here (dead blobs, superseded
+        // or quarantined copies) count as dead.
         let live_bytes: u64 = keep.iter().map(|e| u64::from(e.stored_len)).sum();
+        let mostly_dead =
+            !drop.is_empty() && (live_bytes as f64) < options.repack_below * (*size as f64);
         if keep.is_empty() {
             dead_packs.push(name.clone());
+            report.blobs_removed += drop.len() as u64;
             report.bytes_freed += size;
-        } else if !drop.is_empty() && (live_bytes as f64) < options.repack_below * (*size as f64) {
-            report.bytes_freed += size - live_bytes;
+        } else if mostly_dead || pack::read_index(backend.as_ref(), name).is_err() {
+            // A damaged index is rewritten too: the catalogue still knows
+            // its blobs, and a fresh pack gives them a sound index again.
+            report.blobs_removed += drop.len() as u64;
+            report.bytes_freed += size.saturating_sub(live_bytes);
             rewrites.push((name.clone(), keep));
         }
     }
@@ -130,8 +145,20 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
         };
     for (name, keep) in &rewrites {
         for e in keep {
-            let stored = backend.read_at(FileKind::Pack, name, e.offset, e.stored_len as usize)?;
-            pack::decode_blob(name, e, &stored)?;
+            let copied = backend
+                .read_at(FileKind::Pack, name, e.offset, e.stored_len as usize)
+                .and_then(|stored| pack::decode_blob(name, e, &stored).map(|_| stored));
+            let stored = match copied {
+                Ok(stored) => stored,
+                Err(err) => {
+                    // Damaged already: quarantined (not copied), so the next
+                    // backup that meets the content stores it again.
+                    repo.catalogue()
+                        .quarantine(&e.id, name, e.offset, &err.to_string())?;
+                    report.blobs_quarantined += 1;
+                    continue;
+                }
+            };
             builder.push(e.id, e.kind, e.compression, e.raw_len, &stored);
             if builder.data_len() as u64 >= repo.config().pack_size {
                 write(std::mem::take(&mut builder), &mut added)?;

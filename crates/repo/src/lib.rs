@@ -64,6 +64,7 @@ pub mod catalogue;
 pub mod error;
 pub mod forget;
 pub mod gc;
+mod heal;
 mod id;
 mod lock;
 pub mod manifest;
@@ -75,7 +76,7 @@ pub mod tree;
 pub mod verify;
 
 pub use backend::{Backend, FileKind, LocalBackend, MemoryBackend};
-pub use catalogue::{Catalogue, RestorePointRow};
+pub use catalogue::{Catalogue, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow};
 pub use error::{Error, Result};
 pub use id::{BlobId, is_all_zero};
 pub use lock::Lock;

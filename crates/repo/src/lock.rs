@@ -2,6 +2,7 @@
 //! the crate documentation).
 
 use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,9 +35,10 @@ pub enum LockMode {
 /// Takes `mode` on `path`, retrying for up to `wait`.
 pub fn acquire(path: &Path, what: &str, mode: LockMode, wait: Duration) -> Result<Lock> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        crate::backend::create_private_dir(dir)?;
     }
     let file = OpenOptions::new()
+        .mode(0o600)
         .read(true)
         .write(true)
         .create(true)

@@ -11,6 +11,17 @@ use crate::tree::{Tree, TreeShape};
 /// The manifest format this build writes.
 pub const MANIFEST_FORMAT: u32 = 1;
 
+/// The largest disk a manifest may describe: 1 PiB, far above any
+/// hypervisor's limit (XenServer 2 TiB, VMware 62 TiB) yet small enough
+/// that block counts and byte offsets never overflow.
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 50;
+
+/// The largest manifest file read, in bytes (real ones are about 1 KiB).
+pub const MAX_MANIFEST_LEN: usize = 1 << 20;
+
+/// The longest disk name, in bytes.
+pub const MAX_DISK_NAME: usize = 255;
+
 /// A restore point's manifest. Its id is the hex BLAKE3 of its JSON bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -39,6 +50,55 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Parses and validates a manifest read from storage: every field a
+    /// reader relies on is checked, so no input can make it divide by zero,
+    /// overflow or walk a tree of the wrong shape.
+    pub fn from_json(bytes: &[u8]) -> std::result::Result<Manifest, String> {
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks the fields against what this build reads.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(format!(
+                "manifest format {} is not supported (this build reads format {MANIFEST_FORMAT})",
+                self.format
+            ));
+        }
+        if self.block_size != crate::repository::BLOCK_SIZE {
+            return Err(format!(
+                "block size {} (only {} is supported)",
+                self.block_size,
+                crate::repository::BLOCK_SIZE
+            ));
+        }
+        if self.fanout != crate::tree::FANOUT {
+            return Err(format!(
+                "block-map fan-out {} (only {} is supported)",
+                self.fanout,
+                crate::tree::FANOUT
+            ));
+        }
+        if self.virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(format!(
+                "disk size {} is larger than the supported {MAX_VIRTUAL_SIZE} bytes",
+                self.virtual_size
+            ));
+        }
+        validate_disk_name(&self.disk)?;
+        if self.virtual_size == 0 && !self.root.is_zero() {
+            return Err("an empty disk with a non-empty block map".into());
+        }
+        if let Some(parent) = &self.parent
+            && !is_restore_point_id(parent)
+        {
+            return Err(format!("parent {parent:?} is not a restore point id"));
+        }
+        Ok(())
+    }
+
     /// The block map.
     pub fn tree(&self) -> Tree {
         Tree {
@@ -108,6 +168,32 @@ pub struct BackupStats {
     pub nodes_new: u64,
     /// Wall-clock time of the backup.
     pub duration_ms: u64,
+}
+
+/// Checks a disk name: not empty, at most [`MAX_DISK_NAME`] bytes, no
+/// control characters, and not ending in `@latest` (which selects a
+/// disk's newest restore point).
+pub fn validate_disk_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("the disk name is empty".into());
+    }
+    if name.len() > MAX_DISK_NAME {
+        return Err(format!(
+            "the disk name is longer than {MAX_DISK_NAME} bytes"
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!("the disk name {name:?} holds control characters"));
+    }
+    if name.ends_with("@latest") {
+        return Err(format!("the disk name {name:?} ends in @latest"));
+    }
+    Ok(())
+}
+
+/// True when `name` has the form of a restore point id (64 lowercase hex).
+pub fn is_restore_point_id(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Serialises a manifest and computes its id.

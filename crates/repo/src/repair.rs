@@ -1,5 +1,18 @@
-//! Rebuilding the catalogue from packs and manifests alone.
+//! Rebuilding the catalogue from packs and manifests, salvaging all that
+//! can be salvaged.
+//!
+//! Repair must never make a restorable restore point unrestorable. So:
+//! - every blob is re-hashed, and a blob is indexed exactly when its bytes
+//!   still match its id — found through the pack's own index or, when that
+//!   index is damaged, through the old catalogue's record of the pack;
+//!   blobs that fail are quarantined, so the next backup heals them;
+//! - a manifest that cannot be read is set aside (in `damaged/`), never
+//!   deleted, and named in the report;
+//! - a restore point whose manifest vanished is written back from the old
+//!   catalogue's copy when that copy still hashes to its id;
+//! - the old catalogue's run history and quarantine are carried over.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +23,8 @@ use crate::backend::{Backend, FileKind, LocalBackend, sync_dir};
 use crate::catalogue::{CATALOGUE_FILE, Catalogue};
 use crate::error::{Error, Result};
 use crate::lock::{self, LockMode};
-use crate::manifest::Manifest;
-use crate::pack;
+use crate::manifest::{self, Manifest};
+use crate::pack::{self, PackEntry};
 use crate::repository::{CONFIG_FILE, Repository};
 
 /// What repair did.
@@ -21,8 +34,49 @@ pub struct RepairReport {
     pub blobs_indexed: u64,
     pub restore_points: usize,
     pub partial_files_removed: usize,
-    /// Files that could not be read and were left out (name: reason).
+    /// Blobs whose bytes no longer match their id: left out and
+    /// quarantined.
+    pub blobs_quarantined: u64,
+    /// Packs whose own index was damaged, indexed from the old catalogue.
+    pub packs_salvaged: usize,
+    /// Restore points whose vanished manifest was written back.
+    pub manifests_restored: usize,
+    /// Files moved to `damaged/` (name: where it went and why).
+    pub set_aside: Vec<String>,
+    /// Files that could not be used and were left out (name: reason).
     pub skipped: Vec<String>,
+}
+
+/// What the old catalogue knew, if it could be opened.
+#[derive(Default)]
+struct OldKnowledge {
+    /// Blobs per pack.
+    packs: HashMap<String, Vec<PackEntry>>,
+    /// Restore points with their manifest text (as the catalogue kept it).
+    manifests: BTreeMap<String, String>,
+    /// Restore points being forgotten.
+    forgetting: HashSet<String>,
+}
+
+fn old_knowledge(path: &Path) -> Option<OldKnowledge> {
+    let cat = Catalogue::open(&path.join(CATALOGUE_FILE), false)
+        .inspect_err(|e| tracing::warn!(error = %e, "the old catalogue cannot be opened; repairing from the files alone"))
+        .ok()?;
+    let mut old = OldKnowledge::default();
+    for (name, _) in cat.packs().ok()? {
+        if let Ok(entries) = cat.blobs_in_pack(&name) {
+            old.packs.insert(name, entries);
+        }
+    }
+    if let Ok(rows) = cat.restore_point_rows_raw() {
+        old.manifests.extend(rows);
+    }
+    if let Ok(lost) = cat.lost_restore_points() {
+        old.manifests
+            .extend(lost.into_iter().map(|l| (l.id, l.manifest)));
+    }
+    old.forgetting = cat.forgetting().unwrap_or_default().into_iter().collect();
+    Some(old)
 }
 
 /// Rebuilds the catalogue of the repository at `path` (which need not
@@ -42,6 +96,7 @@ pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
         partial_files_removed: backend.remove_partial()?,
         ..Default::default()
     };
+    let old = old_knowledge(path).unwrap_or_default();
     let fresh = path.join(format!("{CATALOGUE_FILE}.rebuild"));
     for suffix in ["", "-wal", "-shm"] {
         let p = path.join(format!("{CATALOGUE_FILE}.rebuild{suffix}"));
@@ -52,31 +107,10 @@ pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
     {
         let mut cat = Catalogue::open(&fresh, true)?;
         for name in backend.list(FileKind::Pack)? {
-            match pack::read_index(backend.as_ref(), &name) {
-                Ok(entries) => {
-                    let size = backend.size(FileKind::Pack, &name)?;
-                    cat.insert_pack(&name, size, &entries)?;
-                    report.packs_indexed += 1;
-                    report.blobs_indexed += entries.len() as u64;
-                }
-                Err(e) => report.skipped.push(format!("pack {name}: {e}")),
-            }
+            index_pack(backend.as_ref(), &mut cat, &name, &old, &mut report)?;
         }
-        for id in backend.list(FileKind::Manifest)? {
-            let bytes = backend.read(FileKind::Manifest, &id)?;
-            let parsed = if hex::encode(blake3::hash(&bytes).as_bytes()) != id {
-                Err("content does not match its id".to_string())
-            } else {
-                serde_json::from_slice::<Manifest>(&bytes).map_err(|e| e.to_string())
-            };
-            match parsed {
-                Ok(manifest) => {
-                    cat.insert_restore_point(&id, &manifest)?;
-                    report.restore_points += 1;
-                }
-                Err(e) => report.skipped.push(format!("manifest {id}: {e}")),
-            }
-        }
+        rebuild_restore_points(backend.as_ref(), &mut cat, &old, &mut report)?;
+        carry_over(&cat, path);
         // Fold the WAL into the main file so that one rename moves it all.
         cat.checkpoint()?;
     }
@@ -91,5 +125,155 @@ pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
     sync_dir(path)?;
     // Opening checks the result.
     Repository::open(path)?;
+    tracing::info!(?report, "repair finished");
     Ok(report)
+}
+
+/// Indexes the blobs of pack `name` whose bytes still match their id.
+fn index_pack(
+    backend: &dyn Backend,
+    cat: &mut Catalogue,
+    name: &str,
+    old: &OldKnowledge,
+    report: &mut RepairReport,
+) -> Result<()> {
+    let size = backend.size(FileKind::Pack, name)?;
+    let bytes = match backend.read_at(FileKind::Pack, name, 0, size as usize) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            report.skipped.push(format!("pack {name}: {e}"));
+            return Ok(());
+        }
+    };
+    let mut candidates: Vec<PackEntry> = match pack::read_index(backend, name) {
+        Ok(entries) => entries,
+        Err(e) => {
+            let known = old.packs.get(name).cloned().unwrap_or_default();
+            tracing::warn!(pack = %name, error = %e, salvaged_from_catalogue = known.len(), "pack index damaged");
+            report.skipped.push(format!(
+                "pack {name}: {e}; {} blobs known to the old catalogue are salvaged",
+                known.len()
+            ));
+            if !known.is_empty() {
+                report.packs_salvaged += 1;
+            }
+            known
+        }
+    };
+    // The old catalogue may know blobs the index lost, or the reverse.
+    if let Some(known) = old.packs.get(name) {
+        let have: HashSet<_> = candidates.iter().map(|e| (e.id, e.offset)).collect();
+        let extra: Vec<_> = known
+            .iter()
+            .filter(|e| !have.contains(&(e.id, e.offset)))
+            .copied()
+            .collect();
+        candidates.extend(extra);
+    }
+    let mut good = Vec::with_capacity(candidates.len());
+    for e in candidates {
+        let stored = usize::try_from(e.offset)
+            .ok()
+            .and_then(|from| bytes.get(from..from.checked_add(e.stored_len as usize)?));
+        let checked = match stored {
+            Some(stored) => pack::decode_blob(name, &e, stored).map(|_| ()),
+            None => Err(Error::CorruptBlob {
+                id: e.id,
+                pack: name.to_string(),
+                offset: e.offset,
+                what: "outside the pack file".into(),
+            }),
+        };
+        match checked {
+            Ok(()) => good.push(e),
+            Err(err) => {
+                report.blobs_quarantined += 1;
+                cat.quarantine_record(&e.id, name, e.offset, &err.to_string())?;
+            }
+        }
+    }
+    if good.is_empty() {
+        report
+            .skipped
+            .push(format!("pack {name}: no blob in it could be salvaged"));
+        return Ok(());
+    }
+    cat.insert_pack(name, size, &good)?;
+    report.packs_indexed += 1;
+    report.blobs_indexed += good.len() as u64;
+    Ok(())
+}
+
+/// Indexes every valid manifest, sets aside the others, and writes back
+/// manifests that vanished without forget.
+fn rebuild_restore_points(
+    backend: &dyn Backend,
+    cat: &mut Catalogue,
+    old: &OldKnowledge,
+    report: &mut RepairReport,
+) -> Result<()> {
+    let on_storage: HashSet<String> = backend.list(FileKind::Manifest)?.into_iter().collect();
+    for id in &on_storage {
+        let parsed = backend
+            .read(FileKind::Manifest, id)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                if !manifest::is_restore_point_id(id) {
+                    Err("its name is not a restore point id".to_string())
+                } else if hex::encode(blake3::hash(&bytes).as_bytes()) != *id {
+                    Err("content does not match its id".to_string())
+                } else {
+                    Manifest::from_json(&bytes)
+                }
+            });
+        match parsed {
+            Ok(manifest) => {
+                cat.insert_restore_point(id, &manifest)?;
+                report.restore_points += 1;
+            }
+            Err(why) => {
+                let to = backend.set_aside(FileKind::Manifest, id)?;
+                tracing::warn!(manifest = %id, %why, set_aside = %to, "unreadable manifest set aside");
+                report
+                    .set_aside
+                    .push(format!("manifest {id}: {why}; moved to {to}"));
+            }
+        }
+    }
+    for (id, json) in &old.manifests {
+        if on_storage.contains(id) || old.forgetting.contains(id) {
+            continue;
+        }
+        // The catalogue keeps the manifest as compact JSON; the file is
+        // the pretty form, whose hash is the id.
+        let restored = Manifest::from_json(json.as_bytes()).ok().and_then(|m| {
+            let (again, bytes) = manifest::encode(&m);
+            (again == *id).then_some((m, bytes))
+        });
+        match restored {
+            Some((m, bytes)) => {
+                backend.write(FileKind::Manifest, id, &bytes)?;
+                cat.insert_restore_point(id, &m)?;
+                report.restore_points += 1;
+                report.manifests_restored += 1;
+                tracing::warn!(restore_point = %id, "vanished manifest written back from the catalogue");
+            }
+            None => report.skipped.push(format!(
+                "restore point {id}: its manifest vanished and the catalogue's copy does not match its id"
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// Copies the run history and quarantine of the old catalogue, when it can
+/// be read (best effort: neither is needed to restore anything).
+fn carry_over(cat: &Catalogue, repo: &Path) {
+    let old = repo.join(CATALOGUE_FILE);
+    if !old.exists() {
+        return;
+    }
+    if let Err(e) = cat.copy_history_from(&old) {
+        tracing::warn!(error = %e, "the old catalogue's run history could not be carried over");
+    }
 }

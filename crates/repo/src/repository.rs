@@ -1,5 +1,6 @@
 //! Opening, creating and committing to a repository.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -64,6 +65,51 @@ pub struct Repository {
     backend: Arc<dyn Backend>,
     config: Config,
     catalogue: Mutex<Catalogue>,
+    /// Where this process's catalogue connections open: the repository's
+    /// own file, or a private copy when the repository is read-only.
+    catalogue_path: PathBuf,
+    /// The private copy's directory, removed when the repository closes.
+    _private_copy: Option<tempfile::TempDir>,
+    read_only: bool,
+    /// Manifests that could not be read when the repository was opened
+    /// (name, why): each costs only its own restore point.
+    unreadable_manifests: Vec<(String, String)>,
+}
+
+/// True when the repository's files cannot be changed by this process
+/// (read-only media or no write permission).
+fn is_read_only(root: &Path) -> bool {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join(CATALOGUE_FILE))
+    {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+        ),
+    }
+}
+
+/// Copies the catalogue (and its WAL) of a read-only repository into a
+/// private directory, where SQLite can keep its WAL index and where the
+/// catalogue can be brought in line with the manifests.
+fn private_catalogue(root: &Path) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new()
+        .prefix("cbtvault-catalogue-")
+        .tempdir()
+        .map_err(Error::io(std::env::temp_dir()))?;
+    for suffix in ["", "-wal"] {
+        let from = root.join(format!("{CATALOGUE_FILE}{suffix}"));
+        let to = dir.path().join(format!("{CATALOGUE_FILE}{suffix}"));
+        match std::fs::copy(&from, &to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !suffix.is_empty() => {}
+            Err(e) => return Err(Error::io(&from)(e)),
+        }
+    }
+    let path = dir.path().join(CATALOGUE_FILE);
+    Ok((dir, path))
 }
 
 impl Repository {
@@ -148,34 +194,91 @@ impl Repository {
                 config.tree_fanout
             )));
         }
-        let catalogue = Catalogue::open(&path.join(CATALOGUE_FILE), false)?;
-        let repo = Repository {
+        let read_only = is_read_only(path);
+        let (private_copy, catalogue_path) = if read_only {
+            tracing::info!(repository = %path.display(), "read-only repository: using a private copy of its catalogue");
+            let (dir, file) = private_catalogue(path)?;
+            (Some(dir), file)
+        } else {
+            (None, path.join(CATALOGUE_FILE))
+        };
+        let catalogue = Catalogue::open(&catalogue_path, false)?;
+        let mut repo = Repository {
             root: path.to_path_buf(),
             backend,
             config,
             catalogue: Mutex::new(catalogue),
+            catalogue_path,
+            _private_copy: private_copy,
+            read_only,
+            unreadable_manifests: Vec::new(),
         };
-        repo.reconcile()?;
+        repo.unreadable_manifests = repo.reconcile()?;
         Ok(repo)
     }
 
     /// Brings the catalogue's restore points in line with the manifests,
     /// which are authoritative: a crash between writing a manifest and
-    /// indexing it (or the reverse for forget) is healed here.
-    fn reconcile(&self) -> Result<()> {
+    /// indexing it (or the reverse for forget) is healed here. A manifest
+    /// that vanished without forget is kept aside as lost, for verify to
+    /// report; a manifest that cannot be read is left out and returned, so
+    /// that it costs only its own restore point.
+    fn reconcile(&self) -> Result<Vec<(String, String)>> {
         let on_disk = self.backend.list(FileKind::Manifest)?;
         let mut cat = self.catalogue();
-        let known: std::collections::HashSet<String> =
-            cat.restore_point_ids()?.into_iter().collect();
-        let present: std::collections::HashSet<&String> = on_disk.iter().collect();
+        let known: HashSet<String> = cat.restore_point_ids()?.into_iter().collect();
+        let forgetting: HashSet<String> = cat.forgetting()?.into_iter().collect();
+        let present: HashSet<&String> = on_disk.iter().collect();
         for id in known.iter().filter(|id| !present.contains(id)) {
-            tracing::info!(restore_point = %id, "manifest gone; dropping it from the catalogue");
-            cat.remove_restore_point(id)?;
+            if forgetting.contains(id) {
+                tracing::info!(restore_point = %id, "finishing an interrupted forget");
+                cat.remove_restore_point(id)?;
+            } else {
+                tracing::warn!(restore_point = %id, "the manifest vanished without forget; `cbtvault verify` reports it and `cbtvault repair` restores it");
+                cat.mark_lost(id)?;
+            }
         }
+        let mut unreadable = Vec::new();
         for id in on_disk.iter().filter(|id| !known.contains(*id)) {
-            let manifest = self.load_manifest(id)?;
-            tracing::info!(restore_point = %id, "indexing a committed manifest");
-            cat.insert_restore_point(id, &manifest)?;
+            match self.load_manifest(id) {
+                Ok(manifest) => {
+                    tracing::info!(restore_point = %id, "indexing a committed manifest");
+                    cat.insert_restore_point(id, &manifest)?;
+                    cat.clear_lost(id)?;
+                }
+                Err(e) => {
+                    tracing::warn!(manifest = %id, error = %e, "manifest left out; `cbtvault verify` reports it");
+                    unreadable.push((id.clone(), e.to_string()));
+                }
+            }
+        }
+        for id in forgetting.iter().filter(|id| present.contains(id)) {
+            // A forget that died before removing the manifest: it never happened.
+            cat.remove_forget_mark(id)?;
+        }
+        Ok(unreadable)
+    }
+
+    /// Manifests that could not be read when the repository was opened
+    /// (name and reason); their restore points are not listed.
+    pub fn unreadable_manifests(&self) -> &[(String, String)] {
+        &self.unreadable_manifests
+    }
+
+    /// True when this process cannot change the repository (read-only
+    /// media or permissions): reading commands work, and nothing that
+    /// would write is attempted.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Refuses an operation that writes, on a read-only repository.
+    pub fn require_writable(&self, what: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.root.clone(),
+                what: what.to_string(),
+            });
         }
         Ok(())
     }
@@ -202,7 +305,7 @@ impl Repository {
 
     /// A new connection to the catalogue, for another thread.
     pub fn open_catalogue(&self) -> Result<Catalogue> {
-        Catalogue::open(&self.root.join(CATALOGUE_FILE), false)
+        Catalogue::open(&self.catalogue_path, false)
     }
 
     /// A reader of blobs, for one thread.
@@ -215,7 +318,8 @@ impl Repository {
 
     /// A writer of new packs, for one thread.
     pub fn pack_writer(&self, compression_level: Option<i32>) -> Result<PackWriter> {
-        let path = self.root.join(CATALOGUE_FILE);
+        self.require_writable("a backup")?;
+        let path = self.catalogue_path.clone();
         PackWriter::new(
             self.backend.clone(),
             self.open_catalogue()?,
@@ -258,6 +362,13 @@ impl Repository {
     }
 
     fn lock_path(&self, name: &str) -> PathBuf {
+        if self.read_only {
+            // Nothing can change a read-only repository: the lock is only
+            // this process's, beside its private catalogue.
+            if let Some(dir) = &self._private_copy {
+                return dir.path().join(format!("{name}.lock"));
+            }
+        }
         self.root.join("locks").join(format!("{name}.lock"))
     }
 
@@ -266,27 +377,46 @@ impl Repository {
     /// flushed). The manifest is written durably first; the catalogue row
     /// follows.
     pub fn commit(&self, manifest: &Manifest) -> Result<String> {
+        self.require_writable("a backup")?;
+        manifest.validate().map_err(|what| Error::Manifest {
+            name: manifest.disk.clone(),
+            what: format!("refusing to commit: {what}"),
+        })?;
         let (id, bytes) = manifest::encode(manifest);
         self.backend.write(FileKind::Manifest, &id, &bytes)?;
-        self.catalogue().insert_restore_point(&id, manifest)?;
+        // The manifest is the commit: an error indexing it is healed by the
+        // next open, and must not report the backup as failed.
+        if let Err(e) = self.catalogue().insert_restore_point(&id, manifest) {
+            tracing::warn!(restore_point = %id, error = %e, "committed, but not yet indexed; the next command indexes it");
+        }
         Ok(id)
     }
 
-    /// Reads a manifest from its file.
+    /// Reads a manifest from its file and checks it: its name is its id,
+    /// its content hashes to that id, and every field is valid.
     pub fn load_manifest(&self, id: &str) -> Result<Manifest> {
-        let bytes = self.backend.read(FileKind::Manifest, id)?;
-        if hex::encode(blake3::hash(&bytes).as_bytes()) != id {
-            return Err(Error::Manifest {
-                name: id.to_string(),
-                source: serde::de::Error::custom(
-                    "content does not match its id (the file is damaged)",
-                ),
-            });
-        }
-        serde_json::from_slice(&bytes).map_err(|source| Error::Manifest {
+        let bad = |what: String| Error::Manifest {
             name: id.to_string(),
-            source,
-        })
+            what,
+        };
+        if !manifest::is_restore_point_id(id) {
+            return Err(bad(
+                "not a manifest (its name is not a restore point id)".into()
+            ));
+        }
+        let bytes = self.backend.read(FileKind::Manifest, id)?;
+        if bytes.len() > manifest::MAX_MANIFEST_LEN {
+            return Err(bad(format!(
+                "{} bytes, too large for a manifest",
+                bytes.len()
+            )));
+        }
+        if hex::encode(blake3::hash(&bytes).as_bytes()) != id {
+            return Err(bad(
+                "content does not match its id (the file is damaged)".into()
+            ));
+        }
+        Manifest::from_json(&bytes).map_err(bad)
     }
 
     /// Finds a restore point by id or unique id prefix, or `DISK@latest`.
@@ -296,8 +426,13 @@ impl Repository {
                 .latest(disk)?
                 .ok_or_else(|| Error::UnknownRestorePoint(spec.to_string()));
         }
-        if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::UnknownRestorePoint(spec.to_string()));
+        }
+        if spec.len() < 4 {
+            return Err(Error::InvalidArgument(format!(
+                "restore point prefix {spec:?} is too short: give at least 4 characters"
+            )));
         }
         let spec = spec.to_ascii_lowercase();
         let ids = self.catalogue().match_prefix(&spec)?;
@@ -319,9 +454,14 @@ impl Repository {
         Ok(self.catalogue().restore_points(Some(disk))?.pop())
     }
 
-    /// Removes a restore point: its manifest first (that is what makes it
-    /// invisible), then its catalogue row. Its data stays until `gc`.
+    /// Removes a restore point: marks it as being forgotten, removes its
+    /// manifest (that is what makes it invisible), then its catalogue row.
+    /// Its data stays until `gc`. Retention goes through
+    /// [`crate::forget::plan`] and [`Repository::apply_forget`], which
+    /// keep each disk's newest restore point unless told otherwise.
     pub fn forget(&self, id: &str) -> Result<()> {
+        self.require_writable("forget")?;
+        self.catalogue().mark_forgetting(id)?;
         self.backend.remove(FileKind::Manifest, id)?;
         self.catalogue().remove_restore_point(id)
     }

@@ -51,21 +51,58 @@ impl BlobReader {
 
     /// Where `id` is stored.
     pub fn locate(&self, id: &BlobId) -> Result<BlobLocation> {
-        self.catalogue
-            .locate(id)?
-            .ok_or(Error::MissingBlob { id: *id })
+        match self.catalogue.locate(id)? {
+            Some(loc) => Ok(loc),
+            None => Err(self.absent(id)),
+        }
     }
 
-    /// Reads one blob and checks it against its id.
+    /// Why a blob has no location: quarantined, or never stored.
+    fn absent(&self, id: &BlobId) -> Error {
+        let reason = self.catalogue.quarantined_reason(id).ok().flatten();
+        match reason {
+            Some(reason) => Error::Quarantined { id: *id, reason },
+            None => Error::MissingBlob { id: *id },
+        }
+    }
+
+    /// Reads one blob and checks it against its id. A blob found damaged
+    /// is quarantined (see [`Catalogue::quarantine`]).
     pub fn read(&self, id: &BlobId) -> Result<Vec<u8>> {
         let loc = self.locate(id)?;
-        let stored = self.backend.read_at(
-            FileKind::Pack,
-            &loc.pack,
-            loc.entry.offset,
-            loc.entry.stored_len as usize,
-        )?;
-        self.decode(&loc.pack, &loc.entry, &stored)
+        let read = self
+            .backend
+            .read_at(
+                FileKind::Pack,
+                &loc.pack,
+                loc.entry.offset,
+                loc.entry.stored_len as usize,
+            )
+            .map_err(|e| unreadable(&loc, e))
+            .and_then(|stored| self.decode(&loc.pack, &loc.entry, &stored));
+        if let Err(e) = &read {
+            self.quarantine_if_damaged(&loc, e);
+        }
+        read
+    }
+
+    /// Quarantines the blob at `loc` when `error` shows its stored copy is
+    /// damaged or gone (not for errors that may pass, such as EIO).
+    fn quarantine_if_damaged(&self, loc: &BlobLocation, error: &Error) {
+        let damaged = match error {
+            Error::CorruptBlob { what, .. } => !what.starts_with(TRANSIENT),
+            _ => false,
+        };
+        if damaged
+            && let Err(e) = self.catalogue.quarantine(
+                &loc.entry.id,
+                &loc.pack,
+                loc.entry.offset,
+                &error.to_string(),
+            )
+        {
+            tracing::warn!(blob = %loc.entry.id, error = %e, "could not quarantine a damaged blob");
+        }
     }
 
     /// Reads many blobs, coalescing neighbours in the same pack into one
@@ -79,7 +116,7 @@ impl BlobReader {
             // the caller names the right block.
             match self.catalogue.locate(id)? {
                 Some(loc) => located.push((slot, loc)),
-                None => out[slot] = Some(Err(Error::MissingBlob { id: *id })),
+                None => out[slot] = Some(Err(self.absent(id))),
             }
         }
         located.sort_by(|a, b| (&a.1.pack, a.1.entry.offset).cmp(&(&b.1.pack, b.1.entry.offset)));
@@ -99,28 +136,24 @@ impl BlobReader {
                 j += 1;
             }
             let pack_name = &located[i].1.pack;
-            match self
-                .backend
-                .read_at(FileKind::Pack, pack_name, start, (end - start) as usize)
-            {
-                Ok(buf) => {
-                    for (slot, loc) in &located[i..j] {
+            let buf =
+                self.backend
+                    .read_at(FileKind::Pack, pack_name, start, (end - start) as usize);
+            for (slot, loc) in &located[i..j] {
+                let result = match &buf {
+                    Ok(buf) => {
                         let from = (loc.entry.offset - start) as usize;
-                        let stored = &buf[from..from + loc.entry.stored_len as usize];
-                        out[*slot] = Some(self.decode(pack_name, &loc.entry, stored));
+                        match buf.get(from..from + loc.entry.stored_len as usize) {
+                            Some(stored) => self.decode(pack_name, &loc.entry, stored),
+                            None => Err(Error::InvalidArgument("blob outside its read".into())),
+                        }
                     }
+                    Err(e) => Err(unreadable(loc, clone_io(e))),
+                };
+                if let Err(e) = &result {
+                    self.quarantine_if_damaged(loc, e);
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for (slot, loc) in &located[i..j] {
-                        out[*slot] = Some(Err(Error::CorruptBlob {
-                            id: loc.entry.id,
-                            pack: pack_name.clone(),
-                            offset: loc.entry.offset,
-                            what: format!("cannot read: {msg}"),
-                        }));
-                    }
-                }
+                out[*slot] = Some(result);
             }
             i = j;
         }
@@ -133,6 +166,38 @@ impl BlobReader {
     /// The catalogue connection.
     pub fn catalogue(&self) -> &Catalogue {
         &self.catalogue
+    }
+}
+
+/// Prefix of the message of a read error that may pass (not quarantined).
+const TRANSIENT: &str = "cannot read (may pass)";
+
+/// A failed read of a blob's stored bytes, as a [`Error::CorruptBlob`]: a
+/// missing or truncated pack means the copy is gone; other I/O errors
+/// (EIO, a network file system hiccup) may pass and are marked so.
+fn unreadable(loc: &BlobLocation, e: Error) -> Error {
+    let gone = matches!(&e, Error::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof));
+    Error::CorruptBlob {
+        id: loc.entry.id,
+        pack: loc.pack.clone(),
+        offset: loc.entry.offset,
+        what: if gone {
+            format!("its pack is missing or truncated: {e}")
+        } else {
+            format!("{TRANSIENT}: {e}")
+        },
+    }
+}
+
+/// An error seen by several blobs of one coalesced read.
+fn clone_io(e: &Error) -> Error {
+    match e {
+        Error::Io { path, source } => Error::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        other => Error::InvalidArgument(other.to_string()),
     }
 }
 

@@ -206,21 +206,73 @@ pub struct TreeBuilder<'s> {
     shape: TreeShape,
     depth: u32,
     base: Option<Cursor<'s>>,
+    /// Byte lengths of the new disk's and the base's last blocks, when
+    /// known: a base block whose length differs from the new disk's at the
+    /// same place (the old or new tail after a resize) is never taken.
+    tails: Option<Tails>,
     pending: Vec<Vec<BlobId>>,
     next: u64,
     root: Option<BlobId>,
     stats: BuildStats,
 }
 
+/// Where the last blocks of the new disk and of the base end.
+#[derive(Clone, Copy, Debug)]
+struct Tails {
+    size: u64,
+    base_size: u64,
+}
+
+impl Tails {
+    /// Length of block `b` in a disk of `size` bytes.
+    fn len(size: u64, b: u64) -> u64 {
+        size.saturating_sub(b.saturating_mul(BLOCK)).min(BLOCK)
+    }
+
+    /// True when some block of `[start, end)` has a different length in
+    /// the base than in the new disk.
+    fn differ(&self, start: u64, end: u64) -> bool {
+        [self.size, self.base_size]
+            .into_iter()
+            .filter(|s| !s.is_multiple_of(BLOCK))
+            .map(|s| s / BLOCK)
+            .any(|b| {
+                (start..end).contains(&b) && Self::len(self.size, b) != Self::len(self.base_size, b)
+            })
+    }
+}
+
+const BLOCK: u64 = crate::repository::BLOCK_SIZE;
+
 impl<'s> TreeBuilder<'s> {
-    /// A builder for a disk of `blocks` blocks.
+    /// A builder for a disk of `blocks` whole blocks.
     pub fn new(blocks: u64, base: Option<Cursor<'s>>) -> Self {
+        Self::with_tails(blocks, base, None)
+    }
+
+    /// A builder for a disk of `size` bytes whose base disk had
+    /// `base_size` bytes. Blocks whose length changed with the size (a
+    /// partial last block before or after) must be pushed: the base's copy
+    /// would have the wrong length, and [`TreeBuilder::push`]'s gaps and
+    /// [`TreeBuilder::finish`] fail rather than take it.
+    pub fn for_disk(size: u64, base: Option<(Cursor<'s>, u64)>) -> Self {
+        let blocks = size.div_ceil(BLOCK);
+        match base {
+            Some((cursor, base_size)) => {
+                Self::with_tails(blocks, Some(cursor), Some(Tails { size, base_size }))
+            }
+            None => Self::with_tails(blocks, None, None),
+        }
+    }
+
+    fn with_tails(blocks: u64, base: Option<Cursor<'s>>, tails: Option<Tails>) -> Self {
         let shape = TreeShape { blocks };
         let depth = shape.depth();
         TreeBuilder {
             shape,
             depth,
             base,
+            tails,
             pending: vec![Vec::new(); depth as usize + 1],
             next: 0,
             root: None,
@@ -290,7 +342,7 @@ impl<'s> TreeBuilder<'s> {
             }
             let (level, id) = chosen.ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "cannot take block {} from the base tree",
+                    "cannot take block {} from the base tree (its length changed with the disk size, so it must be read)",
                     self.next
                 ))
             })?;
@@ -311,8 +363,10 @@ impl<'s> TreeBuilder<'s> {
             // The disk grew: unmarked blocks of the new region are zero.
             return Ok(Some(BlobId::ZERO));
         }
+        let end = self.shape.end_of(level, index);
         if level > base_shape.depth()
-            || base_shape.end_of(level, index) != self.shape.end_of(level, index)
+            || base_shape.end_of(level, index) != end
+            || self.tails.is_some_and(|t| t.differ(start, end))
         {
             return Ok(None);
         }

@@ -1,23 +1,35 @@
 //! Checking a repository: its structure always, and with `read_data` every
 //! stored byte, reporting the restore points and disk offsets that damage
 //! affects.
+//!
+//! The contract: the report is clean (`is_ok`) if and only if every
+//! restore point restores byte-exact. So verify judges what a restore
+//! reads — the catalogue's location of each blob, every block-map node,
+//! and each block's length at its place in the disk — and reports as
+//! warnings, not failures, damage that costs no restore point (a damaged
+//! pack index whose blobs are intact, a quarantined blob nothing uses).
+//! Damaged blobs it finds are quarantined, so the next backup that meets
+//! the same content heals every restore point that uses them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use serde::Serialize;
 
 use crate::BlobId;
 use crate::backend::FileKind;
-use crate::error::Result;
-use crate::pack;
+use crate::catalogue::RestorePointRow;
+use crate::error::{Error, Result};
+use crate::pack::{self, PackEntry};
 use crate::repository::{BLOCK_SIZE, Repository};
-use crate::tree::{self, Visitor};
+use crate::store::BlobReader;
+use crate::tree::{self, FANOUT, TreeShape};
 
 /// One thing wrong.
 #[derive(Clone, Debug, Serialize)]
 pub struct Problem {
-    /// What is concerned: `pack NAME`, `restore point ID`, `blob ID`.
+    /// What is concerned: `pack NAME`, `restore point ID`, `blob ID`,
+    /// `manifest NAME`.
     pub object: String,
     /// What is wrong with it.
     pub problem: String,
@@ -28,9 +40,17 @@ pub struct Problem {
 pub struct Damage {
     pub restore_point: String,
     pub disk: String,
-    /// Byte offsets in the disk of the blocks that cannot be read back.
+    /// Byte offsets in the disk of the blocks that cannot be read back
+    /// (the first [`MAX_OFFSETS`]; `ranges` has them all).
     pub offsets: Vec<u64>,
+    /// The same as `[start, end)` byte ranges.
+    pub ranges: Vec<[u64; 2]>,
+    /// Blocks that cannot be read back.
+    pub blocks_lost: u64,
 }
+
+/// The most block offsets listed per damaged restore point.
+pub const MAX_OFFSETS: usize = 4096;
 
 /// What verify found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -41,14 +61,28 @@ pub struct VerifyReport {
     pub bytes_read: u64,
     /// Partial writes present (normal while a backup runs; gc clears them).
     pub partial_files: usize,
+    /// Blobs in quarantine, waiting for a backup to store them again.
+    pub quarantined: usize,
+    /// Damage that makes some restore point unrestorable, or a restore
+    /// point that cannot be listed.
     pub problems: Vec<Problem>,
+    /// Damage that costs no restore point.
+    pub warnings: Vec<Problem>,
     pub damaged: Vec<Damage>,
 }
 
 impl VerifyReport {
-    /// True when nothing is wrong.
+    /// True when every restore point restores byte-exact.
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty() && self.damaged.is_empty()
+    }
+
+    fn problem(&mut self, object: String, problem: String) {
+        self.problems.push(Problem { object, problem });
+    }
+
+    fn warning(&mut self, object: String, problem: String) {
+        self.warnings.push(Problem { object, problem });
     }
 }
 
@@ -56,7 +90,7 @@ impl VerifyReport {
 pub type OnProgress<'a> = &'a (dyn Fn(u64) + Sync);
 
 /// Checks the repository. With `read_data`, re-reads and re-hashes every
-/// blob of every pack, on `threads` threads.
+/// blob a restore could read, on `threads` threads.
 pub fn verify(
     repo: &Repository,
     read_data: bool,
@@ -68,223 +102,328 @@ pub fn verify(
         partial_files: backend.list_partial()?.len(),
         ..Default::default()
     };
-    let mut bad: HashSet<BlobId> = HashSet::new();
-    let problem = |report: &mut VerifyReport, object: String, what: String| {
-        report.problems.push(Problem {
-            object,
-            problem: what,
-        });
-    };
+    // Blobs a restore could not read, with why.
+    let mut bad: HashMap<BlobId, String> = HashMap::new();
 
-    // Packs: present, index intact, and agreeing with the catalogue.
+    check_manifests(repo, &mut report)?;
+
+    // Packs: present, and their index intact and agreeing with the catalogue.
     let packs = repo.catalogue().packs()?;
     report.packs = packs.len();
     let on_storage: HashSet<String> = backend.list(FileKind::Pack)?.into_iter().collect();
-    let mut readable = Vec::new();
+    let mut to_read: Vec<(String, Vec<PackEntry>)> = Vec::new();
     for (name, _) in &packs {
+        let entries = repo.catalogue().blobs_in_pack(name)?;
         if !on_storage.contains(name) {
-            problem(
-                &mut report,
-                format!("pack {name}"),
-                "missing from storage".into(),
-            );
-            bad.extend(repo.catalogue().blobs_in_pack(name)?.iter().map(|e| e.id));
+            let why = "its pack file is missing from storage".to_string();
+            for e in &entries {
+                bad.insert(e.id, why.clone());
+            }
+            report.problem(format!("pack {name}"), "missing from storage".into());
+            if !repo.is_read_only() {
+                repo.catalogue().quarantine_pack(name, &why)?;
+            }
             continue;
         }
         match pack::read_index(backend.as_ref(), name) {
-            Ok(entries) => {
-                let in_pack: HashSet<_> = entries
+            Ok(index) => {
+                let in_index: HashSet<_> =
+                    index.iter().map(|e| (e.id, e.offset, e.stored_len)).collect();
+                if entries
                     .iter()
-                    .map(|e| (e.id, e.offset, e.stored_len))
-                    .collect();
-                for e in repo.catalogue().blobs_in_pack(name)? {
-                    if !in_pack.contains(&(e.id, e.offset, e.stored_len)) {
-                        problem(
-                            &mut report,
-                            format!("blob {}", e.id),
-                            format!(
-                                "catalogue places it in pack {name}, whose index disagrees; run `cbtvault repair`"
-                            ),
-                        );
-                        bad.insert(e.id);
-                    }
+                    .any(|e| !in_index.contains(&(e.id, e.offset, e.stored_len)))
+                {
+                    report.warning(
+                        format!("pack {name}"),
+                        "its index disagrees with the catalogue; `cbtvault repair` rebuilds the catalogue".into(),
+                    );
                 }
-                readable.push((name.clone(), entries));
             }
-            Err(e) => {
-                problem(&mut report, format!("pack {name}"), e.to_string());
-                bad.extend(repo.catalogue().blobs_in_pack(name)?.iter().map(|e| e.id));
-            }
+            Err(e) => report.warning(
+                format!("pack {name}"),
+                format!("{e}; its blobs are still readable through the catalogue, and gc rewrites the pack"),
+            ),
         }
+        to_read.push((name.clone(), entries));
     }
 
-    // Data: every blob re-hashed, packs spread over threads.
     if read_data {
-        let queue = Mutex::new(readable.into_iter());
-        let found: Mutex<Vec<(BlobId, String)>> = Mutex::new(Vec::new());
-        let counts = Mutex::new((0u64, 0u64));
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| {
-                    loop {
-                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
-                        let Some((name, entries)) = next else { break };
-                        let size = backend.size(FileKind::Pack, &name).unwrap_or(0);
-                        let whole = backend.read_at(FileKind::Pack, &name, 0, size as usize);
-                        let mut local = Vec::new();
-                        for e in &entries {
-                            let outcome =
-                                whole.as_ref().map_err(|e| e.to_string()).and_then(|buf| {
-                                    let stored = buf
-                                        .get(
-                                            e.offset as usize
-                                                ..(e.offset + u64::from(e.stored_len)) as usize,
-                                        )
-                                        .ok_or_else(|| "outside the pack".to_string())?;
-                                    pack::decode_blob(&name, e, stored)
-                                        .map(|_| ())
-                                        .map_err(|e| e.to_string())
-                                });
-                            if let Err(what) = outcome {
-                                local.push((e.id, what));
-                            }
-                        }
-                        {
-                            let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-                            c.0 += entries.len() as u64;
-                            c.1 += size;
-                        }
-                        progress(size);
-                        found
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .extend(local);
-                    }
-                });
+        for (id, location, what) in read_all(repo, to_read, threads, progress, &mut report) {
+            if !repo.is_read_only() {
+                repo.catalogue()
+                    .quarantine(&id, &location.0, location.1, &what)?;
             }
-        });
-        let (blobs, bytes) = counts.into_inner().unwrap_or_else(|e| e.into_inner());
-        report.blobs_read = blobs;
-        report.bytes_read = bytes;
-        for (id, what) in found.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            problem(&mut report, format!("blob {id}"), what);
-            bad.insert(id);
+            report.problem(
+                format!("blob {id}"),
+                format!("pack {}, offset {}: {what}", location.0, location.1),
+            );
+            bad.insert(id, what);
         }
     }
 
-    // Restore points: manifest intact, every node readable, every block
-    // indexed. Shared subtrees are checked once.
+    // Restore points: every node readable and of the right shape, every
+    // block stored, readable and of the right length for its place.
     let reader = repo.reader()?;
+    let quarantined = repo.catalogue().quarantined()?;
+    report.quarantined = quarantined.len();
     let points = repo.catalogue().restore_points(None)?;
     report.restore_points = points.len();
-    let mut seen = HashSet::new();
+    let mut walk = PointWalk {
+        reader: &reader,
+        bad: &bad,
+        clean: HashSet::new(),
+        reported: HashSet::new(),
+        shape: tree::TreeShape { blocks: 0 },
+        size: 0,
+        damaged: Vec::new(),
+        problems: Vec::new(),
+    };
     for rp in &points {
-        if let Err(e) = repo.load_manifest(&rp.id) {
-            problem(
-                &mut report,
-                format!("restore point {}", rp.id),
-                e.to_string(),
-            );
+        walk.start(rp);
+        walk.subtree(rp.manifest.tree().shape.depth(), 0, rp.manifest.root)?;
+        for (object, problem) in walk.problems.drain(..) {
+            report.problem(object, problem);
         }
-        struct Check<'a> {
-            seen: &'a mut HashSet<BlobId>,
-            reader: &'a crate::store::BlobReader,
-            missing: Vec<BlobId>,
-        }
-        impl Visitor for Check<'_> {
-            fn node(&mut self, _l: u32, _i: u64, id: &BlobId) -> Result<bool> {
-                Ok(self.seen.insert(*id))
-            }
-            fn leaf(&mut self, _first: u64, ids: &[BlobId]) -> Result<()> {
-                for id in ids.iter().filter(|id| !id.is_zero()) {
-                    if self.seen.insert(*id) && self.reader.catalogue().locate(id)?.is_none() {
-                        self.missing.push(*id);
-                    }
-                }
-                Ok(())
-            }
-        }
-        let mut check = Check {
-            seen: &mut seen,
-            reader: &reader,
-            missing: Vec::new(),
-        };
-        if let Err(e) = tree::walk(&rp.manifest.tree(), &reader, &mut check) {
-            problem(
-                &mut report,
-                format!("restore point {}", rp.id),
-                format!("block map unreadable: {e}"),
-            );
-        }
-        for id in check.missing {
-            problem(
-                &mut report,
-                format!("blob {id}"),
-                "referenced but not stored".into(),
-            );
-            bad.insert(id);
+        if !walk.damaged.is_empty() {
+            let ranges = std::mem::take(&mut walk.damaged);
+            report.damaged.push(Damage {
+                restore_point: rp.id.clone(),
+                disk: rp.manifest.disk.clone(),
+                offsets: ranges
+                    .iter()
+                    .flat_map(|r| r.clone())
+                    .take(MAX_OFFSETS)
+                    .map(|b| b * BLOCK_SIZE)
+                    .collect(),
+                blocks_lost: ranges.iter().map(|r| r.end - r.start).sum(),
+                ranges: ranges
+                    .iter()
+                    .map(|r| {
+                        [
+                            r.start * BLOCK_SIZE,
+                            (r.end * BLOCK_SIZE).min(rp.manifest.virtual_size),
+                        ]
+                    })
+                    .collect(),
+            });
         }
     }
-
-    if !bad.is_empty() {
-        report.damaged = locate_damage(repo, &points, &bad)?;
+    for q in quarantined
+        .iter()
+        .filter(|q| !walk.reported.contains(&q.id))
+    {
+        report.warning(
+            format!("blob {}", q.id),
+            format!("quarantined ({}); no restore point uses it", q.reason),
+        );
     }
     Ok(report)
 }
 
-/// Finds where damaged blobs are used.
-fn locate_damage(
+/// Manifests: every file on storage readable and valid, and every restore
+/// point the catalogue knew still has one.
+fn check_manifests(repo: &Repository, report: &mut VerifyReport) -> Result<()> {
+    let known: HashSet<String> = repo.catalogue().restore_point_ids()?.into_iter().collect();
+    for name in repo.backend().list(FileKind::Manifest)? {
+        let loaded = repo.load_manifest(&name);
+        match loaded {
+            Err(e) => report.problem(
+                format!("manifest {name}"),
+                format!("{}; `cbtvault repair` sets it aside", strip_name(&e, &name)),
+            ),
+            Ok(_) if !known.contains(&name) => report.problem(
+                format!("manifest {name}"),
+                "not in the catalogue; the next command that opens the repository for writing indexes it".into(),
+            ),
+            Ok(_) => {}
+        }
+    }
+    for lost in repo.catalogue().lost_restore_points()? {
+        report.problem(
+            format!("restore point {}", lost.id),
+            format!(
+                "of disk {:?}: its manifest vanished without forget (noticed {}); `cbtvault repair` restores it from the catalogue's copy",
+                lost.disk, lost.noticed
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The message of a manifest error without the repeated name.
+fn strip_name(e: &Error, name: &str) -> String {
+    let text = e.to_string();
+    text.strip_prefix(&format!("manifest {name}: "))
+        .map(str::to_string)
+        .unwrap_or(text)
+}
+
+/// A blob that failed, where, and why.
+type Failure = (BlobId, (String, u64), String);
+
+/// Re-reads every blob the catalogue places in each pack, packs spread
+/// over threads.
+fn read_all(
     repo: &Repository,
-    points: &[crate::catalogue::RestorePointRow],
-    bad: &HashSet<BlobId>,
-) -> Result<Vec<Damage>> {
-    struct Find<'a> {
-        bad: &'a HashSet<BlobId>,
-        blocks: BTreeMap<u64, ()>,
-        shape: tree::TreeShape,
-    }
-    impl Visitor for Find<'_> {
-        fn node(&mut self, level: u32, index: u64, id: &BlobId) -> Result<bool> {
-            if self.bad.contains(id) {
-                // A damaged node loses every block below it.
-                let span = tree::TreeShape::span(level);
-                let end = ((index + 1) * span).min(self.shape.blocks);
-                for b in index * span..end {
-                    self.blocks.insert(b, ());
+    packs: Vec<(String, Vec<PackEntry>)>,
+    threads: usize,
+    progress: OnProgress<'_>,
+    report: &mut VerifyReport,
+) -> Vec<Failure> {
+    let backend = repo.backend();
+    let queue = Mutex::new(packs.into_iter());
+    let found: Mutex<Vec<Failure>> = Mutex::new(Vec::new());
+    let counts = Mutex::new((0u64, 0u64));
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                    let Some((name, entries)) = next else { break };
+                    let size = backend.size(FileKind::Pack, &name).unwrap_or(0);
+                    let whole = backend
+                        .read_at(FileKind::Pack, &name, 0, size as usize)
+                        .map_err(|e| e.to_string());
+                    let mut local = Vec::new();
+                    for e in &entries {
+                        let outcome = whole.as_ref().map_err(Clone::clone).and_then(|buf| {
+                            let stored = usize::try_from(e.offset)
+                                .ok()
+                                .and_then(|from| {
+                                    buf.get(from..from.checked_add(e.stored_len as usize)?)
+                                })
+                                .ok_or_else(|| "outside the pack file (truncated?)".to_string())?;
+                            pack::decode_blob(&name, e, stored)
+                                .map(|_| ())
+                                .map_err(|err| match err {
+                                    Error::CorruptBlob { what, .. } => what,
+                                    other => other.to_string(),
+                                })
+                        });
+                        if let Err(what) = outcome {
+                            local.push((e.id, (name.clone(), e.offset), what));
+                        }
+                    }
+                    {
+                        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+                        c.0 += entries.len() as u64;
+                        c.1 += size;
+                    }
+                    progress(size);
+                    found
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(local);
                 }
-                return Ok(false);
-            }
-            Ok(true)
-        }
-        fn leaf(&mut self, first: u64, ids: &[BlobId]) -> Result<()> {
-            for (i, id) in ids.iter().enumerate() {
-                if self.bad.contains(id) {
-                    self.blocks.insert(first + i as u64, ());
-                }
-            }
-            Ok(())
-        }
-    }
-    let reader = repo.reader()?;
-    let mut out = Vec::new();
-    for rp in points {
-        let tree = rp.manifest.tree();
-        let mut find = Find {
-            bad,
-            blocks: BTreeMap::new(),
-            shape: tree.shape,
-        };
-        let walked = tree::walk(&tree, &reader, &mut find);
-        if walked.is_err() && find.blocks.is_empty() {
-            find.blocks.insert(0, ());
-        }
-        if !find.blocks.is_empty() {
-            out.push(Damage {
-                restore_point: rp.id.clone(),
-                disk: rp.manifest.disk.clone(),
-                offsets: find.blocks.keys().map(|b| b * BLOCK_SIZE).collect(),
             });
         }
+    });
+    let (blobs, bytes) = counts.into_inner().unwrap_or_else(|e| e.into_inner());
+    report.blobs_read = blobs;
+    report.bytes_read = bytes;
+    found.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Walks restore points' block maps as a restore would read them. Subtrees
+/// found clean are not walked again (keyed by id and, for the subtree
+/// holding a disk's last block, that block's length, which differs between
+/// disks of different sizes).
+struct PointWalk<'a> {
+    reader: &'a BlobReader,
+    bad: &'a HashMap<BlobId, String>,
+    clean: HashSet<(BlobId, u64)>,
+    /// Blobs already named in a problem.
+    reported: HashSet<BlobId>,
+    shape: TreeShape,
+    size: u64,
+    /// Blocks of the current restore point that cannot be restored, in
+    /// ascending, merged ranges.
+    damaged: Vec<std::ops::Range<u64>>,
+    problems: Vec<(String, String)>,
+}
+
+impl PointWalk<'_> {
+    fn start(&mut self, rp: &RestorePointRow) {
+        self.shape = rp.manifest.tree().shape;
+        self.size = rp.manifest.virtual_size;
+        self.damaged.clear();
     }
-    Ok(out)
+
+    /// Length of the disk's last block when `[start, end)` holds it, else
+    /// a full block: part of the key under which a subtree is clean.
+    fn tail_key(&self, start: u64, end: u64) -> u64 {
+        if end == self.shape.blocks && start < end {
+            self.size - (end - 1) * BLOCK_SIZE
+        } else {
+            BLOCK_SIZE
+        }
+    }
+
+    fn lose(&mut self, id: BlobId, blocks: std::ops::Range<u64>, why: String) {
+        match self.damaged.last_mut() {
+            Some(last) if last.end == blocks.start => last.end = blocks.end,
+            _ => self.damaged.push(blocks),
+        }
+        if self.reported.insert(id) {
+            self.problems.push((format!("blob {id}"), why));
+        }
+    }
+
+    fn subtree(&mut self, level: u32, index: u64, id: BlobId) -> Result<()> {
+        if id.is_zero() {
+            return Ok(());
+        }
+        let span = TreeShape::span(level);
+        let start = index.saturating_mul(span);
+        let end = start.saturating_add(span).min(self.shape.blocks);
+        let key = (id, self.tail_key(start, end));
+        if self.clean.contains(&key) {
+            return Ok(());
+        }
+        if let Some(why) = self.bad.get(&id) {
+            let why = why.clone();
+            self.lose(id, start..end, why);
+            return Ok(());
+        }
+        if level == 0 {
+            let expected = self.tail_key(start, end);
+            match self.reader.locate(&id) {
+                Ok(loc) if u64::from(loc.entry.raw_len) != expected => self.lose(
+                    id,
+                    start..end,
+                    format!(
+                        "block {start} holds {} bytes where {expected} belong (a block map that disagrees with the disk size)",
+                        loc.entry.raw_len
+                    ),
+                ),
+                Ok(_) => {
+                    self.clean.insert(key);
+                }
+                Err(e @ (Error::Quarantined { .. } | Error::MissingBlob { .. })) => {
+                    self.lose(id, start..end, e.to_string())
+                }
+                Err(e) => return Err(e),
+            }
+            return Ok(());
+        }
+        let children = self.reader.read(&id).and_then(|bytes| {
+            tree::decode_node(&id, &bytes, level, self.shape.children_of(level, index))
+        });
+        let children = match children {
+            Ok(children) => children,
+            Err(e @ Error::Catalogue { .. }) => return Err(e),
+            Err(e) => {
+                self.lose(id, start..end, format!("block-map node unreadable: {e}"));
+                return Ok(());
+            }
+        };
+        let before = self.damaged.len();
+        for (slot, child) in children.into_iter().enumerate() {
+            self.subtree(level - 1, index * FANOUT + slot as u64, child)?;
+        }
+        if self.damaged.len() == before {
+            self.clean.insert(key);
+        }
+        Ok(())
+    }
 }

@@ -498,6 +498,7 @@ fn apply_retention(repo: &Repository, disk: &str, keep: Retention) -> Result<()>
         daily: keep.keep_daily,
         weekly: keep.keep_weekly,
         monthly: keep.keep_monthly,
+        ..Default::default()
     };
     if policy.is_empty() {
         return Ok(());

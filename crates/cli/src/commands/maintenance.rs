@@ -142,15 +142,24 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
         for p in &report.problems {
             eprintln!("problem: {}: {}", p.object, p.problem);
         }
+        for w in &report.warnings {
+            eprintln!("warning: {}: {}", w.object, w.problem);
+        }
         for d in &report.damaged {
             let shown: Vec<String> = d.offsets.iter().take(8).map(u64::to_string).collect();
             eprintln!(
                 "damaged: restore point {} of disk {:?}: {} blocks at offsets {}{}",
                 d.restore_point,
                 d.disk,
-                d.offsets.len(),
+                d.blocks_lost,
                 shown.join(", "),
-                if d.offsets.len() > 8 { ", ..." } else { "" }
+                if d.blocks_lost > 8 { ", ..." } else { "" }
+            );
+        }
+        if report.quarantined > 0 {
+            eprintln!(
+                "{} damaged blobs are quarantined: the next backup that reads the same data stores them again and heals the restore points that use them",
+                report.quarantined
             );
         }
         if !g.quiet {
@@ -198,6 +207,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
         daily: args.keep_daily,
         weekly: args.keep_weekly,
         monthly: args.keep_monthly,
+        forget_last: args.allow_forget_last,
     };
     if policy.is_empty() && args.ids.is_empty() {
         bail!(
@@ -218,15 +228,51 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
             decisions.extend(forget::plan(&points, &policy));
         }
     } else {
+        let mut named = std::collections::BTreeSet::new();
         for id in &args.ids {
-            let rp = repo.resolve(id)?;
-            decisions.push(forget::Decision {
-                id: rp.id,
-                disk: rp.manifest.disk,
-                time: rp.manifest.time,
-                keep: false,
-                reasons: Vec::new(),
-            });
+            named.insert(repo.resolve(id)?.id);
+        }
+        // Every point of the disks concerned, so the last one is noticed.
+        let disks: std::collections::BTreeSet<String> = repo
+            .catalogue()
+            .restore_points(None)?
+            .into_iter()
+            .filter(|rp| named.contains(&rp.id))
+            .map(|rp| rp.manifest.disk)
+            .collect();
+        for disk in disks {
+            for rp in repo.catalogue().restore_points(Some(&disk))? {
+                let asked = named.contains(&rp.id);
+                decisions.push(forget::Decision {
+                    id: rp.id,
+                    disk: rp.manifest.disk,
+                    time: rp.manifest.time,
+                    keep: !asked,
+                    reasons: if asked {
+                        Vec::new()
+                    } else {
+                        vec!["not named".into()]
+                    },
+                });
+            }
+        }
+        if !args.allow_forget_last {
+            forget::protect_last(&mut decisions);
+        }
+        decisions.retain(|d| named.contains(&d.id));
+    }
+    let protected: Vec<&forget::Decision> = decisions
+        .iter()
+        .filter(|d| d.reasons.iter().any(|r| r == forget::LAST_POINT))
+        .collect();
+    if !protected.is_empty() && !g.quiet && !g.json {
+        for d in &protected {
+            eprintln!(
+                "cbtvault: keeping {} ({}): it is the last restore point of disk {:?}; add --allow-forget-last to forget it too",
+                output::short(&d.id),
+                d.time.strftime("%Y-%m-%d %H:%M:%S"),
+                d.disk
+            );
         }
     }
     if !args.dry_run {
@@ -279,7 +325,7 @@ pub fn gc(g: &Global, path: &Path, wait: u64, dry_run: bool) -> Result<ExitCode>
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
         println!(
-            "{}{} packs deleted, {} rewritten into {}, {} blobs removed, {} freed; {} live blobs; {} partial files cleared, {} stray packs indexed",
+            "{}{} packs deleted, {} rewritten into {}, {} blobs removed, {} freed; {} live blobs; {} partial files cleared, {} stray packs indexed{}",
             if dry_run { "dry run: " } else { "" },
             report.packs_deleted,
             report.packs_rewritten,
@@ -288,7 +334,12 @@ pub fn gc(g: &Global, path: &Path, wait: u64, dry_run: bool) -> Result<ExitCode>
             output::bytes(report.bytes_freed),
             report.blobs_live,
             report.partial_files_removed,
-            report.packs_indexed
+            report.packs_indexed,
+            if report.blobs_quarantined > 0 {
+                format!("; {} damaged blobs quarantined", report.blobs_quarantined)
+            } else {
+                String::new()
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -303,9 +354,17 @@ pub fn repair(g: &Global, path: &Path, wait: u64) -> Result<ExitCode> {
         for s in &report.skipped {
             eprintln!("skipped: {s}");
         }
+        for s in &report.set_aside {
+            eprintln!("set aside: {s}");
+        }
         println!(
-            "catalogue rebuilt: {} packs ({} blobs), {} restore points",
-            report.packs_indexed, report.blobs_indexed, report.restore_points
+            "catalogue rebuilt: {} packs ({} blobs, {} packs salvaged from a damaged index), {} restore points ({} manifests written back); {} damaged blobs quarantined",
+            report.packs_indexed,
+            report.blobs_indexed,
+            report.packs_salvaged,
+            report.restore_points,
+            report.manifests_restored,
+            report.blobs_quarantined
         );
     }
     Ok(ExitCode::SUCCESS)
