@@ -8,6 +8,7 @@ mod concurrency;
 mod corruption;
 mod crash;
 mod incremental;
+mod integrity;
 mod nbd;
 mod qemu;
 mod xen;

@@ -213,6 +213,7 @@ fn rebuild_restore_points(
     report: &mut RepairReport,
 ) -> Result<()> {
     let on_storage: HashSet<String> = backend.list(FileKind::Manifest)?.into_iter().collect();
+    let mut indexed = HashSet::new();
     for id in &on_storage {
         let parsed = backend
             .read(FileKind::Manifest, id)
@@ -230,6 +231,7 @@ fn rebuild_restore_points(
             Ok(manifest) => {
                 cat.insert_restore_point(id, &manifest)?;
                 report.restore_points += 1;
+                indexed.insert(id.clone());
             }
             Err(why) => {
                 let to = backend.set_aside(FileKind::Manifest, id)?;
@@ -241,7 +243,7 @@ fn rebuild_restore_points(
         }
     }
     for (id, json) in &old.manifests {
-        if on_storage.contains(id) || old.forgetting.contains(id) {
+        if indexed.contains(id) || old.forgetting.contains(id) {
             continue;
         }
         // The catalogue keeps the manifest as compact JSON; the file is
