@@ -136,7 +136,10 @@ fn an_incremental_never_inherits_a_damaged_block_from_its_parent() {
         "--to",
         to.to_str().unwrap(),
     ]);
-    assert!(err.contains("damaged") || err.contains("does not match"), "{err}");
+    assert!(
+        err.contains("damaged") || err.contains("does not match"),
+        "{err}"
+    );
 
     // ... and an incremental marking nothing reads that block again
     // instead of taking it from the parent.
@@ -186,7 +189,11 @@ fn repair_after_a_flipped_bit_in_a_pack_index_keeps_every_restore_point() {
     restores_to(&s, &rp, &data, "after gc");
     let (ok, report) = s.verify(true);
     assert!(ok, "{report}");
-    assert_eq!(report["warnings"], Value::Array(vec![]), "gc rewrote the pack: {report}");
+    assert_eq!(
+        report["warnings"],
+        Value::Array(vec![]),
+        "gc rewrote the pack: {report}"
+    );
 }
 
 /// Writes a manifest file whose name is the hash of its content, as a
@@ -206,12 +213,16 @@ fn one_bad_manifest_costs_only_its_own_restore_point() {
     std::fs::write(&img, &data).unwrap();
     let good = id(&s.backup("a", &img, None));
     let edited = id(&s.backup("b", &img, None));
-    let text = std::fs::read_to_string(repo.join("manifests").join(format!("{good}.json"))).unwrap();
+    let text =
+        std::fs::read_to_string(repo.join("manifests").join(format!("{good}.json"))).unwrap();
 
     std::fs::write(repo.join("manifests/x.json"), "{}").unwrap();
     let huge = plant_manifest(
         &repo,
-        &text.replace("\"virtual_size\": 1048576", &format!("\"virtual_size\": {}", u64::MAX)),
+        &text.replace(
+            "\"virtual_size\": 1048576",
+            &format!("\"virtual_size\": {}", u64::MAX),
+        ),
     );
     let zero_block = plant_manifest(
         &repo,
@@ -239,14 +250,21 @@ fn one_bad_manifest_costs_only_its_own_restore_point() {
     assert!(!ok);
     let problems = report["problems"].to_string();
     for name in ["x", &huge, &zero_block, &format2, &edited] {
-        assert!(problems.contains(&format!("manifest {name}")), "{name}: {report}");
+        assert!(
+            problems.contains(&format!("manifest {name}")),
+            "{name}: {report}"
+        );
     }
 
     // repair sets them aside (not deleted) and writes the edited one back
     // from the catalogue's copy.
     let out = s.ok(&["repair", "--json"]);
     let repaired: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(repaired["set_aside"].as_array().unwrap().len(), 5, "{repaired}");
+    assert_eq!(
+        repaired["set_aside"].as_array().unwrap().len(),
+        5,
+        "{repaired}"
+    );
     assert_eq!(repaired["manifests_restored"], 1, "{repaired}");
     assert_eq!(std::fs::read_dir(repo.join("damaged")).unwrap().count(), 5);
     restores_to(&s, &edited, &data, "edited, written back");
@@ -284,7 +302,9 @@ fn a_manifest_deleted_behind_cbtvaults_back_is_reported_and_repaired() {
     let (ok, report) = s.verify(false);
     assert!(!ok, "{report}");
     assert!(
-        report["problems"].to_string().contains(&format!("restore point {rp}")),
+        report["problems"]
+            .to_string()
+            .contains(&format!("restore point {rp}")),
         "{report}"
     );
     let out: Value = serde_json::from_str(&s.ok(&["repair", "--json"])).unwrap();
@@ -341,7 +361,11 @@ fn repository_files_and_restored_images_are_private_whatever_the_umask() {
             t = s.path("restored.img").display()
         ),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             out.push(e.path());
@@ -368,7 +392,13 @@ impl Mount {
     fn tmpfs(dir: &Path, size: &str) -> Option<Mount> {
         std::fs::create_dir_all(dir).unwrap();
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .status()
             .is_ok_and(|s| s.success());
@@ -407,7 +437,9 @@ fn a_repository_on_read_only_media_can_be_listed_verified_and_restored() {
     let img = s.image("a.img", 2, 12);
     s.ok(&["init", "--repo", r]);
     let source = format!("file:{}", img.display());
-    let out = s.ok(&["backup", "--json", "--repo", r, "--disk", "a", "--source", &source]);
+    let out = s.ok(&[
+        "backup", "--json", "--repo", r, "--disk", "a", "--source", &source,
+    ]);
     let rp = id(&serde_json::from_str(&out).unwrap());
     mount.remount_read_only();
 
@@ -416,7 +448,15 @@ fn a_repository_on_read_only_media_can_be_listed_verified_and_restored() {
     s.ok(&["verify", "--read-data", "--repo", r]);
     s.ok(&["show", "--repo", r, &rp]);
     let to = s.path("restored.img");
-    s.ok(&["restore", "--quiet", "--repo", r, &rp, "--to", to.to_str().unwrap()]);
+    s.ok(&[
+        "restore",
+        "--quiet",
+        "--repo",
+        r,
+        &rp,
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert_same_file(&img, &to);
     let err = s.fails(&["backup", "--repo", r, "--disk", "a", "--source", &source]);
     assert!(err.contains("read-only"), "{err}");
@@ -436,7 +476,10 @@ fn a_backup_that_runs_out_of_space_leaves_nothing_behind_and_says_so() {
     let source = format!("file:{}", img.display());
     let err = s.fails(&["backup", "--repo", r, "--disk", "a", "--source", &source]);
     assert!(err.to_lowercase().contains("no space"), "{err}");
-    let leftovers: Vec<_> = std::fs::read_dir(repo.join("tmp")).unwrap().flatten().collect();
+    let leftovers: Vec<_> = std::fs::read_dir(repo.join("tmp"))
+        .unwrap()
+        .flatten()
+        .collect();
     assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
     assert!(s.ok(&["list", "--json", "--repo", r]).trim() == "[]");
     s.ok(&["verify", "--repo", r]);

@@ -697,10 +697,20 @@ impl Catalogue {
             .map_err(self.err())?;
         rows.into_iter()
             .map(|(id, json)| {
-                let manifest =
-                    Manifest::from_json(json.as_bytes()).map_err(|what| Error::Manifest {
-                        name: id.clone(),
-                        what: format!("catalogue copy: {what}; `cbtvault repair` rebuilds it"),
+                // A damaged catalogue must not hand out a wrong id or
+                // manifest: the row must be exactly the manifest whose hash
+                // is its id.
+                let manifest = Manifest::from_json(json.as_bytes())
+                    .and_then(|m| {
+                        if crate::manifest::encode(&m).0 == id {
+                            Ok(m)
+                        } else {
+                            Err("it does not match its id".into())
+                        }
+                    })
+                    .map_err(|what| Error::DamagedCatalogue {
+                        path: self.path.clone(),
+                        what: format!("the row of restore point {id:?}: {what}"),
                     })?;
                 Ok(RestorePointRow { id, manifest })
             })

@@ -37,6 +37,11 @@ pub enum Error {
         source: rusqlite::Error,
     },
 
+    #[error(
+        "catalogue {path} is damaged ({what}); `cbtvault repair` rebuilds it from the packs and manifests"
+    )]
+    DamagedCatalogue { path: PathBuf, what: String },
+
     #[error("{path}: invalid repository configuration")]
     Config {
         path: PathBuf,

@@ -2,10 +2,13 @@
 //! them and a fixed trailer (see `docs/formats.md`).
 //!
 //! ```text
-//! [blob 0][blob 1]…[blob n-1][entry 0]…[entry n-1][trailer]
+//! [header 0][blob 0]…[header n-1][blob n-1][entry 0]…[entry n-1][trailer]
 //! ```
 //! The index and trailer sit at the end so a pack can be written in one
 //! sequential pass, and so the catalogue can be rebuilt from packs alone.
+//! Since version 2 each blob is framed by a header naming it, so that a
+//! pack whose index is damaged can still be read blob by blob
+//! ([`scan_blobs`]); version 1 packs (no headers) remain readable.
 
 use std::mem::size_of;
 
@@ -18,8 +21,35 @@ use crate::error::{Error, Result};
 
 /// Magic bytes at the start of a pack trailer.
 pub const PACK_MAGIC: [u8; 8] = *b"CBTVPACK";
-/// The pack format version this build writes and reads.
-pub const PACK_VERSION: u32 = 1;
+/// The pack format version this build writes (it reads 1 and 2).
+pub const PACK_VERSION: u32 = 2;
+/// Magic bytes at the start of each blob header (version 2).
+pub const BLOB_MAGIC: [u8; 4] = *b"CBTB";
+
+/// The header before each blob's stored bytes (version 2, 48 bytes). The
+/// blob's id checks the whole frame: a damaged header only loses its blob.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
+#[repr(C)]
+pub struct RawBlobHeader {
+    /// [`BLOB_MAGIC`].
+    pub magic: [u8; 4],
+    /// [`BlobKind`] as a byte.
+    pub kind: u8,
+    /// [`Compression`] as a byte.
+    pub compression: u8,
+    /// Zero.
+    pub reserved: [u8; 2],
+    /// Length of the stored bytes that follow.
+    pub stored_len: U32,
+    /// Length once decompressed.
+    pub raw_len: U32,
+    /// BLAKE3 of the uncompressed content.
+    pub id: [u8; 32],
+}
+
+/// Size of a blob header on disk.
+pub const HEADER_LEN: usize = 48;
+const _: () = assert!(size_of::<RawBlobHeader>() == HEADER_LEN);
 
 /// One index entry, as stored on disk (little endian, 56 bytes).
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
@@ -163,6 +193,16 @@ impl PackBuilder {
         raw_len: u32,
         stored: &[u8],
     ) {
+        let header = RawBlobHeader {
+            magic: BLOB_MAGIC,
+            kind: kind as u8,
+            compression: compression as u8,
+            reserved: [0; 2],
+            stored_len: (stored.len() as u32).into(),
+            raw_len: raw_len.into(),
+            id: id.0,
+        };
+        self.data.extend_from_slice(header.as_bytes());
         self.entries.push(PackEntry {
             id,
             kind,
@@ -227,7 +267,7 @@ pub fn read_index(backend: &dyn Backend, name: &str) -> Result<Vec<PackEntry>> {
             "no pack trailer at the end (truncated or not a pack)".into(),
         ));
     }
-    if trailer.version.get() != PACK_VERSION {
+    if !(1..=PACK_VERSION).contains(&trailer.version.get()) {
         return Err(corrupt(format!(
             "unknown pack version {}",
             trailer.version.get()
@@ -278,6 +318,61 @@ pub fn read_index(backend: &dyn Backend, name: &str) -> Result<Vec<PackEntry>> {
         .collect()
 }
 
+/// Finds the blobs of a version 2 pack by their headers, without its
+/// index: each candidate is decoded and kept only when its content matches
+/// its id, so a damaged header or blob loses only itself. `bytes` is the
+/// whole pack file (its index and trailer are never taken for blobs: their
+/// bytes would have to hash to an id they name).
+pub fn scan_blobs(name: &str, bytes: &[u8]) -> Vec<PackEntry> {
+    let mut found = Vec::new();
+    let mut decompressor = zstd::bulk::Decompressor::new().ok();
+    let mut pos = 0usize;
+    while pos + HEADER_LEN <= bytes.len() {
+        let Some(at) = bytes[pos..]
+            .windows(BLOB_MAGIC.len())
+            .position(|w| w == BLOB_MAGIC)
+        else {
+            break;
+        };
+        let start = pos + at;
+        let parsed = bytes
+            .get(start..start + HEADER_LEN)
+            .and_then(|h| RawBlobHeader::read_from_bytes(h).ok())
+            .and_then(|h| {
+                let entry = PackEntry {
+                    id: BlobId(h.id),
+                    kind: BlobKind::from_u8(h.kind)?,
+                    compression: Compression::from_u8(h.compression)?,
+                    offset: (start + HEADER_LEN) as u64,
+                    stored_len: h.stored_len.get(),
+                    raw_len: h.raw_len.get(),
+                };
+                if entry.raw_len as usize > MAX_BLOB_LEN {
+                    return None;
+                }
+                let stored = bytes
+                    .get(start + HEADER_LEN..)?
+                    .get(..entry.stored_len as usize)?;
+                let decoded = match decompressor.as_mut() {
+                    Some(d) => decode_blob_with(d, name, &entry, stored),
+                    None => decode_blob(name, &entry, stored),
+                };
+                decoded.ok().map(|_| entry)
+            });
+        match parsed {
+            Some(entry) => {
+                pos = entry.offset as usize + entry.stored_len as usize;
+                found.push(entry);
+            }
+            None => pos = start + 1,
+        }
+    }
+    found
+}
+
+/// The largest blob content: a block (64 KiB) or a node (8 + 32·128 bytes).
+pub const MAX_BLOB_LEN: usize = 64 * 1024;
+
 /// Checks stored bytes against their entry and returns the content.
 pub fn decode_blob(pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
     let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::CorruptBlob {
@@ -303,6 +398,12 @@ pub fn decode_blob_with(
         offset: entry.offset,
         what,
     };
+    if entry.raw_len as usize > MAX_BLOB_LEN {
+        return Err(corrupt(format!(
+            "claims {} bytes, more than any blob holds",
+            entry.raw_len
+        )));
+    }
     let content = match entry.compression {
         Compression::None => stored.to_vec(),
         Compression::Zstd => decompressor
@@ -385,6 +486,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not match its id"), "{err}");
+    }
+
+    #[test]
+    fn blobs_are_found_by_their_frames_when_the_index_is_gone() {
+        let pack = sample();
+        let mut bytes = pack.bytes.clone();
+        // Wreck the index and trailer entirely.
+        let n = bytes.len();
+        for b in &mut bytes[n - TRAILER_LEN - 2 * ENTRY_LEN..] {
+            *b = 0xAA;
+        }
+        assert_eq!(scan_blobs(&pack.name, &bytes), pack.entries);
+        // A damaged blob loses only itself.
+        bytes[pack.entries[0].offset as usize + 1] ^= 1;
+        assert_eq!(scan_blobs(&pack.name, &bytes), pack.entries[1..]);
+        // A damaged header likewise.
+        let mut bytes = pack.bytes.clone();
+        bytes[pack.entries[1].offset as usize - HEADER_LEN + 9] ^= 0x40;
+        assert_eq!(scan_blobs(&pack.name, &bytes), pack.entries[..1]);
     }
 
     #[test]

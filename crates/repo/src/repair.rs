@@ -148,10 +148,16 @@ fn index_pack(
     let mut candidates: Vec<PackEntry> = match pack::read_index(backend, name) {
         Ok(entries) => entries,
         Err(e) => {
-            let known = old.packs.get(name).cloned().unwrap_or_default();
-            tracing::warn!(pack = %name, error = %e, salvaged_from_catalogue = known.len(), "pack index damaged");
+            // The blobs' own frames, and what the old catalogue knew.
+            let mut known = pack::scan_blobs(name, &bytes);
+            let framed = known.len();
+            let have: HashSet<_> = known.iter().map(|e| (e.id, e.offset)).collect();
+            if let Some(listed) = old.packs.get(name) {
+                known.extend(listed.iter().filter(|e| !have.contains(&(e.id, e.offset))));
+            }
+            tracing::warn!(pack = %name, error = %e, framed, salvaged = known.len(), "pack index damaged");
             report.skipped.push(format!(
-                "pack {name}: {e}; {} blobs known to the old catalogue are salvaged",
+                "pack {name}: {e}; {} blobs found by their frames or the old catalogue are salvaged",
                 known.len()
             ));
             if !known.is_empty() {

@@ -16,8 +16,13 @@ use crate::store::{BlobReader, PackWriter};
 
 /// Name of the configuration file at the repository's root.
 pub const CONFIG_FILE: &str = "cbtvault.json";
-/// The repository format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format this build writes. Version 2 frames each blob
+/// in a pack (pack version 2) and added catalogue tables; a version 1
+/// repository is upgraded when opened for writing — its packs stay as they
+/// are (readable, salvageable through the catalogue), new and rewritten
+/// packs are framed — so that older builds refuse it rather than misread
+/// it.
+pub const FORMAT_VERSION: u32 = 2;
 /// Block size of every disk in a repository.
 pub const BLOCK_SIZE: u64 = 64 * 1024;
 /// Default target size of a pack.
@@ -176,13 +181,13 @@ impl Repository {
             .get("format_version")
             .and_then(|v| v.as_u64())
             .unwrap_or(0) as u32;
-        if version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
             });
         }
-        let config: Config = serde_json::from_value(probe).map_err(|source| Error::Config {
+        let mut config: Config = serde_json::from_value(probe).map_err(|source| Error::Config {
             path: path.join(CONFIG_FILE),
             source,
         })?;
@@ -195,6 +200,16 @@ impl Repository {
             )));
         }
         let read_only = is_read_only(path);
+        if config.format_version < FORMAT_VERSION && !read_only {
+            tracing::info!(
+                from = config.format_version,
+                to = FORMAT_VERSION,
+                "upgrading the repository format"
+            );
+            config.format_version = FORMAT_VERSION;
+            let json = serde_json::to_vec_pretty(&config).unwrap_or_default();
+            backend.write(FileKind::Config, CONFIG_FILE, &json)?;
+        }
         let (private_copy, catalogue_path) = if read_only {
             tracing::info!(repository = %path.display(), "read-only repository: using a private copy of its catalogue");
             let (dir, file) = private_catalogue(path)?;

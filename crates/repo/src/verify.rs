@@ -223,7 +223,13 @@ pub fn verify(
 /// Manifests: every file on storage readable and valid, and every restore
 /// point the catalogue knew still has one.
 fn check_manifests(repo: &Repository, report: &mut VerifyReport) -> Result<()> {
-    let known: HashSet<String> = repo.catalogue().restore_point_ids()?.into_iter().collect();
+    // What `list` shows (rows whose manifest copy matches their id).
+    let known: HashSet<String> = repo
+        .catalogue()
+        .restore_points(None)?
+        .into_iter()
+        .map(|rp| rp.id)
+        .collect();
     for name in repo.backend().list(FileKind::Manifest)? {
         let loaded = repo.load_manifest(&name);
         match loaded {
@@ -233,7 +239,7 @@ fn check_manifests(repo: &Repository, report: &mut VerifyReport) -> Result<()> {
             ),
             Ok(_) if !known.contains(&name) => report.problem(
                 format!("manifest {name}"),
-                "not in the catalogue; the next command that opens the repository for writing indexes it".into(),
+                "its restore point is not listed by the catalogue; `cbtvault repair` rebuilds the catalogue".into(),
             ),
             Ok(_) => {}
         }
