@@ -15,7 +15,7 @@ use cbtvault_nbd::ConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BackupArgs, Global};
-use crate::output::{self, Bar};
+use crate::output::{self, Bar, outln};
 
 /// Where a disk is, as given on the command line.
 pub enum Location {
@@ -152,10 +152,11 @@ pub fn print_outcome(g: &Global, outcome: BackupOutcome) {
         manifest: outcome.manifest,
     };
     if g.json {
-        output::print_json(&output::restore_point_json(&row));
+        // An array, as for runs of several disks: one schema for `backup`.
+        output::print_json(&serde_json::json!([output::restore_point_json(&row)]));
     } else if !g.quiet {
         let s = &row.manifest.stats;
-        println!(
+        outln!(
             "restore point {} of disk {:?} ({}): read {} in {} blocks, {} new blocks stored in {}, {} deduplicated, {} zero, {:.1} s",
             row.id,
             row.manifest.disk,
@@ -191,7 +192,7 @@ pub fn restore(
     workers: Option<usize>,
 ) -> Result<ExitCode> {
     let repo = super::open(repo)?;
-    let rp = repo.resolve(id)?;
+    let rp = super::resolve(&repo, id)?;
     let workers = workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -258,7 +259,7 @@ pub fn restore(
             "restore_point": rp.id, "disk": rp.manifest.disk, "to": to, "stats": stats,
         }));
     } else if !g.quiet {
-        println!(
+        outln!(
             "restored {} of disk {:?} to {}: {} written in {} blocks, {} zero blocks, {:.1} s",
             output::short(&rp.id),
             rp.manifest.disk,

@@ -14,7 +14,7 @@ use cbtvault_repo::{
 use serde_json::json;
 
 use crate::cli::{ForgetArgs, Global};
-use crate::output::{self, Bar};
+use crate::output::{self, Bar, errln, outln};
 
 pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCode> {
     if !(1..=1024).contains(&pack_mib) {
@@ -31,7 +31,7 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
     if g.json {
         output::print_json(&json!({ "repository": path, "config": repo.config() }));
     } else if !g.quiet {
-        println!(
+        outln!(
             "created repository {} (id {})",
             path.display(),
             repo.config().id
@@ -55,13 +55,13 @@ pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
     if g.quiet {
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  mode",
         "id", "disk", "time", "size", "read", "stored"
     );
     for rp in &points {
         let m = &rp.manifest;
-        println!(
+        outln!(
             "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  {}",
             output::short(&rp.id),
             m.disk,
@@ -72,22 +72,24 @@ pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
             output::mode(&m.mode)
         );
     }
-    println!("{} restore points", points.len());
+    outln!("{} restore points", points.len());
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn show(g: &Global, path: &Path, id: &str) -> Result<ExitCode> {
     let repo = super::open(path)?;
-    let rp = repo.resolve(id)?;
-    if g.json || !g.quiet {
+    let rp = super::resolve(&repo, id)?;
+    if g.json {
         output::print_json(&output::restore_point_json(&rp));
+    } else if !g.quiet {
+        outln!("{}", output::restore_point_text(&rp));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
     let repo = super::open(path)?;
-    let (ra, rb) = (repo.resolve(a)?, repo.resolve(b)?);
+    let (ra, rb) = (super::resolve(&repo, a)?, super::resolve(&repo, b)?);
     let reader = repo.reader()?;
     let mut runs: Vec<(u64, u64)> = Vec::new();
     tree::diff(
@@ -108,14 +110,14 @@ pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
         }));
     } else if !g.quiet {
         for (first, count) in &runs {
-            println!(
+            outln!(
                 "blocks {first}..{} (offset {} length {})",
                 first + count,
                 first * BLOCK_SIZE,
                 count * BLOCK_SIZE
             );
         }
-        println!(
+        outln!(
             "{blocks} blocks differ ({})",
             output::bytes(blocks * BLOCK_SIZE)
         );
@@ -140,11 +142,11 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet || !report.is_ok() {
         for p in &report.problems {
-            eprintln!("problem: {}: {}", p.object, p.problem);
+            errln!("problem: {}: {}", p.object, p.problem);
         }
         for d in &report.damaged {
             let shown: Vec<String> = d.offsets.iter().take(8).map(u64::to_string).collect();
-            eprintln!(
+            errln!(
                 "damaged: restore point {} of disk {:?}: {} blocks at offsets {}{}",
                 d.restore_point,
                 d.disk,
@@ -154,7 +156,7 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
             );
         }
         if !g.quiet {
-            println!(
+            outln!(
                 "{}: {} restore points, {} packs{}{}",
                 if report.is_ok() { "ok" } else { "FAILED" },
                 report.restore_points,
@@ -219,7 +221,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
         }
     } else {
         for id in &args.ids {
-            let rp = repo.resolve(id)?;
+            let rp = super::resolve(&repo, id)?;
             decisions.push(forget::Decision {
                 id: rp.id,
                 disk: rp.manifest.disk,
@@ -245,7 +247,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
             } else {
                 "forget".into()
             };
-            println!(
+            outln!(
                 "{}  {:<16}  {}  {}",
                 output::short(&d.id),
                 d.disk,
@@ -253,7 +255,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
                 what
             );
         }
-        println!(
+        outln!(
             "{} {removed} restore points; run `cbtvault gc` to free their space",
             if args.dry_run {
                 "would forget"
@@ -278,7 +280,7 @@ pub fn gc(g: &Global, path: &Path, wait: u64, dry_run: bool) -> Result<ExitCode>
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
-        println!(
+        outln!(
             "{}{} packs deleted, {} rewritten into {}, {} blobs removed, {} freed; {} live blobs; {} partial files cleared, {} stray packs indexed",
             if dry_run { "dry run: " } else { "" },
             report.packs_deleted,
@@ -301,9 +303,9 @@ pub fn repair(g: &Global, path: &Path, wait: u64) -> Result<ExitCode> {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
         for s in &report.skipped {
-            eprintln!("skipped: {s}");
+            errln!("skipped: {s}");
         }
-        println!(
+        outln!(
             "catalogue rebuilt: {} packs ({} blobs), {} restore points",
             report.packs_indexed, report.blobs_indexed, report.restore_points
         );
