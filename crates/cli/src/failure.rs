@@ -63,9 +63,17 @@ pub fn tagged(kind: &'static str, message: impl Into<String>) -> anyhow::Error {
 }
 
 /// The arguments cannot work as given.
-pub fn usage(message: impl Into<String>) -> anyhow::Error {
+pub fn usage_error(message: impl Into<String>) -> anyhow::Error {
     tagged(kind::USAGE, message)
 }
+
+/// `usage!("...", args)`: a usage error with a formatted message.
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        $crate::failure::usage_error(format!($($arg)*))
+    };
+}
+pub(crate) use usage;
 
 /// Some disks of a run failed; each has already been reported on its own.
 #[derive(Debug)]
@@ -245,11 +253,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(kind_of(&e), kind::NOT_FOUND);
         assert_eq!(json(&e)["error"]["kind"], "not-found");
-        assert_eq!(kind_of(&usage("give --disk")), kind::USAGE);
+        assert_eq!(kind_of(&usage_error("give --disk")), kind::USAGE);
         assert_eq!(kind_of(&anyhow::anyhow!("plain")), kind::OTHER);
         let e = anyhow::Error::new(DisksFailed {
             total: 2,
-            failed: vec![("VDI x".into(), usage("bad"))],
+            failed: vec![("VDI x".into(), usage_error("bad"))],
         });
         let v = json(&e);
         assert_eq!(v["error"]["kind"], "partial");

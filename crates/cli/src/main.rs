@@ -72,6 +72,6 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let text = e.render().to_string();
     let first = text.lines().next().unwrap_or_default();
     let message = first.strip_prefix("error: ").unwrap_or(first);
-    report(&failure::usage(message.to_string()), true);
+    report(&failure::usage_error(message.to_string()), true);
     ExitCode::from(2)
 }

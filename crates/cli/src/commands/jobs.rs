@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BackupArgs, Global, XapiLogin};
-use crate::failure;
+use crate::failure::{self, usage};
 use crate::output::{self, Bar, errln, outln};
 
 /// One disk's result in a multi-disk run.
@@ -133,10 +133,10 @@ fn plan(args: &BackupArgs) -> Result<Run> {
     }
     let x = &args.xen;
     let Some(repo) = &args.repo else {
-        bail!("give --repo and --xapi (or --config with --job)");
+        bail!(usage!("give --repo and --xapi (or --config with --job)"));
     };
     if x.vdi.is_empty() && x.vm.is_empty() {
-        bail!("give --vdi UUID or --vm UUID (repeatable)");
+        bail!(usage!("give --vdi UUID or --vm UUID (repeatable)"));
     }
     let options = login_options(&x.login)?;
     Ok(Run {
@@ -159,13 +159,13 @@ fn plan(args: &BackupArgs) -> Result<Run> {
 /// Client options from `--xapi` and its companions.
 pub fn login_options(login: &XapiLogin) -> Result<ClientOptions> {
     let Some(url) = &login.xapi else {
-        bail!("give --xapi https://HOST");
+        bail!(usage!("give --xapi https://HOST"));
     };
     let source = match (&login.password_file, &login.password_env) {
         (Some(f), _) => PasswordSource::File(f.clone()),
         (None, Some(v)) => PasswordSource::Env(v.clone()),
         (None, None) => {
-            bail!("give --password-file FILE or --password-env VAR (never the password itself)")
+            bail!(usage!("give --password-file FILE or --password-env VAR (never the password itself)"))
         }
     };
     let mut options = ClientOptions::new(url, login.username.clone(), password(source)?)?;
@@ -238,7 +238,7 @@ pub fn backup_qemu_once(
     socket: &Path,
 ) -> Result<ExitCode> {
     let Some(node) = &args.node else {
-        bail!("--source qmp:SOCKET needs --node NODE");
+        bail!(usage!("--source qmp:SOCKET needs --node NODE"));
     };
     let repo = super::open(repo)?;
     let options = QemuOptions {
@@ -535,7 +535,7 @@ pub fn restore_to_xapi(
     sr: Option<&str>,
 ) -> Result<ExitCode> {
     let Some(sr_uuid) = sr else {
-        bail!("--to xapi needs --sr UUID");
+        bail!(usage!("--to xapi needs --sr UUID"));
     };
     let options = login_options(login)?;
     let repo = super::open(repo)?;

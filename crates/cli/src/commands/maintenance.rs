@@ -13,12 +13,13 @@ use cbtvault_repo::{
 };
 use serde_json::json;
 
+use crate::failure::{self, usage};
 use crate::cli::{ForgetArgs, Global};
 use crate::output::{self, Bar, errln, outln};
 
 pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCode> {
     if !(1..=1024).contains(&pack_mib) {
-        bail!("--pack-size-mib {pack_mib} is outside 1..=1024");
+        bail!(usage!("--pack-size-mib {pack_mib} is outside 1..=1024"));
     }
     let repo = Repository::init(
         path,
@@ -184,11 +185,14 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
     if report.is_ok() {
         Ok(ExitCode::SUCCESS)
     } else {
-        bail!(
-            "verify found {} problems; {} restore points are damaged",
-            report.problems.len(),
-            report.damaged.len()
-        )
+        Err(failure::tagged(
+            failure::kind::DAMAGED,
+            format!(
+                "verify found {} problems; {} restore points are damaged",
+                report.problems.len(),
+                report.damaged.len()
+            ),
+        ))
     }
 }
 
@@ -202,12 +206,12 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
         monthly: args.keep_monthly,
     };
     if policy.is_empty() && args.ids.is_empty() {
-        bail!(
+        bail!(usage!(
             "give restore point ids or a --keep-* policy; forget never removes everything by default"
-        );
+        ));
     }
     if !policy.is_empty() && !args.ids.is_empty() {
-        bail!("give either restore point ids or a --keep-* policy, not both");
+        bail!(usage!("give either restore point ids or a --keep-* policy, not both"));
     }
     let mut decisions = Vec::new();
     if args.ids.is_empty() {

@@ -123,15 +123,15 @@ pub fn resolve(repo: &Repository, spec: &str) -> Result<RestorePointRow> {
         };
     }
     if disks()?.iter().any(|d| d == spec) {
-        return Err(failure::usage(disk_hint()));
+        return Err(failure::usage_error(disk_hint()));
     }
     if !is_hex {
-        return Err(failure::usage(format!(
+        return Err(failure::usage_error(format!(
             "{spec:?} is not a restore point id (ids are hexadecimal); give an id or a prefix \
              of one (`cbtvault list` shows them), or DISK@latest"
         )));
     }
-    Err(failure::usage(format!(
+    Err(failure::usage_error(format!(
         "restore point prefix {spec:?} is too short: give at least {MIN_PREFIX} characters \
          of the id (`cbtvault list` shows them)"
     )))
@@ -169,7 +169,7 @@ pub fn check_xapi_scheme(
         return Ok(());
     }
     if !allowed {
-        return Err(failure::usage(format!(
+        return Err(failure::usage_error(format!(
             "refusing {url}: plain HTTP would send the XenServer password and session in clear \
              to anyone on the network; use https:// with --pin or --ca, or {opt_in} if this \
              network is trusted"

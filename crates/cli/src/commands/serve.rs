@@ -157,7 +157,7 @@ impl SocketFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
             Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(failure::usage(format!(
+                return Err(failure::usage_error(format!(
                     "{} exists and is not a socket; give another path to listen on",
                     path.display()
                 )));
