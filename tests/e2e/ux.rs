@@ -142,7 +142,10 @@ impl Serving {
         // SAFETY: kill(2) on our own child's pid.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "serve exited with {status} on signal {signal}");
+        assert!(
+            status.success(),
+            "serve exited with {status} on signal {signal}"
+        );
     }
 }
 
@@ -186,7 +189,10 @@ fn serve_on_a_unix_socket_cleans_up_and_a_stale_socket_does_not_block() {
     // A live server's socket is not taken over.
     let err = s.fails(&["serve", &rp, "--listen", &listen]);
     assert!(
-        err.contains(&format!("another server is listening on {}", sock.display())),
+        err.contains(&format!(
+            "another server is listening on {}",
+            sock.display()
+        )),
         "{err}"
     );
     assert_nbd_on(&sock);
@@ -211,7 +217,10 @@ fn serve_announces_itself_only_once_it_listens() {
 
 /// A self-signed certificate for localhost and its key, made by openssl.
 fn certificate(s: &Scratch, name: &str) -> (PathBuf, PathBuf) {
-    let (cert, key) = (s.path(&format!("{name}.pem")), s.path(&format!("{name}.key")));
+    let (cert, key) = (
+        s.path(&format!("{name}.pem")),
+        s.path(&format!("{name}.key")),
+    );
     let out = Command::new("openssl")
         .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
         .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
@@ -221,7 +230,11 @@ fn certificate(s: &Scratch, name: &str) -> (PathBuf, PathBuf) {
         .arg(&cert)
         .output()
         .expect("openssl must be installed");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (cert, key)
 }
 
@@ -240,8 +253,17 @@ fn fingerprint(cert: &Path) -> String {
 fn serving_in_clear_beyond_loopback_warns() {
     let (s, rp) = with_one_backup();
     let (cert, key) = certificate(&s, "server");
-    let tls = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
-    let warned = |lines: &[String]| lines.iter().any(|l| l.contains("WARNING: serving without TLS"));
+    let tls = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let warned = |lines: &[String]| {
+        lines
+            .iter()
+            .any(|l| l.contains("WARNING: serving without TLS"))
+    };
     for (listen, with_tls, expect_warning) in [
         ("0.0.0.0:0", false, true),
         ("127.0.0.1:0", false, false),
@@ -253,12 +275,21 @@ fn serving_in_clear_beyond_loopback_warns() {
         }
         let srv = Serving::start(&s, &args);
         let (before, _) = srv.ready();
-        assert_eq!(warned(&before), expect_warning, "{listen} tls={with_tls}: {before:?}");
+        assert_eq!(
+            warned(&before),
+            expect_warning,
+            "{listen} tls={with_tls}: {before:?}"
+        );
     }
     // --quiet silences the chatter, not the warning.
     let srv = Serving::start(&s, &[rp.as_str(), "--quiet", "--listen", "0.0.0.0:0"]);
     let lines = srv.lines_until(|l| l.contains("WARNING"));
-    assert!(lines.last().unwrap().contains("anyone who can connect reads this disk"));
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .contains("anyone who can connect reads this disk")
+    );
 }
 
 /// A simulated XenServer pool in this process.
@@ -314,9 +345,17 @@ impl Xen {
         let url = self.sim().https_url();
         let pin = self.pin.to_str().unwrap();
         let password = self.password.to_str().unwrap();
-        ["backup", "--xapi", &url, "--password-file", password, "--pin", pin]
-            .map(String::from)
-            .to_vec()
+        [
+            "backup",
+            "--xapi",
+            &url,
+            "--password-file",
+            password,
+            "--pin",
+            pin,
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     /// A configuration file for this pool with jobs `nightly` (every VDI)
@@ -363,13 +402,33 @@ fn plain_http_to_xenserver_is_refused_before_anything_is_sent() {
     let pw = password.to_str().unwrap();
     let vdi = "6b9e2f1a-0c3d-4e5f-8a7b-9c0d1e2f3a4b";
     for args in [
-        vec!["backup", "--xapi", &url, "--password-file", pw, "--vdi", vdi],
-        vec!["restore", "abcd", "--to", "xapi", "--sr", vdi, "--xapi", &url, "--password-file", pw],
+        vec![
+            "backup",
+            "--xapi",
+            &url,
+            "--password-file",
+            pw,
+            "--vdi",
+            vdi,
+        ],
+        vec![
+            "restore",
+            "abcd",
+            "--to",
+            "xapi",
+            "--sr",
+            vdi,
+            "--xapi",
+            &url,
+            "--password-file",
+            pw,
+        ],
     ] {
         let err = s.fails(&args);
         assert!(
-            err.contains(&format!("refusing {url}/: plain HTTP would send the XenServer password"))
-                && err.contains("--allow-insecure-http"),
+            err.contains(&format!(
+                "refusing {url}/: plain HTTP would send the XenServer password"
+            )) && err.contains("--allow-insecure-http"),
             "{err}"
         );
     }
@@ -488,7 +547,10 @@ fn show_prints_text_and_json_only_when_asked() {
         "size           1.00 MiB (1048576 bytes)".to_string(),
         "mode           full".to_string(),
     ] {
-        assert!(text.lines().any(|l| l == expected), "{expected:?} in\n{text}");
+        assert!(
+            text.lines().any(|l| l == expected),
+            "{expected:?} in\n{text}"
+        );
     }
     assert_eq!(s.ok(&["show", "--quiet", &rp]), "");
     assert_eq!(show(&s, &rp)["id"], rp.as_str());
@@ -504,7 +566,11 @@ fn errors_under_json_are_one_json_object_on_stderr() {
         (&["show", "b"], "usage", 1),
         (&["list", "--disk", "nope"], "not-found", 1),
         (&["list", "--repo", "/nonexistent/repo"], "not-found", 1),
-        (&["backup", "--disk", "x", "--source", &missing], "not-found", 1),
+        (
+            &["backup", "--disk", "x", "--source", &missing],
+            "not-found",
+            1,
+        ),
         (&["list", "--bogus"], "usage", 2),
         (&["restore", "d0@latest"], "usage", 2),
     ];
@@ -559,7 +625,10 @@ fn a_wrong_pin_is_told_once_with_the_fingerprint_and_the_pin_file() {
     assert_eq!(err.matches("presented").count(), 1, "{err}");
     assert!(!err.contains("OtherError"), "{err}");
     args.push("--json".into());
-    assert_eq!(json_error(s.run(&strs(&args)).stderr.as_slice())["error"]["kind"], "tls");
+    assert_eq!(
+        json_error(s.run(&strs(&args)).stderr.as_slice())["error"]["kind"],
+        "tls"
+    );
 }
 
 #[test]
@@ -570,7 +639,15 @@ fn a_wrong_pin_over_nbd_names_the_server_and_the_pin_file() {
     let (cert_arg, key_arg) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let srv = Serving::start(
         &s,
-        &[&rp, "--listen", "127.0.0.1:0", "--tls-cert", cert_arg, "--tls-key", key_arg],
+        &[
+            &rp,
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_arg,
+            "--tls-key",
+            key_arg,
+        ],
     );
     let (_, address) = srv.ready();
     let source = format!("nbds://{address}/?tls-pin={}", other.display());
@@ -598,7 +675,11 @@ fn a_refused_login_reads_as_words_once() {
         ),
         "{err}"
     );
-    assert_eq!(err.matches("SESSION_AUTHENTICATION_FAILED").count(), 1, "{err}");
+    assert_eq!(
+        err.matches("SESSION_AUTHENTICATION_FAILED").count(),
+        1,
+        "{err}"
+    );
     args.push("--json".into());
     let v = json_error(&s.run(&strs(&args)).stderr);
     assert_eq!(v["error"]["kind"], "authentication", "{v}");
@@ -609,7 +690,13 @@ fn a_wrong_job_name_lists_the_jobs() {
     let s = Scratch::new();
     let xen = Xen::start(&s, 1);
     let config = xen.config(&s);
-    let err = s.fails(&["backup", "--config", config.to_str().unwrap(), "--job", "nigthly"]);
+    let err = s.fails(&[
+        "backup",
+        "--config",
+        config.to_str().unwrap(),
+        "--job",
+        "nigthly",
+    ]);
     assert!(
         err.contains("no job named \"nigthly\" in the configuration (jobs: nightly, weekly)"),
         "{err}"
@@ -620,13 +707,97 @@ fn a_wrong_job_name_lists_the_jobs() {
 fn restore_point_specs_that_name_nothing_say_why() {
     let (s, rp) = with_one_backup();
     for (spec, expected) in [
-        ("b", "restore point prefix \"b\" is too short: give at least 4 characters"),
-        ("d0", "\"d0\" is a disk; give d0@latest for its newest restore point"),
-        ("vm1", "\"vm1\" is not a restore point id (ids are hexadecimal)"),
-        ("nope@latest", "no disk named \"nope\" in this repository (disks: d0)"),
+        (
+            "b",
+            "restore point prefix \"b\" is too short: give at least 4 characters",
+        ),
+        (
+            "d0",
+            "\"d0\" is a disk; give d0@latest for its newest restore point",
+        ),
+        (
+            "vm1",
+            "\"vm1\" is not a restore point id (ids are hexadecimal)",
+        ),
+        (
+            "nope@latest",
+            "no disk named \"nope\" in this repository (disks: d0)",
+        ),
     ] {
         let err = s.fails(&["show", spec]);
         assert!(err.contains(expected), "{spec}: {err}");
     }
     assert_eq!(show(&s, &rp[..4])["id"], rp.as_str());
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_nbd_server_elsewhere_is_told_in_the_flags_words() {
+    let s = Scratch::new();
+    let dir = s.path("qsd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
+    // QEMU runs its one NBD server already, on nbd.sock.
+    let _qsd = KillOnDrop(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk,filename={}",
+                image.display()
+            ))
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                qmp.display()
+            ))
+            .args(["--monitor", "chardev=qmp0"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (qemu-utils) must be installed"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(qmp.exists() && nbd.exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-storage-daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let elsewhere = dir.join("elsewhere.sock");
+    let err = s.fails(&[
+        "backup",
+        "--disk",
+        "vm1",
+        "--node",
+        "disk",
+        "--source",
+        &format!("qmp:{}", qmp.display()),
+        "--nbd-socket",
+        elsewhere.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains(&format!(
+            "QEMU already runs an NBD server, but not on {}",
+            elsewhere.display()
+        )) && err.contains("(give it with --nbd-socket PATH)"),
+        "{err}"
+    );
+    assert!(!err.contains("DiskOptions"), "{err}");
 }

@@ -351,9 +351,7 @@ fn all_disks_of_a_vm_from_one_vm_snapshot() {
     let first = run(&pool);
     assert_eq!(first.len(), 2, "{first:?}");
     assert!(
-        first
-            .iter()
-            .all(|r| r["mode"]["kind"] == "full"),
+        first.iter().all(|r| r["mode"]["kind"] == "full"),
         "{first:?}"
     );
     for d in &disks {
@@ -361,9 +359,7 @@ fn all_disks_of_a_vm_from_one_vm_snapshot() {
     }
     let second = run(&pool);
     assert!(
-        second
-            .iter()
-            .all(|r| r["mode"]["kind"] == "incremental"),
+        second.iter().all(|r| r["mode"]["kind"] == "incremental"),
         "{second:?}"
     );
     assert!(
@@ -390,10 +386,7 @@ fn all_disks_of_a_vm_from_one_vm_snapshot() {
         let copy = pool.copy_disk(&s, &disk, &format!("{disk}.img"));
         assert_same_file(
             &copy,
-            &s.restore(
-                r["id"].as_str().unwrap(),
-                &format!("r-{disk}.img"),
-            ),
+            &s.restore(r["id"].as_str().unwrap(), &format!("r-{disk}.img")),
         );
     }
 }

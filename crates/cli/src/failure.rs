@@ -102,7 +102,10 @@ pub fn with_hint(e: anyhow::Error, nbd_socket: &str) -> anyhow::Error {
         )
     });
     if elsewhere {
-        tagged(kind_of(&e), format!("{} (give it with {nbd_socket})", message(&e)))
+        tagged(
+            kind_of(&e),
+            format!("{} (give it with {nbd_socket})", message(&e)),
+        )
     } else {
         e
     }

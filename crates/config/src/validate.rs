@@ -53,10 +53,7 @@ pub fn check(c: &Config) -> Result<(), String> {
                 ));
             }
         } else if !p.url.starts_with("https://") {
-            return Err(format!(
-                "{at}: url {:?} must start with https://",
-                p.url
-            ));
+            return Err(format!("{at}: url {:?} must start with https://", p.url));
         }
         if p.password_file.is_some() == p.password_env.is_some() {
             return Err(format!(

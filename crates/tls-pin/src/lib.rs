@@ -177,7 +177,10 @@ impl ServerCertVerifier for PinnedVerifier {
             Some(pinned) => {
                 let mismatch = PinMismatch {
                     presented: self.fingerprint(end_entity.as_ref()),
-                    pinned: pinned.iter().map(|p| self.fingerprint(p.as_ref())).collect(),
+                    pinned: pinned
+                        .iter()
+                        .map(|p| self.fingerprint(p.as_ref()))
+                        .collect(),
                     pin: self.pin.clone(),
                 };
                 Err(rustls::Error::InvalidCertificate(
@@ -239,7 +242,9 @@ mod tests {
         // SHA-256("abc"), as `openssl x509 -fingerprint -sha256` prints it.
         assert_eq!(
             m.pinned,
-            ["BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:F2:00:15:AD"]
+            [
+                "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:F2:00:15:AD"
+            ]
         );
         assert_eq!(m.presented.len(), 32 * 3 - 1);
         let text = m.describe("pool.example:443");

@@ -638,8 +638,15 @@ mod tests {
         );
         // Not repeated by a source.
         assert!(std::error::Error::source(&e).is_none());
-        let e = Error::from(XapiError::from_description(s(&["VDI_IN_USE", "r", "destroy"])));
-        assert_eq!(e.to_string(), "XenServer refused the call: VDI_IN_USE(r, destroy)");
+        let e = Error::from(XapiError::from_description(s(&[
+            "VDI_IN_USE",
+            "r",
+            "destroy",
+        ])));
+        assert_eq!(
+            e.to_string(),
+            "XenServer refused the call: VDI_IN_USE(r, destroy)"
+        );
         let e = Error::tls_connect("h:443", std::io::Error::other("connection reset"));
         assert_eq!(e.to_string(), "cannot talk to h:443");
         assert_eq!(

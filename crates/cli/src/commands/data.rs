@@ -14,8 +14,8 @@ use cbtvault_engine::{
 use cbtvault_nbd::ConnectOptions;
 use tokio_util::sync::CancellationToken;
 
-use crate::failure::usage;
 use crate::cli::{BackupArgs, Global};
+use crate::failure::usage;
 use crate::output::{self, Bar, outln};
 
 /// Where a disk is, as given on the command line.
@@ -61,7 +61,9 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
         return super::jobs::backup(g, &args);
     }
     let (Some(repo_dir), Some(disk), Some(source)) = (&args.repo, &args.disk, &args.source) else {
-        bail!(usage!("give --repo, --disk and --source (or --xapi, or --config with --job)"));
+        bail!(usage!(
+            "give --repo, --disk and --source (or --xapi, or --config with --job)"
+        ));
     };
     if args.read_size_kib == 0 || !args.read_size_kib.is_multiple_of(64) {
         bail!(usage!(
@@ -74,7 +76,9 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
         return super::jobs::backup_qemu_once(g, &args, repo_dir, disk, socket);
     }
     if args.dirty_bitmap.is_some() && !matches!(location, Location::Nbd(_)) {
-        bail!(usage!("--dirty-bitmap needs an NBD source that exports the bitmap"));
+        bail!(usage!(
+            "--dirty-bitmap needs an NBD source that exports the bitmap"
+        ));
     }
     let repo = super::open(repo_dir)?;
     let options = backup_options(&args);
@@ -209,7 +213,9 @@ pub fn restore(
     };
     let stats = match location {
         Location::Qmp(_) => {
-            bail!(usage!("cannot restore into a QMP socket; restore to a file or an NBD export"))
+            bail!(usage!(
+                "cannot restore into a QMP socket; restore to a file or an NBD export"
+            ))
         }
         Location::File(path) => {
             let target = FileTarget::create(&path, size, force)?;

@@ -165,11 +165,17 @@ pub fn login_options(login: &XapiLogin) -> Result<ClientOptions> {
         (Some(f), _) => PasswordSource::File(f.clone()),
         (None, Some(v)) => PasswordSource::Env(v.clone()),
         (None, None) => {
-            bail!(usage!("give --password-file FILE or --password-env VAR (never the password itself)"))
+            bail!(usage!(
+                "give --password-file FILE or --password-env VAR (never the password itself)"
+            ))
         }
     };
     let mut options = ClientOptions::new(url, login.username.clone(), password(source)?)?;
-    super::check_xapi_scheme(&options, login.allow_insecure_http, "pass --allow-insecure-http")?;
+    super::check_xapi_scheme(
+        &options,
+        login.allow_insecure_http,
+        "pass --allow-insecure-http",
+    )?;
     options.tls = trust(login.ca.as_deref(), login.pin.as_deref(), login.insecure)?;
     Ok(options)
 }
@@ -441,7 +447,10 @@ async fn run_qemu(
                 DiskResult {
                     label: format!("node {node}"),
                     outcome: outcome.map_err(|e| {
-                        failure::with_hint(e, "nbd_socket in the [[qemu]] host of the configuration")
+                        failure::with_hint(
+                            e,
+                            "nbd_socket in the [[qemu]] host of the configuration",
+                        )
                     }),
                 }
             }
@@ -482,10 +491,12 @@ fn report(
                 if let Some(keep) = retention {
                     apply_retention(repo, &o.manifest.disk, keep)?;
                 }
-                rows.push(output::restore_point_json(&cbtvault_repo::RestorePointRow {
-                    id: o.restore_point,
-                    manifest: o.manifest,
-                }));
+                rows.push(output::restore_point_json(
+                    &cbtvault_repo::RestorePointRow {
+                        id: o.restore_point,
+                        manifest: o.manifest,
+                    },
+                ));
             }
             Err(e) => {
                 if !g.json {

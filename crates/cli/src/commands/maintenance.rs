@@ -13,8 +13,8 @@ use cbtvault_repo::{
 };
 use serde_json::json;
 
-use crate::failure::{self, usage};
 use crate::cli::{ForgetArgs, Global};
+use crate::failure::{self, usage};
 use crate::output::{self, Bar, errln, outln};
 
 pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCode> {
@@ -58,7 +58,12 @@ pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
     }
     outln!(
         "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  mode",
-        "id", "disk", "time", "size", "read", "stored"
+        "id",
+        "disk",
+        "time",
+        "size",
+        "read",
+        "stored"
     );
     for rp in &points {
         let m = &rp.manifest;
@@ -211,7 +216,9 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
         ));
     }
     if !policy.is_empty() && !args.ids.is_empty() {
-        bail!(usage!("give either restore point ids or a --keep-* policy, not both"));
+        bail!(usage!(
+            "give either restore point ids or a --keep-* policy, not both"
+        ));
     }
     let mut decisions = Vec::new();
     if args.ids.is_empty() {
@@ -311,7 +318,9 @@ pub fn repair(g: &Global, path: &Path, wait: u64) -> Result<ExitCode> {
         }
         outln!(
             "catalogue rebuilt: {} packs ({} blobs), {} restore points",
-            report.packs_indexed, report.blobs_indexed, report.restore_points
+            report.packs_indexed,
+            report.blobs_indexed,
+            report.restore_points
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -107,9 +107,8 @@ pub fn resolve(repo: &Repository, spec: &str) -> Result<RestorePointRow> {
         return Ok(repo.resolve(spec)?);
     }
     let is_hex = !spec.is_empty() && spec.bytes().all(|b| b.is_ascii_hexdigit());
-    let disk_hint = || {
-        format!("{spec:?} is a disk; give {spec}@latest for its newest restore point, or an id")
-    };
+    let disk_hint =
+        || format!("{spec:?} is a disk; give {spec}@latest for its newest restore point, or an id");
     if is_hex && spec.len() >= MIN_PREFIX {
         return match repo.resolve(spec) {
             Err(e @ cbtvault_repo::Error::UnknownRestorePoint(_)) => {
