@@ -107,7 +107,7 @@ pub enum Error {
     Config(String),
 
     /// Reading the data of an upload failed.
-    #[error("reading the upload source failed: {0}")]
+    #[error("reading the upload source failed")]
     Io(#[from] std::io::Error),
 }
 

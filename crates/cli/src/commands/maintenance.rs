@@ -43,10 +43,17 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
 
 pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
     let repo = super::open(path)?;
-    if let Some(d) = disk
-        && !repo.catalogue().disks()?.iter().any(|n| n == d)
-    {
-        bail!(cbtvault_repo::Error::UnknownDisk(d.to_string()));
+    if let Some(d) = disk {
+        let disks = repo.catalogue().disks()?;
+        if !disks.iter().any(|n| n == d) {
+            bail!(failure::tagged(
+                failure::kind::NOT_FOUND,
+                format!(
+                    "no disk named {d:?} in this repository ({})",
+                    super::listing("disks", &disks)
+                )
+            ));
+        }
     }
     let points = repo.catalogue().restore_points(disk)?;
     if g.json {
