@@ -97,7 +97,7 @@ impl Scratch {
             bitmap_arg = b.display().to_string();
             args.extend(["--changed-blocks", &bitmap_arg]);
         }
-        serde_json::from_str(&self.ok(&args)).expect("backup json")
+        the_restore_point(&self.ok(&args))
     }
 
     /// Restores `id` to a new file and returns its path.
@@ -168,6 +168,16 @@ pub fn assert_same_file(a: &Path, b: &Path) {
     );
     if let Some(pos) = x.iter().zip(&y).position(|(p, q)| p != q) {
         panic!("{} and {} differ at byte {pos}", a.display(), b.display());
+    }
+}
+
+/// The one restore point in the output of `backup --json` (an array of the
+/// restore points a run committed).
+pub fn the_restore_point(stdout: &str) -> Value {
+    let v: Value = serde_json::from_str(stdout).expect("backup json");
+    match v.as_array().map(Vec::as_slice) {
+        Some([rp]) => rp.clone(),
+        _ => panic!("expected one restore point in {v}"),
     }
 }
 

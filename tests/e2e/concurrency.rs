@@ -23,7 +23,7 @@ fn wait_ok(child: std::process::Child) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    the_restore_point(&String::from_utf8(out.stdout).unwrap())
 }
 
 #[test]

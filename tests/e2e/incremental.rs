@@ -62,7 +62,7 @@ fn incremental_against_an_explicit_parent() {
         "--parent",
         &base[..12],
     ]);
-    let rp: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rp = the_restore_point(&out);
     assert_eq!(rp["parent"], base.as_str());
     assert_same_file(&image, &s.restore(&id(&rp), "r.img"));
 }

@@ -440,7 +440,7 @@ fn a_repository_on_read_only_media_can_be_listed_verified_and_restored() {
     let out = s.ok(&[
         "backup", "--json", "--repo", r, "--disk", "a", "--source", &source,
     ]);
-    let rp = id(&serde_json::from_str(&out).unwrap());
+    let rp = id(&the_restore_point(&out));
     mount.remount_read_only();
 
     let listed = s.ok(&["list", "--repo", r]);

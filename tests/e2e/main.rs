@@ -11,4 +11,5 @@ mod incremental;
 mod integrity;
 mod nbd;
 mod qemu;
+mod ux;
 mod xen;

@@ -140,7 +140,7 @@ fn qemu_nbd_full_then_dirty_bitmap_incremental() {
     let _peer = qemu_nbd(&img, &sock, &["-r", "-f", "qcow2", "-B", "b0"]);
     let repo = s.repo();
     let repo = repo.to_str().unwrap();
-    let full: serde_json::Value = serde_json::from_str(&s.ok(&[
+    let full = the_restore_point(&s.ok(&[
         "backup",
         "--json",
         "--repo",
@@ -149,14 +149,13 @@ fn qemu_nbd_full_then_dirty_bitmap_incremental() {
         "q",
         "--source",
         &uri(&sock),
-    ]))
-    .unwrap();
+    ]));
     // base:allocation: only the allocated clusters are read.
     assert_eq!(
         full["stats"]["bytes_read"],
         (2 * MIB + 65536 + 2 * 65536 + 2 * 65536)
     );
-    let incr: serde_json::Value = serde_json::from_str(&s.ok(&[
+    let incr = the_restore_point(&s.ok(&[
         "backup",
         "--json",
         "--repo",
@@ -167,8 +166,7 @@ fn qemu_nbd_full_then_dirty_bitmap_incremental() {
         &uri(&sock),
         "--dirty-bitmap",
         "b0",
-    ]))
-    .unwrap();
+    ]));
     // The bitmap marks 2 + 2 blocks (the second write straddles a boundary).
     assert_eq!(incr["mode"]["changed_blocks"], 4);
     assert_eq!(incr["stats"]["blocks_read"], 4);
@@ -274,7 +272,7 @@ fn slow_server_is_read_correctly_with_requests_in_flight() {
         &sock,
         &["--filter=delay", "pattern", "size=8M", "rdelay=40ms"],
     );
-    let rp: serde_json::Value = serde_json::from_str(&s.ok(&[
+    let rp = the_restore_point(&s.ok(&[
         "backup",
         "--json",
         "--disk",
@@ -285,8 +283,7 @@ fn slow_server_is_read_correctly_with_requests_in_flight() {
         "256",
         "--inflight",
         "16",
-    ]))
-    .unwrap();
+    ]));
     assert_eq!(rp["stats"]["bytes_read"], 8 * MIB);
     let restored = s.restore(&id(&rp), "slow.img");
     let data = std::fs::read(restored).unwrap();

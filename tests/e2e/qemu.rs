@@ -154,7 +154,7 @@ fn backup(s: &Scratch, qsd: &Qsd) -> serde_json::Value {
         "--nbd-socket",
         qsd.nbd().to_str().unwrap(),
     ]);
-    serde_json::from_str(&out).expect("backup json")
+    the_restore_point(&out)
 }
 
 #[test]

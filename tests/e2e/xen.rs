@@ -98,10 +98,7 @@ impl Pool {
         let mut args = self.args(s);
         args.extend(["--vdi".to_string(), vdi.to_string()]);
         let out = s.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let v: Value = serde_json::from_str(&out).expect("json");
-        let r = v[0].clone();
-        assert_eq!(r["ok"], true, "{r}");
-        r
+        the_restore_point(&out)
     }
 
     /// The disk's bytes now, in a file (for comparing with a restore).
@@ -145,7 +142,7 @@ fn full_then_incrementals_read_exactly_the_changed_blocks() {
     // xapi-nbd has no block status: a full reads every block.
     assert_eq!(full["stats"]["bytes_read"], 32 << 20);
     let mut points = vec![(
-        full["restore_point"].as_str().unwrap().to_string(),
+        full["id"].as_str().unwrap().to_string(),
         pool.copy_disk(&s, vdi, "n0.img"),
     )];
     for night in 1..=3u64 {
@@ -156,7 +153,7 @@ fn full_then_incrementals_read_exactly_the_changed_blocks() {
         assert_eq!(r["mode"]["changed_blocks"], distinct.len() as u64);
         assert_eq!(r["stats"]["bytes_read"], distinct.len() as u64 * 65536);
         points.push((
-            r["restore_point"].as_str().unwrap().to_string(),
+            r["id"].as_str().unwrap().to_string(),
             pool.copy_disk(&s, vdi, &format!("n{night}.img")),
         ));
     }
@@ -199,7 +196,7 @@ fn chain_breaks_fall_back_to_a_full_with_the_reason() {
     assert!(r["stats"]["blocks_new"].as_u64().unwrap() <= 5, "{r}");
     assert_same_file(
         &pool.copy_disk(&s, vdi, "d.img"),
-        &s.restore(r["restore_point"].as_str().unwrap(), "r.img"),
+        &s.restore(r["id"].as_str().unwrap(), "r.img"),
     );
     pool.sim().churn(vdi, 3, 2).unwrap();
     let next = pool.backup(&s, vdi);
@@ -220,7 +217,7 @@ fn faults_are_survived_retried_or_reported() {
     assert_eq!(r["mode"]["kind"], "incremental", "{r}");
     assert_same_file(
         &pool.copy_disk(&s, vdi, "a.img"),
-        &s.restore(r["restore_point"].as_str().unwrap(), "ra.img"),
+        &s.restore(r["id"].as_str().unwrap(), "ra.img"),
     );
 
     // data_destroy answers VDI_IN_USE once: retried.
@@ -254,7 +251,7 @@ fn a_grown_disk_stays_incremental() {
     let r = pool.backup(&s, vdi);
     assert_eq!(r["mode"]["kind"], "incremental", "{r}");
     assert_eq!(r["stats"]["blocks_read"], 1);
-    let restored = s.restore(r["restore_point"].as_str().unwrap(), "grown.img");
+    let restored = s.restore(r["id"].as_str().unwrap(), "grown.img");
     assert_eq!(std::fs::metadata(&restored).unwrap().len(), 48 << 20);
     assert_same_file(&pool.copy_disk(&s, vdi, "g.img"), &restored);
 }
@@ -286,7 +283,7 @@ fn a_killed_run_is_reaped_and_the_next_run_stays_incremental() {
     );
     assert_same_file(
         &pool.copy_disk(&s, &vdi, "k.img"),
-        &s.restore(r["restore_point"].as_str().unwrap(), "rk.img"),
+        &s.restore(r["id"].as_str().unwrap(), "rk.img"),
     );
     let (ok, report) = s.verify(true);
     assert!(ok, "{report}");
@@ -310,7 +307,7 @@ fn restore_into_the_pool_as_a_new_vdi() {
     let out = s.ok(&[
         "restore",
         "--json",
-        r["restore_point"].as_str().unwrap(),
+        r["id"].as_str().unwrap(),
         "--to",
         "xapi",
         "--sr",
@@ -354,9 +351,7 @@ fn all_disks_of_a_vm_from_one_vm_snapshot() {
     let first = run(&pool);
     assert_eq!(first.len(), 2, "{first:?}");
     assert!(
-        first
-            .iter()
-            .all(|r| r["ok"] == true && r["mode"]["kind"] == "full"),
+        first.iter().all(|r| r["mode"]["kind"] == "full"),
         "{first:?}"
     );
     for d in &disks {
@@ -364,9 +359,7 @@ fn all_disks_of_a_vm_from_one_vm_snapshot() {
     }
     let second = run(&pool);
     assert!(
-        second
-            .iter()
-            .all(|r| r["ok"] == true && r["mode"]["kind"] == "incremental"),
+        second.iter().all(|r| r["mode"]["kind"] == "incremental"),
         "{second:?}"
     );
     assert!(
@@ -382,20 +375,18 @@ fn all_disks_of_a_vm_from_one_vm_snapshot() {
         .count();
     assert_eq!(snapshot_vms, 0, "the VM snapshot is destroyed");
     for r in &second {
-        let disk = r["disk"]
+        // The VDI is the last part of the source location, POOL/vdi/UUID.
+        let disk = r["source"]["location"]
             .as_str()
             .unwrap()
-            .split_whitespace()
-            .nth(1)
+            .rsplit('/')
+            .next()
             .unwrap()
             .to_string();
         let copy = pool.copy_disk(&s, &disk, &format!("{disk}.img"));
         assert_same_file(
             &copy,
-            &s.restore(
-                r["restore_point"].as_str().unwrap(),
-                &format!("r-{disk}.img"),
-            ),
+            &s.restore(r["id"].as_str().unwrap(), &format!("r-{disk}.img")),
         );
     }
 }

@@ -272,6 +272,10 @@ pub struct XapiLogin {
     /// Trust any certificate (logged as a warning).
     #[arg(long, requires = "xapi")]
     pub insecure: bool,
+    /// Accept an http:// --xapi address. The password and the session then
+    /// cross the network in clear: only for a trusted lab network.
+    #[arg(long, requires = "xapi")]
+    pub allow_insecure_http: bool,
 }
 
 /// A XenServer / XCP-ng pool to back up from.

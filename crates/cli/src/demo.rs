@@ -22,7 +22,7 @@ use cbtvault_xenapi::{Client, ClientOptions, Password, TlsTrust};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Global;
-use crate::output;
+use crate::output::{self, outln};
 
 /// What the demo builds.
 pub struct DemoSpec {
@@ -83,7 +83,7 @@ pub fn run(g: &Global, dir: Option<&Path>, spec: DemoSpec) -> Result<ExitCode> {
     };
     let say = |line: String| {
         if !g.quiet && !g.json {
-            println!("{line}");
+            outln!("{line}");
         }
     };
     let rt = crate::commands::runtime()?;

@@ -7,21 +7,71 @@
 mod cli;
 mod commands;
 mod demo;
+mod failure;
 mod output;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+use crate::output::errln;
+
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    let args = match cli::Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => return usage_error(e),
+    };
+    let json = args.global.json;
     output::init_logging(args.global.verbose, args.global.quiet);
-    match commands::run(args) {
+    let result = commands::run(args);
+    // Output lost to a full disk is a failure; to a reader that left
+    // (`| head`), it is not.
+    let result = match (result, output::stdout_failure()) {
+        (Ok(_), Some(kind)) => Err(failure::tagged(
+            failure::kind::IO,
+            format!(
+                "writing to standard output failed ({}); the output is incomplete",
+                std::io::Error::from(kind)
+            ),
+        )),
+        (result, _) => result,
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
-            // One line: the error and its causes, as the user can act on them.
-            eprintln!("cbtvault: error: {e:#}");
+            report(&e, json);
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line on stderr: the error and its causes as the user can act on
+/// them, or the same as a JSON object under `--json`.
+fn report(e: &anyhow::Error, json: bool) {
+    if json {
+        errln!("{}", failure::json(e));
+    } else {
+        errln!("cbtvault: error: {}", failure::message(e));
+    }
+}
+
+/// Bad arguments: clap's text, or under `--json` a JSON object; exit code 2
+/// either way (help and version print as usual and exit 0).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let informational = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if informational || !std::env::args_os().any(|a| a == "--json") {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    report(&failure::usage_error(message.to_string()), true);
+    ExitCode::from(2)
 }

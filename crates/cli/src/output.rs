@@ -1,6 +1,11 @@
 //! What the user sees: logs, progress bars, tables and JSON.
+//!
+//! Everything meant for stdout goes through [`outln!`]: a reader that goes
+//! away (`cbtvault list | head -1`) must not turn into a panic, and a full
+//! disk under `> file` must not pass for success.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use cbtvault_engine::Progress;
@@ -9,6 +14,56 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::cli::Global;
+
+/// The first failed write to stdout, if any.
+static STDOUT_ERROR: Mutex<Option<std::io::ErrorKind>> = Mutex::new(None);
+
+/// Writes one line to stdout. Once a write fails, later output is dropped:
+/// the command still finishes (a backup still commits) and `main` decides
+/// what the failure means ([`stdout_failure`]).
+pub fn stdout_line(args: std::fmt::Arguments) {
+    let mut failed = STDOUT_ERROR.lock().unwrap_or_else(|e| e.into_inner());
+    if failed.is_some() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    if let Err(e) = written {
+        *failed = Some(e.kind());
+    }
+}
+
+/// Writes one line to stderr; a closed stderr is not worth failing for.
+pub fn stderr_line(args: std::fmt::Arguments) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+}
+
+/// Why stdout output was lost, unless the reader just went away (a broken
+/// pipe, as with `| head`), which is not an error of ours.
+pub fn stdout_failure() -> Option<std::io::ErrorKind> {
+    let failed = *STDOUT_ERROR.lock().unwrap_or_else(|e| e.into_inner());
+    failed.filter(|k| *k != std::io::ErrorKind::BrokenPipe)
+}
+
+/// `println!` for command output: see [`stdout_line`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::stdout_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
+/// `eprintln!` that never panics: see [`stderr_line`].
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::stderr_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use errln;
 
 /// Logs go to stderr: warnings by default, more with -v, or as RUST_LOG says.
 pub fn init_logging(verbose: u8, quiet: bool) {
@@ -87,6 +142,58 @@ pub fn restore_point_json(rp: &RestorePointRow) -> Value {
     })
 }
 
+/// A restore point for people (`show` without `--json`): one field a line.
+pub fn restore_point_text(rp: &RestorePointRow) -> String {
+    let m = &rp.manifest;
+    let s = &m.stats;
+    let mut source = format!("{} {}", m.source.provider, m.source.location);
+    if let Some(snapshot) = &m.source.snapshot {
+        source.push_str(&format!(" (snapshot {snapshot})"));
+    }
+    let mut lines = vec![
+        ("restore point", rp.id.clone()),
+        ("disk", m.disk.clone()),
+        ("time", m.time.strftime("%Y-%m-%d %H:%M:%S UTC").to_string()),
+        (
+            "size",
+            format!("{} ({} bytes)", bytes(m.virtual_size), m.virtual_size),
+        ),
+        ("mode", mode(&m.mode)),
+        (
+            "parent",
+            m.parent.clone().unwrap_or_else(|| "none".to_string()),
+        ),
+        ("source", source),
+    ];
+    for (key, value) in &m.source.details {
+        lines.push(("", format!("{key}: {value}")));
+    }
+    lines.extend([
+        (
+            "read",
+            format!("{} in {} blocks", bytes(s.bytes_read), s.blocks_read),
+        ),
+        (
+            "stored",
+            format!(
+                "{} new blocks in {} ({} uncompressed); {} deduplicated, {} zero",
+                s.blocks_new,
+                bytes(s.bytes_stored),
+                bytes(s.bytes_new),
+                s.blocks_dedup,
+                s.blocks_zero
+            ),
+        ),
+        ("took", format!("{:.1} s", s.duration_ms as f64 / 1000.0)),
+        ("block map", m.root.to_string()),
+    ]);
+    lines
+        .iter()
+        .map(|(k, v)| format!("{k:<14} {v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Bytes for people: 1.5 GiB.
 pub fn bytes(n: u64) -> String {
     indicatif::BinaryBytes(n).to_string()
@@ -99,7 +206,7 @@ pub fn short(id: &str) -> &str {
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json(value: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );

@@ -75,6 +75,10 @@ pub struct Pool {
     /// Trust any certificate. Logged as a warning on every run.
     #[serde(default)]
     pub insecure: bool,
+    /// Accept an `http://` url: the password then crosses the network in
+    /// clear, so it must be asked for (a lab behind a trusted network).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
     #[serde(default)]
     pub transport: Transport,
     /// NBD connections per disk (xapi-nbd allows 16 per host).
@@ -177,8 +181,20 @@ pub enum Error {
     },
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
-    #[error("no job named {0:?} in the configuration")]
-    UnknownJob(String),
+    #[error("no job named {name:?} in the configuration ({})", job_list(.known))]
+    UnknownJob {
+        name: String,
+        /// The jobs the configuration has.
+        known: Vec<String>,
+    },
+}
+
+fn job_list(known: &[String]) -> String {
+    if known.is_empty() {
+        "it has none".into()
+    } else {
+        format!("jobs: {}", known.join(", "))
+    }
 }
 
 impl Config {
@@ -241,7 +257,10 @@ impl Config {
         self.jobs
             .iter()
             .find(|j| j.name == name)
-            .ok_or_else(|| Error::UnknownJob(name.into()))
+            .ok_or_else(|| Error::UnknownJob {
+                name: name.into(),
+                known: self.jobs.iter().map(|j| j.name.clone()).collect(),
+            })
     }
 
     /// The pool named `name`.

@@ -22,7 +22,13 @@ fn the_shipped_example_loads() {
         c.job("kvm-1-drives").unwrap().kind,
         JobKind::Qemu { .. }
     ));
-    assert!(matches!(c.job("nope"), Err(Error::UnknownJob(_))));
+    let unknown = c.job("nope").unwrap_err();
+    assert!(matches!(&unknown, Error::UnknownJob { name, .. } if name == "nope"));
+    // A wrong job name lists the right ones.
+    assert_eq!(
+        unknown.to_string(),
+        "no job named \"nope\" in the configuration (jobs: web-nightly, db-disks, kvm-1-drives)"
+    );
     assert_eq!(c.pool("pool-b").unwrap().username, "root");
 }
 
@@ -69,6 +75,14 @@ fn mistakes_are_named() {
             "vmware",
         ),
         (
+            EXAMPLE.replace("https://xcp-a.example.net", "http://xcp-a.example.net"),
+            "plain HTTP, which would send the password",
+        ),
+        (
+            EXAMPLE.replace("https://xcp-a.example.net", "ftp://xcp-a.example.net"),
+            "must start with https://",
+        ),
+        (
             EXAMPLE.replace("parallel = 2", "paralel = 2"),
             "job \"web-nightly\": unknown key \"paralel\"",
         ),
@@ -109,4 +123,16 @@ fn relative_paths_follow_the_file() {
         Config::load(&dir.path().join("missing.toml")),
         Err(Error::Read { .. })
     ));
+}
+
+#[test]
+fn plain_http_only_when_asked_for() {
+    let text = EXAMPLE.replace(
+        "url = \"https://xcp-a.example.net\"",
+        "url = \"http://xcp-a.example.net\"\nallow_insecure_http = true",
+    );
+    let c = parse(&text).unwrap();
+    let pool = c.pool("pool-a").unwrap();
+    assert!(pool.allow_insecure_http);
+    assert!(!c.pool("pool-b").unwrap().allow_insecure_http);
 }

@@ -43,11 +43,17 @@ pub fn check(c: &Config) -> Result<(), String> {
     }
     for p in &c.pools {
         let at = format!("pool {:?}", p.name);
-        if !(p.url.starts_with("https://") || p.url.starts_with("http://")) {
-            return Err(format!(
-                "{at}: url {:?} must start with https:// (or http://)",
-                p.url
-            ));
+        if p.url.starts_with("http://") {
+            if !p.allow_insecure_http {
+                return Err(format!(
+                    "{at}: url {:?} is plain HTTP, which would send the password and the \
+                     session in clear to anyone on the network; use https:// with pin or ca, \
+                     or set allow_insecure_http = true if the network is trusted",
+                    p.url
+                ));
+            }
+        } else if !p.url.starts_with("https://") {
+            return Err(format!("{at}: url {:?} must start with https://", p.url));
         }
         if p.password_file.is_some() == p.password_env.is_some() {
             return Err(format!(

@@ -37,14 +37,20 @@ pub enum Error {
         source: Arc<std::io::Error>,
     },
 
-    /// The TLS handshake failed: wrong CA, wrong pinned certificate, name
-    /// mismatch, or the peer does not speak TLS.
-    #[error("{peer}: TLS handshake failed: {why}")]
+    /// The TLS handshake failed: wrong CA, name mismatch, or the peer does
+    /// not speak TLS (the cause says which).
+    #[error("{peer}: TLS handshake failed")]
     Tls {
         peer: String,
-        why: String,
         #[source]
         source: Arc<std::io::Error>,
+    },
+
+    /// The server presented a certificate other than the pinned one.
+    #[error("{}", .mismatch.describe(.peer))]
+    PinMismatch {
+        peer: String,
+        mismatch: cbtvault_tls_pin::PinMismatch,
     },
 
     /// A certificate, key or CA file could not be loaded or used.
@@ -160,23 +166,14 @@ impl Error {
     }
 
     pub(crate) fn tls(peer: &str, source: std::io::Error) -> Self {
-        let why = match source
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        {
-            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)))
-                if o.0
-                    .downcast_ref::<cbtvault_tls_pin::PinMismatch>()
-                    .is_some() =>
-            {
-                o.0.to_string()
-            }
-            Some(e) => e.to_string(),
-            None => source.to_string(),
-        };
+        if let Some(mismatch) = cbtvault_tls_pin::PinMismatch::find(&source) {
+            return Error::PinMismatch {
+                peer: peer.to_owned(),
+                mismatch: mismatch.clone(),
+            };
+        }
         Error::Tls {
             peer: peer.to_owned(),
-            why,
             source: Arc::new(source),
         }
     }

@@ -31,6 +31,14 @@ impl Pem {
         }
     }
 
+    /// Where a pin came from, for mismatch messages.
+    fn pin_origin(&self) -> String {
+        match self {
+            Pem::File(p) => format!("the pin in {}", p.display()),
+            Pem::Inline(_) => "the pinned certificate".to_owned(),
+        }
+    }
+
     fn certificates(&self) -> Result<Vec<CertificateDer<'static>>> {
         let iter: Vec<_> = match self {
             Pem::File(p) => CertificateDer::pem_file_iter(p)
@@ -149,8 +157,9 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfi
             let pinned = pem.certificates()?.swap_remove(0);
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(cbtvault_tls_pin::PinnedVerifier::new(
+                .with_custom_certificate_verifier(cbtvault_tls_pin::PinnedVerifier::pinned_from(
                     vec![pinned],
+                    pem.pin_origin(),
                     &provider,
                 ))
                 .with_no_client_auth()

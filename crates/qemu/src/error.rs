@@ -49,8 +49,10 @@ pub enum Error {
     )]
     CheckpointBusy { name: String, node: String },
 
+    /// QEMU's one NBD server runs, but not at the socket this backup was
+    /// told to use; the caller should say how its user names that socket.
     #[error(
-        "QEMU already runs an NBD server, and {path} is not it; give its unix socket in DiskOptions::nbd_socket"
+        "QEMU already runs an NBD server, but not on {path}; back up through the unix socket that server listens on"
     )]
     NbdServerElsewhere { path: PathBuf },
 

@@ -12,11 +12,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// XAPI answered with a failure (`ErrorDescription` / JSON-RPC `error`).
-    #[error("XenAPI error {0}")]
-    Xapi(#[from] XapiError),
+    /// The message says it in words and ends with the code; the failure is
+    /// not also a `source`, so chains print it once.
+    #[error("{}", explain(.0))]
+    Xapi(XapiError),
 
     /// The host could not be reached or the connection broke.
-    #[error("cannot talk to {endpoint}: {source}")]
+    #[error("cannot talk to {endpoint}")]
     Connect {
         /// `host:port` that was dialled.
         endpoint: String,
@@ -25,8 +27,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The host presented a certificate other than the pinned one.
+    #[error("{}", .mismatch.describe(.endpoint))]
+    PinMismatch {
+        /// `host:port` that was dialled.
+        endpoint: String,
+        /// Which certificate came, and which was pinned where.
+        mismatch: cbtvault_tls_pin::PinMismatch,
+    },
+
     /// The HTTP layer failed (connection reset mid-request, bad framing).
-    #[error("HTTP exchange with {endpoint} failed: {source}")]
+    #[error("HTTP exchange with {endpoint} failed")]
     Http {
         /// `host:port` of the host.
         endpoint: String,
@@ -96,11 +107,54 @@ pub enum Error {
     Config(String),
 
     /// Reading the data of an upload failed.
-    #[error("reading the upload source failed: {0}")]
+    #[error("reading the upload source failed")]
     Io(#[from] std::io::Error),
 }
 
+impl From<XapiError> for Error {
+    fn from(e: XapiError) -> Self {
+        Error::Xapi(e)
+    }
+}
+
+/// A XAPI failure in words, for the codes a user can act on; the code
+/// itself ends the message, for searching the documentation.
+fn explain(e: &XapiError) -> String {
+    match e {
+        XapiError::SessionAuthenticationFailed => {
+            "XenServer refused the login: wrong user name or password \
+             (SESSION_AUTHENTICATION_FAILED)"
+                .into()
+        }
+        XapiError::HostIsSlave { master } => format!(
+            "this host is not the pool master; connect to the master, {master} (HOST_IS_SLAVE)"
+        ),
+        XapiError::LicenceRestriction { feature } => {
+            format!("the pool's licence does not allow {feature} (LICENCE_RESTRICTION)")
+        }
+        XapiError::HandleInvalid { class, handle } => {
+            format!("XenServer has no {class} {handle} (HANDLE_INVALID)")
+        }
+        other => format!("XenServer refused the call: {other}"),
+    }
+}
+
 impl Error {
+    /// A TLS connection to `endpoint` failed: a pin mismatch is told in
+    /// full, anything else is a connection failure with its cause.
+    pub(crate) fn tls_connect(endpoint: &str, source: std::io::Error) -> Self {
+        match cbtvault_tls_pin::PinMismatch::find(&source) {
+            Some(mismatch) => Error::PinMismatch {
+                endpoint: endpoint.to_owned(),
+                mismatch: mismatch.clone(),
+            },
+            None => Error::Connect {
+                endpoint: endpoint.to_owned(),
+                source,
+            },
+        }
+    }
+
     /// The XAPI failure inside, if this is one.
     pub fn xapi(&self) -> Option<&XapiError> {
         match self {
@@ -124,6 +178,7 @@ impl Error {
             | Error::Decode { .. }
             | Error::TaskCancelled { .. }
             | Error::Password { .. }
+            | Error::PinMismatch { .. }
             | Error::Config(_)
             | Error::Io(_) => false,
         }
@@ -572,6 +627,32 @@ mod tests {
             }
         );
         assert_eq!(e.to_string(), "SR_BACKEND_FAILURE_460(, msg, err)");
+    }
+
+    #[test]
+    fn failures_read_as_words_once() {
+        let e = Error::from(XapiError::SessionAuthenticationFailed);
+        assert_eq!(
+            e.to_string(),
+            "XenServer refused the login: wrong user name or password (SESSION_AUTHENTICATION_FAILED)"
+        );
+        // Not repeated by a source.
+        assert!(std::error::Error::source(&e).is_none());
+        let e = Error::from(XapiError::from_description(s(&[
+            "VDI_IN_USE",
+            "r",
+            "destroy",
+        ])));
+        assert_eq!(
+            e.to_string(),
+            "XenServer refused the call: VDI_IN_USE(r, destroy)"
+        );
+        let e = Error::tls_connect("h:443", std::io::Error::other("connection reset"));
+        assert_eq!(e.to_string(), "cannot talk to h:443");
+        assert_eq!(
+            std::error::Error::source(&e).map(|s| s.to_string()),
+            Some("connection reset".into())
+        );
     }
 
     #[test]

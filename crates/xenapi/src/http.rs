@@ -117,7 +117,7 @@ impl HttpClient {
                 let stream = connector
                     .connect(name.clone(), tcp)
                     .await
-                    .map_err(connect_err)?;
+                    .map_err(|e| Error::tls_connect(&endpoint, e))?;
                 let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                     .await
                     .map_err(http_err)?;

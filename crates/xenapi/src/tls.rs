@@ -21,7 +21,11 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub enum TlsTrust {
     /// Accept exactly these certificates (DER), whatever their names.
-    Pinned(Vec<CertificateDer<'static>>),
+    Pinned {
+        certificates: Vec<CertificateDer<'static>>,
+        /// Where they came from (`the pin in FILE`), for mismatch messages.
+        origin: String,
+    },
     /// Check the chain against these CA certificates and the host name.
     Ca(Vec<CertificateDer<'static>>),
     /// Accept any certificate. Only for tests and labs; logged as a warning.
@@ -31,7 +35,9 @@ pub enum TlsTrust {
 impl std::fmt::Debug for TlsTrust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TlsTrust::Pinned(c) => write!(f, "Pinned({} certificate(s))", c.len()),
+            TlsTrust::Pinned { certificates, .. } => {
+                write!(f, "Pinned({} certificate(s))", certificates.len())
+            }
             TlsTrust::Ca(c) => write!(f, "Ca({} certificate(s))", c.len()),
             TlsTrust::InsecureAcceptAny => write!(f, "InsecureAcceptAny"),
         }
@@ -57,19 +63,19 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 impl TlsTrust {
     /// Pins the certificate(s) in `pem`.
     pub fn pinned_pem(pem: &str) -> Result<Self> {
-        Ok(TlsTrust::Pinned(certs_from_pem(
-            pem.as_bytes(),
-            "pinned certificate",
-        )?))
+        Ok(TlsTrust::Pinned {
+            certificates: certs_from_pem(pem.as_bytes(), "pinned certificate")?,
+            origin: "the pinned certificate".into(),
+        })
     }
 
     /// Pins the certificate(s) in the PEM file at `path`.
     pub fn pinned_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        Ok(TlsTrust::Pinned(certs_from_pem(
-            &read_file(path)?,
-            &path.display().to_string(),
-        )?))
+        Ok(TlsTrust::Pinned {
+            certificates: certs_from_pem(&read_file(path)?, &path.display().to_string())?,
+            origin: format!("the pin in {}", path.display()),
+        })
     }
 
     /// Trusts the CA certificate(s) in `pem`.
@@ -102,10 +108,14 @@ impl TlsTrust {
                 }
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
-            TlsTrust::Pinned(certs) => builder
+            TlsTrust::Pinned {
+                certificates,
+                origin,
+            } => builder
                 .dangerous()
-                .with_custom_certificate_verifier(cbtvault_tls_pin::PinnedVerifier::new(
-                    certs.clone(),
+                .with_custom_certificate_verifier(cbtvault_tls_pin::PinnedVerifier::pinned_from(
+                    certificates.clone(),
+                    origin.clone(),
                     &provider,
                 ))
                 .with_no_client_auth(),

@@ -15,7 +15,8 @@ use cbtvault_nbd::ConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BackupArgs, Global};
-use crate::output::{self, Bar};
+use crate::failure::usage;
+use crate::output::{self, Bar, outln};
 
 /// Where a disk is, as given on the command line.
 pub enum Location {
@@ -31,11 +32,11 @@ pub fn parse_location(spec: &str) -> Result<Location> {
         Some(("nbd" | "nbds" | "nbd+unix" | "nbds+unix", _)) => Ok(Location::Nbd(spec.to_string())),
         Some(("qmp", path)) if !path.is_empty() => Ok(Location::Qmp(path.into())),
         Some((scheme, _)) => {
-            bail!(
+            bail!(usage!(
                 "{spec:?}: unsupported scheme {scheme:?} (supported: file:PATH, qmp:SOCKET, nbd://, nbds://, nbd+unix://)"
-            )
+            ))
         }
-        None => bail!("{spec:?}: give a scheme, e.g. file:{spec}"),
+        None => bail!(usage!("{spec:?}: give a scheme, e.g. file:{spec}")),
     }
 }
 
@@ -60,20 +61,24 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
         return super::jobs::backup(g, &args);
     }
     let (Some(repo_dir), Some(disk), Some(source)) = (&args.repo, &args.disk, &args.source) else {
-        bail!("give --repo, --disk and --source (or --xapi, or --config with --job)");
+        bail!(usage!(
+            "give --repo, --disk and --source (or --xapi, or --config with --job)"
+        ));
     };
     if args.read_size_kib == 0 || !args.read_size_kib.is_multiple_of(64) {
-        bail!(
+        bail!(usage!(
             "--read-size-kib {} is not a positive multiple of 64",
             args.read_size_kib
-        );
+        ));
     }
     let location = parse_location(source).context("--source")?;
     if let Location::Qmp(socket) = &location {
         return super::jobs::backup_qemu_once(g, &args, repo_dir, disk, socket);
     }
     if args.dirty_bitmap.is_some() && !matches!(location, Location::Nbd(_)) {
-        bail!("--dirty-bitmap needs an NBD source that exports the bitmap");
+        bail!(usage!(
+            "--dirty-bitmap needs an NBD source that exports the bitmap"
+        ));
     }
     let repo = super::open(repo_dir)?;
     let options = backup_options(&args);
@@ -152,10 +157,11 @@ pub fn print_outcome(g: &Global, outcome: BackupOutcome) {
         manifest: outcome.manifest,
     };
     if g.json {
-        output::print_json(&output::restore_point_json(&row));
+        // An array, as for runs of several disks: one schema for `backup`.
+        output::print_json(&serde_json::json!([output::restore_point_json(&row)]));
     } else if !g.quiet {
         let s = &row.manifest.stats;
-        println!(
+        outln!(
             "restore point {} of disk {:?} ({}): read {} in {} blocks, {} new blocks stored in {}, {} deduplicated, {} zero, {:.1} s",
             row.id,
             row.manifest.disk,
@@ -191,7 +197,7 @@ pub fn restore(
     workers: Option<usize>,
 ) -> Result<ExitCode> {
     let repo = super::open(repo)?;
-    let rp = repo.resolve(id)?;
+    let rp = super::resolve(&repo, id)?;
     let workers = workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -207,7 +213,9 @@ pub fn restore(
     };
     let stats = match location {
         Location::Qmp(_) => {
-            bail!("cannot restore into a QMP socket; restore to a file or an NBD export")
+            bail!(usage!(
+                "cannot restore into a QMP socket; restore to a file or an NBD export"
+            ))
         }
         Location::File(path) => {
             let target = FileTarget::create(&path, size, force)?;
@@ -233,12 +241,12 @@ pub fn restore(
                 .block_on(cbtvault_nbd::Client::connect(&opts))
                 .with_context(|| format!("connecting to {}", display_uri(&uri)))?;
             if client.size() < size {
-                bail!(
+                bail!(usage!(
                     "the NBD export {} holds {} bytes; restore point {} needs {size}",
                     display_uri(&uri),
                     client.size(),
                     output::short(&rp.id)
-                );
+                ));
             }
             let target = NbdTarget::new(client, rt.handle().clone(), target_is_zero)?;
             let stats = cbtvault_engine::restore(&repo, &rp, &target, workers, &bar, &cancel)
@@ -258,7 +266,7 @@ pub fn restore(
             "restore_point": rp.id, "disk": rp.manifest.disk, "to": to, "stats": stats,
         }));
     } else if !g.quiet {
-        println!(
+        outln!(
             "restored {} of disk {:?} to {}: {} written in {} blocks, {} zero blocks, {:.1} s",
             output::short(&rp.id),
             rp.manifest.disk,

@@ -17,7 +17,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BackupArgs, Global, XapiLogin};
-use crate::output::{self, Bar};
+use crate::failure::{self, usage};
+use crate::output::{self, Bar, errln, outln};
 
 /// One disk's result in a multi-disk run.
 struct DiskResult {
@@ -79,7 +80,9 @@ fn plan(args: &BackupArgs) -> Result<Run> {
     if let Some(path) = &args.config {
         let config = Config::load(path)?;
         let name = args.job.as_deref().unwrap_or_default();
-        let job = config.job(name)?;
+        let job = config
+            .job(name)
+            .with_context(|| path.display().to_string())?;
         let plan = match &job.kind {
             JobKind::Xenserver {
                 pool,
@@ -90,6 +93,8 @@ fn plan(args: &BackupArgs) -> Result<Run> {
                 let p = config.pool(pool).context("the job's pool")?;
                 let mut options =
                     ClientOptions::new(&p.url, p.username.clone(), password(p.password_source())?)?;
+                let opt_in = format!("set allow_insecure_http = true in pool {:?}", p.name);
+                super::check_xapi_scheme(&options, p.allow_insecure_http, &opt_in)?;
                 options.tls = trust(p.ca.as_deref(), p.pin.as_deref(), p.insecure)?;
                 options.transport = match p.transport {
                     cbtvault_config::Transport::Auto => TransportChoice::Auto,
@@ -128,10 +133,10 @@ fn plan(args: &BackupArgs) -> Result<Run> {
     }
     let x = &args.xen;
     let Some(repo) = &args.repo else {
-        bail!("give --repo and --xapi (or --config with --job)");
+        bail!(usage!("give --repo and --xapi (or --config with --job)"));
     };
     if x.vdi.is_empty() && x.vm.is_empty() {
-        bail!("give --vdi UUID or --vm UUID (repeatable)");
+        bail!(usage!("give --vdi UUID or --vm UUID (repeatable)"));
     }
     let options = login_options(&x.login)?;
     Ok(Run {
@@ -154,16 +159,23 @@ fn plan(args: &BackupArgs) -> Result<Run> {
 /// Client options from `--xapi` and its companions.
 pub fn login_options(login: &XapiLogin) -> Result<ClientOptions> {
     let Some(url) = &login.xapi else {
-        bail!("give --xapi https://HOST");
+        bail!(usage!("give --xapi https://HOST"));
     };
     let source = match (&login.password_file, &login.password_env) {
         (Some(f), _) => PasswordSource::File(f.clone()),
         (None, Some(v)) => PasswordSource::Env(v.clone()),
         (None, None) => {
-            bail!("give --password-file FILE or --password-env VAR (never the password itself)")
+            bail!(usage!(
+                "give --password-file FILE or --password-env VAR (never the password itself)"
+            ))
         }
     };
     let mut options = ClientOptions::new(url, login.username.clone(), password(source)?)?;
+    super::check_xapi_scheme(
+        &options,
+        login.allow_insecure_http,
+        "pass --allow-insecure-http",
+    )?;
     options.tls = trust(login.ca.as_deref(), login.pin.as_deref(), login.insecure)?;
     Ok(options)
 }
@@ -220,7 +232,7 @@ pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
             }
         }
     })?;
-    report(g, &repo, &results, run.retention)
+    report(g, &repo, results, run.retention)
 }
 
 /// `backup --source qmp:SOCKET --node NODE --disk NAME`.
@@ -232,7 +244,7 @@ pub fn backup_qemu_once(
     socket: &Path,
 ) -> Result<ExitCode> {
     let Some(node) = &args.node else {
-        bail!("--source qmp:SOCKET needs --node NODE");
+        bail!(usage!("--source qmp:SOCKET needs --node NODE"));
     };
     let repo = super::open(repo)?;
     let options = QemuOptions {
@@ -262,8 +274,9 @@ pub fn backup_qemu_once(
             .await?,
         )
     });
-    let outcome =
-        outcome.with_context(|| format!("backup of QEMU node {node:?} ({disk:?}) failed"))?;
+    let outcome = outcome
+        .map_err(|e| failure::with_hint(e, "--nbd-socket PATH"))
+        .with_context(|| format!("backup of QEMU node {node:?} ({disk:?}) failed"))?;
     super::data::print_outcome(g, outcome);
     Ok(ExitCode::SUCCESS)
 }
@@ -433,7 +446,12 @@ async fn run_qemu(
                 .await;
                 DiskResult {
                     label: format!("node {node}"),
-                    outcome,
+                    outcome: outcome.map_err(|e| {
+                        failure::with_hint(
+                            e,
+                            "nbd_socket in the [[qemu]] host of the configuration",
+                        )
+                    }),
                 }
             }
         })
@@ -443,22 +461,24 @@ async fn run_qemu(
     Ok(results)
 }
 
-/// Prints one line (or JSON object) per disk, applies retention to the
-/// disks that succeeded, and fails if any disk failed.
+/// Prints one line per disk (or, with --json, the array of restore points
+/// committed), applies retention to the disks that succeeded, and fails if
+/// any disk failed.
 fn report(
     g: &Global,
     repo: &Repository,
-    results: &[DiskResult],
+    results: Vec<DiskResult>,
     retention: Option<Retention>,
 ) -> Result<ExitCode> {
+    let total = results.len();
     let mut rows = Vec::new();
-    let mut failed = 0;
+    let mut failed = Vec::new();
     for r in results {
-        match &r.outcome {
+        match r.outcome {
             Ok(o) => {
                 let s = &o.manifest.stats;
                 if !g.quiet && !g.json {
-                    println!(
+                    outln!(
                         "{}: restore point {} ({}), read {} in {} blocks, stored {} new",
                         r.label,
                         output::short(&o.restore_point),
@@ -471,23 +491,26 @@ fn report(
                 if let Some(keep) = retention {
                     apply_retention(repo, &o.manifest.disk, keep)?;
                 }
-                rows.push(
-                    json!({"disk": r.label, "ok": true, "restore_point": o.restore_point,
-                                 "mode": o.manifest.mode, "stats": o.manifest.stats}),
-                );
+                rows.push(output::restore_point_json(
+                    &cbtvault_repo::RestorePointRow {
+                        id: o.restore_point,
+                        manifest: o.manifest,
+                    },
+                ));
             }
             Err(e) => {
-                failed += 1;
-                eprintln!("cbtvault: error: {}: {e:#}", r.label);
-                rows.push(json!({"disk": r.label, "ok": false, "error": format!("{e:#}")}));
+                if !g.json {
+                    errln!("cbtvault: error: {}: {}", r.label, failure::message(&e));
+                }
+                failed.push((r.label, e));
             }
         }
     }
     if g.json {
         output::print_json(&serde_json::Value::Array(rows));
     }
-    if failed > 0 {
-        bail!("{failed} of {} disks failed", results.len());
+    if !failed.is_empty() {
+        return Err(failure::DisksFailed { total, failed }.into());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -524,15 +547,19 @@ pub fn restore_to_xapi(
     sr: Option<&str>,
 ) -> Result<ExitCode> {
     let Some(sr_uuid) = sr else {
-        bail!("--to xapi needs --sr UUID");
+        bail!(usage!("--to xapi needs --sr UUID"));
     };
     let options = login_options(login)?;
     let repo = super::open(repo)?;
-    let rp = repo.resolve(id)?;
+    let rp = super::resolve(&repo, id)?;
     let _lock = repo.lock_shared()?;
     let rt = super::runtime()?;
+    let started = std::time::Instant::now();
+    let url = options.url.clone();
     let vdi_uuid = rt.block_on(async {
-        let client = Client::connect(options).await.context("logging in")?;
+        let client = Client::connect(options)
+            .await
+            .with_context(|| format!("logging in to {url}"))?;
         let result = async {
             let sr = client
                 .sr()
@@ -559,9 +586,20 @@ pub fn restore_to_xapi(
         result
     })?;
     if g.json {
-        output::print_json(&json!({"restore_point": rp.id, "vdi": vdi_uuid, "sr": sr_uuid}));
+        // The `restore --json` schema; the upload writes every block.
+        let size = rp.manifest.virtual_size;
+        output::print_json(&json!({
+            "restore_point": rp.id, "disk": rp.manifest.disk, "to": "xapi",
+            "vdi": vdi_uuid, "sr": sr_uuid,
+            "stats": {
+                "blocks_written": size.div_ceil(cbtvault_repo::BLOCK_SIZE),
+                "bytes_written": size,
+                "blocks_zero": 0,
+                "duration_ms": started.elapsed().as_millis() as u64,
+            },
+        }));
     } else if !g.quiet {
-        println!(
+        outln!(
             "restored {} into new VDI {vdi_uuid} on SR {sr_uuid}",
             output::short(&rp.id)
         );

@@ -14,11 +14,12 @@ use cbtvault_repo::{
 use serde_json::json;
 
 use crate::cli::{ForgetArgs, Global};
-use crate::output::{self, Bar};
+use crate::failure::{self, usage};
+use crate::output::{self, Bar, errln, outln};
 
 pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCode> {
     if !(1..=1024).contains(&pack_mib) {
-        bail!("--pack-size-mib {pack_mib} is outside 1..=1024");
+        bail!(usage!("--pack-size-mib {pack_mib} is outside 1..=1024"));
     }
     let repo = Repository::init(
         path,
@@ -31,7 +32,7 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
     if g.json {
         output::print_json(&json!({ "repository": path, "config": repo.config() }));
     } else if !g.quiet {
-        println!(
+        outln!(
             "created repository {} (id {})",
             path.display(),
             repo.config().id
@@ -42,10 +43,17 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
 
 pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
     let repo = super::open(path)?;
-    if let Some(d) = disk
-        && !repo.catalogue().disks()?.iter().any(|n| n == d)
-    {
-        bail!(cbtvault_repo::Error::UnknownDisk(d.to_string()));
+    if let Some(d) = disk {
+        let disks = repo.catalogue().disks()?;
+        if !disks.iter().any(|n| n == d) {
+            bail!(failure::tagged(
+                failure::kind::NOT_FOUND,
+                format!(
+                    "no disk named {d:?} in this repository ({})",
+                    super::listing("disks", &disks)
+                )
+            ));
+        }
     }
     let points = repo.catalogue().restore_points(disk)?;
     if g.json {
@@ -55,13 +63,18 @@ pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
     if g.quiet {
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  mode",
-        "id", "disk", "time", "size", "read", "stored"
+        "id",
+        "disk",
+        "time",
+        "size",
+        "read",
+        "stored"
     );
     for rp in &points {
         let m = &rp.manifest;
-        println!(
+        outln!(
             "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  {}",
             output::short(&rp.id),
             m.disk,
@@ -72,22 +85,24 @@ pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
             output::mode(&m.mode)
         );
     }
-    println!("{} restore points", points.len());
+    outln!("{} restore points", points.len());
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn show(g: &Global, path: &Path, id: &str) -> Result<ExitCode> {
     let repo = super::open(path)?;
-    let rp = repo.resolve(id)?;
-    if g.json || !g.quiet {
+    let rp = super::resolve(&repo, id)?;
+    if g.json {
         output::print_json(&output::restore_point_json(&rp));
+    } else if !g.quiet {
+        outln!("{}", output::restore_point_text(&rp));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
     let repo = super::open(path)?;
-    let (ra, rb) = (repo.resolve(a)?, repo.resolve(b)?);
+    let (ra, rb) = (super::resolve(&repo, a)?, super::resolve(&repo, b)?);
     let reader = repo.reader()?;
     let mut runs: Vec<(u64, u64)> = Vec::new();
     tree::diff(
@@ -108,14 +123,14 @@ pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
         }));
     } else if !g.quiet {
         for (first, count) in &runs {
-            println!(
+            outln!(
                 "blocks {first}..{} (offset {} length {})",
                 first + count,
                 first * BLOCK_SIZE,
                 count * BLOCK_SIZE
             );
         }
-        println!(
+        outln!(
             "{blocks} blocks differ ({})",
             output::bytes(blocks * BLOCK_SIZE)
         );
@@ -140,14 +155,14 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet || !report.is_ok() {
         for p in &report.problems {
-            eprintln!("problem: {}: {}", p.object, p.problem);
+            errln!("problem: {}: {}", p.object, p.problem);
         }
         for w in &report.warnings {
-            eprintln!("warning: {}: {}", w.object, w.problem);
+            errln!("warning: {}: {}", w.object, w.problem);
         }
         for d in &report.damaged {
             let shown: Vec<String> = d.offsets.iter().take(8).map(u64::to_string).collect();
-            eprintln!(
+            errln!(
                 "damaged: restore point {} of disk {:?}: {} blocks at offsets {}{}",
                 d.restore_point,
                 d.disk,
@@ -157,13 +172,13 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
             );
         }
         if report.quarantined > 0 {
-            eprintln!(
+            errln!(
                 "{} damaged blobs are quarantined: the next backup that reads the same data stores them again and heals the restore points that use them",
                 report.quarantined
             );
         }
         if !g.quiet {
-            println!(
+            outln!(
                 "{}: {} restore points, {} packs{}{}",
                 if report.is_ok() { "ok" } else { "FAILED" },
                 report.restore_points,
@@ -191,11 +206,14 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
     if report.is_ok() {
         Ok(ExitCode::SUCCESS)
     } else {
-        bail!(
-            "verify found {} problems; {} restore points are damaged",
-            report.problems.len(),
-            report.damaged.len()
-        )
+        Err(failure::tagged(
+            failure::kind::DAMAGED,
+            format!(
+                "verify found {} problems; {} restore points are damaged",
+                report.problems.len(),
+                report.damaged.len()
+            ),
+        ))
     }
 }
 
@@ -210,12 +228,14 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
         forget_last: args.allow_forget_last,
     };
     if policy.is_empty() && args.ids.is_empty() {
-        bail!(
+        bail!(usage!(
             "give restore point ids or a --keep-* policy; forget never removes everything by default"
-        );
+        ));
     }
     if !policy.is_empty() && !args.ids.is_empty() {
-        bail!("give either restore point ids or a --keep-* policy, not both");
+        bail!(usage!(
+            "give either restore point ids or a --keep-* policy, not both"
+        ));
     }
     let mut decisions = Vec::new();
     if args.ids.is_empty() {
@@ -230,7 +250,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
     } else {
         let mut named = std::collections::BTreeSet::new();
         for id in &args.ids {
-            named.insert(repo.resolve(id)?.id);
+            named.insert(super::resolve(&repo, id)?.id);
         }
         // Every point of the disks concerned, so the last one is noticed.
         let disks: std::collections::BTreeSet<String> = repo
@@ -267,7 +287,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
         .collect();
     if !protected.is_empty() && !g.quiet && !g.json {
         for d in &protected {
-            eprintln!(
+            errln!(
                 "cbtvault: keeping {} ({}): it is the last restore point of disk {:?}; add --allow-forget-last to forget it too",
                 output::short(&d.id),
                 d.time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -291,7 +311,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
             } else {
                 "forget".into()
             };
-            println!(
+            outln!(
                 "{}  {:<16}  {}  {}",
                 output::short(&d.id),
                 d.disk,
@@ -299,7 +319,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
                 what
             );
         }
-        println!(
+        outln!(
             "{} {removed} restore points; run `cbtvault gc` to free their space",
             if args.dry_run {
                 "would forget"
@@ -324,7 +344,7 @@ pub fn gc(g: &Global, path: &Path, wait: u64, dry_run: bool) -> Result<ExitCode>
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
-        println!(
+        outln!(
             "{}{} packs deleted, {} rewritten into {}, {} blobs removed, {} freed; {} live blobs; {} partial files cleared, {} stray packs indexed{}",
             if dry_run { "dry run: " } else { "" },
             report.packs_deleted,
@@ -352,12 +372,12 @@ pub fn repair(g: &Global, path: &Path, wait: u64) -> Result<ExitCode> {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
         for s in &report.skipped {
-            eprintln!("skipped: {s}");
+            errln!("skipped: {s}");
         }
         for s in &report.set_aside {
-            eprintln!("set aside: {s}");
+            errln!("set aside: {s}");
         }
-        println!(
+        outln!(
             "catalogue rebuilt: {} packs ({} blobs, {} packs salvaged from a damaged index), {} restore points ({} manifests written back); {} damaged blobs quarantined",
             report.packs_indexed,
             report.blobs_indexed,

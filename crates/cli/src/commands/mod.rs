@@ -10,9 +10,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use cbtvault_repo::Repository;
+use cbtvault_repo::{Repository, RestorePointRow};
 
 use crate::cli::{Args, Command};
+use crate::failure;
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let g = args.global;
@@ -82,6 +83,102 @@ pub fn open(path: &Path) -> Result<Arc<Repository>> {
     Ok(Arc::new(
         Repository::open(path).context("opening the repository")?,
     ))
+}
+
+/// The fewest characters of an id that `resolve` accepts as a prefix.
+const MIN_PREFIX: usize = 4;
+
+/// The restore point `spec` names (an id, a unique prefix of at least
+/// [`MIN_PREFIX`] characters, or `DISK@latest`), with a message that says
+/// what to give instead when it names none.
+pub fn resolve(repo: &Repository, spec: &str) -> Result<RestorePointRow> {
+    let disks = || repo.catalogue().disks();
+    if let Some(disk) = spec.strip_suffix("@latest") {
+        let disks = disks()?;
+        if !disks.iter().any(|d| d == disk) {
+            return Err(failure::tagged(
+                failure::kind::NOT_FOUND,
+                format!(
+                    "no disk named {disk:?} in this repository ({})",
+                    listing("disks", &disks)
+                ),
+            ));
+        }
+        return Ok(repo.resolve(spec)?);
+    }
+    let is_hex = !spec.is_empty() && spec.bytes().all(|b| b.is_ascii_hexdigit());
+    let disk_hint =
+        || format!("{spec:?} is a disk; give {spec}@latest for its newest restore point, or an id");
+    if is_hex && spec.len() >= MIN_PREFIX {
+        return match repo.resolve(spec) {
+            Err(e @ cbtvault_repo::Error::UnknownRestorePoint(_)) => {
+                if disks()?.iter().any(|d| d == spec) {
+                    Err(failure::tagged(failure::kind::NOT_FOUND, disk_hint()))
+                } else {
+                    Err(e.into())
+                }
+            }
+            other => Ok(other?),
+        };
+    }
+    if disks()?.iter().any(|d| d == spec) {
+        return Err(failure::usage_error(disk_hint()));
+    }
+    if !is_hex {
+        return Err(failure::usage_error(format!(
+            "{spec:?} is not a restore point id (ids are hexadecimal); give an id or a prefix \
+             of one (`cbtvault list` shows them), or DISK@latest"
+        )));
+    }
+    Err(failure::usage_error(format!(
+        "restore point prefix {spec:?} is too short: give at least {MIN_PREFIX} characters \
+         of the id (`cbtvault list` shows them)"
+    )))
+}
+
+/// `disks: a, b, c` (at most 20 shown), or `it has no disks`.
+pub fn listing(what: &str, names: &[String]) -> String {
+    if names.is_empty() {
+        return format!("it has no {what}");
+    }
+    let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
+    let more = names.len().saturating_sub(shown.len());
+    format!(
+        "{what}: {}{}",
+        shown.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Refuses a plain-HTTP XenAPI address unless `allowed`: XenAPI logs in
+/// with the password, and every later call carries the session, so over
+/// HTTP anyone on the path can take over the pool. `opt_in` says how the
+/// user allows it.
+pub fn check_xapi_scheme(
+    options: &cbtvault_xenapi::ClientOptions,
+    allowed: bool,
+    opt_in: &str,
+) -> Result<()> {
+    let url = &options.url;
+    if url.scheme() != "http" {
+        return Ok(());
+    }
+    if !allowed {
+        return Err(failure::usage_error(format!(
+            "refusing {url}: plain HTTP would send the XenServer password and session in clear \
+             to anyone on the network; use https:// with --pin or --ca, or {opt_in} if this \
+             network is trusted"
+        )));
+    }
+    tracing::warn!(
+        %url,
+        "XenAPI over plain HTTP: the password and session cross the network in clear"
+    );
+    Ok(())
 }
 
 /// A tokio runtime for the network-facing parts.

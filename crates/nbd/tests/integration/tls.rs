@@ -68,9 +68,18 @@ async fn qemu_nbd_with_tls_by_ca_and_by_pin() {
     let opts = ConnectOptions::tcp("127.0.0.1", port, "")
         .with_tls(TlsOptions::pinned_file(other.dir.join("server-cert.pem")));
     let err = Client::connect(&opts).await.unwrap_err();
-    assert!(matches!(err, Error::Tls { .. }), "{err}");
+    assert!(matches!(err, Error::PinMismatch { .. }), "{err}");
+    assert!(!err.is_transport());
+    // Once, naming the server, its fingerprint and the pin file.
     let chain = error_chain(&err);
-    assert!(chain.contains("not the pinned certificate"), "{chain}");
+    let pin_file = other.dir.join("server-cert.pem");
+    assert!(
+        chain.starts_with(&format!(
+            "the server at 127.0.0.1:{port} presented a certificate with SHA-256 fingerprint "
+        )) && chain.contains(&format!("does not match the pin in {}", pin_file.display())),
+        "{chain}"
+    );
+    assert_eq!(chain.matches("presented").count(), 1, "{chain}");
 
     // A CA that did not sign the server's certificate fails too.
     let opts = ConnectOptions::tcp("127.0.0.1", port, "")

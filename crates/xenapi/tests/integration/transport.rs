@@ -100,7 +100,16 @@ async fn https_with_pinned_certificate() {
     let other = start().await;
     o.tls = Some(TlsTrust::pinned_pem(other.sim.certificate_pem()).unwrap());
     let err = Client::connect(o.clone()).await.unwrap_err();
-    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(matches!(err, Error::PinMismatch { .. }), "{err}");
+    // Trying again would meet the same certificate.
+    assert!(!err.is_retryable());
+    assert!(
+        err.to_string().starts_with(&format!(
+            "the server at {} presented a certificate with SHA-256 fingerprint",
+            env.sim.addr()
+        )),
+        "{err}"
+    );
 
     // The certificate as a CA: it names localhost and 127.0.0.1.
     o.tls = Some(TlsTrust::ca_pem(env.sim.certificate_pem()).unwrap());
