@@ -25,8 +25,8 @@ fn flipped_byte_is_reported_with_restore_points_and_offsets() {
     let (ok, _) = s.verify(true);
     assert!(ok);
 
-    // The first bytes of a pack belong to its first blob: a block of disk a.
-    flip(&a_packs[0], 10);
+    // Past the first blob header (48 bytes) lies the first blob: a block of disk a.
+    flip(&a_packs[0], 48 + 10);
 
     let (ok, report) = s.verify(true);
     assert!(!ok, "verify must fail");

@@ -147,7 +147,7 @@ fn unknown_repository_format_is_refused_untouched() {
     let config = s.repo().join("cbtvault.json");
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace("\"format_version\": 1", "\"format_version\": 7");
+        .replace("\"format_version\": 2", "\"format_version\": 7");
     std::fs::write(&config, &text).unwrap();
     let image = s.image("disk.img", 2, 13);
     let err = s.fails(&[

@@ -98,8 +98,8 @@ fn a_damaged_blob_is_quarantined_and_the_next_backup_heals_every_restore_point()
     let first = id(&s.backup("d", &img, None));
     let packs = pack_files(&s.repo());
     assert_eq!(packs.len(), 1);
-    // The first bytes of the pack belong to its first blob.
-    flip(&packs[0], 10);
+    // Past the first blob header (48 bytes) lies the first blob.
+    flip(&packs[0], 48 + 10);
 
     let (ok, report) = s.verify(true);
     assert!(!ok, "verify must report the damage: {report}");
@@ -124,7 +124,7 @@ fn an_incremental_never_inherits_a_damaged_block_from_its_parent() {
     let data = noise(2 << 20, 3);
     std::fs::write(&img, &data).unwrap();
     let first = id(&s.backup("d", &img, None));
-    flip(&pack_files(&s.repo())[0], 10);
+    flip(&pack_files(&s.repo())[0], 48 + 10);
     // A restore finds the damage (and quarantines the blob) ...
     let repo = s.repo();
     let to = s.path("r.img");

@@ -28,6 +28,20 @@
 //! 3. Reads check every blob against its id, so damage is reported, never
 //!    restored.
 //!
+//! # Damage and healing
+//! Nothing read from storage is trusted: manifests are validated field by
+//! field ([`Manifest::from_json`]), catalogue rows must hash to their id,
+//! every blob is checked against its id. A blob found damaged is
+//! quarantined in the catalogue; the next backup that meets the same
+//! content stores it again, and every restore point that used it restores
+//! again ([`Repository::blocks_to_heal`] makes an incremental re-read what
+//! its parent lost). [`verify`] passes exactly when every restore point
+//! restores; [`repair`] rebuilds the catalogue salvaging every blob whose
+//! bytes still match (packs frame each blob, so a damaged index loses
+//! nothing), and sets damaged manifests aside rather than deleting them.
+//! A repository on read-only media is read through a private copy of its
+//! catalogue.
+//!
 //! # Garbage collection
 //! `forget` removes manifests; [`gc`] walks every remaining block map
 //! (shared subtrees once), deletes packs with nothing referenced, and
@@ -46,6 +60,10 @@
 //! | forget               | shared          | –         | backup, restore, verify         | it only removes manifests; blobs stay until gc, and every tree is complete, so a running backup whose parent is forgotten still has its base |
 //! | gc                   | exclusive       | –         | nothing (waits or fails "locked") | it deletes blobs: no backup may be choosing to reuse one at the same time |
 //! | repair               | exclusive       | –         | nothing                         | it replaces the catalogue |
+//!
+//! Within a process, the order is: repository lock, then disk lock, then
+//! the catalogue mutex ([`Repository::catalogue`]), which is held only for
+//! one call and never across another that takes it.
 //! | list                 | none            | –         | everything                      | a SQLite read transaction sees a consistent catalogue |
 //!
 //! # Storage backends

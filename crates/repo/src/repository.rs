@@ -471,9 +471,9 @@ impl Repository {
 
     /// Removes a restore point: marks it as being forgotten, removes its
     /// manifest (that is what makes it invisible), then its catalogue row.
-    /// Its data stays until `gc`. Retention goes through
-    /// [`crate::forget::plan`] and [`Repository::apply_forget`], which
-    /// keep each disk's newest restore point unless told otherwise.
+    /// Its data stays until `gc`. Retention decides through
+    /// [`crate::forget::plan`], which keeps each disk's newest restore point
+    /// unless told otherwise.
     pub fn forget(&self, id: &str) -> Result<()> {
         self.require_writable("forget")?;
         self.catalogue().mark_forgetting(id)?;
