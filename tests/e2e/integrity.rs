@@ -282,7 +282,7 @@ fn forget_keeps_a_disks_last_restore_point_unless_asked() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-forget-last"));
     let left: Vec<String> = s.list().iter().map(id).collect();
-    assert_eq!(left, [second.clone()]);
+    assert_eq!(left, std::slice::from_ref(&second));
     s.ok(&["forget", &second]);
     assert_eq!(s.list().len(), 1, "naming it is not enough");
     s.ok(&["forget", "--allow-forget-last", &second]);

@@ -4,6 +4,7 @@
 mod integration {
     mod common;
     mod damage;
+    mod fuzz;
     mod maintenance;
     mod repository;
     mod tree;
