@@ -10,4 +10,5 @@ mod crash;
 mod incremental;
 mod nbd;
 mod qemu;
+mod sources;
 mod xen;
