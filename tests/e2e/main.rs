@@ -8,6 +8,7 @@ mod concurrency;
 mod corruption;
 mod crash;
 mod incremental;
+mod jobs_locks;
 mod nbd;
 mod qemu;
 mod sources;
