@@ -99,7 +99,7 @@ pub fn disk_name(pool_uuid: &str, vdi_uuid: &str) -> String {
     format!("xen-{pool_uuid}/{vdi_uuid}")
 }
 
-/// The name versions before 0.2 gave a VDI's disk (see [`crate::rename`]).
+/// The name earlier versions gave a VDI's disk (see [`crate::rename`]).
 pub fn former_disk_name(vdi_uuid: &str) -> String {
     format!("xen-{vdi_uuid}")
 }
