@@ -200,15 +200,19 @@ impl FileTarget {
 }
 
 /// Opens an existing file or device for writing, never creating it.
+/// O_NONBLOCK: should the path have become a FIFO since it was inspected,
+/// the open fails at once instead of waiting for a reader (`check_kind`
+/// clears the flag once the type is confirmed).
 fn open_in_place(path: &Path, extra_flags: i32) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .write(true)
-        .custom_flags(extra_flags)
+        .custom_flags(extra_flags | libc::O_NONBLOCK)
         .open(path)
 }
 
-/// Checks what was opened is still what was inspected before opening.
+/// Checks what was opened is still what was inspected before opening, and
+/// makes its writes blocking again.
 fn check_kind(file: &File, path: &Path, device: bool) -> Result<()> {
     let file_type = file
         .metadata()
@@ -222,7 +226,12 @@ fn check_kind(file: &File, path: &Path, device: bool) -> Result<()> {
             crate::source::describe(&file_type)
         )));
     }
-    Ok(())
+    crate::source::clear_nonblocking(file).map_err(|e| {
+        Error::Target(format!(
+            "cannot prepare {} for writing: {e}",
+            path.display()
+        ))
+    })
 }
 
 impl DiskTarget for FileTarget {

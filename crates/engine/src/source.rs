@@ -113,7 +113,7 @@ impl FileSource {
 }
 
 /// Turns O_NONBLOCK off again, so reads wait for the device as usual.
-fn clear_nonblocking(file: &File) -> std::io::Result<()> {
+pub(crate) fn clear_nonblocking(file: &File) -> std::io::Result<()> {
     let fd = file.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own; no memory is passed.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
