@@ -120,7 +120,11 @@ impl Drop for Qsd {
 }
 
 fn setup(s: &Scratch) -> Qsd {
-    let dir = s.path("qsd");
+    setup_in(s, "qsd")
+}
+
+fn setup_in(s: &Scratch, name: &str) -> Qsd {
+    let dir = s.path(name);
     std::fs::create_dir_all(&dir).unwrap();
     let image = dir.join("disk.qcow2");
     let out = Command::new("qemu-img")
@@ -242,4 +246,123 @@ fn killed_backup_leaves_qsd_clean_and_loses_no_change() {
     let again = backup(&s, &qsd);
     assert_eq!(again["mode"]["kind"], "incremental", "{again}");
     assert_eq!(again["stats"]["blocks_read"], 0);
+}
+
+/// A configuration with two QEMU hosts, `host-a` and `host-b`, and one job
+/// per host backing up node `disk`; job `b` keeps only the last point.
+fn two_hosts_config(s: &Scratch, a: &Qsd, b: &Qsd) -> PathBuf {
+    let path = s.path("cbtvault.toml");
+    let host = |name: &str, q: &Qsd| {
+        format!(
+            "[[qemu]]\nname = \"{name}\"\nqmp_socket = \"{}\"\nnbd_socket = \"{}\"\n\n",
+            q.qmp().display(),
+            q.nbd().display()
+        )
+    };
+    let text = format!(
+        "[repository]\npath = \"{}\"\n\n{}{}\
+         [[job]]\nname = \"a\"\nkind = \"qemu\"\nhost = \"host-a\"\nnodes = [\"disk\"]\n\n\
+         [[job]]\nname = \"b\"\nkind = \"qemu\"\nhost = \"host-b\"\nnodes = [\"disk\"]\n\
+         retention = {{ keep_last = 1 }}\n",
+        s.repo().display(),
+        host("host-a", a),
+        host("host-b", b),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs a job of the two-host configuration; returns its one disk's row.
+fn run_job(s: &Scratch, config: &std::path::Path, job: &str) -> serde_json::Value {
+    let out = s.ok(&[
+        "backup",
+        "--json",
+        "--config",
+        config.to_str().unwrap(),
+        "--job",
+        job,
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    assert_eq!(rows[0]["ok"], true, "{rows}");
+    rows[0].clone()
+}
+
+fn points_of(s: &Scratch, disk: &str) -> Vec<serde_json::Value> {
+    s.list()
+        .into_iter()
+        .filter(|rp| rp["disk"] == disk)
+        .collect()
+}
+
+/// Issue 8, defect 11: node `disk` on two hosts. Each host's disk is its
+/// own repository disk, so both stay incremental and one job's retention
+/// never prunes the other host's points; and a repository from before the
+/// change, where both hosts shared `qemu-disk`, keeps each host's chain.
+#[test]
+fn the_same_node_name_on_two_hosts_makes_two_disks_and_former_names_keep_their_chains() {
+    let s = Scratch::new();
+    let a = setup_in(&s, "qsd-a");
+    let b = setup_in(&s, "qsd-b");
+    b.write(0x99, 7 << 20, 65536);
+    let config = two_hosts_config(&s, &a, &b);
+    assert_eq!(run_job(&s, &config, "a")["mode"]["kind"], "full");
+    assert_eq!(run_job(&s, &config, "b")["mode"]["kind"], "full");
+    for night in 1..=2u64 {
+        a.write(0x10 + night as u8, night << 20, 65536);
+        b.write(0x20 + night as u8, (night + 2) << 20, 65536);
+        for (job, q) in [("a", &a), ("b", &b)] {
+            let r = run_job(&s, &config, job);
+            assert_eq!(r["mode"]["kind"], "incremental", "job {job}: {r}");
+            assert_eq!(r["stats"]["blocks_read"], 1, "job {job}: {r}");
+            let snap = s.path(&format!("{job}{night}.raw"));
+            q.snapshot_to(&snap);
+            let rp = r["restore_point"].as_str().unwrap();
+            assert_same_file(&snap, &s.restore(rp, &format!("r-{job}{night}.img")));
+        }
+    }
+    assert_eq!(
+        points_of(&s, "qemu-host-a/disk").len(),
+        3,
+        "b's retention left a's points"
+    );
+    assert_eq!(
+        points_of(&s, "qemu-host-b/disk").len(),
+        1,
+        "b keeps its last point"
+    );
+
+    // Make it a repository from before: every point under `qemu-disk`.
+    {
+        let repo = cbtvault_repo::Repository::open(&s.repo()).unwrap();
+        for rp in s.list() {
+            let old = repo.resolve(rp["id"].as_str().unwrap()).unwrap();
+            let mut manifest = old.manifest.clone();
+            manifest.disk = "qemu-disk".into();
+            repo.commit(&manifest).unwrap();
+            repo.forget(&old.id).unwrap();
+        }
+    }
+    assert_eq!(points_of(&s, "qemu-disk").len(), 4);
+    a.write(0x31, 20 << 20, 65536);
+    b.write(0x32, 21 << 20, 65536);
+    for (job, q) in [("a", &a), ("b", &b)] {
+        let r = run_job(&s, &config, job);
+        assert_eq!(
+            r["mode"]["kind"], "incremental",
+            "job {job} after the upgrade: {r}"
+        );
+        assert_eq!(r["stats"]["blocks_read"], 1, "job {job}: {r}");
+        let snap = s.path(&format!("{job}-upgraded.raw"));
+        q.snapshot_to(&snap);
+        let rp = r["restore_point"].as_str().unwrap();
+        assert_same_file(&snap, &s.restore(rp, &format!("r-{job}-upgraded.img")));
+    }
+    assert_eq!(
+        points_of(&s, "qemu-disk").len(),
+        4,
+        "former points are kept"
+    );
+    let (ok, report) = s.verify(true);
+    assert!(ok, "{report}");
 }

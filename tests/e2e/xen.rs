@@ -10,19 +10,19 @@ use serde_json::Value;
 use crate::common::*;
 
 /// A simulated pool running in this test process.
-struct Pool {
-    sim: Option<Simulator>,
-    rt: tokio::runtime::Runtime,
-    password: PathBuf,
-    pin: PathBuf,
+pub(crate) struct Pool {
+    pub(crate) sim: Option<Simulator>,
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) password: PathBuf,
+    pub(crate) pin: PathBuf,
 }
 
 impl Pool {
-    fn start(s: &Scratch, vms: usize) -> Pool {
+    pub(crate) fn start(s: &Scratch, vms: usize) -> Pool {
         Self::start_with(s, vms, 1)
     }
 
-    fn start_with(s: &Scratch, vms: usize, disks_per_vm: usize) -> Pool {
+    pub(crate) fn start_with(s: &Scratch, vms: usize, disks_per_vm: usize) -> Pool {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -50,7 +50,7 @@ impl Pool {
     }
 
     /// A XenAPI client logged in to the pool, as the CLI would be.
-    async fn login(&self) -> cbtvault_xenapi::Client {
+    pub(crate) async fn login(&self) -> cbtvault_xenapi::Client {
         let url = self.sim.as_ref().unwrap().https_url();
         let password = cbtvault_xenapi::Password::from_file(&self.password).unwrap();
         let mut options = cbtvault_xenapi::ClientOptions::new(&url, "root", password).unwrap();
@@ -58,11 +58,11 @@ impl Pool {
         cbtvault_xenapi::Client::connect(options).await.unwrap()
     }
 
-    fn sim(&self) -> &cbtvault_xapi_sim::Sim {
+    pub(crate) fn sim(&self) -> &cbtvault_xapi_sim::Sim {
         self.sim.as_ref().unwrap().sim()
     }
 
-    fn vdis(&self) -> Vec<String> {
+    pub(crate) fn vdis(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .sim()
             .vdis()
@@ -74,7 +74,7 @@ impl Pool {
         v
     }
 
-    fn args(&self, s: &Scratch) -> Vec<String> {
+    pub(crate) fn args(&self, s: &Scratch) -> Vec<String> {
         let url = self.sim.as_ref().unwrap().https_url();
         [
             "backup",
@@ -94,7 +94,7 @@ impl Pool {
     }
 
     /// Backs up `vdi` and returns its result object.
-    fn backup(&self, s: &Scratch, vdi: &str) -> Value {
+    pub(crate) fn backup(&self, s: &Scratch, vdi: &str) -> Value {
         let mut args = self.args(s);
         args.extend(["--vdi".to_string(), vdi.to_string()]);
         let out = s.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -102,7 +102,7 @@ impl Pool {
     }
 
     /// The disk's bytes now, in a file (for comparing with a restore).
-    fn copy_disk(&self, s: &Scratch, vdi: &str, name: &str) -> PathBuf {
+    pub(crate) fn copy_disk(&self, s: &Scratch, vdi: &str, name: &str) -> PathBuf {
         let from = self
             .sim()
             .state_dir()
@@ -114,7 +114,7 @@ impl Pool {
     }
 
     /// Snapshots that still hold data.
-    fn data_snapshots(&self) -> Vec<String> {
+    pub(crate) fn data_snapshots(&self) -> Vec<String> {
         self.sim()
             .vdis()
             .into_iter()
@@ -427,5 +427,96 @@ fn an_expired_session_mid_run_logs_in_again() {
     assert_same_file(
         &pool.copy_disk(&s, &vdi, "e.img"),
         &s.restore(&o.restore_point, "re.img"),
+    );
+}
+
+/// Issue 8, defect 20: a VDI whose size is not a multiple of 512 bytes.
+/// xapi-nbd reads whole sectors only (EINVAL otherwise); the tail must still
+/// be read, night after night, and the chain must stay incremental.
+#[test]
+fn a_vdi_of_an_odd_size_backs_up_incrementally_and_restores_exactly() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = pool.vdis()[0].clone();
+    pool.backup(&s, &vdi);
+    // Grown to a size that is no whole number of sectors, data in the tail.
+    let size = (32 << 20) + 1000;
+    pool.sim().resize(&vdi, size).unwrap();
+    pool.sim().write(&vdi, size - 300, &[0xa5; 300]).unwrap();
+    for night in 1..=3u64 {
+        pool.sim().churn(&vdi, 5, night).unwrap();
+        pool.sim()
+            .write(&vdi, size - 17, &[night as u8; 17])
+            .unwrap();
+        let r = pool.backup(&s, &vdi);
+        assert_eq!(r["mode"]["kind"], "incremental", "night {night}: {r}");
+        let restored = s.restore(
+            r["restore_point"].as_str().unwrap(),
+            &format!("r{night}.img"),
+        );
+        assert_eq!(std::fs::metadata(&restored).unwrap().len(), size);
+        assert_same_file(
+            &pool.copy_disk(&s, &vdi, &format!("n{night}.img")),
+            &restored,
+        );
+    }
+    let (ok, report) = s.verify(true);
+    assert!(ok, "{report}");
+}
+
+/// Issue 8, defect 11: a VDI's disk is named with its pool
+/// (`xen-POOL/VDI`); restore points stored under the former name
+/// (`xen-VDI`) stay, and the newest serves as the parent of the next
+/// incremental, so the upgrade costs no full read.
+#[test]
+fn a_vdi_stored_under_its_former_name_stays_incremental() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = pool.vdis()[0].clone();
+    let first = pool.backup(&s, &vdi);
+    let pool_uuid = pool.rt.block_on(async {
+        let client = pool.login().await;
+        let uuid = cbtvault_engine::xenserver::pool_uuid(&client)
+            .await
+            .unwrap();
+        client.logout().await.unwrap();
+        uuid
+    });
+    let name = format!("xen-{pool_uuid}/{vdi}");
+    let rows = s.list();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["disk"], name.as_str());
+
+    // A repository from before: the point under `xen-VDI`.
+    let former = format!("xen-{vdi}");
+    {
+        let repo = cbtvault_repo::Repository::open(&s.repo()).unwrap();
+        let old = repo
+            .resolve(first["restore_point"].as_str().unwrap())
+            .unwrap();
+        let mut manifest = old.manifest.clone();
+        manifest.disk = former.clone();
+        repo.commit(&manifest).unwrap();
+        repo.forget(&old.id).unwrap();
+    }
+    let written: std::collections::BTreeSet<u64> =
+        pool.sim().churn(&vdi, 6, 3).unwrap().into_iter().collect();
+    let r = pool.backup(&s, &vdi);
+    assert_eq!(r["mode"]["kind"], "incremental", "{r}");
+    assert_eq!(r["mode"]["changed_blocks"], written.len() as u64);
+    assert_same_file(
+        &pool.copy_disk(&s, &vdi, "after.img"),
+        &s.restore(r["restore_point"].as_str().unwrap(), "after-r.img"),
+    );
+    let disks: std::collections::BTreeSet<String> = s
+        .list()
+        .iter()
+        .map(|rp| rp["disk"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(disks, [former, name].into_iter().collect());
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "{:?}",
+        pool.data_snapshots()
     );
 }

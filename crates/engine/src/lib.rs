@@ -21,6 +21,7 @@ pub mod error;
 pub mod nbd;
 pub mod progress;
 pub mod qemu;
+pub mod rename;
 pub mod restore;
 pub mod serve;
 pub mod source;
@@ -32,5 +33,6 @@ pub use backup::{
 };
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
+pub use rename::DiskName;
 pub use restore::{DiskTarget, FileTarget, RestoreStats, restore};
 pub use source::{DiskSource, FileSource};

@@ -3,6 +3,7 @@
 //! export receives a restore.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use cbtvault_blockmap::{BLOCK_SIZE, BlockMap, Extent, block_count};
@@ -25,6 +26,12 @@ pub fn dirty_bitmap_context(bitmap: &str) -> String {
 pub struct NbdSource {
     client: Client,
     info: SourceInfo,
+    /// The disk's size: the export's, or the hypervisor's when it is not a
+    /// whole number of the server's blocks (see [`NbdSource::with_size`]).
+    size: u64,
+    /// Bytes at the disk's end that no aligned read could reach, stored as
+    /// zeros (recorded in the manifest).
+    unreadable: AtomicU64,
 }
 
 impl NbdSource {
@@ -39,19 +46,46 @@ impl NbdSource {
             what: "cannot connect to the NBD server".into(),
             source: Some(Box::new(e)),
         })?;
-        Ok(NbdSource {
+        Ok(NbdSource::from_client(
             client,
-            info: SourceInfo {
+            SourceInfo {
                 provider: "nbd".into(),
                 location,
                 ..Default::default()
             },
-        })
+        ))
     }
 
     /// Wraps a connected client.
     pub fn from_client(client: Client, info: SourceInfo) -> NbdSource {
-        NbdSource { client, info }
+        NbdSource {
+            size: client.size(),
+            client,
+            info,
+            unreadable: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes the disk's size from the hypervisor rather than the export.
+    /// xapi-nbd exports a VDI as its dom0 block device, a whole number of
+    /// 512-byte sectors, while the VDI's `virtual_size` need not be: the
+    /// disk is then a little shorter than the export. A disk a little
+    /// longer (less than one of the server's blocks) is accepted too; its
+    /// unreachable tail reads as zeros, with a warning.
+    pub fn with_size(mut self, size: u64) -> Result<NbdSource> {
+        let export = self.client.size();
+        let align = u64::from(self.client.block_sizes().0.max(1));
+        if size > export && size - export >= align {
+            return Err(Error::Source {
+                disk: self.info.location.clone(),
+                what: format!(
+                    "the disk is {size} bytes but its NBD export only {export}; is the export the right disk?"
+                ),
+                source: None,
+            });
+        }
+        self.size = size;
+        Ok(self)
     }
 
     /// The client, for callers that need more of the protocol.
@@ -82,7 +116,7 @@ impl NbdSource {
             .into_iter()
             .filter(|e| e.flags & 1 != 0)
             .map(|e| Extent::new(e.offset, e.length));
-        BlockMap::from_extents(block_count(self.client.size()), dirty).map_err(|e| Error::Source {
+        BlockMap::from_extents(block_count(self.size), dirty).map_err(|e| Error::Source {
             disk: self.info.location.clone(),
             what: "the dirty bitmap does not fit the disk".into(),
             source: Some(Box::new(e)),
@@ -114,15 +148,29 @@ impl NbdSource {
 
 impl DiskSource for NbdSource {
     fn info(&self) -> SourceInfo {
-        self.info.clone()
+        let mut info = self.info.clone();
+        let unreadable = self.unreadable.load(Ordering::Relaxed);
+        if unreadable > 0 {
+            info.details
+                .insert("unreadable_tail_bytes".into(), unreadable.to_string());
+        }
+        info
     }
 
     fn size(&self) -> u64 {
-        self.client.size()
+        self.size
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, BoxError> {
-        Ok(self.client.read(offset, len).await?)
+        let (data, zeroed) = read_aligned(&self.client, offset, len).await?;
+        if zeroed > 0 && self.unreadable.swap(zeroed, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                disk = %self.info.location,
+                bytes = zeroed,
+                "the last bytes of the disk lie in a partial block the NBD server cannot read; they are stored as zeros"
+            );
+        }
+        Ok(data)
     }
 
     async fn allocated(&self) -> Result<Option<BlockMap>, BoxError> {
@@ -140,11 +188,39 @@ impl DiskSource for NbdSource {
             .into_iter()
             .filter(|e| e.flags & StatusExtent::ZERO == 0)
             .map(|e| Extent::new(e.offset, e.length));
-        Ok(Some(BlockMap::from_extents(
-            block_count(self.client.size()),
-            data,
-        )?))
+        Ok(Some(BlockMap::from_extents(block_count(self.size), data)?))
     }
+}
+
+/// Reads `len` bytes at `offset` with requests the server accepts, and
+/// says how many bytes at the end it had to fill with zeros.
+///
+/// A server with a minimum block size (xapi-nbd: 512 bytes, without
+/// saying so) refuses a request that does not cover whole blocks, so the
+/// last, partial block of a disk whose size is not a multiple of it cannot
+/// be read as such: the read is rounded up to whole blocks when the export
+/// holds them (xapi-nbd exports whole sectors), and otherwise the bytes
+/// past the last whole block are returned as zeros.
+pub(crate) async fn read_aligned(
+    client: &Client,
+    offset: u64,
+    len: usize,
+) -> Result<(Bytes, u64), cbtvault_nbd::Error> {
+    let export = client.size();
+    let align = u64::from(client.block_sizes().0.max(1));
+    let end = offset + len as u64;
+    if end.div_ceil(align) * align <= export {
+        return Ok((client.read(offset, len).await?, 0));
+    }
+    // What aligned requests can reach.
+    let reachable = export / align * align;
+    let mut out = bytes::BytesMut::zeroed(len);
+    if offset < reachable {
+        let n = (reachable.min(end) - offset) as usize;
+        out[..n].copy_from_slice(&client.read(offset, n).await?);
+    }
+    let zeroed = end - reachable.max(offset);
+    Ok((out.freeze(), zeroed))
 }
 
 /// A writable NBD export as a restore target. Its methods are called from
@@ -270,12 +346,14 @@ pub async fn verify_sample(
     for (block, id) in picks {
         let offset = block * BLOCK_SIZE;
         let len = BLOCK_SIZE.min(manifest.virtual_size - offset) as usize;
-        let data = nbd.read(offset, len).await.map_err(|e| Error::SourceRead {
-            disk: disk.clone(),
-            offset,
-            len,
-            source: Box::new(e),
-        })?;
+        let (data, _) = read_aligned(nbd, offset, len)
+            .await
+            .map_err(|e| Error::SourceRead {
+                disk: disk.clone(),
+                offset,
+                len,
+                source: Box::new(e),
+            })?;
         let actual = if cbtvault_repo::is_all_zero(&data) {
             BlobId::ZERO
         } else {

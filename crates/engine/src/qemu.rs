@@ -21,14 +21,16 @@ use crate::backup::{BackupJob, BackupOptions, BackupOutcome, Changes, Parent};
 use crate::error::{Error, Result};
 use crate::nbd::NbdSource;
 use crate::progress::Progress;
+use crate::rename::DiskName;
 
 /// How to back up a QEMU node.
 #[derive(Clone, Debug)]
 pub struct QemuOptions {
     /// The job name (1-20 characters: it names QEMU objects).
     pub job: String,
-    /// The disk's name in the repository.
-    pub disk: String,
+    /// The disk's name in the repository (for a job, `qemu-HOST/NODE`,
+    /// formerly `qemu-NODE`).
+    pub disk: DiskName,
     /// Blocks re-read from the view before the old checkpoint goes.
     pub verify_samples: usize,
     pub backup: BackupOptions,
@@ -51,10 +53,18 @@ pub async fn backup_node(
     progress: Arc<dyn Progress>,
     cancel: CancellationToken,
 ) -> Result<BackupOutcome> {
-    let disk = options.disk.clone();
+    let disk = options.disk.name.clone();
     let span = tracing::info_span!("qemu", job = %options.job, node = %qemu_disk.node());
     async move {
-        let latest = repo.latest(&disk)?;
+        // Taken before cleaning up: a second run must not take apart the
+        // export of a run still reading it.
+        let locks = crate::backup::lock_disk(&repo, &disk).await?;
+        // Only this host's restore points under a former name are ours.
+        let here = location(qemu_disk);
+        let latest = crate::rename::latest(&repo, &options.disk, move |m| {
+            m.source.provider == "qemu" && m.source.location == here
+        })
+        .await?;
         // The checkpoint the latest restore point ends at, if it is ours.
         let previous = latest
             .as_ref()
@@ -72,7 +82,7 @@ pub async fn backup_node(
             .prepare(&options.job, previous.as_ref())
             .await
             .map_err(qemu(&disk, "starting the point-in-time view"))?;
-        match read_export(qemu_disk, &repo, &export, previous.is_some(), options, progress, cancel).await {
+        match read_export(qemu_disk, &repo, &export, previous.is_some(), options, progress, cancel, locks).await {
             Ok(outcome) => {
                 qemu_disk
                     .commit(export)
@@ -92,6 +102,12 @@ pub async fn backup_node(
     .await
 }
 
+/// Where a restore point of this node came from, as its manifest says.
+fn location(qemu_disk: &QemuDisk) -> String {
+    format!("{} node {}", qemu_disk.qmp().address(), qemu_disk.node())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn read_export(
     qemu_disk: &QemuDisk,
     repo: &Arc<Repository>,
@@ -100,8 +116,9 @@ async fn read_export(
     options: &QemuOptions,
     progress: Arc<dyn Progress>,
     cancel: CancellationToken,
+    locks: Arc<crate::backup::DiskLocks>,
 ) -> Result<BackupOutcome> {
-    let disk = &options.disk;
+    let disk = &options.disk.name;
     let mut connect = ConnectOptions::unix(export.nbd_socket().to_path_buf(), export.export_name());
     if let Some(context) = export.dirty_bitmap_context() {
         connect.meta_contexts.push(context.to_string());
@@ -109,7 +126,7 @@ async fn read_export(
     let mut source = NbdSource::connect(connect, format!("qemu node {}", qemu_disk.node())).await?;
     source.set_info(SourceInfo {
         provider: "qemu".into(),
-        location: format!("{} node {}", qemu_disk.qmp().address(), qemu_disk.node()),
+        location: location(qemu_disk),
         snapshot: Some(export.checkpoint().to_string()),
         details: BTreeMap::from([("job".to_string(), options.job.clone())]),
     });
@@ -145,7 +162,7 @@ async fn read_export(
         parent: Parent::Latest,
         time: Some(jiff::Timestamp::now()),
         options: options.backup.clone(),
-        held: None,
+        held: Some(locks),
     };
     let outcome =
         crate::backup::backup(repo.clone(), Arc::new(source), job, progress, cancel).await;

@@ -27,31 +27,77 @@ pub trait DiskTarget: Send + Sync {
     fn finish(&self) -> std::io::Result<()>;
 }
 
-/// A new sparse file. It is written under a temporary name beside the
-/// destination and renamed over it only when the restore succeeded, so a
-/// failed restore never leaves a half-written file under the real name.
+/// A restore target on the local machine.
+///
+/// - A new file is written under a temporary name beside the destination
+///   (mode 0600, whatever the umask: it holds a VM's disk) and renamed over
+///   it only when the restore succeeded, so a failed restore never leaves a
+///   half-written file under the real name.
+/// - An existing regular file (with `overwrite`) is written in place: same
+///   inode, owner, mode and links, truncated to the disk's size.
+/// - A block device (with `overwrite`) is written in place, opened with
+///   `O_EXCL` so that a mounted device is refused; it must hold at least
+///   the disk's size, and bytes past it are left as they were.
+///
+/// Anything else (character devices such as `/dev/null`, FIFOs, sockets,
+/// directories) is refused: a restore there would report success and keep
+/// nothing.
 #[derive(Debug)]
 pub struct FileTarget {
     file: File,
     /// Writers queue here instead of spinning on the kernel's inode lock.
     write_lock: Mutex<()>,
-    tmp: PathBuf,
+    kind: TargetKind,
     path: PathBuf,
 }
 
+#[derive(Debug)]
+enum TargetKind {
+    /// A new file under this temporary name until `finish`.
+    New { tmp: PathBuf },
+    /// An existing regular file, truncated, so it reads as zeros.
+    ExistingFile,
+    /// A block device, whose old contents must be overwritten with zeros.
+    BlockDevice,
+}
+
 impl FileTarget {
-    /// Prepares a file of `size` bytes at `path`; an existing file is an
-    /// error unless `overwrite`.
+    /// Prepares a target of `size` bytes at `path` (see the type's
+    /// documentation); an existing file or device is an error unless
+    /// `overwrite`.
     pub fn create(path: &Path, size: u64, overwrite: bool) -> Result<FileTarget> {
-        if path.exists() && !overwrite {
+        let shown = path.display();
+        let existing = match std::fs::metadata(path) {
+            Ok(meta) => Some(meta.file_type()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::Target(format!("cannot inspect {shown}: {e}"))),
+        };
+        let Some(file_type) = existing else {
+            return Self::create_new(path, size);
+        };
+        if !crate::source::holds_a_disk(&file_type) {
             return Err(Error::Target(format!(
-                "{} exists; pass --force to overwrite it",
-                path.display()
+                "{shown} is {}; restore writes to a regular file, a block device or an NBD export (nbd://…)",
+                crate::source::describe(&file_type)
             )));
         }
-        if path.is_dir() {
-            return Err(Error::Target(format!("{} is a directory", path.display())));
+        let device = std::os::unix::fs::FileTypeExt::is_block_device(&file_type);
+        if !overwrite {
+            return Err(Error::Target(if device {
+                format!("{shown} is a block device; pass --force to overwrite its contents")
+            } else {
+                format!("{shown} exists; pass --force to overwrite it")
+            }));
         }
+        if device {
+            Self::open_device(path, size)
+        } else {
+            Self::open_existing(path, size)
+        }
+    }
+
+    fn create_new(path: &Path, size: u64) -> Result<FileTarget> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let name = path
             .file_name()
             .ok_or_else(|| Error::Target(format!("{} is not a file name", path.display())))?;
@@ -61,21 +107,131 @@ impl FileTarget {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)
+            // An older partial file keeps its mode on open: set it exactly.
+            .and_then(|f| {
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map(|()| f)
+            })
             .and_then(|f| f.set_len(size).map(|()| f))
             .map_err(|e| Error::Target(format!("cannot create {}: {e}", tmp.display())))?;
         Ok(FileTarget {
             file,
             write_lock: Mutex::new(()),
-            tmp,
+            kind: TargetKind::New { tmp },
             path: path.to_path_buf(),
         })
     }
 
-    /// Removes the temporary file after a failure.
-    pub fn abandon(self) {
-        let _ = std::fs::remove_file(&self.tmp);
+    fn open_existing(path: &Path, size: u64) -> Result<FileTarget> {
+        let file = open_in_place(path, 0).map_err(|e| {
+            Error::Target(format!("cannot open {} for writing: {e}", path.display()))
+        })?;
+        check_kind(&file, path, false)?;
+        // Emptied first, so blocks the restore point holds as zeros need
+        // no write and the file stays as sparse as the disk.
+        file.set_len(0)
+            .and_then(|()| file.set_len(size))
+            .map_err(|e| Error::Target(format!("cannot resize {}: {e}", path.display())))?;
+        Ok(FileTarget {
+            file,
+            write_lock: Mutex::new(()),
+            kind: TargetKind::ExistingFile,
+            path: path.to_path_buf(),
+        })
     }
+
+    fn open_device(path: &Path, size: u64) -> Result<FileTarget> {
+        // O_EXCL on a block device: refused while it is mounted or held.
+        let file = open_in_place(path, libc::O_EXCL).map_err(|e| {
+            Error::Target(if e.raw_os_error() == Some(libc::EBUSY) {
+                format!(
+                    "{} is mounted or in use; unmount it (or stop what holds it) first",
+                    path.display()
+                )
+            } else {
+                format!("cannot open {} for writing: {e}", path.display())
+            })
+        })?;
+        check_kind(&file, path, true)?;
+        let device_size = {
+            use std::io::Seek;
+            let mut f = &file;
+            f.seek(std::io::SeekFrom::End(0)).map_err(|e| {
+                Error::Target(format!("cannot read the size of {}: {e}", path.display()))
+            })?
+        };
+        if device_size < size {
+            return Err(Error::Target(format!(
+                "block device {} holds {device_size} bytes; the restore point needs {size}",
+                path.display()
+            )));
+        }
+        if device_size > size {
+            tracing::info!(
+                device = %path.display(),
+                device_size,
+                size,
+                "the device is larger than the disk; bytes past the disk's end are left as they are"
+            );
+        }
+        Ok(FileTarget {
+            file,
+            write_lock: Mutex::new(()),
+            kind: TargetKind::BlockDevice,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Whether the target is written in place (an existing file or a
+    /// device): after a failure it holds a partial restore.
+    pub fn in_place(&self) -> bool {
+        !matches!(self.kind, TargetKind::New { .. })
+    }
+
+    /// Removes the temporary file after a failure. A target written in
+    /// place cannot be put back; it is left as it is.
+    pub fn abandon(self) {
+        if let TargetKind::New { tmp } = &self.kind {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Opens an existing file or device for writing, never creating it.
+/// O_NONBLOCK: should the path have become a FIFO since it was inspected,
+/// the open fails at once instead of waiting for a reader (`check_kind`
+/// clears the flag once the type is confirmed).
+fn open_in_place(path: &Path, extra_flags: i32) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(extra_flags | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Checks what was opened is still what was inspected before opening, and
+/// makes its writes blocking again.
+fn check_kind(file: &File, path: &Path, device: bool) -> Result<()> {
+    let file_type = file
+        .metadata()
+        .map_err(|e| Error::Target(format!("cannot inspect {}: {e}", path.display())))?
+        .file_type();
+    let is_device = std::os::unix::fs::FileTypeExt::is_block_device(&file_type);
+    if (device && !is_device) || (!device && !file_type.is_file()) {
+        return Err(Error::Target(format!(
+            "{} changed while it was being opened (it is now {}); try again",
+            path.display(),
+            crate::source::describe(&file_type)
+        )));
+    }
+    crate::source::clear_nonblocking(file).map_err(|e| {
+        Error::Target(format!(
+            "cannot prepare {} for writing: {e}",
+            path.display()
+        ))
+    })
 }
 
 impl DiskTarget for FileTarget {
@@ -85,6 +241,9 @@ impl DiskTarget for FileTarget {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if matches!(self.kind, TargetKind::BlockDevice) && zero_range(&self.file, offset, len) {
+            return Ok(());
+        }
         let zeros = vec![0u8; BLOCK_SIZE as usize];
         let mut done = 0;
         while done < len {
@@ -97,12 +256,15 @@ impl DiskTarget for FileTarget {
     }
 
     fn is_zeroed(&self) -> bool {
-        true
+        !matches!(self.kind, TargetKind::BlockDevice)
     }
 
     fn finish(&self) -> std::io::Result<()> {
         self.file.sync_all()?;
-        std::fs::rename(&self.tmp, &self.path)?;
+        let TargetKind::New { tmp } = &self.kind else {
+            return Ok(());
+        };
+        std::fs::rename(tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             let dir = if dir.as_os_str().is_empty() {
                 Path::new(".")
@@ -113,6 +275,18 @@ impl DiskTarget for FileTarget {
         }
         Ok(())
     }
+}
+
+/// Zeroes a range of a block device without sending the zeros (the device
+/// may unmap or offload it); false when the device cannot, e.g. a range
+/// not aligned to its sectors, and the caller writes zeros instead.
+fn zero_range(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return false;
+    };
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, off, n) == 0 }
 }
 
 /// What a restore did.

@@ -34,6 +34,34 @@ pub trait DiskSource: Send + Sync + 'static {
     }
 }
 
+/// What a path on the local machine is, in the user's words.
+pub(crate) fn describe(file_type: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_file() {
+        "a regular file"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// Whether a disk can live at a path of this type: a regular file or a
+/// block device. Anything else either never ends (`/dev/zero`, a FIFO) or
+/// blocks on open, and has no size.
+pub(crate) fn holds_a_disk(file_type: &std::fs::FileType) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    file_type.is_file() || file_type.is_block_device()
+}
+
 /// A raw disk image (or block device) on the local machine.
 #[derive(Clone, Debug)]
 pub struct FileSource {
@@ -43,17 +71,34 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    /// Opens `path` for reading.
+    /// Opens `path` for reading: a regular file or a block device, nothing
+    /// else (the error says what the path is instead).
     pub fn open(path: &Path) -> std::io::Result<FileSource> {
-        let file = File::open(path)?;
-        let meta = file.metadata()?;
-        if meta.is_dir() {
-            return Err(std::io::Error::new(
+        use std::os::unix::fs::OpenOptionsExt;
+        let refuse = |what: &str| {
+            std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "is a directory",
-            ));
+                format!("it is {what}; a file source must be a regular file or a block device"),
+            )
+        };
+        // Checked before opening: opening a FIFO would wait for a writer.
+        let kind = std::fs::metadata(path)?.file_type();
+        if !holds_a_disk(&kind) {
+            return Err(refuse(describe(&kind)));
         }
-        // A block device reports 0 in metadata; seeking to the end works for both.
+        // O_NONBLOCK, and the type checked again on the descriptor: the path
+        // may have been swapped for a FIFO in between.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        let kind = file.metadata()?.file_type();
+        if !holds_a_disk(&kind) {
+            return Err(refuse(describe(&kind)));
+        }
+        clear_nonblocking(&file)?;
+        // A block device reports 0 in metadata; seeking to the end gives
+        // the size of both.
         let size = {
             use std::io::Seek;
             let mut f = &file;
@@ -65,6 +110,21 @@ impl FileSource {
             size,
         })
     }
+}
+
+/// Turns O_NONBLOCK off again, so reads wait for the device as usual.
+pub(crate) fn clear_nonblocking(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl DiskSource for FileSource {

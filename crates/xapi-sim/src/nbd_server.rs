@@ -23,14 +23,37 @@ use crate::sim::Sim;
 /// ends, which detaches the VDI from dom0.
 struct SimExport(NbdExport);
 
+/// xapi-nbd serves the VDI's dom0 block device: whole 512-byte sectors.
+const SECTOR: u64 = 512;
+
 impl Export for SimExport {
+    /// As xapi-nbd: `size_sectors * sector_size` of the block device, so a
+    /// VDI whose virtual size is not a whole number of sectors is exported
+    /// rounded up, its last sector padded with zeros. Reads must still be
+    /// whole sectors (minimal mode answers EINVAL otherwise).
     fn size(&self) -> u64 {
-        self.0.reader.size()
+        self.0.reader.size().div_ceil(SECTOR) * SECTOR
     }
 
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, BoxError>> {
         Box::pin(async move {
-            let data = self.0.reader.read_at_async(len as usize, offset).await?;
+            let disk = self.0.reader.size();
+            let end = offset.saturating_add(u64::from(len));
+            if end <= disk || offset >= self.size() || end > self.size() {
+                // Wholly on the disk, or an error the reader reports.
+                let data = self.0.reader.read_at_async(len as usize, offset).await?;
+                return Ok(Bytes::from(data));
+            }
+            // Into the padding of the last sector.
+            let mut data = vec![0u8; len as usize];
+            if offset < disk {
+                let head = self
+                    .0
+                    .reader
+                    .read_at_async((disk - offset) as usize, offset)
+                    .await?;
+                data[..head.len()].copy_from_slice(&head);
+            }
             Ok(Bytes::from(data))
         })
     }

@@ -222,10 +222,15 @@ pub fn restore(
             match cbtvault_engine::restore(&repo, &rp, &target, workers, &bar, &cancel) {
                 Ok(stats) => stats,
                 Err(e) => {
+                    let outcome = if target.in_place() {
+                        "it holds a partial restore now"
+                    } else {
+                        "nothing was written there"
+                    };
                     target.abandon();
                     return Err(e).with_context(|| {
                         format!(
-                            "restore of {} to {} failed; nothing was written there",
+                            "restore of {} to {} failed; {outcome}",
                             output::short(&rp.id),
                             path.display()
                         )

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use cbtvault_config::{Config, JobKind, PasswordSource, Retention};
 use cbtvault_engine::qemu::QemuOptions;
 use cbtvault_engine::xenserver::{self, XenOptions};
-use cbtvault_engine::{BackupOutcome, Progress};
+use cbtvault_engine::{BackupOutcome, DiskName, Progress};
 use cbtvault_repo::Repository;
 use cbtvault_xenapi::{Client, ClientOptions, Password, TlsTrust, TransportChoice};
 use futures::StreamExt;
@@ -42,6 +42,8 @@ enum Plan {
         consistent: bool,
     },
     Qemu {
+        /// The host's name in the configuration: part of each disk's name.
+        host: String,
         socket: PathBuf,
         nbd_socket: Option<PathBuf>,
         nodes: Vec<String>,
@@ -114,6 +116,7 @@ fn plan(args: &BackupArgs) -> Result<Run> {
             JobKind::Qemu { host, nodes } => {
                 let h = config.qemu_host(host).context("the job's QEMU host")?;
                 Plan::Qemu {
+                    host: h.name.clone(),
                     socket: h.qmp_socket.clone(),
                     nbd_socket: h.nbd_socket.clone(),
                     nodes: nodes.clone(),
@@ -184,6 +187,10 @@ pub fn login_options(login: &XapiLogin) -> Result<ClientOptions> {
 pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
     let run = plan(args)?;
     let repo = super::open(&run.repo)?;
+    let _job_lock = match args.config {
+        Some(_) => Some(lock_job(&repo, &run.job)?),
+        None => None,
+    };
     let options = super::data::backup_options(args);
     let rt = super::runtime()?;
     let cancel = CancellationToken::new();
@@ -210,11 +217,13 @@ pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
                 run_xen(&run, pool, targets, repo.clone(), options, progress, cancel).await
             }
             Plan::Qemu {
+                host,
                 socket,
                 nbd_socket,
                 nodes,
             } => {
                 let host = QemuHostPlan {
+                    name: host,
                     socket,
                     nbd_socket: nbd_socket.as_deref(),
                 };
@@ -235,6 +244,20 @@ pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
     report(g, &repo, results, run.retention)
 }
 
+/// One run of a job at a time: a second one is refused at once, before it
+/// touches the hypervisor (it would otherwise reap the snapshots of the run
+/// in progress). The lock is the kernel's, so a killed run leaves none.
+fn lock_job(repo: &Repository, job: &str) -> Result<cbtvault_repo::Lock> {
+    // The per-disk lock file, keyed by a name no disk has.
+    match repo.lock_disk(&format!("\0job {job}")) {
+        Ok(lock) => Ok(lock),
+        Err(cbtvault_repo::Error::Locked { .. }) => bail!(
+            "job {job:?} is already running in another cbtvault process; this run stops without touching anything (run it again when that one has finished)"
+        ),
+        Err(e) => Err(e).with_context(|| format!("locking job {job:?}")),
+    }
+}
+
 /// `backup --source qmp:SOCKET --node NODE --disk NAME`.
 pub fn backup_qemu_once(
     g: &Global,
@@ -249,7 +272,7 @@ pub fn backup_qemu_once(
     let repo = super::open(repo)?;
     let options = QemuOptions {
         job: "cbtv".into(),
-        disk: disk.to_string(),
+        disk: DiskName::new(disk),
         verify_samples: 16,
         backup: super::data::backup_options(args),
     };
@@ -388,6 +411,7 @@ async fn vm_disks(client: &Client, vm_uuid: &str) -> Result<Vec<String>> {
 
 /// Where a QEMU host's sockets are.
 struct QemuHostPlan<'a> {
+    name: &'a str,
     socket: &'a Path,
     nbd_socket: Option<&'a Path>,
 }
@@ -419,6 +443,7 @@ async fn run_qemu(
                 backup.clone(),
             );
             let nbd_socket = host.nbd_socket.map(Path::to_path_buf);
+            let host_name = host.name;
             async move {
                 let options = QemuOptions {
                     // QEMU names must stay short: the job plus the node's position.
@@ -428,7 +453,12 @@ async fn run_qemu(
                             .take(cbtvault_qemu::MAX_JOB_NAME - 3)
                             .collect::<String>()
                     ),
-                    disk: format!("qemu-{node}"),
+                    // Node names repeat across hosts (`drive0`): the host
+                    // is part of the disk's identity.
+                    disk: DiskName {
+                        name: format!("qemu-{host_name}/{node}"),
+                        former: Some(format!("qemu-{node}")),
+                    },
                     verify_samples: 16,
                     backup,
                 };

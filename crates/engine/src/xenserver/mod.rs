@@ -37,6 +37,7 @@ use crate::backup::{BackupJob, BackupOptions, BackupOutcome, Changes, DiskLocks,
 use crate::error::{Error, Result};
 use crate::nbd::NbdSource;
 use crate::progress::Progress;
+use crate::rename::DiskName;
 
 /// `other_config` key naming the job that made a snapshot.
 pub const TAG_JOB: &str = "cbtvault-job";
@@ -91,9 +92,44 @@ fn is_missing(e: &cbtvault_xenapi::Error) -> bool {
         .is_some_and(|x| matches!(x, XapiError::HandleInvalid { .. }) || x.code() == "UUID_INVALID")
 }
 
-/// The repository's name for a VDI's disk.
-pub fn disk_name(vdi_uuid: &str) -> String {
+/// The repository's name for a VDI's disk: `xen-POOL/VDI`, with the
+/// pool's uuid, so that VDIs of two pools never share a disk (a replicated
+/// SR brings its VDI uuids along), and the name survives a new pool master.
+pub fn disk_name(pool_uuid: &str, vdi_uuid: &str) -> String {
+    format!("xen-{pool_uuid}/{vdi_uuid}")
+}
+
+/// The name earlier versions gave a VDI's disk (see [`crate::rename`]).
+pub fn former_disk_name(vdi_uuid: &str) -> String {
     format!("xen-{vdi_uuid}")
+}
+
+/// The pool's uuid (a XAPI host belongs to exactly one pool).
+pub async fn pool_uuid(
+    xapi_client: &Client,
+) -> std::result::Result<String, cbtvault_xenapi::Error> {
+    let refs = xapi_client.call("pool.get_all", vec![]).await?;
+    let pool = refs
+        .as_array()
+        .and_then(|a| a.first())
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| cbtvault_xenapi::Error::Decode {
+            field: "pool.get_all".into(),
+            detail: format!("expected a list of one pool reference, got {refs:?}"),
+        })?
+        .to_string();
+    let uuid = xapi_client
+        .call(
+            "pool.get_uuid",
+            vec![cbtvault_xenapi::Value::from(pool.as_str())],
+        )
+        .await?;
+    uuid.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| cbtvault_xenapi::Error::Decode {
+            field: "pool.get_uuid".into(),
+            detail: format!("expected a string, got {uuid:?}"),
+        })
 }
 
 /// A disk ready to be snapshotted: locked, reaped, CBT on, base found.
@@ -115,7 +151,14 @@ pub(crate) async fn prepare(
     vdi_uuid: &str,
     options: &XenOptions,
 ) -> Result<Prepared> {
-    let disk = disk_name(vdi_uuid);
+    let pool = pool_uuid(xapi_client)
+        .await
+        .map_err(xapi(&former_disk_name(vdi_uuid), "reading the pool's uuid"))?;
+    let name = DiskName {
+        name: disk_name(&pool, vdi_uuid),
+        former: Some(former_disk_name(vdi_uuid)),
+    };
+    let disk = name.name.clone();
     // Held across the hypervisor steps too: no two runs reap each other.
     let locks = crate::backup::lock_disk(repo, &disk).await?;
     let vdis = xapi_client.vdi();
@@ -123,7 +166,13 @@ pub(crate) async fn prepare(
         .get_by_uuid(vdi_uuid)
         .await
         .map_err(xapi(&disk, "looking up the VDI"))?;
-    let latest = repo.latest(&disk)?;
+    // Restore points under the former name are this VDI's whatever the
+    // pool's address was then.
+    let suffix = format!("/vdi/{vdi_uuid}");
+    let latest = crate::rename::latest(repo, &name, move |m| {
+        m.source.provider == "xenserver" && m.source.location.ends_with(&suffix)
+    })
+    .await?;
     let base_uuid = latest
         .as_ref()
         .and_then(|rp| rp.manifest.source.snapshot.clone());
@@ -376,7 +425,16 @@ async fn back_up_snapshot(
                 ("job".to_string(), options.job.clone()),
             ]),
         },
-    );
+    )
+    // The VDI's size, not the export's (whole sectors, see `with_size`).
+    .with_size(snap.virtual_size);
+    let source = match source {
+        Ok(s) => s,
+        Err(e) => {
+            nbd.disconnect().await;
+            return Err(e);
+        }
+    };
     let time = jiff::Timestamp::now();
     // What the check before data_destroy samples: the blocks just read.
     let focus = match &changes {

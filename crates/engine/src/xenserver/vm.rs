@@ -39,6 +39,9 @@ pub async fn backup_vm(
         let label = format!("vm-{vm_uuid}");
         let vms = xapi_client.vm();
         let vm = vms.get_by_uuid(vm_uuid).await.map_err(xapi(&label, "looking up the VM"))?;
+        // Held for the whole run: another run reaping would destroy this
+        // run's VM snapshot under it.
+        let _vm_lock = lock_vm(&repo, &label).await?;
         reap_vm_snapshots(xapi_client, &repo, &label, &vm, options).await?;
         let record = vms.get_record(&vm).await.map_err(xapi(&label, "reading the VM"))?;
 
@@ -143,6 +146,30 @@ pub async fn backup_vm(
     .await
 }
 
+/// The VM's lock (beside the shared repository lock): one run at a time
+/// takes and reaps its VM snapshots. A second run is refused at once,
+/// before it touches anything.
+async fn lock_vm(
+    repo: &Arc<Repository>,
+    label: &str,
+) -> Result<(cbtvault_repo::Lock, cbtvault_repo::Lock)> {
+    let (repo, label) = (repo.clone(), label.to_string());
+    tokio::task::spawn_blocking(move || {
+        let shared = repo.lock_shared()?;
+        let vm = repo.lock_disk(&label).map_err(|e| match e {
+            cbtvault_repo::Error::Locked { .. } => Error::Source {
+                disk: label.clone(),
+                what: "another cbtvault run is backing up this VM; this run stops without touching it (try again when that run has finished)".into(),
+                source: None,
+            },
+            other => other.into(),
+        })?;
+        Ok((shared, vm))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+}
+
 /// Destroys snapshot VMs an interrupted run of this job left: tagged ones,
 /// and the one a run that died before tagging made (found through its note).
 async fn reap_vm_snapshots(
@@ -166,7 +193,11 @@ async fn reap_vm_snapshots(
         })
         .map(|(r, _)| r.clone())
         .collect();
-    for (run, detail) in repo.catalogue().unfinished_runs(VM_SNAPSHOT_RUN, label)? {
+    // Bound first, so the catalogue guard is dropped before the loop takes
+    // it again (a `for` over `repo.catalogue().…` would hold it throughout
+    // and deadlock on the mutex).
+    let unfinished = repo.catalogue().unfinished_runs(VM_SNAPSHOT_RUN, label)?;
+    for (run, detail) in unfinished {
         let known: Vec<String> = serde_json::from_str(&detail).unwrap_or_default();
         let orphan = all
             .iter()
