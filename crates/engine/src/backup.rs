@@ -242,11 +242,11 @@ pub async fn backup<S: DiskSource>(
                 // This process holds the disk's lock: a run of it still
                 // marked running died without saying so.
                 let cat = repo.catalogue();
-                let stale = cat.close_stale_runs("backup", &disk)?;
+                let stale = cat.close_stale_runs(cbtvault_repo::BACKUP_RUN, &disk)?;
                 if stale > 0 {
                     tracing::info!(runs = stale, "closed runs of this disk that were interrupted");
                 }
-                Ok(cat.start_run("backup", Some(&disk))?)
+                Ok(cat.start_run(cbtvault_repo::BACKUP_RUN, Some(&disk))?)
             })
             .await?
         };

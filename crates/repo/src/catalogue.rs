@@ -799,6 +799,20 @@ impl Catalogue {
             .map_err(self.err())
     }
 
+    /// Disks with runs of `kind` still marked running.
+    pub fn disks_with_running(&self, kind: &str) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT disk FROM runs WHERE kind = ?1 AND finished IS NULL AND disk IS NOT NULL")
+            .map_err(self.err())?;
+        let disks = stmt
+            .query_map([kind], |r| r.get(0))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        Ok(disks)
+    }
+
     /// Runs as recorded, newest first (at most `limit`).
     pub fn runs(&self, limit: usize) -> Result<Vec<RunRow>> {
         let mut stmt = self

@@ -99,6 +99,8 @@ pub use error::{Error, Result};
 pub use id::{BlobId, is_all_zero};
 pub use lock::Lock;
 pub use manifest::{BackupMode, BackupStats, Manifest, SourceInfo};
-pub use repository::{BLOCK_SIZE, CONFIG_FILE, Config, FORMAT_VERSION, InitOptions, Repository};
+pub use repository::{
+    BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, FORMAT_VERSION, InitOptions, Repository,
+};
 pub use store::{BlobReader, PackWriter};
 pub use tree::{Tree, TreeBuilder, TreeShape};

@@ -25,6 +25,8 @@ pub const CONFIG_FILE: &str = "cbtvault.json";
 pub const FORMAT_VERSION: u32 = 2;
 /// Block size of every disk in a repository.
 pub const BLOCK_SIZE: u64 = 64 * 1024;
+/// The kind of run a backup records in the catalogue.
+pub const BACKUP_RUN: &str = "backup";
 /// Default target size of a pack.
 pub const DEFAULT_PACK_SIZE: u64 = 32 * 1024 * 1024;
 
@@ -229,7 +231,24 @@ impl Repository {
             unreadable_manifests: Vec::new(),
         };
         repo.unreadable_manifests = repo.reconcile()?;
+        if !repo.read_only {
+            repo.close_interrupted_runs()?;
+        }
         Ok(repo)
+    }
+
+    /// Closes backup runs still marked running whose disk nobody holds: the
+    /// process that ran them died (the disk lock is a kernel lock, gone with
+    /// its holder), so they are `interrupted`, not running.
+    fn close_interrupted_runs(&self) -> Result<()> {
+        let disks = self.catalogue().disks_with_running(BACKUP_RUN)?;
+        for disk in disks {
+            if let Ok(_held) = self.lock_disk(&disk) {
+                let closed = self.catalogue().close_stale_runs(BACKUP_RUN, &disk)?;
+                tracing::info!(%disk, runs = closed, "closed backup runs whose process died");
+            }
+        }
+        Ok(())
     }
 
     /// Brings the catalogue's restore points in line with the manifests,

@@ -31,9 +31,17 @@ fn sample_pack() -> pack::FinishedPack {
     let mut b = PackBuilder::with_capacity(1 << 16);
     let mut c = zstd::bulk::Compressor::new(3).unwrap();
     for i in 0..4u8 {
-        let content: Vec<u8> = (0..4096u32).map(|j| (j as u8).wrapping_mul(i + 1)).collect();
+        let content: Vec<u8> = (0..4096u32)
+            .map(|j| (j as u8).wrapping_mul(i + 1))
+            .collect();
         let (comp, stored) = pack::encode_blob(&mut c, &content);
-        b.push(BlobId::of(&content), BlobKind::Data, comp, content.len() as u32, &stored);
+        b.push(
+            BlobId::of(&content),
+            BlobKind::Data,
+            comp,
+            content.len() as u32,
+            &stored,
+        );
     }
     b.finish()
 }
@@ -84,10 +92,9 @@ proptest! {
         let bad = mutate(&pack.bytes, kind, at, value);
         let backend = MemoryBackend::new();
         backend.write(FileKind::Pack, &pack.name, &bad).unwrap();
-        match pack::read_index(&backend, &pack.name) {
-            // An index that still checks out is the original one.
-            Ok(entries) => prop_assert_eq!(entries, pack.entries.clone()),
-            Err(_) => {}
+        // An index that still checks out is the original one.
+        if let Ok(entries) = pack::read_index(&backend, &pack.name) {
+            prop_assert_eq!(entries, pack.entries.clone());
         }
         // Scanning finds only blobs whose content matches their id.
         for e in pack::scan_blobs(&pack.name, &bad) {

@@ -272,3 +272,76 @@ fn repair_rebuilds_a_deleted_catalogue() -> Result<()> {
     assert_verifies(&repo)?;
     Ok(())
 }
+
+#[test]
+fn a_run_whose_process_died_is_closed_as_interrupted_on_the_next_open() -> Result<()> {
+    let (dir, repo) = new_repo(32 << 20);
+    // A backup that started and never ended (its process was killed).
+    let dead = repo
+        .catalogue()
+        .start_run(cbtvault_repo::BACKUP_RUN, Some("vm1"))?;
+    // One that is still running: its process holds the disk's lock.
+    let alive = repo
+        .catalogue()
+        .start_run(cbtvault_repo::BACKUP_RUN, Some("vm2"))?;
+    let _held = repo.lock_disk("vm2")?;
+    drop(repo);
+
+    let repo = Repository::open(dir.path())?;
+    let runs = repo.catalogue().runs(10)?;
+    let status = |id: i64| runs.iter().find(|r| r.id == id).map(|r| r.status.clone());
+    assert_eq!(status(dead).as_deref(), Some("interrupted"), "{runs:?}");
+    assert_eq!(status(alive).as_deref(), Some("running"), "{runs:?}");
+    Ok(())
+}
+
+#[test]
+fn repair_salvages_a_pack_whose_index_and_catalogue_are_both_gone() -> Result<()> {
+    let (dir, repo) = new_repo(32 << 20);
+    let mut writer = repo.pack_writer(None)?;
+    let a = writer.add(BlobKind::Data, &data_block(1))?;
+    let b = writer.add(BlobKind::Data, &data_block(2))?;
+    writer.flush()?;
+    let rp = commit_disk(&repo, &mut writer, "vm1", &[a, b], 0)?;
+    drop(writer);
+    drop(repo);
+    // Wreck the data pack's index and trailer, and lose the catalogue.
+    let mut packs = Vec::new();
+    for sub in std::fs::read_dir(dir.path().join("packs"))
+        .unwrap()
+        .flatten()
+    {
+        packs.extend(
+            std::fs::read_dir(sub.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path()),
+        );
+    }
+    for pack in packs {
+        let mut bytes = std::fs::read(&pack).unwrap();
+        if bytes.len() > 2 * 65536 {
+            let n = bytes.len();
+            for byte in &mut bytes[n - 60..] {
+                *byte = 0;
+            }
+            std::fs::write(&pack, bytes).unwrap();
+        }
+    }
+    for f in [
+        "catalogue.sqlite",
+        "catalogue.sqlite-wal",
+        "catalogue.sqlite-shm",
+    ] {
+        let _ = std::fs::remove_file(dir.path().join(f));
+    }
+    let report = repair(dir.path(), Duration::ZERO)?;
+    assert_eq!(report.packs_salvaged, 1, "{report:?}");
+    let repo = Repository::open(dir.path())?;
+    assert_eq!(blocks_of(&repo, &rp)?, [a, b]);
+    let reader = repo.reader()?;
+    assert_eq!(reader.read(&a)?, data_block(1));
+    assert_eq!(reader.read(&b)?, data_block(2));
+    assert!(verify(&repo, true, 1, &|_| {})?.is_ok());
+    Ok(())
+}
