@@ -244,6 +244,8 @@ fn one_bad_manifest_costs_only_its_own_restore_point() {
     let third = id(&s.backup("a", &img, None));
     restores_to(&s, &good, &data, "good");
     restores_to(&s, &third, &data, "third");
+    s.ok(&["gc"]);
+    restores_to(&s, &good, &data, "good, after gc");
 
     // verify names each bad file and fails.
     let (ok, report) = s.verify(false);

@@ -335,7 +335,7 @@ fn a_block_device_is_a_source() {
         "--source",
         &format!("file:{}", dev.device.display()),
     ]);
-    let rp: serde_json::Value = serde_json::from_str(&rp).unwrap();
+    let rp = the_restore_point(&rp);
     assert_eq!(rp["virtual_size"], 2 * MIB, "{rp}");
     assert_same_file(&image, &s.restore(&id(&rp), "from-device.img"));
 }

@@ -450,10 +450,7 @@ fn a_vdi_of_an_odd_size_backs_up_incrementally_and_restores_exactly() {
             .unwrap();
         let r = pool.backup(&s, &vdi);
         assert_eq!(r["mode"]["kind"], "incremental", "night {night}: {r}");
-        let restored = s.restore(
-            r["restore_point"].as_str().unwrap(),
-            &format!("r{night}.img"),
-        );
+        let restored = s.restore(r["id"].as_str().unwrap(), &format!("r{night}.img"));
         assert_eq!(std::fs::metadata(&restored).unwrap().len(), size);
         assert_same_file(
             &pool.copy_disk(&s, &vdi, &format!("n{night}.img")),
@@ -491,9 +488,7 @@ fn a_vdi_stored_under_its_former_name_stays_incremental() {
     let former = format!("xen-{vdi}");
     {
         let repo = cbtvault_repo::Repository::open(&s.repo()).unwrap();
-        let old = repo
-            .resolve(first["restore_point"].as_str().unwrap())
-            .unwrap();
+        let old = repo.resolve(first["id"].as_str().unwrap()).unwrap();
         let mut manifest = old.manifest.clone();
         manifest.disk = former.clone();
         repo.commit(&manifest).unwrap();
@@ -506,7 +501,7 @@ fn a_vdi_stored_under_its_former_name_stays_incremental() {
     assert_eq!(r["mode"]["changed_blocks"], written.len() as u64);
     assert_same_file(
         &pool.copy_disk(&s, &vdi, "after.img"),
-        &s.restore(r["restore_point"].as_str().unwrap(), "after-r.img"),
+        &s.restore(r["id"].as_str().unwrap(), "after-r.img"),
     );
     let disks: std::collections::BTreeSet<String> = s
         .list()

@@ -61,9 +61,10 @@
 //! | gc                   | exclusive       | –         | nothing (waits or fails "locked") | it deletes blobs: no backup may be choosing to reuse one at the same time |
 //! | repair               | exclusive       | –         | nothing                         | it replaces the catalogue |
 //!
-//! Within a process, the order is: repository lock, then disk lock, then
-//! the catalogue mutex ([`Repository::catalogue`]), which is held only for
-//! one call and never across another that takes it.
+//! Locks are taken in one order: job lock, repository lock, VM lock, disk
+//! lock, then the catalogue mutex ([`Repository::catalogue`]), which is
+//! held only for one call and never across another that takes it (see
+//! ARCHITECTURE.md). Job, VM and disk locks are tried once, never queued.
 //! | list                 | none            | –         | everything                      | a SQLite read transaction sees a consistent catalogue |
 //!
 //! # Storage backends

@@ -395,6 +395,27 @@ impl Repository {
         )
     }
 
+    /// The per-job lock: one run of a configured job at a time (a second
+    /// one would reap the snapshots of the run in progress).
+    pub fn lock_job(&self, job: &str) -> Result<Lock> {
+        self.lock_named("job", job, &format!("job {job:?}"))
+    }
+
+    /// The per-VM lock: one backup of a VM from one VM snapshot at a time.
+    pub fn lock_vm(&self, vm: &str) -> Result<Lock> {
+        self.lock_named("vm", vm, &format!("VM {vm:?}"))
+    }
+
+    fn lock_named(&self, kind: &str, name: &str, what: &str) -> Result<Lock> {
+        let key = hex::encode(&blake3::hash(name.as_bytes()).as_bytes()[..8]);
+        lock::acquire(
+            &self.lock_path(&format!("{kind}-{key}")),
+            what,
+            LockMode::Exclusive,
+            Duration::ZERO,
+        )
+    }
+
     fn lock_path(&self, name: &str) -> PathBuf {
         if self.read_only {
             // Nothing can change a read-only repository: the lock is only

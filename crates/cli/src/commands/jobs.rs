@@ -248,8 +248,7 @@ pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
 /// touches the hypervisor (it would otherwise reap the snapshots of the run
 /// in progress). The lock is the kernel's, so a killed run leaves none.
 fn lock_job(repo: &Repository, job: &str) -> Result<cbtvault_repo::Lock> {
-    // The per-disk lock file, keyed by a name no disk has.
-    match repo.lock_disk(&format!("\0job {job}")) {
+    match repo.lock_job(job) {
         Ok(lock) => Ok(lock),
         Err(cbtvault_repo::Error::Locked { .. }) => bail!(
             "job {job:?} is already running in another cbtvault process; this run stops without touching anything (run it again when that one has finished)"

@@ -156,7 +156,7 @@ async fn lock_vm(
     let (repo, label) = (repo.clone(), label.to_string());
     tokio::task::spawn_blocking(move || {
         let shared = repo.lock_shared()?;
-        let vm = repo.lock_disk(&label).map_err(|e| match e {
+        let vm = repo.lock_vm(&label).map_err(|e| match e {
             cbtvault_repo::Error::Locked { .. } => Error::Source {
                 disk: label.clone(),
                 what: "another cbtvault run is backing up this VM; this run stops without touching it (try again when that run has finished)".into(),
