@@ -52,6 +52,7 @@
 //! parsing), `url` (URI syntax), `thiserror` (the error enum), `tracing`
 //! (diagnostics).
 
+mod claimed;
 mod client;
 mod conn;
 pub mod error;

@@ -6,9 +6,13 @@
 
 mod integration {
     mod common;
+    mod fuzz;
+    mod fuzz_server;
     mod hostile;
+    mod mutate;
     mod nbdkit;
     mod qemu;
     mod server;
     mod tls;
+    mod watch;
 }
