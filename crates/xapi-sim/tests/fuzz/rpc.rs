@@ -107,76 +107,109 @@ pub async fn login(addr: std::net::SocketAddr) -> String {
     }
 }
 
-/// Every method the simulator knows, some it does not, and odd names.
-/// `sim.churn` is left out: it is a load generator, writing as many
-/// blocks as asked, by design. `session.logout` too, which would only end
-/// the fuzzing session.
-const METHODS: &[&str] = &[
-    "session.login_with_password",
-    "VDI.get_record",
-    "VDI.get_all_records",
-    "VDI.get_by_uuid",
-    "VDI.get_by_name_label",
-    "VDI.get_virtual_size",
-    "VDI.get_nothing",
-    "VDI.snapshot",
-    "VDI.enable_cbt",
-    "VDI.disable_cbt",
-    "VDI.list_changed_blocks",
-    "VDI.get_nbd_info",
-    "VDI.create",
-    "VDI.resize",
-    "VDI.resize_online",
-    "VDI.add_to_other_config",
-    "VDI.remove_from_other_config",
-    "VDI.set_other_config",
-    "VDI.set_name_label",
-    "VDI.data_destroy",
-    "VDI.destroy",
-    "VM.get_all_records",
-    "VM.get_record",
-    "VM.snapshot",
-    "VM.destroy",
-    "VBD.create",
-    "VBD.plug",
-    "VBD.unplug",
-    "VBD.destroy",
-    "SR.get_all",
-    "task.get_record",
-    "task.cancel",
-    "task.destroy",
-    "host.get_server_certificate",
-    "pool.get_all_records",
-    "session.get_record",
-    "Async.VDI.snapshot",
-    "Async.VDI.list_changed_blocks",
-    "Async.VDI.create",
-    "Async.VDI.get_record",
-    "Async.",
-    "sim.write",
-    "sim.read",
-    "sim.write_blocks",
-    "sim.resize",
-    "sim.plug",
-    "sim.unplug",
-    "sim.nbd_connections",
-    "sim.nothing",
-    "nothing",
-    "",
-    ".",
-    "VDI.",
+/// What a parameter should be, for calls that get past the type checks.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Class(&'static str),
+    Str,
+    Int,
+    Map,
+    Create,
+    VbdCreate,
+    Base64,
+    Blocks,
+}
+
+use Kind::*;
+
+/// Every method the simulator knows with its parameters (after the
+/// session), some it does not, and odd names. `sim.churn` is left out:
+/// it is a load generator that writes as many blocks as asked, by design;
+/// `session.logout` too, which would only end the fuzzing session.
+const METHODS: &[(&str, &[Kind])] = &[
+    ("session.login_with_password", &[Str, Str, Str]),
+    ("VDI.get_record", &[Class("VDI")]),
+    ("VDI.get_all_records", &[]),
+    ("VDI.get_by_uuid", &[Str]),
+    ("VDI.get_by_name_label", &[Str]),
+    ("VDI.get_virtual_size", &[Class("VDI")]),
+    ("VDI.get_nothing", &[Class("VDI")]),
+    ("VDI.snapshot", &[Class("VDI"), Map]),
+    ("VDI.enable_cbt", &[Class("VDI")]),
+    ("VDI.disable_cbt", &[Class("VDI")]),
+    ("VDI.list_changed_blocks", &[Class("VDI"), Class("VDI")]),
+    ("VDI.get_nbd_info", &[Class("VDI")]),
+    ("VDI.create", &[Create]),
+    ("VDI.resize", &[Class("VDI"), Int]),
+    ("VDI.resize_online", &[Class("VDI"), Int]),
+    ("VDI.add_to_other_config", &[Class("VDI"), Str, Str]),
+    ("VDI.remove_from_other_config", &[Class("VDI"), Str]),
+    ("VDI.set_other_config", &[Class("VDI"), Map]),
+    ("VDI.set_name_label", &[Class("VDI"), Str]),
+    ("VDI.data_destroy", &[Class("VDI")]),
+    ("VDI.destroy", &[Class("VDI")]),
+    ("VM.get_all_records", &[]),
+    ("VM.get_record", &[Class("VM")]),
+    ("VM.snapshot", &[Class("VM"), Str]),
+    ("VM.destroy", &[Class("VM")]),
+    ("VBD.create", &[VbdCreate]),
+    ("VBD.plug", &[Class("VBD")]),
+    ("VBD.unplug", &[Class("VBD")]),
+    ("VBD.destroy", &[Class("VBD")]),
+    ("SR.get_all", &[]),
+    ("SR.get_record", &[Class("SR")]),
+    ("task.get_record", &[Str]),
+    ("task.cancel", &[Str]),
+    ("task.destroy", &[Str]),
+    ("host.get_server_certificate", &[Class("host")]),
+    ("pool.get_all_records", &[]),
+    ("Async.VDI.snapshot", &[Class("VDI"), Map]),
+    (
+        "Async.VDI.list_changed_blocks",
+        &[Class("VDI"), Class("VDI")],
+    ),
+    ("Async.VDI.create", &[Create]),
+    ("Async.VDI.resize", &[Class("VDI"), Int]),
+    ("Async.VDI.get_record", &[Class("VDI")]),
+    ("Async.", &[]),
+    ("sim.write", &[Class("VDI"), Int, Base64]),
+    ("sim.read", &[Class("VDI"), Int, Int]),
+    ("sim.write_blocks", &[Class("VDI"), Blocks, Int]),
+    ("sim.resize", &[Class("VDI"), Int]),
+    ("sim.plug", &[Class("VDI"), Class("VM")]),
+    ("sim.unplug", &[Class("VDI")]),
+    ("sim.nbd_connections", &[]),
+    ("sim.nothing", &[]),
+    ("nothing", &[]),
+    ("", &[]),
+    (".", &[]),
+    ("VDI.", &[]),
 ];
 
-/// References that exist when the fuzzing starts, and the session.
+/// References that exist when the fuzzing starts, by class, and the
+/// session.
 #[derive(Clone, Debug)]
 pub struct Known {
     pub session: String,
-    pub refs: Vec<String>,
+    pub refs: BTreeMap<&'static str, Vec<String>>,
+}
+
+impl Known {
+    fn all(&self) -> Vec<String> {
+        self.refs.values().flatten().cloned().collect()
+    }
+
+    fn of(&self, class: &str) -> Vec<String> {
+        match self.refs.get(class) {
+            Some(r) if !r.is_empty() => r.clone(),
+            _ => vec!["OpaqueRef:NULL".to_owned()],
+        }
+    }
 }
 
 pub async fn known(addr: std::net::SocketAddr) -> Known {
     let session = login(addr).await;
-    let mut refs = Vec::new();
+    let mut refs = BTreeMap::new();
     for class in ["VDI", "VM", "VBD", "SR", "host"] {
         let body = encode(
             Transport::JsonRpc,
@@ -187,35 +220,39 @@ pub async fn known(addr: std::net::SocketAddr) -> Known {
             .await
             .expect("get_all");
         if let Some(Response::Success(Value::Array(items))) = decode(Transport::JsonRpc, &reply) {
-            refs.extend(
+            refs.insert(
+                class,
                 items
                     .into_iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned)),
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
             );
         }
     }
     Known { session, refs }
 }
 
-/// One parameter: a known reference, a string, an int (often huge or
+fn hostile_int() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        Just(i64::MAX),
+        Just(i64::MIN),
+        Just(-1i64),
+        Just(0i64),
+        Just(1 << 44),
+        Just((16i64 << 40) + 1),
+        Just(1 << 62),
+        0i64..(2 << 20),
+    ]
+}
+
+/// Any parameter: a known reference, a string, an int (often huge or
 /// negative), or a nested value.
 fn param(refs: Vec<String>) -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         3 => prop::sample::select(refs).prop_map(Value::String),
         1 => Just(Value::from("OpaqueRef:NULL")),
         1 => ".{0,12}".prop_map(Value::String),
-        2 => prop_oneof![
-            Just(i64::MAX),
-            Just(i64::MIN),
-            Just(-1i64),
-            Just(0i64),
-            Just(1 << 44),
-            Just((16i64 << 40) + 1),
-            Just(1 << 62),
-            0i64..(1 << 21),
-        ]
-        .prop_map(Value::Int),
-        1 => Just(Value::from("AAECAwQFBgc=")),
+        2 => hostile_int().prop_map(Value::Int),
         1 => any::<bool>().prop_map(Value::Bool),
         1 => Just(Value::Nil),
         1 => any::<f64>().prop_map(Value::Double),
@@ -242,27 +279,84 @@ fn param(refs: Vec<String>) -> impl Strategy<Value = Value> {
     })
 }
 
-/// A `VDI.create` record with a hostile size.
-fn create_args(refs: Vec<String>) -> impl Strategy<Value = Value> {
-    (
-        prop::sample::select(refs),
-        prop_oneof![
-            Just(i64::MAX),
-            Just(1i64 << 50),
-            Just(16i64 << 40),
-            0i64..(1 << 24),
-            Just(-5)
-        ],
-        prop_oneof![Just("user"), Just("cbt_metadata"), Just("system")],
-    )
-        .prop_map(|(sr, size, t)| {
-            Value::Struct(BTreeMap::from([
-                ("SR".to_owned(), Value::String(sr)),
-                ("virtual_size".to_owned(), Value::Int(size)),
-                ("type".to_owned(), Value::from(t)),
-                ("name_label".to_owned(), Value::from("fuzz")),
-            ]))
-        })
+fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Struct(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+}
+
+/// A parameter of `kind`, mostly well typed, sometimes anything.
+fn arg(kind: Kind, known: &Known) -> BoxedStrategy<Value> {
+    let typed: BoxedStrategy<Value> = match kind {
+        Class(c) => prop::sample::select(known.of(c))
+            .prop_map(Value::String)
+            .boxed(),
+        Str => prop_oneof![
+            ".{0,12}",
+            Just("root".to_owned()),
+            Just(PASSWORD.to_owned())
+        ]
+        .prop_map(Value::String)
+        .boxed(),
+        // As a digit string half the time, as XML-RPC carries ints.
+        Int => (hostile_int(), any::<bool>())
+            .prop_map(|(i, s)| {
+                if s {
+                    Value::String(i.to_string())
+                } else {
+                    Value::Int(i)
+                }
+            })
+            .boxed(),
+        Map => prop::collection::btree_map(".{0,6}", ".{0,6}", 0..3)
+            .prop_map(|m| {
+                Value::Struct(m.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
+            })
+            .boxed(),
+        Create => (
+            prop::sample::select(known.of("SR")),
+            prop_oneof![
+                Just(i64::MAX),
+                Just(1i64 << 50),
+                Just(16i64 << 40),
+                0i64..(1 << 24),
+                Just(-5)
+            ],
+            prop_oneof![Just("user"), Just("cbt_metadata"), Just("system")],
+        )
+            .prop_map(|(sr, size, t)| {
+                record(vec![
+                    ("SR", Value::String(sr)),
+                    ("virtual_size", Value::Int(size)),
+                    ("type", Value::from(t)),
+                    ("name_label", Value::from("fuzz")),
+                ])
+            })
+            .boxed(),
+        VbdCreate => (
+            prop::sample::select(known.of("VM")),
+            prop::sample::select(known.of("VDI")),
+            prop_oneof![Just("RO"), Just("RW"), Just("x")],
+        )
+            .prop_map(|(vm, vdi, mode)| {
+                record(vec![
+                    ("VM", Value::String(vm)),
+                    ("VDI", Value::String(vdi)),
+                    ("mode", Value::from(mode)),
+                    ("type", Value::from("Disk")),
+                    ("userdevice", Value::from("autodetect")),
+                ])
+            })
+            .boxed(),
+        Base64 => prop::collection::vec(any::<u8>(), 0..4096)
+            .prop_map(|b| {
+                use base64::Engine as _;
+                Value::String(base64::engine::general_purpose::STANDARD.encode(b))
+            })
+            .boxed(),
+        Blocks => prop::collection::vec(prop_oneof![0i64..32, hostile_int()], 0..6)
+            .prop_map(|b| Value::Array(b.into_iter().map(Value::Int).collect()))
+            .boxed(),
+    };
+    prop_oneof![4 => typed, 1 => param(known.all())].boxed()
 }
 
 /// A whole call: transport, method, parameters, byte edits.
@@ -275,25 +369,24 @@ pub struct Call {
 }
 
 pub fn call(known: Known) -> impl Strategy<Value = Call> {
-    let refs = known.refs.clone();
-    (
-        any::<bool>(),
-        prop::sample::select(METHODS),
-        prop_oneof![4 => Just(true), 1 => Just(false)],
-        prop::collection::vec(param(refs.clone()), 0..4),
-        prop::option::weighted(0.2, create_args(refs)),
-        prop::option::weighted(
-            0.25,
-            prop::collection::vec((any::<Index>(), any::<u8>()), 1..4),
-        ),
-    )
-        .prop_map(
-            move |(xml, method, with_session, mut params, create, edits)| {
-                if let Some(c) = create {
-                    params.insert(0, c);
-                }
+    prop::sample::select(METHODS).prop_flat_map(move |(method, kinds)| {
+        let typed: Vec<BoxedStrategy<Value>> = kinds.iter().map(|k| arg(*k, &known)).collect();
+        let any_count = prop::collection::vec(param(known.all()), 0..4);
+        let params = prop_oneof![5 => typed.prop_map(|v| v), 1 => any_count];
+        let session = known.session.clone();
+        let login = method == "session.login_with_password";
+        (
+            any::<bool>(),
+            prop_oneof![8 => Just(!login), 1 => Just(login)],
+            params,
+            prop::option::weighted(
+                0.2,
+                prop::collection::vec((any::<Index>(), any::<u8>()), 1..4),
+            ),
+        )
+            .prop_map(move |(xml, with_session, mut params, edits)| {
                 if with_session {
-                    params.insert(0, Value::from(known.session.as_str()));
+                    params.insert(0, Value::from(session.as_str()));
                 }
                 Call {
                     xml,
@@ -301,8 +394,8 @@ pub fn call(known: Known) -> impl Strategy<Value = Call> {
                     params,
                     edits: edits.unwrap_or_default(),
                 }
-            },
-        )
+            })
+    })
 }
 
 /// Sends one call; checks the answer is HTTP 200 with a well-formed
@@ -397,21 +490,7 @@ fn vdi_sizes_past_16_tib_are_refused() {
         .expect("simulator");
     let addr = sim.addr();
     let known = rt.block_on(known(addr));
-    let sr = known.refs.iter().find(|r| {
-        let body = encode(
-            Transport::JsonRpc,
-            "SR.get_record",
-            &[Value::from(known.session.as_str()), Value::from(r.as_str())],
-        );
-        let (_, reply) = rt
-            .block_on(post(addr, Transport::JsonRpc, &body))
-            .expect("SR.get_record");
-        matches!(
-            decode(Transport::JsonRpc, &reply),
-            Some(Response::Success(_))
-        )
-    });
-    let sr = sr.expect("an SR").clone();
+    let sr = known.of("SR").remove(0);
     let rpc = |method: &str, params: Vec<Value>| {
         let mut all = vec![Value::from(known.session.as_str())];
         all.extend(params);
