@@ -178,6 +178,34 @@ fn event_flood_is_bounded() {
     assert_eq!(out[7], "7 events left", "{out:?}");
 }
 
+/// Regression: large events were kept up to the event count (4096 by
+/// default) whatever their size, so a monitor sending 1 MiB events could
+/// make the client hold gigabytes. At most 16 MiB of events are kept.
+#[test]
+fn large_events_are_bounded_in_bytes() {
+    let mut segments = bytes(&session());
+    let big = "y".repeat(1 << 20);
+    let flood: String = (0..40)
+        .map(|i| format!("{{\"event\": \"BIG\", \"data\": {{\"n\": {i}, \"pad\": \"{big}\"}}}}\n"))
+        .collect();
+    segments[1].splice(0..0, flood.into_bytes());
+    let (out, _) = watch(|| {
+        runtime().block_on(async {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(monitor(theirs, segments, None));
+            let qmp = Qmp::from_stream(ours, "fuzz peer".into(), Options::default())
+                .await
+                .expect("connected");
+            let kept = qmp.buffered_events();
+            let bytes: usize = kept.iter().map(|e| e.data.to_string().len()).sum();
+            (kept.len(), bytes)
+        })
+    });
+    let (count, bytes) = out;
+    assert!(count > 0, "the newest events are kept");
+    assert!(bytes <= 16 << 20, "{count} events of {bytes} bytes kept");
+}
+
 /// Values a hostile monitor might put anywhere in a message.
 fn weird() -> impl Strategy<Value = Value> {
     prop_oneof![
