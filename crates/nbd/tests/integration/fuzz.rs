@@ -478,6 +478,41 @@ fn status_chunk_claim_costs_only_what_arrives() {
     );
 }
 
+/// A server selecting meta context after meta context: refused past 256
+/// instead of collecting them until the handshake times out.
+#[test]
+fn endless_meta_contexts_are_refused() {
+    let mut s = Script::default();
+    s.u64(proto::NBDMAGIC)
+        .u64(proto::IHAVEOPT)
+        .u16(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+    let empty = Script::default();
+    option_reply(
+        &mut s,
+        proto::OPT_EXTENDED_HEADERS,
+        proto::REP_ERR_UNSUP,
+        &empty,
+    );
+    option_reply(&mut s, proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &empty);
+    for i in 0..300 {
+        let mut ctx = Script::default();
+        ctx.u32(i).raw(proto::BASE_ALLOCATION.as_bytes());
+        option_reply(
+            &mut s,
+            proto::OPT_SET_META_CONTEXT,
+            proto::REP_META_CONTEXT,
+            &ctx,
+        );
+    }
+    let out = check_patient(Kind::Structured, &s);
+    match out.connected {
+        Err(Error::Handshake { what, .. }) => {
+            assert!(what.contains("more than 256 meta contexts"), "{what}")
+        }
+        other => panic!("expected a handshake error, got {other:?}"),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
