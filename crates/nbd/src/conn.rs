@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::claimed::read_claimed;
 use crate::error::{Error, Result};
 use crate::handshake::{BoxStream, Negotiated};
 use crate::proto::{self, Chunk, ReplyHeader};
@@ -479,6 +480,21 @@ async fn handle(
                     "structured reply chunk, but structured replies were not negotiated".into(),
                 ));
             }
+            // Judged on the header alone, before any payload is read: the
+            // length is only the server's claim.
+            let reads = matches!(kind, proto::CHUNK_OFFSET_DATA | proto::CHUNK_OFFSET_HOLE);
+            if reads && p.kind != proto::CMD_READ {
+                return Err(bad(
+                    "data chunk in reply to a command that reads nothing".into()
+                ));
+            }
+            let status = matches!(
+                kind,
+                proto::CHUNK_BLOCK_STATUS | proto::CHUNK_BLOCK_STATUS_EXT
+            );
+            if status && p.kind != proto::CMD_BLOCK_STATUS {
+                return Err(bad("block status chunk in reply to another command".into()));
+            }
             let limit = match kind {
                 proto::CHUNK_OFFSET_DATA => p.length + 8,
                 proto::CHUNK_BLOCK_STATUS | proto::CHUNK_BLOCK_STATUS_EXT => 8 + 16 * (1 << 20),
@@ -505,19 +521,13 @@ async fn handle(
                     .map_err(|e| Error::io(peer, format!("reading {command} data"), e))?;
                 return Ok(done);
             }
-            let mut payload = BytesMut::zeroed(length as usize);
-            r.read_exact(&mut payload)
+            let payload = read_claimed(r, length as usize)
                 .await
                 .map_err(|e| Error::io(peer, format!("reading a {command} reply chunk"), e))?;
-            let chunk = proto::decode_chunk(kind, payload.freeze()).map_err(bad)?;
+            let chunk = proto::decode_chunk(kind, Bytes::from(payload)).map_err(bad)?;
             match chunk {
                 Chunk::None if done => {}
                 Chunk::None => return Err(bad("NBD_REPLY_TYPE_NONE without the DONE flag".into())),
-                Chunk::Data { .. } | Chunk::Hole { .. } if p.kind != proto::CMD_READ => {
-                    return Err(bad(
-                        "data chunk in reply to a command that reads nothing".into()
-                    ));
-                }
                 Chunk::Data { offset, data } => {
                     let rel = cover(p, offset, data.len() as u64).map_err(bad)?;
                     p.buf[rel..rel + data.len()].copy_from_slice(&data);
@@ -525,9 +535,6 @@ async fn handle(
                 Chunk::Hole { offset, length } => {
                     // The buffer starts zeroed, so a hole only needs covering.
                     cover(p, offset, u64::from(length)).map_err(bad)?;
-                }
-                Chunk::Status { .. } if p.kind != proto::CMD_BLOCK_STATUS => {
-                    return Err(bad("block status chunk in reply to another command".into()));
                 }
                 Chunk::Status { context, extents } => {
                     if extents.iter().any(|&(l, _)| l == 0) {
@@ -583,7 +590,26 @@ fn cover(p: &mut Pending, offset: u64, len: u64) -> std::result::Result<usize, S
     {
         return Err(format!("chunk [{offset}, {end}) overlaps an earlier chunk"));
     }
-    p.covered.insert(rel, rel_end);
+    // Adjacent ranges merge, so a reply in order keeps one entry however
+    // many chunks it has. A reply scattered into more separate pieces than
+    // one per 512 bytes is refused: that bounds the map by the request.
+    let mut start = rel;
+    let mut stop = rel_end;
+    if let Some((&s, &e)) = p.covered.range(..rel).next_back()
+        && e == rel
+    {
+        start = s;
+    }
+    if let Some(e) = p.covered.remove(&rel_end) {
+        stop = e;
+    }
+    p.covered.insert(start, stop);
+    if p.covered.len() as u64 > 1 + p.length / 512 {
+        return Err(format!(
+            "the reply is scattered into more than {} separate pieces",
+            1 + p.length / 512
+        ));
+    }
     p.covered_bytes += len;
     Ok(rel as usize)
 }

@@ -10,6 +10,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
+use crate::claimed::read_claimed;
 use crate::client::ConnectOptions;
 use crate::error::{Error, Result};
 use crate::proto::{self, Cursor};
@@ -21,6 +22,9 @@ pub(crate) type BoxStream = Box<dyn AsyncStream>;
 
 /// Largest option reply accepted (names and messages are at most 4 KiB).
 const MAX_OPTION_REPLY: u32 = 1 << 20;
+/// Most meta contexts accepted from one SET_META_CONTEXT: a handful are
+/// asked for; an endless list would only pile up.
+const MAX_CONTEXTS: usize = 256;
 
 /// What one handshake settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,8 +106,9 @@ impl Io<'_> {
                 format!("{during} claims {len} bytes of data"),
             ));
         }
-        let mut data = vec![0u8; len as usize];
-        self.read(&mut data, &during).await?;
+        let data = read_claimed(&mut self.stream, len as usize)
+            .await
+            .map_err(|e| Error::io(self.peer, &during, e))?;
         Ok((reply, data))
     }
 
@@ -244,6 +249,15 @@ pub(crate) async fn negotiate(
             match reply {
                 proto::REP_ACK => break,
                 proto::REP_META_CONTEXT => {
+                    if contexts.len() >= MAX_CONTEXTS {
+                        return Err(Error::handshake(
+                            peer,
+                            format!(
+                                "more than {MAX_CONTEXTS} meta contexts selected for {} queries",
+                                opts.meta_contexts.len()
+                            ),
+                        ));
+                    }
                     let mut c = Cursor::new(&data, "NBD_REP_META_CONTEXT");
                     let id = c.u32().map_err(|e| Error::handshake(peer, e))?;
                     let name = String::from_utf8(c.rest().to_vec())

@@ -19,7 +19,10 @@
 //! if the server sets `CAN_MULTI_CONN`. Every reply is checked against the
 //! request it names (magic, cookie, chunk ranges, overlap, completeness), so
 //! a lying server yields a typed [`Error::Protocol`], never a panic and
-//! never wrong data. Transport failures and timeouts fail the connection;
+//! never wrong data. A length the peer announces is only a claim: chunk
+//! payloads, option replies and the server's WRITE data go into buffers
+//! that grow as the bytes arrive, and a chunk that cannot belong to its
+//! request is refused on its header. Transport failures and timeouts fail the connection;
 //! the request is re-issued on a fresh connection (a new handshake) with
 //! bounded retries and exponential backoff.
 //!
@@ -35,7 +38,9 @@
 //!
 //! # Modules
 //! [`proto`] holds the wire constants and pure encoders/decoders (fuzzed
-//! with proptest); `handshake` the client negotiation; `conn` one pipelined
+//! with proptest, as are whole client and server sessions against hostile
+//! peers in `tests/integration/fuzz*.rs`); `claimed` reads announced
+//! payloads; `handshake` the client negotiation; `conn` one pipelined
 //! connection; `options` what [`ConnectOptions`] holds; `client` the
 //! connection pool, request splitting and retry; [`server`]
 //! the server; [`tls`] rustls configuration including certificate pinning;
@@ -52,6 +57,7 @@
 //! parsing), `url` (URI syntax), `thiserror` (the error enum), `tracing`
 //! (diagnostics).
 
+mod claimed;
 mod client;
 mod conn;
 pub mod error;

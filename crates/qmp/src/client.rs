@@ -25,6 +25,9 @@ const MAX_GREETING: usize = 64 * 1024;
 /// The longest message accepted after the greeting (`query-qmp-schema` is
 /// a few hundred KiB).
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// The most bytes of unclaimed events kept, whatever their number: events
+/// are small, and a peer sending large ones must not fill memory.
+const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Where the monitor listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +66,8 @@ pub struct Options {
     pub greeting_timeout: Duration,
     /// Default time limit of [`Qmp::execute`].
     pub command_timeout: Duration,
-    /// How many unclaimed events are kept; beyond that the oldest go.
+    /// How many unclaimed events are kept (and at most 16 MiB of them);
+    /// beyond that the oldest go.
     pub event_capacity: usize,
 }
 
@@ -80,6 +84,12 @@ impl Default for Options {
 /// What QEMU said about one command.
 type Reply = std::result::Result<Value, (ErrorClass, String)>;
 
+/// A buffered event and the size of its message on the wire.
+struct Buffered {
+    event: Event,
+    bytes: usize,
+}
+
 /// State shared with the reader task.
 struct Shared {
     address: String,
@@ -92,7 +102,9 @@ struct Shared {
 #[derive(Default)]
 struct State {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
-    events: VecDeque<Event>,
+    events: VecDeque<Buffered>,
+    /// Sum of `bytes` over `events`.
+    event_bytes: usize,
     closed: Option<String>,
 }
 
@@ -112,15 +124,15 @@ impl Shared {
         }
     }
 
-    /// Routes one message from QEMU.
-    fn dispatch(&self, message: Value) {
+    /// Routes one message from QEMU, `bytes` long on the wire.
+    fn dispatch(&self, message: Value, bytes: usize) {
         let Value::Object(object) = message else {
             tracing::warn!(peer = %self.address, "ignoring a QMP message that is not an object");
             return;
         };
         if object.contains_key("event") {
             match Event::from_object(object) {
-                Some(event) => self.push_event(event),
+                Some(event) => self.push_event(event, bytes),
                 None => tracing::warn!(peer = %self.address, "ignoring a malformed QMP event"),
             }
             return;
@@ -152,16 +164,19 @@ impl Shared {
         }
     }
 
-    fn push_event(&self, event: Event) {
+    fn push_event(&self, event: Event, bytes: usize) {
         tracing::trace!(peer = %self.address, event = %event.name, data = %event.data, "QMP event");
         {
             let mut state = self.lock();
-            if state.events.len() >= self.event_capacity
+            while (state.events.len() >= self.event_capacity
+                || state.event_bytes + bytes > MAX_EVENT_BYTES)
                 && let Some(old) = state.events.pop_front()
             {
-                tracing::debug!(peer = %self.address, event = %old.name, "event buffer full, dropping the oldest");
+                state.event_bytes -= old.bytes;
+                tracing::debug!(peer = %self.address, event = %old.event.name, "event buffer full, dropping the oldest");
             }
-            state.events.push_back(event);
+            state.event_bytes += bytes;
+            state.events.push_back(Buffered { event, bytes });
         }
         self.changed.notify_waiters();
     }
@@ -405,9 +420,10 @@ impl Qmp {
                 let found = state
                     .events
                     .iter()
-                    .position(|e| e.name == name && predicate(e));
-                if let Some(event) = found.and_then(|index| state.events.remove(index)) {
-                    return Ok(event);
+                    .position(|b| b.event.name == name && predicate(&b.event));
+                if let Some(b) = found.and_then(|index| state.events.remove(index)) {
+                    state.event_bytes -= b.bytes;
+                    return Ok(b.event);
                 }
                 if let Some(reason) = &state.closed {
                     return Err(self.shared.closed_error(reason));
@@ -425,21 +441,25 @@ impl Qmp {
 
     /// Removes and returns every buffered event.
     pub fn take_events(&self) -> Vec<Event> {
-        self.shared.lock().events.drain(..).collect()
+        let mut state = self.shared.lock();
+        state.event_bytes = 0;
+        state.events.drain(..).map(|b| b.event).collect()
     }
 
     /// A copy of the buffered events, oldest first.
     pub fn buffered_events(&self) -> Vec<Event> {
-        self.shared.lock().events.iter().cloned().collect()
+        let state = self.shared.lock();
+        state.events.iter().map(|b| b.event.clone()).collect()
     }
 
     /// Drops buffered events called `name` for which `predicate` holds
     /// (stale events of an earlier object with the same id, say).
     pub fn discard_events(&self, name: &str, predicate: impl Fn(&Event) -> bool) {
-        self.shared
-            .lock()
+        let mut state = self.shared.lock();
+        state
             .events
-            .retain(|e| !(e.name == name && predicate(e)));
+            .retain(|b| !(b.event.name == name && predicate(&b.event)));
+        state.event_bytes = state.events.iter().map(|b| b.bytes).sum();
     }
 }
 
@@ -556,7 +576,7 @@ async fn read_loop<R: AsyncBufRead + Unpin>(mut reader: R, shared: Arc<Shared>) 
             continue;
         }
         match serde_json::from_slice::<Value>(&line) {
-            Ok(message) => shared.dispatch(message),
+            Ok(message) => shared.dispatch(message, line.len()),
             Err(error) => {
                 break format!(
                     "the peer sent something that is not JSON: {} ({error})",

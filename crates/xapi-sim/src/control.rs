@@ -35,6 +35,10 @@ use crate::sim::{Sim, internal};
 use crate::store::{block_content, block_len};
 use crate::vdi::{handle_invalid, vdi, vdi_ref_by_uuid};
 
+/// Most bytes one `sim.read` call returns (the reply is base64 in one
+/// XML or JSON document).
+const MAX_READ: usize = 64 << 20;
+
 /// A VDI as listed by [`Sim::vdis`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VdiSummary {
@@ -135,6 +139,11 @@ fn run_blocking(sim: &Sim, method: &str, op: &str, args: &[Value]) -> Result<Val
         "read" => {
             a(3)?;
             let len = usize::try_from(uint(2)?).map_err(internal)?;
+            if len > MAX_READ {
+                return Err(XapiError::OperationNotAllowed {
+                    reason: format!("read of {len} bytes: one call returns at most {MAX_READ}"),
+                });
+            }
             let data = read(sim, &text(args, 0)?, uint(1)?, len)?;
             Ok(Value::String(STANDARD.encode(data)))
         }

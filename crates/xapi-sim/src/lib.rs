@@ -18,6 +18,9 @@
 //! manager's CBT code as summarised in `shared/specs/xenapi.md`: the
 //! checks and their order, the error codes and parameters, the CBT log
 //! chain ([`cbt`]), `data_destroy`'s tentative type and 4-second wait.
+//! It is a server, so hostile calls get an answer, never a panic: VDIs
+//! are at most 16 TiB (larger sizes get `SR_BACKEND_FAILURE_79`, and their
+//! CBT bitmaps stay at most 32 MiB), `sim.read` returns at most 64 MiB.
 //!
 //! # State
 //! `state.json` (the database, written atomically after every change),

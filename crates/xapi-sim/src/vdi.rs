@@ -14,6 +14,27 @@ use crate::sim::{Sim, internal, new_vdi};
 use crate::store::Store;
 
 const CBT_METADATA: &str = "cbt_metadata";
+/// Largest VDI (16 TiB, the limit of XenServer's QCOW2 SRs). Beyond it a
+/// client could make the simulator allocate a changed-block bitmap of
+/// terabytes.
+const MAX_VDI_SIZE: u64 = 16 << 40;
+
+/// What the storage manager answers for a size it cannot make.
+fn invalid_size(detail: &str) -> XapiError {
+    XapiError::SrBackendFailure {
+        code: 79,
+        status: String::new(),
+        stdout: format!("VDI Invalid size [opterr={detail}]"),
+        stderr: String::new(),
+    }
+}
+
+fn check_size(size: u64) -> Result<(), XapiError> {
+    if size > MAX_VDI_SIZE {
+        return Err(invalid_size("VDI size must be at most 16 TiB"));
+    }
+    Ok(())
+}
 
 pub(crate) fn handle_invalid(class: &str, r: &str) -> XapiError {
     XapiError::HandleInvalid {
@@ -331,6 +352,7 @@ impl Sim {
                 })
                 .unwrap_or_default()
         };
+        check_size(size)?;
         if vdi_type == CBT_METADATA {
             return Err(XapiError::VdiIncompatibleType {
                 vdi: String::new(),
@@ -374,13 +396,9 @@ impl Sim {
             }
             refuse_cbt_metadata(&v, r)?;
             if size < v.virtual_size {
-                return Err(XapiError::SrBackendFailure {
-                    code: 79,
-                    status: String::new(),
-                    stdout: "VDI Invalid size [opterr=shrinking not allowed]".into(),
-                    stderr: String::new(),
-                });
+                return Err(invalid_size("shrinking not allowed"));
             }
+            check_size(size)?;
             store.resize(&v.uuid, size).map_err(internal)?;
             db.cbt.resize(&v.uuid, size);
             vdi_mut(db, r)?.virtual_size = size;

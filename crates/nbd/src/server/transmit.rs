@@ -12,6 +12,7 @@ use tracing::debug;
 
 use super::negotiate::{BASE_ALLOCATION_ID, Session};
 use super::{Export, Inner, Mode, errno_of};
+use crate::claimed::read_claimed;
 use crate::error::{Error, Result};
 use crate::handshake::BoxStream;
 use crate::proto::{self, Request};
@@ -95,11 +96,10 @@ pub(crate) async fn serve(
                         format!("write of {} bytes is over the limit", req.length),
                     ));
                 }
-                let mut buf = BytesMut::zeroed(req.length as usize);
-                r.read_exact(&mut buf)
+                let buf = read_claimed(&mut r, req.length as usize)
                     .await
                     .map_err(|e| Error::io(peer, "reading write data", e))?;
-                payload = Some(buf.freeze());
+                payload = Some(Bytes::from(buf));
             }
             let session = session.clone();
             let tx = tx.clone();

@@ -215,6 +215,21 @@ async fn simple_reply_to_a_structured_read() {
     assert_protocol(&e, "simple reply");
 }
 
+/// One-byte chunks at every other byte: more separate pieces than one
+/// per 512 bytes of the request is refused before the map of covered
+/// ranges grows with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scattered_read_reply() {
+    let e = read_error(Arc::new(|r| {
+        let v = (0..r.length / 2)
+            .flat_map(|i| data_chunk(r.cookie, 0, r.offset + 2 * i, 1))
+            .collect();
+        (v, false)
+    }))
+    .await;
+    assert_protocol(&e, "scattered into more than 17 separate pieces");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_reply_then_reset() {
     let e = read_error(Arc::new(|r| {
