@@ -171,6 +171,7 @@ pub async fn backup<S: DiskSource>(
             None => lock_disk(&repo, &job.disk).await?,
         };
         let size = source.size();
+        crate::nbd::check_disk_size(&job.disk, size)?;
         let blocks = block_count(size);
         {
             // Deduplicating against a pack that is gone would commit a

@@ -111,6 +111,7 @@ impl NbdSource {
                 source: None,
             });
         }
+        check_disk_size(&self.info.location, self.size)?;
         let extents = self.status(&context).await?;
         let dirty = extents
             .into_iter()
@@ -144,6 +145,22 @@ impl NbdSource {
         }
         Ok(out)
     }
+}
+
+/// Refuses a disk larger than any manifest may describe, before a block
+/// map is sized from it: an export size is only what the server claims.
+pub(crate) fn check_disk_size(disk: &str, size: u64) -> Result<()> {
+    if size > cbtvault_repo::manifest::MAX_VIRTUAL_SIZE {
+        return Err(Error::Source {
+            disk: disk.to_string(),
+            what: format!(
+                "the source claims {size} bytes, more than the {} a disk may have",
+                cbtvault_repo::manifest::MAX_VIRTUAL_SIZE
+            ),
+            source: None,
+        });
+    }
+    Ok(())
 }
 
 impl DiskSource for NbdSource {
@@ -182,6 +199,7 @@ impl DiskSource for NbdSource {
         {
             return Ok(None);
         }
+        check_disk_size(&self.info.location, self.size)?;
         // Extents that read as zeros need not be read at all.
         let extents = self.status(BASE_ALLOCATION).await?;
         let data = extents
