@@ -515,3 +515,31 @@ fn a_vdi_stored_under_its_former_name_stays_incremental() {
         pool.data_snapshots()
     );
 }
+
+/// Issue 8, defect 1 through XenServer: a VDI resized to a size that is not
+/// a multiple of 64 KiB, written, backed up, resized again and backed up
+/// with nothing written: every restore point restores byte-exact (the old
+/// partial last block is read again, not taken from the parent as it was).
+#[test]
+fn a_vdi_resized_twice_to_partial_blocks_restores_every_night() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = pool.vdis()[0].clone();
+    let first = pool.backup(&s, &vdi);
+    let mut nights = vec![(first, pool.copy_disk(&s, &vdi, "n0.img"))];
+    for (night, size) in [(1u64, (32 << 20) + 4096 + 512), (2, (32 << 20) + 200_704)] {
+        pool.sim().resize(&vdi, size).unwrap();
+        if night == 1 {
+            pool.sim().write(&vdi, size - 4000, &[0x5a; 4000]).unwrap();
+        }
+        let r = pool.backup(&s, &vdi);
+        nights.push((r, pool.copy_disk(&s, &vdi, &format!("n{night}.img"))));
+    }
+    assert!(pool.data_snapshots().is_empty());
+    for (i, (r, disk)) in nights.iter().enumerate() {
+        let restored = s.restore(r["id"].as_str().unwrap(), &format!("r{i}.img"));
+        assert_same_file(disk, &restored);
+    }
+    let (ok, report) = s.verify(true);
+    assert!(ok, "{report}");
+}
