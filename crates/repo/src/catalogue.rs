@@ -872,6 +872,21 @@ impl Catalogue {
 }
 
 impl Catalogue {
+    /// SQLite's own structural check of the catalogue file (`PRAGMA
+    /// quick_check`): the problems it finds, none when it is sound.
+    pub fn quick_check(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA quick_check(20)")
+            .map_err(self.err())?;
+        let lines: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        Ok(lines.into_iter().filter(|l| l != "ok").collect())
+    }
+
     /// Moves the WAL's content into the database file and empties the WAL.
     pub fn checkpoint(&self) -> Result<()> {
         self.conn

@@ -248,28 +248,32 @@ fn rebuild_restore_points(
             }
         }
     }
-    for (id, json) in &old.manifests {
-        if indexed.contains(id) || old.forgetting.contains(id) {
+    for (row_id, json) in &old.manifests {
+        // The catalogue keeps the manifest as compact JSON; the file is the
+        // pretty form, whose hash is the id. The id is taken from that
+        // hash, so a damaged id column does not lose the restore point.
+        let restored = Manifest::from_json(json.as_bytes()).ok().map(|m| {
+            let (id, bytes) = manifest::encode(&m);
+            (id, m, bytes)
+        });
+        let Some((id, m, bytes)) = restored else {
+            if !indexed.contains(row_id) && !old.forgetting.contains(row_id) {
+                report.skipped.push(format!(
+                    "restore point {row_id}: its manifest vanished and the catalogue's copy of it is damaged"
+                ));
+            }
+            continue;
+        };
+        if indexed.contains(&id) || old.forgetting.contains(&id) || old.forgetting.contains(row_id)
+        {
             continue;
         }
-        // The catalogue keeps the manifest as compact JSON; the file is
-        // the pretty form, whose hash is the id.
-        let restored = Manifest::from_json(json.as_bytes()).ok().and_then(|m| {
-            let (again, bytes) = manifest::encode(&m);
-            (again == *id).then_some((m, bytes))
-        });
-        match restored {
-            Some((m, bytes)) => {
-                backend.write(FileKind::Manifest, id, &bytes)?;
-                cat.insert_restore_point(id, &m)?;
-                report.restore_points += 1;
-                report.manifests_restored += 1;
-                tracing::warn!(restore_point = %id, "vanished manifest written back from the catalogue");
-            }
-            None => report.skipped.push(format!(
-                "restore point {id}: its manifest vanished and the catalogue's copy does not match its id"
-            )),
-        }
+        backend.write(FileKind::Manifest, &id, &bytes)?;
+        cat.insert_restore_point(&id, &m)?;
+        indexed.insert(id.clone());
+        report.restore_points += 1;
+        report.manifests_restored += 1;
+        tracing::warn!(restore_point = %id, "vanished manifest written back from the catalogue");
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use crate::BlobId;
 use crate::backend::FileKind;
 use crate::catalogue::RestorePointRow;
 use crate::error::{Error, Result};
+use crate::manifest::{self, Manifest};
 use crate::pack::{self, PackEntry};
 use crate::repository::{BLOCK_SIZE, Repository};
 use crate::store::BlobReader;
@@ -105,6 +106,21 @@ pub fn verify(
     // Blobs a restore could not read, with why.
     let mut bad: HashMap<BlobId, String> = HashMap::new();
 
+    if read_data {
+        let damage = repo
+            .catalogue()
+            .quick_check()
+            .unwrap_or_else(|e| vec![e.to_string()]);
+        if !damage.is_empty() {
+            report.problem(
+                "catalogue".into(),
+                format!(
+                    "damaged ({}); `cbtvault repair` rebuilds it from the packs and manifests",
+                    damage.join("; ")
+                ),
+            );
+        }
+    }
     check_manifests(repo, &mut report)?;
 
     // Packs: present, and their index intact and agreeing with the catalogue.
@@ -245,8 +261,20 @@ fn check_manifests(repo: &Repository, report: &mut VerifyReport) -> Result<()> {
         }
     }
     for lost in repo.catalogue().lost_restore_points()? {
+        // The catalogue's copy names the restore point by its own hash, even
+        // when the row's id column is what got damaged.
+        let derived = Manifest::from_json(lost.manifest.as_bytes())
+            .map(|m| manifest::encode(&m).0)
+            .ok();
+        let object = match &derived {
+            Some(id) if *id != lost.id => format!(
+                "restore point {id} (the catalogue's record of it, under {:?}, is damaged)",
+                lost.id
+            ),
+            _ => format!("restore point {}", lost.id),
+        };
         report.problem(
-            format!("restore point {}", lost.id),
+            object,
             format!(
                 "of disk {:?}: its manifest vanished without forget (noticed {}); `cbtvault repair` restores it from the catalogue's copy",
                 lost.disk, lost.noticed
