@@ -318,17 +318,93 @@ fn a_manifest_deleted_behind_cbtvaults_back_is_reported_and_repaired() {
 #[test]
 fn gc_reports_what_it_removed_and_nothing_the_second_time() {
     let s = Scratch::new();
-    let a = s.image("a.img", 4, 9);
-    let old = id(&s.backup("a", &a, None));
-    let b = s.image("b.img", 4, 10);
-    s.backup("a", &b, None);
-    s.ok(&["forget", &old]);
+    let img = s.path("a.img");
+    std::fs::write(&img, noise(4 << 20, 9)).unwrap();
+    let full = id(&s.backup("a", &img, None));
+    // A fifth of the blocks rewritten: the full's pack is now partly dead,
+    // not mostly dead.
+    let (_, bitmap) = s.churn(&img, 0.2, 10, "c.b64");
+    s.backup("a", &img, Some(&bitmap));
+    s.ok(&["forget", &full]);
     let first: Value = serde_json::from_str(&s.ok(&["gc", "--json"])).unwrap();
-    assert!(first["blobs_removed"].as_u64().unwrap() > 0, "{first}");
+    let removed = first["blobs_removed"].as_u64().unwrap();
+    assert!(removed > 0, "{first}");
+    assert_eq!(first["packs_rewritten"], 1, "{first}");
     let again: Value = serde_json::from_str(&s.ok(&["gc", "--json"])).unwrap();
-    assert_eq!(again["blobs_removed"], 0, "{again}");
+    assert_eq!(again["blobs_removed"], 0, "nothing left to remove: {again}");
     assert_eq!(again["packs_deleted"], 0, "{again}");
+    assert_eq!(again["packs_rewritten"], 0, "{again}");
     assert!(s.verify(true).0);
+}
+
+/// Issue 16: scattered churn leaves a little dead data in every pack; with
+/// retention, gc must bring the repository back within its `--max-unused`
+/// bound of the live data, and every kept restore point must restore.
+#[test]
+fn gc_after_long_scattered_churn_keeps_the_repository_near_its_live_size() {
+    let s = Scratch::new();
+    let img = s.path("a.img");
+    std::fs::write(&img, noise(8 << 20, 20)).unwrap();
+    s.ok(&[
+        "init",
+        "--repo",
+        s.path("small-packs").to_str().unwrap(),
+        "--pack-size-mib",
+        "1",
+    ]);
+    let repo = s.path("small-packs");
+    let r = repo.to_str().unwrap();
+    let source = format!("file:{}", img.display());
+    let mut kept = Vec::new();
+    for night in 0..30u64 {
+        let mut args = vec![
+            "backup", "--json", "--repo", r, "--disk", "a", "--source", &source,
+        ];
+        let bitmap;
+        if night > 0 {
+            let (_, b) = s.churn(&img, 0.03, 100 + night, &format!("n{night}.b64"));
+            bitmap = b.display().to_string();
+            args.extend(["--changed-blocks", &bitmap]);
+        }
+        let rp = id(&the_restore_point(&s.ok(&args)));
+        if night >= 25 {
+            kept.push((rp, std::fs::read(&img).unwrap()));
+        }
+    }
+    s.ok(&["forget", "--repo", r, "--keep-last", "5"]);
+    let dry: Value =
+        serde_json::from_str(&s.ok(&["gc", "--json", "--dry-run", "--repo", r])).unwrap();
+    assert_eq!(dry["estimates"].as_array().unwrap().len(), 5, "{dry}");
+    let report: Value = serde_json::from_str(&s.ok(&["gc", "--json", "--repo", r])).unwrap();
+    let live = report["bytes_live"].as_u64().unwrap();
+    let unused = report["bytes_unused_after"].as_u64().unwrap();
+    assert!(
+        unused * 10 <= live,
+        "unused {unused} > 10% of live {live}: {report}"
+    );
+    assert!(
+        report["bytes_unused_before"].as_u64().unwrap() > unused,
+        "{report}"
+    );
+    let on_disk = pack_bytes(&repo);
+    assert!(
+        on_disk <= live + unused + live / 20,
+        "packs hold {on_disk} bytes for {live} live: {report}"
+    );
+    for (i, (rp, bytes)) in kept.iter().enumerate() {
+        let to = s.path(&format!("k{i}.img"));
+        s.ok(&[
+            "restore",
+            "--quiet",
+            "--repo",
+            r,
+            rp,
+            "--to",
+            to.to_str().unwrap(),
+        ]);
+        assert!(std::fs::read(&to).unwrap() == *bytes, "restore point {rp}");
+    }
+    s.ok(&["verify", "--read-data", "--repo", r]);
 }
 
 /// Runs `script` with sh, the binary as `$CBTVAULT`, and the scratch

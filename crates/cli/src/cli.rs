@@ -131,7 +131,17 @@ pub enum Command {
         /// Seconds to wait for running backups to finish.
         #[arg(long, default_value_t = 0)]
         wait: u64,
-        /// Report without deleting anything.
+        /// Unused space allowed to stay in packs, in percent of the live
+        /// data: packs are rewritten (those that free the most first) until
+        /// the rest is within it. 0 reclaims everything.
+        #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
+        max_unused: f64,
+        /// Copy at most this much live data in one run (e.g. 512M, 4G);
+        /// the rest is reclaimed by later runs.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_repack: Option<u64>,
+        /// Report what would be freed (also under other --max-unused
+        /// settings) without changing anything.
         #[arg(long)]
         dry_run: bool,
     },
@@ -296,4 +306,24 @@ pub struct XenArgs {
     /// Disks backed up at once.
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,
+}
+
+/// A size in bytes, with an optional K, M, G or T suffix (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| {
+            format!("{text:?} is not a size (give bytes, or a number with K, M, G or T)")
+        })
 }

@@ -1,5 +1,11 @@
 //! Garbage collection: delete blobs no restore point references, and
-//! rewrite packs that are mostly dead.
+//! rewrite packs so that the unused bytes left stay within a bound of the
+//! live ones ([`GcOptions::max_unused`], like restic's `--max-unused`):
+//! scattered churn leaves a little dead data in every pack, and a
+//! "rewrite when mostly dead" rule never reclaims it. Packs that free the
+//! most per byte copied go first, and a run copies at most
+//! [`GcOptions::max_repack`] bytes. [`plan`] decides, [`apply`] acts; a dry
+//! run is the plan alone, with estimates for other settings.
 //!
 //! gc holds the exclusive repository lock, so no backup runs beside it
 //! (see the locking table in the crate docs). Crash safety comes from the
@@ -22,9 +28,15 @@ use crate::tree::{self, Visitor};
 /// Options for [`collect_garbage`].
 #[derive(Clone, Copy, Debug)]
 pub struct GcOptions {
-    /// A pack whose live bytes are below this fraction of its size is
-    /// rewritten.
-    pub repack_below: f64,
+    /// Unused bytes allowed to stay in packs that still hold live blobs, as
+    /// a fraction of the live bytes (restic's `--max-unused`). Packs are
+    /// rewritten, those that free the most per byte copied first, until the
+    /// unused bytes left are within it. 0 rewrites every pack with any
+    /// unused byte.
+    pub max_unused: f64,
+    /// At most this many live bytes are copied by one run (bounded I/O for
+    /// a nightly run); the rest waits for the next run.
+    pub max_repack: Option<u64>,
     /// Report what would be done without changing anything.
     pub dry_run: bool,
 }
@@ -32,11 +44,16 @@ pub struct GcOptions {
 impl Default for GcOptions {
     fn default() -> Self {
         GcOptions {
-            repack_below: 0.5,
+            max_unused: DEFAULT_MAX_UNUSED,
+            max_repack: None,
             dry_run: false,
         }
     }
 }
+
+/// The default of [`GcOptions::max_unused`]: a repository stays within
+/// about 10% of its live size.
+pub const DEFAULT_MAX_UNUSED: f64 = 0.10;
 
 /// What gc did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -49,7 +66,7 @@ pub struct GcReport {
     pub blobs_live: u64,
     /// Packs deleted because nothing in them was referenced.
     pub packs_deleted: usize,
-    /// Packs rewritten because they were mostly dead.
+    /// Packs rewritten to drop their unused bytes.
     pub packs_rewritten: usize,
     /// New packs written by the rewrite.
     pub packs_written: usize,
@@ -57,8 +74,170 @@ pub struct GcReport {
     pub blobs_removed: u64,
     /// Storage freed, in bytes.
     pub bytes_freed: u64,
+    /// Live bytes copied into new packs.
+    pub bytes_rewritten: u64,
+    /// Bytes of packs in use by live blobs (their data, frames and index).
+    pub bytes_live: u64,
+    /// Unused bytes in packs before and after this run.
+    pub bytes_unused_before: u64,
+    pub bytes_unused_after: u64,
     /// Live blobs found damaged while being copied, and quarantined.
     pub blobs_quarantined: u64,
+    /// With `dry_run`: what other `max_unused` settings would do.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub estimates: Vec<GcEstimate>,
+}
+
+/// What one `max_unused` setting would free (dry run).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct GcEstimate {
+    pub max_unused: f64,
+    pub packs_rewritten: usize,
+    pub bytes_rewritten: u64,
+    pub bytes_freed: u64,
+}
+
+/// How one pack is used.
+#[derive(Clone, Debug)]
+struct PackUse {
+    name: String,
+    size: u64,
+    keep: Vec<PackEntry>,
+    dropped: u64,
+    /// Bytes the live blobs take (data, frame, index entry).
+    live: u64,
+    index_damaged: bool,
+}
+
+impl PackUse {
+    fn unused(&self) -> u64 {
+        self.size
+            .saturating_sub(self.live + pack::TRAILER_LEN as u64)
+    }
+}
+
+/// What gc will do: packs to delete and to rewrite (plan, then apply).
+#[derive(Clone, Debug)]
+pub struct GcPlan {
+    delete: Vec<PackUse>,
+    rewrite: Vec<PackUse>,
+    /// The report as planned; apply fills in what happened.
+    pub report: GcReport,
+}
+
+/// Chooses the packs to rewrite: every pack whose index is damaged, then
+/// the others by unused bytes per live byte copied, until the unused bytes
+/// left are within `max_unused` of the live bytes (and at most
+/// `max_repack` live bytes are copied).
+fn choose(packs: &[PackUse], max_unused: f64, max_repack: Option<u64>) -> (Vec<usize>, u64, u64) {
+    let live_total: u64 = packs.iter().map(|p| p.live).sum();
+    let mut unused: u64 = packs.iter().map(PackUse::unused).sum();
+    let allowed = (max_unused.max(0.0) * live_total as f64) as u64;
+    let mut order: Vec<usize> = (0..packs.len())
+        .filter(|i| packs[*i].unused() > 0)
+        .collect();
+    order.sort_by(|a, b| {
+        let gain = |p: &PackUse| p.unused() as f64 / (p.live.max(1)) as f64;
+        gain(&packs[*b]).total_cmp(&gain(&packs[*a]))
+    });
+    let mut chosen: Vec<usize> = (0..packs.len())
+        .filter(|i| packs[*i].index_damaged)
+        .collect();
+    let mut copied: u64 = chosen.iter().map(|i| packs[*i].live).sum();
+    unused -= chosen.iter().map(|i| packs[*i].unused()).sum::<u64>();
+    for i in order {
+        if unused <= allowed {
+            break;
+        }
+        if chosen.contains(&i) {
+            continue;
+        }
+        if max_repack.is_some_and(|max| copied + packs[i].live > max) {
+            continue;
+        }
+        chosen.push(i);
+        copied += packs[i].live;
+        unused -= packs[i].unused();
+    }
+    (chosen, copied, unused)
+}
+
+/// Plans a gc: what is live, which packs go, which are rewritten.
+pub fn plan(repo: &Repository, options: &GcOptions) -> Result<GcPlan> {
+    let backend = repo.backend().clone();
+    let live = live_blobs(repo)?;
+    let mut report = GcReport {
+        blobs_live: live.len() as u64,
+        ..Default::default()
+    };
+    let mut delete = Vec::new();
+    let mut in_use = Vec::new();
+    // Bound first: the guard of a `for` expression lives for the whole
+    // loop, and the loop takes the catalogue again.
+    let packs = repo.catalogue().packs()?;
+    for (name, size) in packs {
+        let entries = repo.catalogue().blobs_in_pack(&name)?;
+        let (keep, drop): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|e| live.contains(&e.id));
+        let live_bytes = keep
+            .iter()
+            .map(|e| u64::from(e.stored_len) + (pack::HEADER_LEN + pack::ENTRY_LEN) as u64)
+            .sum();
+        let usage = PackUse {
+            index_damaged: !keep.is_empty() && pack::read_index(backend.as_ref(), &name).is_err(),
+            name,
+            size,
+            keep,
+            dropped: drop.len() as u64,
+            live: live_bytes,
+        };
+        if usage.keep.is_empty() {
+            report.bytes_unused_before += usage.size;
+            delete.push(usage);
+        } else {
+            report.bytes_unused_before += usage.unused();
+            in_use.push(usage);
+        }
+    }
+    report.bytes_live = in_use.iter().map(|p| p.live).sum();
+    let (chosen, copied, unused_after) = choose(&in_use, options.max_unused, options.max_repack);
+    if options.dry_run {
+        for max_unused in [0.0, 0.05, 0.10, 0.20, 0.50] {
+            let (c, bytes, _) = choose(&in_use, max_unused, options.max_repack);
+            report.estimates.push(GcEstimate {
+                max_unused,
+                packs_rewritten: c.len(),
+                bytes_rewritten: bytes,
+                bytes_freed: delete.iter().map(|p| p.size).sum::<u64>()
+                    + c.iter().map(|i| in_use[*i].unused()).sum::<u64>(),
+            });
+        }
+    }
+    let rewrite: Vec<PackUse> = chosen.iter().map(|i| in_use[*i].clone()).collect();
+    report.packs_deleted = delete.len();
+    report.packs_rewritten = rewrite.len();
+    report.bytes_rewritten = copied;
+    report.bytes_unused_after = unused_after;
+    report.blobs_removed = delete.iter().chain(&rewrite).map(|p| p.dropped).sum();
+    report.bytes_freed = delete.iter().map(|p| p.size).sum::<u64>()
+        + rewrite.iter().map(PackUse::unused).sum::<u64>();
+    Ok(GcPlan {
+        delete,
+        rewrite,
+        report,
+    })
+}
+
+/// Runs gc: [`plan`], then (unless a dry run) [`apply`]. Takes the
+/// exclusive repository lock itself, waiting up to `wait`.
+pub fn collect_garbage_locked(
+    repo: &Repository,
+    options: GcOptions,
+    wait: std::time::Duration,
+) -> Result<GcReport> {
+    repo.require_writable("gc")?;
+    let _lock = repo.lock_exclusive(wait)?;
+    collect_garbage(repo, options)
 }
 
 /// Every blob (node or block) referenced by a restore point.
@@ -77,7 +256,8 @@ pub fn live_blobs(repo: &Repository) -> Result<HashSet<BlobId>> {
     }
     let reader = repo.reader()?;
     let mut live = HashSet::new();
-    for rp in repo.catalogue().restore_points(None)? {
+    let points = repo.catalogue().restore_points(None)?;
+    for rp in points {
         tree::walk(&rp.manifest.tree(), &reader, &mut Mark(&mut live)).map_err(|e| {
             Error::InvalidArgument(format!(
                 "restore point {} (disk {:?}): its block map cannot be read ({e}), so gc cannot tell which blobs it uses and deletes nothing; the next backup of the disk heals it if the data is still there, or `cbtvault forget` the restore point",
@@ -88,52 +268,41 @@ pub fn live_blobs(repo: &Repository) -> Result<HashSet<BlobId>> {
     Ok(live)
 }
 
-/// Runs gc. The caller holds the exclusive lock.
+/// Runs gc. The caller holds the exclusive lock
+/// ([`collect_garbage_locked`] takes it).
 pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport> {
     let backend = repo.backend().clone();
-    let mut report = GcReport::default();
-    if options.dry_run {
-        report.partial_files_removed = backend.list_partial()?.len();
+    let (partial, indexed) = if options.dry_run {
+        (backend.list_partial()?.len(), 0)
     } else {
-        report.partial_files_removed = backend.remove_partial()?;
-        report.packs_indexed = index_unknown_packs(repo)?;
+        let partial = backend.remove_partial()?;
+        let indexed = index_unknown_packs(repo)?;
         repo.quarantine_missing_packs()?;
-    }
-    let live = live_blobs(repo)?;
-    report.blobs_live = live.len() as u64;
+        (partial, indexed)
+    };
+    let plan = plan(repo, &options)?;
+    let mut report = if options.dry_run {
+        plan.report
+    } else {
+        apply(repo, plan)?
+    };
+    report.partial_files_removed = partial;
+    report.packs_indexed = indexed;
+    tracing::info!(?report, "gc finished");
+    Ok(report)
+}
 
-    let packs = repo.catalogue().packs()?;
-    let mut dead_packs = Vec::new();
-    let mut rewrites: Vec<(String, Vec<PackEntry>)> = Vec::new();
-    for (name, size) in &packs {
-        let entries = repo.catalogue().blobs_in_pack(name)?;
-        let (keep, drop): (Vec<_>, Vec<_>) =
-            entries.into_iter().partition(|e| live.contains(&e.id));
-        // Bytes the catalogue no longer places here (dead blobs, superseded
-        // or quarantined copies) count as dead.
-        let live_bytes: u64 = keep.iter().map(|e| u64::from(e.stored_len)).sum();
-        let mostly_dead =
-            !drop.is_empty() && (live_bytes as f64) < options.repack_below * (*size as f64);
-        if keep.is_empty() {
-            dead_packs.push(name.clone());
-            report.blobs_removed += drop.len() as u64;
-            report.bytes_freed += size;
-        } else if mostly_dead || pack::read_index(backend.as_ref(), name).is_err() {
-            // A damaged index is rewritten too: the catalogue still knows
-            // its blobs, and a fresh pack gives them a sound index again.
-            report.blobs_removed += drop.len() as u64;
-            report.bytes_freed += size.saturating_sub(live_bytes);
-            rewrites.push((name.clone(), keep));
-        }
-    }
-    report.packs_deleted = dead_packs.len();
-    report.packs_rewritten = rewrites.len();
-    if options.dry_run {
-        return Ok(report);
-    }
-
-    // Copy live blobs out of mostly-dead packs, byte for byte (no
-    // recompression), after checking each against its id.
+/// Carries out a plan: live blobs of the packs to rewrite are copied into
+/// new packs, byte for byte (no recompression) after checking each against
+/// its id; then one catalogue transaction moves them and drops the old
+/// packs; then the old files are deleted.
+pub fn apply(repo: &Repository, plan: GcPlan) -> Result<GcReport> {
+    let backend = repo.backend().clone();
+    let GcPlan {
+        delete,
+        rewrite,
+        mut report,
+    } = plan;
     let mut added = Vec::new();
     let mut builder = PackBuilder::with_capacity(repo.config().pack_size as usize);
     let write =
@@ -143,8 +312,9 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
             added.push((pack.name, pack.bytes.len() as u64, pack.entries));
             Ok(())
         };
-    for (name, keep) in &rewrites {
-        for e in keep {
+    for p in &rewrite {
+        let name = &p.name;
+        for e in &p.keep {
             let copied = backend
                 .read_at(FileKind::Pack, name, e.offset, e.stored_len as usize)
                 .and_then(|stored| pack::decode_blob(name, e, &stored).map(|_| stored));
@@ -170,8 +340,7 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
     }
     report.packs_written = added.len();
 
-    let mut gone = dead_packs;
-    gone.extend(rewrites.into_iter().map(|(name, _)| name));
+    let gone: Vec<String> = delete.into_iter().chain(rewrite).map(|p| p.name).collect();
     repo.catalogue().replace_packs(&gone, &added)?;
     // A rewritten pack can have the very name of an old one (same blobs at
     // the same offsets): that file now holds live blobs and must stay.
@@ -181,7 +350,6 @@ pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport
     {
         backend.remove(FileKind::Pack, name)?;
     }
-    tracing::info!(?report, "gc finished");
     Ok(report)
 }
 

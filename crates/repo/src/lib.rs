@@ -45,8 +45,10 @@
 //! # Garbage collection
 //! `forget` removes manifests; [`gc`] walks every remaining block map
 //! (shared subtrees once), deletes packs with nothing referenced, and
-//! rewrites packs whose live bytes fell under half (new packs first, then
-//! one catalogue transaction, then deletion of the old files).
+//! rewrites packs until the unused bytes left are within `--max-unused` of
+//! the live ones (most freed per byte copied first; new packs first, then
+//! one catalogue transaction, then deletion of the old files). It plans,
+//! then applies: a dry run is the plan.
 //!
 //! # Locking
 //! Processes coordinate with kernel file locks in `locks/`, which vanish

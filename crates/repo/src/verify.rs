@@ -260,7 +260,8 @@ fn check_manifests(repo: &Repository, report: &mut VerifyReport) -> Result<()> {
             Ok(_) => {}
         }
     }
-    for lost in repo.catalogue().lost_restore_points()? {
+    let lost_points = repo.catalogue().lost_restore_points()?;
+    for lost in lost_points {
         // The catalogue's copy names the restore point by its own hash, even
         // when the row's id column is what got damaged.
         let derived = Manifest::from_json(lost.manifest.as_bytes())

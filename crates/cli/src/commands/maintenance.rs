@@ -261,7 +261,8 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
             .map(|rp| rp.manifest.disk)
             .collect();
         for disk in disks {
-            for rp in repo.catalogue().restore_points(Some(&disk))? {
+            let points = repo.catalogue().restore_points(Some(&disk))?;
+            for rp in points {
                 let asked = named.contains(&rp.id);
                 decisions.push(forget::Decision {
                     id: rp.id,
@@ -331,27 +332,34 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn gc(g: &Global, path: &Path, wait: u64, dry_run: bool) -> Result<ExitCode> {
+pub fn gc(g: &Global, path: &Path, wait: u64, options: GcOptions) -> Result<ExitCode> {
+    let dry_run = options.dry_run;
     let repo = super::open(path)?;
-    let _lock = repo.lock_exclusive(Duration::from_secs(wait))?;
-    let report = gc::collect_garbage(
-        &repo,
-        GcOptions {
-            dry_run,
-            ..Default::default()
-        },
-    )?;
+    let report = gc::collect_garbage_locked(&repo, options, Duration::from_secs(wait))?;
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
+        for e in &report.estimates {
+            outln!(
+                "with --max-unused {:>3}%: {} packs rewritten ({} copied), {} freed",
+                (e.max_unused * 100.0).round(),
+                e.packs_rewritten,
+                output::bytes(e.bytes_rewritten),
+                output::bytes(e.bytes_freed)
+            );
+        }
         outln!(
-            "{}{} packs deleted, {} rewritten into {}, {} blobs removed, {} freed; {} live blobs; {} partial files cleared, {} stray packs indexed{}",
+            "{}{} packs deleted, {} rewritten into {} ({} copied), {} blobs removed, {} freed; unused space {} -> {} of {} live; {} live blobs; {} partial files cleared, {} stray packs indexed{}",
             if dry_run { "dry run: " } else { "" },
             report.packs_deleted,
             report.packs_rewritten,
             report.packs_written,
+            output::bytes(report.bytes_rewritten),
             report.blobs_removed,
             output::bytes(report.bytes_freed),
+            output::bytes(report.bytes_unused_before),
+            output::bytes(report.bytes_unused_after),
+            output::bytes(report.bytes_live),
             report.blobs_live,
             report.partial_files_removed,
             report.packs_indexed,

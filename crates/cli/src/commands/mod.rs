@@ -55,8 +55,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Gc {
             repo,
             wait,
+            max_unused,
+            max_repack,
             dry_run,
-        } => maintenance::gc(&g, &repo.repo, wait, dry_run),
+        } => {
+            if !(0.0..=1000.0).contains(&max_unused) {
+                anyhow::bail!(crate::failure::usage!(
+                    "--max-unused takes a percentage from 0 to 1000"
+                ));
+            }
+            let options = cbtvault_repo::gc::GcOptions {
+                max_unused: max_unused / 100.0,
+                max_repack,
+                dry_run,
+            };
+            maintenance::gc(&g, &repo.repo, wait, options)
+        }
         Command::Repair { repo, wait } => maintenance::repair(&g, &repo.repo, wait),
         Command::Demo {
             dir,
