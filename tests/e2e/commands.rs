@@ -201,3 +201,21 @@ fn init_refuses_an_existing_repository_and_a_non_empty_directory() {
     let err = s.fails(&["init", "--repo", other.to_str().unwrap()]);
     assert!(err.contains("not empty"), "{err}");
 }
+
+/// Issue 16: `restore --json` counts every zero block, those of all-zero
+/// subtrees too (it counted only zeros inside non-zero parts of the map).
+#[test]
+fn restore_counts_every_zero_block() {
+    let s = Scratch::new();
+    let img = s.path("sparse.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"x", 1000).unwrap();
+    let rp = id(&s.backup("z", &img, None));
+    let to = s.path("out.img");
+    let out = s.ok(&["restore", "--json", &rp, "--to", to.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["stats"]["blocks_written"], 1, "{v}");
+    assert_eq!(v["stats"]["blocks_zero"], 1023, "{v}");
+    assert_same_file(&img, &to);
+}

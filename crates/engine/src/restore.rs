@@ -456,6 +456,12 @@ pub fn restore(
         source,
     })?;
     let mut stats = stats.into_inner().unwrap_or_else(|p| p.into_inner());
+    // Zero blocks of all-zero subtrees are never visited: every block not
+    // written is a zero block.
+    stats.blocks_zero = manifest
+        .virtual_size
+        .div_ceil(BLOCK_SIZE)
+        .saturating_sub(stats.blocks_written);
     stats.duration_ms = started.elapsed().as_millis() as u64;
     Ok(stats)
 }
