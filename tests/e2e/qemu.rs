@@ -52,7 +52,10 @@ impl Qsd {
             .expect("qemu-storage-daemon (qemu-utils) must be installed");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(self.qmp().exists() && self.nbd().exists()) {
+        // A socket file appears at bind(), before listen(): only a
+        // connection shows the daemon is ready.
+        let listening = |p: &std::path::Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+        while !(listening(&self.qmp()) && listening(&self.nbd())) {
             assert!(
                 Instant::now() < deadline,
                 "qemu-storage-daemon did not start"

@@ -71,7 +71,10 @@ impl Qsd {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let up = match tcp_port {
-                None => self.dir.path().join("qmp.sock").exists(),
+                // The socket file appears at bind(), before listen():
+                // only a connection shows the daemon is ready.
+                None => std::os::unix::net::UnixStream::connect(self.dir.path().join("qmp.sock"))
+                    .is_ok(),
                 Some(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
             };
             if up {

@@ -84,7 +84,12 @@ impl Qsd {
             .expect("qemu-storage-daemon (package qemu-utils) must be installed");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(self.qmp_socket().exists() && (!self.guest_export || self.nbd_socket().exists())) {
+        // A socket file appears at bind(), before listen(): only a
+        // connection shows the daemon is ready.
+        let listening = |p: &std::path::Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+        while !(listening(&self.qmp_socket())
+            && (!self.guest_export || listening(&self.nbd_socket())))
+        {
             assert!(
                 Instant::now() < deadline,
                 "qemu-storage-daemon did not start"
