@@ -25,6 +25,9 @@ type NodeCache = HashMap<(u32, u64), Arc<Vec<BlobId>>>;
 /// Decoded nodes kept in memory (4 KiB each).
 const NODE_CACHE: usize = 4096;
 
+/// Blocks read from packs at once within one request.
+const BATCH: u64 = 16;
+
 /// Blob readers, and so reads at once, per export.
 pub const READERS: usize = 8;
 
@@ -145,17 +148,21 @@ impl Inner {
     }
 
     fn read_blocking(&self, reader: &BlobReader, offset: u64, len: u32) -> Result<Bytes, BoxError> {
-        {
-            let end = offset + u64::from(len);
-            let (first, last) = (offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE);
-            let ids = (first..=last)
+        let end = offset + u64::from(len);
+        let (first, last) = (offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE);
+        let mut out = BytesMut::with_capacity(len as usize);
+        // In batches, so a large read holds its blocks once (in `out`),
+        // not twice.
+        let mut batch_start = first;
+        while batch_start <= last {
+            let batch_end = (batch_start + BATCH - 1).min(last);
+            let ids = (batch_start..=batch_end)
                 .map(|b| self.subtree(reader, 0, b))
                 .collect::<Result<Vec<_>, _>>()?;
             let wanted: Vec<BlobId> = ids.iter().copied().filter(|id| !id.is_zero()).collect();
             let mut contents = reader.read_many(&wanted)?.into_iter();
-            let mut out = BytesMut::with_capacity(len as usize);
             for (i, id) in ids.iter().enumerate() {
-                let block_start = (first + i as u64) * BLOCK_SIZE;
+                let block_start = (batch_start + i as u64) * BLOCK_SIZE;
                 let block_len = BLOCK_SIZE.min(self.size - block_start) as usize;
                 let from = offset.saturating_sub(block_start) as usize;
                 let to = (end - block_start).min(block_len as u64) as usize;
@@ -172,8 +179,9 @@ impl Inner {
                 })?;
                 out.extend_from_slice(piece);
             }
-            Ok(out.freeze())
+            batch_start = batch_end + 1;
         }
+        Ok(out.freeze())
     }
 
     fn status_blocking(
@@ -182,29 +190,27 @@ impl Inner {
         offset: u64,
         len: u64,
     ) -> Result<Vec<Extent>, BoxError> {
-        {
-            // Answer at most one leaf's worth at a time; the client asks again.
-            let end = (offset + len)
-                .min(self.size)
-                .min((offset / BLOCK_SIZE + FANOUT) * BLOCK_SIZE);
-            let mut out: Vec<Extent> = Vec::new();
-            let mut cur = offset;
-            while cur < end {
-                let block = cur / BLOCK_SIZE;
-                let next = ((block + 1) * BLOCK_SIZE).min(end);
-                let zero = self.subtree(reader, 0, block)?.is_zero();
-                let flags = if zero { Extent::HOLE | Extent::ZERO } else { 0 };
-                match out.last_mut() {
-                    Some(e) if e.flags == flags => e.length += next - cur,
-                    _ => out.push(Extent {
-                        length: next - cur,
-                        flags,
-                    }),
-                }
-                cur = next;
+        // Answer at most one leaf's worth at a time; the client asks again.
+        let end = (offset + len)
+            .min(self.size)
+            .min((offset / BLOCK_SIZE + FANOUT) * BLOCK_SIZE);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut cur = offset;
+        while cur < end {
+            let block = cur / BLOCK_SIZE;
+            let next = ((block + 1) * BLOCK_SIZE).min(end);
+            let zero = self.subtree(reader, 0, block)?.is_zero();
+            let flags = if zero { Extent::HOLE | Extent::ZERO } else { 0 };
+            match out.last_mut() {
+                Some(e) if e.flags == flags => e.length += next - cur,
+                _ => out.push(Extent {
+                    length: next - cur,
+                    flags,
+                }),
             }
-            Ok(out)
+            cur = next;
         }
+        Ok(out)
     }
 }
 

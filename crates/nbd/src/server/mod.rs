@@ -229,7 +229,7 @@ pub struct ServerConfig {
     /// connection (one larger request, up to `max_payload`, goes alone).
     /// Default 16 MiB.
     pub connection_bytes: u32,
-    /// The same across all connections. Default 256 MiB.
+    /// The same across all connections. Default 128 MiB.
     pub total_bytes: u32,
     /// Largest READ/WRITE payload. Default 32 MiB.
     pub max_payload: u32,
@@ -253,7 +253,7 @@ impl Default for ServerConfig {
             evict_waiting: true,
             inflight: 16,
             connection_bytes: 16 << 20,
-            total_bytes: 256 << 20,
+            total_bytes: 128 << 20,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             multi_conn: true,
             handshake_timeout: std::time::Duration::from_secs(10),
