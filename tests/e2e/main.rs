@@ -11,6 +11,7 @@ mod incremental;
 mod integrity;
 mod jobs_locks;
 mod nbd;
+mod serve_load;
 mod qemu;
 mod sources;
 mod ux;
