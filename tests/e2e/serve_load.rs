@@ -34,7 +34,14 @@ impl Serve {
             .expect("the server is running");
         status
             .lines()
-            .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix(field)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or_else(|| panic!("{field} in {status}"))
     }
 
@@ -132,7 +139,9 @@ fn serve_stays_bounded_under_hostile_clients_and_nbdcopy_reads_right() {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let server = Serve(child);
     let announced: serde_json::Value = loop {
-        let n = out.read_line(&mut text).expect("serve announces where it listens");
+        let n = out
+            .read_line(&mut text)
+            .expect("serve announces where it listens");
         assert!(n > 0, "serve ended before listening: {text}");
         if let Ok(v) = serde_json::from_str(&text) {
             break v;
@@ -203,5 +212,8 @@ fn serve_stays_bounded_under_hostile_clients_and_nbdcopy_reads_right() {
         fds = server.descriptors();
     }
     eprintln!("server descriptors after the bursts: {fds}");
-    assert!(fds <= 48, "the server holds {fds} descriptors after its clients left");
+    assert!(
+        fds <= 48,
+        "the server holds {fds} descriptors after its clients left"
+    );
 }

@@ -183,10 +183,11 @@ impl Registry {
         let (next_id, entries) = &mut *guard;
         let now = self.epoch.elapsed().as_millis() as u64;
         let counted = peer != PeerKey::Unknown;
-        if counted && entries.iter().filter(|e| e.peer == peer).count() >= self.per_peer {
-            if !self.evict_one(entries, now, Some(&peer)) {
-                return Err(Refused::PeerShare(self.per_peer));
-            }
+        if counted
+            && entries.iter().filter(|e| e.peer == peer).count() >= self.per_peer
+            && !self.evict_one(entries, now, Some(&peer))
+        {
+            return Err(Refused::PeerShare(self.per_peer));
         }
         if entries.len() >= self.total && !self.evict_one(entries, now, None) {
             return Err(Refused::Total(self.total));
