@@ -270,7 +270,8 @@ impl ServerConfig {
             tls: Some(tls),
             require_tls: true,
             max_connections: 16,
-            max_connections_per_peer: 16,
+            // xapi-nbd limits only the total.
+            max_connections_per_peer: usize::MAX,
             evict_waiting: false,
             inflight: 1,
             connection_bytes: proto::DEFAULT_MAX_PAYLOAD,
