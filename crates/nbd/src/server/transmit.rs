@@ -159,7 +159,19 @@ pub(crate) async fn serve(
                         format!("write of {} bytes is over the limit", req.length),
                     ));
                 }
-                let read = read_claimed(&mut r, req.length as usize);
+                // The data must come within the idle timeout too.
+                let read = async {
+                    let read = read_claimed(&mut r, req.length as usize);
+                    match idle_timeout {
+                        Some(t) => tokio::time::timeout(t, read).await.unwrap_or_else(|_| {
+                            Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the write data did not come within the idle timeout",
+                            ))
+                        }),
+                        None => read.await,
+                    }
+                };
                 let buf = tokio::select! {
                     _ = stop() => { activity.reply_done(); return Ok(()) }
                     b = read => b,
