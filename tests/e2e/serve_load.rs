@@ -181,11 +181,24 @@ fn serve_stays_bounded_under_hostile_clients_and_nbdcopy_reads_right() {
     for _ in 0..20 {
         hostile.push(connect(addr));
     }
-    // A connect flood beside nbdcopy.
+    // A connect flood beside nbdcopy, from another address (127.0.0.2):
+    // it is held to that peer's share.
     let flood = std::thread::spawn(move || {
-        for _ in 0..200 {
-            drop(TcpStream::connect_timeout(&addr, Duration::from_secs(5)));
-        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..200 {
+                let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
+                    continue;
+                };
+                if sock.bind(SocketAddr::from(([127, 0, 0, 2], 0))).is_ok() {
+                    let c = tokio::time::timeout(Duration::from_secs(5), sock.connect(addr));
+                    drop(c.await);
+                }
+            }
+        });
     });
     let copied = s.path("copied.img");
     nbdcopy(addr, &copied);

@@ -2,11 +2,14 @@
 //!
 //! Every connection is registered with its peer (an IP address, or a unix
 //! socket's user id) and what it is doing. A new client beyond its peer's
-//! share or the total limit takes the place of a connection that waits on
-//! its own client: first one still in the handshake, then the one idle or
-//! not taking its replies for the longest time. A connection that is busy
-//! for its client is never dropped. Without such a connection the newcomer
-//! is closed at once.
+//! share takes the place of one of that peer's connections that waits on
+//! its own client; beyond the total, of one of the peer with the most
+//! connections. The order: a connection still in the handshake, then the
+//! one idle or not taking its replies, each the oldest first. A
+//! connection busy for its client is never dropped; without a connection
+//! to drop, the newcomer is closed at once. A flood from the address of a
+//! well-behaved client competes with it; one from elsewhere only with
+//! itself, as long as the total leaves room for every peer's share.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -115,7 +118,9 @@ impl Activity {
     }
 
     /// The eviction order of a connection that waits on its client
-    /// (smaller goes first), or `None` for one busy for its client.
+    /// (smaller goes first), or `None` for one busy for its client: one
+    /// still in the handshake first, then one idle or not reading replies,
+    /// each oldest first.
     fn eviction_rank(&self, now: u64) -> Option<(bool, u64)> {
         let established = self.established.load(Ordering::Relaxed);
         let last = self.last.load(Ordering::Relaxed);
@@ -212,13 +217,23 @@ impl Registry {
         if !self.evict {
             return false;
         }
+        // When the total is full, the victim comes from the peer with the
+        // most connections: no peer loses its share to a bigger one.
+        let mut shares: std::collections::HashMap<&PeerKey, usize> = Default::default();
+        for e in entries.iter() {
+            *shares.entry(&e.peer).or_default() += 1;
+        }
+        let share = |p: &PeerKey| shares.get(p).copied().unwrap_or(0);
         let victim = entries
             .iter()
             .enumerate()
             .filter(|(_, e)| peer.is_none_or(|p| &e.peer == p))
-            .filter_map(|(i, e)| e.activity.eviction_rank(now).map(|r| (r, i)))
+            .filter_map(|(i, e)| {
+                let rank = e.activity.eviction_rank(now)?;
+                Some((std::cmp::Reverse(share(&e.peer)), rank, i))
+            })
             .min()
-            .map(|(_, i)| i);
+            .map(|(_, _, i)| i);
         match victim {
             Some(i) => {
                 let e = entries.swap_remove(i);
