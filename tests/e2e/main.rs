@@ -12,6 +12,7 @@ mod integrity;
 mod jobs_locks;
 mod nbd;
 mod qemu;
+mod serve_load;
 mod sources;
 mod ux;
 mod xen;

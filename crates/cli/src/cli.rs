@@ -17,6 +17,23 @@ pub struct Args {
     pub command: Command,
 }
 
+/// How many clients `serve` takes, and for how long.
+#[derive(ClapArgs, Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Clients served at once. When full, a new client replaces the one
+    /// that waited longest on its own side (idle, in the handshake, or not
+    /// reading replies); if all are busy it is turned away.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_connections: u32,
+    /// Clients from one IP address (or one user on a unix socket) at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_connections_per_peer: u32,
+    /// Close a connection whose client sends no request and reads no
+    /// reply for this many seconds (0: never).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub idle_timeout: u64,
+}
+
 #[derive(ClapArgs, Debug, Clone, Copy)]
 pub struct Global {
     /// Print only errors (no progress, no summaries).
@@ -107,6 +124,8 @@ pub enum Command {
         /// ...and its private key (PEM).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        #[command(flatten)]
+        limits: ServeLimits,
     },
     /// Tell which blocks differ between two restore points.
     Diff {

@@ -1,6 +1,11 @@
 //! A restore point served read-only over NBD ("instant restore"): any NBD
 //! client (qemu-img, nbdcopy, a VM's disk) reads the backup without a
 //! restore first. Every block served is checked against its id.
+//!
+//! Reads run on a fixed pool of [`READERS`] blob readers (each a catalogue
+//! connection and a decompression context), reused by every connection:
+//! however many clients come and go, the server holds no more, and no
+//! more reads run at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +25,12 @@ type NodeCache = HashMap<(u32, u64), Arc<Vec<BlobId>>>;
 /// Decoded nodes kept in memory (4 KiB each).
 const NODE_CACHE: usize = 4096;
 
+/// Blocks read from packs at once within one request.
+const BATCH: u64 = 16;
+
+/// Blob readers, and so reads at once, per export.
+pub const READERS: usize = 8;
+
 /// A restore point as an NBD export.
 pub struct RestorePointExport {
     inner: Arc<Inner>,
@@ -30,7 +41,9 @@ struct Inner {
     tree: Tree,
     size: u64,
     label: String,
+    /// Idle readers; at most `READERS` exist, one per `slots` permit.
     readers: Mutex<Vec<BlobReader>>,
+    slots: Arc<tokio::sync::Semaphore>,
     nodes: Mutex<NodeCache>,
 }
 
@@ -44,6 +57,7 @@ impl RestorePointExport {
                 label: format!("restore point {} of disk {:?}", rp.id, rp.manifest.disk),
                 repo,
                 readers: Mutex::new(Vec::new()),
+                slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
                 nodes: Mutex::new(HashMap::new()),
             }),
         }
@@ -51,6 +65,27 @@ impl RestorePointExport {
 }
 
 impl Inner {
+    /// Runs `f` with a pooled reader on a blocking thread, waiting for one
+    /// of the `READERS` slots first.
+    async fn with_reader<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Inner, &BlobReader) -> Result<T, BoxError> + Send + 'static,
+    ) -> Result<T, BoxError> {
+        let slot = self.slots.clone().acquire_owned().await?;
+        let inner = self.clone();
+        // SQLite lookups and pack reads are blocking work.
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let reader = inner.reader()?;
+            let r = f(&inner, &reader);
+            inner.give_back(reader);
+            r
+        })
+        .await?
+    }
+
+    /// A pooled reader, or a new one (only while fewer than `READERS`
+    /// exist: the caller holds a slot).
     fn reader(&self) -> Result<BlobReader, BoxError> {
         let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
         match pooled {
@@ -112,19 +147,22 @@ impl Inner {
         Ok(children)
     }
 
-    fn read_blocking(&self, offset: u64, len: u32) -> Result<Bytes, BoxError> {
-        let reader = self.reader()?;
-        let result = (|| {
-            let end = offset + u64::from(len);
-            let (first, last) = (offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE);
-            let ids = (first..=last)
-                .map(|b| self.subtree(&reader, 0, b))
+    fn read_blocking(&self, reader: &BlobReader, offset: u64, len: u32) -> Result<Bytes, BoxError> {
+        let end = offset + u64::from(len);
+        let (first, last) = (offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE);
+        let mut out = BytesMut::with_capacity(len as usize);
+        // In batches, so a large read holds its blocks once (in `out`),
+        // not twice.
+        let mut batch_start = first;
+        while batch_start <= last {
+            let batch_end = (batch_start + BATCH - 1).min(last);
+            let ids = (batch_start..=batch_end)
+                .map(|b| self.subtree(reader, 0, b))
                 .collect::<Result<Vec<_>, _>>()?;
             let wanted: Vec<BlobId> = ids.iter().copied().filter(|id| !id.is_zero()).collect();
             let mut contents = reader.read_many(&wanted)?.into_iter();
-            let mut out = BytesMut::with_capacity(len as usize);
             for (i, id) in ids.iter().enumerate() {
-                let block_start = (first + i as u64) * BLOCK_SIZE;
+                let block_start = (batch_start + i as u64) * BLOCK_SIZE;
                 let block_len = BLOCK_SIZE.min(self.size - block_start) as usize;
                 let from = offset.saturating_sub(block_start) as usize;
                 let to = (end - block_start).min(block_len as u64) as usize;
@@ -141,39 +179,38 @@ impl Inner {
                 })?;
                 out.extend_from_slice(piece);
             }
-            Ok(out.freeze())
-        })();
-        self.give_back(reader);
-        result
+            batch_start = batch_end + 1;
+        }
+        Ok(out.freeze())
     }
 
-    fn status_blocking(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BoxError> {
-        let reader = self.reader()?;
-        let result = (|| {
-            // Answer at most one leaf's worth at a time; the client asks again.
-            let end = (offset + len)
-                .min(self.size)
-                .min((offset / BLOCK_SIZE + FANOUT) * BLOCK_SIZE);
-            let mut out: Vec<Extent> = Vec::new();
-            let mut cur = offset;
-            while cur < end {
-                let block = cur / BLOCK_SIZE;
-                let next = ((block + 1) * BLOCK_SIZE).min(end);
-                let zero = self.subtree(&reader, 0, block)?.is_zero();
-                let flags = if zero { Extent::HOLE | Extent::ZERO } else { 0 };
-                match out.last_mut() {
-                    Some(e) if e.flags == flags => e.length += next - cur,
-                    _ => out.push(Extent {
-                        length: next - cur,
-                        flags,
-                    }),
-                }
-                cur = next;
+    fn status_blocking(
+        &self,
+        reader: &BlobReader,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>, BoxError> {
+        // Answer at most one leaf's worth at a time; the client asks again.
+        let end = (offset + len)
+            .min(self.size)
+            .min((offset / BLOCK_SIZE + FANOUT) * BLOCK_SIZE);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut cur = offset;
+        while cur < end {
+            let block = cur / BLOCK_SIZE;
+            let next = ((block + 1) * BLOCK_SIZE).min(end);
+            let zero = self.subtree(reader, 0, block)?.is_zero();
+            let flags = if zero { Extent::HOLE | Extent::ZERO } else { 0 };
+            match out.last_mut() {
+                Some(e) if e.flags == flags => e.length += next - cur,
+                _ => out.push(Extent {
+                    length: next - cur,
+                    flags,
+                }),
             }
-            Ok(out)
-        })();
-        self.give_back(reader);
-        result
+            cur = next;
+        }
+        Ok(out)
     }
 }
 
@@ -188,15 +225,18 @@ impl Export for RestorePointExport {
             if len == 0 {
                 return Ok(Bytes::new());
             }
-            // SQLite lookups and pack reads are blocking work.
-            tokio::task::spawn_blocking(move || inner.read_blocking(offset, len)).await?
+            inner
+                .with_reader(move |i, r| i.read_blocking(r, offset, len))
+                .await
         })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>, BoxError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || inner.status_blocking(offset, len)).await?
+            inner
+                .with_reader(move |i, r| i.status_blocking(r, offset, len))
+                .await
         })
     }
 }

@@ -29,8 +29,15 @@
 //! # Server
 //! [`server::Server`] serves [`server::Export`]s over TCP or unix sockets,
 //! optionally with TLS: LIST, INFO/GO with block sizes, structured replies,
-//! `base:allocation`, CAN_MULTI_CONN, bounded requests in flight per
-//! connection, and graceful shutdown through a `CancellationToken`. Its
+//! `base:allocation`, CAN_MULTI_CONN, and graceful shutdown through a
+//! `CancellationToken`. Limits, all in [`server::ServerConfig`], hold
+//! whatever clients do: memory per connection (requests and bytes between
+//! reading a request and writing its reply: a client that does not read
+//! replies stops being read, and what it queued is dropped when it goes)
+//! and in total (a byte budget across connections); a handshake timeout
+//! and an idle timeout; connections per peer and in total, where a
+//! newcomer over a limit replaces the connection that waited longest on
+//! its own client (in the handshake, idle, or not reading replies). Its
 //! [`server::Mode::Minimal`] imitates xapi-nbd (EXPORT_NAME only, TLS
 //! required, no NO_ZEROES, 512-byte alignment, close after an error, a
 //! connection limit, an authenticating export-name hook) so the fallback

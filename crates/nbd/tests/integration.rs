@@ -5,13 +5,15 @@
 //! binary is missing prints why it is skipped. `fuzz` and `fuzz_server`
 //! play hostile peers (recorded sessions, mutated or random) against the
 //! client and the server; `watch` gives them a per-thread allocation and
-//! panic record, `mutate` the scripts and their mutations.
+//! panic record, `mutate` the scripts and their mutations; `load` puts our
+//! server under hostile clients beside a well-behaved one.
 
 mod integration {
     mod common;
     mod fuzz;
     mod fuzz_server;
     mod hostile;
+    mod load;
     mod mutate;
     mod nbdkit;
     mod qemu;

@@ -4,6 +4,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cbtvault_engine::serve::RestorePointExport;
@@ -11,7 +12,7 @@ use cbtvault_nbd::server::{Server, ServerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::Global;
+use crate::cli::{Global, ServeLimits};
 use crate::failure;
 use crate::output::{self, errln};
 
@@ -27,12 +28,17 @@ pub fn serve(
     id: &str,
     listen: &str,
     tls: Option<(PathBuf, PathBuf)>,
+    limits: ServeLimits,
 ) -> Result<ExitCode> {
     let repo = super::open(repo)?;
     let rp = super::resolve(&repo, id)?;
     // Held for as long as we serve: gc must not delete what clients read.
     let _lock = repo.lock_shared()?;
     let mut config = ServerConfig::default();
+    config.max_connections = limits.max_connections as usize;
+    config.max_connections_per_peer = limits.max_connections_per_peer as usize;
+    config.idle_timeout =
+        (limits.idle_timeout > 0).then(|| Duration::from_secs(limits.idle_timeout));
     if let Some((cert, key)) = &tls {
         let cert_pem = cbtvault_nbd::Pem::File(cert.clone());
         let key_pem = cbtvault_nbd::Pem::File(key.clone());

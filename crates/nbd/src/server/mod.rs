@@ -1,12 +1,27 @@
 //! The NBD server: exports, configuration, and the accept loops.
 //!
-//! Memory is bounded: at most `max_connections` connections, each with at
-//! most `inflight` requests being served, each at most `max_payload` bytes,
-//! and option data is capped at 64 KiB. Connections beyond the limit are
-//! closed at once. Shutdown through the `CancellationToken` stops accepting,
-//! lets every connection finish the requests it has read, and returns when
-//! all are closed.
+//! Memory is bounded whatever clients do: at most `max_connections`
+//! connections; on each, at most `inflight` requests and
+//! `connection_bytes` bytes (or one request of up to `max_payload`) between
+//! reading a request and writing its reply, and no request is read while
+//! that window is full (a client that does not read its replies stops
+//! being read); across all connections at most `total_bytes`; option data
+//! is capped at 64 KiB. When a client goes, its queued replies and the
+//! reads not yet done are dropped.
+//!
+//! Fairness: a peer (IP address, or user id on a unix socket) has at most
+//! `max_connections_per_peer` connections. A newcomer beyond its peer's
+//! share or the total takes the place of a connection that waits on its
+//! own client (in the handshake, idle, or not reading replies), oldest
+//! first; if every one is busy it is closed at once (see `limits`). The
+//! handshake must end within `handshake_timeout`; a connection whose client
+//! neither sends requests nor takes replies for `idle_timeout` is closed.
+//!
+//! Shutdown through the `CancellationToken` stops accepting, lets every
+//! connection finish the requests it has read, and returns when all are
+//! closed.
 
+mod limits;
 mod negotiate;
 mod transmit;
 
@@ -198,16 +213,33 @@ pub struct ServerConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Refuse everything but STARTTLS until TLS is up (FORCEDTLS).
     pub require_tls: bool,
-    /// Connections served at once; more are closed at once. Default 64.
+    /// Connections served at once. Default 64.
     pub max_connections: usize,
-    /// Requests served at once per connection. Default 16.
+    /// Connections from one IP address (or one user on a unix socket).
+    /// Default 16.
+    pub max_connections_per_peer: usize,
+    /// A newcomer over a limit replaces the connection that waited longest
+    /// on its client, instead of being closed. Default true (false in
+    /// minimal mode, like xapi-nbd).
+    pub evict_waiting: bool,
+    /// Requests between being read and their reply written, per
+    /// connection. Default 16.
     pub inflight: usize,
+    /// Bytes of requests between being read and their reply written, per
+    /// connection (one larger request, up to `max_payload`, goes alone).
+    /// Default 16 MiB.
+    pub connection_bytes: u32,
+    /// The same across all connections. Default 128 MiB.
+    pub total_bytes: u32,
     /// Largest READ/WRITE payload. Default 32 MiB.
     pub max_payload: u32,
     /// Announce CAN_MULTI_CONN (full mode). Default true.
     pub multi_conn: bool,
-    /// Time a client has to finish the handshake. Default 30 s.
+    /// Time a client has to finish the handshake. Default 10 s.
     pub handshake_timeout: std::time::Duration,
+    /// A connection whose client sends no request and takes no reply
+    /// bytes for this long is closed; `None`: never. Default 5 minutes.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl Default for ServerConfig {
@@ -217,10 +249,15 @@ impl Default for ServerConfig {
             tls: None,
             require_tls: false,
             max_connections: 64,
+            max_connections_per_peer: 16,
+            evict_waiting: true,
             inflight: 16,
+            connection_bytes: 16 << 20,
+            total_bytes: 128 << 20,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             multi_conn: true,
-            handshake_timeout: std::time::Duration::from_secs(30),
+            handshake_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: Some(std::time::Duration::from_secs(300)),
         }
     }
 }
@@ -233,10 +270,16 @@ impl ServerConfig {
             tls: Some(tls),
             require_tls: true,
             max_connections: 16,
+            // xapi-nbd limits only the total.
+            max_connections_per_peer: usize::MAX,
+            evict_waiting: false,
             inflight: 1,
+            connection_bytes: proto::DEFAULT_MAX_PAYLOAD,
+            total_bytes: 256 << 20,
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             multi_conn: false,
             handshake_timeout: std::time::Duration::from_secs(30),
+            idle_timeout: Some(std::time::Duration::from_secs(300)),
         }
     }
 
@@ -261,7 +304,9 @@ struct Registry {
 pub(crate) struct Inner {
     pub(crate) config: ServerConfig,
     registry: RwLock<Registry>,
-    connections: Arc<Semaphore>,
+    pub(crate) connections: Arc<limits::Registry>,
+    /// Bytes of requests in flight across connections.
+    pub(crate) budget: Arc<Semaphore>,
 }
 
 impl Inner {
@@ -304,12 +349,18 @@ pub struct Server {
 
 impl Server {
     pub fn new(config: ServerConfig) -> Server {
-        let permits = config.max_connections.max(1);
+        let connections = Arc::new(limits::Registry::new(
+            config.max_connections,
+            config.max_connections_per_peer,
+            config.evict_waiting,
+        ));
+        let budget = Arc::new(Semaphore::new(config.total_bytes.max(1) as usize));
         Server {
             inner: Arc::new(Inner {
                 config,
                 registry: RwLock::new(Registry::default()),
-                connections: Arc::new(Semaphore::new(permits)),
+                connections,
+                budget,
             }),
         }
     }
@@ -356,7 +407,8 @@ impl Server {
             match accepted {
                 Ok((s, addr)) => {
                     let _ = s.set_nodelay(true);
-                    self.spawn(&tracker, s, addr.to_string(), shutdown.clone());
+                    let key = limits::PeerKey::ip(addr.ip());
+                    self.spawn(&tracker, s, key, addr.to_string(), shutdown.clone());
                 }
                 Err(e) => accept_error(e).await?,
             }
@@ -382,7 +434,17 @@ impl Server {
             match accepted {
                 Ok((s, _)) => {
                     n += 1;
-                    self.spawn(&tracker, s, format!("unix client {n}"), shutdown.clone());
+                    let key = match s.peer_cred() {
+                        Ok(c) => limits::PeerKey::Uid(c.uid()),
+                        Err(_) => limits::PeerKey::Unknown,
+                    };
+                    self.spawn(
+                        &tracker,
+                        s,
+                        key,
+                        format!("unix client {n}"),
+                        shutdown.clone(),
+                    );
                 }
                 Err(e) => accept_error(e).await?,
             }
@@ -392,22 +454,29 @@ impl Server {
         Ok(())
     }
 
-    fn spawn<S>(&self, tracker: &TaskTracker, stream: S, peer: String, shutdown: CancellationToken)
-    where
+    fn spawn<S>(
+        &self,
+        tracker: &TaskTracker,
+        stream: S,
+        key: limits::PeerKey,
+        peer: String,
+        shutdown: CancellationToken,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Ok(permit) = self.inner.connections.clone().try_acquire_owned() else {
-            warn!(
-                peer,
-                limit = self.inner.config.max_connections,
-                "server busy: connection limit reached; closing"
-            );
-            return;
+        let admitted = match self.inner.connections.admit(key) {
+            Ok(a) => a,
+            Err(why) => {
+                warn!(peer, "server busy: {why}; closing the new connection");
+                return;
+            }
         };
         let server = self.clone();
         tracker.spawn(async move {
-            let _permit = permit;
-            if let Err(e) = server.serve_stream(stream, &peer, shutdown).await {
+            let activity = admitted.activity.clone();
+            let r = server.serve_with(stream, &peer, shutdown, activity).await;
+            drop(admitted);
+            if let Err(e) = r {
                 debug!(peer, error = %e, "connection ended with an error");
             }
         });
@@ -423,8 +492,23 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let activity = self.inner.connections.detached();
+        self.serve_with(stream, peer, shutdown, activity).await
+    }
+
+    async fn serve_with<S>(
+        &self,
+        stream: S,
+        peer: &str,
+        shutdown: CancellationToken,
+        activity: Arc<limits::Activity>,
+    ) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let negotiated = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = activity.evicted.cancelled() => return Ok(()),
             n = tokio::time::timeout(
                 self.inner.config.handshake_timeout,
                 negotiate::negotiate(&self.inner, Box::new(stream), peer),
@@ -434,7 +518,8 @@ impl Server {
             return Ok(());
         };
         info!(peer, size = session.export.size(), "client connected");
-        transmit::serve(&self.inner, stream, session, peer, shutdown).await
+        activity.established();
+        transmit::serve(&self.inner, stream, session, peer, shutdown, &activity).await
     }
 }
 

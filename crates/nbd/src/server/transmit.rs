@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::limits::Activity;
 use super::negotiate::{BASE_ALLOCATION_ID, Session};
 use super::{Export, Inner, Mode, errno_of};
 use crate::claimed::read_claimed;
@@ -27,12 +28,37 @@ struct Served {
     failed: bool,
 }
 
+/// A reply on its way to the writer, holding its request's share of the
+/// connection's window and of the server's byte budget until written.
+struct Queued {
+    reply: Out,
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+    _budget: Option<OwnedSemaphorePermit>,
+    activity: Arc<Activity>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.activity.reply_done();
+    }
+}
+
+/// How long replies still get written after shutdown.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Bytes a reply write may take before the client must have taken some.
+const WRITE_PIECE: usize = 256 * 1024;
+/// What a request that is not a READ or WRITE counts against the byte
+/// windows (its reply is small, but not nothing).
+const SMALL_REQUEST: u32 = 4096;
+
 pub(crate) async fn serve(
     inner: &Inner,
     stream: BoxStream,
     session: Session,
     peer: &str,
     shutdown: CancellationToken,
+    activity: &Arc<Activity>,
 ) -> Result<()> {
     let (r, w) = tokio::io::split(stream);
     let mut r = BufReader::with_capacity(64 * 1024, r);
@@ -42,72 +68,139 @@ pub(crate) async fn serve(
     } else {
         inner.config.inflight.max(1)
     };
-    let (tx, mut rx) = mpsc::channel::<Out>(inflight);
-    let writer_peer = peer.to_owned();
-    let writer = tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(256 * 1024, w);
-        while let Some(mut item) = rx.recv().await {
-            loop {
-                w.write_all(&item.0).await?;
-                if let Some(d) = &item.1 {
-                    w.write_all(d).await?;
-                }
-                match rx.try_recv() {
-                    Ok(next) => item = next,
-                    Err(_) => break,
-                }
-            }
-            w.flush().await?;
-        }
-        let _ = w.shutdown().await;
-        debug!(peer = writer_peer, "writer done");
-        Ok::<(), std::io::Error>(())
-    });
+    let idle_timeout = inner.config.idle_timeout;
+    // The queue adds nothing to the window: a reply holds its slot in it.
+    let (tx, rx) = mpsc::channel::<Queued>(inflight);
+    let writer_gone = CancellationToken::new();
+    let writer = tokio::spawn(write_replies(
+        w,
+        rx,
+        peer.to_owned(),
+        activity.clone(),
+        idle_timeout,
+        writer_gone.clone(),
+    ));
 
-    let window = Arc::new(Semaphore::new(inflight));
+    let slots = Arc::new(Semaphore::new(inflight));
+    let window = inner.config.connection_bytes.max(SMALL_REQUEST);
+    let bytes = Arc::new(Semaphore::new(window as usize));
+    let total = inner.config.total_bytes.max(SMALL_REQUEST);
     let session = Arc::new(session);
     let max_payload = inner.config.max_payload;
     let mut tasks = JoinSet::new();
+    // Ends the connection early: shutdown, eviction, or a writer that
+    // cannot write any more (its client went).
+    let stop = || async {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = activity.evicted.cancelled() => {}
+            _ = writer_gone.cancelled() => {}
+        }
+    };
     let result: Result<()> = async {
         loop {
             let mut head = [0u8; proto::REQUEST_LEN];
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                res = r.read_exact(&mut head) => match res {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(Error::io(peer, "reading a request", e)),
-                },
+            {
+                let read = r.read_exact(&mut head);
+                tokio::pin!(read);
+                loop {
+                    let check = idle_timeout.unwrap_or(std::time::Duration::from_secs(3600));
+                    tokio::select! {
+                        _ = stop() => return Ok(()),
+                        res = &mut read => match res {
+                            Ok(_) => break,
+                            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                            Err(e) => return Err(Error::io(peer, "reading a request", e)),
+                        },
+                        _ = tokio::time::sleep(check) => {
+                            if let (Some(limit), Some(idle)) = (idle_timeout, activity.idle_for())
+                                && idle >= limit
+                            {
+                                debug!(peer, "idle for {idle:?}: closing");
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
             }
             let req = Request::decode_compact(&head).map_err(|e| Error::protocol(peer, e))?;
             if req.kind == proto::CMD_DISC {
                 return Ok(());
             }
-            let permit = window
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::protocol(peer, "request window closed"))?;
+            activity.request_read();
+            // Counted from here, so a reply dropped on any path uncounts it.
+            let weight = match req.kind {
+                proto::CMD_READ | proto::CMD_WRITE if req.length <= u64::from(max_payload) => {
+                    (req.length as u32).max(SMALL_REQUEST)
+                }
+                _ => SMALL_REQUEST,
+            };
+            // Backpressure: nothing more is read from this client until
+            // the window has room, i.e. until it takes earlier replies.
+            let acquired = tokio::select! {
+                _ = stop() => None,
+                p = async {
+                    let slot = slots.clone().acquire_owned().await.ok()?;
+                    let mine = bytes.clone().acquire_many_owned(weight.min(window)).await.ok()?;
+                    let budget = budget_permit(inner, weight.min(total)).await?;
+                    Some((slot, mine, budget))
+                } => p,
+            };
+            let Some((slot, mine, budget)) = acquired else {
+                activity.reply_done();
+                return Ok(());
+            };
             let mut payload = None;
             if req.kind == proto::CMD_WRITE {
                 if req.length > u64::from(max_payload) {
+                    activity.reply_done();
                     return Err(Error::protocol(
                         peer,
                         format!("write of {} bytes is over the limit", req.length),
                     ));
                 }
-                let buf = read_claimed(&mut r, req.length as usize)
-                    .await
-                    .map_err(|e| Error::io(peer, "reading write data", e))?;
+                // The data must come within the idle timeout too.
+                let read = async {
+                    let read = read_claimed(&mut r, req.length as usize);
+                    match idle_timeout {
+                        Some(t) => tokio::time::timeout(t, read).await.unwrap_or_else(|_| {
+                            Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the write data did not come within the idle timeout",
+                            ))
+                        }),
+                        None => read.await,
+                    }
+                };
+                let buf = tokio::select! {
+                    _ = stop() => { activity.reply_done(); return Ok(()) }
+                    b = read => b,
+                };
+                let buf = match buf {
+                    Ok(b) => b,
+                    Err(e) => {
+                        activity.reply_done();
+                        return Err(Error::io(peer, "reading write data", e));
+                    }
+                };
+                activity.touch();
                 payload = Some(Bytes::from(buf));
             }
             let session = session.clone();
             let tx = tx.clone();
+            let activity = activity.clone();
             let fut = async move {
                 let served = handle(&session, req, payload, max_payload, minimal).await;
                 let failed = served.failed;
-                let _ = tx.send(served.reply).await;
-                drop(permit);
+                let queued = Queued {
+                    reply: served.reply,
+                    _slot: slot,
+                    _bytes: Some(mine),
+                    _budget: Some(budget),
+                    activity,
+                };
+                // Fails only when the writer is gone; the reply is dropped.
+                let _ = tx.send(queued).await;
                 failed
             };
             if minimal {
@@ -122,15 +215,114 @@ pub(crate) async fn serve(
         }
     }
     .await;
-    while tasks.join_next().await.is_some() {}
-    drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Error::io(peer, "sending replies", e)),
-        Err(e) => {
+    if writer_gone.is_cancelled() || activity.evicted.is_cancelled() {
+        // Nobody will read these replies: drop the work.
+        tasks.abort_all();
+    }
+    let writer_abort = writer.abort_handle();
+    let finish = async {
+        while tasks.join_next().await.is_some() {}
+        drop(tx);
+        writer.await
+    };
+    // On shutdown, replies to what was read get a grace period; a client
+    // that does not take them does not hold the server up.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let written = tokio::select! {
+        w = finish => Some(w),
+        _ = activity.evicted.cancelled() => None,
+        _ = grace => None,
+    };
+    writer_abort.abort();
+    match written {
+        None | Some(Ok(Ok(()))) => {}
+        Some(Ok(Err(e))) => return Err(Error::io(peer, "sending replies", e)),
+        Some(Err(e)) => {
             return Err(Error::protocol(peer, format!("reply writer failed: {e}")));
         }
     }
+    result
+}
+
+/// A share of the server's byte budget. While it is used up, a client
+/// that does not take its replies is dropped to free what it holds.
+async fn budget_permit(inner: &Inner, n: u32) -> Option<OwnedSemaphorePermit> {
+    loop {
+        match inner.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => return Some(p),
+            Err(tokio::sync::TryAcquireError::Closed) => return None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        inner.connections.evict_stalled();
+        tokio::select! {
+            p = inner.budget.clone().acquire_many_owned(n) => return p.ok(),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Writes replies in order, batching what is queued into one flush. Ends
+/// (and cancels `gone`) when the connection is done, the client stops
+/// taking bytes for `idle_timeout`, or a write fails.
+async fn write_replies(
+    w: tokio::io::WriteHalf<BoxStream>,
+    mut rx: mpsc::Receiver<Queued>,
+    peer: String,
+    activity: Arc<Activity>,
+    idle_timeout: Option<std::time::Duration>,
+    gone: CancellationToken,
+) -> std::io::Result<()> {
+    let _gone = gone.drop_guard();
+    let mut w = BufWriter::with_capacity(WRITE_PIECE, w);
+    let stalled = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took no reply bytes for the idle timeout",
+        )
+    };
+    // Each piece must be taken within the idle timeout: a slow client
+    // that reads is fine, one that stops reading is not.
+    async fn timed<F: std::future::Future<Output = std::io::Result<()>>>(
+        t: Option<std::time::Duration>,
+        f: F,
+        stalled: impl Fn() -> std::io::Error,
+    ) -> std::io::Result<()> {
+        match t {
+            Some(t) => tokio::time::timeout(t, f).await.map_err(|_| stalled())?,
+            None => f.await,
+        }
+    }
+    let result = async {
+        while let Some(mut item) = rx.recv().await {
+            activity.set_writing(true);
+            loop {
+                timed(idle_timeout, w.write_all(&item.reply.0), stalled).await?;
+                if let Some(d) = &item.reply.1 {
+                    for piece in d.chunks(WRITE_PIECE) {
+                        timed(idle_timeout, w.write_all(piece), stalled).await?;
+                        activity.touch();
+                    }
+                }
+                match rx.try_recv() {
+                    Ok(next) => item = next,
+                    Err(_) => break,
+                }
+            }
+            timed(idle_timeout, w.flush(), stalled).await?;
+            drop(item);
+            activity.set_writing(false);
+        }
+        Ok(())
+    }
+    .await;
+    activity.set_writing(false);
+    if result.is_ok() {
+        let _ = w.shutdown().await;
+    }
+    debug!(peer, "writer done");
     result
 }
 
