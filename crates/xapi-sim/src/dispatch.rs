@@ -1,7 +1,7 @@
 //! Routes a call to its implementation, as xapi's message layer does:
-//! login and logout, session validation (`SESSION_INVALID`), parameter
-//! counts (`MESSAGE_PARAMETER_COUNT_MISMATCH`, counting the session),
-//! unknown methods (`MESSAGE_METHOD_UNKNOWN`), bad handles
+//! login and logout, unknown methods (`MESSAGE_METHOD_UNKNOWN`), then
+//! parameter counts (`MESSAGE_PARAMETER_COUNT_MISMATCH`, not counting the
+//! session), then session validation (`SESSION_INVALID`), bad handles
 //! (`HANDLE_INVALID`), the implicit getters of every class (`get_record`,
 //! `get_all`, `get_all_records`, `get_by_uuid`, `get_by_name_label`,
 //! `get_<field>`), and `Async.*` calls, which return a task at once.
@@ -30,11 +30,19 @@ pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Val
         }
         _ => {}
     }
+    // As xapi's generated server does: the method, then the parameter
+    // count, then the session.
+    let inner = method.strip_prefix("Async.");
+    let name = inner.unwrap_or(method);
+    if inner.is_some() && !has_async_form(name) {
+        return Err(unknown(method));
+    }
+    if !name.starts_with("sim.") {
+        let (min, max) = params_of(name).ok_or_else(|| unknown(method))?;
+        check_count(method, params.len(), min, max)?;
+    }
     let session = take_session(sim, method, &mut params)?;
-    if let Some(inner) = method.strip_prefix("Async.") {
-        if !has_async_form(inner) {
-            return Err(unknown(method));
-        }
+    if let Some(inner) = inner {
         let task = sim.tasks().create(method);
         let (sim2, inner, task2) = (sim.clone(), inner.to_owned(), task.clone());
         tokio::spawn(async move {
@@ -106,6 +114,56 @@ fn login(sim: &Sim, params: &[Value]) -> Result<Value, XapiError> {
     Ok(Value::String(sim.sessions().login(text(0), text(3))))
 }
 
+/// `MESSAGE_PARAMETER_COUNT_MISMATCH [method, expected, received]` unless
+/// `given` parameters (session included) leave between `min` and `max`
+/// others. Both counts leave the session out, as xapi's generated server
+/// does (`gen_server.ml`: the full count expected, `List.length params - 1`
+/// received, so a call without any parameter reads `-1`).
+fn check_count(method: &str, given: usize, min: usize, max: usize) -> Result<(), XapiError> {
+    let received = given as i64 - 1;
+    if received < min as i64 || received > max as i64 {
+        return Err(XapiError::MessageParameterCountMismatch {
+            method: method.into(),
+            expected: max.to_string(),
+            received: received.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// How many parameters after the session a method takes: (fewest, most).
+/// Fewer than most when trailing parameters have defaults in xapi's
+/// datamodel (`VDI.snapshot`'s `driver_params`, `VM.snapshot`'s
+/// `ignore_vdis`). `None`: no such method.
+fn params_of(method: &str) -> Option<(usize, usize)> {
+    let (class, name) = method.split_once('.')?;
+    let n = match (class, name) {
+        ("VDI", "snapshot") => return Some((1, 2)),
+        ("VM", "snapshot") => return Some((2, 3)),
+        ("VDI", "list_changed_blocks" | "resize" | "resize_online") => 2,
+        (
+            "VDI",
+            "enable_cbt" | "disable_cbt" | "get_nbd_info" | "destroy" | "create" | "data_destroy",
+        ) => 1,
+        ("VDI" | "VM", "add_to_other_config") => 3,
+        (
+            "VDI" | "VM",
+            "remove_from_other_config"
+            | "set_other_config"
+            | "set_name_label"
+            | "set_name_description",
+        ) => 2,
+        ("VM", "destroy") => 1,
+        ("VBD", "create" | "plug" | "unplug" | "destroy") => 1,
+        ("task", "cancel" | "destroy") => 1,
+        ("host", "get_server_certificate") => 1,
+        (c, "get_all" | "get_all_records") if CLASSES.contains(&c) => 0,
+        (c, g) if CLASSES.contains(&c) && g.starts_with("get_") => 1,
+        _ => return None,
+    };
+    Some((n, n))
+}
+
 /// Calls that have an `Async.` form in the simulator (getters, setters,
 /// map edits, session and task calls and `VDI.get_nbd_info` have none).
 fn has_async_form(method: &str) -> bool {
@@ -129,17 +187,10 @@ fn has_async_form(method: &str) -> bool {
     )
 }
 
-/// Checks the parameter count (`expected` excludes the session, as do
-/// `args`; the error counts it, as xapi does).
+/// Checks the parameter count of a `sim.*` call (counts without the
+/// session, as for XenAPI calls).
 pub(crate) fn arity(method: &str, args: &[Value], expected: usize) -> Result<(), XapiError> {
-    if args.len() != expected {
-        return Err(XapiError::MessageParameterCountMismatch {
-            method: method.into(),
-            expected: (expected + 1).to_string(),
-            received: (args.len() + 1).to_string(),
-        });
-    }
-    Ok(())
+    check_count(method, args.len() + 1, expected, expected)
 }
 
 /// String parameter `i`.
@@ -187,7 +238,7 @@ fn run_blocking(
     let a = |n: usize| arity(method, args, n);
     match (class, name) {
         ("VDI", "snapshot") => {
-            a(2)?;
+            // driver_params (default {}) mean nothing to the simulated SR.
             sim.vdi_snapshot(&text(args, 0)?)
         }
         ("VDI", "enable_cbt") => {
@@ -234,8 +285,21 @@ fn run_blocking(
             sim.set_field(class, &text(args, 0)?, name, &args[1..])
         }
         ("VM", "snapshot") => {
-            a(2)?;
-            sim.vm_snapshot(&text(args, 0)?, &text(args, 1)?)
+            let ignore: Vec<String> = match args.get(2) {
+                None => Vec::new(),
+                Some(v) => v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|r| r.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .ok_or_else(|| XapiError::Other {
+                        code: "FIELD_TYPE_ERROR".into(),
+                        params: vec!["ignore_vdis".into()],
+                    })?,
+            };
+            sim.vm_snapshot(&text(args, 0)?, &text(args, 1)?, &ignore)
         }
         ("VM", "destroy") => {
             a(1)?;

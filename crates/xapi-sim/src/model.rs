@@ -267,6 +267,43 @@ impl Db {
         })
     }
 
+    /// Whether `vdi` has a plugged read-write VBD to a VM that is not a
+    /// snapshot (what blocks `copy`).
+    pub fn vdi_attached_rw(&self, vdi: &str) -> bool {
+        self.vbds.values().any(|b| {
+            b.vdi == vdi
+                && b.currently_attached
+                && b.mode == "RW"
+                && self.vms.get(&b.vm).is_none_or(|vm| !vm.is_a_snapshot)
+        })
+    }
+
+    /// `allowed_operations` of VDI `r`, as xapi's
+    /// `update_allowed_operations` computes it (`xapi_vdi.ml`): the
+    /// operations `check_operation_error` lets through, except the CBT ones
+    /// (`enable_cbt`, `disable_cbt`, `data_destroy`, `list_changed_blocks`),
+    /// which xapi never lists (CA-260245). Only `snapshot`, `clone` and
+    /// `resize_online` may run while a VBD is attached; `copy` only while
+    /// no read-write one is.
+    fn vdi_allowed_operations(&self, r: &str, v: &VdiRec) -> Vec<&'static str> {
+        if v.vdi_type == "cbt_metadata" {
+            // `allowed_for_cbt_metadata_vdi`, CBT operations removed.
+            return if self.vdi_attached(r) {
+                vec![]
+            } else {
+                vec!["destroy", "forget"]
+            };
+        }
+        let mut ops = vec!["snapshot", "clone", "resize_online"];
+        if !self.vdi_attached_rw(r) {
+            ops.push("copy");
+        }
+        if !self.vdi_attached(r) {
+            ops.extend(["resize", "destroy", "forget"]);
+        }
+        ops
+    }
+
     /// The record of VDI `r` as `VDI.get_record` returns it.
     pub fn vdi_value(&self, r: &str) -> Option<Value> {
         let v = self.vdis.get(r)?;
@@ -275,25 +312,7 @@ impl Db {
             .iter()
             .filter(|(_, o)| o.snapshot_of == r)
             .map(|(sr, _)| sr.clone());
-        let mut ops = vec![];
-        if v.vdi_type == "cbt_metadata" {
-            ops.extend(["destroy", "data_destroy", "list_changed_blocks", "forget"]);
-        } else {
-            ops.extend([
-                "snapshot",
-                "clone",
-                "copy",
-                "resize",
-                "enable_cbt",
-                "disable_cbt",
-            ]);
-            if v.is_a_snapshot && v.cbt_enabled {
-                ops.push("data_destroy");
-            }
-            if !self.vdi_attached(r) {
-                ops.extend(["destroy", "list_changed_blocks", "forget"]);
-            }
-        }
+        let ops = self.vdi_allowed_operations(r, v);
         Some(record(vec![
             ("uuid", s(&v.uuid)),
             ("name_label", s(&v.name_label)),

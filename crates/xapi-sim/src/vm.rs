@@ -23,8 +23,14 @@ fn bad_power_state(vm: &str, expected: &str, actual: &str) -> XapiError {
 }
 
 impl Sim {
-    /// `VM.snapshot(vm, new_name)`.
-    pub(crate) fn vm_snapshot(&self, r: &str, new_name: &str) -> Result<Value, XapiError> {
+    /// `VM.snapshot(vm, new_name, ignore_vdis)`: the VDIs in `ignore` are
+    /// left out (no snapshot, no VBD in the snapshot VM).
+    pub(crate) fn vm_snapshot(
+        &self,
+        r: &str,
+        new_name: &str,
+        ignore: &[String],
+    ) -> Result<Value, XapiError> {
         self.mutate(|db, store| {
             let source = vm(db, r)?.clone();
             if source.is_control_domain || source.is_a_snapshot {
@@ -36,7 +42,7 @@ impl Sim {
             let mut vbds = Vec::new();
             for vbd_ref in db.vbds_of_vm(r) {
                 let vbd = db.vbds[&vbd_ref].clone();
-                if vbd.vbd_type != "Disk" || is_null(&vbd.vdi) {
+                if vbd.vbd_type != "Disk" || is_null(&vbd.vdi) || ignore.contains(&vbd.vdi) {
                     continue;
                 }
                 let snap_vdi = snapshot_in(db, store, &vbd.vdi)?;

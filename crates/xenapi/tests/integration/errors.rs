@@ -65,8 +65,8 @@ async fn unknown_methods_and_parameter_counts() {
             err.xapi(),
             Some(&XapiError::MessageParameterCountMismatch {
                 method: "VDI.get_record".into(),
-                expected: "2".into(),
-                received: "1".into()
+                expected: "1".into(),
+                received: "0".into()
             })
         );
         let err = c.call("Async.VDI.get_record", vec![]).await.unwrap_err();

@@ -1,0 +1,120 @@
+//! Places where the simulator answers as xapi does and a naive simulator
+//! would not (issue 15): what a client checking these sees on a real pool.
+
+use std::collections::BTreeMap;
+
+use cbtvault_xenapi::{Value, XapiError};
+
+use super::common::{client, disk_of, start};
+
+const CBT_OPS: [&str; 4] = [
+    "enable_cbt",
+    "disable_cbt",
+    "data_destroy",
+    "list_changed_blocks",
+];
+
+fn has(ops: &[String], op: &str) -> bool {
+    ops.iter().any(|o| o == op)
+}
+
+#[tokio::test]
+async fn allowed_operations_leave_out_cbt_and_what_an_attached_vbd_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let c = client(&server).await;
+    let (leaf, _) = disk_of(&c, "vm-0").await;
+    c.vdi().enable_cbt(&leaf).await.unwrap();
+
+    // Plugged into a running VM: only the live operations.
+    let ops = c.vdi().get_record(&leaf).await.unwrap().allowed_operations;
+    assert!(has(&ops, "snapshot") && has(&ops, "clone"), "{ops:?}");
+    for blocked in ["copy", "resize", "destroy", "forget"] {
+        assert!(
+            !has(&ops, blocked),
+            "{blocked} listed while attached: {ops:?}"
+        );
+    }
+    for op in CBT_OPS {
+        assert!(!has(&ops, op), "{op} listed: {ops:?}");
+    }
+
+    // A snapshot is attached nowhere: copy, resize and destroy appear.
+    let snap = c.vdi().snapshot(&leaf, &BTreeMap::new()).await.unwrap();
+    let ops = c.vdi().get_record(&snap).await.unwrap().allowed_operations;
+    for op in ["copy", "resize", "destroy"] {
+        assert!(
+            has(&ops, op),
+            "{op} missing on a detached snapshot: {ops:?}"
+        );
+    }
+    for op in CBT_OPS {
+        assert!(!has(&ops, op), "{op} listed: {ops:?}");
+    }
+
+    // After data_destroy: destroy and forget only, although data_destroy
+    // and list_changed_blocks still work on it.
+    c.vdi().data_destroy(&snap).await.unwrap();
+    let ops = c.vdi().get_record(&snap).await.unwrap().allowed_operations;
+    assert_eq!(ops, ["destroy", "forget"]);
+    let snap2 = c.vdi().snapshot(&leaf, &BTreeMap::new()).await.unwrap();
+    c.vdi().list_changed_blocks(&snap, &snap2).await.unwrap();
+    drop(server);
+}
+
+#[tokio::test]
+async fn optional_parameters_take_the_datamodel_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let c = client(&server).await;
+    let (leaf, _) = disk_of(&c, "vm-0").await;
+    // VDI.snapshot(vdi) without driver_params.
+    let snap = c
+        .call("VDI.snapshot", vec![Value::from(&leaf)])
+        .await
+        .unwrap();
+    assert!(snap.as_str().unwrap().starts_with("OpaqueRef:"), "{snap:?}");
+
+    // VM.snapshot(vm, name) and VM.snapshot(vm, name, ignore_vdis).
+    let vm = c.vm().get_by_name_label("vm-0").await.unwrap()[0].clone();
+    let all = c
+        .call("VM.snapshot", vec![Value::from(&vm), Value::from("s1")])
+        .await
+        .unwrap();
+    let all = c
+        .vm()
+        .get_record(&cbtvault_xenapi::VmRef::new(all.as_str().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(all.vbds.len(), 1);
+    let none = c
+        .call(
+            "VM.snapshot",
+            vec![
+                Value::from(&vm),
+                Value::from("s2"),
+                Value::Array(vec![Value::from(&leaf)]),
+            ],
+        )
+        .await
+        .unwrap();
+    let none = c
+        .vm()
+        .get_record(&cbtvault_xenapi::VmRef::new(none.as_str().unwrap()))
+        .await
+        .unwrap();
+    assert!(none.vbds.is_empty(), "the ignored disk was snapshotted");
+
+    // Counts leave the session out; Async forms answer at once.
+    for method in ["VDI.snapshot", "Async.VDI.snapshot"] {
+        let err = c.call(method, vec![]).await.unwrap_err();
+        assert_eq!(
+            err.xapi(),
+            Some(&XapiError::MessageParameterCountMismatch {
+                method: method.into(),
+                expected: "2".into(),
+                received: "0".into()
+            })
+        );
+    }
+}
