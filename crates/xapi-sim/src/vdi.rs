@@ -106,8 +106,9 @@ pub(crate) fn snapshot_in(db: &mut Db, store: &Store, r: &str) -> Result<String,
     } else {
         store.create(&uuid, src.virtual_size).map_err(internal)?;
     }
-    // The snapshot takes over the leaf's log; snapshots of snapshots have none.
-    let cbt = !src.is_a_snapshot && src.cbt_enabled && db.cbt.snapshot(&src.uuid, &uuid);
+    // The snapshot takes over the source's log, a snapshot's too (sm
+    // `_cbt_snapshot`; FileSR marks the new VDI cbt_enabled).
+    let cbt = src.cbt_enabled && db.cbt.snapshot(&src.uuid, &uuid);
     let snap = VdiRec {
         uuid: uuid.clone(),
         is_a_snapshot: true,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use cbtvault_xenapi::{Value, XapiError};
 
-use super::common::{client, disk_of, start};
+use super::common::{DISK, blocks, client, disk_of, start};
 
 const CBT_OPS: [&str; 4] = [
     "enable_cbt",
@@ -117,4 +117,33 @@ async fn optional_parameters_take_the_datamodel_defaults() {
             })
         );
     }
+}
+
+#[tokio::test]
+async fn a_snapshot_of_a_cbt_snapshot_joins_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let c = client(&server).await;
+    let (leaf, uuid) = disk_of(&c, "vm-0").await;
+    let v = c.vdi();
+    let none = BTreeMap::new();
+    v.enable_cbt(&leaf).await.unwrap();
+    let s1 = v.snapshot(&leaf, &none).await.unwrap();
+    server.sim().write_blocks(&uuid, &[3, 17], 1).unwrap();
+    let s2 = v.snapshot(&leaf, &none).await.unwrap();
+    let copy = v.snapshot(&s2, &none).await.unwrap();
+    assert!(v.get_cbt_enabled(&copy).await.unwrap());
+    let changed = |from, to| {
+        let v = c.vdi();
+        async move { blocks(&v.list_changed_blocks(from, to).await.unwrap(), DISK) }
+    };
+    assert_eq!(changed(&s1, &copy).await, [3, 17]);
+    assert_eq!(changed(&copy, &s2).await, Vec::<u64>::new());
+    server.sim().write_blocks(&uuid, &[5], 2).unwrap();
+    let s3 = v.snapshot(&leaf, &none).await.unwrap();
+    assert_eq!(changed(&copy, &s3).await, [5]);
+    assert_eq!(changed(&s1, &s3).await, [3, 5, 17]);
+    // It is a CBT snapshot like any other: its data can go.
+    v.data_destroy(&copy).await.unwrap();
+    assert_eq!(changed(&copy, &s3).await, [5]);
 }
