@@ -15,3 +15,4 @@ mod qemu;
 mod sources;
 mod ux;
 mod xen;
+mod xen_faithful;

@@ -18,6 +18,8 @@
 //! | `sim.fault_slow` | delay in ms, calls (0: all) | `""` |
 //! | `sim.clear_faults` | – | `""` |
 //! | `sim.nbd_connections` | – | open NBD connections |
+//! | `sim.set_password` | password | `""` (sessions stay) |
+//! | `sim.login_attempts` | – | `[tried, refused]` since start |
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -200,6 +202,19 @@ fn run_blocking(sim: &Sim, method: &str, op: &str, args: &[Value]) -> Result<Val
                 sim.inner.nbd_connections.load(Ordering::SeqCst) as i64
             ))
         }
+        "set_password" => {
+            a(1)?;
+            sim.set_password(&text(args, 0)?);
+            empty()
+        }
+        "login_attempts" => {
+            a(0)?;
+            let (tried, refused) = sim.login_attempts();
+            Ok(Value::Array(vec![
+                Value::Int(tried as i64),
+                Value::Int(refused as i64),
+            ]))
+        }
         _ => Err(XapiError::MessageMethodUnknown {
             method: method.into(),
         }),
@@ -359,6 +374,20 @@ impl Sim {
     /// Open NBD connections.
     pub fn nbd_connections(&self) -> usize {
         self.inner.nbd_connections.load(Ordering::SeqCst)
+    }
+
+    /// Changes the password that logs in (live sessions stay valid), as
+    /// an administrator changing root's password does.
+    pub fn set_password(&self, password: &str) {
+        *self.password() = password.to_owned();
+    }
+
+    /// Logins tried since start, and how many of them were refused.
+    pub fn login_attempts(&self) -> (u64, u64) {
+        (
+            self.inner.logins.load(Ordering::SeqCst),
+            self.inner.failed_logins.load(Ordering::SeqCst),
+        )
     }
 
     /// Number of live sessions.

@@ -7,6 +7,7 @@
 //! `get_<field>`), and `Async.*` calls, which return a task at once.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use cbtvault_xenapi::{Value, XapiError};
 
@@ -22,7 +23,7 @@ pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Val
         slow_down(sim).await;
     }
     match method {
-        "session.login_with_password" => return login(sim, &params),
+        "session.login_with_password" => return login(sim, &params).await,
         "session.logout" => {
             let session = take_session(sim, method, &mut params)?;
             sim.sessions().logout(&session);
@@ -98,7 +99,11 @@ fn take_session(sim: &Sim, method: &str, params: &mut Vec<Value>) -> Result<Stri
     Ok(session)
 }
 
-fn login(sim: &Sim, params: &[Value]) -> Result<Value, XapiError> {
+/// `session.login_with_password(uname, pwd, version, originator)`, the last
+/// two optional. A refusal waits [`crate::SimConfig::auth_failure_delay`]
+/// and carries `[uname, message]`, the message PAM gives for a wrong
+/// password (`xapi_session.ml`).
+async fn login(sim: &Sim, params: &[Value]) -> Result<Value, XapiError> {
     if !(2..=4).contains(&params.len()) {
         return Err(XapiError::MessageParameterCountMismatch {
             method: "session.login_with_password".into(),
@@ -107,9 +112,15 @@ fn login(sim: &Sim, params: &[Value]) -> Result<Value, XapiError> {
         });
     }
     let text = |i: usize| params.get(i).and_then(Value::as_str).unwrap_or_default();
-    let config = sim.config();
-    if text(0) != config.username || text(1) != config.password {
-        return Err(XapiError::SessionAuthenticationFailed);
+    sim.inner.logins.fetch_add(1, Ordering::SeqCst);
+    let accepted = text(0) == sim.config().username && text(1) == *sim.password();
+    if !accepted {
+        sim.inner.failed_logins.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(sim.config().auth_failure_delay).await;
+        return Err(XapiError::SessionAuthenticationFailed {
+            user: text(0).into(),
+            message: "Authentication failure".into(),
+        });
     }
     Ok(Value::String(sim.sessions().login(text(0), text(3))))
 }

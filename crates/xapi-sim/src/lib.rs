@@ -85,7 +85,7 @@ pub use control::{VdiSummary, VmSummary};
 pub use error::{Error, Result};
 pub use nbd::{NbdExport, NbdRefusal, VdiReader};
 pub use sessions::SessionLimits;
-pub use sim::{Faults, PoolSpec, Sim, SimConfig};
+pub use sim::{Faults, PoolSpec, Sim, SimConfig, XAPI_AUTH_FAILURE_DELAY};
 
 /// A running simulator: the pool and its HTTP(S) endpoint.
 pub struct Simulator {

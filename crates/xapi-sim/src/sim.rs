@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -67,7 +67,16 @@ pub struct SimConfig {
     /// Where the NBD server listens (xapi-nbd: port 10809); `None` runs
     /// none. [`SimConfig::new`] picks a free port of 127.0.0.1.
     pub nbd_listen: Option<std::net::SocketAddr>,
+    /// How long a refused login waits before `SESSION_AUTHENTICATION_FAILED`
+    /// (xapi: [`XAPI_AUTH_FAILURE_DELAY`], against password guessing).
+    /// [`SimConfig::new`] sets none, so tests of wrong passwords stay fast;
+    /// the `xapi-sim` binary waits as xapi does unless told otherwise.
+    pub auth_failure_delay: Duration,
 }
+
+/// The delay xapi puts before every `SESSION_AUTHENTICATION_FAILED`
+/// (`xapi_session.ml`, `thread_delay_and_raise_error`: 5 s).
+pub const XAPI_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(5);
 
 impl SimConfig {
     /// XAPI's behaviour with user `root` and `password`, state in `state_dir`.
@@ -82,6 +91,7 @@ impl SimConfig {
             pool: PoolSpec::default(),
             nbd_connection_limit: 16,
             nbd_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            auth_failure_delay: Duration::ZERO,
         }
     }
 }
@@ -107,6 +117,11 @@ pub(crate) struct Inner {
     pub cert: HostCert,
     pub nbd_port: Mutex<Option<u16>>,
     pub nbd_connections: AtomicUsize,
+    /// The password that logs in now (`sim.set_password` changes it).
+    pub password: Mutex<String>,
+    /// Logins tried, and of them refused.
+    pub logins: AtomicU64,
+    pub failed_logins: AtomicU64,
     state_file: PathBuf,
 }
 
@@ -170,6 +185,9 @@ impl Sim {
         let sim = Sim {
             inner: Arc::new(Inner {
                 sessions: Mutex::new(Sessions::new(config.session_limits)),
+                password: Mutex::new(config.password.clone()),
+                logins: AtomicU64::new(0),
+                failed_logins: AtomicU64::new(0),
                 config,
                 db: Mutex::new(db),
                 tasks: Mutex::new(Tasks::default()),
@@ -218,6 +236,10 @@ impl Sim {
 
     pub(crate) fn tasks(&self) -> MutexGuard<'_, Tasks> {
         lock(&self.inner.tasks)
+    }
+
+    pub(crate) fn password(&self) -> MutexGuard<'_, String> {
+        lock(&self.inner.password)
     }
 
     pub(crate) fn faults(&self) -> MutexGuard<'_, Faults> {

@@ -90,6 +90,10 @@ struct Inner {
     /// Serialises logins so concurrent callers that all saw
     /// `SESSION_INVALID` log in only once.
     login: tokio::sync::Mutex<()>,
+    /// The host refused these credentials: no further login is tried with
+    /// them (xapi answers each wrong password after 5 s, and a directory
+    /// service may lock the account after a few).
+    refused: RwLock<Option<XapiError>>,
     next_id: AtomicU64,
 }
 
@@ -132,6 +136,7 @@ impl Client {
                 transport_confirmed: AtomicBool::new(false),
                 session: RwLock::new(None),
                 login: tokio::sync::Mutex::new(()),
+                refused: RwLock::new(None),
                 next_id: AtomicU64::new(1),
             }),
         };
@@ -180,13 +185,24 @@ impl Client {
         Ok(())
     }
 
-    /// Logs in again unless another caller already replaced `stale`.
+    /// Logs in again unless another caller already replaced `stale`. Once
+    /// the host has refused the credentials, every later login fails the
+    /// same way without asking it again.
     async fn relogin(&self, stale: Option<&SessionRef>) -> Result<SessionRef> {
         let _guard = self.inner.login.lock().await;
         if let Some(current) = self.session()
             && Some(&current) != stale
         {
             return Ok(current);
+        }
+        if let Some(refused) = self
+            .inner
+            .refused
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(Error::Xapi(refused));
         }
         let o = &self.inner.options;
         let params = vec![
@@ -195,7 +211,17 @@ impl Client {
             Value::from("1.1"),
             Value::from(&o.originator),
         ];
-        let result = self.rpc("session.login_with_password", params).await?;
+        let result = match self.rpc("session.login_with_password", params).await {
+            Err(Error::Xapi(e @ XapiError::SessionAuthenticationFailed { .. })) => {
+                *self
+                    .inner
+                    .refused
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+                return Err(Error::Xapi(e));
+            }
+            other => other?,
+        };
         let session = SessionRef::new(expect_string("session.login_with_password", result)?);
         tracing::debug!(
             "logged in to {} as {} over {}{}",

@@ -147,3 +147,46 @@ async fn a_snapshot_of_a_cbt_snapshot_joins_the_chain() {
     v.data_destroy(&copy).await.unwrap();
     assert_eq!(changed(&copy, &s3).await, [5]);
 }
+
+#[tokio::test]
+async fn a_wrong_password_is_answered_late_with_the_user_and_never_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = super::common::config(dir.path());
+    config.auth_failure_delay = std::time::Duration::from_millis(200);
+    let server = cbtvault_xapi_sim::Simulator::start(config).await.unwrap();
+    let mut o = cbtvault_xenapi::ClientOptions::new(
+        &server.http_url(),
+        "root",
+        cbtvault_xenapi::Password::new("wrong"),
+    )
+    .unwrap();
+    o.transport = cbtvault_xenapi::TransportChoice::XmlRpc;
+    let started = std::time::Instant::now();
+    let err = cbtvault_xenapi::Client::connect(o).await.unwrap_err();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert_eq!(
+        err.xapi(),
+        Some(&XapiError::SessionAuthenticationFailed {
+            user: "root".into(),
+            message: "Authentication failure".into()
+        })
+    );
+    assert_eq!(server.sim().login_attempts(), (1, 1));
+
+    // The password changes under a running client and its session ends:
+    // the client asks once, then keeps the refusal.
+    let c = client(&server).await;
+    server.sim().set_password("changed");
+    server.sim().expire_sessions();
+    for _ in 0..5 {
+        let err = c.vdi().get_all_records().await.unwrap_err();
+        assert!(
+            matches!(
+                err.xapi(),
+                Some(XapiError::SessionAuthenticationFailed { .. })
+            ),
+            "{err}"
+        );
+    }
+    assert_eq!(server.sim().login_attempts(), (3, 2));
+}
