@@ -22,6 +22,49 @@
 //! are at most 16 TiB (larger sizes get `SR_BACKEND_FAILURE_79`, and their
 //! CBT bitmaps stay at most 32 MiB), `sim.read` returns at most 64 MiB.
 //!
+//! # Fidelity to xapi
+//! What it models, and where that comes from (xen-api `ocaml/xapi/…`, the
+//! storage manager `xapi-project/sm`, `shared/specs/xenapi.md`):
+//! * call handling as the generated server (`gen_server.ml`): unknown
+//!   method, then `MESSAGE_PARAMETER_COUNT_MISMATCH [method, expected,
+//!   received]` counted without the session (a call with no parameter
+//!   reads `-1`), then `SESSION_INVALID`; `Async.*` forms fail those at
+//!   once, not in a task; trailing parameters with datamodel defaults may
+//!   be left out (`VDI.snapshot`'s `driver_params`, `VM.snapshot`'s
+//!   `ignore_vdis`, `login_with_password`'s version and originator);
+//! * logins (`xapi_session.ml`): `SESSION_AUTHENTICATION_FAILED [user,
+//!   "Authentication failure"]` after [`SimConfig::auth_failure_delay`]
+//!   (xapi: 5 s, [`XAPI_AUTH_FAILURE_DELAY`]; the binary waits that long by
+//!   default, the library not unless asked, so tests stay fast); per-
+//!   originator session limits and idle expiry (`xapi_globs.ml`);
+//! * VDI checks and their order (`xapi_vdi.ml` `check_operation_error`):
+//!   `VDI_NOT_MANAGED`, `VDI_INCOMPATIBLE_TYPE` on `cbt_metadata`,
+//!   `VDI_IN_USE` for what an attached VBD blocks (only `snapshot`,
+//!   `clone`, `resize_online` and the CBT operations run live; `copy` with
+//!   read-only VBDs only), `SR_OPERATION_NOT_SUPPORTED` where the SR has
+//!   no CBT, `LICENCE_RESTRICTION` for an unlicensed pool;
+//!   `allowed_operations` as `update_allowed_operations` fills it, without
+//!   the CBT operations (CA-260245);
+//! * the storage manager: CBT logs and their chain (`VDI.py`
+//!   `_cbt_snapshot`, a snapshot of a CBT snapshot included), error 460 for
+//!   broken chains, error 66 for CBT on a RAW VDI, error 79 for sizes, and
+//!   SR types ([`sr`]) with their sizes (VHD: rounded up to 2 MiB,
+//!   `vhdutil.validate_and_round_vhd_size`);
+//! * `data_destroy`'s tentative type and 4-second wait, and xapi-nbd's
+//!   export names, TLS and 16-connection limit ([`nbd`]);
+//! * tasks whose result is an XML-RPC fragment (`taskHelper.ml`), 200 kept.
+//!
+//! What it does not model: RBAC and external authentication, pools of
+//! more than one host (`HOST_IS_SLAVE`), `current_operations` and
+//! `OTHER_OPERATION_IN_PROGRESS`, storage migration, SR/PBD/network
+//! objects beyond the SR records, `event.from`, `VDI.clone`/`copy`,
+//! `VM.checkpoint`, VHD's 2 TiB size limit, and the exact text of sm's
+//! error 66 (its code and parameter count are sm's; the words are ours).
+//! `dummy` and `nocbt` SR types are the simulator's stand-ins for "a driver
+//! that keeps sizes exact" and "a driver without CBT". The codecs are the
+//! client crate's own; `crates/xenapi/tests/integration/codec.rs` checks it
+//! against Python's `xmlrpc` so a shared mistake cannot hide.
+//!
 //! # State
 //! `state.json` (the database, written atomically after every change),
 //! `vdis/<uuid>.img` (sparse data files; a snapshot keeps its own until
@@ -33,7 +76,9 @@
 //! [`control`] lists the `sim.*` RPCs and the matching [`Sim`] methods:
 //! guest writes marking CBT exactly as tapdisk does, plugging, resizing,
 //! and the faults (CBT silently disabled, session expiry, NBD disconnect
-//! after N bytes, `VDI_IN_USE` on the next `data_destroy`, slow answers).
+//! after N bytes, `VDI_IN_USE` on the next `data_destroy`, slow answers),
+//! and the states of a real pool that rule CBT out or change logins (an
+//! SR's type, the licence, unmanaged and RAW VDIs, a new password).
 //!
 //! # NBD
 //! [`nbd`] has the xapi-nbd logic (export-name authentication, the
@@ -69,6 +114,7 @@ pub mod nbd;
 mod nbd_server;
 mod sessions;
 mod sim;
+pub mod sr;
 mod store;
 mod tasks;
 mod vdi;
@@ -86,6 +132,7 @@ pub use error::{Error, Result};
 pub use nbd::{NbdExport, NbdRefusal, VdiReader};
 pub use sessions::SessionLimits;
 pub use sim::{Faults, PoolSpec, Sim, SimConfig, XAPI_AUTH_FAILURE_DELAY};
+pub use sr::SR_TYPES;
 
 /// A running simulator: the pool and its HTTP(S) endpoint.
 pub struct Simulator {

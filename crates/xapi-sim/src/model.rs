@@ -92,7 +92,7 @@ pub struct SrRec {
     pub uuid: String,
     /// Name.
     pub name_label: String,
-    /// SM type (`ext`: file-based VHD, CBT-capable).
+    /// SM type (see [`crate::sr`]: `ext`, file-based VHD, CBT-capable).
     pub sr_type: String,
     /// Capacity in bytes.
     pub physical_size: u64,
@@ -197,6 +197,21 @@ pub struct VdiRec {
     pub has_data: bool,
     /// Allocated bytes of the data file, refreshed on writes.
     pub physical_utilisation: u64,
+    /// Managed by its SR (`false`: xapi refuses operations with
+    /// `VDI_NOT_MANAGED`).
+    #[serde(default = "yes")]
+    pub managed: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl VdiRec {
+    /// A RAW VDI (sm_config `type=raw` on an LVM SR): no VHD, so no CBT.
+    pub fn is_raw(&self) -> bool {
+        self.sm_config.get("type").is_some_and(|t| t == "raw")
+    }
 }
 
 /// Everything persisted.
@@ -333,7 +348,7 @@ impl Db {
             ("other_config", map(&v.other_config)),
             ("storage_lock", Value::Bool(false)),
             ("location", s(&v.uuid)),
-            ("managed", Value::Bool(true)),
+            ("managed", Value::Bool(v.managed)),
             ("missing", Value::Bool(false)),
             ("parent", s(NULL_REF)),
             ("xenstore_data", map(&v.xenstore_data)),

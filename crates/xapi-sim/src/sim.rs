@@ -27,7 +27,8 @@ pub struct PoolSpec {
     pub vms: usize,
     /// Disks per VM.
     pub disks_per_vm: usize,
-    /// Virtual size of each disk, in bytes.
+    /// Virtual size of each disk, in bytes (rounded up to 2 MiB, as the
+    /// pool's `ext` SR makes sizes).
     pub disk_size: u64,
     /// 64 KiB blocks of each disk filled with data at creation (before
     /// any CBT log exists, so they are in no bitmap).
@@ -288,6 +289,8 @@ impl Sim {
 /// Makes the first-start pool: a host, an `ext` SR, dom0, and `spec.vms`
 /// running VMs with plugged, CBT-capable (not yet enabled) disks.
 fn new_pool(spec: &PoolSpec, store: &Store) -> Result<Db> {
+    // The first SR is `ext` (sim.set_sr_type changes it later).
+    let disk_size = crate::sr::round_size("ext", spec.disk_size);
     let host_ref = new_ref();
     let sr_ref = new_ref();
     let mut db = Db {
@@ -326,15 +329,15 @@ fn new_pool(spec: &PoolSpec, store: &Store) -> Result<Db> {
         db.vms
             .insert(vm_ref.clone(), vm_rec(&format!("vm-{i}"), false));
         for d in 0..spec.disks_per_vm {
-            let vdi = new_vdi(&sr_ref, &format!("vm-{i} disk {d}"), spec.disk_size);
-            store.create(&vdi.uuid, spec.disk_size)?;
-            let blocks = block_count(spec.disk_size);
+            let vdi = new_vdi(&sr_ref, &format!("vm-{i} disk {d}"), disk_size);
+            store.create(&vdi.uuid, disk_size)?;
+            let blocks = block_count(disk_size);
             let n = spec.initial_blocks.min(blocks);
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((i * 1000 + d) as u64);
             let seed = (i * 1000 + d) as u64;
             for b in sample(&mut rng, blocks as usize, n as usize).into_iter() {
                 let b = b as u64;
-                let data = block_content(seed, b, block_len(spec.disk_size, b));
+                let data = block_content(seed, b, block_len(disk_size, b));
                 store.write_at(&vdi.uuid, b * BLOCK_SIZE, &data)?;
             }
             let vdi_ref = new_ref();
@@ -400,5 +403,6 @@ pub(crate) fn new_vdi(sr: &str, name: &str, size: u64) -> VdiRec {
         tags: Vec::new(),
         has_data: true,
         physical_utilisation: 0,
+        managed: true,
     }
 }

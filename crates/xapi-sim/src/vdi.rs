@@ -63,6 +63,37 @@ pub(crate) fn refuse_cbt_metadata(v: &VdiRec, r: &str) -> Result<(), XapiError> 
     Ok(())
 }
 
+/// `VDI_NOT_MANAGED [vdi]`, xapi's first check for a VDI its SR does not
+/// manage (`xapi_vdi.ml` `check_operation_error`).
+pub(crate) fn refuse_unmanaged(v: &VdiRec, r: &str) -> Result<(), XapiError> {
+    if !v.managed {
+        return Err(XapiError::Other {
+            code: "VDI_NOT_MANAGED".into(),
+            params: vec![r.into()],
+        });
+    }
+    Ok(())
+}
+
+/// `SR_OPERATION_NOT_SUPPORTED [sr]` if the VDI's SR has no CBT
+/// (`VDI_CONFIG_CBT` missing from the driver's features).
+fn refuse_without_cbt(db: &Db, v: &VdiRec) -> Result<(), XapiError> {
+    let cbt = db
+        .srs
+        .get(&v.sr)
+        .and_then(|sr| crate::sr::kind(&sr.sr_type))
+        .is_none_or(|k| k.cbt);
+    if !cbt {
+        return Err(XapiError::SrOperationNotSupported { sr: v.sr.clone() });
+    }
+    Ok(())
+}
+
+/// The SR's type, for sizes.
+fn sr_type_of<'a>(db: &'a Db, sr: &str) -> &'a str {
+    db.srs.get(sr).map_or("ext", |s| s.sr_type.as_str())
+}
+
 fn in_use(r: &str, op: &str) -> XapiError {
     XapiError::VdiInUse {
         vdi: r.into(),
@@ -87,6 +118,7 @@ fn changed_blocks_error(opterr: &str) -> XapiError {
 /// CBT log, returns the new reference.
 pub(crate) fn snapshot_in(db: &mut Db, store: &Store, r: &str) -> Result<String, XapiError> {
     let src = vdi(db, r)?.clone();
+    refuse_unmanaged(&src, r)?;
     refuse_cbt_metadata(&src, r)?;
     if src.sharable {
         return Err(XapiError::Other {
@@ -130,8 +162,11 @@ impl Sim {
         self.mutate(|db, store| snapshot_in(db, store, r).map(Value::String))
     }
 
+    /// The checks of `enable_cbt` and `disable_cbt`, in xapi's order, then
+    /// the storage manager's refusal of RAW VDIs.
     fn check_cbt_change(&self, db: &Db, r: &str) -> Result<(), XapiError> {
         let v = vdi(db, r)?;
+        refuse_unmanaged(v, r)?;
         refuse_cbt_metadata(v, r)?;
         if v.is_a_snapshot {
             return Err(not_allowed(format!("VDI is a snapshot: {r}")));
@@ -148,6 +183,19 @@ impl Sim {
                 params: vec![],
             });
         }
+        refuse_without_cbt(db, v)
+    }
+
+    /// sm's `configure_blocktracking` on a RAW VDI: error 66, `VDIType`.
+    fn refuse_raw(v: &VdiRec) -> Result<(), XapiError> {
+        if v.is_raw() {
+            return Err(XapiError::SrBackendFailure {
+                code: 66,
+                status: String::new(),
+                stdout: "VDI type not supported [opterr=Raw VDI or snapshot not permitted]".into(),
+                stderr: String::new(),
+            });
+        }
         Ok(())
     }
 
@@ -160,6 +208,7 @@ impl Sim {
                     feature: "CBT".into(),
                 });
             }
+            Self::refuse_raw(vdi(db, r)?)?;
             let v = vdi_mut(db, r)?;
             if !v.cbt_enabled {
                 v.cbt_enabled = true;
@@ -190,9 +239,11 @@ impl Sim {
         let f = vdi(&db, from)?;
         let t = vdi(&db, to)?;
         // Only vdi_to goes through the operation check.
+        refuse_unmanaged(t, to)?;
         if db.vdi_attached(to) {
             return Err(in_use(to, "list_changed_blocks"));
         }
+        refuse_without_cbt(&db, t)?;
         match db.cbt.changed_blocks(&f.uuid, &t.uuid) {
             Ok(map) => Ok(Value::String(map.to_xenapi_base64())),
             Err(ChainError::Same) => Err(changed_blocks_error("Source and target VDI are same")),
@@ -353,7 +404,6 @@ impl Sim {
                 })
                 .unwrap_or_default()
         };
-        check_size(size)?;
         if vdi_type == CBT_METADATA {
             return Err(XapiError::VdiIncompatibleType {
                 vdi: String::new(),
@@ -364,6 +414,9 @@ impl Sim {
             if !db.srs.contains_key(&sr) {
                 return Err(handle_invalid("SR", &sr));
             }
+            check_size(size)?;
+            // The size the SR makes (VHD: whole 2 MiB blocks).
+            let size = crate::sr::round_size(sr_type_of(db, &sr), size);
             let mut v = new_vdi(&sr, &string("name_label"), size);
             v.name_description = string("name_description");
             v.vdi_type = vdi_type.clone();
@@ -396,10 +449,11 @@ impl Sim {
                 return Err(in_use(r, op));
             }
             refuse_cbt_metadata(&v, r)?;
+            check_size(size)?;
+            let size = crate::sr::round_size(sr_type_of(db, &v.sr), size);
             if size < v.virtual_size {
                 return Err(invalid_size("shrinking not allowed"));
             }
-            check_size(size)?;
             store.resize(&v.uuid, size).map_err(internal)?;
             db.cbt.resize(&v.uuid, size);
             vdi_mut(db, r)?.virtual_size = size;

@@ -141,6 +141,11 @@ fn explain(e: &XapiError) -> String {
         XapiError::HandleInvalid { class, handle } => {
             format!("XenServer has no {class} {handle} (HANDLE_INVALID)")
         }
+        XapiError::Other { code, params } if code == "VDI_NOT_MANAGED" => format!(
+            "XenServer does not manage VDI {} (VDI_NOT_MANAGED): it cannot snapshot or \
+             track it; rescan its SR (xe sr-scan) or introduce the VDI, then back it up",
+            params.first().map_or("?", String::as_str)
+        ),
         other => format!("XenServer refused the call: {other}"),
     }
 }

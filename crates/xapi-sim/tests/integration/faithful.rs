@@ -190,3 +190,106 @@ async fn a_wrong_password_is_answered_late_with_the_user_and_never_retried() {
     }
     assert_eq!(server.sim().login_attempts(), (3, 2));
 }
+
+#[tokio::test]
+async fn disks_without_cbt_get_the_errors_of_a_real_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let c = client(&server).await;
+    let sim = server.sim();
+    let none = BTreeMap::new();
+    let (a, a_uuid) = disk_of(&c, "vm-0").await;
+    let (b, b_uuid) = disk_of(&c, "vm-1").await;
+    let sr = c.vdi().get_record(&a).await.unwrap().sr;
+
+    // An SR whose driver lacks VDI_CONFIG_CBT: snapshots yes, CBT no.
+    sim.set_sr_type_of(&a_uuid, "nocbt").unwrap();
+    let err = c.vdi().enable_cbt(&a).await.unwrap_err();
+    assert_eq!(
+        err.xapi(),
+        Some(&XapiError::SrOperationNotSupported {
+            sr: sr.as_str().into()
+        })
+    );
+    let s1 = c.vdi().snapshot(&a, &none).await.unwrap();
+    let s2 = c.vdi().snapshot(&a, &none).await.unwrap();
+    let err = c.vdi().list_changed_blocks(&s1, &s2).await.unwrap_err();
+    assert_eq!(err.xapi().unwrap().code(), "SR_OPERATION_NOT_SUPPORTED");
+    sim.set_sr_type_of(&a_uuid, "ext").unwrap();
+
+    // A pool whose licence lacks CBT.
+    sim.set_cbt_licensed(false).unwrap();
+    let err = c.vdi().enable_cbt(&b).await.unwrap_err();
+    assert_eq!(
+        err.xapi(),
+        Some(&XapiError::LicenceRestriction {
+            feature: "CBT".into()
+        })
+    );
+    sim.set_cbt_licensed(true).unwrap();
+
+    // A RAW VDI: the storage manager refuses.
+    sim.set_raw(&b_uuid).unwrap();
+    let err = c.vdi().enable_cbt(&b).await.unwrap_err();
+    assert!(
+        matches!(
+            err.xapi(),
+            Some(XapiError::SrBackendFailure { code: 66, .. })
+        ),
+        "{err}"
+    );
+
+    // An unmanaged VDI: refused before anything else.
+    sim.set_managed(&a_uuid, false).unwrap();
+    for err in [
+        c.vdi().snapshot(&a, &none).await.unwrap_err(),
+        c.vdi().enable_cbt(&a).await.unwrap_err(),
+    ] {
+        assert_eq!(err.xapi().unwrap().code(), "VDI_NOT_MANAGED");
+        assert_eq!(err.xapi().unwrap().params(), [a.as_str()]);
+        assert!(err.to_string().contains("xe sr-scan"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn vhd_srs_round_sizes_up_to_2_mib_and_dummy_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let c = client(&server).await;
+    let (a, a_uuid) = disk_of(&c, "vm-0").await;
+    let sr = c.vdi().get_record(&a).await.unwrap().sr;
+    const MIB: u64 = 1 << 20;
+    let made = c
+        .vdi()
+        .create(&cbtvault_xenapi::VdiCreate::new("r", sr.clone(), MIB + 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.vdi().get_record(&made).await.unwrap().virtual_size,
+        2 * MIB
+    );
+    c.vdi().resize(&made, 5 * MIB).await.unwrap();
+    assert_eq!(
+        c.vdi().get_record(&made).await.unwrap().virtual_size,
+        6 * MIB
+    );
+    // The control surface's resize is the SR's too.
+    server.sim().resize(&a_uuid, 4 * MIB + 512).unwrap();
+    assert_eq!(c.vdi().get_record(&a).await.unwrap().virtual_size, 6 * MIB);
+
+    server.sim().set_sr_type_of(&a_uuid, "dummy").unwrap();
+    let odd = c
+        .vdi()
+        .create(&cbtvault_xenapi::VdiCreate::new("odd", sr, MIB + 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.vdi().get_record(&odd).await.unwrap().virtual_size,
+        MIB + 1
+    );
+    server.sim().resize(&a_uuid, 6 * MIB + 1000).unwrap();
+    assert_eq!(
+        c.vdi().get_record(&a).await.unwrap().virtual_size,
+        6 * MIB + 1000
+    );
+}
