@@ -15,7 +15,9 @@ use crate::sim::{Sim, internal};
 use crate::vdi::handle_invalid;
 
 /// Classes with records.
-const CLASSES: &[&str] = &["VDI", "VM", "VBD", "SR", "host", "pool", "task", "session"];
+const CLASSES: &[&str] = &[
+    "VDI", "VM", "VBD", "SR", "PBD", "network", "host", "pool", "task", "session",
+];
 
 /// Runs one call and returns its result or XAPI failure.
 pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Value, XapiError> {
@@ -149,7 +151,9 @@ fn check_count(method: &str, given: usize, min: usize, max: usize) -> Result<(),
 fn params_of(method: &str) -> Option<(usize, usize)> {
     let (class, name) = method.split_once('.')?;
     let n = match (class, name) {
-        ("VDI", "snapshot") => return Some((1, 2)),
+        ("VDI", "snapshot" | "clone") => return Some((1, 2)),
+        ("VDI", "copy") => 2,
+        ("VM", "checkpoint") => 2,
         ("VM", "snapshot") => return Some((2, 3)),
         ("VDI", "list_changed_blocks" | "resize" | "resize_online") => 2,
         (
@@ -181,6 +185,9 @@ fn has_async_form(method: &str) -> bool {
     matches!(
         method,
         "VDI.snapshot"
+            | "VDI.clone"
+            | "VDI.copy"
+            | "VM.checkpoint"
             | "VDI.enable_cbt"
             | "VDI.disable_cbt"
             | "VDI.list_changed_blocks"
@@ -252,6 +259,9 @@ fn run_blocking(
             // driver_params (default {}) mean nothing to the simulated SR.
             sim.vdi_snapshot(&text(args, 0)?)
         }
+        ("VDI", "clone") => sim.vdi_clone(&text(args, 0)?),
+        ("VDI", "copy") => sim.vdi_copy(&text(args, 0)?, &text(args, 1)?),
+        ("VM", "checkpoint") => sim.vm_checkpoint(&text(args, 0)?, &text(args, 1)?),
         ("VDI", "enable_cbt") => {
             a(1)?;
             sim.vdi_enable_cbt(&text(args, 0)?)
@@ -368,6 +378,8 @@ fn record(sim: &Sim, class: &str, r: &str) -> Option<Value> {
                 "VM" => db.vm_value(r),
                 "VBD" => db.vbd_value(r),
                 "SR" => db.sr_value(r),
+                "PBD" => db.pbd_value(r),
+                "network" => db.network_value(r, sim.nbd_port().is_some()),
                 "host" => db.host_value(r),
                 "pool" => db.pool_value(r),
                 _ => None,
@@ -411,6 +423,8 @@ fn all_refs(sim: &Sim, class: &str) -> Vec<String> {
                 "VM" => db.vms.keys().cloned().collect(),
                 "VBD" => db.vbds.keys().cloned().collect(),
                 "SR" => db.srs.keys().cloned().collect(),
+                "PBD" => db.pbds.keys().cloned().collect(),
+                "network" => db.networks.keys().cloned().collect(),
                 "host" => vec![db.host_ref.clone()],
                 "pool" => vec![db.pool_ref.clone()],
                 _ => Vec::new(),

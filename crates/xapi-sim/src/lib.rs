@@ -9,14 +9,15 @@
 //! turned off to imitate old hosts), and `PUT /import_raw_vdi`. The
 //! XenAPI subset is what a CBT backup and a restore use: sessions
 //! (`login_with_password`, `logout`, xapi's per-originator limits, idle
-//! expiry), the implicit getters of `VDI`, `VM`, `VBD`, `SR`, `host`,
-//! `pool`, `task` and `session`, `VDI.snapshot`, `enable_cbt`,
-//! `disable_cbt`, `list_changed_blocks`, `get_nbd_info`, `data_destroy`,
-//! `destroy`, `create`, `resize`, other_config edits, `VM.snapshot`,
-//! `VM.destroy`, `VBD.create/plug/unplug/destroy`, and `Async.*` forms with
-//! tasks. The semantics follow xen-api's `xapi_vdi.ml` and the storage
-//! manager's CBT code as summarised in `shared/specs/xenapi.md`: the
-//! checks and their order, the error codes and parameters, the CBT log
+//! expiry), the implicit getters of `VDI`, `VM`, `VBD`, `SR`, `PBD`,
+//! `network`, `host`, `pool`, `task` and `session`, `VDI.snapshot`,
+//! `enable_cbt`, `disable_cbt`, `list_changed_blocks`, `get_nbd_info`, `data_destroy`,
+//! `destroy`, `create`, `resize`, `clone`, `copy`, other_config edits,
+//! `VM.snapshot`, `VM.checkpoint`, `VM.destroy`,
+//! `VBD.create/plug/unplug/destroy` (a network has the NBD purpose when
+//! the NBD server runs), and `Async.*` forms with tasks. The semantics
+//! follow xen-api's `xapi_vdi.ml` and the storage manager's CBT code as
+//! summarised in `shared/specs/xenapi.md`: the checks and their order, the error codes and parameters, the CBT log
 //! chain ([`cbt`]), `data_destroy`'s tentative type and 4-second wait.
 //! It is a server, so hostile calls get an answer, never a panic: VDIs
 //! are at most 16 TiB (larger sizes get `SR_BACKEND_FAILURE_79`, and their
@@ -56,9 +57,10 @@
 //!
 //! What it does not model: RBAC and external authentication, pools of
 //! more than one host (`HOST_IS_SLAVE`), `current_operations` and
-//! `OTHER_OPERATION_IN_PROGRESS`, storage migration, SR/PBD/network
-//! objects beyond the SR records, `event.from`, `VDI.clone`/`copy`,
-//! `VM.checkpoint`, VHD's 2 TiB size limit, and the exact text of sm's
+//! `OTHER_OPERATION_IN_PROGRESS`, storage migration, `event.from` (clients
+//! poll tasks), the `Async.` form of `VDI.get_nbd_info` (xapi answers it
+//! with an XML-RPC fault, "no async mode"; here `MESSAGE_METHOD_UNKNOWN`),
+//! a checkpoint's memory image, VHD's 2 TiB size limit, and the exact text of sm's
 //! error 66 (its code and parameter count are sm's; the words are ours).
 //! `dummy` and `nocbt` SR types are the simulator's stand-ins for "a driver
 //! that keeps sizes exact" and "a driver without CBT". The codecs are the

@@ -235,9 +235,93 @@ pub struct Db {
     pub vdis: BTreeMap<String, VdiRec>,
     /// CBT logs by VDI UUID.
     pub cbt: CbtLogs,
+    /// PBDs (one per SR, plugged on the host) by reference.
+    #[serde(default)]
+    pub pbds: BTreeMap<String, PbdRec>,
+    /// Networks by reference.
+    #[serde(default)]
+    pub networks: BTreeMap<String, NetworkRec>,
+}
+
+/// A PBD: an SR plugged on the host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PbdRec {
+    /// UUID.
+    pub uuid: String,
+    /// SR reference.
+    pub sr: String,
+}
+
+/// A network.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetworkRec {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name_label: String,
+    /// Bridge.
+    pub bridge: String,
 }
 
 impl Db {
+    /// Gives every SR a PBD and the pool a network, as a pool always has
+    /// (states saved before they were modelled have none).
+    pub fn complete(&mut self) {
+        for sr in self.srs.keys() {
+            if !self.pbds.values().any(|p| &p.sr == sr) {
+                self.pbds.insert(
+                    new_ref(),
+                    PbdRec {
+                        uuid: new_uuid(),
+                        sr: sr.clone(),
+                    },
+                );
+            }
+        }
+        if self.networks.is_empty() {
+            self.networks.insert(
+                new_ref(),
+                NetworkRec {
+                    uuid: new_uuid(),
+                    name_label: "Pool-wide network associated with eth0".into(),
+                    bridge: "xenbr0".into(),
+                },
+            );
+        }
+    }
+
+    /// The record of PBD `r`.
+    pub fn pbd_value(&self, r: &str) -> Option<Value> {
+        let p = self.pbds.get(r)?;
+        Some(record(vec![
+            ("uuid", s(&p.uuid)),
+            ("host", s(&self.host_ref)),
+            ("SR", s(&p.sr)),
+            ("device_config", Value::Struct(BTreeMap::new())),
+            ("currently_attached", Value::Bool(true)),
+            ("other_config", Value::Struct(BTreeMap::new())),
+        ]))
+    }
+
+    /// The record of network `r`; `nbd`: it carries the NBD purpose.
+    pub fn network_value(&self, r: &str, nbd: bool) -> Option<Value> {
+        let n = self.networks.get(r)?;
+        let purpose = if nbd { vec!["nbd".to_owned()] } else { vec![] };
+        Some(record(vec![
+            ("uuid", s(&n.uuid)),
+            ("name_label", s(&n.name_label)),
+            ("name_description", s("")),
+            ("bridge", s(&n.bridge)),
+            ("MTU", Value::Int(1500)),
+            ("VIFs", refs([])),
+            ("PIFs", refs([])),
+            ("managed", Value::Bool(true)),
+            ("purpose", refs(purpose)),
+            ("other_config", Value::Struct(BTreeMap::new())),
+            ("tags", refs([])),
+        ]))
+    }
+
     /// Reference of the VDI with `uuid`.
     pub fn vdi_ref_by_uuid(&self, uuid: &str) -> Option<String> {
         self.vdis
@@ -462,7 +546,15 @@ impl Db {
             ("allowed_operations", refs([])),
             ("current_operations", Value::Struct(BTreeMap::new())),
             ("VDIs", refs(vdis)),
-            ("PBDs", refs([])),
+            (
+                "PBDs",
+                refs(
+                    self.pbds
+                        .iter()
+                        .filter(|(_, p)| p.sr == r)
+                        .map(|(pr, _)| pr.clone()),
+                ),
+            ),
             ("virtual_allocation", int(allocated)),
             ("physical_utilisation", int(used)),
             ("physical_size", int(sr.physical_size)),

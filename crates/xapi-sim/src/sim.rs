@@ -179,6 +179,7 @@ impl Sim {
                 })?;
             // NBD connections did not survive the restart.
             db.vbds.retain(|_, b| !b.nbd);
+            db.complete();
             db
         } else {
             new_pool(&config.pool, &store)?
@@ -321,7 +322,10 @@ fn new_pool(spec: &PoolSpec, store: &Store) -> Result<Db> {
         vbds: BTreeMap::new(),
         vdis: BTreeMap::new(),
         cbt: CbtLogs::default(),
+        pbds: BTreeMap::new(),
+        networks: BTreeMap::new(),
     };
+    db.complete();
     db.vms
         .insert(new_ref(), vm_rec("Control domain on host: xapi-sim", true));
     for i in 0..spec.vms {

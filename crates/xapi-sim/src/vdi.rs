@@ -156,7 +156,52 @@ pub(crate) fn snapshot_in(db: &mut Db, store: &Store, r: &str) -> Result<String,
     Ok(snap_ref)
 }
 
+/// A new VDI holding a copy of `r`'s data on SR `sr`: a plain disk (no
+/// snapshot, no CBT, no tags), sized as that SR makes sizes.
+fn duplicate_in(db: &mut Db, store: &Store, r: &str, sr: &str) -> Result<String, XapiError> {
+    let src = vdi(db, r)?.clone();
+    refuse_unmanaged(&src, r)?;
+    refuse_cbt_metadata(&src, r)?;
+    if !db.srs.contains_key(sr) {
+        return Err(handle_invalid("SR", sr));
+    }
+    let size = crate::sr::round_size(sr_type_of(db, sr), src.virtual_size);
+    let uuid = new_uuid();
+    store.copy_sparse(&src.uuid, &uuid).map_err(internal)?;
+    store.resize(&uuid, size).map_err(internal)?;
+    let mut copy = new_vdi(sr, &src.name_label, size);
+    copy.uuid = uuid.clone();
+    copy.physical_utilisation = store.allocated(&uuid);
+    copy.name_description = src.name_description;
+    copy.vdi_type = src.vdi_type;
+    copy.other_config = src.other_config;
+    let copy_ref = new_ref();
+    db.vdis.insert(copy_ref.clone(), copy);
+    Ok(copy_ref)
+}
+
 impl Sim {
+    /// `VDI.clone(vdi, driver_params)`: a new VDI with the same data on
+    /// the same SR (allowed while attached).
+    pub(crate) fn vdi_clone(&self, r: &str) -> Result<Value, XapiError> {
+        self.mutate(|db, store| {
+            let sr = vdi(db, r)?.sr.clone();
+            duplicate_in(db, store, r, &sr).map(Value::String)
+        })
+    }
+
+    /// `VDI.copy(vdi, sr)`: refused while a read-write VBD is attached.
+    pub(crate) fn vdi_copy(&self, r: &str, sr: &str) -> Result<Value, XapiError> {
+        self.mutate(|db, store| {
+            let v = vdi(db, r)?;
+            refuse_unmanaged(v, r)?;
+            if db.vdi_attached_rw(r) {
+                return Err(in_use(r, "copy"));
+            }
+            duplicate_in(db, store, r, sr).map(Value::String)
+        })
+    }
+
     /// `VDI.snapshot`.
     pub(crate) fn vdi_snapshot(&self, r: &str) -> Result<Value, XapiError> {
         self.mutate(|db, store| snapshot_in(db, store, r).map(Value::String))

@@ -75,6 +75,27 @@ impl Sim {
         })
     }
 
+    /// `VM.checkpoint(vm, new_name)`: a snapshot of a running VM with its
+    /// memory; the simulator has no memory image, so it is a snapshot whose
+    /// VM is `Suspended`.
+    pub(crate) fn vm_checkpoint(&self, r: &str, new_name: &str) -> Result<Value, XapiError> {
+        {
+            let db = self.db();
+            let v = vm(&db, r)?;
+            if v.power_state != "Running" {
+                return Err(bad_power_state(r, "running", &v.power_state));
+            }
+        }
+        let snap = self.vm_snapshot(r, new_name, &[])?;
+        self.mutate(|db, _| {
+            let s = snap.as_str().unwrap_or_default();
+            if let Some(v) = db.vms.get_mut(s) {
+                v.power_state = "Suspended".into();
+            }
+            Ok(snap.clone())
+        })
+    }
+
     /// `VM.destroy`: halted VMs and snapshots only; their VBDs go, their
     /// VDIs stay.
     pub(crate) fn vm_destroy(&self, r: &str) -> Result<Value, XapiError> {
@@ -85,7 +106,7 @@ impl Sim {
                     reason: "the control domain cannot be destroyed".into(),
                 });
             }
-            if v.power_state != "Halted" {
+            if !v.is_a_snapshot && v.power_state != "Halted" {
                 return Err(bad_power_state(r, "halted", &v.power_state));
             }
             db.vbds.retain(|_, b| b.vm != r);

@@ -293,3 +293,95 @@ async fn vhd_srs_round_sizes_up_to_2_mib_and_dummy_keeps_them() {
         6 * MIB + 1000
     );
 }
+
+#[tokio::test]
+async fn clone_copy_checkpoint_and_the_reads_of_a_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let c = client(&server).await;
+    let (leaf, uuid) = disk_of(&c, "vm-0").await;
+    let rec = c.vdi().get_record(&leaf).await.unwrap();
+    let call = |m: &'static str, args: Vec<Value>| {
+        let c = c.clone();
+        async move { c.call(m, args).await }
+    };
+    let as_vdi = |v: Value| cbtvault_xenapi::VdiRef::new(v.as_str().unwrap());
+
+    // VDI.clone works live and copies the data; the clone tracks nothing.
+    c.vdi().enable_cbt(&leaf).await.unwrap();
+    let clone = as_vdi(call("VDI.clone", vec![Value::from(&leaf)]).await.unwrap());
+    let crec = c.vdi().get_record(&clone).await.unwrap();
+    assert!(!crec.is_a_snapshot && !crec.cbt_enabled);
+    assert_eq!(crec.virtual_size, rec.virtual_size);
+    let cuuid = crec.uuid.clone();
+    assert_eq!(
+        server.sim().read(&cuuid, 0, DISK as usize).unwrap(),
+        server.sim().read(&uuid, 0, DISK as usize).unwrap()
+    );
+
+    // VDI.copy: not while a read-write VBD is attached; a snapshot copies.
+    let sr = Value::from(rec.sr.as_str());
+    let err = call("VDI.copy", vec![Value::from(&leaf), sr.clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.xapi(),
+        Some(&XapiError::VdiInUse {
+            vdi: leaf.as_str().into(),
+            operation: "copy".into()
+        })
+    );
+    let snap = c.vdi().snapshot(&leaf, &BTreeMap::new()).await.unwrap();
+    let copy = as_vdi(
+        call("VDI.copy", vec![Value::from(&snap), sr.clone()])
+            .await
+            .unwrap(),
+    );
+    assert!(!c.vdi().get_record(&copy).await.unwrap().is_a_snapshot);
+
+    // Neither on cbt_metadata.
+    c.vdi().data_destroy(&snap).await.unwrap();
+    for (m, args) in [
+        ("VDI.clone", vec![Value::from(&snap)]),
+        ("VDI.copy", vec![Value::from(&snap), sr.clone()]),
+    ] {
+        let err = call(m, args).await.unwrap_err();
+        assert_eq!(
+            err.xapi(),
+            Some(&XapiError::VdiIncompatibleType {
+                vdi: snap.as_str().into(),
+                vdi_type: "cbt_metadata".into()
+            }),
+            "{m}"
+        );
+    }
+
+    // VM.checkpoint: a suspended snapshot VM with the disks.
+    let vm = c.vm().get_by_name_label("vm-0").await.unwrap()[0].clone();
+    let cp = call("VM.checkpoint", vec![Value::from(&vm), Value::from("cp")])
+        .await
+        .unwrap();
+    let cp = cbtvault_xenapi::VmRef::new(cp.as_str().unwrap());
+    let cprec = c.vm().get_record(&cp).await.unwrap();
+    assert!(cprec.is_a_snapshot);
+    assert_eq!(cprec.vbds.len(), 1);
+    c.vm().destroy(&cp).await.unwrap();
+
+    // The SR, its PBD and the NBD network, as a restore reads them.
+    let pbds = call("SR.get_PBDs", vec![sr.clone()]).await.unwrap();
+    let pbd = pbds.as_array().unwrap()[0].clone();
+    let prec = call("PBD.get_record", vec![pbd]).await.unwrap();
+    assert_eq!(prec.as_struct().unwrap()["SR"], sr);
+    assert_eq!(
+        prec.as_struct().unwrap()["currently_attached"],
+        Value::Bool(true)
+    );
+    let nets = call("network.get_all_records", vec![]).await.unwrap();
+    let purposes: Vec<Value> = nets
+        .as_struct()
+        .unwrap()
+        .values()
+        .map(|n| n.as_struct().unwrap()["purpose"].clone())
+        .collect();
+    assert_eq!(purposes, [Value::Array(vec![Value::from("nbd")])]);
+}
