@@ -4,7 +4,8 @@
 //! session), then session validation (`SESSION_INVALID`), bad handles
 //! (`HANDLE_INVALID`), the implicit getters of every class (`get_record`,
 //! `get_all`, `get_all_records`, `get_by_uuid`, `get_by_name_label`,
-//! `get_<field>`), and `Async.*` calls, which return a task at once.
+//! `get_<field>`), and `Async.*` calls, which return a task at once (or,
+//! for a method without async mode, xapi's `Fault` failure).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -37,12 +38,20 @@ pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Val
     // count, then the session.
     let inner = method.strip_prefix("Async.");
     let name = inner.unwrap_or(method);
-    if inner.is_some() && !has_async_form(name) {
-        return Err(unknown(method));
-    }
-    if !name.starts_with("sim.") {
+    if name.starts_with("sim.") {
+        if inner.is_some() {
+            return Err(unknown(method));
+        }
+    } else {
         let (min, max) = params_of(name).ok_or_else(|| unknown(method))?;
         check_count(method, params.len(), min, max)?;
+        if inner.is_some() && !has_async_form(name) {
+            // server_helpers.ml `do_dispatch`, `API.response_of_fault`.
+            return Err(XapiError::Other {
+                code: "Fault".into(),
+                params: vec![format!("No async mode for this operation (rpc: {method})")],
+            });
+        }
     }
     let session = take_session(sim, method, &mut params)?;
     if let Some(inner) = inner {
@@ -179,8 +188,9 @@ fn params_of(method: &str) -> Option<(usize, usize)> {
     Some((n, n))
 }
 
-/// Calls that have an `Async.` form in the simulator (getters, setters,
-/// map edits, session and task calls and `VDI.get_nbd_info` have none).
+/// Calls that have an `Async.` form (getters, setters, map edits, task
+/// calls and `VDI.get_nbd_info` have none: xapi answers their `Async.`
+/// form with `["Fault", "No async mode for this operation (rpc: …)"]`).
 fn has_async_form(method: &str) -> bool {
     matches!(
         method,

@@ -30,7 +30,9 @@
 //!   method, then `MESSAGE_PARAMETER_COUNT_MISMATCH [method, expected,
 //!   received]` counted without the session (a call with no parameter
 //!   reads `-1`), then `SESSION_INVALID`; `Async.*` forms fail those at
-//!   once, not in a task; trailing parameters with datamodel defaults may
+//!   once, not in a task, and those of a method without async mode (such
+//!   as `VDI.get_nbd_info`) fail with `["Fault", "No async mode for this
+//!   operation (rpc: …)"]` (`server_helpers.ml`); trailing parameters with datamodel defaults may
 //!   be left out (`VDI.snapshot`'s `driver_params`, `VM.snapshot`'s
 //!   `ignore_vdis`, `login_with_password`'s version and originator);
 //! * logins (`xapi_session.ml`): `SESSION_AUTHENTICATION_FAILED [user,
@@ -58,9 +60,7 @@
 //! What it does not model: RBAC and external authentication, pools of
 //! more than one host (`HOST_IS_SLAVE`), `current_operations` and
 //! `OTHER_OPERATION_IN_PROGRESS`, storage migration, `event.from` (clients
-//! poll tasks), the `Async.` form of `VDI.get_nbd_info` (xapi answers it
-//! with an XML-RPC fault, "no async mode"; here `MESSAGE_METHOD_UNKNOWN`),
-//! a checkpoint's memory image, VHD's 2 TiB size limit, and the exact text of sm's
+//! poll tasks), a checkpoint's memory image, VHD's 2 TiB size limit, and the exact text of sm's
 //! error 66 (its code and parameter count are sm's; the words are ours).
 //! `dummy` and `nocbt` SR types are the simulator's stand-ins for "a driver
 //! that keeps sizes exact" and "a driver without CBT". The codecs are the

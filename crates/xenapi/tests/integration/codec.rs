@@ -209,8 +209,7 @@ async fn the_xmlrpc_codec_agrees_with_pythons() {
             operation: "destroy".into()
         })
     );
-    // An XML-RPC fault (xapi sends one for an Async call of a method that
-    // has no async mode): an error naming it, never a panic or a success.
+    // An XML-RPC fault: an error naming it, never a panic or a success.
     let err = c.call("test.fault", vec![]).await.unwrap_err();
     let text = format!("{err}: {err:?}");
     assert!(text.contains("fault") && text.contains("boom"), "{text}");
