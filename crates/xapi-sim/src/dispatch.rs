@@ -56,10 +56,12 @@ pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Val
     let session = take_session(sim, method, &mut params)?;
     if let Some(inner) = inner {
         let task = sim.tasks().create(method);
+        sim.event("task", "add", &task);
         let (sim2, inner, task2) = (sim.clone(), inner.to_owned(), task.clone());
         tokio::spawn(async move {
             let outcome = run(&sim2, &session, &inner, params).await;
             sim2.tasks().finish(&task2, outcome);
+            sim2.event("task", "mod", &task2);
         });
         return Ok(Value::String(task));
     }
@@ -180,6 +182,7 @@ fn params_of(method: &str) -> Option<(usize, usize)> {
         ("VM", "destroy") => 1,
         ("VBD", "create" | "plug" | "unplug" | "destroy") => 1,
         ("task", "cancel" | "destroy") => 1,
+        ("event", "from") => 3,
         ("host", "get_server_certificate") => 1,
         (c, "get_all" | "get_all_records") if CLASSES.contains(&c) => 0,
         (c, g) if CLASSES.contains(&c) && g.starts_with("get_") => 1,
@@ -245,6 +248,9 @@ pub(crate) fn int(args: &[Value], i: usize) -> Result<i64, XapiError> {
 async fn run(sim: &Sim, session: &str, method: &str, args: Vec<Value>) -> Result<Value, XapiError> {
     if let Some(op) = method.strip_prefix("sim.") {
         return crate::control::run(sim, session, op, args).await;
+    }
+    if method == "event.from" {
+        return crate::events::from(sim, &args).await;
     }
     if method == "VDI.data_destroy" {
         arity(method, &args, 1)?;
@@ -356,9 +362,10 @@ fn run_blocking(
         }
         ("task", "destroy") => {
             a(1)?;
-            sim.tasks()
-                .destroy(&text(args, 0)?)
-                .map(|()| Value::from(""))
+            let task = text(args, 0)?;
+            sim.tasks().destroy(&task)?;
+            sim.event("task", "del", &task);
+            Ok(Value::from(""))
         }
         ("host", "get_server_certificate") => {
             a(1)?;

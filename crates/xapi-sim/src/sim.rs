@@ -123,6 +123,9 @@ pub(crate) struct Inner {
     /// Logins tried, and of them refused.
     pub logins: AtomicU64,
     pub failed_logins: AtomicU64,
+    /// Recent events for `event.from`, and the bell its waiters hear.
+    pub events: Mutex<crate::events::EventLog>,
+    pub event_bell: tokio::sync::Notify,
     state_file: PathBuf,
 }
 
@@ -190,6 +193,8 @@ impl Sim {
                 password: Mutex::new(config.password.clone()),
                 logins: AtomicU64::new(0),
                 failed_logins: AtomicU64::new(0),
+                events: Mutex::new(crate::events::EventLog::default()),
+                event_bell: tokio::sync::Notify::new(),
                 config,
                 db: Mutex::new(db),
                 tasks: Mutex::new(Tasks::default()),
@@ -238,6 +243,10 @@ impl Sim {
 
     pub(crate) fn tasks(&self) -> MutexGuard<'_, Tasks> {
         lock(&self.inner.tasks)
+    }
+
+    pub(crate) fn events(&self) -> MutexGuard<'_, crate::events::EventLog> {
+        lock(&self.inner.events)
     }
 
     pub(crate) fn password(&self) -> MutexGuard<'_, String> {

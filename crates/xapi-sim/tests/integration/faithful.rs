@@ -385,3 +385,60 @@ async fn clone_copy_checkpoint_and_the_reads_of_a_restore() {
         .collect();
     assert_eq!(purposes, [Value::Array(vec![Value::from("nbd")])]);
 }
+
+#[tokio::test]
+async fn event_from_reports_tasks_as_they_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let c = client(&server).await;
+    let (leaf, _) = disk_of(&c, "vm-0").await;
+    let from = |token: String, timeout: f64| {
+        let c = c.clone();
+        async move {
+            c.call(
+                "event.from",
+                vec![
+                    Value::Array(vec![Value::from("task")]),
+                    Value::from(token),
+                    Value::Double(timeout),
+                ],
+            )
+            .await
+        }
+    };
+    let first = from(String::new(), 0.0).await.unwrap();
+    let mut token = first.as_struct().unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let task = c
+        .call("Async.VDI.snapshot", vec![Value::from(&leaf)])
+        .await
+        .unwrap();
+    let mut status = String::new();
+    // Each call waits for the next change; a task makes at most two.
+    for _ in 0..10 {
+        let got = from(token.clone(), 10.0).await.unwrap();
+        let got = got.as_struct().unwrap();
+        token = got["token"].as_str().unwrap().to_owned();
+        for e in got["events"].as_array().unwrap() {
+            let e = e.as_struct().unwrap();
+            assert_eq!(e["class"], Value::from("task"));
+            if e["ref"] == task && e["operation"] == Value::from("mod") {
+                status = e["snapshot"].as_struct().unwrap()["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+            }
+        }
+        if !status.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(status, "success");
+    let err = from("not-a-token".into(), 0.0).await.unwrap_err();
+    assert_eq!(
+        err.xapi().unwrap().description(),
+        ["EVENT_FROM_TOKEN_PARSE_FAILURE", "not-a-token"]
+    );
+}
