@@ -442,3 +442,28 @@ async fn event_from_reports_tasks_as_they_finish() {
         ["EVENT_FROM_TOKEN_PARSE_FAILURE", "not-a-token"]
     );
 }
+
+/// The client waits for tasks in `event.from`, not by polling: with
+/// polling pauses of an hour, an Async call still returns at once.
+#[tokio::test]
+async fn the_client_waits_for_tasks_with_event_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut o = cbtvault_xenapi::ClientOptions::new(
+        &server.http_url(),
+        "root",
+        cbtvault_xenapi::Password::new(super::common::PASSWORD),
+    )
+    .unwrap();
+    let hour = std::time::Duration::from_secs(3600);
+    o.task_poll = (hour, hour);
+    let c = cbtvault_xenapi::Client::connect(o).await.unwrap();
+    let (leaf, _) = disk_of(&c, "vm-0").await;
+    let done = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        for _ in 0..3 {
+            c.vdi().snapshot(&leaf, &BTreeMap::new()).await.unwrap();
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "the Async calls waited for a poll");
+}
