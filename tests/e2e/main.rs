@@ -16,3 +16,4 @@ mod serve_load;
 mod sources;
 mod ux;
 mod xen;
+mod xen_faithful;

@@ -152,7 +152,7 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     if let Some(e) = e.downcast_ref::<cbtvault_xenapi::Error>() {
         use cbtvault_xenapi::{Error as E, XapiError as X};
         return Some(match e {
-            E::Xapi(X::SessionAuthenticationFailed) => AUTHENTICATION,
+            E::Xapi(X::SessionAuthenticationFailed { .. }) => AUTHENTICATION,
             E::Xapi(X::HandleInvalid { .. } | X::VdiMissing { .. }) => NOT_FOUND,
             E::PinMismatch { .. } => TLS,
             E::Connect { .. } | E::Http { .. } | E::Timeout { .. } => CONNECTION,

@@ -8,6 +8,8 @@
 //! * `snapshot`: the leaf's log becomes the snapshot's (renamed), a fresh
 //!   zeroed log is made for the leaf, linked old-parent → snapshot → leaf.
 //!   So snapshot N's bitmap holds the blocks written between N-1 and N.
+//!   A snapshot of a CBT snapshot does the same in the middle of the
+//!   chain (the copy takes the bitmap, the original keeps its child).
 //! * `destroy`: the node is unlinked and its bitmap ORed into its child.
 //! * `data_destroy`: nothing happens to the log.
 //! * `disable`: the leaf's log is deleted and its parent's child pointer
@@ -135,24 +137,27 @@ impl CbtLogs {
         true
     }
 
-    /// The leaf `leaf` was snapshotted as `snap`: the leaf's log moves to the
-    /// snapshot and the leaf starts a fresh one after it. Returns whether the
-    /// leaf had a log (and so the snapshot has CBT enabled).
-    pub fn snapshot(&mut self, leaf: &str, snap: &str) -> bool {
-        let Some(mut moved) = self.logs.remove(leaf) else {
+    /// VDI `vdi` (the leaf, or a snapshot with CBT enabled) was
+    /// snapshotted as `snap`: its log moves to the snapshot and `vdi` starts
+    /// a fresh one right after it, keeping its old child (sm `VDI.py`
+    /// `_cbt_snapshot`). So a snapshot of a snapshot joins the chain with
+    /// the blocks of the original, and the original's bitmap is empty.
+    /// Returns whether `vdi` had a log (and so the snapshot has CBT enabled).
+    pub fn snapshot(&mut self, vdi: &str, snap: &str) -> bool {
+        let Some(mut moved) = self.logs.remove(vdi) else {
             return false;
         };
         if let Some(parent) = moved.parent.as_ref().and_then(|p| self.logs.get_mut(p)) {
             parent.child = Some(snap.to_owned());
         }
         let size = moved.size;
-        moved.child = Some(leaf.to_owned());
+        let old_child = moved.child.replace(vdi.to_owned());
         self.logs.insert(snap.to_owned(), moved);
         self.logs.insert(
-            leaf.to_owned(),
+            vdi.to_owned(),
             CbtLog {
                 parent: Some(snap.to_owned()),
-                child: None,
+                child: old_child,
                 size,
                 bitmap: BlockMap::empty(block_count(size)),
             },

@@ -18,6 +18,12 @@
 //! | `sim.fault_slow` | delay in ms, calls (0: all) | `""` |
 //! | `sim.clear_faults` | – | `""` |
 //! | `sim.nbd_connections` | – | open NBD connections |
+//! | `sim.set_password` | password | `""` (sessions stay) |
+//! | `sim.login_attempts` | – | `[tried, refused]` since start |
+//! | `sim.set_sr_type` | SR, type ([`crate::SR_TYPES`]) | `""` |
+//! | `sim.set_licensed` | CBT licensed (bool) | `""` |
+//! | `sim.set_managed` | VDI, managed (bool) | `""` |
+//! | `sim.set_raw` | VDI | `""` (a RAW VDI, CBT off) |
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -200,10 +206,91 @@ fn run_blocking(sim: &Sim, method: &str, op: &str, args: &[Value]) -> Result<Val
                 sim.inner.nbd_connections.load(Ordering::SeqCst) as i64
             ))
         }
+        "set_sr_type" => {
+            a(2)?;
+            set_sr_type(sim, &text(args, 0)?, &text(args, 1)?)?;
+            empty()
+        }
+        "set_licensed" => {
+            a(1)?;
+            sim.set_cbt_licensed(flag(args, 0)?)
+                .map_err(|e| internal(e.to_string()))?;
+            empty()
+        }
+        "set_managed" => {
+            a(2)?;
+            set_vdi(sim, &text(args, 0)?, |v| {
+                v.managed = flag(args, 1).unwrap_or(true)
+            })?;
+            empty()
+        }
+        "set_raw" => {
+            a(1)?;
+            make_raw(sim, &text(args, 0)?)?;
+            empty()
+        }
+        "set_password" => {
+            a(1)?;
+            sim.set_password(&text(args, 0)?);
+            empty()
+        }
+        "login_attempts" => {
+            a(0)?;
+            let (tried, refused) = sim.login_attempts();
+            Ok(Value::Array(vec![
+                Value::Int(tried as i64),
+                Value::Int(refused as i64),
+            ]))
+        }
         _ => Err(XapiError::MessageMethodUnknown {
             method: method.into(),
         }),
     }
+}
+
+fn flag(args: &[Value], i: usize) -> Result<bool, XapiError> {
+    args.get(i)
+        .and_then(Value::as_bool)
+        .ok_or_else(|| XapiError::Other {
+            code: "FIELD_TYPE_ERROR".into(),
+            params: vec![format!("parameter {}", i + 1)],
+        })
+}
+
+fn set_sr_type(sim: &Sim, sr: &str, sr_type: &str) -> Result<(), XapiError> {
+    if crate::sr::kind(sr_type).is_none() {
+        return Err(XapiError::OperationNotAllowed {
+            reason: format!(
+                "unknown SR type {sr_type:?}; the simulator models {}",
+                crate::sr::SR_TYPES.join(", ")
+            ),
+        });
+    }
+    sim.mutate(|db, _| {
+        let rec = db.srs.get_mut(sr).ok_or_else(|| handle_invalid("SR", sr))?;
+        rec.sr_type = sr_type.into();
+        Ok(())
+    })
+}
+
+fn set_vdi(sim: &Sim, r: &str, f: impl FnOnce(&mut crate::model::VdiRec)) -> Result<(), XapiError> {
+    sim.mutate(|db, _| {
+        f(db.vdis.get_mut(r).ok_or_else(|| handle_invalid("VDI", r))?);
+        Ok(())
+    })
+}
+
+/// A RAW VDI, as an LVM SR makes with `sm_config:type=raw`: no VHD, so
+/// no CBT log (one that existed goes).
+fn make_raw(sim: &Sim, r: &str) -> Result<(), XapiError> {
+    sim.mutate(|db, _| {
+        let v = db.vdis.get_mut(r).ok_or_else(|| handle_invalid("VDI", r))?;
+        v.sm_config.insert("type".into(), "raw".into());
+        v.cbt_enabled = false;
+        let uuid = v.uuid.clone();
+        db.cbt.disable(&uuid);
+        Ok(())
+    })
 }
 
 fn write_blocks(sim: &Sim, r: &str, blocks: &[u64], seed: u64) -> Result<(), XapiError> {
@@ -359,6 +446,50 @@ impl Sim {
     /// Open NBD connections.
     pub fn nbd_connections(&self) -> usize {
         self.inner.nbd_connections.load(Ordering::SeqCst)
+    }
+
+    /// Makes the SR holding VDI `vdi_uuid` of type `sr_type` (one of
+    /// [`crate::SR_TYPES`]): `nocbt` has no changed-block tracking,
+    /// `dummy` keeps sizes exact.
+    pub fn set_sr_type_of(&self, vdi_uuid: &str, sr_type: &str) -> Result<()> {
+        let r = self.vdi_ref(vdi_uuid)?;
+        let sr = vdi(&self.db(), &r)?.sr.clone();
+        Ok(set_sr_type(self, &sr, sr_type)?)
+    }
+
+    /// Whether the pool's licence allows CBT (`LICENCE_RESTRICTION` from
+    /// `VDI.enable_cbt` if not).
+    pub fn set_cbt_licensed(&self, licensed: bool) -> Result<()> {
+        Ok(self.mutate(|db, _| {
+            db.pool.cbt_licensed = licensed;
+            Ok(())
+        })?)
+    }
+
+    /// Marks a VDI managed or not (`VDI_NOT_MANAGED` if not).
+    pub fn set_managed(&self, vdi_uuid: &str, managed: bool) -> Result<()> {
+        Ok(set_vdi(self, &self.vdi_ref(vdi_uuid)?, |v| {
+            v.managed = managed
+        })?)
+    }
+
+    /// Makes a VDI RAW (`SR_BACKEND_FAILURE_66` from `VDI.enable_cbt`).
+    pub fn set_raw(&self, vdi_uuid: &str) -> Result<()> {
+        Ok(make_raw(self, &self.vdi_ref(vdi_uuid)?)?)
+    }
+
+    /// Changes the password that logs in (live sessions stay valid), as
+    /// an administrator changing root's password does.
+    pub fn set_password(&self, password: &str) {
+        *self.password() = password.to_owned();
+    }
+
+    /// Logins tried since start, and how many of them were refused.
+    pub fn login_attempts(&self) -> (u64, u64) {
+        (
+            self.inner.logins.load(Ordering::SeqCst),
+            self.inner.failed_logins.load(Ordering::SeqCst),
+        )
     }
 
     /// Number of live sessions.

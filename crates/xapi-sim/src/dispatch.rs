@@ -1,12 +1,14 @@
 //! Routes a call to its implementation, as xapi's message layer does:
-//! login and logout, session validation (`SESSION_INVALID`), parameter
-//! counts (`MESSAGE_PARAMETER_COUNT_MISMATCH`, counting the session),
-//! unknown methods (`MESSAGE_METHOD_UNKNOWN`), bad handles
+//! login and logout, unknown methods (`MESSAGE_METHOD_UNKNOWN`), then
+//! parameter counts (`MESSAGE_PARAMETER_COUNT_MISMATCH`, not counting the
+//! session), then session validation (`SESSION_INVALID`), bad handles
 //! (`HANDLE_INVALID`), the implicit getters of every class (`get_record`,
 //! `get_all`, `get_all_records`, `get_by_uuid`, `get_by_name_label`,
-//! `get_<field>`), and `Async.*` calls, which return a task at once.
+//! `get_<field>`), and `Async.*` calls, which return a task at once (or,
+//! for a method without async mode, xapi's `Fault` failure).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use cbtvault_xenapi::{Value, XapiError};
 
@@ -14,7 +16,9 @@ use crate::sim::{Sim, internal};
 use crate::vdi::handle_invalid;
 
 /// Classes with records.
-const CLASSES: &[&str] = &["VDI", "VM", "VBD", "SR", "host", "pool", "task", "session"];
+const CLASSES: &[&str] = &[
+    "VDI", "VM", "VBD", "SR", "PBD", "network", "host", "pool", "task", "session",
+];
 
 /// Runs one call and returns its result or XAPI failure.
 pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Value, XapiError> {
@@ -22,7 +26,7 @@ pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Val
         slow_down(sim).await;
     }
     match method {
-        "session.login_with_password" => return login(sim, &params),
+        "session.login_with_password" => return login(sim, &params).await,
         "session.logout" => {
             let session = take_session(sim, method, &mut params)?;
             sim.sessions().logout(&session);
@@ -30,16 +34,34 @@ pub async fn call(sim: &Sim, method: &str, mut params: Vec<Value>) -> Result<Val
         }
         _ => {}
     }
-    let session = take_session(sim, method, &mut params)?;
-    if let Some(inner) = method.strip_prefix("Async.") {
-        if !has_async_form(inner) {
+    // As xapi's generated server does: the method, then the parameter
+    // count, then the session.
+    let inner = method.strip_prefix("Async.");
+    let name = inner.unwrap_or(method);
+    if name.starts_with("sim.") {
+        if inner.is_some() {
             return Err(unknown(method));
         }
+    } else {
+        let (min, max) = params_of(name).ok_or_else(|| unknown(method))?;
+        check_count(method, params.len(), min, max)?;
+        if inner.is_some() && !has_async_form(name) {
+            // server_helpers.ml `do_dispatch`, `API.response_of_fault`.
+            return Err(XapiError::Other {
+                code: "Fault".into(),
+                params: vec![format!("No async mode for this operation (rpc: {method})")],
+            });
+        }
+    }
+    let session = take_session(sim, method, &mut params)?;
+    if let Some(inner) = inner {
         let task = sim.tasks().create(method);
+        sim.event("task", "add", &task);
         let (sim2, inner, task2) = (sim.clone(), inner.to_owned(), task.clone());
         tokio::spawn(async move {
             let outcome = run(&sim2, &session, &inner, params).await;
             sim2.tasks().finish(&task2, outcome);
+            sim2.event("task", "mod", &task2);
         });
         return Ok(Value::String(task));
     }
@@ -90,7 +112,11 @@ fn take_session(sim: &Sim, method: &str, params: &mut Vec<Value>) -> Result<Stri
     Ok(session)
 }
 
-fn login(sim: &Sim, params: &[Value]) -> Result<Value, XapiError> {
+/// `session.login_with_password(uname, pwd, version, originator)`, the last
+/// two optional. A refusal waits [`crate::SimConfig::auth_failure_delay`]
+/// and carries `[uname, message]`, the message PAM gives for a wrong
+/// password (`xapi_session.ml`).
+async fn login(sim: &Sim, params: &[Value]) -> Result<Value, XapiError> {
     if !(2..=4).contains(&params.len()) {
         return Err(XapiError::MessageParameterCountMismatch {
             method: "session.login_with_password".into(),
@@ -99,19 +125,82 @@ fn login(sim: &Sim, params: &[Value]) -> Result<Value, XapiError> {
         });
     }
     let text = |i: usize| params.get(i).and_then(Value::as_str).unwrap_or_default();
-    let config = sim.config();
-    if text(0) != config.username || text(1) != config.password {
-        return Err(XapiError::SessionAuthenticationFailed);
+    sim.inner.logins.fetch_add(1, Ordering::SeqCst);
+    let accepted = text(0) == sim.config().username && text(1) == *sim.password();
+    if !accepted {
+        sim.inner.failed_logins.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(sim.config().auth_failure_delay).await;
+        return Err(XapiError::SessionAuthenticationFailed {
+            user: text(0).into(),
+            message: "Authentication failure".into(),
+        });
     }
     Ok(Value::String(sim.sessions().login(text(0), text(3))))
 }
 
-/// Calls that have an `Async.` form in the simulator (getters, setters,
-/// map edits, session and task calls and `VDI.get_nbd_info` have none).
+/// `MESSAGE_PARAMETER_COUNT_MISMATCH [method, expected, received]` unless
+/// `given` parameters (session included) leave between `min` and `max`
+/// others. Both counts leave the session out, as xapi's generated server
+/// does (`gen_server.ml`: the full count expected, `List.length params - 1`
+/// received, so a call without any parameter reads `-1`).
+fn check_count(method: &str, given: usize, min: usize, max: usize) -> Result<(), XapiError> {
+    let received = given as i64 - 1;
+    if received < min as i64 || received > max as i64 {
+        return Err(XapiError::MessageParameterCountMismatch {
+            method: method.into(),
+            expected: max.to_string(),
+            received: received.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// How many parameters after the session a method takes: (fewest, most).
+/// Fewer than most when trailing parameters have defaults in xapi's
+/// datamodel (`VDI.snapshot`'s `driver_params`, `VM.snapshot`'s
+/// `ignore_vdis`). `None`: no such method.
+fn params_of(method: &str) -> Option<(usize, usize)> {
+    let (class, name) = method.split_once('.')?;
+    let n = match (class, name) {
+        ("VDI", "snapshot" | "clone") => return Some((1, 2)),
+        ("VDI", "copy") => 2,
+        ("VM", "checkpoint") => 2,
+        ("VM", "snapshot") => return Some((2, 3)),
+        ("VDI", "list_changed_blocks" | "resize" | "resize_online") => 2,
+        (
+            "VDI",
+            "enable_cbt" | "disable_cbt" | "get_nbd_info" | "destroy" | "create" | "data_destroy",
+        ) => 1,
+        ("VDI" | "VM", "add_to_other_config") => 3,
+        (
+            "VDI" | "VM",
+            "remove_from_other_config"
+            | "set_other_config"
+            | "set_name_label"
+            | "set_name_description",
+        ) => 2,
+        ("VM", "destroy") => 1,
+        ("VBD", "create" | "plug" | "unplug" | "destroy") => 1,
+        ("task", "cancel" | "destroy") => 1,
+        ("event", "from") => 3,
+        ("host", "get_server_certificate") => 1,
+        (c, "get_all" | "get_all_records") if CLASSES.contains(&c) => 0,
+        (c, g) if CLASSES.contains(&c) && g.starts_with("get_") => 1,
+        _ => return None,
+    };
+    Some((n, n))
+}
+
+/// Calls that have an `Async.` form (getters, setters, map edits, task
+/// calls and `VDI.get_nbd_info` have none: xapi answers their `Async.`
+/// form with `["Fault", "No async mode for this operation (rpc: …)"]`).
 fn has_async_form(method: &str) -> bool {
     matches!(
         method,
         "VDI.snapshot"
+            | "VDI.clone"
+            | "VDI.copy"
+            | "VM.checkpoint"
             | "VDI.enable_cbt"
             | "VDI.disable_cbt"
             | "VDI.list_changed_blocks"
@@ -129,17 +218,10 @@ fn has_async_form(method: &str) -> bool {
     )
 }
 
-/// Checks the parameter count (`expected` excludes the session, as do
-/// `args`; the error counts it, as xapi does).
+/// Checks the parameter count of a `sim.*` call (counts without the
+/// session, as for XenAPI calls).
 pub(crate) fn arity(method: &str, args: &[Value], expected: usize) -> Result<(), XapiError> {
-    if args.len() != expected {
-        return Err(XapiError::MessageParameterCountMismatch {
-            method: method.into(),
-            expected: (expected + 1).to_string(),
-            received: (args.len() + 1).to_string(),
-        });
-    }
-    Ok(())
+    check_count(method, args.len() + 1, expected, expected)
 }
 
 /// String parameter `i`.
@@ -167,6 +249,9 @@ async fn run(sim: &Sim, session: &str, method: &str, args: Vec<Value>) -> Result
     if let Some(op) = method.strip_prefix("sim.") {
         return crate::control::run(sim, session, op, args).await;
     }
+    if method == "event.from" {
+        return crate::events::from(sim, &args).await;
+    }
     if method == "VDI.data_destroy" {
         arity(method, &args, 1)?;
         return sim.vdi_data_destroy(&text(&args, 0)?).await;
@@ -187,9 +272,12 @@ fn run_blocking(
     let a = |n: usize| arity(method, args, n);
     match (class, name) {
         ("VDI", "snapshot") => {
-            a(2)?;
+            // driver_params (default {}) mean nothing to the simulated SR.
             sim.vdi_snapshot(&text(args, 0)?)
         }
+        ("VDI", "clone") => sim.vdi_clone(&text(args, 0)?),
+        ("VDI", "copy") => sim.vdi_copy(&text(args, 0)?, &text(args, 1)?),
+        ("VM", "checkpoint") => sim.vm_checkpoint(&text(args, 0)?, &text(args, 1)?),
         ("VDI", "enable_cbt") => {
             a(1)?;
             sim.vdi_enable_cbt(&text(args, 0)?)
@@ -234,8 +322,21 @@ fn run_blocking(
             sim.set_field(class, &text(args, 0)?, name, &args[1..])
         }
         ("VM", "snapshot") => {
-            a(2)?;
-            sim.vm_snapshot(&text(args, 0)?, &text(args, 1)?)
+            let ignore: Vec<String> = match args.get(2) {
+                None => Vec::new(),
+                Some(v) => v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|r| r.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .ok_or_else(|| XapiError::Other {
+                        code: "FIELD_TYPE_ERROR".into(),
+                        params: vec!["ignore_vdis".into()],
+                    })?,
+            };
+            sim.vm_snapshot(&text(args, 0)?, &text(args, 1)?, &ignore)
         }
         ("VM", "destroy") => {
             a(1)?;
@@ -261,9 +362,10 @@ fn run_blocking(
         }
         ("task", "destroy") => {
             a(1)?;
-            sim.tasks()
-                .destroy(&text(args, 0)?)
-                .map(|()| Value::from(""))
+            let task = text(args, 0)?;
+            sim.tasks().destroy(&task)?;
+            sim.event("task", "del", &task);
+            Ok(Value::from(""))
         }
         ("host", "get_server_certificate") => {
             a(1)?;
@@ -293,6 +395,8 @@ fn record(sim: &Sim, class: &str, r: &str) -> Option<Value> {
                 "VM" => db.vm_value(r),
                 "VBD" => db.vbd_value(r),
                 "SR" => db.sr_value(r),
+                "PBD" => db.pbd_value(r),
+                "network" => db.network_value(r, sim.nbd_port().is_some()),
                 "host" => db.host_value(r),
                 "pool" => db.pool_value(r),
                 _ => None,
@@ -336,6 +440,8 @@ fn all_refs(sim: &Sim, class: &str) -> Vec<String> {
                 "VM" => db.vms.keys().cloned().collect(),
                 "VBD" => db.vbds.keys().cloned().collect(),
                 "SR" => db.srs.keys().cloned().collect(),
+                "PBD" => db.pbds.keys().cloned().collect(),
+                "network" => db.networks.keys().cloned().collect(),
                 "host" => vec![db.host_ref.clone()],
                 "pool" => vec![db.pool_ref.clone()],
                 _ => Vec::new(),

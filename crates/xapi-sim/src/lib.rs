@@ -3,24 +3,72 @@
 //!
 //! # What it serves
 //! On one `127.0.0.1` port, plain HTTP and HTTPS (the first byte of a
-//! connection tells them apart; the certificate is generated once and
-//! kept in the state directory):
-//! XML-RPC at `POST /` and `/RPC2`, JSON-RPC at `POST /jsonrpc` (can be
-//! turned off to imitate old hosts), and `PUT /import_raw_vdi`. The
-//! XenAPI subset is what a CBT backup and a restore use: sessions
-//! (`login_with_password`, `logout`, xapi's per-originator limits, idle
-//! expiry), the implicit getters of `VDI`, `VM`, `VBD`, `SR`, `host`,
-//! `pool`, `task` and `session`, `VDI.snapshot`, `enable_cbt`,
-//! `disable_cbt`, `list_changed_blocks`, `get_nbd_info`, `data_destroy`,
-//! `destroy`, `create`, `resize`, other_config edits, `VM.snapshot`,
-//! `VM.destroy`, `VBD.create/plug/unplug/destroy`, and `Async.*` forms with
-//! tasks. The semantics follow xen-api's `xapi_vdi.ml` and the storage
-//! manager's CBT code as summarised in `shared/specs/xenapi.md`: the
-//! checks and their order, the error codes and parameters, the CBT log
-//! chain ([`cbt`]), `data_destroy`'s tentative type and 4-second wait.
-//! It is a server, so hostile calls get an answer, never a panic: VDIs
-//! are at most 16 TiB (larger sizes get `SR_BACKEND_FAILURE_79`, and their
-//! CBT bitmaps stay at most 32 MiB), `sim.read` returns at most 64 MiB.
+//! connection tells them apart; the certificate is generated once and kept
+//! in the state directory): XML-RPC at `POST /` and `/RPC2`, JSON-RPC at
+//! `POST /jsonrpc` (can be turned off to imitate old hosts), and `PUT
+//! /import_raw_vdi`. The XenAPI subset is what a CBT backup and a restore
+//! use: sessions (`login_with_password`, `logout`, xapi's per-originator
+//! limits, idle expiry), the implicit getters of `VDI`, `VM`, `VBD`, `SR`,
+//! `PBD`, `network`, `host`, `pool`, `task` and `session`, `VDI.snapshot`,
+//! `enable_cbt`, `disable_cbt`, `list_changed_blocks`, `get_nbd_info`,
+//! `data_destroy`, `destroy`, `create`, `resize`, `clone`, `copy`,
+//! other_config edits, `VM.snapshot`, `VM.checkpoint`, `VM.destroy`,
+//! `VBD.create/plug/unplug/destroy`, `event.from` (a network has the NBD
+//! purpose when the NBD server runs), and `Async.*` forms with tasks. The
+//! semantics follow xen-api's `xapi_vdi.ml` and the storage manager's CBT
+//! code as summarised in `shared/specs/xenapi.md`: the checks and their
+//! order, the error codes and parameters, the CBT log chain ([`cbt`]),
+//! `data_destroy`'s tentative type and 4-second wait. It is a server, so
+//! hostile calls get an answer, never a panic: VDIs are at most 16 TiB
+//! (larger sizes get `SR_BACKEND_FAILURE_79`, and their CBT bitmaps stay at
+//! most 32 MiB), `sim.read` returns at most 64 MiB.
+//!
+//! # Fidelity to xapi
+//! What it models, and where that comes from (xen-api `ocaml/xapi/…`, the
+//! storage manager `xapi-project/sm`, `shared/specs/xenapi.md`):
+//! * call handling as the generated server (`gen_server.ml`): unknown
+//!   method, then `MESSAGE_PARAMETER_COUNT_MISMATCH [method, expected,
+//!   received]` counted without the session (a call with no parameter
+//!   reads `-1`), then `SESSION_INVALID`; `Async.*` forms fail those at
+//!   once, not in a task, and those of a method without async mode (such
+//!   as `VDI.get_nbd_info`) fail with `["Fault", "No async mode for this
+//!   operation (rpc: …)"]` (`server_helpers.ml`); trailing parameters
+//!   with datamodel defaults may be left out (`VDI.snapshot`'s
+//!   `driver_params`, `VM.snapshot`'s `ignore_vdis`,
+//!   `login_with_password`'s version and originator);
+//! * logins (`xapi_session.ml`): `SESSION_AUTHENTICATION_FAILED [user,
+//!   "Authentication failure"]` after [`SimConfig::auth_failure_delay`]
+//!   (xapi: 5 s, [`XAPI_AUTH_FAILURE_DELAY`]; the binary waits that long by
+//!   default, the library not unless asked, so tests stay fast); per-
+//!   originator session limits and idle expiry (`xapi_globs.ml`);
+//! * VDI checks and their order (`xapi_vdi.ml` `check_operation_error`):
+//!   `VDI_NOT_MANAGED`, `VDI_INCOMPATIBLE_TYPE` on `cbt_metadata`,
+//!   `VDI_IN_USE` for what an attached VBD blocks (only `snapshot`,
+//!   `clone`, `resize_online` and the CBT operations run live; `copy` with
+//!   read-only VBDs only), `SR_OPERATION_NOT_SUPPORTED` where the SR has
+//!   no CBT, `LICENCE_RESTRICTION` for an unlicensed pool;
+//!   `allowed_operations` as `update_allowed_operations` fills it, without
+//!   the CBT operations (CA-260245);
+//! * the storage manager: CBT logs and their chain (`VDI.py`
+//!   `_cbt_snapshot`, a snapshot of a CBT snapshot included), error 460 for
+//!   broken chains, error 66 for CBT on a RAW VDI, error 79 for sizes, and
+//!   SR types ([`sr`]) with their sizes (VHD: rounded up to 2 MiB,
+//!   `vhdutil.validate_and_round_vhd_size`);
+//! * `data_destroy`'s tentative type and 4-second wait, and xapi-nbd's
+//!   export names, TLS and 16-connection limit ([`nbd`]);
+//! * tasks whose result is an XML-RPC fragment (`taskHelper.ml`), 200 kept,
+//!   and `event.from` for them, the way real clients wait (`xapi_event.ml`).
+//!
+//! What it does not model: RBAC and external authentication, pools of more
+//! than one host (`HOST_IS_SLAVE`), `current_operations` and
+//! `OTHER_OPERATION_IN_PROGRESS`, storage migration, events of classes
+//! other than `task` (`event.from` reports tasks only), a checkpoint's
+//! memory image, VHD's 2 TiB size limit, and the exact text of sm's error
+//! 66 (its code and parameter count are sm's; the words are ours). `dummy`
+//! and `nocbt` SR types are the simulator's stand-ins for "a driver that
+//! keeps sizes exact" and "a driver without CBT". The codecs are the client
+//! crate's own; `crates/xenapi/tests/integration/codec.rs` checks it
+//! against Python's `xmlrpc` so a shared mistake cannot hide.
 //!
 //! # State
 //! `state.json` (the database, written atomically after every change),
@@ -33,7 +81,9 @@
 //! [`control`] lists the `sim.*` RPCs and the matching [`Sim`] methods:
 //! guest writes marking CBT exactly as tapdisk does, plugging, resizing,
 //! and the faults (CBT silently disabled, session expiry, NBD disconnect
-//! after N bytes, `VDI_IN_USE` on the next `data_destroy`, slow answers).
+//! after N bytes, `VDI_IN_USE` on the next `data_destroy`, slow answers),
+//! and the states of a real pool that rule CBT out or change logins (an
+//! SR's type, the licence, unmanaged and RAW VDIs, a new password).
 //!
 //! # NBD
 //! [`nbd`] has the xapi-nbd logic (export-name authentication, the
@@ -46,8 +96,8 @@
 //!
 //! # Crates used
 //! `cbtvault-nbd` (the NBD server), `futures` and `bytes` (its export
-//! trait), `cbtvault-xenapi` (the XML-RPC/JSON-RPC codecs and the typed XAPI
-//! errors, so both sides agree on one vocabulary), `cbtvault-blockmap`
+//! trait), `cbtvault-xenapi` (the XML-RPC/JSON-RPC codecs and the typed
+//! XAPI errors, so both sides agree on one vocabulary), `cbtvault-blockmap`
 //! (the CBT bitmaps and their base64 form), `hyper`, `hyper-util`,
 //! `http-body-util` and `http` (the HTTP/1.1 server), `tokio` and
 //! `tokio-util` (sockets, timers, blocking pool, graceful shutdown),
@@ -63,12 +113,14 @@ mod certs;
 pub mod control;
 mod dispatch;
 mod error;
+mod events;
 mod http;
 mod model;
 pub mod nbd;
 mod nbd_server;
 mod sessions;
 mod sim;
+pub mod sr;
 mod store;
 mod tasks;
 mod vdi;
@@ -85,7 +137,8 @@ pub use control::{VdiSummary, VmSummary};
 pub use error::{Error, Result};
 pub use nbd::{NbdExport, NbdRefusal, VdiReader};
 pub use sessions::SessionLimits;
-pub use sim::{Faults, PoolSpec, Sim, SimConfig};
+pub use sim::{Faults, PoolSpec, Sim, SimConfig, XAPI_AUTH_FAILURE_DELAY};
+pub use sr::SR_TYPES;
 
 /// A running simulator: the pool and its HTTP(S) endpoint.
 pub struct Simulator {

@@ -76,6 +76,9 @@ struct ServeArgs {
     /// Seconds VDI.data_destroy waits for VBDs to go (XAPI: 4).
     #[arg(long, default_value_t = 4.0)]
     data_destroy_timeout: f64,
+    /// Seconds a refused login waits before its answer (XAPI: 5).
+    #[arg(long, default_value_t = 5.0)]
+    auth_failure_delay: f64,
     /// Seconds after which an idle session expires (XAPI: 86400).
     #[arg(long, default_value_t = 86_400)]
     session_timeout: u64,
@@ -235,6 +238,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.username = args.user;
     config.jsonrpc = !args.no_jsonrpc;
     config.data_destroy_timeout = Duration::from_secs_f64(args.data_destroy_timeout.max(0.0));
+    config.auth_failure_delay = Duration::try_from_secs_f64(args.auth_failure_delay)
+        .map_err(|e| anyhow::anyhow!("--auth-failure-delay {}: {e}", args.auth_failure_delay))?;
     config.session_limits.inactive_timeout = Duration::from_secs(args.session_timeout);
     config.nbd_listen = (!args.no_nbd).then_some(args.nbd_listen);
     config.pool = PoolSpec {

@@ -92,7 +92,7 @@ pub struct SrRec {
     pub uuid: String,
     /// Name.
     pub name_label: String,
-    /// SM type (`ext`: file-based VHD, CBT-capable).
+    /// SM type (see [`crate::sr`]: `ext`, file-based VHD, CBT-capable).
     pub sr_type: String,
     /// Capacity in bytes.
     pub physical_size: u64,
@@ -197,6 +197,21 @@ pub struct VdiRec {
     pub has_data: bool,
     /// Allocated bytes of the data file, refreshed on writes.
     pub physical_utilisation: u64,
+    /// Managed by its SR (`false`: xapi refuses operations with
+    /// `VDI_NOT_MANAGED`).
+    #[serde(default = "yes")]
+    pub managed: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl VdiRec {
+    /// A RAW VDI (sm_config `type=raw` on an LVM SR): no VHD, so no CBT.
+    pub fn is_raw(&self) -> bool {
+        self.sm_config.get("type").is_some_and(|t| t == "raw")
+    }
 }
 
 /// Everything persisted.
@@ -220,9 +235,93 @@ pub struct Db {
     pub vdis: BTreeMap<String, VdiRec>,
     /// CBT logs by VDI UUID.
     pub cbt: CbtLogs,
+    /// PBDs (one per SR, plugged on the host) by reference.
+    #[serde(default)]
+    pub pbds: BTreeMap<String, PbdRec>,
+    /// Networks by reference.
+    #[serde(default)]
+    pub networks: BTreeMap<String, NetworkRec>,
+}
+
+/// A PBD: an SR plugged on the host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PbdRec {
+    /// UUID.
+    pub uuid: String,
+    /// SR reference.
+    pub sr: String,
+}
+
+/// A network.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetworkRec {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name_label: String,
+    /// Bridge.
+    pub bridge: String,
 }
 
 impl Db {
+    /// Gives every SR a PBD and the pool a network, as a pool always has
+    /// (states saved before they were modelled have none).
+    pub fn complete(&mut self) {
+        for sr in self.srs.keys() {
+            if !self.pbds.values().any(|p| &p.sr == sr) {
+                self.pbds.insert(
+                    new_ref(),
+                    PbdRec {
+                        uuid: new_uuid(),
+                        sr: sr.clone(),
+                    },
+                );
+            }
+        }
+        if self.networks.is_empty() {
+            self.networks.insert(
+                new_ref(),
+                NetworkRec {
+                    uuid: new_uuid(),
+                    name_label: "Pool-wide network associated with eth0".into(),
+                    bridge: "xenbr0".into(),
+                },
+            );
+        }
+    }
+
+    /// The record of PBD `r`.
+    pub fn pbd_value(&self, r: &str) -> Option<Value> {
+        let p = self.pbds.get(r)?;
+        Some(record(vec![
+            ("uuid", s(&p.uuid)),
+            ("host", s(&self.host_ref)),
+            ("SR", s(&p.sr)),
+            ("device_config", Value::Struct(BTreeMap::new())),
+            ("currently_attached", Value::Bool(true)),
+            ("other_config", Value::Struct(BTreeMap::new())),
+        ]))
+    }
+
+    /// The record of network `r`; `nbd`: it carries the NBD purpose.
+    pub fn network_value(&self, r: &str, nbd: bool) -> Option<Value> {
+        let n = self.networks.get(r)?;
+        let purpose = if nbd { vec!["nbd".to_owned()] } else { vec![] };
+        Some(record(vec![
+            ("uuid", s(&n.uuid)),
+            ("name_label", s(&n.name_label)),
+            ("name_description", s("")),
+            ("bridge", s(&n.bridge)),
+            ("MTU", Value::Int(1500)),
+            ("VIFs", refs([])),
+            ("PIFs", refs([])),
+            ("managed", Value::Bool(true)),
+            ("purpose", refs(purpose)),
+            ("other_config", Value::Struct(BTreeMap::new())),
+            ("tags", refs([])),
+        ]))
+    }
+
     /// Reference of the VDI with `uuid`.
     pub fn vdi_ref_by_uuid(&self, uuid: &str) -> Option<String> {
         self.vdis
@@ -267,6 +366,43 @@ impl Db {
         })
     }
 
+    /// Whether `vdi` has a plugged read-write VBD to a VM that is not a
+    /// snapshot (what blocks `copy`).
+    pub fn vdi_attached_rw(&self, vdi: &str) -> bool {
+        self.vbds.values().any(|b| {
+            b.vdi == vdi
+                && b.currently_attached
+                && b.mode == "RW"
+                && self.vms.get(&b.vm).is_none_or(|vm| !vm.is_a_snapshot)
+        })
+    }
+
+    /// `allowed_operations` of VDI `r`, as xapi's
+    /// `update_allowed_operations` computes it (`xapi_vdi.ml`): the
+    /// operations `check_operation_error` lets through, except the CBT ones
+    /// (`enable_cbt`, `disable_cbt`, `data_destroy`, `list_changed_blocks`),
+    /// which xapi never lists (CA-260245). Only `snapshot`, `clone` and
+    /// `resize_online` may run while a VBD is attached; `copy` only while
+    /// no read-write one is.
+    fn vdi_allowed_operations(&self, r: &str, v: &VdiRec) -> Vec<&'static str> {
+        if v.vdi_type == "cbt_metadata" {
+            // `allowed_for_cbt_metadata_vdi`, CBT operations removed.
+            return if self.vdi_attached(r) {
+                vec![]
+            } else {
+                vec!["destroy", "forget"]
+            };
+        }
+        let mut ops = vec!["snapshot", "clone", "resize_online"];
+        if !self.vdi_attached_rw(r) {
+            ops.push("copy");
+        }
+        if !self.vdi_attached(r) {
+            ops.extend(["resize", "destroy", "forget"]);
+        }
+        ops
+    }
+
     /// The record of VDI `r` as `VDI.get_record` returns it.
     pub fn vdi_value(&self, r: &str) -> Option<Value> {
         let v = self.vdis.get(r)?;
@@ -275,25 +411,7 @@ impl Db {
             .iter()
             .filter(|(_, o)| o.snapshot_of == r)
             .map(|(sr, _)| sr.clone());
-        let mut ops = vec![];
-        if v.vdi_type == "cbt_metadata" {
-            ops.extend(["destroy", "data_destroy", "list_changed_blocks", "forget"]);
-        } else {
-            ops.extend([
-                "snapshot",
-                "clone",
-                "copy",
-                "resize",
-                "enable_cbt",
-                "disable_cbt",
-            ]);
-            if v.is_a_snapshot && v.cbt_enabled {
-                ops.push("data_destroy");
-            }
-            if !self.vdi_attached(r) {
-                ops.extend(["destroy", "list_changed_blocks", "forget"]);
-            }
-        }
+        let ops = self.vdi_allowed_operations(r, v);
         Some(record(vec![
             ("uuid", s(&v.uuid)),
             ("name_label", s(&v.name_label)),
@@ -314,7 +432,7 @@ impl Db {
             ("other_config", map(&v.other_config)),
             ("storage_lock", Value::Bool(false)),
             ("location", s(&v.uuid)),
-            ("managed", Value::Bool(true)),
+            ("managed", Value::Bool(v.managed)),
             ("missing", Value::Bool(false)),
             ("parent", s(NULL_REF)),
             ("xenstore_data", map(&v.xenstore_data)),
@@ -428,7 +546,15 @@ impl Db {
             ("allowed_operations", refs([])),
             ("current_operations", Value::Struct(BTreeMap::new())),
             ("VDIs", refs(vdis)),
-            ("PBDs", refs([])),
+            (
+                "PBDs",
+                refs(
+                    self.pbds
+                        .iter()
+                        .filter(|(_, p)| p.sr == r)
+                        .map(|(pr, _)| pr.clone()),
+                ),
+            ),
             ("virtual_allocation", int(allocated)),
             ("physical_utilisation", int(used)),
             ("physical_size", int(sr.physical_size)),

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,7 +27,8 @@ pub struct PoolSpec {
     pub vms: usize,
     /// Disks per VM.
     pub disks_per_vm: usize,
-    /// Virtual size of each disk, in bytes.
+    /// Virtual size of each disk, in bytes (rounded up to 2 MiB, as the
+    /// pool's `ext` SR makes sizes).
     pub disk_size: u64,
     /// 64 KiB blocks of each disk filled with data at creation (before
     /// any CBT log exists, so they are in no bitmap).
@@ -67,7 +68,16 @@ pub struct SimConfig {
     /// Where the NBD server listens (xapi-nbd: port 10809); `None` runs
     /// none. [`SimConfig::new`] picks a free port of 127.0.0.1.
     pub nbd_listen: Option<std::net::SocketAddr>,
+    /// How long a refused login waits before `SESSION_AUTHENTICATION_FAILED`
+    /// (xapi: [`XAPI_AUTH_FAILURE_DELAY`], against password guessing).
+    /// [`SimConfig::new`] sets none, so tests of wrong passwords stay fast;
+    /// the `xapi-sim` binary waits as xapi does unless told otherwise.
+    pub auth_failure_delay: Duration,
 }
+
+/// The delay xapi puts before every `SESSION_AUTHENTICATION_FAILED`
+/// (`xapi_session.ml`, `thread_delay_and_raise_error`: 5 s).
+pub const XAPI_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(5);
 
 impl SimConfig {
     /// XAPI's behaviour with user `root` and `password`, state in `state_dir`.
@@ -82,6 +92,7 @@ impl SimConfig {
             pool: PoolSpec::default(),
             nbd_connection_limit: 16,
             nbd_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            auth_failure_delay: Duration::ZERO,
         }
     }
 }
@@ -107,6 +118,14 @@ pub(crate) struct Inner {
     pub cert: HostCert,
     pub nbd_port: Mutex<Option<u16>>,
     pub nbd_connections: AtomicUsize,
+    /// The password that logs in now (`sim.set_password` changes it).
+    pub password: Mutex<String>,
+    /// Logins tried, and of them refused.
+    pub logins: AtomicU64,
+    pub failed_logins: AtomicU64,
+    /// Recent events for `event.from`, and the bell its waiters hear.
+    pub events: Mutex<crate::events::EventLog>,
+    pub event_bell: tokio::sync::Notify,
     state_file: PathBuf,
 }
 
@@ -163,6 +182,7 @@ impl Sim {
                 })?;
             // NBD connections did not survive the restart.
             db.vbds.retain(|_, b| !b.nbd);
+            db.complete();
             db
         } else {
             new_pool(&config.pool, &store)?
@@ -170,6 +190,11 @@ impl Sim {
         let sim = Sim {
             inner: Arc::new(Inner {
                 sessions: Mutex::new(Sessions::new(config.session_limits)),
+                password: Mutex::new(config.password.clone()),
+                logins: AtomicU64::new(0),
+                failed_logins: AtomicU64::new(0),
+                events: Mutex::new(crate::events::EventLog::default()),
+                event_bell: tokio::sync::Notify::new(),
                 config,
                 db: Mutex::new(db),
                 tasks: Mutex::new(Tasks::default()),
@@ -220,6 +245,14 @@ impl Sim {
         lock(&self.inner.tasks)
     }
 
+    pub(crate) fn events(&self) -> MutexGuard<'_, crate::events::EventLog> {
+        lock(&self.inner.events)
+    }
+
+    pub(crate) fn password(&self) -> MutexGuard<'_, String> {
+        lock(&self.inner.password)
+    }
+
     pub(crate) fn faults(&self) -> MutexGuard<'_, Faults> {
         lock(&self.inner.faults)
     }
@@ -266,6 +299,8 @@ impl Sim {
 /// Makes the first-start pool: a host, an `ext` SR, dom0, and `spec.vms`
 /// running VMs with plugged, CBT-capable (not yet enabled) disks.
 fn new_pool(spec: &PoolSpec, store: &Store) -> Result<Db> {
+    // The first SR is `ext` (sim.set_sr_type changes it later).
+    let disk_size = crate::sr::round_size("ext", spec.disk_size);
     let host_ref = new_ref();
     let sr_ref = new_ref();
     let mut db = Db {
@@ -296,7 +331,10 @@ fn new_pool(spec: &PoolSpec, store: &Store) -> Result<Db> {
         vbds: BTreeMap::new(),
         vdis: BTreeMap::new(),
         cbt: CbtLogs::default(),
+        pbds: BTreeMap::new(),
+        networks: BTreeMap::new(),
     };
+    db.complete();
     db.vms
         .insert(new_ref(), vm_rec("Control domain on host: xapi-sim", true));
     for i in 0..spec.vms {
@@ -304,15 +342,15 @@ fn new_pool(spec: &PoolSpec, store: &Store) -> Result<Db> {
         db.vms
             .insert(vm_ref.clone(), vm_rec(&format!("vm-{i}"), false));
         for d in 0..spec.disks_per_vm {
-            let vdi = new_vdi(&sr_ref, &format!("vm-{i} disk {d}"), spec.disk_size);
-            store.create(&vdi.uuid, spec.disk_size)?;
-            let blocks = block_count(spec.disk_size);
+            let vdi = new_vdi(&sr_ref, &format!("vm-{i} disk {d}"), disk_size);
+            store.create(&vdi.uuid, disk_size)?;
+            let blocks = block_count(disk_size);
             let n = spec.initial_blocks.min(blocks);
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((i * 1000 + d) as u64);
             let seed = (i * 1000 + d) as u64;
             for b in sample(&mut rng, blocks as usize, n as usize).into_iter() {
                 let b = b as u64;
-                let data = block_content(seed, b, block_len(spec.disk_size, b));
+                let data = block_content(seed, b, block_len(disk_size, b));
                 store.write_at(&vdi.uuid, b * BLOCK_SIZE, &data)?;
             }
             let vdi_ref = new_ref();
@@ -378,5 +416,6 @@ pub(crate) fn new_vdi(sr: &str, name: &str, size: u64) -> VdiRec {
         tags: Vec::new(),
         has_data: true,
         physical_utilisation: 0,
+        managed: true,
     }
 }

@@ -63,6 +63,37 @@ pub(crate) fn refuse_cbt_metadata(v: &VdiRec, r: &str) -> Result<(), XapiError> 
     Ok(())
 }
 
+/// `VDI_NOT_MANAGED [vdi]`, xapi's first check for a VDI its SR does not
+/// manage (`xapi_vdi.ml` `check_operation_error`).
+pub(crate) fn refuse_unmanaged(v: &VdiRec, r: &str) -> Result<(), XapiError> {
+    if !v.managed {
+        return Err(XapiError::Other {
+            code: "VDI_NOT_MANAGED".into(),
+            params: vec![r.into()],
+        });
+    }
+    Ok(())
+}
+
+/// `SR_OPERATION_NOT_SUPPORTED [sr]` if the VDI's SR has no CBT
+/// (`VDI_CONFIG_CBT` missing from the driver's features).
+fn refuse_without_cbt(db: &Db, v: &VdiRec) -> Result<(), XapiError> {
+    let cbt = db
+        .srs
+        .get(&v.sr)
+        .and_then(|sr| crate::sr::kind(&sr.sr_type))
+        .is_none_or(|k| k.cbt);
+    if !cbt {
+        return Err(XapiError::SrOperationNotSupported { sr: v.sr.clone() });
+    }
+    Ok(())
+}
+
+/// The SR's type, for sizes.
+fn sr_type_of<'a>(db: &'a Db, sr: &str) -> &'a str {
+    db.srs.get(sr).map_or("ext", |s| s.sr_type.as_str())
+}
+
 fn in_use(r: &str, op: &str) -> XapiError {
     XapiError::VdiInUse {
         vdi: r.into(),
@@ -87,6 +118,7 @@ fn changed_blocks_error(opterr: &str) -> XapiError {
 /// CBT log, returns the new reference.
 pub(crate) fn snapshot_in(db: &mut Db, store: &Store, r: &str) -> Result<String, XapiError> {
     let src = vdi(db, r)?.clone();
+    refuse_unmanaged(&src, r)?;
     refuse_cbt_metadata(&src, r)?;
     if src.sharable {
         return Err(XapiError::Other {
@@ -106,8 +138,9 @@ pub(crate) fn snapshot_in(db: &mut Db, store: &Store, r: &str) -> Result<String,
     } else {
         store.create(&uuid, src.virtual_size).map_err(internal)?;
     }
-    // The snapshot takes over the leaf's log; snapshots of snapshots have none.
-    let cbt = !src.is_a_snapshot && src.cbt_enabled && db.cbt.snapshot(&src.uuid, &uuid);
+    // The snapshot takes over the source's log, a snapshot's too (sm
+    // `_cbt_snapshot`; FileSR marks the new VDI cbt_enabled).
+    let cbt = src.cbt_enabled && db.cbt.snapshot(&src.uuid, &uuid);
     let snap = VdiRec {
         uuid: uuid.clone(),
         is_a_snapshot: true,
@@ -123,14 +156,62 @@ pub(crate) fn snapshot_in(db: &mut Db, store: &Store, r: &str) -> Result<String,
     Ok(snap_ref)
 }
 
+/// A new VDI holding a copy of `r`'s data on SR `sr`: a plain disk (no
+/// snapshot, no CBT, no tags), sized as that SR makes sizes.
+fn duplicate_in(db: &mut Db, store: &Store, r: &str, sr: &str) -> Result<String, XapiError> {
+    let src = vdi(db, r)?.clone();
+    refuse_unmanaged(&src, r)?;
+    refuse_cbt_metadata(&src, r)?;
+    if !db.srs.contains_key(sr) {
+        return Err(handle_invalid("SR", sr));
+    }
+    let size = crate::sr::round_size(sr_type_of(db, sr), src.virtual_size);
+    let uuid = new_uuid();
+    store.copy_sparse(&src.uuid, &uuid).map_err(internal)?;
+    store.resize(&uuid, size).map_err(internal)?;
+    let mut copy = new_vdi(sr, &src.name_label, size);
+    copy.uuid = uuid.clone();
+    copy.physical_utilisation = store.allocated(&uuid);
+    copy.name_description = src.name_description;
+    copy.vdi_type = src.vdi_type;
+    copy.other_config = src.other_config;
+    let copy_ref = new_ref();
+    db.vdis.insert(copy_ref.clone(), copy);
+    Ok(copy_ref)
+}
+
 impl Sim {
+    /// `VDI.clone(vdi, driver_params)`: a new VDI with the same data on
+    /// the same SR (allowed while attached).
+    pub(crate) fn vdi_clone(&self, r: &str) -> Result<Value, XapiError> {
+        self.mutate(|db, store| {
+            let sr = vdi(db, r)?.sr.clone();
+            duplicate_in(db, store, r, &sr).map(Value::String)
+        })
+    }
+
+    /// `VDI.copy(vdi, sr)`: refused while a read-write VBD is attached.
+    pub(crate) fn vdi_copy(&self, r: &str, sr: &str) -> Result<Value, XapiError> {
+        self.mutate(|db, store| {
+            let v = vdi(db, r)?;
+            refuse_unmanaged(v, r)?;
+            if db.vdi_attached_rw(r) {
+                return Err(in_use(r, "copy"));
+            }
+            duplicate_in(db, store, r, sr).map(Value::String)
+        })
+    }
+
     /// `VDI.snapshot`.
     pub(crate) fn vdi_snapshot(&self, r: &str) -> Result<Value, XapiError> {
         self.mutate(|db, store| snapshot_in(db, store, r).map(Value::String))
     }
 
+    /// The checks of `enable_cbt` and `disable_cbt`, in xapi's order, then
+    /// the storage manager's refusal of RAW VDIs.
     fn check_cbt_change(&self, db: &Db, r: &str) -> Result<(), XapiError> {
         let v = vdi(db, r)?;
+        refuse_unmanaged(v, r)?;
         refuse_cbt_metadata(v, r)?;
         if v.is_a_snapshot {
             return Err(not_allowed(format!("VDI is a snapshot: {r}")));
@@ -147,6 +228,19 @@ impl Sim {
                 params: vec![],
             });
         }
+        refuse_without_cbt(db, v)
+    }
+
+    /// sm's `configure_blocktracking` on a RAW VDI: error 66, `VDIType`.
+    fn refuse_raw(v: &VdiRec) -> Result<(), XapiError> {
+        if v.is_raw() {
+            return Err(XapiError::SrBackendFailure {
+                code: 66,
+                status: String::new(),
+                stdout: "VDI type not supported [opterr=Raw VDI or snapshot not permitted]".into(),
+                stderr: String::new(),
+            });
+        }
         Ok(())
     }
 
@@ -159,6 +253,7 @@ impl Sim {
                     feature: "CBT".into(),
                 });
             }
+            Self::refuse_raw(vdi(db, r)?)?;
             let v = vdi_mut(db, r)?;
             if !v.cbt_enabled {
                 v.cbt_enabled = true;
@@ -189,9 +284,11 @@ impl Sim {
         let f = vdi(&db, from)?;
         let t = vdi(&db, to)?;
         // Only vdi_to goes through the operation check.
+        refuse_unmanaged(t, to)?;
         if db.vdi_attached(to) {
             return Err(in_use(to, "list_changed_blocks"));
         }
+        refuse_without_cbt(&db, t)?;
         match db.cbt.changed_blocks(&f.uuid, &t.uuid) {
             Ok(map) => Ok(Value::String(map.to_xenapi_base64())),
             Err(ChainError::Same) => Err(changed_blocks_error("Source and target VDI are same")),
@@ -352,7 +449,6 @@ impl Sim {
                 })
                 .unwrap_or_default()
         };
-        check_size(size)?;
         if vdi_type == CBT_METADATA {
             return Err(XapiError::VdiIncompatibleType {
                 vdi: String::new(),
@@ -363,6 +459,9 @@ impl Sim {
             if !db.srs.contains_key(&sr) {
                 return Err(handle_invalid("SR", &sr));
             }
+            check_size(size)?;
+            // The size the SR makes (VHD: whole 2 MiB blocks).
+            let size = crate::sr::round_size(sr_type_of(db, &sr), size);
             let mut v = new_vdi(&sr, &string("name_label"), size);
             v.name_description = string("name_description");
             v.vdi_type = vdi_type.clone();
@@ -395,10 +494,11 @@ impl Sim {
                 return Err(in_use(r, op));
             }
             refuse_cbt_metadata(&v, r)?;
+            check_size(size)?;
+            let size = crate::sr::round_size(sr_type_of(db, &v.sr), size);
             if size < v.virtual_size {
                 return Err(invalid_size("shrinking not allowed"));
             }
-            check_size(size)?;
             store.resize(&v.uuid, size).map_err(internal)?;
             db.cbt.resize(&v.uuid, size);
             vdi_mut(db, r)?.virtual_size = size;

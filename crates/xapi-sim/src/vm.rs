@@ -23,8 +23,14 @@ fn bad_power_state(vm: &str, expected: &str, actual: &str) -> XapiError {
 }
 
 impl Sim {
-    /// `VM.snapshot(vm, new_name)`.
-    pub(crate) fn vm_snapshot(&self, r: &str, new_name: &str) -> Result<Value, XapiError> {
+    /// `VM.snapshot(vm, new_name, ignore_vdis)`: the VDIs in `ignore` are
+    /// left out (no snapshot, no VBD in the snapshot VM).
+    pub(crate) fn vm_snapshot(
+        &self,
+        r: &str,
+        new_name: &str,
+        ignore: &[String],
+    ) -> Result<Value, XapiError> {
         self.mutate(|db, store| {
             let source = vm(db, r)?.clone();
             if source.is_control_domain || source.is_a_snapshot {
@@ -36,7 +42,7 @@ impl Sim {
             let mut vbds = Vec::new();
             for vbd_ref in db.vbds_of_vm(r) {
                 let vbd = db.vbds[&vbd_ref].clone();
-                if vbd.vbd_type != "Disk" || is_null(&vbd.vdi) {
+                if vbd.vbd_type != "Disk" || is_null(&vbd.vdi) || ignore.contains(&vbd.vdi) {
                     continue;
                 }
                 let snap_vdi = snapshot_in(db, store, &vbd.vdi)?;
@@ -69,6 +75,27 @@ impl Sim {
         })
     }
 
+    /// `VM.checkpoint(vm, new_name)`: a snapshot of a running VM with its
+    /// memory; the simulator has no memory image, so it is a snapshot whose
+    /// VM is `Suspended`.
+    pub(crate) fn vm_checkpoint(&self, r: &str, new_name: &str) -> Result<Value, XapiError> {
+        {
+            let db = self.db();
+            let v = vm(&db, r)?;
+            if v.power_state != "Running" {
+                return Err(bad_power_state(r, "running", &v.power_state));
+            }
+        }
+        let snap = self.vm_snapshot(r, new_name, &[])?;
+        self.mutate(|db, _| {
+            let s = snap.as_str().unwrap_or_default();
+            if let Some(v) = db.vms.get_mut(s) {
+                v.power_state = "Suspended".into();
+            }
+            Ok(snap.clone())
+        })
+    }
+
     /// `VM.destroy`: halted VMs and snapshots only; their VBDs go, their
     /// VDIs stay.
     pub(crate) fn vm_destroy(&self, r: &str) -> Result<Value, XapiError> {
@@ -79,7 +106,7 @@ impl Sim {
                     reason: "the control domain cannot be destroyed".into(),
                 });
             }
-            if v.power_state != "Halted" {
+            if !v.is_a_snapshot && v.power_state != "Halted" {
                 return Err(bad_power_state(r, "halted", &v.power_state));
             }
             db.vbds.retain(|_, b| b.vm != r);

@@ -7,6 +7,7 @@
 mod integration {
     mod binary;
     mod common;
+    mod faithful;
     mod nbd;
     mod persistence;
     mod python;

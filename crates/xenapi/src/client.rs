@@ -55,7 +55,8 @@ pub struct ClientOptions {
     pub rpc_timeout: Duration,
     /// Limit for one asynchronous task; `None` waits as long as it takes.
     pub task_timeout: Option<Duration>,
-    /// First and longest pause between polls of a task.
+    /// First and longest pause between polls of a task, on a host without
+    /// `event.from`.
     pub task_poll: (Duration, Duration),
 }
 
@@ -90,6 +91,10 @@ struct Inner {
     /// Serialises logins so concurrent callers that all saw
     /// `SESSION_INVALID` log in only once.
     login: tokio::sync::Mutex<()>,
+    /// The host refused these credentials: no further login is tried with
+    /// them (xapi answers each wrong password after 5 s, and a directory
+    /// service may lock the account after a few).
+    refused: RwLock<Option<XapiError>>,
     next_id: AtomicU64,
 }
 
@@ -132,6 +137,7 @@ impl Client {
                 transport_confirmed: AtomicBool::new(false),
                 session: RwLock::new(None),
                 login: tokio::sync::Mutex::new(()),
+                refused: RwLock::new(None),
                 next_id: AtomicU64::new(1),
             }),
         };
@@ -180,13 +186,24 @@ impl Client {
         Ok(())
     }
 
-    /// Logs in again unless another caller already replaced `stale`.
+    /// Logs in again unless another caller already replaced `stale`. Once
+    /// the host has refused the credentials, every later login fails the
+    /// same way without asking it again.
     async fn relogin(&self, stale: Option<&SessionRef>) -> Result<SessionRef> {
         let _guard = self.inner.login.lock().await;
         if let Some(current) = self.session()
             && Some(&current) != stale
         {
             return Ok(current);
+        }
+        if let Some(refused) = self
+            .inner
+            .refused
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(Error::Xapi(refused));
         }
         let o = &self.inner.options;
         let params = vec![
@@ -195,7 +212,17 @@ impl Client {
             Value::from("1.1"),
             Value::from(&o.originator),
         ];
-        let result = self.rpc("session.login_with_password", params).await?;
+        let result = match self.rpc("session.login_with_password", params).await {
+            Err(Error::Xapi(e @ XapiError::SessionAuthenticationFailed { .. })) => {
+                *self
+                    .inner
+                    .refused
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+                return Err(Error::Xapi(e));
+            }
+            other => other?,
+        };
         let session = SessionRef::new(expect_string("session.login_with_password", result)?);
         tracing::debug!(
             "logged in to {} as {} over {}{}",
@@ -310,9 +337,14 @@ impl Client {
         outcome
     }
 
+    /// Waits for `task` to finish, as xapi's own clients do: between looks
+    /// at the task it blocks in `event.from` until a task changes (one
+    /// token taken before the first look, so no change is missed). A host
+    /// that refuses `event.from` is polled instead, with growing pauses.
     async fn wait_task(&self, task: &TaskRef, method: &str) -> Result<Value> {
         let (mut pause, longest) = self.inner.options.task_poll;
         let started = tokio::time::Instant::now();
+        let mut token = self.event_token().await;
         loop {
             let record = TaskRecord::from_value(
                 &self
@@ -332,18 +364,60 @@ impl Client {
                 }
                 TaskStatus::Pending | TaskStatus::Cancelling | TaskStatus::Other(_) => {}
             }
-            if let Some(limit) = self.inner.options.task_timeout
-                && started.elapsed() >= limit
-            {
-                let _ = self.call("task.cancel", vec![Value::from(task)]).await;
-                return Err(Error::Timeout {
-                    what: format!("task {task} ({method})"),
-                    after: limit,
-                });
+            let mut wait = longest.max(EVENT_WAIT);
+            if let Some(limit) = self.inner.options.task_timeout {
+                let spent = started.elapsed();
+                if spent >= limit {
+                    let _ = self.call("task.cancel", vec![Value::from(task)]).await;
+                    return Err(Error::Timeout {
+                        what: format!("task {task} ({method})"),
+                        after: limit,
+                    });
+                }
+                wait = wait.min(limit - spent);
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(longest);
+            token = match token {
+                Some(t) => self.next_event(&t, wait).await,
+                None => None,
+            };
+            if token.is_none() {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(longest);
+            }
         }
+    }
+
+    /// A token for `event.from` on tasks, or `None` if the host has none.
+    async fn event_token(&self) -> Option<String> {
+        let reply = self
+            .call(
+                "event.from",
+                vec![
+                    Value::Array(vec![Value::from("task")]),
+                    Value::from(""),
+                    Value::Double(0.0),
+                ],
+            )
+            .await;
+        event_reply_token(reply)
+    }
+
+    /// Blocks until a task changes after `token` (or `wait` passes);
+    /// returns the next token, `None` to fall back to polling.
+    async fn next_event(&self, token: &str, wait: Duration) -> Option<String> {
+        // Well inside the HTTP exchange's own limit.
+        let wait = wait.min(self.inner.options.rpc_timeout / 2);
+        let reply = self
+            .call(
+                "event.from",
+                vec![
+                    Value::Array(vec![Value::from("task")]),
+                    Value::from(token),
+                    Value::Double(wait.as_secs_f64()),
+                ],
+            )
+            .await;
+        event_reply_token(reply)
     }
 
     /// Uploads `length` bytes from `data` into `vdi`, from offset 0, with
@@ -379,6 +453,26 @@ impl Client {
             });
         }
         Ok(())
+    }
+}
+
+/// Longest single wait in `event.from` between looks at a task.
+const EVENT_WAIT: Duration = Duration::from_secs(30);
+
+/// The token of an `event.from` reply; `None` (poll instead) for a host
+/// without it or any failure, which the next look at the task reports if
+/// it matters.
+fn event_reply_token(reply: Result<Value>) -> Option<String> {
+    match reply {
+        Ok(v) => v
+            .as_struct()
+            .and_then(|m| m.get("token"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        Err(e) => {
+            tracing::debug!("event.from unusable, polling tasks instead: {e}");
+            None
+        }
     }
 }
 

@@ -121,10 +121,16 @@ impl From<XapiError> for Error {
 /// itself ends the message, for searching the documentation.
 fn explain(e: &XapiError) -> String {
     match e {
-        XapiError::SessionAuthenticationFailed => {
-            "XenServer refused the login: wrong user name or password \
-             (SESSION_AUTHENTICATION_FAILED)"
-                .into()
+        XapiError::SessionAuthenticationFailed { message, .. } => {
+            let said = if message.is_empty() {
+                String::new()
+            } else {
+                format!("; the host said: {message}")
+            };
+            format!(
+                "XenServer refused the login: wrong user name or password \
+                 (SESSION_AUTHENTICATION_FAILED){said}"
+            )
         }
         XapiError::HostIsSlave { master } => format!(
             "this host is not the pool master; connect to the master, {master} (HOST_IS_SLAVE)"
@@ -135,6 +141,11 @@ fn explain(e: &XapiError) -> String {
         XapiError::HandleInvalid { class, handle } => {
             format!("XenServer has no {class} {handle} (HANDLE_INVALID)")
         }
+        XapiError::Other { code, params } if code == "VDI_NOT_MANAGED" => format!(
+            "XenServer does not manage VDI {} (VDI_NOT_MANAGED): it cannot snapshot or \
+             track it; rescan its SR (xe sr-scan) or introduce the VDI, then back it up",
+            params.first().map_or("?", String::as_str)
+        ),
         other => format!("XenServer refused the call: {other}"),
     }
 }
@@ -202,8 +213,15 @@ pub enum XapiError {
         /// The session reference that was refused.
         handle: String,
     },
-    /// `SESSION_AUTHENTICATION_FAILED []`: wrong user name or password.
-    SessionAuthenticationFailed,
+    /// `SESSION_AUTHENTICATION_FAILED [user, message]`: wrong user name or
+    /// password (xapi `xapi_session.ml`, after a deliberate 5 s delay; the
+    /// HTTP handlers' form has no parameters, read as two empty ones).
+    SessionAuthenticationFailed {
+        /// The user name given.
+        user: String,
+        /// Why, as the authentication module put it.
+        message: String,
+    },
     /// `HANDLE_INVALID [class, handle]`: no such object.
     HandleInvalid {
         /// The class, e.g. `VDI`.
@@ -341,7 +359,14 @@ impl XapiError {
                 return XapiError::SessionInvalid { handle: first(p) };
             }
             "SESSION_AUTHENTICATION_FAILED" if p.is_empty() => {
-                return XapiError::SessionAuthenticationFailed;
+                return XapiError::SessionAuthenticationFailed {
+                    user: String::new(),
+                    message: String::new(),
+                };
+            }
+            "SESSION_AUTHENTICATION_FAILED" if p.len() == 2 => {
+                let [user, message] = two(p);
+                return XapiError::SessionAuthenticationFailed { user, message };
             }
             "HANDLE_INVALID" if p.len() == 2 => {
                 let [class, handle] = two(p);
@@ -429,7 +454,7 @@ impl XapiError {
     pub fn code(&self) -> String {
         match self {
             XapiError::SessionInvalid { .. } => "SESSION_INVALID".into(),
-            XapiError::SessionAuthenticationFailed => "SESSION_AUTHENTICATION_FAILED".into(),
+            XapiError::SessionAuthenticationFailed { .. } => "SESSION_AUTHENTICATION_FAILED".into(),
             XapiError::HandleInvalid { .. } => "HANDLE_INVALID".into(),
             XapiError::VdiInUse { .. } => "VDI_IN_USE".into(),
             XapiError::VdiIncompatibleType { .. } => "VDI_INCOMPATIBLE_TYPE".into(),
@@ -455,7 +480,13 @@ impl XapiError {
     pub fn params(&self) -> Vec<String> {
         match self.clone() {
             XapiError::SessionInvalid { handle } => vec![handle],
-            XapiError::SessionAuthenticationFailed => vec![],
+            XapiError::SessionAuthenticationFailed { user, message } => {
+                if user.is_empty() && message.is_empty() {
+                    vec![]
+                } else {
+                    vec![user, message]
+                }
+            }
             XapiError::HandleInvalid { class, handle } => vec![class, handle],
             XapiError::VdiInUse { vdi, operation } => vec![vdi, operation],
             XapiError::VdiIncompatibleType { vdi, vdi_type } => vec![vdi, vdi_type],
@@ -563,6 +594,11 @@ mod tests {
         let cases: Vec<Vec<String>> = vec![
             s(&["SESSION_INVALID", "OpaqueRef:x"]),
             s(&["SESSION_AUTHENTICATION_FAILED"]),
+            s(&[
+                "SESSION_AUTHENTICATION_FAILED",
+                "root",
+                "Authentication failure",
+            ]),
             s(&["HANDLE_INVALID", "VDI", "OpaqueRef:y"]),
             s(&["VDI_IN_USE", "OpaqueRef:v", "data_destroy"]),
             s(&["VDI_INCOMPATIBLE_TYPE", "OpaqueRef:v", "cbt_metadata"]),
@@ -631,10 +667,15 @@ mod tests {
 
     #[test]
     fn failures_read_as_words_once() {
-        let e = Error::from(XapiError::SessionAuthenticationFailed);
+        let e = Error::from(XapiError::from_description(s(&[
+            "SESSION_AUTHENTICATION_FAILED",
+            "root",
+            "Authentication failure",
+        ])));
         assert_eq!(
             e.to_string(),
-            "XenServer refused the login: wrong user name or password (SESSION_AUTHENTICATION_FAILED)"
+            "XenServer refused the login: wrong user name or password \
+             (SESSION_AUTHENTICATION_FAILED); the host said: Authentication failure"
         );
         // Not repeated by a source.
         assert!(std::error::Error::source(&e).is_none());
@@ -660,7 +701,10 @@ mod tests {
         assert!(XapiError::from_description(s(&["VDI_IN_USE", "r", "destroy"])).is_retryable());
         assert!(XapiError::from_description(s(&["TOO_BUSY"])).is_retryable());
         assert!(!XapiError::from_description(s(&["HANDLE_INVALID", "VDI", "r"])).is_retryable());
-        assert!(!XapiError::SessionAuthenticationFailed.is_retryable());
+        assert!(
+            !XapiError::from_description(s(&["SESSION_AUTHENTICATION_FAILED", "u", "m"]))
+                .is_retryable()
+        );
         let e = Error::Xapi(XapiError::SessionInvalid { handle: "x".into() });
         assert!(e.is_retryable());
         assert!(!Error::Config("x".into()).is_retryable());

@@ -26,8 +26,9 @@
 //!
 //! # Long calls
 //! Snapshots, CBT changes, changed-block listing, destroys and creation go
-//! through `Async.*`: the client polls the task (50 ms doubling to 1 s),
-//! decodes the task's XML-RPC result fragment, and destroys the task.
+//! through `Async.*`: the client waits for the task in `event.from`, as
+//! xapi's own clients do (a host without it is polled, 50 ms doubling to
+//! 1 s), decodes the task's XML-RPC result fragment, and destroys the task.
 //!
 //! # Secrets and TLS
 //! [`Password`] is read from a file or an environment variable and is

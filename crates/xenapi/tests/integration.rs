@@ -5,6 +5,7 @@
 
 mod integration {
     mod cbt;
+    mod codec;
     mod common;
     mod errors;
     mod import;

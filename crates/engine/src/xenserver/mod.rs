@@ -2,7 +2,9 @@
 //!
 //! Per disk and run (see ARCHITECTURE.md for the invariants this keeps):
 //! 1. reap what an interrupted run left (tagged snapshots holding data);
-//! 2. make sure CBT is on (the first backup after enabling is full);
+//! 2. make sure CBT is on (the first backup after enabling is full); where
+//!    the pool cannot track the VDI (SR, licence, RAW format) every run is
+//!    a full read with the reason, and step 7 destroys the snapshot;
 //! 3. `VDI.snapshot`, tagged in `other_config` with the job and the source;
 //! 4. `VDI.list_changed_blocks(previous snapshot, new snapshot)` before
 //!    opening NBD; a broken chain (error 460, a vanished or shrunk base)
@@ -140,8 +142,31 @@ pub(crate) struct Prepared {
     latest: Option<RestorePointRow>,
     base: Option<VdiRef>,
     full_reason: Option<String>,
+    /// Changed-block tracking works on this VDI. Without it (an SR or a
+    /// licence without CBT, a RAW VDI) every run reads the disk whole and
+    /// destroys its snapshot instead of keeping its metadata.
+    cbt: bool,
     /// The VDI's snapshots before this run takes one.
     known: Vec<String>,
+}
+
+/// Why changed-block tracking cannot be enabled on a VDI, in the user's
+/// words, when the pool says it never will be: the disk is then backed up
+/// whole every time. `None` for any other failure.
+fn cbt_unavailable(e: &cbtvault_xenapi::Error) -> Option<String> {
+    Some(match e.xapi()? {
+        XapiError::SrOperationNotSupported { .. } => {
+            "its SR does not support changed-block tracking (SR_OPERATION_NOT_SUPPORTED)".into()
+        }
+        XapiError::LicenceRestriction { .. } => {
+            "the pool's licence does not include changed-block tracking (LICENCE_RESTRICTION)"
+                .into()
+        }
+        XapiError::SrBackendFailure { code: 66, .. } => {
+            "it is a RAW VDI, which has no changed-block tracking (SR_BACKEND_FAILURE_66)".into()
+        }
+        _ => return None,
+    })
 }
 
 /// Steps 1 and 2 for one VDI, and the base of the incremental.
@@ -191,15 +216,28 @@ pub(crate) async fn prepare(
         .await
         .map_err(xapi(&disk, "reading the VDI record"))?;
     let mut full_reason = None;
+    let mut cbt = true;
     if !record.cbt_enabled {
-        vdis.enable_cbt(&vdi)
-            .await
-            .map_err(xapi(&disk, "enabling changed-block tracking"))?;
-        full_reason = Some(if latest.is_some() {
-            "changed-block tracking was off (disabled or lost); re-enabled".to_string()
-        } else {
-            "changed-block tracking was just enabled".to_string()
-        });
+        match vdis.enable_cbt(&vdi).await {
+            Ok(()) => {
+                full_reason = Some(if latest.is_some() {
+                    "changed-block tracking was off (disabled or lost); re-enabled".to_string()
+                } else {
+                    "changed-block tracking was just enabled".to_string()
+                });
+            }
+            Err(e) => match cbt_unavailable(&e) {
+                Some(why) => {
+                    warn!(reason = %why, "no changed-block tracking; reading the whole disk");
+                    cbt = false;
+                    full_reason = Some(format!(
+                        "changed-block tracking cannot be enabled: {why}; every backup of this \
+                         disk reads it whole"
+                    ));
+                }
+                None => return Err(xapi(&disk, "enabling changed-block tracking")(e)),
+            },
+        }
     }
     let base = match (&base_uuid, &full_reason) {
         (Some(uuid), None) => match vdis.get_by_uuid(uuid).await {
@@ -222,6 +260,7 @@ pub(crate) async fn prepare(
         latest,
         base,
         full_reason,
+        cbt,
         known: record
             .snapshots
             .iter()
@@ -294,6 +333,30 @@ impl Prepared {
         snapshot: &VdiRef,
         options: &XenOptions,
     ) -> Result<()> {
+        if !self.cbt {
+            // Nothing to keep: without CBT a snapshot's metadata is no base.
+            // The NBD connection's dom0 VBD may linger a moment, as for
+            // data_destroy.
+            let mut pause = options.data_destroy_backoff;
+            let tries = options.data_destroy_tries.max(1);
+            for attempt in 1..=tries {
+                match xapi_client.vdi().destroy(snapshot).await {
+                    Ok(()) => break,
+                    Err(e)
+                        if matches!(e.xapi(), Some(XapiError::VdiInUse { .. }))
+                            && attempt < tries =>
+                    {
+                        warn!(attempt, "snapshot still in use; retrying VDI.destroy");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => {
+                        return Err(xapi(&self.disk, "VDI.destroy of the new snapshot")(e));
+                    }
+                }
+            }
+            return Ok(());
+        }
         finish(
             xapi_client,
             &self.disk,
@@ -593,13 +656,14 @@ async fn reap(
         .get_all_records()
         .await
         .map_err(xapi(disk, "listing VDIs"))?;
-    let mut doomed: Vec<(VdiRef, String, bool)> = Vec::new();
+    let mut doomed: Vec<(VdiRef, String, bool, bool)> = Vec::new();
     for (r, rec) in &all {
         if rec.snapshot_of == *vdi && rec.other_config.get(TAG_JOB) == Some(&options.job) {
             doomed.push((
                 r.clone(),
                 rec.uuid.clone(),
                 rec.vdi_type == VdiType::CbtMetadata,
+                rec.cbt_enabled,
             ));
         }
     }
@@ -620,16 +684,18 @@ async fn reap(
                 r.clone(),
                 rec.uuid.clone(),
                 rec.vdi_type == VdiType::CbtMetadata,
+                rec.cbt_enabled,
             ));
         }
         repo.catalogue().finish_run(run, "reaped", None, "")?;
     }
-    for (r, uuid, is_metadata) in doomed {
+    for (r, uuid, is_metadata, cbt_enabled) in doomed {
         let is_base = base_uuid == Some(uuid.as_str());
         let step = match (latest, is_metadata) {
             (Some(_), true) if is_base => continue,
             // Committed but killed before its data_destroy: check, then finish.
-            (Some(rp), false) if is_base => {
+            // A snapshot without CBT is no base: it just goes.
+            (Some(rp), false) if is_base && cbt_enabled => {
                 verify_sample(xapi_client, &repo, disk, &r, rp, options, None).await?;
                 vdis.data_destroy(&r).await
             }

@@ -65,15 +65,22 @@ async fn unknown_methods_and_parameter_counts() {
             err.xapi(),
             Some(&XapiError::MessageParameterCountMismatch {
                 method: "VDI.get_record".into(),
-                expected: "2".into(),
-                received: "1".into()
+                expected: "1".into(),
+                received: "0".into()
             })
         );
-        let err = c.call("Async.VDI.get_record", vec![]).await.unwrap_err();
-        assert!(matches!(
-            err.xapi(),
-            Some(XapiError::MessageMethodUnknown { .. })
-        ));
+        // A known method without async mode: xapi's "Fault" failure.
+        let err = c
+            .call("Async.VDI.get_nbd_info", vec![Value::from("OpaqueRef:x")])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.xapi().map(XapiError::description),
+            Some(vec![
+                "Fault".to_string(),
+                "No async mode for this operation (rpc: Async.VDI.get_nbd_info)".to_string()
+            ])
+        );
     }
 }
 

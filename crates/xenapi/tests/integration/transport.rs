@@ -76,7 +76,10 @@ async fn wrong_password_is_authentication_failed() {
         let err = Client::connect(o).await.unwrap_err();
         assert_eq!(
             err.xapi(),
-            Some(&XapiError::SessionAuthenticationFailed),
+            Some(&XapiError::SessionAuthenticationFailed {
+                user: "root".into(),
+                message: "Authentication failure".into()
+            }),
             "{t:?}"
         );
         assert!(!err.is_retryable());
