@@ -254,3 +254,47 @@ fn reopening_reconciles_the_catalogue_with_the_manifests() -> Result<()> {
     assert_eq!(repo.catalogue().restore_points(None)?.len(), 2);
     Ok(())
 }
+
+/// A repository written by the previous release (format 1: packs without
+/// blob frames, catalogue schema 1) opens, reads, takes new backups, and is
+/// upgraded in place: the config says 2, the catalogue gains its tables.
+#[test]
+fn a_format_1_repository_is_upgraded_when_opened() -> Result<()> {
+    let (dir, repo) = new_repo(32 << 20);
+    let mut writer = repo.pack_writer(None)?;
+    let a = writer.add(BlobKind::Data, &data_block(1))?;
+    writer.flush()?;
+    let rp = commit_disk(&repo, &mut writer, "vm1", &[a], 0)?;
+    drop(writer);
+    drop(repo);
+    // Back to what format 1 wrote.
+    let config = dir.path().join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("\"format_version\": 2", "\"format_version\": 1"),
+    )
+    .unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("catalogue.sqlite")).unwrap();
+    conn.execute_batch(
+        "DROP TABLE quarantine; DROP TABLE forgetting; DROP TABLE lost_restore_points;
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let repo = Repository::open(dir.path())?;
+    assert_eq!(repo.config().format_version, FORMAT_VERSION);
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("\"format_version\": 2")
+    );
+    assert!(repo.catalogue().quarantined()?.is_empty());
+    assert_eq!(
+        blocks_of(&repo.resolve(&rp)?.manifest.tree(), &repo.reader()?)?,
+        [a]
+    );
+    assert!(cbtvault_repo::verify::verify(&repo, true, 1, &|_| {})?.is_ok());
+    Ok(())
+}
