@@ -369,3 +369,47 @@ fn the_same_node_name_on_two_hosts_makes_two_disks_and_former_names_keep_their_c
     let (ok, report) = s.verify(true);
     assert!(ok, "{report}");
 }
+
+/// Issue 16: two repositories backing up one node keep their own
+/// checkpoints (they used to share the job name `cbtv`, remove each
+/// other's checkpoint, and take a full every night).
+#[test]
+fn two_repositories_backing_up_one_node_both_stay_incremental() {
+    let s = Scratch::new();
+    let qsd = setup(&s);
+    let other = s.path("other-repo");
+    s.ok(&["init", "--repo", other.to_str().unwrap()]);
+    let backup_into = |repo: &std::path::Path| {
+        let out = s.ok(&[
+            "backup",
+            "--json",
+            "--repo",
+            repo.to_str().unwrap(),
+            "--disk",
+            "vm1",
+            "--node",
+            "disk",
+            "--source",
+            &format!("qmp:{}", qsd.qmp().display()),
+            "--nbd-socket",
+            qsd.nbd().to_str().unwrap(),
+        ]);
+        the_restore_point(&out)
+    };
+    let mine = s.repo();
+    assert_eq!(backup_into(&mine)["mode"]["kind"], "full");
+    assert_eq!(backup_into(&other)["mode"]["kind"], "full");
+    for night in 1..=2u64 {
+        qsd.write(0x70 + night as u8, night << 20, 65536);
+        for repo in [&mine, &other] {
+            let rp = backup_into(repo);
+            assert_eq!(
+                rp["mode"]["kind"],
+                "incremental",
+                "night {night}, {}: {rp}",
+                repo.display()
+            );
+            assert_eq!(rp["stats"]["blocks_read"], 1, "{rp}");
+        }
+    }
+}

@@ -36,6 +36,26 @@ pub struct QemuOptions {
     pub backup: BackupOptions,
 }
 
+/// The QEMU job name for backups of `disk` into `repo`: a readable
+/// `prefix` (cut to 10 characters) and 8 hex digits of the repository's id
+/// and the disk's name. Checkpoints are named after the job, and a job
+/// removes only its own: so two repositories, or two disk names, backing up
+/// one node never take each other's checkpoint away.
+pub fn job_name(prefix: &str, repo: &Repository, disk: &str) -> String {
+    let key = blake3::hash(format!("{}\0{disk}", repo.config().id).as_bytes());
+    let prefix: String = prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        .take(10)
+        .collect();
+    let prefix = if prefix.is_empty() {
+        "cbtv".into()
+    } else {
+        prefix
+    };
+    format!("{prefix}-{}", &key.to_hex()[..8])
+}
+
 fn qemu(disk: &str, what: &str) -> impl FnOnce(cbtvault_qemu::Error) -> Error {
     let (disk, what) = (disk.to_string(), what.to_string());
     move |e| Error::Source {

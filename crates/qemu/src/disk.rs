@@ -367,7 +367,7 @@ impl QemuDisk {
         let Some(bitmap) = bitmaps.iter().find(|b| b.name == previous.as_str()) else {
             self.remove_bitmaps(&other_names).await?;
             return needs_full(format!(
-                "checkpoint {previous} is not on node {}: QEMU was probably stopped uncleanly before it saved the bitmap, or the bitmap was removed",
+                "checkpoint {previous}, where the last backup ended, is not on node {}: QEMU may have been stopped uncleanly before it saved the bitmap, or another tool (or an older cbtvault backing this node up into another repository) removed it",
                 self.node
             ));
         };

@@ -270,7 +270,7 @@ pub fn backup_qemu_once(
     };
     let repo = super::open(repo)?;
     let options = QemuOptions {
-        job: "cbtv".into(),
+        job: cbtvault_engine::qemu::job_name("cbtv", &repo, disk),
         disk: DiskName::new(disk),
         verify_samples: 16,
         backup: super::data::backup_options(args),
@@ -432,8 +432,8 @@ async fn run_qemu(
             .await
             .with_context(|| format!("connecting to QMP at {}", host.socket.display()))?,
     );
-    let results = futures::stream::iter(nodes.iter().enumerate())
-        .map(|(i, node)| {
+    let results = futures::stream::iter(nodes.iter())
+        .map(|node| {
             let (qmp, repo, progress, cancel, backup) = (
                 qmp.clone(),
                 repo.clone(),
@@ -444,18 +444,15 @@ async fn run_qemu(
             let nbd_socket = host.nbd_socket.map(Path::to_path_buf);
             let host_name = host.name;
             async move {
+                // Node names repeat across hosts (`drive0`): the host is
+                // part of the disk's identity.
+                let disk_name = format!("qemu-{host_name}/{node}");
                 let options = QemuOptions {
-                    // QEMU names must stay short: the job plus the node's position.
-                    job: format!(
-                        "{}{i}",
-                        job.chars()
-                            .take(cbtvault_qemu::MAX_JOB_NAME - 3)
-                            .collect::<String>()
-                    ),
-                    // Node names repeat across hosts (`drive0`): the host
-                    // is part of the disk's identity.
+                    // Short (it names QEMU objects), and this repository's
+                    // and disk's own.
+                    job: cbtvault_engine::qemu::job_name(job, &repo, &disk_name),
                     disk: DiskName {
-                        name: format!("qemu-{host_name}/{node}"),
+                        name: disk_name,
                         former: Some(format!("qemu-{node}")),
                     },
                     verify_samples: 16,
