@@ -261,6 +261,18 @@ impl Catalogue {
         Ok(cat)
     }
 
+    /// Every row `sql` yields for `params`, mapped by `row`.
+    fn query_all<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
+        let rows = stmt.query_map(params, row).map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+
     fn err(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
         |source| Error::Catalogue {
             path: self.path.clone(),
@@ -428,15 +440,9 @@ impl Catalogue {
 
     /// Restore point ids with the manifest text the catalogue keeps.
     pub fn restore_point_rows_raw(&self) -> Result<Vec<(String, String)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, manifest FROM restore_points")
-            .map_err(self.err())?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+        let rows = self.query_all("SELECT id, manifest FROM restore_points", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
         Ok(rows)
     }
 
@@ -619,15 +625,7 @@ impl Catalogue {
 
     /// Restore points marked by [`Catalogue::mark_forgetting`].
     pub fn forgetting(&self) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id FROM forgetting")
-            .map_err(self.err())?;
-        let ids = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+        let ids = self.query_all("SELECT id FROM forgetting", [], |r| r.get(0))?;
         Ok(ids)
     }
 
@@ -654,22 +652,18 @@ impl Catalogue {
 
     /// Restore points whose manifest vanished without forget.
     pub fn lost_restore_points(&self) -> Result<Vec<LostRestorePoint>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, disk, manifest, noticed FROM lost_restore_points ORDER BY id")
-            .map_err(self.err())?;
-        let rows = stmt
-            .query_map([], |r| {
+        let rows = self.query_all(
+            "SELECT id, disk, manifest, noticed FROM lost_restore_points ORDER BY id",
+            [],
+            |r| {
                 Ok(LostRestorePoint {
                     id: r.get(0)?,
                     disk: r.get(1)?,
                     manifest: r.get(2)?,
                     noticed: r.get(3)?,
                 })
-            })
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+            },
+        )?;
         Ok(rows)
     }
 
@@ -719,43 +713,23 @@ impl Catalogue {
 
     /// Ids of all restore points.
     pub fn restore_point_ids(&self) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id FROM restore_points")
-            .map_err(self.err())?;
-        let ids = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+        let ids = self.query_all("SELECT id FROM restore_points", [], |r| r.get(0))?;
         Ok(ids)
     }
 
     /// Ids starting with `prefix`.
     pub fn match_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id FROM restore_points WHERE substr(id, 1, length(?1)) = ?1")
-            .map_err(self.err())?;
-        let ids = stmt
-            .query_map([prefix], |r| r.get(0))
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+        let ids = self.query_all(
+            "SELECT id FROM restore_points WHERE substr(id, 1, length(?1)) = ?1",
+            [prefix],
+            |r| r.get(0),
+        )?;
         Ok(ids)
     }
 
     /// Disk names.
     pub fn disks(&self) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name FROM disks ORDER BY name")
-            .map_err(self.err())?;
-        let names = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+        let names = self.query_all("SELECT name FROM disks ORDER BY name", [], |r| r.get(0))?;
         Ok(names)
     }
 
@@ -773,15 +747,7 @@ impl Catalogue {
     /// Runs of `kind` on `disk` that never recorded an end (their process
     /// died), with their detail text.
     pub fn unfinished_runs(&self, kind: &str, disk: &str) -> Result<Vec<(i64, String)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, coalesce(detail, '') FROM runs WHERE kind = ?1 AND disk = ?2 AND finished IS NULL")
-            .map_err(self.err())?;
-        let rows = stmt
-            .query_map([kind, disk], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+        let rows = self.query_all("SELECT id, coalesce(detail, '') FROM runs WHERE kind = ?1 AND disk = ?2 AND finished IS NULL", [kind, disk], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows)
     }
 
@@ -801,15 +767,7 @@ impl Catalogue {
 
     /// Disks with runs of `kind` still marked running.
     pub fn disks_with_running(&self, kind: &str) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT DISTINCT disk FROM runs WHERE kind = ?1 AND finished IS NULL AND disk IS NOT NULL")
-            .map_err(self.err())?;
-        let disks = stmt
-            .query_map([kind], |r| r.get(0))
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+        let disks = self.query_all("SELECT DISTINCT disk FROM runs WHERE kind = ?1 AND finished IS NULL AND disk IS NOT NULL", [kind], |r| r.get(0))?;
         Ok(disks)
     }
 
@@ -875,15 +833,7 @@ impl Catalogue {
     /// SQLite's own structural check of the catalogue file (`PRAGMA
     /// quick_check`): the problems it finds, none when it is sound.
     pub fn quick_check(&self) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("PRAGMA quick_check(20)")
-            .map_err(self.err())?;
-        let lines: Vec<String> = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(self.err())?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(self.err())?;
+        let lines: Vec<String> = self.query_all("PRAGMA quick_check(20)", [], |r| r.get(0))?;
         Ok(lines.into_iter().filter(|l| l != "ok").collect())
     }
 
