@@ -231,8 +231,12 @@ impl Repository {
             unreadable_manifests: Vec::new(),
         };
         repo.unreadable_manifests = repo.reconcile()?;
-        if !repo.read_only {
-            repo.close_interrupted_runs()?;
+        // Bookkeeping only: a failure here must not keep a repository from
+        // opening (the next backup of the disk closes its stale runs too).
+        if !repo.read_only
+            && let Err(e) = repo.close_interrupted_runs()
+        {
+            tracing::warn!(error = %e, "could not close runs whose process died");
         }
         Ok(repo)
     }
