@@ -278,7 +278,7 @@ fn one_bad_manifest_costs_only_its_own_restore_point() {
 fn forget_keeps_a_disks_last_restore_point_unless_asked() {
     let s = Scratch::new();
     let img = s.image("a.img", 1, 7);
-    let first = id(&s.backup("a", &img, None));
+    s.backup("a", &img, None);
     let second = id(&s.backup("a", &img, None));
     let out = s.run(&["forget", "--keep-last", "0"]);
     assert!(out.status.success());
@@ -289,7 +289,6 @@ fn forget_keeps_a_disks_last_restore_point_unless_asked() {
     assert_eq!(s.list().len(), 1, "naming it is not enough");
     s.ok(&["forget", "--allow-forget-last", &second]);
     assert!(s.list().is_empty());
-    let _ = first;
 }
 
 #[test]
