@@ -12,6 +12,7 @@ mod integrity;
 mod jobs_locks;
 mod nbd;
 mod qemu;
+mod runner;
 mod serve_load;
 mod sources;
 mod ux;

@@ -99,6 +99,14 @@ pub enum Command {
         /// With --to xapi: the SR to create the VDI on.
         #[arg(long)]
         sr: Option<String>,
+        /// With --to xapi: take the pool's address and credentials from this
+        /// configuration file instead of --xapi.
+        #[arg(long, conflicts_with = "xapi")]
+        config: Option<PathBuf>,
+        /// With --config: the pool to restore into (needed when the file has
+        /// several).
+        #[arg(long, requires = "config")]
+        pool: Option<String>,
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
@@ -327,22 +335,6 @@ pub struct XenArgs {
     pub parallel: usize,
 }
 
-/// A size in bytes, with an optional K, M, G or T suffix (powers of 1024).
 fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 10),
-        Some('M') => (&t[..t.len() - 1], 20),
-        Some('G') => (&t[..t.len() - 1], 30),
-        Some('T') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    digits
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
-        .ok_or_else(|| {
-            format!("{text:?} is not a size (give bytes, or a number with K, M, G or T)")
-        })
+    cbtvault_config::parse_size(text)
 }

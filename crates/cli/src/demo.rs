@@ -14,11 +14,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use cbtvault_engine::xenserver::{self, XenOptions};
 use cbtvault_engine::{FileTarget, NoProgress};
 use cbtvault_repo::{BackupMode, InitOptions, Repository};
+use cbtvault_runner::{JobSpec, Runner, Silent, Target};
 use cbtvault_xapi_sim::{PoolSpec, SimConfig, Simulator};
-use cbtvault_xenapi::{Client, ClientOptions, Password, TlsTrust};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Global;
@@ -124,13 +123,34 @@ async fn demo(g: &Global, dir: &Path, spec: &DemoSpec, say: &dyn Fn(String)) -> 
     );
     let pw_file = dir.join("pool.password");
     std::fs::write(&pw_file, "demo-password\n")?;
-    let mut options = ClientOptions::new(&sim.https_url(), "root", Password::from_file(&pw_file)?)?;
-    options.tls = Some(TlsTrust::pinned_pem(sim.certificate_pem())?);
-    let client = Client::connect(options)
-        .await
-        .context("logging in to the pool")?;
-    let mut xen = XenOptions::new("demo", sim.https_url());
-    xen.data_destroy_backoff = std::time::Duration::from_millis(200);
+    let pin_file = dir.join("pool.pem");
+    std::fs::write(&pin_file, sim.certificate_pem())?;
+    let pool = cbtvault_config::Pool {
+        name: "demo".into(),
+        url: sim.https_url(),
+        username: "root".into(),
+        password_file: Some(pw_file),
+        password_env: None,
+        ca: None,
+        pin: Some(pin_file),
+        insecure: false,
+        allow_insecure_http: false,
+        transport: Default::default(),
+        nbd_connections: 1,
+        max_nbd_connections: 16,
+    };
+    let mut job = JobSpec::one_off(
+        "demo",
+        repo_dir.clone(),
+        Target::Xen {
+            pool,
+            vms: Vec::new(),
+            vdis: vdis.iter().map(|(uuid, _)| uuid.clone()).collect(),
+            consistent: false,
+        },
+    );
+    job.parallel = vdis.len().max(1);
+    let runner = Runner::new(&Default::default());
 
     say(format!(
         "{:<6} {:<38} {:<12} {:>9} {:>8} {:>12} {:>12} {:>7}",
@@ -159,25 +179,20 @@ async fn demo(g: &Global, dir: &Path, spec: &DemoSpec, say: &dyn Fn(String)) -> 
             }
             hashes.insert(uuid.clone(), sparse_digest(&file)?);
         }
-        let outcomes = futures::future::join_all(vdis.iter().map(|(uuid, _)| {
-            let (client, repo, xen) = (&client, repo.clone(), &xen);
-            async move {
-                let outcome = xenserver::backup_vdi(
-                    client,
-                    repo,
-                    uuid,
-                    xen,
-                    Arc::new(NoProgress),
-                    CancellationToken::new(),
-                )
-                .await;
-                (uuid.clone(), outcome)
-            }
-        }))
-        .await;
-        for (uuid, outcome) in outcomes {
-            let o =
-                outcome.with_context(|| format!("night {}: backup of VDI {uuid}", night + 1))?;
+        let report = runner
+            .run(
+                &job,
+                repo.clone(),
+                Arc::new(Silent),
+                CancellationToken::new(),
+            )
+            .await
+            .with_context(|| format!("night {}", night + 1))?;
+        for disk in report.disks {
+            let uuid = disk.label.trim_start_matches("VDI ").to_string();
+            let o = disk
+                .outcome
+                .with_context(|| format!("night {}: backup of VDI {uuid}", night + 1))?;
             let s = &o.manifest.stats;
             let (mode, changed) = match &o.manifest.mode {
                 BackupMode::Full { .. } => ("full", "-".to_string()),
@@ -217,9 +232,6 @@ async fn demo(g: &Global, dir: &Path, spec: &DemoSpec, say: &dyn Fn(String)) -> 
         "\nafter {} nights the pool keeps only CBT metadata of the last snapshot of each disk",
         spec.nights
     ));
-    if let Err(e) = client.logout().await {
-        tracing::warn!(error = %e, "logout failed");
-    }
 
     // Restore every restore point and compare.
     let mut identical = 0;

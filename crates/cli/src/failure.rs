@@ -132,6 +132,19 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     if let Some(e) = e.downcast_ref::<cbtvault_repo::Error>() {
         return Some(repo_kind(e));
     }
+    if let Some(e) = e.downcast_ref::<cbtvault_runner::Error>() {
+        use cbtvault_runner::Error as E;
+        return match e {
+            // Transparent wrappers: the wrapped error is not in the chain.
+            E::Engine(inner) => classify(inner),
+            E::Repo(inner) => Some(repo_kind(inner)),
+            E::Config(inner) => classify(inner),
+            E::JobRunning { .. } => Some(LOCKED),
+            E::PlainHttp { .. } => Some(USAGE),
+            // The source (XenAPI, QMP, QEMU) says more.
+            _ => None,
+        };
+    }
     if let Some(e) = e.downcast_ref::<cbtvault_engine::Error>() {
         use cbtvault_engine::Error as E;
         return match e {

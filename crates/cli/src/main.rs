@@ -9,6 +9,7 @@ mod commands;
 mod demo;
 mod failure;
 mod output;
+mod progress;
 
 use std::process::ExitCode;
 

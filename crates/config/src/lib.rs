@@ -33,6 +33,24 @@ pub struct Config {
     pub qemu_hosts: Vec<QemuHost>,
     #[serde(default, rename = "job")]
     pub jobs: Vec<Job>,
+    /// Limits across every job a process runs (the daemon runs several).
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Limits across jobs.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Disks backed up at once, all jobs together.
+    #[serde(default = "eight")]
+    pub disks: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { disks: eight() }
+    }
 }
 
 /// Where backups go.
@@ -81,9 +99,15 @@ pub struct Pool {
     pub allow_insecure_http: bool,
     #[serde(default)]
     pub transport: Transport,
-    /// NBD connections per disk (xapi-nbd allows 16 per host).
+    /// NBD connections per disk. xapi-nbd does not announce multi-conn,
+    /// but a snapshot is read-only and immutable, so several connections
+    /// are safe and are opened.
     #[serde(default = "one")]
     pub nbd_connections: usize,
+    /// NBD connections to the pool at once, all disks together (xapi-nbd
+    /// allows 16 per host).
+    #[serde(default = "sixteen")]
+    pub max_nbd_connections: usize,
 }
 
 /// A QEMU/KVM host, addressed by its QMP socket.
@@ -95,6 +119,9 @@ pub struct QemuHost {
     /// The unix socket of an NBD server QEMU already runs; without it
     /// cbtvault starts one beside the QMP socket for each backup.
     pub nbd_socket: Option<PathBuf>,
+    /// Disks of this host backed up at once, all jobs together.
+    #[serde(default = "four")]
+    pub max_disks: usize,
 }
 
 /// What a job backs up.
@@ -130,6 +157,58 @@ pub struct Job {
     pub schedule: Option<Schedule>,
     /// What `forget` keeps after a run.
     pub retention: Option<Retention>,
+    /// Further tries of a disk whose backup failed for a reason that may
+    /// pass (a dropped connection, a timeout, a busy server).
+    #[serde(default = "two_u32")]
+    pub retries: u32,
+    /// The pause before the first retry (doubling after each), as `30s`,
+    /// `5m`.
+    #[serde(default = "thirty_seconds")]
+    pub retry_delay: String,
+    /// Most bytes per second the job reads from its sources, all its disks
+    /// together, as `100M` (K, M, G: powers of 1024); no limit when absent.
+    pub bandwidth: Option<String>,
+}
+
+impl Job {
+    /// `retry_delay` as a duration (validated on load).
+    pub fn retry_delay(&self) -> std::time::Duration {
+        parse_duration(&self.retry_delay).unwrap_or(std::time::Duration::from_secs(30))
+    }
+
+    /// `bandwidth` in bytes per second (validated on load).
+    pub fn bandwidth_bytes(&self) -> Option<u64> {
+        self.bandwidth.as_deref().and_then(|b| parse_size(b).ok())
+    }
+}
+
+/// A size in bytes, with an optional K, M, G or T suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| {
+            format!("{text:?} is not a size (give bytes, or a number with K, M, G or T)")
+        })
+}
+
+/// A duration such as `30s`, `5m`, `1h 30m` (jiff's friendly format).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    text.trim()
+        .parse::<jiff::SignedDuration>()
+        .ok()
+        .and_then(|d| std::time::Duration::try_from(d).ok())
+        .ok_or_else(|| format!("{text:?} is not a duration (give it as 30s, 5m or 1h 30m)"))
 }
 
 /// Days and time of day (local time of the daemon's host).
@@ -161,6 +240,21 @@ fn one() -> usize {
 }
 fn two() -> usize {
     2
+}
+fn two_u32() -> u32 {
+    2
+}
+fn four() -> usize {
+    4
+}
+fn eight() -> usize {
+    8
+}
+fn sixteen() -> usize {
+    16
+}
+fn thirty_seconds() -> String {
+    "30s".into()
 }
 
 /// A configuration that cannot be used, and where.

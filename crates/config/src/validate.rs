@@ -72,11 +72,36 @@ pub fn check(c: &Config) -> Result<(), String> {
                 "{at}: nbd_connections must be 1..=16 (xapi-nbd's limit per host)"
             ));
         }
+        if !(1..=16).contains(&p.max_nbd_connections) || p.max_nbd_connections < p.nbd_connections {
+            return Err(format!(
+                "{at}: max_nbd_connections must be 1..=16 (xapi-nbd's limit per host) and at \
+                 least nbd_connections"
+            ));
+        }
+    }
+    for h in &c.qemu_hosts {
+        if h.max_disks == 0 {
+            return Err(format!(
+                "qemu host {:?}: max_disks must be at least 1",
+                h.name
+            ));
+        }
+    }
+    if c.limits.disks == 0 {
+        return Err("limits: disks must be at least 1".into());
     }
     for j in &c.jobs {
         let at = format!("job {:?}", j.name);
         if j.parallel == 0 {
             return Err(format!("{at}: parallel must be at least 1"));
+        }
+        crate::parse_duration(&j.retry_delay).map_err(|e| format!("{at}: retry_delay: {e}"))?;
+        if let Some(b) = &j.bandwidth {
+            match crate::parse_size(b) {
+                Ok(0) => return Err(format!("{at}: bandwidth must be more than 0")),
+                Ok(_) => {}
+                Err(e) => return Err(format!("{at}: bandwidth: {e} per second")),
+            }
         }
         match &j.kind {
             JobKind::Xenserver {
@@ -122,7 +147,16 @@ pub fn check(c: &Config) -> Result<(), String> {
 /// Rejects unknown keys in `[[job]]` tables, which serde cannot do for the
 /// flattened job kinds.
 pub fn job_keys(table: &toml::Table) -> Result<(), String> {
-    const COMMON: [&str; 5] = ["name", "kind", "parallel", "schedule", "retention"];
+    const COMMON: [&str; 8] = [
+        "name",
+        "kind",
+        "parallel",
+        "schedule",
+        "retention",
+        "retries",
+        "retry_delay",
+        "bandwidth",
+    ];
     let Some(jobs) = table.get("job").and_then(|j| j.as_array()) else {
         return Ok(());
     };

@@ -26,6 +26,7 @@ pub mod restore;
 pub mod serve;
 pub mod source;
 pub mod synth;
+pub mod throttle;
 pub mod xenserver;
 
 pub use backup::{
@@ -36,3 +37,4 @@ pub use progress::{NoProgress, Progress};
 pub use rename::DiskName;
 pub use restore::{DiskTarget, FileTarget, RestoreStats, restore};
 pub use source::{DiskSource, FileSource};
+pub use throttle::Throttle;

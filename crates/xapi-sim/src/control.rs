@@ -14,6 +14,7 @@
 //! | `sim.fault_cbt_disable` | VDI | `""` |
 //! | `sim.expire_sessions` | – | number expired |
 //! | `sim.fault_nbd_disconnect` | bytes | `""` |
+//! | `sim.fault_nbd_break_one_vdi` | bytes | `""` |
 //! | `sim.fault_data_destroy_in_use` | – | `""` |
 //! | `sim.fault_slow` | delay in ms, calls (0: all) | `""` |
 //! | `sim.clear_faults` | – | `""` |
@@ -179,6 +180,11 @@ fn run_blocking(sim: &Sim, method: &str, op: &str, args: &[Value]) -> Result<Val
         "fault_nbd_disconnect" => {
             a(1)?;
             sim.faults().nbd_disconnect_after = Some(uint(0)?);
+            empty()
+        }
+        "fault_nbd_break_one_vdi" => {
+            a(1)?;
+            sim.fault_nbd_break_one_vdi(uint(0)?);
             empty()
         }
         "fault_data_destroy_in_use" => {
@@ -427,6 +433,13 @@ impl Sim {
         self.faults().nbd_disconnect_after = Some(bytes);
     }
 
+    /// Fault: every NBD connection to the next VDI exported breaks after
+    /// `bytes` bytes of reads, however often the client reconnects; the
+    /// VDI exported after it is served whole again.
+    pub fn fault_nbd_break_one_vdi(&self, bytes: u64) {
+        self.faults().nbd_break_one_vdi = Some((bytes, None));
+    }
+
     /// Fault: the next `VDI.data_destroy` waits its timeout and fails with
     /// `VDI_IN_USE`, as when a dom0 VBD lingers.
     pub fn fault_data_destroy_in_use(&self) {
@@ -446,6 +459,11 @@ impl Sim {
     /// Open NBD connections.
     pub fn nbd_connections(&self) -> usize {
         self.inner.nbd_connections.load(Ordering::SeqCst)
+    }
+
+    /// The most NBD connections that were open at once since the start.
+    pub fn nbd_connections_peak(&self) -> usize {
+        self.inner.nbd_connections_peak.load(Ordering::SeqCst)
     }
 
     /// Makes the SR holding VDI `vdi_uuid` of type `sr_type` (one of

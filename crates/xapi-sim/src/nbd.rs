@@ -186,6 +186,10 @@ impl Sim {
         if !counted {
             return Err(NbdRefusal::Busy(limit));
         }
+        let open = self.inner.nbd_connections.load(Ordering::SeqCst);
+        self.inner
+            .nbd_connections_peak
+            .fetch_max(open, Ordering::SeqCst);
         let release = || {
             self.inner.nbd_connections.fetch_sub(1, Ordering::SeqCst);
         };
@@ -231,11 +235,24 @@ impl Sim {
                 return Err(NbdRefusal::NoSuchVdi(uuid));
             }
         };
-        let budget = self
-            .faults()
-            .nbd_disconnect_after
-            .take()
-            .map(|n| Arc::new(AtomicU64::new(n)));
+        let budget = {
+            let mut faults = self.faults();
+            let broken = match &mut faults.nbd_break_one_vdi {
+                Some((bytes, chosen @ None)) => {
+                    *chosen = Some(uuid.clone());
+                    Some(*bytes)
+                }
+                Some((bytes, Some(chosen))) if *chosen == uuid => Some(*bytes),
+                Some(_) => {
+                    faults.nbd_break_one_vdi = None;
+                    None
+                }
+                None => None,
+            };
+            broken
+                .or_else(|| faults.nbd_disconnect_after.take())
+                .map(|n| Arc::new(AtomicU64::new(n)))
+        };
         Ok(NbdExport {
             reader: VdiReader {
                 file: Arc::new(file),

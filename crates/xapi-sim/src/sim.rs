@@ -102,6 +102,11 @@ impl SimConfig {
 pub struct Faults {
     /// The next NBD connection fails its reads after this many bytes.
     pub nbd_disconnect_after: Option<u64>,
+    /// Every NBD connection to the next VDI exported fails its reads after
+    /// this many bytes (the VDI is chosen at its first connection); later
+    /// VDIs are served whole. A backup of that snapshot fails however
+    /// often it reconnects; a retry from a new snapshot succeeds.
+    pub nbd_break_one_vdi: Option<(u64, Option<String>)>,
     /// This many next `data_destroy` calls wait and fail with `VDI_IN_USE`.
     pub data_destroy_in_use: u32,
     /// Delay of the next API calls, and how many (`None`: all).
@@ -118,6 +123,8 @@ pub(crate) struct Inner {
     pub cert: HostCert,
     pub nbd_port: Mutex<Option<u16>>,
     pub nbd_connections: AtomicUsize,
+    /// The most NBD connections that were open at once.
+    pub nbd_connections_peak: AtomicUsize,
     /// The password that logs in now (`sim.set_password` changes it).
     pub password: Mutex<String>,
     /// Logins tried, and of them refused.
@@ -203,6 +210,7 @@ impl Sim {
                 cert,
                 nbd_port: Mutex::new(None),
                 nbd_connections: AtomicUsize::new(0),
+                nbd_connections_peak: AtomicUsize::new(0),
                 state_file,
             }),
         };

@@ -35,9 +35,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             workers,
             login,
             sr,
+            config,
+            pool,
         } => {
             if to == "xapi" {
-                jobs::restore_to_xapi(&g, &repo.repo, &id, &login, sr.as_deref())
+                let choice = jobs::PoolChoice {
+                    login: &login,
+                    config: config.as_ref(),
+                    pool: pool.as_deref(),
+                };
+                jobs::restore_to_xapi(&g, &repo.repo, &id, choice, sr.as_deref())
             } else {
                 data::restore(&g, &repo.repo, &id, &to, force, target_is_zero, workers)
             }
@@ -167,33 +174,6 @@ pub fn listing(what: &str, names: &[String]) -> String {
             String::new()
         }
     )
-}
-
-/// Refuses a plain-HTTP XenAPI address unless `allowed`: XenAPI logs in
-/// with the password, and every later call carries the session, so over
-/// HTTP anyone on the path can take over the pool. `opt_in` says how the
-/// user allows it.
-pub fn check_xapi_scheme(
-    options: &cbtvault_xenapi::ClientOptions,
-    allowed: bool,
-    opt_in: &str,
-) -> Result<()> {
-    let url = &options.url;
-    if url.scheme() != "http" {
-        return Ok(());
-    }
-    if !allowed {
-        return Err(failure::usage_error(format!(
-            "refusing {url}: plain HTTP would send the XenServer password and session in clear \
-             to anyone on the network; use https:// with --pin or --ca, or {opt_in} if this \
-             network is trusted"
-        )));
-    }
-    tracing::warn!(
-        %url,
-        "XenAPI over plain HTTP: the password and session cross the network in clear"
-    );
-    Ok(())
 }
 
 /// A tokio runtime for the network-facing parts.

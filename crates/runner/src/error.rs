@@ -1,0 +1,143 @@
+//! The runner's error type.
+
+use std::path::PathBuf;
+
+/// What can stop a job, or one disk of it. Messages name the job, pool,
+/// host or disk; causes are kept as sources.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] cbtvault_config::Error),
+
+    /// A plain-HTTP address that was not allowed: the password and the
+    /// session would cross the network in clear. (The front end says how
+    /// to allow it: a configuration key or a flag.)
+    #[error(
+        "pool {pool:?}: refusing {url}: plain HTTP would send the XenServer password and session in clear to anyone on the network; use https:// with a pinned certificate or a CA"
+    )]
+    PlainHttp { pool: String, url: String },
+
+    #[error("pool {pool:?}: reading the password")]
+    Password {
+        pool: String,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error("pool {pool:?}: the address")]
+    PoolUrl {
+        pool: String,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error("pool {pool:?}: the TLS trust setting")]
+    Trust {
+        pool: String,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error("logging in to {url}")]
+    Login {
+        url: String,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error("pool {pool:?}: {what}")]
+    Xapi {
+        pool: String,
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error("connecting to QMP at {}", socket.display())]
+    Qmp {
+        socket: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error("QEMU node {node:?}")]
+    Qemu {
+        node: String,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error(
+        "job {job:?} is already running in another cbtvault process; this run stops without touching anything (run it again when that one has finished)"
+    )]
+    JobRunning { job: String },
+
+    #[error(transparent)]
+    Engine(#[from] cbtvault_engine::Error),
+
+    #[error(transparent)]
+    Repo(#[from] cbtvault_repo::Error),
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A cause kept whole (XenAPI, QMP and QEMU errors are large; boxed, an
+/// `Error` stays small, and its cause still downcasts to its type).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether trying again later may succeed: a dropped connection, a
+    /// timeout, a busy or restarting server. Never a refused password, a
+    /// lock held by another run, a cancelled run or a damaged repository.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Engine(e) => chain_retryable(e),
+            Error::Login { source, .. }
+            | Error::Xapi { source, .. }
+            | Error::Qmp { source, .. }
+            | Error::Qemu { source, .. } => chain_retryable(source.as_ref()),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a cause in `e`'s chain is a connection that dropped or timed
+/// out, or a XenAPI error that says to try again. A peer refusing a request
+/// refuses it again.
+fn chain_retryable(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(x) = c.downcast_ref::<cbtvault_xenapi::Error>() {
+            return x.is_retryable();
+        }
+        if let Some(n) = c.downcast_ref::<cbtvault_nbd::Error>() {
+            // A server's read error may be a passing storage hiccup; a
+            // new snapshot is worth the bounded retries.
+            return n.is_transport() || n.server_errno().is_some();
+        }
+        if matches!(
+            c.downcast_ref::<cbtvault_engine::Error>(),
+            Some(cbtvault_engine::Error::Cancelled)
+        ) {
+            return false;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        cause = c.source();
+    }
+    false
+}

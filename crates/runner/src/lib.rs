@@ -1,0 +1,53 @@
+//! cbtvault's job runner: everything between a configured job and the
+//! engine, so that `cbtvault backup --config F --job J`, the demo and the
+//! daemon run the same code and the command line only parses and prints.
+//!
+//! # A run
+//! 1. [`JobSpec`]: a job from the configuration ([`JobSpec::from_config`])
+//!    or a one-off from the command line ([`JobSpec::one_off`]): which
+//!    disks, where, and the job's limits, retries, bandwidth and retention.
+//! 2. [`Runner::run`] takes the job's lock (one run of a job at a time),
+//!    logs in to the pool or connects to the QEMU host, and plans its
+//!    *captures*: a VDI, the disks of one consistent VM snapshot, or a QEMU
+//!    block node.
+//! 3. The captures run at once within three limits ([`Runner`] keeps them
+//!    across jobs): disks per job (`parallel`), NBD connections per pool
+//!    (`max_nbd_connections`; xapi-nbd allows 16 per host) or disks per
+//!    QEMU host (`max_disks`), and disks overall (`[limits] disks`).
+//! 4. A disk that fails for a reason that may pass (a dropped connection,
+//!    a timeout, a busy host: [`Error::is_retryable`]) is tried again after
+//!    `retry_delay`, doubling, up to `retries` times; a disk of a consistent
+//!    VM snapshot is retried alone, since its siblings are committed. One
+//!    failing disk never stops the others.
+//! 5. After each committed disk, retention forgets what the job does not
+//!    keep (never the disk's newest restore point).
+//! 6. The [`JobReport`] says per disk: ok, full and why, retried, or failed
+//!    and why.
+//!
+//! Cancellation (the token passed to [`Runner::run`]) stops waiting
+//! captures at once; running ones abort through their provider, which
+//! leaves the hypervisor clean (no snapshot holding data, QEMU bitmaps
+//! merged back).
+//!
+//! [`restore_to_pool`] brings a restore point back into a pool as a new VDI.
+//!
+//! # Crates used
+//! `tokio` (semaphores for the limits, timers for retries), `futures`
+//! (running captures at once), `tokio-util` (cancellation).
+
+mod error;
+mod limits;
+mod login;
+mod report;
+mod restore;
+mod retention;
+mod run;
+mod spec;
+mod xen;
+
+pub use error::{Error, Result};
+pub use login::client_options;
+pub use report::{DiskReport, DiskStatus, JobReport, Observer, Silent};
+pub use restore::{PoolRestore, restore_to_pool};
+pub use run::Runner;
+pub use spec::{JobSpec, QemuNode, Target};

@@ -1,0 +1,69 @@
+//! From a pool's settings to a logged-in XenAPI session.
+
+use cbtvault_config::{PasswordSource, Pool, Transport};
+use cbtvault_xenapi::{Client, ClientOptions, Password, TlsTrust, TransportChoice};
+
+use crate::error::{Error, Result};
+
+/// The client options for `pool`: its password (read now, from the file or
+/// the environment variable it names), how its certificate is trusted, and
+/// the transport. A plain-HTTP address is refused unless the pool allows it.
+pub fn client_options(pool: &Pool) -> Result<ClientOptions> {
+    let password = match pool.password_source() {
+        PasswordSource::File(f) => Password::from_file(&f),
+        PasswordSource::Env(v) => Password::from_env(&v),
+    }
+    .map_err(|source| Error::Password {
+        pool: pool.name.clone(),
+        source: source.into(),
+    })?;
+    let mut options =
+        ClientOptions::new(&pool.url, pool.username.clone(), password).map_err(|source| {
+            Error::PoolUrl {
+                pool: pool.name.clone(),
+                source: source.into(),
+            }
+        })?;
+    if options.url.scheme() == "http" {
+        if !pool.allow_insecure_http {
+            return Err(Error::PlainHttp {
+                pool: pool.name.clone(),
+                url: options.url.to_string(),
+            });
+        }
+        tracing::warn!(url = %pool.url, "XenAPI over plain HTTP: the password and session cross the network in clear");
+    }
+    let trust = |r: std::result::Result<TlsTrust, cbtvault_xenapi::Error>| {
+        r.map_err(|source| Error::Trust {
+            pool: pool.name.clone(),
+            source: source.into(),
+        })
+    };
+    options.tls = match (&pool.ca, &pool.pin, pool.insecure) {
+        (Some(ca), _, _) => Some(trust(TlsTrust::ca_file(ca))?),
+        (None, Some(pin), _) => Some(trust(TlsTrust::pinned_file(pin))?),
+        (None, None, true) => {
+            tracing::warn!(pool = %pool.name, "the pool's certificate is not checked (insecure)");
+            Some(TlsTrust::InsecureAcceptAny)
+        }
+        (None, None, false) => None,
+    };
+    options.transport = match pool.transport {
+        Transport::Auto => TransportChoice::Auto,
+        Transport::JsonRpc => TransportChoice::JsonRpc,
+        Transport::XmlRpc => TransportChoice::XmlRpc,
+    };
+    Ok(options)
+}
+
+/// Logs in to `pool`.
+pub async fn login(pool: &Pool) -> Result<Client> {
+    let options = client_options(pool)?;
+    let url = options.url.to_string();
+    Client::connect(options)
+        .await
+        .map_err(|source| Error::Login {
+            url,
+            source: source.into(),
+        })
+}

@@ -1,0 +1,410 @@
+//! Running a job: log in, plan its captures, run them within the limits,
+//! retry what may pass, apply retention, report per disk.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cbtvault_engine::qemu::QemuOptions;
+use cbtvault_engine::xenserver::{self, XenOptions};
+use cbtvault_engine::{BackupOutcome, DiskName};
+use cbtvault_repo::Repository;
+use cbtvault_xenapi::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+
+use crate::error::{Error, Result};
+use crate::limits::{JobLimits, Limits};
+use crate::report::{DiskReport, JobReport, Observer};
+use crate::spec::{JobSpec, QemuNode, Target};
+
+/// The longest pause between two tries of a disk.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(600);
+
+/// Runs jobs. A process has one; its limits hold across every job it runs.
+#[derive(Debug)]
+pub struct Runner {
+    limits: Arc<Limits>,
+}
+
+/// What one capture is: the unit the hypervisor snapshots at once.
+#[derive(Clone, Debug)]
+enum Capture {
+    /// One VDI on its own.
+    XenVdi { uuid: String, vm: Option<String> },
+    /// Every disk of a VM from one `VM.snapshot`.
+    XenVm { uuid: String },
+    /// One QEMU block node.
+    QemuNode(QemuNode),
+}
+
+impl Capture {
+    fn label(&self) -> String {
+        match self {
+            Capture::XenVdi { uuid, vm: None } => format!("VDI {uuid}"),
+            Capture::XenVdi { uuid, vm: Some(vm) } => format!("VDI {uuid} (VM {vm})"),
+            Capture::XenVm { uuid } => format!("VM {uuid}"),
+            Capture::QemuNode(n) => format!("node {}", n.node),
+        }
+    }
+}
+
+/// What a job's captures share: the logged-in hypervisor, options, limits.
+struct JobContext<'a> {
+    spec: &'a JobSpec,
+    repo: Arc<Repository>,
+    limits: JobLimits,
+    observer: Arc<dyn Observer>,
+    cancel: CancellationToken,
+    hypervisor: Hypervisor,
+}
+
+enum Hypervisor {
+    Xen {
+        client: Client,
+        options: XenOptions,
+    },
+    Qemu {
+        qmp: Arc<cbtvault_qemu::Qmp>,
+        host: String,
+        work_dir: Option<std::path::PathBuf>,
+        nbd_socket: Option<std::path::PathBuf>,
+    },
+}
+
+/// One try of one capture: per disk, its label and result; or a failure
+/// before any disk was read.
+type Attempt = Result<Vec<(String, Result<BackupOutcome, Error>)>>;
+
+impl Runner {
+    /// A runner with the configuration's limits across jobs.
+    pub fn new(limits: &cbtvault_config::Limits) -> Runner {
+        Runner {
+            limits: Arc::new(Limits::new(limits.disks)),
+        }
+    }
+
+    /// Runs `spec` into `repo`. Fails only when the job cannot start (its
+    /// lock is held, the pool refuses the login, QMP is unreachable); a
+    /// disk that fails is reported in its [`DiskReport`] and never stops the
+    /// others.
+    pub async fn run(
+        &self,
+        spec: &JobSpec,
+        repo: Arc<Repository>,
+        observer: Arc<dyn Observer>,
+        cancel: CancellationToken,
+    ) -> Result<JobReport> {
+        let span = tracing::info_span!("job", job = %spec.name);
+        async move {
+            let started = jiff::Timestamp::now();
+            let _job_lock = if spec.exclusive {
+                Some(lock_job(&repo, &spec.name).await?)
+            } else {
+                None
+            };
+            let (hypervisor, limits, captures, mut disks) = self.connect(spec).await?;
+            let ctx = JobContext {
+                spec,
+                repo,
+                limits,
+                observer,
+                cancel,
+                hypervisor,
+            };
+            let runs = captures.iter().map(|c| ctx.run_capture(c));
+            for reports in futures::future::join_all(runs).await {
+                disks.extend(reports);
+            }
+            if let Hypervisor::Xen { client, .. } = &ctx.hypervisor
+                && let Err(e) = client.logout().await
+            {
+                warn!(error = %e, "logout failed");
+            }
+            Ok(JobReport {
+                job: spec.name.clone(),
+                started,
+                finished: jiff::Timestamp::now(),
+                disks,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Connects to the job's hypervisor and plans its captures. VMs whose
+    /// disks cannot be listed are reported as failed disks.
+    async fn connect(
+        &self,
+        spec: &JobSpec,
+    ) -> Result<(Hypervisor, JobLimits, Vec<Capture>, Vec<DiskReport>)> {
+        let mut failed = Vec::new();
+        match &spec.target {
+            Target::Xen {
+                pool,
+                vms,
+                vdis,
+                consistent,
+            } => {
+                let client = crate::login::login(pool).await?;
+                let mut options = XenOptions::new(&spec.name, pool.url.clone());
+                options.nbd_connections = pool.nbd_connections;
+                options.backup = spec.backup.clone();
+                let limits = JobLimits::new(
+                    &self.limits,
+                    spec.parallel,
+                    (&format!("pool:{}", pool.name), pool.max_nbd_connections),
+                    pool.nbd_connections,
+                );
+                let mut captures: Vec<Capture> = vdis
+                    .iter()
+                    .map(|uuid| Capture::XenVdi {
+                        uuid: uuid.clone(),
+                        vm: None,
+                    })
+                    .collect();
+                for vm in vms {
+                    if *consistent {
+                        captures.push(Capture::XenVm { uuid: vm.clone() });
+                        continue;
+                    }
+                    match crate::xen::vm_disks(&client, vm).await {
+                        Ok(disks) => {
+                            for uuid in disks {
+                                if !captures.iter().any(
+                                    |c| matches!(c, Capture::XenVdi { uuid: u, .. } if *u == uuid),
+                                ) {
+                                    captures.push(Capture::XenVdi { uuid, vm: None });
+                                }
+                            }
+                        }
+                        Err(source) => failed.push(DiskReport {
+                            label: format!("VM {vm}"),
+                            attempts: 1,
+                            outcome: Err(Error::Xapi {
+                                pool: pool.name.clone(),
+                                what: format!("listing the disks of VM {vm}"),
+                                source: source.into(),
+                            }),
+                            retention: None,
+                        }),
+                    }
+                }
+                info!(captures = captures.len(), "planned");
+                Ok((
+                    Hypervisor::Xen { client, options },
+                    limits,
+                    captures,
+                    failed,
+                ))
+            }
+            Target::Qemu { host, nodes } => {
+                let qmp = cbtvault_qemu::Qmp::connect(host.qmp_socket.as_path())
+                    .await
+                    .map_err(|source| Error::Qmp {
+                        socket: host.qmp_socket.clone(),
+                        source: source.into(),
+                    })?;
+                let limits = JobLimits::new(
+                    &self.limits,
+                    spec.parallel,
+                    (&format!("qemu:{}", host.name), host.max_disks),
+                    1,
+                );
+                let captures = nodes.iter().cloned().map(Capture::QemuNode).collect();
+                Ok((
+                    Hypervisor::Qemu {
+                        qmp: Arc::new(qmp),
+                        host: host.name.clone(),
+                        work_dir: host.qmp_socket.parent().map(|p| p.to_path_buf()),
+                        nbd_socket: host.nbd_socket.clone(),
+                    },
+                    limits,
+                    captures,
+                    failed,
+                ))
+            }
+        }
+    }
+}
+
+impl JobContext<'_> {
+    /// Runs one capture with its retries; a consistent VM's disks that
+    /// failed for a reason that may pass are retried alone (each from its
+    /// own snapshot), since their siblings are committed already.
+    async fn run_capture(&self, capture: &Capture) -> Vec<DiskReport> {
+        let mut reports = Vec::new();
+        let mut todo = vec![(capture.clone(), 1u32)];
+        let mut delay = self.spec.retry_delay;
+        while let Some((capture, attempt)) = todo.pop() {
+            let results = self.attempt(&capture).await;
+            let results = match results {
+                Ok(disks) => disks,
+                Err(e) => vec![(capture.label(), Err(e))],
+            };
+            let mut retry = Vec::new();
+            for (label, outcome) in results {
+                let may_retry = matches!(&outcome, Err(e) if e.is_retryable())
+                    && attempt <= self.spec.retries
+                    && !self.cancel.is_cancelled();
+                if may_retry {
+                    if let Err(e) = &outcome {
+                        warn!(disk = %label, attempt, error = %e, retry_in = ?delay, "backup failed; trying again");
+                    }
+                    retry.push(label);
+                    continue;
+                }
+                let retention = match (&outcome, self.spec.retention) {
+                    (Ok(o), Some(keep)) => {
+                        Some(crate::retention::apply(&self.repo, &o.manifest.disk, keep).await)
+                    }
+                    _ => None,
+                };
+                let report = DiskReport {
+                    label,
+                    attempts: attempt,
+                    outcome,
+                    retention,
+                };
+                self.observer.disk_done(&report);
+                reports.push(report);
+            }
+            if retry.is_empty() {
+                continue;
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+            match &capture {
+                Capture::XenVm { uuid } if retry.len() == 1 && retry[0] == capture.label() => {
+                    todo.push((Capture::XenVm { uuid: uuid.clone() }, attempt + 1));
+                }
+                Capture::XenVm { uuid } => {
+                    for label in retry {
+                        if let Some(vdi) = vdi_of(&label) {
+                            todo.push((
+                                Capture::XenVdi {
+                                    uuid: vdi,
+                                    vm: Some(uuid.clone()),
+                                },
+                                attempt + 1,
+                            ));
+                        }
+                    }
+                }
+                other => todo.push((other.clone(), attempt + 1)),
+            }
+        }
+        reports
+    }
+
+    /// One try of `capture`, within the limits.
+    async fn attempt(&self, capture: &Capture) -> Attempt {
+        let label = capture.label();
+        let disks = match capture {
+            Capture::XenVm { .. } => self.limits.disks_at_once().min(self.spec.parallel),
+            _ => 1,
+        };
+        let _held = tokio::select! {
+            _ = self.cancel.cancelled() => return Err(cbtvault_engine::Error::Cancelled.into()),
+            held = self.limits.acquire(disks) => held,
+        };
+        let progress = self.observer.capture(&label);
+        let (repo, cancel) = (self.repo.clone(), self.cancel.clone());
+        match (&self.hypervisor, capture) {
+            (Hypervisor::Xen { client, options }, Capture::XenVdi { uuid, .. }) => {
+                let outcome = xenserver::backup_vdi(client, repo, uuid, options, progress, cancel)
+                    .await
+                    .map_err(Error::from);
+                Ok(vec![(label, outcome)])
+            }
+            (Hypervisor::Xen { client, options }, Capture::XenVm { uuid }) => {
+                let disks =
+                    xenserver::backup_vm(client, repo, uuid, options, disks, progress, cancel)
+                        .await?;
+                Ok(disks
+                    .into_iter()
+                    .map(|(vdi, outcome)| {
+                        (
+                            format!("VDI {vdi} (VM {uuid})"),
+                            outcome.map_err(Error::from),
+                        )
+                    })
+                    .collect())
+            }
+            (
+                Hypervisor::Qemu {
+                    qmp,
+                    host,
+                    work_dir,
+                    nbd_socket,
+                },
+                Capture::QemuNode(node),
+            ) => {
+                let outcome = async {
+                    // Node names repeat across hosts (`drive0`): the host is
+                    // part of the disk's identity.
+                    let disk = match &node.disk {
+                        Some(name) => DiskName::new(name),
+                        None => DiskName {
+                            name: format!("qemu-{host}/{}", node.node),
+                            former: Some(format!("qemu-{}", node.node)),
+                        },
+                    };
+                    let options = QemuOptions {
+                        // Short (it names QEMU objects), and this
+                        // repository's and disk's own.
+                        job: cbtvault_engine::qemu::job_name(&self.spec.name, &repo, &disk.name),
+                        disk,
+                        verify_samples: 16,
+                        backup: self.spec.backup.clone(),
+                    };
+                    let disk_options = cbtvault_qemu::DiskOptions {
+                        work_dir: work_dir.clone(),
+                        nbd_socket: nbd_socket.clone(),
+                        ..Default::default()
+                    };
+                    let qemu =
+                        cbtvault_qemu::QemuDisk::from_qmp(qmp.clone(), &node.node, disk_options)
+                            .await
+                            .map_err(|source| Error::Qemu {
+                                node: node.node.clone(),
+                                source: source.into(),
+                            })?;
+                    Ok(
+                        cbtvault_engine::qemu::backup_node(&qemu, repo, &options, progress, cancel)
+                            .await?,
+                    )
+                }
+                .await;
+                Ok(vec![(label, outcome)])
+            }
+            _ => Err(Error::Internal(format!(
+                "{label} does not belong to this job's hypervisor"
+            ))),
+        }
+    }
+}
+
+/// The VDI uuid of a label `VDI UUID (VM UUID)`.
+fn vdi_of(label: &str) -> Option<String> {
+    label
+        .strip_prefix("VDI ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+}
+
+/// One run of a job at a time: a second one is refused at once, before it
+/// touches the hypervisor (it would otherwise reap the snapshots of the run
+/// in progress). The lock is the kernel's, so a killed run leaves none.
+async fn lock_job(repo: &Arc<Repository>, job: &str) -> Result<cbtvault_repo::Lock> {
+    let (repo, job) = (repo.clone(), job.to_string());
+    tokio::task::spawn_blocking(move || match repo.lock_job(&job) {
+        Ok(lock) => Ok(lock),
+        Err(cbtvault_repo::Error::Locked { .. }) => Err(Error::JobRunning { job }),
+        Err(e) => Err(e.into()),
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+}

@@ -1,0 +1,145 @@
+//! What a job is: its disks, limits, retries and retention, from the
+//! configuration file or from the command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cbtvault_config::{Config, JobKind, Pool, QemuHost, Retention};
+use cbtvault_engine::BackupOptions;
+
+use crate::error::Result;
+
+/// A job to run.
+#[derive(Clone, Debug)]
+pub struct JobSpec {
+    /// The job's name: tags its snapshots and names its QEMU checkpoints.
+    pub name: String,
+    /// The repository it backs up into.
+    pub repo: PathBuf,
+    pub target: Target,
+    /// Disks of this job backed up at once.
+    pub parallel: usize,
+    /// Further tries of a disk that failed for a reason that may pass.
+    pub retries: u32,
+    /// The pause before the first retry; it doubles after each.
+    pub retry_delay: Duration,
+    /// Most bytes per second the job reads, all its disks together.
+    pub bandwidth: Option<u64>,
+    /// What to keep of each disk after it is backed up.
+    pub retention: Option<Retention>,
+    /// Tuning of each disk's pipeline.
+    pub backup: BackupOptions,
+    /// One run of the job at a time (a configured job; one-off runs from
+    /// the command line have no name to lock).
+    pub exclusive: bool,
+}
+
+/// Which disks, where.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// Disks of a XenServer pool: every disk of each VM, and single VDIs.
+    Xen {
+        pool: Pool,
+        vms: Vec<String>,
+        vdis: Vec<String>,
+        /// All disks of a VM from one `VM.snapshot`.
+        consistent: bool,
+    },
+    /// Block nodes of a QEMU host.
+    Qemu {
+        host: QemuHost,
+        nodes: Vec<QemuNode>,
+    },
+}
+
+/// A QEMU block node to back up.
+#[derive(Clone, Debug)]
+pub struct QemuNode {
+    pub node: String,
+    /// The disk's name in the repository; by default `qemu-HOST/NODE`.
+    pub disk: Option<String>,
+}
+
+impl JobSpec {
+    /// Job `name` of `config`.
+    pub fn from_config(config: &Config, name: &str) -> Result<JobSpec> {
+        let job = config.job(name)?;
+        let target = match &job.kind {
+            JobKind::Xenserver {
+                pool,
+                vms,
+                vdis,
+                consistent_vm_snapshot,
+            } => Target::Xen {
+                // Validation guarantees the pool exists.
+                pool: config
+                    .pool(pool)
+                    .cloned()
+                    .ok_or_else(|| unknown(name, "pool", pool))?,
+                vms: vms.clone(),
+                vdis: vdis.clone(),
+                consistent: *consistent_vm_snapshot,
+            },
+            JobKind::Qemu { host, nodes } => Target::Qemu {
+                host: config
+                    .qemu_host(host)
+                    .cloned()
+                    .ok_or_else(|| unknown(name, "qemu host", host))?,
+                nodes: nodes
+                    .iter()
+                    .map(|n| QemuNode {
+                        node: n.clone(),
+                        disk: None,
+                    })
+                    .collect(),
+            },
+        };
+        let backup = BackupOptions {
+            compression_level: config.repository.compression_level,
+            ..BackupOptions::default()
+        };
+        Ok(JobSpec {
+            name: job.name.clone(),
+            repo: config.repository.path.clone(),
+            target,
+            parallel: job.parallel.max(1),
+            retries: job.retries,
+            retry_delay: job.retry_delay(),
+            bandwidth: job.bandwidth_bytes(),
+            retention: job.retention,
+            backup,
+            exclusive: true,
+        })
+    }
+
+    /// A one-off run (no retries, no retention, no job lock).
+    pub fn one_off(name: impl Into<String>, repo: PathBuf, target: Target) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            repo,
+            target,
+            parallel: 2,
+            retries: 0,
+            retry_delay: Duration::from_secs(30),
+            bandwidth: None,
+            retention: None,
+            backup: BackupOptions::default(),
+            exclusive: false,
+        }
+    }
+
+    /// Where the job's disks are: `pool NAME` or `qemu host NAME`.
+    pub fn place(&self) -> String {
+        match &self.target {
+            Target::Xen { pool, .. } => format!("pool {:?}", pool.name),
+            Target::Qemu { host, .. } => format!("QEMU host {:?}", host.name),
+        }
+    }
+}
+
+fn unknown(job: &str, what: &str, name: &str) -> crate::error::Error {
+    crate::error::Error::Config(cbtvault_config::Error::Invalid {
+        path: PathBuf::new(),
+        what: format!("job {job:?}: no {what} named {name:?}"),
+    })
+}

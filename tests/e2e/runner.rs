@@ -1,0 +1,200 @@
+//! Issue 9: the job runner. Limits hold across the disks of a job, a disk
+//! whose source keeps failing is retried from a new snapshot, one failing
+//! disk never stops the others, and a restore into a pool takes the pool
+//! from the configuration.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::common::*;
+use crate::xen::Pool;
+
+/// A configuration with the simulated pool and one job over `vdis`;
+/// `extra_pool` and `extra_job` are appended to their tables.
+fn config(s: &Scratch, pool: &Pool, vdis: &[String], extra_pool: &str, extra_job: &str) -> PathBuf {
+    let url = pool.sim.as_ref().unwrap().https_url();
+    let path = s.path("cbtvault.toml");
+    let list: Vec<String> = vdis.iter().map(|v| format!("{v:?}")).collect();
+    let text = format!(
+        r#"
+[repository]
+path = "{repo}"
+
+[[pool]]
+name = "sim"
+url = "{url}"
+password_file = "{password}"
+pin = "{pin}"
+{extra_pool}
+
+[[job]]
+name = "nightly"
+kind = "xenserver"
+pool = "sim"
+vdis = [{list}]
+{extra_job}
+"#,
+        repo = s.repo().display(),
+        password = pool.password.display(),
+        pin = pool.pin.display(),
+        list = list.join(", "),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_job(s: &Scratch, config: &PathBuf, json: bool) -> std::process::Output {
+    let mut c = s.command();
+    c.arg("backup");
+    if json {
+        c.arg("--json");
+    }
+    c.arg("--config").arg(config).args(["--job", "nightly"]);
+    c.output().unwrap()
+}
+
+#[test]
+fn a_pool_limit_of_one_connection_backs_up_one_disk_at_a_time() {
+    let s = Scratch::new();
+    let pool = Pool::start_with(&s, 2, 2);
+    let vdis = pool.vdis();
+    assert_eq!(vdis.len(), 4);
+    let config = config(&s, &pool, &vdis, "max_nbd_connections = 1", "parallel = 4");
+    let out = run_job(&s, &config, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().map(Vec::len), Some(4), "{rows}");
+    assert_eq!(
+        pool.sim().nbd_connections_peak(),
+        1,
+        "the pool's limit of one NBD connection was exceeded"
+    );
+    for (i, row) in rows.as_array().unwrap().iter().enumerate() {
+        let vdi = row["source"]["location"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap();
+        assert_same_file(
+            &pool.copy_disk(&s, vdi, &format!("disk{i}.img")),
+            &s.restore(row["id"].as_str().unwrap(), &format!("restored{i}.img")),
+        );
+    }
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "{:?}",
+        pool.data_snapshots()
+    );
+}
+
+#[test]
+fn a_disk_whose_snapshot_keeps_failing_is_retried_from_a_new_snapshot() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdis = pool.vdis();
+    let vdi = &vdis[0];
+
+    // Without retries the run fails, and leaves no snapshot holding data.
+    let no_retries = config(&s, &pool, &vdis, "", "retries = 0");
+    assert!(run_job(&s, &no_retries, true).status.success());
+    pool.sim().churn(vdi, 5, 1).unwrap();
+    pool.sim().fault_nbd_break_one_vdi(0);
+    let out = run_job(&s, &no_retries, true);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    let err: Value = serde_json::from_str(last).expect("the JSON error is the last line");
+    assert_eq!(err["error"]["kind"], "partial", "{err}");
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "{:?}",
+        pool.data_snapshots()
+    );
+    pool.sim().clear_faults();
+
+    // With one retry the same fault costs a second snapshot, not the night.
+    let retries = config(&s, &pool, &vdis, "", "retries = 1\nretry_delay = \"1s\"");
+    pool.sim().churn(vdi, 5, 2).unwrap();
+    pool.sim().fault_nbd_break_one_vdi(0);
+    let out = run_job(&s, &retries, false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("after 2 tries"), "{stdout}");
+    assert!(
+        stdout.contains("incremental"),
+        "the retry keeps the chain: {stdout}"
+    );
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "{:?}",
+        pool.data_snapshots()
+    );
+    let latest = s.list().into_iter().last().unwrap();
+    assert_same_file(
+        &pool.copy_disk(&s, vdi, "disk.img"),
+        &s.restore(latest["id"].as_str().unwrap(), "restored.img"),
+    );
+}
+
+#[test]
+fn a_restore_into_the_pool_takes_its_address_and_credentials_from_the_config() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdis = pool.vdis();
+    let config = config(&s, &pool, &vdis, "", "");
+    let out = run_job(&s, &config, true);
+    assert!(out.status.success());
+    let row = the_restore_point(&String::from_utf8_lossy(&out.stdout));
+    let sr = pool.rt.block_on(async {
+        let client = pool.login().await;
+        let vdi_ref = client.vdi().get_by_uuid(&vdis[0]).await.unwrap();
+        let sr_ref = client.vdi().get_record(&vdi_ref).await.unwrap().sr;
+        let sr = client.sr().get_record(&sr_ref).await.unwrap().uuid;
+        client.logout().await.unwrap();
+        sr
+    });
+    let out = s.ok(&[
+        "restore",
+        "--json",
+        row["id"].as_str().unwrap(),
+        "--to",
+        "xapi",
+        "--sr",
+        &sr,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let new_vdi = v["vdi"].as_str().unwrap();
+    assert_same_file(
+        &pool.copy_disk(&s, &vdis[0], "orig.img"),
+        &pool.copy_disk(&s, new_vdi, "new.img"),
+    );
+    // A pool the file does not have is named as missing, with the ones it has.
+    let err = s.fails(&[
+        "restore",
+        row["id"].as_str().unwrap(),
+        "--to",
+        "xapi",
+        "--sr",
+        &sr,
+        "--config",
+        config.to_str().unwrap(),
+        "--pool",
+        "elsewhere",
+    ]);
+    assert!(
+        err.contains("no pool named \"elsewhere\"") && err.contains("sim"),
+        "{err}"
+    );
+}
