@@ -3,7 +3,10 @@
 //! disk never stops the others, and a restore into a pool takes the pool
 //! from the configuration.
 
+use std::io::Read;
 use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -197,4 +200,83 @@ fn a_restore_into_the_pool_takes_its_address_and_credentials_from_the_config() {
         err.contains("no pool named \"elsewhere\"") && err.contains("sim"),
         "{err}"
     );
+}
+
+#[test]
+fn a_job_stopped_by_sigterm_leaves_the_pool_clean_and_the_next_run_incremental() {
+    let s = Scratch::new();
+    let pool = Pool::start_with(&s, 1, 2);
+    let vdis = pool.vdis();
+    let config = config(&s, &pool, &vdis, "", "retries = 0");
+    assert!(run_job(&s, &config, true).status.success());
+    for (i, vdi) in vdis.iter().enumerate() {
+        pool.sim().churn(vdi, 5, 10 + i as u64).unwrap();
+    }
+    // Slow calls keep the run busy long enough to be stopped mid-way.
+    pool.sim().fault_slow(Duration::from_millis(300), None);
+    let mut child = s
+        .command()
+        .args(["backup", "--json", "--config"])
+        .arg(&config)
+        .args(["--job", "nightly"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pool.data_snapshots().is_empty() {
+        assert!(Instant::now() < deadline, "the run never took a snapshot");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped run did not end within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let last: Value = serde_json::from_str(stderr.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert!(
+        last["error"]["kind"] == "interrupted"
+            || last["error"]["disks"]
+                .as_array()
+                .is_some_and(|d| d.iter().all(|d| d["kind"] == "interrupted")),
+        "{last}"
+    );
+    pool.sim().clear_faults();
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "{:?}",
+        pool.data_snapshots()
+    );
+    let out = run_job(&s, &config, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["mode"]["kind"], "incremental", "{row}");
+    }
 }

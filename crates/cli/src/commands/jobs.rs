@@ -127,10 +127,25 @@ fn run(
     let report = rt.block_on(async {
         let watch = cancel.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!("interrupted; stopping the backups (nothing partial is committed)");
-                watch.cancel();
+            // ctrl-c, or SIGTERM from systemd or kill: the same clean stop.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let terminated = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminated => {}
             }
+            tracing::warn!(
+                "interrupted; stopping the backups (snapshots taken are removed, nothing partial is committed)"
+            );
+            watch.cancel();
         });
         runner.run(spec, repo, bars.clone(), cancel).await
     });
