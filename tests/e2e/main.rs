@@ -15,5 +15,6 @@ mod qemu;
 mod serve_load;
 mod sources;
 mod ux;
+mod vm_points;
 mod xen;
 mod xen_faithful;
