@@ -163,6 +163,9 @@ fn list_filters_by_vm_and_by_time() {
         "{table}"
     );
     assert!(table.contains("2025-06-01 22:00:00 EDT"), "{table}");
+    let other: Value =
+        serde_json::from_str(&ok_tz(&s, UTC, &["list", "--json", "--disk", "other"])).unwrap();
+    assert!(other[0].get("vm").is_none(), "vm only when known: {other}");
     let table = ok_tz(&s, UTC, &["list", "--disk", "other"]);
     assert!(table.contains(" - "), "a disk outside any VM: {table}");
 

@@ -137,6 +137,9 @@ impl Repository {
     /// Saving the same document twice gives the same id and one file.
     pub fn save_vm_metadata(&self, metadata: &VmMetadata) -> Result<String> {
         self.require_writable("saving VM metadata")?;
+        // Like a backup: beside other writers, never beside repair, which
+        // replaces the catalogue this indexes into.
+        let _lock = self.lock_shared()?;
         let (id, bytes) = encode(metadata);
         let bad = |what: String| Error::VmMetadata {
             id: id.clone(),
