@@ -277,3 +277,68 @@ fn vm_at_date_names_one_restore_point_per_disk() {
     );
     assert!(text.contains("2025-06-02 22:00:00 EDT"), "{text}");
 }
+
+/// A manual backup of a file or NBD source can say which VM it is of.
+#[test]
+fn a_manual_backup_records_the_vm_it_is_given() {
+    let s = Scratch::new();
+    let image = s.image("root.img", 1, 81);
+    let source = format!("file:{}", image.display());
+    let out = ok_tz(
+        &s,
+        UTC,
+        &[
+            "backup",
+            "--json",
+            "--disk",
+            "db-1-root",
+            "--source",
+            &source,
+            "--vm-uuid",
+            VM_UUID,
+            "--vm-name",
+            "db-1",
+            "--vm-host",
+            "host-7",
+            "--vm-device",
+            "xvda",
+        ],
+    );
+    let rp = the_restore_point(&out);
+    assert_eq!(rp["vm"]["name"], "db-1");
+    assert_eq!(rp["vm"]["host"], "host-7");
+    assert_eq!(rp["vm"]["device"], "xvda");
+    let listed = json_ids(&ok_tz(&s, UTC, &["list", "--json", "--vm", "db-1"]));
+    assert_eq!(listed, [id(&rp)]);
+    let to = s.path("back.img");
+    ok_tz(
+        &s,
+        UTC,
+        &[
+            "restore",
+            "--quiet",
+            "db-1@latest",
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    );
+    assert_same_file(&image, &to);
+    // The uuid alone is not enough to find the VM by name later.
+    let err = fails_tz(
+        &s,
+        UTC,
+        &[
+            "backup",
+            "--disk",
+            "d",
+            "--source",
+            &source,
+            "--vm-uuid",
+            VM_UUID,
+        ],
+    );
+    assert!(
+        err.contains("--vm-name") && err.contains("--vm-host"),
+        "{err}"
+    );
+}

@@ -263,6 +263,19 @@ pub struct BackupArgs {
     /// Largest read request in KiB (a multiple of 64).
     #[arg(long, default_value_t = 1024)]
     pub read_size_kib: usize,
+    /// Record the VM this disk belongs to (file and NBD sources): its uuid;
+    /// `list --vm` and VM@DATE find the restore point by it.
+    #[arg(long, requires_all = ["vm_name", "vm_host"], conflicts_with_all = ["xapi", "config"])]
+    pub vm_uuid: Option<String>,
+    /// The VM's name (with --vm-uuid).
+    #[arg(long, requires = "vm_uuid")]
+    pub vm_name: Option<String>,
+    /// Where the VM runs: a pool's uuid or a host's name (with --vm-uuid).
+    #[arg(long, requires = "vm_uuid")]
+    pub vm_host: Option<String>,
+    /// The disk's position in the VM, e.g. 0 or xvda (with --vm-uuid).
+    #[arg(long, requires = "vm_uuid")]
+    pub vm_device: Option<String>,
 }
 
 #[derive(ClapArgs, Debug)]
