@@ -55,7 +55,9 @@ pub fn parse_time(text: &str, end: DayEnd) -> Result<Timestamp> {
         // The last instant before the next day begins.
         DayEnd::End => {
             let next = date.tomorrow().map_err(|_| bad())?;
-            Ok(start(next)? - SignedDuration::from_nanos(1))
+            start(next)?
+                .checked_sub(SignedDuration::from_nanos(1))
+                .map_err(|_| bad())
         }
     }
 }
