@@ -107,11 +107,11 @@ fn main() -> Result<()> {
         "generating a {} GiB image (40% zero, 30% text, 25% random, 5% repeated; zeros written, not holes)",
         args.size_gib
     );
-    let mix = cbtvault_engine::synth::Mix {
+    let mix = cbtvault_testkit::synth::Mix {
         holes: false,
         ..Default::default()
     };
-    cbtvault_engine::synth::write_image(&image, size, 4, mix)?;
+    cbtvault_testkit::synth::write_image(&image, size, 4, mix)?;
     let repo = dir.join("cbtvault-repo");
     let restic_repo = dir.join("restic-repo");
     let src = format!("file:{}", image.display());
@@ -157,7 +157,7 @@ fn main() -> Result<()> {
     let full_r = restic_backup("restic full")?;
     rows.push(("full backup", size, full, full_r));
 
-    let map = cbtvault_engine::synth::churn(&image, args.churn, 5)?;
+    let map = cbtvault_testkit::synth::churn(&image, args.churn, 5)?;
     let bitmap = dir.join("changed.b64");
     std::fs::write(&bitmap, map.to_xenapi_base64())?;
     let changed = map.count_set() * cbtvault_blockmap::BLOCK_SIZE;

@@ -127,11 +127,11 @@ fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let image = dir.path().join("export.img");
     eprintln!("generating a {} GiB image", args.size_gib);
-    let mix = cbtvault_engine::synth::Mix {
+    let mix = cbtvault_testkit::synth::Mix {
         holes: false,
         ..Default::default()
     };
-    cbtvault_engine::synth::write_image(&image, args.size_gib << 30, 9, mix)?;
+    cbtvault_testkit::synth::write_image(&image, args.size_gib << 30, 9, mix)?;
     let sock = dir.path().join("nbd.sock");
     let port = free_port()?;
     let start = |extra: &[&str]| -> Result<Peer> {

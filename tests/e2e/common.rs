@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cbtvault_blockmap::BlockMap;
-use cbtvault_engine::synth;
+use cbtvault_testkit::synth;
 use serde_json::Value;
 use tempfile::TempDir;
 

@@ -166,7 +166,7 @@ fn unknown_repository_format_is_refused_untouched() {
 fn disk_size_not_a_multiple_of_the_block_size() {
     let s = Scratch::new();
     let image = s.path("odd.img");
-    cbtvault_engine::synth::write_image(&image, 3 * MIB + 12345, 14, Default::default()).unwrap();
+    cbtvault_testkit::synth::write_image(&image, 3 * MIB + 12345, 14, Default::default()).unwrap();
     let rp = s.backup("odd", &image, None);
     assert_eq!(rp["virtual_size"], 3 * MIB + 12345);
     assert_same_file(&image, &s.restore(&id(&rp), "odd-restored.img"));

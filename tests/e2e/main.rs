@@ -16,5 +16,6 @@ mod runner;
 mod serve_load;
 mod sources;
 mod ux;
+mod vm_points;
 mod xen;
 mod xen_faithful;

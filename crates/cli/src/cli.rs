@@ -69,26 +69,39 @@ pub enum Command {
     },
     /// Back up a disk: all of it, or only the blocks a changed-block map marks.
     Backup(Box<BackupArgs>),
-    /// List restore points.
+    /// List restore points (times in the local time zone; UTC with --json).
     List {
         #[command(flatten)]
         repo: RepoArg,
         /// Only this disk.
         #[arg(long)]
         disk: Option<String>,
+        /// Only the disks of this VM (its name or uuid).
+        #[arg(long, value_name = "NAME|UUID")]
+        vm: Option<String>,
+        /// Only restore points taken at or after TIME: RFC 3339, or a date
+        /// (2026-11-28: its start, in the local time zone).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only restore points taken at or before TIME: RFC 3339, or a date
+        /// (2026-11-28: its end, in the local time zone).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
     },
     /// Show one restore point.
     Show {
         #[command(flatten)]
         repo: RepoArg,
-        /// Restore point id (a unique prefix is enough) or DISK@latest.
+        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+        /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
         id: String,
     },
     /// Restore a restore point, byte-exact, to a sparse file, an NBD export or a new VDI.
     Restore {
         #[command(flatten)]
         repo: RepoArg,
-        /// Restore point id (a unique prefix is enough) or DISK@latest.
+        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+        /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
         id: String,
         /// Where to write the disk: a file path, a writable NBD export URI, or
         /// `xapi` (a new VDI in the pool given with --xapi, on --sr).
@@ -121,7 +134,8 @@ pub enum Command {
     Serve {
         #[command(flatten)]
         repo: RepoArg,
-        /// Restore point id (a unique prefix is enough) or DISK@latest.
+        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+        /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
         id: String,
         /// Where to listen: HOST:PORT or unix:PATH.
         #[arg(long, default_value = "127.0.0.1:10809")]
@@ -257,6 +271,19 @@ pub struct BackupArgs {
     /// Largest read request in KiB (a multiple of 64).
     #[arg(long, default_value_t = 1024)]
     pub read_size_kib: usize,
+    /// Record the VM this disk belongs to (file and NBD sources): its uuid;
+    /// `list --vm` and VM@DATE find the restore point by it.
+    #[arg(long, requires_all = ["vm_name", "vm_host"], conflicts_with_all = ["xapi", "config"])]
+    pub vm_uuid: Option<String>,
+    /// The VM's name (with --vm-uuid).
+    #[arg(long, requires = "vm_uuid")]
+    pub vm_name: Option<String>,
+    /// Where the VM runs: a pool's uuid or a host's name (with --vm-uuid).
+    #[arg(long, requires = "vm_uuid")]
+    pub vm_host: Option<String>,
+    /// The disk's position in the VM, e.g. 0 or xvda (with --vm-uuid).
+    #[arg(long, requires = "vm_uuid")]
+    pub vm_device: Option<String>,
 }
 
 #[derive(ClapArgs, Debug)]

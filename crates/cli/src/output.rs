@@ -127,10 +127,11 @@ impl Progress for Bar {
     }
 }
 
-/// The stable JSON form of a restore point (documented in docs/cli.md).
+/// The stable JSON form of a restore point (documented in docs/cli.md);
+/// times in UTC, `vm` only when known.
 pub fn restore_point_json(rp: &RestorePointRow) -> Value {
     let m = &rp.manifest;
-    json!({
+    let mut value = json!({
         "id": rp.id,
         "disk": m.disk,
         "time": m.time.to_string(),
@@ -141,7 +142,11 @@ pub fn restore_point_json(rp: &RestorePointRow) -> Value {
         "source": m.source,
         "root": m.root,
         "stats": m.stats,
-    })
+    });
+    if let (Some(vm), Some(object)) = (&m.source.vm, value.as_object_mut()) {
+        object.insert("vm".into(), json!(vm));
+    }
+    value
 }
 
 /// A restore point for people (`show` without `--json`): one field a line.
@@ -155,7 +160,7 @@ pub fn restore_point_text(rp: &RestorePointRow) -> String {
     let mut lines = vec![
         ("restore point", rp.id.clone()),
         ("disk", m.disk.clone()),
-        ("time", m.time.strftime("%Y-%m-%d %H:%M:%S UTC").to_string()),
+        ("time", crate::commands::local_time(m.time)),
         (
             "size",
             format!("{} ({} bytes)", bytes(m.virtual_size), m.virtual_size),
@@ -169,6 +174,18 @@ pub fn restore_point_text(rp: &RestorePointRow) -> String {
     ];
     for (key, value) in &m.source.details {
         lines.push(("", format!("{key}: {value}")));
+    }
+    if let Some(vm) = &m.source.vm {
+        lines.push(("vm", format!("{} ({}) on {}", vm.name, vm.uuid, vm.host)));
+        if let Some(device) = &vm.device {
+            lines.push(("", format!("device: {device}")));
+        }
+        if let Some(label) = &vm.disk_label {
+            lines.push(("", format!("disk label: {label}")));
+        }
+        if let Some(id) = &vm.metadata {
+            lines.push(("", format!("VM metadata: {id}")));
+        }
     }
     lines.extend([
         (

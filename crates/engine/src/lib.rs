@@ -25,7 +25,6 @@ pub mod rename;
 pub mod restore;
 pub mod serve;
 pub mod source;
-pub mod synth;
 pub mod throttle;
 pub mod xenserver;
 

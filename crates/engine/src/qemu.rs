@@ -149,6 +149,7 @@ async fn read_export(
         location: location(qemu_disk),
         snapshot: Some(export.checkpoint().to_string()),
         details: BTreeMap::from([("job".to_string(), options.job.clone())]),
+        ..Default::default()
     });
     let changes = match export.kind() {
         BackupKind::Incremental {

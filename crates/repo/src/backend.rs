@@ -1,7 +1,7 @@
 //! Where repository files live: the storage [`Backend`] trait and its local
 //! and in-memory implementations.
 //!
-//! A backend stores immutable, named files of three kinds. `write` is atomic
+//! A backend stores immutable, named files of a few kinds ([`FileKind`]). `write` is atomic
 //! and durable: once it returns the whole file is there and survives a crash,
 //! and a crash during it leaves at most a partial file that
 //! [`Backend::remove_partial`] can clear. Nothing else is ever rewritten in
@@ -26,6 +26,8 @@ pub enum FileKind {
     Pack,
     /// A restore point's manifest.
     Manifest,
+    /// A VM's saved metadata (see [`crate::vm`]).
+    VmMetadata,
 }
 
 /// Storage for repository files.
@@ -58,7 +60,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 /// A backend on a local (or mounted) file system.
 ///
 /// Layout: `cbtvault.json`, `packs/XY/NAME.pack` (XY = first two characters of
-/// NAME, to keep directories small), `manifests/NAME.json`, and `tmp/` for
+/// NAME, to keep directories small), `manifests/NAME.json`, `vms/NAME.json` (VM metadata), and `tmp/` for
 /// writes in progress. Writes go to `tmp/`, are fsynced, renamed into place,
 /// and the target directory is fsynced, so a file is either whole or absent.
 #[derive(Debug)]
@@ -77,7 +79,7 @@ impl LocalBackend {
     /// Creates the directory skeleton.
     pub fn create_layout(&self) -> Result<()> {
         set_private(&self.root, 0o700)?;
-        for dir in ["packs", "manifests", "tmp", "locks"] {
+        for dir in ["packs", "manifests", "vms", "tmp", "locks"] {
             create_private_dir(&self.root.join(dir))?;
         }
         sync_dir(&self.root)
@@ -92,6 +94,7 @@ impl LocalBackend {
                 .join(name.get(..2).unwrap_or("__"))
                 .join(format!("{name}.pack")),
             FileKind::Manifest => self.root.join("manifests").join(format!("{name}.json")),
+            FileKind::VmMetadata => self.root.join("vms").join(format!("{name}.json")),
         }
     }
 }
@@ -184,6 +187,8 @@ impl Backend for LocalBackend {
                 }
             }
             FileKind::Manifest => list_suffix(&self.root.join("manifests"), ".json", &mut names)?,
+            // Missing in repositories made before VM metadata: none yet.
+            FileKind::VmMetadata => list_suffix(&self.root.join("vms"), ".json", &mut names)?,
             FileKind::Pack => {
                 let packs = self.root.join("packs");
                 for entry in fs::read_dir(&packs).map_err(Error::io(&packs))? {

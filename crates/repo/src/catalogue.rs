@@ -32,7 +32,9 @@ use crate::pack::{BlobKind, Compression, PackEntry};
 
 /// The catalogue's file name inside the repository.
 pub const CATALOGUE_FILE: &str = "catalogue.sqlite";
-const SCHEMA_VERSION: i64 = 2;
+/// Version 2 added runs, quarantine and forget bookkeeping; version 3 the
+/// `vm_metadata` table. Both only added tables.
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS disks(
@@ -82,6 +84,11 @@ CREATE TABLE IF NOT EXISTS lost_restore_points(
     disk TEXT NOT NULL,
     manifest TEXT NOT NULL,
     noticed TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vm_metadata(
+    id TEXT PRIMARY KEY,
+    vm_uuid TEXT NOT NULL,
+    time_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS vm_metadata_by_vm ON vm_metadata(vm_uuid, time_ms);
 ";
 
 /// A quarantined blob.
@@ -245,8 +252,8 @@ impl Catalogue {
                 .conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .map_err(wrap)?;
-            if version == 1 {
-                // Version 2 only added tables.
+            if version == 1 || version == 2 {
+                // Versions 2 and 3 only added tables.
                 cat.conn.execute_batch(SCHEMA).map_err(wrap)?;
                 cat.conn
                     .pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -675,7 +682,43 @@ impl Catalogue {
         Ok(())
     }
 
-    /// Restore points, oldest first, optionally of one disk.
+    /// Indexes saved VM metadata (see `Repository::save_vm_metadata`).
+    pub fn insert_vm_metadata(
+        &mut self,
+        id: &str,
+        vm_uuid: &str,
+        time: jiff::Timestamp,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO vm_metadata(id, vm_uuid, time_ms) VALUES (?1, ?2, ?3)",
+                params![id, vm_uuid, time.as_millisecond()],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Saved VM metadata of `vm_uuid` (of every VM when `None`), oldest
+    /// first.
+    pub fn vm_metadata_rows(&self, vm_uuid: Option<&str>) -> Result<Vec<crate::VmMetadataRow>> {
+        let rows: Vec<(String, String, i64)> = self.query_all(
+            "SELECT id, vm_uuid, time_ms FROM vm_metadata
+             WHERE ?1 IS NULL OR vm_uuid = ?1 ORDER BY time_ms, id",
+            [vm_uuid],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        rows.into_iter()
+            .map(|(id, vm_uuid, ms)| {
+                let time =
+                    jiff::Timestamp::from_millisecond(ms).map_err(|e| Error::DamagedCatalogue {
+                        path: self.path.clone(),
+                        what: format!("the row of VM metadata {id:?}: time {ms}: {e}"),
+                    })?;
+                Ok(crate::VmMetadataRow { id, vm_uuid, time })
+            })
+            .collect()
+    }
+
     pub fn restore_points(&self, disk: Option<&str>) -> Result<Vec<RestorePointRow>> {
         let mut stmt = self
             .conn

@@ -69,6 +69,9 @@ pub enum Error {
     #[error("manifest {name}: {what}")]
     Manifest { name: String, what: String },
 
+    #[error("VM metadata {id}: {what}")]
+    VmMetadata { id: String, what: String },
+
     #[error(
         "blob {id} was found damaged ({reason}) and is quarantined; the next backup that reads the same data stores it again and heals every restore point that uses it"
     )]

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::BlobId;
 use crate::tree::{Tree, TreeShape};
+use crate::vm::VmInfo;
 
 /// The manifest format this build writes.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -123,6 +124,10 @@ pub struct SourceInfo {
     /// Anything else worth keeping (VM uuid, change id, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub details: BTreeMap<String, String>,
+    /// The VM the disk belonged to, when the provider knows it. Written
+    /// only when present, so manifests without it keep their ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmInfo>,
 }
 
 /// How the blocks of a restore point were chosen.

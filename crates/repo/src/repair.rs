@@ -110,6 +110,9 @@ pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
             index_pack(backend.as_ref(), &mut cat, &name, &old, &mut report)?;
         }
         rebuild_restore_points(backend.as_ref(), &mut cat, &old, &mut report)?;
+        report
+            .set_aside
+            .extend(crate::vm::rebuild(backend.as_ref(), &mut cat)?);
         carry_over(&cat, path);
         // Fold the WAL into the main file so that one rename moves it all.
         cat.checkpoint()?;

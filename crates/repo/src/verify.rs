@@ -122,6 +122,9 @@ pub fn verify(
         }
     }
     check_manifests(repo, &mut report)?;
+    for (object, problem) in crate::vm::check(repo)? {
+        report.problem(object, problem);
+    }
 
     // Packs: present, and their index intact and agreeing with the catalogue.
     let packs = repo.catalogue().packs()?;

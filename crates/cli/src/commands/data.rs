@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use cbtvault_blockmap::BlockMap;
+use cbtvault_engine::error::BoxError;
 use cbtvault_engine::nbd::{NbdSource, NbdTarget, dirty_bitmap_context};
 use cbtvault_engine::{
     BackupJob, BackupOptions, BackupOutcome, Changes, DiskSource, DiskTarget, FileSource,
     FileTarget, Parent, Progress,
 };
 use cbtvault_nbd::ConnectOptions;
+use cbtvault_repo::VmInfo;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BackupArgs, Global};
@@ -72,7 +74,13 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
         ));
     }
     let location = parse_location(source).context("--source")?;
+    let vm = vm_label(&args);
     if let Location::Qmp(socket) = &location {
+        if vm.is_some() {
+            bail!(usage!(
+                "--vm-uuid labels file and NBD sources; a qmp: source records its VM itself"
+            ));
+        }
         return super::jobs::backup_qemu_once(g, &args, repo_dir, disk, socket);
     }
     if args.dirty_bitmap.is_some() && !matches!(location, Location::Nbd(_)) {
@@ -109,7 +117,14 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
                     Some(f) => read_bitmap(f, source.size(), &path.display().to_string())?,
                     None => Changes::Full { reason: None },
                 };
-                run_backup(repo.clone(), source, job(changes), bar, cancel).await
+                run_backup(
+                    repo.clone(),
+                    Labelled::new(source, vm),
+                    job(changes),
+                    bar,
+                    cancel,
+                )
+                .await
             }
             Location::Qmp(_) => Err(anyhow::anyhow!("QMP sources take the QEMU path")),
             Location::Nbd(uri) => {
@@ -129,7 +144,14 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
                     },
                     (None, None) => Changes::Full { reason: None },
                 };
-                run_backup(repo.clone(), source, job(changes), bar, cancel).await
+                run_backup(
+                    repo.clone(),
+                    Labelled::new(source, vm),
+                    job(changes),
+                    bar,
+                    cancel,
+                )
+                .await
             }
         }
     });
@@ -174,6 +196,59 @@ pub fn print_outcome(g: &Global, outcome: BackupOutcome) {
             s.blocks_zero,
             s.duration_ms as f64 / 1000.0
         );
+    }
+}
+
+/// The VM that `--vm-uuid`, `--vm-name`, `--vm-host` and `--vm-device`
+/// name (clap makes the first three come together).
+fn vm_label(args: &BackupArgs) -> Option<VmInfo> {
+    Some(VmInfo {
+        uuid: args.vm_uuid.clone()?,
+        name: args.vm_name.clone().unwrap_or_default(),
+        host: args.vm_host.clone().unwrap_or_default(),
+        disk_label: None,
+        device: args.vm_device.clone(),
+        metadata: None,
+    })
+}
+
+/// A source whose manifest records the VM the user named.
+struct Labelled<S> {
+    inner: S,
+    vm: Option<VmInfo>,
+}
+
+impl<S> Labelled<S> {
+    fn new(inner: S, vm: Option<VmInfo>) -> Labelled<S> {
+        Labelled { inner, vm }
+    }
+}
+
+impl<S: DiskSource> DiskSource for Labelled<S> {
+    fn info(&self) -> cbtvault_repo::SourceInfo {
+        let mut info = self.inner.info();
+        if self.vm.is_some() {
+            info.vm = self.vm.clone();
+        }
+        info
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl std::future::Future<Output = Result<bytes::Bytes, BoxError>> + Send {
+        self.inner.read_at(offset, len)
+    }
+
+    fn allocated(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Option<BlockMap>, BoxError>> + Send {
+        self.inner.allocated()
     }
 }
 

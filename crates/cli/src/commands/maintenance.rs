@@ -41,54 +41,6 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn list(g: &Global, path: &Path, disk: Option<&str>) -> Result<ExitCode> {
-    let repo = super::open(path)?;
-    if let Some(d) = disk {
-        let disks = repo.catalogue().disks()?;
-        if !disks.iter().any(|n| n == d) {
-            bail!(failure::tagged(
-                failure::kind::NOT_FOUND,
-                format!(
-                    "no disk named {d:?} in this repository ({})",
-                    super::listing("disks", &disks)
-                )
-            ));
-        }
-    }
-    let points = repo.catalogue().restore_points(disk)?;
-    if g.json {
-        output::print_json(&points.iter().map(output::restore_point_json).collect());
-        return Ok(ExitCode::SUCCESS);
-    }
-    if g.quiet {
-        return Ok(ExitCode::SUCCESS);
-    }
-    outln!(
-        "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  mode",
-        "id",
-        "disk",
-        "time",
-        "size",
-        "read",
-        "stored"
-    );
-    for rp in &points {
-        let m = &rp.manifest;
-        outln!(
-            "{:<12}  {:<16}  {:<20}  {:>10}  {:>10}  {:>10}  {}",
-            output::short(&rp.id),
-            m.disk,
-            m.time.strftime("%Y-%m-%d %H:%M:%S"),
-            output::bytes(m.virtual_size),
-            output::bytes(m.stats.bytes_read),
-            output::bytes(m.stats.bytes_stored),
-            output::mode(&m.mode)
-        );
-    }
-    outln!("{} restore points", points.len());
-    Ok(ExitCode::SUCCESS)
-}
-
 pub fn show(g: &Global, path: &Path, id: &str) -> Result<ExitCode> {
     let repo = super::open(path)?;
     let rp = super::resolve(&repo, id)?;

@@ -3,7 +3,10 @@
 mod data;
 mod jobs;
 mod maintenance;
+mod points;
 mod serve;
+
+pub use points::local_time;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -24,7 +27,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
             pack_size_mib,
         } => maintenance::init(&g, &repo.repo, compression_level, pack_size_mib),
         Command::Backup(b) => data::backup(&g, *b),
-        Command::List { repo, disk } => maintenance::list(&g, &repo.repo, disk.as_deref()),
+        Command::List {
+            repo,
+            disk,
+            vm,
+            since,
+            until,
+        } => points::list(
+            &g,
+            &repo.repo,
+            points::ListFilter {
+                disk: disk.as_deref(),
+                vm: vm.as_deref(),
+                since: since.as_deref(),
+                until: until.as_deref(),
+            },
+        ),
         Command::Show { repo, id } => maintenance::show(&g, &repo.repo, &id),
         Command::Restore {
             repo,
@@ -110,24 +128,17 @@ pub fn open(path: &Path) -> Result<Arc<Repository>> {
 /// The fewest characters of an id that `resolve` accepts as a prefix.
 const MIN_PREFIX: usize = 4;
 
-/// The restore point `spec` names (an id, a unique prefix of at least
-/// [`MIN_PREFIX`] characters, or `DISK@latest`), with a message that says
-/// what to give instead when it names none.
+/// The restore point `spec` names: an id, a unique prefix of at least
+/// [`MIN_PREFIX`] characters, `DISK@latest`, `DISK@DATE`, or `VM@DATE` for
+/// a VM with one disk (see [`points`]), with a message that says what to
+/// give instead when it names none.
 pub fn resolve(repo: &Repository, spec: &str) -> Result<RestorePointRow> {
+    points::resolve_one(repo, spec)
+}
+
+/// The restore point an id or prefix names (no `@` selector).
+fn resolve_id(repo: &Repository, spec: &str) -> Result<RestorePointRow> {
     let disks = || repo.catalogue().disks();
-    if let Some(disk) = spec.strip_suffix("@latest") {
-        let disks = disks()?;
-        if !disks.iter().any(|d| d == disk) {
-            return Err(failure::tagged(
-                failure::kind::NOT_FOUND,
-                format!(
-                    "no disk named {disk:?} in this repository ({})",
-                    listing("disks", &disks)
-                ),
-            ));
-        }
-        return Ok(repo.resolve(spec)?);
-    }
     let is_hex = !spec.is_empty() && spec.bytes().all(|b| b.is_ascii_hexdigit());
     let disk_hint =
         || format!("{spec:?} is a disk; give {spec}@latest for its newest restore point, or an id");
@@ -149,7 +160,7 @@ pub fn resolve(repo: &Repository, spec: &str) -> Result<RestorePointRow> {
     if !is_hex {
         return Err(failure::usage_error(format!(
             "{spec:?} is not a restore point id (ids are hexadecimal); give an id or a prefix \
-             of one (`cbtvault list` shows them), or DISK@latest"
+             of one (`cbtvault list` shows them), DISK@latest, DISK@DATE or VM@DATE"
         )));
     }
     Err(failure::usage_error(format!(

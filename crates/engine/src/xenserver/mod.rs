@@ -487,6 +487,7 @@ async fn back_up_snapshot(
                 ("vdi_name".to_string(), snap.name_label.clone()),
                 ("job".to_string(), options.job.clone()),
             ]),
+            ..Default::default()
         },
     )
     // The VDI's size, not the export's (whole sectors, see `with_size`).

@@ -1,4 +1,4 @@
-//! Synthetic disk images with a realistic mix of content, for the demo,
+//! Synthetic disk images with a realistic mix of content, for
 //! tests and benchmarks: zero blocks (left as holes), compressible
 //! text-like blocks, incompressible random blocks, and repeated blocks
 //! that deduplicate. Deterministic for a given seed.
