@@ -8,8 +8,11 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::client::Qmp;
-use crate::error::{Error, Result};
-use crate::types::{BlockExportInfo, BlockJobInfo, BlockNode, JobInfo, JobStatus, VersionInfo};
+use crate::error::{Error, ErrorClass, Result};
+use crate::types::{
+    BlockExportInfo, BlockJobInfo, BlockNode, JobInfo, JobStatus, NameInfo, UuidInfo, VersionInfo,
+    VmIdentity,
+};
 
 /// One action of a QMP `transaction` (qapi/transaction.json): `type` and
 /// `data`. The constructors cover the bitmap and backup actions; anything
@@ -82,6 +85,25 @@ impl Qmp {
     /// `query-version`.
     pub async fn query_version(&self) -> Result<VersionInfo> {
         self.execute_as("query-version", Value::Null).await
+    }
+
+    /// The VM's name and uuid (`query-name`, `query-uuid`), as `-name` and
+    /// `-uuid` set them. `None` from a qemu-storage-daemon, which runs no
+    /// VM and has neither command; an empty name or the all-zero uuid
+    /// (never set) is left out.
+    pub async fn query_vm_identity(&self) -> Result<Option<VmIdentity>> {
+        let name: NameInfo = match self.execute_as("query-name", Value::Null).await {
+            Ok(n) => n,
+            Err(Error::Command {
+                class: ErrorClass::CommandNotFound,
+                ..
+            }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let uuid: UuidInfo = self.execute_as("query-uuid", Value::Null).await?;
+        let uuid = (uuid.uuid != "00000000-0000-0000-0000-000000000000").then_some(uuid.uuid);
+        let name = name.name.filter(|n| !n.is_empty());
+        Ok((name.is_some() || uuid.is_some()).then_some(VmIdentity { name, uuid }))
     }
 
     /// `query-named-block-nodes` with `flat: true`: every node once.

@@ -57,5 +57,5 @@ pub use commands::Action;
 pub use error::{Error, ErrorClass, Result};
 pub use types::{
     BlockExportInfo, BlockJobInfo, BlockNode, DirtyBitmap, Event, Greeting, ImageInfo, JobInfo,
-    JobStatus, Version, VersionInfo,
+    JobStatus, Version, VersionInfo, VmIdentity,
 };

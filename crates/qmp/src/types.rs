@@ -205,3 +205,24 @@ pub struct BlockExportInfo {
     #[serde(rename = "shutting-down", default)]
     pub shutting_down: bool,
 }
+
+/// A VM's identity as QEMU knows it (`-name`, `-uuid`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmIdentity {
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+}
+
+/// The reply of `query-name`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct NameInfo {
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// The reply of `query-uuid`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct UuidInfo {
+    #[serde(rename = "UUID")]
+    pub uuid: String,
+}

@@ -135,6 +135,13 @@ async fn negotiates_and_queries_the_version() {
 }
 
 #[tokio::test]
+async fn a_storage_daemon_runs_no_vm_so_has_no_vm_identity() {
+    let qsd = Qsd::start();
+    let qmp = connect(&qsd).await;
+    assert_eq!(qmp.query_vm_identity().await.unwrap(), None);
+}
+
+#[tokio::test]
 async fn qmp_over_tcp() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
