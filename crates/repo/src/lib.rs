@@ -95,6 +95,7 @@ mod repository;
 pub mod store;
 pub mod tree;
 pub mod verify;
+mod writer;
 
 pub use backend::{Backend, FileKind, LocalBackend, MemoryBackend};
 pub use catalogue::{Catalogue, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow};
@@ -107,3 +108,4 @@ pub use repository::{
 };
 pub use store::{BlobReader, PackWriter};
 pub use tree::{Tree, TreeBuilder, TreeShape};
+pub use writer::{BackupSpec, BackupWriter, BlockEncoder, EncodedBlock, NewBlock, ReadStats};

@@ -23,8 +23,12 @@ pub const CONFIG_FILE: &str = "cbtvault.json";
 /// packs are framed — so that older builds refuse it rather than misread
 /// it.
 pub const FORMAT_VERSION: u32 = 2;
-/// Block size of every disk in a repository.
-pub const BLOCK_SIZE: u64 = 64 * 1024;
+/// Block size of every disk in a repository: the changed-block maps'
+/// block ([`cbtvault_blockmap::BLOCK_SIZE`]) is the one definition.
+pub use cbtvault_blockmap::BLOCK_SIZE;
+// The on-disk format (config, manifests, pack blob sizes) records 64 KiB:
+// a different block map block would be a new repository format.
+const _: () = assert!(BLOCK_SIZE == 64 * 1024);
 /// The kind of run a backup records in the catalogue.
 pub const BACKUP_RUN: &str = "backup";
 /// Default target size of a pack.
@@ -339,6 +343,11 @@ impl Repository {
     /// The shared catalogue connection.
     pub fn catalogue(&self) -> MutexGuard<'_, Catalogue> {
         self.catalogue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where this process's catalogue connections open.
+    pub(crate) fn catalogue_path(&self) -> &Path {
+        &self.catalogue_path
     }
 
     /// A new connection to the catalogue, for another thread.

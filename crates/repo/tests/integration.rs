@@ -8,4 +8,5 @@ mod integration {
     mod maintenance;
     mod repository;
     mod tree;
+    mod writer;
 }
