@@ -1,6 +1,7 @@
 //! Opening, creating and committing to a repository.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -460,6 +461,22 @@ impl Repository {
         Ok(id)
     }
 
+    /// Registers restore point `old` under disk name `disk` too: a new
+    /// restore point with the same block map (nothing is copied), whose
+    /// source records where it came from (`renamed_from`). For a disk
+    /// that was stored under another name.
+    pub fn register_renamed(&self, old: &RestorePointRow, disk: &str) -> Result<RestorePointRow> {
+        let mut manifest = old.manifest.clone();
+        manifest.format = manifest::MANIFEST_FORMAT;
+        manifest.source.details.insert(
+            "renamed_from".into(),
+            format!("{}@{}", old.manifest.disk, old.id),
+        );
+        manifest.disk = disk.to_string();
+        let id = self.commit(&manifest)?;
+        Ok(RestorePointRow { id, manifest })
+    }
+
     /// Reads a manifest from its file and checks it: its name is its id,
     /// its content hashes to that id, and every field is valid.
     pub fn load_manifest(&self, id: &str) -> Result<Manifest> {
@@ -517,6 +534,27 @@ impl Repository {
         }
     }
 
+    /// The blocks whose content differs between restore points `a` and
+    /// `b`, as coalesced block ranges (blocks past the end of the smaller
+    /// disk count as zero). Shared subtrees are skipped, so this reads
+    /// only the nodes above changed blocks. Takes the shared repository
+    /// lock, so that gc cannot delete a node meanwhile.
+    pub fn diff(&self, a: &RestorePointRow, b: &RestorePointRow) -> Result<Vec<Range<u64>>> {
+        let _lock = self.lock_shared()?;
+        let reader = self.reader()?;
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        crate::tree::diff(
+            &a.manifest.tree(),
+            &b.manifest.tree(),
+            &reader,
+            &mut |first, count| match runs.last_mut() {
+                Some(last) if last.end == first => last.end += count,
+                _ => runs.push(first..first + count),
+            },
+        )?;
+        Ok(runs)
+    }
+
     /// The newest restore point of `disk`.
     pub fn latest(&self, disk: &str) -> Result<Option<RestorePointRow>> {
         Ok(self.catalogue().restore_points(Some(disk))?.pop())
@@ -524,11 +562,10 @@ impl Repository {
 
     /// Removes a restore point: marks it as being forgotten, removes its
     /// manifest (that is what makes it invisible), then its catalogue row.
-    /// Its data stays until `gc`. Retention decides through
-    /// [`crate::forget::plan`], which keeps each disk's newest restore point
-    /// unless told otherwise.
-    pub fn forget(&self, id: &str) -> Result<()> {
-        self.require_writable("forget")?;
+    /// Its data stays until `gc`. Callers go through a plan
+    /// ([`Repository::forget_plan`], [`Repository::forget`]), which keeps
+    /// each disk's last restore point unless told otherwise.
+    pub(crate) fn forget_one(&self, id: &str) -> Result<()> {
         self.catalogue().mark_forgetting(id)?;
         self.backend.remove(FileKind::Manifest, id)?;
         self.catalogue().remove_restore_point(id)

@@ -542,24 +542,22 @@ fn report(
 }
 
 fn apply_retention(repo: &Repository, disk: &str, keep: Retention) -> Result<()> {
-    let policy = cbtvault_repo::forget::KeepPolicy {
+    let policy = cbtvault_repo::KeepPolicy {
         last: keep.keep_last,
         daily: keep.keep_daily,
         weekly: keep.keep_weekly,
         monthly: keep.keep_monthly,
-        ..Default::default()
     };
     if policy.is_empty() {
         return Ok(());
     }
-    let points = repo.catalogue().restore_points(Some(disk))?;
-    for d in cbtvault_repo::forget::plan(&points, &policy)
-        .into_iter()
-        .filter(|d| !d.keep)
-    {
-        repo.forget(&d.id)
-            .with_context(|| format!("forgetting {}", d.id))?;
-    }
+    let selection = cbtvault_repo::ForgetSelection::Policy {
+        policy,
+        disk: Some(disk.to_string()),
+    };
+    let plan = repo.forget_plan(&selection, false)?;
+    repo.forget(&plan)
+        .with_context(|| format!("applying the retention policy to disk {disk:?}"))?;
     Ok(())
 }
 
