@@ -46,7 +46,7 @@ fn compression(c: &mut Criterion) {
             g.bench_with_input(
                 BenchmarkId::new(format!("compress-l{level}"), name),
                 &data,
-                |b, d| b.iter(|| cbtvault_repo::pack::encode_blob(&mut comp, d)),
+                |b, d| b.iter(|| cbtvault_repo::testing::pack::encode_blob(&mut comp, d)),
             );
         }
     }
@@ -87,8 +87,8 @@ fn pack_writing(c: &mut Criterion) {
                     let id = cbtvault_repo::BlobId::of(d);
                     w.add_stored(
                         id,
-                        cbtvault_repo::pack::BlobKind::Data,
-                        cbtvault_repo::pack::Compression::None,
+                        cbtvault_repo::testing::pack::BlobKind::Data,
+                        cbtvault_repo::testing::pack::Compression::None,
                         BLOCK as u32,
                         d,
                     )

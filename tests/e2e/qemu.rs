@@ -343,7 +343,9 @@ fn the_same_node_name_on_two_hosts_makes_two_disks_and_former_names_keep_their_c
             let mut manifest = old.manifest.clone();
             manifest.disk = "qemu-disk".into();
             repo.commit(&manifest).unwrap();
-            repo.forget(&old.id).unwrap();
+            let forget = cbtvault_repo::ForgetSelection::Ids(vec![old.id.clone()]);
+            let plan = repo.forget_plan(&forget, true).unwrap();
+            repo.forget(&plan).unwrap();
         }
     }
     assert_eq!(points_of(&s, "qemu-disk").len(), 4);

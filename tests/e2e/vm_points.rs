@@ -46,7 +46,10 @@ fn three_nights() -> (Scratch, std::path::PathBuf, Vec<String>, Vec<String>) {
             });
             ids[n].push(repo.commit(&m).unwrap());
         }
-        repo.forget(&first).unwrap();
+        let plan = repo
+            .forget_plan(&cbtvault_repo::ForgetSelection::Ids(vec![first]), true)
+            .unwrap();
+        repo.forget(&plan).unwrap();
     }
     let [ids_a, ids_b] = ids;
     (s, a, ids_a, ids_b)

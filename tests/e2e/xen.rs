@@ -496,7 +496,9 @@ fn a_vdi_stored_under_its_former_name_stays_incremental() {
         let mut manifest = old.manifest.clone();
         manifest.disk = former.clone();
         repo.commit(&manifest).unwrap();
-        repo.forget(&old.id).unwrap();
+        let forget = cbtvault_repo::ForgetSelection::Ids(vec![old.id.clone()]);
+        let plan = repo.forget_plan(&forget, true).unwrap();
+        repo.forget(&plan).unwrap();
     }
     let written: std::collections::BTreeSet<u64> =
         pool.sim().churn(&vdi, 6, 3).unwrap().into_iter().collect();

@@ -2,14 +2,16 @@
 //!
 //! ```text
 //!  reader (async)          workers (N threads)            writer (1 thread)
-//!  source.read_at ──────▶  zero check, BLAKE3,  ────────▶ reorder by sequence,
-//!  `inflight` reads,       catalogue lookup,              pack writer, tree builder,
-//!  in block order          zstd for new blocks            flush + durable packs
+//!  source.read_at ──────▶  BlockEncoder: zero   ────────▶ reorder by sequence,
+//!  `inflight` reads,       check, BLAKE3, dedup           BackupWriter::push
+//!  in block order          lookup, zstd                   (packs, block map)
 //! ```
-//! Every channel is bounded, so memory is bounded by
-//! `(inflight + 4·workers) · read_size` plus the open pack and one pack
-//! being written, whatever the size of the disk. The writer keeps block order for the tree builder,
-//! which streams the block map out as it goes.
+//! The repository owns what a restore point is made of (compression, packs,
+//! the block map, the manifest, the runs table: [`Repository::begin_backup`]);
+//! this module owns the concurrency. Every channel is bounded, so memory is
+//! bounded by `(inflight + 4·workers) · read_size` plus the open pack and
+//! one pack being written, whatever the size of the disk. The writer keeps
+//! block order for the block map, which streams out as it goes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,9 +19,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cbtvault_blockmap::{BLOCK_SIZE, BlockMap, block_count};
-use cbtvault_repo::pack::{self, BlobKind, Compression};
-use cbtvault_repo::tree::{Cursor, TreeBuilder};
-use cbtvault_repo::{BackupMode, BackupStats, BlobId, Manifest, Repository, is_all_zero};
+use cbtvault_repo::{
+    BackupMode, BackupSpec, BackupWriter, BlockEncoder, EncodedBlock, Manifest, ReadStats,
+    Repository,
+};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -134,22 +137,10 @@ struct Chunk {
     data: Bytes,
 }
 
-/// What a worker made of one block.
-enum Block {
-    Zero,
-    Known(BlobId),
-    New {
-        id: BlobId,
-        compression: Compression,
-        raw_len: u32,
-        stored: Vec<u8>,
-    },
-}
-
 struct Processed {
     seq: u64,
     first_block: u64,
-    blocks: Vec<Block>,
+    blocks: Vec<EncodedBlock>,
 }
 
 /// Backs up `source` into `repo`. Nothing becomes visible unless the whole
@@ -173,12 +164,6 @@ pub async fn backup<S: DiskSource>(
         let size = source.size();
         crate::nbd::check_disk_size(&job.disk, size)?;
         let blocks = block_count(size);
-        {
-            // Deduplicating against a pack that is gone would commit a
-            // restore point that cannot be restored.
-            let repo = repo.clone();
-            blocking(move || Ok(repo.quarantine_missing_packs()?)).await?;
-        }
 
         let parent = match &job.changes {
             Changes::Full { .. } => None,
@@ -226,58 +211,66 @@ pub async fn backup<S: DiskSource>(
                 }
             },
         };
-        if let Some(parent) = &parent {
-            let extra = must_reread(&repo, parent, size).await?;
-            for range in extra {
-                to_read.set_range(range);
-            }
+        let mode = match &job.changes {
+            Changes::Full { reason } => BackupMode::Full { reason: reason.clone() },
+            Changes::Blocks { map, origin } => BackupMode::Incremental {
+                changes: origin.clone(),
+                changed_blocks: map.count_set(),
+            },
+        };
+        let level = job.options.compression_level;
+        let (writer, encoder, extra) = {
+            let repo = repo.clone();
+            let disk = job.disk.clone();
+            let info = source.info();
+            let parent = parent.clone();
+            blocking(move || {
+                let writer = repo.begin_backup(BackupSpec {
+                    disk: &disk,
+                    size,
+                    parent: parent.as_ref(),
+                    source: info,
+                    time,
+                    mode,
+                    compression_level: level,
+                })?;
+                let extra = writer.blocks_to_reread()?;
+                let encoder = repo.block_encoder(level)?;
+                Ok((writer, encoder, extra))
+            })
+            .await?
+        };
+        for range in extra {
+            to_read.set_range(range);
         }
         let read_blocks = (job.options.read_size as u64 / BLOCK_SIZE).max(1);
         progress.start("backup", to_read.count_set() * BLOCK_SIZE);
         tracing::info!(size, blocks, to_read = to_read.count_set(), parent = ?parent.as_ref().map(|p| &p.id), "starting");
 
-        let run_id = {
-            let repo = repo.clone();
-            let disk = job.disk.clone();
-            blocking(move || {
-                // This process holds the disk's lock: a run of it still
-                // marked running died without saying so.
-                let cat = repo.catalogue();
-                let stale = cat.close_stale_runs(cbtvault_repo::BACKUP_RUN, &disk)?;
-                if stale > 0 {
-                    tracing::info!(runs = stale, "closed runs of this disk that were interrupted");
-                }
-                Ok(cat.start_run(cbtvault_repo::BACKUP_RUN, Some(&disk))?)
-            })
-            .await?
-        };
-
         let workers = job.options.workers.max(1);
         let (chunk_tx, chunk_rx) = flume::bounded::<Chunk>(workers * 2);
         let (done_tx, done_rx) = flume::bounded::<Result<Processed>>(workers * 2);
-        let level = job.options.compression_level.unwrap_or(repo.config().compression_level);
 
         let mut worker_handles = Vec::new();
         for _ in 0..workers {
-            let (rx, tx, repo) = (chunk_rx.clone(), done_tx.clone(), repo.clone());
-            worker_handles.push(std::thread::spawn(move || worker(&repo, level, size, rx, tx)));
+            let (rx, tx, encoder) = (chunk_rx.clone(), done_tx.clone(), encoder.clone());
+            worker_handles.push(std::thread::spawn(move || worker(encoder, size, rx, tx)));
         }
-        drop((chunk_rx, done_tx));
+        drop((chunk_rx, done_tx, encoder));
 
         let writer = {
-            let (repo, disk) = (repo.clone(), job.disk.clone());
-            let parent_tree = parent
-                .as_ref()
-                .map(|p| (p.manifest.tree(), p.manifest.virtual_size));
+            let disk = job.disk.clone();
             let span = tracing::Span::current();
             std::thread::spawn(move || {
                 let _g = span.enter();
-                write_stage(&repo, &disk, size, parent_tree, level, done_rx)
+                let mut writer = writer;
+                let written = write_stage(&mut writer, &disk, done_rx);
+                (writer, written)
             })
         };
 
         let read_stats = read_stage(&*source, &job.disk, &to_read, read_blocks, size, job.options.inflight, chunk_tx, &*progress, &cancel).await;
-        let written = tokio::task::spawn_blocking(move || writer.join())
+        let (writer, written) = tokio::task::spawn_blocking(move || writer.join())
             .await
             .map_err(|e| Error::Internal(format!("writer task: {e}")))?
             .map_err(|_| Error::Internal("writer thread panicked".into()))?;
@@ -287,101 +280,32 @@ pub async fn backup<S: DiskSource>(
         progress.finish();
         let outcome = (|| {
             let (blocks_read, bytes_read) = read_stats?;
-            let (root, mut stats) = written?;
-            stats.blocks_total = blocks;
-            stats.blocks_read = blocks_read;
-            stats.bytes_read = bytes_read;
-            stats.duration_ms = started.elapsed().as_millis() as u64;
-            let mode = match &job.changes {
-                Changes::Full { reason } => BackupMode::Full { reason: reason.clone() },
-                Changes::Blocks { map, origin } => BackupMode::Incremental {
-                    changes: origin.clone(),
-                    changed_blocks: map.count_set(),
-                },
-            };
-            Ok::<_, Error>(Manifest {
-                format: cbtvault_repo::manifest::MANIFEST_FORMAT,
-                disk: job.disk.clone(),
-                source: source.info(),
-                time,
-                virtual_size: size,
-                block_size: BLOCK_SIZE,
-                root,
-                fanout: cbtvault_repo::tree::FANOUT,
-                parent: parent.as_ref().map(|p| p.id.clone()),
-                mode,
-                stats,
+            written?;
+            Ok::<_, Error>(ReadStats {
+                blocks_read,
+                bytes_read,
+                duration: started.elapsed(),
             })
         })();
-        let repo2 = repo.clone();
         match outcome {
-            Ok(manifest) => {
-                let id = blocking(move || {
-                    let id = repo2.commit(&manifest)?;
-                    // Committed: bookkeeping that fails now must not turn
-                    // the backup into a reported failure.
-                    if let Err(e) = repo2.catalogue().finish_run(run_id, "ok", Some(&id), "") {
-                        tracing::warn!(error = %e, "could not record the run's end");
-                    }
-                    Ok((id, manifest))
-                })
-                .await;
-                let (id, manifest) = id?;
+            Ok(read) => {
+                let (id, manifest) = blocking(move || Ok(writer.finish(read)?)).await?;
                 tracing::info!(restore_point = %id, bytes_read = manifest.stats.bytes_read, bytes_stored = manifest.stats.bytes_stored, "committed");
                 Ok(BackupOutcome { restore_point: id, manifest })
             }
             Err(e) => {
                 let detail = e.to_string();
-                let _ = blocking(move || Ok(repo2.catalogue().finish_run(run_id, "failed", None, &detail)?)).await;
+                let _ = blocking(move || {
+                    writer.fail(&detail);
+                    Ok(())
+                })
+                .await;
                 Err(e)
             }
         }
     }
     .instrument(span)
     .await
-}
-
-/// Blocks an incremental must read although the changed-block source did
-/// not mark them: the last block of the parent and of the new disk when the
-/// size changed (their lengths differ, so the parent's copy cannot serve),
-/// and blocks whose stored copy is quarantined or gone (reading them again
-/// heals the repository instead of carrying the damage forward).
-async fn must_reread(
-    repo: &Arc<Repository>,
-    parent: &cbtvault_repo::RestorePointRow,
-    size: u64,
-) -> Result<Vec<std::ops::Range<u64>>> {
-    let blocks = block_count(size);
-    let mut extra = Vec::new();
-    let parent_size = parent.manifest.virtual_size;
-    if parent_size != size {
-        for tail in [size, parent_size] {
-            if !tail.is_multiple_of(BLOCK_SIZE) && tail / BLOCK_SIZE < blocks {
-                extra.push(tail / BLOCK_SIZE..tail / BLOCK_SIZE + 1);
-            }
-        }
-        tracing::info!(
-            parent_size,
-            size,
-            "the disk changed size; its last blocks are read again"
-        );
-    }
-    let (repo, tree) = (repo.clone(), parent.manifest.tree());
-    let heal = blocking(move || Ok(repo.blocks_to_heal(&tree)?)).await?;
-    let heal: Vec<_> = heal
-        .into_iter()
-        .map(|r| r.start.min(blocks)..r.end.min(blocks))
-        .filter(|r| !r.is_empty())
-        .collect();
-    if !heal.is_empty() {
-        let count: u64 = heal.iter().map(|r| r.end - r.start).sum();
-        tracing::warn!(
-            blocks = count,
-            "the parent restore point uses damaged blocks; reading them again to heal the repository"
-        );
-    }
-    extra.extend(heal);
-    Ok(extra)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -460,47 +384,18 @@ async fn read_stage<S: DiskSource>(
 
 /// Hashes, deduplicates and compresses chunks.
 fn worker(
-    repo: &Repository,
-    level: i32,
+    mut encoder: BlockEncoder,
     size: u64,
     rx: flume::Receiver<Chunk>,
     tx: flume::Sender<Result<Processed>>,
 ) {
-    let setup = (|| -> Result<_> {
-        let cat = repo.open_catalogue()?;
-        let comp = zstd::bulk::Compressor::new(level)
-            .map_err(|e| Error::Internal(format!("zstd level {level}: {e}")))?;
-        Ok((cat, comp))
-    })();
-    let (cat, mut comp) = match setup {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = tx.send(Err(e));
-            return;
-        }
-    };
     for chunk in rx.iter() {
         let result = (|| -> Result<Processed> {
             let mut blocks = Vec::with_capacity(chunk.data.len().div_ceil(BLOCK_SIZE as usize));
             for (i, content) in chunk.data.chunks(BLOCK_SIZE as usize).enumerate() {
                 let offset = (chunk.first_block + i as u64) * BLOCK_SIZE;
                 debug_assert!(content.len() as u64 == BLOCK_SIZE.min(size - offset));
-                if is_all_zero(content) {
-                    blocks.push(Block::Zero);
-                    continue;
-                }
-                let id = BlobId::of(content);
-                if cat.contains(&id)? {
-                    blocks.push(Block::Known(id));
-                } else {
-                    let (compression, stored) = pack::encode_blob(&mut comp, content);
-                    blocks.push(Block::New {
-                        id,
-                        compression,
-                        raw_len: content.len() as u32,
-                        stored,
-                    });
-                }
+                blocks.push(encoder.encode(content)?);
             }
             Ok(Processed {
                 seq: chunk.seq,
@@ -514,21 +409,13 @@ fn worker(
     }
 }
 
-/// Puts processed chunks back in order, stores new blocks and builds the
-/// block map. Returns the tree root and the storage half of the stats.
+/// Puts processed chunks back in order and hands their blocks to the
+/// repository's writer, which stores new ones and builds the block map.
 fn write_stage(
-    repo: &Repository,
+    writer: &mut BackupWriter,
     disk: &str,
-    size: u64,
-    parent: Option<(cbtvault_repo::Tree, u64)>,
-    level: i32,
     rx: flume::Receiver<Result<Processed>>,
-) -> Result<(BlobId, BackupStats)> {
-    let reader = repo.reader()?;
-    let mut writer = repo.pack_writer(Some(level))?;
-    let base = parent.map(|(t, base_size)| (Cursor::new(t, &reader), base_size));
-    let mut tree = TreeBuilder::for_disk(size, base);
-    let mut stats = BackupStats::default();
+) -> Result<()> {
     let mut waiting = BTreeMap::new();
     let mut next_seq = 0u64;
     for processed in rx.iter() {
@@ -537,33 +424,7 @@ fn write_stage(
         while let Some(p) = waiting.remove(&next_seq) {
             next_seq += 1;
             for (i, block) in p.blocks.into_iter().enumerate() {
-                let index = p.first_block + i as u64;
-                let id = match block {
-                    Block::Zero => {
-                        stats.blocks_zero += 1;
-                        BlobId::ZERO
-                    }
-                    Block::Known(id) => {
-                        stats.blocks_dedup += 1;
-                        id
-                    }
-                    Block::New {
-                        id,
-                        compression,
-                        raw_len,
-                        stored,
-                    } => {
-                        if writer.add_stored(id, BlobKind::Data, compression, raw_len, &stored)? {
-                            stats.blocks_new += 1;
-                            stats.bytes_new += u64::from(raw_len);
-                            stats.bytes_stored += stored.len() as u64;
-                        } else {
-                            stats.blocks_dedup += 1;
-                        }
-                        id
-                    }
-                };
-                tree.push(index, id, &mut writer)?;
+                writer.push(p.first_block + i as u64, block)?;
             }
         }
     }
@@ -574,8 +435,5 @@ fn write_stage(
             waiting.len()
         )));
     }
-    let (tree, _) = tree.finish(&mut writer)?;
-    writer.flush()?;
-    stats.nodes_new = writer.stats().blobs - stats.blocks_new;
-    Ok((tree.root, stats))
+    Ok(())
 }

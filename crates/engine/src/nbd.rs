@@ -150,12 +150,12 @@ impl NbdSource {
 /// Refuses a disk larger than any manifest may describe, before a block
 /// map is sized from it: an export size is only what the server claims.
 pub(crate) fn check_disk_size(disk: &str, size: u64) -> Result<()> {
-    if size > cbtvault_repo::manifest::MAX_VIRTUAL_SIZE {
+    if size > cbtvault_repo::MAX_VIRTUAL_SIZE {
         return Err(Error::Source {
             disk: disk.to_string(),
             what: format!(
                 "the source claims {size} bytes, more than the {} a disk may have",
-                cbtvault_repo::manifest::MAX_VIRTUAL_SIZE
+                cbtvault_repo::MAX_VIRTUAL_SIZE
             ),
             source: None,
         });
@@ -329,7 +329,7 @@ pub async fn verify_sample(
         .map(|m| m.set_blocks().collect());
     let picks = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, BlobId)>> {
         let reader = repo2.reader()?;
-        let mut cursor = cbtvault_repo::tree::Cursor::new(tree, &reader);
+        let mut cursor = cbtvault_repo::Cursor::new(tree, &reader);
         let blocks = tree.shape.blocks;
         let positions: Vec<u64> = match &changed {
             Some(list) => {

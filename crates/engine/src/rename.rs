@@ -61,14 +61,8 @@ pub(crate) async fn latest(
         let Some(old) = points.into_iter().rev().find(|rp| ours(&rp.manifest)) else {
             return Ok(None);
         };
-        let mut manifest = old.manifest.clone();
-        manifest.format = cbtvault_repo::manifest::MANIFEST_FORMAT;
-        manifest.disk = disk.name.clone();
-        manifest
-            .source
-            .details
-            .insert("renamed_from".into(), format!("{former}@{}", old.id));
-        let id = repo.commit(&manifest)?;
+        let registered = repo.register_renamed(&old, &disk.name)?;
+        let id = registered.id.clone();
         info!(
             disk = %disk.name,
             former = %former,
@@ -76,7 +70,7 @@ pub(crate) async fn latest(
             registered_as = %id,
             "this disk was stored under its former name; its newest restore point there is the parent of this run (the restore points under the former name are kept; forget them with `cbtvault forget --disk {former}` when no longer needed)"
         );
-        Ok(Some(RestorePointRow { id, manifest }))
+        Ok(Some(registered))
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))?

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use cbtvault_blockmap::BLOCK_SIZE;
-use cbtvault_repo::tree::{self, Visitor};
 use cbtvault_repo::{BlobId, Repository, RestorePointRow};
+use cbtvault_repo::{Visitor, walk};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -438,8 +438,7 @@ pub fn restore(
                 next: 0,
                 progress,
             };
-            tree::walk(&tree, &reader, &mut feed)
-                .map_err(|e| damaged(feed.next * BLOCK_SIZE, e))?;
+            walk(&tree, &reader, &mut feed).map_err(|e| damaged(feed.next * BLOCK_SIZE, e))?;
             feed.zero_to(tree.shape.blocks)
         })();
         drop(tx);

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use cbtvault_blockmap::BLOCK_SIZE;
 use cbtvault_nbd::server::{Export, Extent};
-use cbtvault_repo::tree::{FANOUT, Tree, decode_node};
 use cbtvault_repo::{BlobId, BlobReader, Repository, RestorePointRow};
+use cbtvault_repo::{FANOUT, Tree, decode_node};
 use futures::future::BoxFuture;
 
 use crate::error::BoxError;

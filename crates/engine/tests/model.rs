@@ -22,7 +22,7 @@ use cbtvault_blockmap::BlockMap;
 use cbtvault_engine::{
     BackupJob, BackupOptions, Changes, DiskTarget, FileSource, NoProgress, Parent, Progress,
 };
-use cbtvault_repo::gc::{GcOptions, collect_garbage};
+use cbtvault_repo::{ForgetSelection, GcOptions};
 use cbtvault_repo::{InitOptions, Repository};
 use proptest::prelude::*;
 use tokio_util::sync::CancellationToken;
@@ -260,15 +260,16 @@ impl Model {
                     return;
                 }
                 let id = &older[pick % older.len()];
-                if repo.forget(id).is_ok() {
+                let forgot = repo
+                    .forget_plan(&ForgetSelection::Ids(vec![id.clone()]), true)
+                    .and_then(|plan| repo.forget(&plan));
+                if forgot.is_ok() {
                     self.oracle.remove(id);
                 }
             }
             Op::Gc => self.preserving(|m| {
-                if let Some(repo) = m.open()
-                    && let Ok(_lock) = repo.lock_exclusive(std::time::Duration::ZERO)
-                {
-                    let _ = collect_garbage(&repo, GcOptions::default());
+                if let Some(repo) = m.open() {
+                    let _ = repo.collect_garbage(GcOptions::default(), std::time::Duration::ZERO);
                 }
             }),
             Op::Repair => self.preserving(Model::repair),
@@ -297,7 +298,7 @@ impl Model {
     /// Repairs; a restore point whose manifest repair set aside (and
     /// reported) is no longer one.
     fn repair(&mut self) {
-        if let Ok(report) = cbtvault_repo::repair::repair(&self.root, std::time::Duration::ZERO) {
+        if let Ok(report) = cbtvault_repo::repair(&self.root, std::time::Duration::ZERO) {
             for line in &report.set_aside {
                 let id = line
                     .strip_prefix("manifest ")
@@ -478,7 +479,7 @@ impl Model {
             );
             return;
         };
-        let report = match cbtvault_repo::verify::verify(&repo, true, 2, &|_| {}) {
+        let report = match repo.verify(true, 2, &|_| {}) {
             Ok(r) => r,
             Err(e) => {
                 assert!(self.damaged, "verify failed with no damage: {e}");

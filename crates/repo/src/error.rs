@@ -94,6 +94,9 @@ pub enum Error {
     )]
     Locked { what: String, holder: String },
 
+    #[error("a retention policy with no rule would forget every restore point")]
+    EmptyRetentionPolicy,
+
     #[error("{0}")]
     InvalidArgument(String),
 }

@@ -1,13 +1,21 @@
-//! Retention: which restore points a `--keep-*` policy keeps.
+//! Forgetting restore points: a plan ([`Repository::forget_plan`]) says
+//! which go and why the others stay; applying it ([`Repository::forget`])
+//! removes them. A dry run prints the plan that a real run applies.
 //!
-//! The rules are those backup administrators know from restic and borg:
-//! `last N` keeps the N newest; `daily N` keeps the newest restore point of
-//! each of the N newest days that have one (likewise weeks, ISO numbered,
-//! and months). A restore point kept by any rule is kept. Days are UTC days.
+//! Retention rules are those backup administrators know from restic and
+//! borg: `last N` keeps the N newest; `daily N` keeps the newest restore
+//! point of each of the N newest days that have one (likewise weeks, ISO
+//! numbered, and months). A restore point kept by any rule is kept. Days
+//! are UTC days. Unless the plan allows it, a disk's last restore point is
+//! always kept, whatever the rules or the ids given say.
+
+use std::collections::BTreeSet;
 
 use serde::Serialize;
 
 use crate::catalogue::RestorePointRow;
+use crate::error::{Error, Result};
+use crate::repository::Repository;
 
 /// How many restore points to keep, per disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,10 +24,6 @@ pub struct KeepPolicy {
     pub daily: Option<usize>,
     pub weekly: Option<usize>,
     pub monthly: Option<usize>,
-    /// Allow a disk's last restore point to go. Without it the newest one
-    /// of each disk is always kept, whatever the rules say
-    /// (`--keep-last 0` would otherwise forget everything).
-    pub forget_last: bool,
 }
 
 impl KeepPolicy {
@@ -43,8 +47,129 @@ pub struct Decision {
     pub reasons: Vec<String>,
 }
 
-/// Applies `policy` to the restore points of one disk (any order).
-pub fn plan(points: &[RestorePointRow], policy: &KeepPolicy) -> Vec<Decision> {
+/// Which restore points a forget is about.
+#[derive(Clone, Debug)]
+pub enum ForgetSelection {
+    /// Those a retention policy does not keep, on one disk or on all.
+    Policy {
+        policy: KeepPolicy,
+        disk: Option<String>,
+    },
+    /// These restore points (ids or unique prefixes).
+    Ids(Vec<String>),
+}
+
+/// What a forget will do: a decision for each restore point concerned.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForgetPlan {
+    /// Grouped by disk: newest first under a policy, oldest first for ids.
+    pub decisions: Vec<Decision>,
+}
+
+impl ForgetPlan {
+    /// The restore points the plan forgets.
+    pub fn forgotten(&self) -> impl Iterator<Item = &Decision> {
+        self.decisions.iter().filter(|d| !d.keep)
+    }
+
+    /// Restore points kept only because each is its disk's last (the plan
+    /// did not allow forgetting it).
+    pub fn kept_as_last(&self) -> impl Iterator<Item = &Decision> {
+        self.decisions
+            .iter()
+            .filter(|d| d.reasons.iter().any(|r| r == LAST_POINT))
+    }
+}
+
+impl Repository {
+    /// Decides which restore points `selection` forgets; changes nothing.
+    /// Each disk's last restore point is kept unless `allow_forget_last`.
+    pub fn forget_plan(
+        &self,
+        selection: &ForgetSelection,
+        allow_forget_last: bool,
+    ) -> Result<ForgetPlan> {
+        let mut decisions = Vec::new();
+        match selection {
+            ForgetSelection::Policy { policy, disk } => {
+                if policy.is_empty() {
+                    return Err(Error::EmptyRetentionPolicy);
+                }
+                let disks = match disk {
+                    Some(d) => vec![d.clone()],
+                    None => self.catalogue().disks()?,
+                };
+                for disk in disks {
+                    let points = self.catalogue().restore_points(Some(&disk))?;
+                    let mut planned = plan(&points, policy);
+                    if !allow_forget_last {
+                        protect_last(&mut planned);
+                    }
+                    decisions.extend(planned);
+                }
+            }
+            ForgetSelection::Ids(ids) => {
+                let mut named = BTreeSet::new();
+                for id in ids {
+                    named.insert(self.resolve(id)?.id);
+                }
+                // Every point of the disks concerned, so that the last one
+                // is noticed.
+                let disks: BTreeSet<String> = self
+                    .catalogue()
+                    .restore_points(None)?
+                    .into_iter()
+                    .filter(|rp| named.contains(&rp.id))
+                    .map(|rp| rp.manifest.disk)
+                    .collect();
+                for disk in disks {
+                    let points = self.catalogue().restore_points(Some(&disk))?;
+                    let mut all: Vec<Decision> = points
+                        .into_iter()
+                        .map(|rp| {
+                            let asked = named.contains(&rp.id);
+                            Decision {
+                                id: rp.id,
+                                disk: rp.manifest.disk,
+                                time: rp.manifest.time,
+                                keep: !asked,
+                                reasons: if asked {
+                                    Vec::new()
+                                } else {
+                                    vec!["not named".into()]
+                                },
+                            }
+                        })
+                        .collect();
+                    if !allow_forget_last {
+                        protect_last(&mut all);
+                    }
+                    decisions.extend(all.into_iter().filter(|d| named.contains(&d.id)));
+                }
+            }
+        }
+        Ok(ForgetPlan { decisions })
+    }
+
+    /// Forgets what `plan` forgets, taking the shared repository lock (see
+    /// the locking table). Returns how many restore points went. Their
+    /// data stays until gc.
+    pub fn forget(&self, plan: &ForgetPlan) -> Result<usize> {
+        self.require_writable("forget")?;
+        let _lock = self.lock_shared()?;
+        let mut forgotten = 0;
+        for d in plan.forgotten() {
+            self.forget_one(&d.id)?;
+            forgotten += 1;
+        }
+        Ok(forgotten)
+    }
+}
+
+/// Applies `policy` to the restore points of one disk (any order), newest
+/// first. Nothing protects the disk's last restore point here
+/// ([`protect_last`] does).
+pub(crate) fn plan(points: &[RestorePointRow], policy: &KeepPolicy) -> Vec<Decision> {
     let mut sorted: Vec<&RestorePointRow> = points.iter().collect();
     sorted.sort_by(|a, b| b.manifest.time.cmp(&a.manifest.time).then(b.id.cmp(&a.id)));
     let mut decisions: Vec<Decision> = sorted
@@ -92,9 +217,6 @@ pub fn plan(points: &[RestorePointRow], policy: &KeepPolicy) -> Vec<Decision> {
     for d in &mut decisions {
         d.keep = !d.reasons.is_empty();
     }
-    if !policy.forget_last {
-        protect_last(&mut decisions);
-    }
     decisions
 }
 
@@ -104,7 +226,7 @@ pub const LAST_POINT: &str = "the disk's last restore point";
 /// Keeps the newest restore point of each disk whose every restore point
 /// `decisions` (one disk's points, or several disks') would forget.
 /// `decisions` must hold all restore points of the disks concerned.
-pub fn protect_last(decisions: &mut [Decision]) {
+pub(crate) fn protect_last(decisions: &mut [Decision]) {
     let mut newest: std::collections::BTreeMap<String, usize> = Default::default();
     let mut kept: std::collections::BTreeSet<String> = Default::default();
     for (i, d) in decisions.iter().enumerate() {
@@ -213,22 +335,15 @@ mod tests {
             }),
             ["d", "b"]
         );
-        // `--keep-last 0` keeps the disk's last restore point unless
-        // forgetting it is asked for explicitly.
-        assert_eq!(
-            keep(KeepPolicy {
-                last: Some(0),
-                ..Default::default()
-            }),
-            ["d"]
-        );
-        assert_eq!(
-            keep(KeepPolicy {
-                last: Some(0),
-                forget_last: true,
-                ..Default::default()
-            }),
-            Vec::<String>::new()
-        );
+        // Keeping none keeps none, until the last point is protected.
+        let none = KeepPolicy {
+            last: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(keep(none), Vec::<String>::new());
+        let mut decisions = plan(&points, &none);
+        protect_last(&mut decisions);
+        let kept: Vec<_> = decisions.iter().filter(|d| d.keep).map(|d| &d.id).collect();
+        assert_eq!(kept, ["d"]);
     }
 }

@@ -25,7 +25,7 @@ use crate::pack::{self, PackBuilder, PackEntry};
 use crate::repository::Repository;
 use crate::tree::{self, Visitor};
 
-/// Options for [`collect_garbage`].
+/// Options for [`Repository::collect_garbage`].
 #[derive(Clone, Copy, Debug)]
 pub struct GcOptions {
     /// Unused bytes allowed to stay in packs that still hold live blobs, as
@@ -228,16 +228,19 @@ pub fn plan(repo: &Repository, options: &GcOptions) -> Result<GcPlan> {
     })
 }
 
-/// Runs gc: [`plan`], then (unless a dry run) [`apply`]. Takes the
-/// exclusive repository lock itself, waiting up to `wait`.
-pub fn collect_garbage_locked(
-    repo: &Repository,
-    options: GcOptions,
-    wait: std::time::Duration,
-) -> Result<GcReport> {
-    repo.require_writable("gc")?;
-    let _lock = repo.lock_exclusive(wait)?;
-    collect_garbage(repo, options)
+impl Repository {
+    /// Runs gc: [`plan`], then (unless a dry run, whose report is the plan)
+    /// [`apply`]. Takes the exclusive repository lock itself, waiting up to
+    /// `wait` for running backups and other commands to finish.
+    pub fn collect_garbage(
+        &self,
+        options: GcOptions,
+        wait: std::time::Duration,
+    ) -> Result<GcReport> {
+        self.require_writable("gc")?;
+        let _lock = self.lock_exclusive(wait)?;
+        collect_garbage(self, options)
+    }
 }
 
 /// Every blob (node or block) referenced by a restore point.
@@ -269,8 +272,8 @@ pub fn live_blobs(repo: &Repository) -> Result<HashSet<BlobId>> {
 }
 
 /// Runs gc. The caller holds the exclusive lock
-/// ([`collect_garbage_locked`] takes it).
-pub fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport> {
+/// ([`Repository::collect_garbage`] takes it).
+pub(crate) fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport> {
     let backend = repo.backend().clone();
     let (partial, indexed) = if options.dry_run {
         (backend.list_partial()?.len(), 0)

@@ -30,7 +30,7 @@ impl Repository {
     /// listed, and a pack is on storage before it is indexed, so a pack
     /// written meanwhile is never taken for a missing one (gc, which
     /// removes packs, cannot run beside a backup).
-    pub fn quarantine_missing_packs(&self) -> Result<usize> {
+    pub(crate) fn quarantine_missing_packs(&self) -> Result<usize> {
         if self.is_read_only() {
             return Ok(0);
         }
@@ -49,7 +49,7 @@ impl Repository {
     /// Blocks of `tree` whose stored copy is quarantined or missing, as
     /// block ranges (a damaged block-map node costs its whole subtree).
     /// Cheap when nothing is quarantined: the walk happens only then.
-    pub fn blocks_to_heal(&self, tree: &Tree) -> Result<Vec<Range<u64>>> {
+    pub(crate) fn blocks_to_heal(&self, tree: &Tree) -> Result<Vec<Range<u64>>> {
         let quarantined = self.catalogue().quarantined_ids()?;
         if quarantined.is_empty() || tree.root.is_zero() {
             return Ok(Vec::new());

@@ -2,20 +2,45 @@
 //! points are kept.
 //!
 //! # Data model
-//! A disk is a sequence of 64 KiB blocks. A block is stored once, under its
-//! id, the BLAKE3-256 of its content ([`BlobId`]), whichever disk or restore
+//! A disk is a sequence of 64 KiB blocks ([`BLOCK_SIZE`], the block maps'
+//! block, `cbtvault_blockmap::BLOCK_SIZE`; the format records 64 KiB and a
+//! compile-time check ties the two). A block is stored once, under its id,
+//! the BLAKE3-256 of its content ([`BlobId`]), whichever disk or restore
 //! point it came from; all-zero blocks are never stored. Blocks are zstd
 //! compressed (or kept raw when that does not shrink them) and appended to
 //! **packs** of about 32 MiB, each ending with a checksummed index of its
-//! blobs ([`pack`]). A restore point's **block map** is a Merkle tree over
-//! the block ids whose nodes are stored as blobs too ([`tree`]); an
-//! incremental writes only the nodes above the blocks it changed, yet every
-//! restore point has a complete tree of its own. A **manifest** per restore
-//! point (JSON, [`manifest`]) names the disk, source, time, size, tree
-//! root, parent and statistics; its BLAKE3 is the restore point's id.
-//! The SQLite **catalogue** ([`catalogue`]) indexes all of it and can be
-//! rebuilt from packs and manifests alone ([`repair`]). The byte-level
-//! layouts are in `docs/formats.md`.
+//! blobs. A restore point's **block map** is a Merkle tree over the block
+//! ids whose nodes are stored as blobs too ([`Tree`]); an incremental
+//! writes only the nodes above the blocks it changed, yet every restore
+//! point has a complete tree of its own. A **manifest** per restore point
+//! (JSON, [`Manifest`]) names the disk, source, time, size, tree root,
+//! parent and statistics; its BLAKE3 is the restore point's id. The SQLite
+//! **catalogue** ([`Catalogue`]) indexes all of it and can be rebuilt from
+//! packs and manifests alone ([`repair()`]). The byte-level layouts are in
+//! `docs/formats.md`.
+//!
+//! # The API
+//! Every module is private; this page lists what callers use.
+//! - Writing: [`Repository::begin_backup`] gives a [`BackupWriter`] that
+//!   owns a restore point in the making — its packs, block map, manifest
+//!   and the run recorded in the catalogue. [`Repository::block_encoder`]
+//!   gives [`BlockEncoder`]s (one per thread) that turn a block into an
+//!   [`EncodedBlock`]: zero, already stored, or new and compressed. The
+//!   caller pushes them in block order and calls [`BackupWriter::finish`]
+//!   (the commit protocol below, run closed as `ok`) or
+//!   [`BackupWriter::fail`] (dropping the writer does the same: run closed
+//!   as `failed`, only unreferenced packs left).
+//!   [`BackupWriter::blocks_to_reread`] names what an incremental must read
+//!   beyond the changed blocks (tails after a resize, damaged blocks).
+//! - Reading: [`Repository::resolve`], [`Repository::reader`],
+//!   [`Cursor`], [`walk`], [`Repository::diff`].
+//! - Looking after: [`Repository::forget_plan`] then
+//!   [`Repository::forget`]; [`Repository::collect_garbage`] (plan, then
+//!   apply unless a dry run); [`Repository::verify`]; [`repair()`]. Each
+//!   takes the lock it needs itself (table below); callers take none.
+//!   Errors say what went wrong in the library's terms (a typed variant
+//!   such as [`Error::EmptyRetentionPolicy`]); front ends word the fix in
+//!   their own flags.
 //!
 //! # Commit protocol
 //! 1. New blobs go to packs; a pack is written to a temporary file, fsynced,
@@ -24,7 +49,8 @@
 //!    manifest written the same way. That write is the commit: the restore
 //!    point exists from then on, and its catalogue row follows (a crash in
 //!    between is healed by [`Repository::open`], which reconciles the
-//!    catalogue with the manifests).
+//!    catalogue with the manifests). [`BackupWriter::finish`] runs these
+//!    steps.
 //! 3. Reads check every blob against its id, so damage is reported, never
 //!    restored.
 //!
@@ -34,25 +60,32 @@
 //! every blob is checked against its id. A blob found damaged is
 //! quarantined in the catalogue; the next backup that meets the same
 //! content stores it again, and every restore point that used it restores
-//! again ([`Repository::blocks_to_heal`] makes an incremental re-read what
-//! its parent lost). [`verify`] passes exactly when every restore point
-//! restores; [`repair`] rebuilds the catalogue salvaging every blob whose
-//! bytes still match (packs frame each blob, so a damaged index loses
-//! nothing), and sets damaged manifests aside rather than deleting them.
-//! A repository on read-only media is read through a private copy of its
-//! catalogue.
+//! again ([`BackupWriter::blocks_to_reread`] makes an incremental re-read
+//! what its parent lost). [`Repository::verify`] passes exactly when every
+//! restore point restores; [`repair()`] rebuilds the catalogue salvaging
+//! every blob whose bytes still match (packs frame each blob, so a damaged
+//! index loses nothing), and sets damaged manifests aside rather than
+//! deleting them. A repository on read-only media is read through a
+//! private copy of its catalogue.
 //!
-//! # Garbage collection
-//! `forget` removes manifests; [`gc`] walks every remaining block map
-//! (shared subtrees once), deletes packs with nothing referenced, and
-//! rewrites packs until the unused bytes left are within `--max-unused` of
-//! the live ones (most freed per byte copied first; new packs first, then
-//! one catalogue transaction, then deletion of the old files). It plans,
-//! then applies: a dry run is the plan.
+//! # Forget and garbage collection
+//! Forget removes manifests: [`Repository::forget_plan`] decides (a
+//! retention policy or named restore points; each disk's last restore point
+//! is kept unless the plan allows it to go) and [`Repository::forget`]
+//! applies the plan, so a dry run shows exactly what a real run does.
+//! [`Repository::collect_garbage`] walks every remaining block map (shared
+//! subtrees once), deletes packs with nothing referenced, and rewrites
+//! packs until the unused bytes left are within
+//! [`GcOptions::max_unused`] of the live ones (most freed per byte copied
+//! first; new packs first, then one catalogue transaction, then deletion
+//! of the old files). It plans, then applies: a dry run is the plan.
 //!
 //! # Locking
 //! Processes coordinate with kernel file locks in `locks/`, which vanish
-//! with their holder, so a killed process never leaves a stale lock.
+//! with their holder, so a killed process never leaves a stale lock. The
+//! repository takes the repository lock itself for forget, diff, verify,
+//! gc and repair; a backup's locks are taken by its caller (who holds them
+//! around hypervisor steps too) before [`Repository::begin_backup`].
 //!
 //! | operation            | repository lock | disk lock | safe beside                     | because |
 //! |----------------------|-----------------|-----------|---------------------------------|---------|
@@ -62,12 +95,12 @@
 //! | forget               | shared          | –         | backup, restore, verify         | it only removes manifests; blobs stay until gc, and every tree is complete, so a running backup whose parent is forgotten still has its base |
 //! | gc                   | exclusive       | –         | nothing (waits or fails "locked") | it deletes blobs: no backup may be choosing to reuse one at the same time |
 //! | repair               | exclusive       | –         | nothing                         | it replaces the catalogue |
+//! | list                 | none            | –         | everything                      | a SQLite read transaction sees a consistent catalogue |
 //!
 //! Locks are taken in one order: job lock, repository lock, VM lock, disk
 //! lock, then the catalogue mutex ([`Repository::catalogue`]), which is
 //! held only for one call and never across another that takes it (see
 //! ARCHITECTURE.md). Job, VM and disk locks are tried once, never queued.
-//! | list                 | none            | –         | everything                      | a SQLite read transaction sees a consistent catalogue |
 //!
 //! # Storage backends
 //! Files live behind the [`Backend`] trait: write-once, atomic, durable
@@ -80,32 +113,56 @@
 //! system library to match), `zerocopy` (on-disk structs whose sizes are
 //! checked at compile time), `jiff` (correct RFC 3339 time handling).
 
-pub mod backend;
-pub mod catalogue;
-pub mod error;
-pub mod forget;
-pub mod gc;
+mod backend;
+mod catalogue;
+mod error;
+mod forget;
+mod gc;
 mod heal;
 mod id;
 mod lock;
-pub mod manifest;
-pub mod pack;
-pub mod repair;
+mod manifest;
+mod pack;
+mod repair;
 mod repository;
-pub mod store;
-pub mod tree;
-pub mod verify;
+mod store;
+mod tree;
+mod verify;
 mod vm;
+mod writer;
 
 pub use backend::{Backend, FileKind, LocalBackend, MemoryBackend};
-pub use catalogue::{Catalogue, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow};
+pub use catalogue::{
+    BlobLocation, Catalogue, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow,
+};
 pub use error::{Error, Result};
+pub use forget::{Decision, ForgetPlan, ForgetSelection, KeepPolicy};
+pub use gc::{DEFAULT_MAX_UNUSED, GcEstimate, GcOptions, GcReport};
 pub use id::{BlobId, is_all_zero};
 pub use lock::Lock;
-pub use manifest::{BackupMode, BackupStats, Manifest, SourceInfo};
+pub use manifest::{BackupMode, BackupStats, MAX_VIRTUAL_SIZE, Manifest, SourceInfo};
+pub use repair::{RepairReport, repair};
 pub use repository::{
     BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, FORMAT_VERSION, InitOptions, Repository,
 };
-pub use store::{BlobReader, PackWriter};
-pub use tree::{Tree, TreeBuilder, TreeShape};
+pub use store::{BlobReader, PackWriter, WriteStats};
+pub use tree::{Cursor, FANOUT, NodeStore, Tree, TreeShape, Visitor, decode_node, walk};
+pub use verify::{Damage, OnProgress, Problem, VerifyReport};
 pub use vm::{MAX_VM_METADATA_LEN, VM_METADATA_FORMAT, VmInfo, VmMetadata, VmMetadataRow};
+pub use writer::{BackupSpec, BackupWriter, BlockEncoder, EncodedBlock, NewBlock, ReadStats};
+
+/// Internals that the crate's own tests and benchmarks exercise directly
+/// (the pack, node and manifest formats fed random input, block maps built
+/// node by node, packs written blob by blob): not part of the API.
+#[doc(hidden)]
+pub mod testing {
+    pub mod manifest {
+        pub use crate::manifest::*;
+    }
+    pub mod pack {
+        pub use crate::pack::*;
+    }
+    pub mod tree {
+        pub use crate::tree::*;
+    }
+}

@@ -1,6 +1,7 @@
 //! Opening, creating and committing to a repository.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,8 +24,12 @@ pub const CONFIG_FILE: &str = "cbtvault.json";
 /// packs are framed — so that older builds refuse it rather than misread
 /// it.
 pub const FORMAT_VERSION: u32 = 2;
-/// Block size of every disk in a repository.
-pub const BLOCK_SIZE: u64 = 64 * 1024;
+/// Block size of every disk in a repository: the changed-block maps'
+/// block ([`cbtvault_blockmap::BLOCK_SIZE`]) is the one definition.
+pub use cbtvault_blockmap::BLOCK_SIZE;
+// The on-disk format (config, manifests, pack blob sizes) records 64 KiB:
+// a different block map block would be a new repository format.
+const _: () = assert!(BLOCK_SIZE == 64 * 1024);
 /// The kind of run a backup records in the catalogue.
 pub const BACKUP_RUN: &str = "backup";
 /// Default target size of a pack.
@@ -341,6 +346,11 @@ impl Repository {
         self.catalogue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Where this process's catalogue connections open.
+    pub(crate) fn catalogue_path(&self) -> &Path {
+        &self.catalogue_path
+    }
+
     /// A new connection to the catalogue, for another thread.
     pub fn open_catalogue(&self) -> Result<Catalogue> {
         Catalogue::open(&self.catalogue_path, false)
@@ -451,6 +461,22 @@ impl Repository {
         Ok(id)
     }
 
+    /// Registers restore point `old` under disk name `disk` too: a new
+    /// restore point with the same block map (nothing is copied), whose
+    /// source records where it came from (`renamed_from`). For a disk
+    /// that was stored under another name.
+    pub fn register_renamed(&self, old: &RestorePointRow, disk: &str) -> Result<RestorePointRow> {
+        let mut manifest = old.manifest.clone();
+        manifest.format = manifest::MANIFEST_FORMAT;
+        manifest.source.details.insert(
+            "renamed_from".into(),
+            format!("{}@{}", old.manifest.disk, old.id),
+        );
+        manifest.disk = disk.to_string();
+        let id = self.commit(&manifest)?;
+        Ok(RestorePointRow { id, manifest })
+    }
+
     /// Reads a manifest from its file and checks it: its name is its id,
     /// its content hashes to that id, and every field is valid.
     pub fn load_manifest(&self, id: &str) -> Result<Manifest> {
@@ -508,6 +534,27 @@ impl Repository {
         }
     }
 
+    /// The blocks whose content differs between restore points `a` and
+    /// `b`, as coalesced block ranges (blocks past the end of the smaller
+    /// disk count as zero). Shared subtrees are skipped, so this reads
+    /// only the nodes above changed blocks. Takes the shared repository
+    /// lock, so that gc cannot delete a node meanwhile.
+    pub fn diff(&self, a: &RestorePointRow, b: &RestorePointRow) -> Result<Vec<Range<u64>>> {
+        let _lock = self.lock_shared()?;
+        let reader = self.reader()?;
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        crate::tree::diff(
+            &a.manifest.tree(),
+            &b.manifest.tree(),
+            &reader,
+            &mut |first, count| match runs.last_mut() {
+                Some(last) if last.end == first => last.end += count,
+                _ => runs.push(first..first + count),
+            },
+        )?;
+        Ok(runs)
+    }
+
     /// The newest restore point of `disk`.
     pub fn latest(&self, disk: &str) -> Result<Option<RestorePointRow>> {
         Ok(self.catalogue().restore_points(Some(disk))?.pop())
@@ -515,11 +562,10 @@ impl Repository {
 
     /// Removes a restore point: marks it as being forgotten, removes its
     /// manifest (that is what makes it invisible), then its catalogue row.
-    /// Its data stays until `gc`. Retention decides through
-    /// [`crate::forget::plan`], which keeps each disk's newest restore point
-    /// unless told otherwise.
-    pub fn forget(&self, id: &str) -> Result<()> {
-        self.require_writable("forget")?;
+    /// Its data stays until `gc`. Callers go through a plan
+    /// ([`Repository::forget_plan`], [`Repository::forget`]), which keeps
+    /// each disk's last restore point unless told otherwise.
+    pub(crate) fn forget_one(&self, id: &str) -> Result<()> {
         self.catalogue().mark_forgetting(id)?;
         self.backend.remove(FileKind::Manifest, id)?;
         self.catalogue().remove_restore_point(id)

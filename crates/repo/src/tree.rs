@@ -129,20 +129,32 @@ pub fn decode_node(id: &BlobId, bytes: &[u8], level: u32, children: u64) -> Resu
 
 /// Random access to a tree's subtrees, cheap when visited in ascending order
 /// (it caches the last node read at each level).
-pub struct Cursor<'s> {
+///
+/// It reads nodes through a borrowed store; the repository's backup writer
+/// gives it one it owns (`H`), so that the writer can move between threads.
+pub struct Cursor<'s, H = &'s dyn NodeStore> {
     tree: Tree,
-    store: &'s dyn NodeStore,
+    store: H,
     cache: Vec<Option<(u64, Vec<BlobId>)>>,
+    _store: std::marker::PhantomData<&'s ()>,
 }
 
 impl<'s> Cursor<'s> {
     /// A cursor over `tree`, reading nodes from `store`.
     pub fn new(tree: Tree, store: &'s dyn NodeStore) -> Self {
+        Cursor::with_store(tree, store)
+    }
+}
+
+impl<H: std::ops::Deref<Target: NodeStore>> Cursor<'_, H> {
+    /// A cursor over `tree` reading nodes through `store`, a handle it owns.
+    pub(crate) fn with_store(tree: Tree, store: H) -> Self {
         let depth = tree.shape.depth() as usize;
         Cursor {
             tree,
             store,
             cache: vec![None; depth + 1],
+            _store: std::marker::PhantomData,
         }
     }
 
@@ -202,10 +214,10 @@ pub struct BuildStats {
 /// restore point of an incremental), whole subtrees at a time where the base
 /// has them, or are zero when there is no base (blocks a full backup skipped
 /// as holes) or the disk grew past the base.
-pub struct TreeBuilder<'s> {
+pub struct TreeBuilder<'s, H = &'s dyn NodeStore> {
     shape: TreeShape,
     depth: u32,
-    base: Option<Cursor<'s>>,
+    base: Option<Cursor<'s, H>>,
     /// Byte lengths of the new disk's and the base's last blocks, when
     /// known: a base block whose length differs from the new disk's at the
     /// same place (the old or new tail after a resize) is never taken.
@@ -256,6 +268,13 @@ impl<'s> TreeBuilder<'s> {
     /// would have the wrong length, and [`TreeBuilder::push`]'s gaps and
     /// [`TreeBuilder::finish`] fail rather than take it.
     pub fn for_disk(size: u64, base: Option<(Cursor<'s>, u64)>) -> Self {
+        Self::for_disk_with(size, base)
+    }
+}
+
+impl<'s, H: std::ops::Deref<Target: NodeStore>> TreeBuilder<'s, H> {
+    /// [`TreeBuilder::for_disk`] with a base cursor that owns its store.
+    pub(crate) fn for_disk_with(size: u64, base: Option<(Cursor<'s, H>, u64)>) -> Self {
         let blocks = size.div_ceil(BLOCK);
         match base {
             Some((cursor, base_size)) => {
@@ -265,7 +284,7 @@ impl<'s> TreeBuilder<'s> {
         }
     }
 
-    fn with_tails(blocks: u64, base: Option<Cursor<'s>>, tails: Option<Tails>) -> Self {
+    fn with_tails(blocks: u64, base: Option<Cursor<'s, H>>, tails: Option<Tails>) -> Self {
         let shape = TreeShape { blocks };
         let depth = shape.depth();
         TreeBuilder {

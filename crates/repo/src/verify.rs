@@ -90,9 +90,23 @@ impl VerifyReport {
 /// Progress callback: bytes just checked.
 pub type OnProgress<'a> = &'a (dyn Fn(u64) + Sync);
 
-/// Checks the repository. With `read_data`, re-reads and re-hashes every
-/// blob a restore could read, on `threads` threads.
-pub fn verify(
+impl Repository {
+    /// Checks the repository. With `read_data`, re-reads and re-hashes
+    /// every blob a restore could read, on `threads` threads. Takes the
+    /// shared repository lock: no gc or repair runs meanwhile.
+    pub fn verify(
+        &self,
+        read_data: bool,
+        threads: usize,
+        progress: OnProgress<'_>,
+    ) -> Result<VerifyReport> {
+        let _lock = self.lock_shared()?;
+        verify(self, read_data, threads, progress)
+    }
+}
+
+/// [`Repository::verify`], for a caller that holds a repository lock.
+pub(crate) fn verify(
     repo: &Repository,
     read_data: bool,
     threads: usize,

@@ -4,9 +4,11 @@
 mod integration {
     mod common;
     mod damage;
+    mod forget;
     mod fuzz;
     mod maintenance;
     mod repository;
     mod tree;
     mod vm;
+    mod writer;
 }

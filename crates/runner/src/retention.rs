@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use cbtvault_config::Retention;
 use cbtvault_repo::Repository;
-use cbtvault_repo::forget::KeepPolicy;
+use cbtvault_repo::{ForgetSelection, KeepPolicy};
 
 use crate::error::{Error, Result};
 
@@ -16,23 +16,19 @@ pub(crate) async fn apply(repo: &Arc<Repository>, disk: &str, keep: Retention) -
         daily: keep.keep_daily,
         weekly: keep.keep_weekly,
         monthly: keep.keep_monthly,
-        ..Default::default()
     };
     if policy.is_empty() {
         return Ok(0);
     }
     let (repo, disk) = (repo.clone(), disk.to_string());
     tokio::task::spawn_blocking(move || -> Result<usize> {
-        let points = repo.catalogue().restore_points(Some(&disk))?;
-        let doomed: Vec<String> = cbtvault_repo::forget::plan(&points, &policy)
-            .into_iter()
-            .filter(|d| !d.keep)
-            .map(|d| d.id)
-            .collect();
-        for id in &doomed {
-            repo.forget(id)?;
-        }
-        Ok(doomed.len())
+        let selection = ForgetSelection::Policy {
+            policy,
+            disk: Some(disk),
+        };
+        let plan = repo.forget_plan(&selection, false)?;
+        repo.forget(&plan)?;
+        Ok(plan.forgotten().count())
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))?

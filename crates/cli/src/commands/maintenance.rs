@@ -6,11 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cbtvault_engine::Progress;
-use cbtvault_repo::forget::{self, KeepPolicy};
-use cbtvault_repo::gc::{self, GcOptions};
-use cbtvault_repo::{
-    BLOCK_SIZE, InitOptions, Repository, repair as repair_mod, tree, verify as verify_mod,
-};
+use cbtvault_repo::{BLOCK_SIZE, ForgetSelection, GcOptions, InitOptions, KeepPolicy, Repository};
 use serde_json::json;
 
 use crate::cli::{ForgetArgs, Global};
@@ -55,18 +51,12 @@ pub fn show(g: &Global, path: &Path, id: &str) -> Result<ExitCode> {
 pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
     let repo = super::open(path)?;
     let (ra, rb) = (super::resolve(&repo, a)?, super::resolve(&repo, b)?);
-    let reader = repo.reader()?;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    tree::diff(
-        &ra.manifest.tree(),
-        &rb.manifest.tree(),
-        &reader,
-        &mut |first, count| match runs.last_mut() {
-            Some((start, len)) if *start + *len == first => *len += count,
-            _ => runs.push((first, count)),
-        },
-    )
-    .context("comparing block maps")?;
+    let runs: Vec<(u64, u64)> = repo
+        .diff(&ra, &rb)
+        .context("comparing block maps")?
+        .into_iter()
+        .map(|r| (r.start, r.end - r.start))
+        .collect();
     let blocks: u64 = runs.iter().map(|r| r.1).sum();
     if g.json {
         output::print_json(&json!({
@@ -92,7 +82,6 @@ pub fn diff(g: &Global, path: &Path, a: &str, b: &str) -> Result<ExitCode> {
 
 pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
     let repo = super::open(path)?;
-    let _lock = repo.lock_shared()?;
     let bar = Bar::new(g);
     let total: u64 = repo.catalogue().packs()?.iter().map(|p| p.1).sum();
     if read_data {
@@ -101,7 +90,7 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    let report = verify_mod::verify(&repo, read_data, threads, &|n| bar.advance(n))?;
+    let report = repo.verify(read_data, threads, &|n| bar.advance(n))?;
     bar.finish();
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
@@ -171,13 +160,11 @@ pub fn verify(g: &Global, path: &Path, read_data: bool) -> Result<ExitCode> {
 
 pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
     let repo = super::open(&args.repo.repo)?;
-    let _lock = repo.lock_shared()?;
     let policy = KeepPolicy {
         last: args.keep_last,
         daily: args.keep_daily,
         weekly: args.keep_weekly,
         monthly: args.keep_monthly,
-        forget_last: args.allow_forget_last,
     };
     if policy.is_empty() && args.ids.is_empty() {
         bail!(usage!(
@@ -189,55 +176,21 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
             "give either restore point ids or a --keep-* policy, not both"
         ));
     }
-    let mut decisions = Vec::new();
-    if args.ids.is_empty() {
-        let disks = match &args.disk {
-            Some(d) => vec![d.clone()],
-            None => repo.catalogue().disks()?,
-        };
-        for disk in disks {
-            let points = repo.catalogue().restore_points(Some(&disk))?;
-            decisions.extend(forget::plan(&points, &policy));
+    let selection = if args.ids.is_empty() {
+        ForgetSelection::Policy {
+            policy,
+            disk: args.disk.clone(),
         }
     } else {
-        let mut named = std::collections::BTreeSet::new();
+        // Resolved here for the messages that say what to give instead.
+        let mut ids = Vec::new();
         for id in &args.ids {
-            named.insert(super::resolve(&repo, id)?.id);
+            ids.push(super::resolve(&repo, id)?.id);
         }
-        // Every point of the disks concerned, so the last one is noticed.
-        let disks: std::collections::BTreeSet<String> = repo
-            .catalogue()
-            .restore_points(None)?
-            .into_iter()
-            .filter(|rp| named.contains(&rp.id))
-            .map(|rp| rp.manifest.disk)
-            .collect();
-        for disk in disks {
-            let points = repo.catalogue().restore_points(Some(&disk))?;
-            for rp in points {
-                let asked = named.contains(&rp.id);
-                decisions.push(forget::Decision {
-                    id: rp.id,
-                    disk: rp.manifest.disk,
-                    time: rp.manifest.time,
-                    keep: !asked,
-                    reasons: if asked {
-                        Vec::new()
-                    } else {
-                        vec!["not named".into()]
-                    },
-                });
-            }
-        }
-        if !args.allow_forget_last {
-            forget::protect_last(&mut decisions);
-        }
-        decisions.retain(|d| named.contains(&d.id));
-    }
-    let protected: Vec<&forget::Decision> = decisions
-        .iter()
-        .filter(|d| d.reasons.iter().any(|r| r == forget::LAST_POINT))
-        .collect();
+        ForgetSelection::Ids(ids)
+    };
+    let plan = repo.forget_plan(&selection, args.allow_forget_last)?;
+    let protected: Vec<_> = plan.kept_as_last().collect();
     if !protected.is_empty() && !g.quiet && !g.json {
         for d in &protected {
             errln!(
@@ -248,17 +201,14 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
             );
         }
     }
+    let removed = plan.forgotten().count();
     if !args.dry_run {
-        for d in decisions.iter().filter(|d| !d.keep) {
-            repo.forget(&d.id)
-                .with_context(|| format!("forgetting {}", d.id))?;
-        }
+        repo.forget(&plan).context("forgetting restore points")?;
     }
-    let removed = decisions.iter().filter(|d| !d.keep).count();
     if g.json {
-        output::print_json(&json!({ "dry_run": args.dry_run, "decisions": decisions }));
+        output::print_json(&json!({ "dry_run": args.dry_run, "decisions": plan.decisions }));
     } else if !g.quiet {
-        for d in &decisions {
+        for d in &plan.decisions {
             let what = if d.keep {
                 format!("keep ({})", d.reasons.join(", "))
             } else {
@@ -287,7 +237,7 @@ pub fn forget(g: &Global, args: ForgetArgs) -> Result<ExitCode> {
 pub fn gc(g: &Global, path: &Path, wait: u64, options: GcOptions) -> Result<ExitCode> {
     let dry_run = options.dry_run;
     let repo = super::open(path)?;
-    let report = gc::collect_garbage_locked(&repo, options, Duration::from_secs(wait))?;
+    let report = repo.collect_garbage(options, Duration::from_secs(wait))?;
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
@@ -326,7 +276,7 @@ pub fn gc(g: &Global, path: &Path, wait: u64, options: GcOptions) -> Result<Exit
 }
 
 pub fn repair(g: &Global, path: &Path, wait: u64) -> Result<ExitCode> {
-    let report = repair_mod::repair(path, Duration::from_secs(wait))
+    let report = cbtvault_repo::repair(path, Duration::from_secs(wait))
         .with_context(|| format!("repairing {}", path.display()))?;
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);

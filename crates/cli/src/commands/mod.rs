@@ -90,7 +90,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     "--max-unused takes a percentage from 0 to 1000"
                 ));
             }
-            let options = cbtvault_repo::gc::GcOptions {
+            let options = cbtvault_repo::GcOptions {
                 max_unused: max_unused / 100.0,
                 max_repack,
                 dry_run,

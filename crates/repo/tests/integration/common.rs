@@ -4,10 +4,10 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::Path;
 
-use cbtvault_repo::tree::{NodeSink, NodeStore, Tree, TreeBuilder, Visitor, walk};
+use cbtvault_repo::testing::tree::{NodeSink, NodeStore, Tree, TreeBuilder, Visitor, walk};
 use cbtvault_repo::{
-    BLOCK_SIZE, BackupMode, BackupStats, BlobId, Error, InitOptions, Manifest, PackWriter,
-    Repository, Result, SourceInfo, tree::FANOUT,
+    BLOCK_SIZE, BackupMode, BackupStats, BlobId, Error, FANOUT, InitOptions, Manifest, PackWriter,
+    Repository, Result, SourceInfo,
 };
 use tempfile::TempDir;
 

@@ -5,8 +5,8 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cbtvault_repo::pack::BlobKind;
-use cbtvault_repo::verify::{VerifyReport, verify};
+use cbtvault_repo::VerifyReport;
+use cbtvault_repo::testing::pack::BlobKind;
 use cbtvault_repo::{BLOCK_SIZE, BlobId, Error, FileKind, Repository, Result};
 
 use super::common::{commit_disk, data_block, new_repo, pack_files};
@@ -31,7 +31,7 @@ fn flip_byte(repo: &Repository, id: &BlobId, at: u64) -> Result<()> {
 
 fn verify_all(repo: &Repository) -> Result<VerifyReport> {
     let progress = AtomicU64::new(0);
-    let report = verify(repo, true, 2, &|bytes| {
+    let report = repo.verify(true, 2, &|bytes| {
         progress.fetch_add(bytes, Ordering::Relaxed);
     })?;
     assert_eq!(
@@ -121,7 +121,7 @@ fn a_flipped_byte_in_a_block_is_caught_and_located() -> Result<()> {
     assert!(matches!(&batch[2], Ok(content) if *content == data_block(2)));
 
     // Quarantined, it fails even a structural check, and a full one.
-    assert!(!verify(&repo, false, 1, &|_| {})?.is_ok());
+    assert!(!repo.verify(false, 1, &|_| {})?.is_ok());
     let report = verify_all(&repo)?;
     assert!(!report.is_ok());
     let objects: Vec<&str> = report.problems.iter().map(|p| p.object.as_str()).collect();

@@ -3,8 +3,8 @@
 //! allocate what a length field claims before checking it, or accept
 //! damaged input as valid.
 
-use cbtvault_repo::pack::{self, BlobKind, PackBuilder, TRAILER_LEN};
-use cbtvault_repo::tree::{decode_node, encode_node};
+use cbtvault_repo::testing::pack::{self, BlobKind, PackBuilder, TRAILER_LEN};
+use cbtvault_repo::testing::tree::{decode_node, encode_node};
 use cbtvault_repo::{Backend, BlobId, FileKind, Manifest, MemoryBackend};
 use proptest::prelude::*;
 
@@ -80,7 +80,7 @@ proptest! {
             // Whatever still parses is valid: no zero block size, no
             // absurd size, a disk name.
             prop_assert_eq!(m.block_size, 65536);
-            prop_assert!(m.virtual_size <= cbtvault_repo::manifest::MAX_VIRTUAL_SIZE);
+            prop_assert!(m.virtual_size <= cbtvault_repo::testing::manifest::MAX_VIRTUAL_SIZE);
             prop_assert!(!m.disk.is_empty());
             let _ = m.tree().shape.depth();
         }

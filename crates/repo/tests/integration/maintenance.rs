@@ -3,16 +3,23 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cbtvault_repo::gc::{GcOptions, GcReport, collect_garbage};
-use cbtvault_repo::pack::{BlobKind, Compression, PackBuilder};
-use cbtvault_repo::repair::repair;
-use cbtvault_repo::verify::verify;
+use cbtvault_repo::ForgetSelection;
+use cbtvault_repo::repair;
+use cbtvault_repo::testing::pack::{BlobKind, Compression, PackBuilder};
 use cbtvault_repo::{BlobId, Error, FileKind, Repository, Result};
+use cbtvault_repo::{GcOptions, GcReport};
 
 use super::common::{self, commit_disk, data_block, new_repo, pack_files};
 
 fn gc(repo: &Repository) -> Result<GcReport> {
-    collect_garbage(repo, GcOptions::default())
+    repo.collect_garbage(GcOptions::default(), Duration::ZERO)
+}
+
+/// Forgets one restore point, as `cbtvault forget ID --allow-forget-last`.
+fn forget(repo: &Repository, id: &str) -> Result<()> {
+    let plan = repo.forget_plan(&ForgetSelection::Ids(vec![id.to_string()]), true)?;
+    assert_eq!(repo.forget(&plan)?, 1);
+    Ok(())
 }
 
 /// Pack files on storage and packs in the catalogue must be the same set.
@@ -28,7 +35,7 @@ fn assert_packs_consistent(repo: &Repository) -> Result<()> {
 }
 
 fn assert_verifies(repo: &Repository) -> Result<()> {
-    let report = verify(repo, true, 2, &|_| {})?;
+    let report = repo.verify(true, 2, &|_| {})?;
     assert!(report.is_ok(), "{report:?}");
     Ok(())
 }
@@ -51,7 +58,7 @@ fn gc_after_forget_removes_only_unreferenced_data() -> Result<()> {
     let kept = commit_disk(&repo, &mut writer, "vm1", &[a, BlobId::ZERO, c], 10)?;
     assert_eq!(pack_files(&repo).len(), 4);
 
-    repo.forget(&forgotten)?;
+    forget(&repo, &forgotten)?;
     assert!(matches!(
         repo.resolve(&forgotten),
         Err(Error::UnknownRestorePoint(_))
@@ -193,7 +200,7 @@ fn gc_never_deletes_the_pack_it_just_wrote() -> Result<()> {
         &[x, BlobId::ZERO, BlobId::ZERO],
         0,
     )?;
-    repo.forget(&uses_z)?;
+    forget(&repo, &uses_z)?;
 
     let report = gc(&repo)?;
     assert_eq!(report.packs_rewritten, 1, "{report:?}");
@@ -212,14 +219,14 @@ fn gc_dry_run_changes_nothing() -> Result<()> {
     let a = writer.add(BlobKind::Data, &data_block(1))?;
     writer.flush()?;
     let rp = commit_disk(&repo, &mut writer, "vm1", &[a], 0)?;
-    repo.forget(&rp)?;
+    forget(&repo, &rp)?;
     let before = pack_files(&repo);
-    let report = collect_garbage(
-        &repo,
+    let report = repo.collect_garbage(
         GcOptions {
             dry_run: true,
             ..GcOptions::default()
         },
+        Duration::ZERO,
     )?;
     assert_eq!(report.packs_deleted, 2, "{report:?}");
     assert_eq!(pack_files(&repo), before);
@@ -342,6 +349,6 @@ fn repair_salvages_a_pack_whose_index_and_catalogue_are_both_gone() -> Result<()
     let reader = repo.reader()?;
     assert_eq!(reader.read(&a)?, data_block(1));
     assert_eq!(reader.read(&b)?, data_block(2));
-    assert!(verify(&repo, true, 1, &|_| {})?.is_ok());
+    assert!(repo.verify(true, 1, &|_| {})?.is_ok());
     Ok(())
 }

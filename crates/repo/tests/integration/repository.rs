@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 
-use cbtvault_repo::pack::BlobKind;
+use cbtvault_repo::testing::pack::BlobKind;
 use cbtvault_repo::{
-    BlobId, CONFIG_FILE, Error, FORMAT_VERSION, FileKind, InitOptions, Repository, Result, manifest,
+    BlobId, CONFIG_FILE, Error, FORMAT_VERSION, FileKind, InitOptions, Repository, Result,
+    testing::manifest,
 };
 
 use super::common::{
@@ -295,6 +296,6 @@ fn a_format_1_repository_is_upgraded_when_opened() -> Result<()> {
         blocks_of(&repo.resolve(&rp)?.manifest.tree(), &repo.reader()?)?,
         [a]
     );
-    assert!(cbtvault_repo::verify::verify(&repo, true, 1, &|_| {})?.is_ok());
+    assert!(repo.verify(true, 1, &|_| {})?.is_ok());
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use cbtvault_repo::tree::{self, BuildStats, Cursor, Tree, TreeBuilder, Visitor};
+use cbtvault_repo::testing::tree::{self, BuildStats, Cursor, Tree, TreeBuilder, Visitor};
 use cbtvault_repo::{BlobId, Result, TreeShape};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError};

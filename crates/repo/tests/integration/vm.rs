@@ -1,6 +1,6 @@
 //! Restore points that know their VM, and saved VM metadata.
 
-use cbtvault_repo::pack::BlobKind;
+use cbtvault_repo::testing::pack::BlobKind;
 use cbtvault_repo::{FileKind, Repository, Result, VmInfo, VmMetadata};
 
 use super::common::{commit_disk, data_block, new_repo};
@@ -77,7 +77,7 @@ fn a_manifest_without_a_vm_still_loads() -> Result<()> {
     assert_eq!(row.manifest.source.vm, None);
     // Written again, it is the same bytes: the id is stable.
     assert_eq!(
-        cbtvault_repo::manifest::encode(&row.manifest).1,
+        cbtvault_repo::testing::manifest::encode(&row.manifest).1,
         old.as_bytes()
     );
     Ok(())
@@ -104,7 +104,7 @@ fn a_restore_point_keeps_its_vm() -> Result<()> {
     let listed = repo.catalogue().restore_points(None)?;
     assert_eq!(listed.len(), 2);
     drop(repo);
-    cbtvault_repo::repair::repair(dir.path(), std::time::Duration::ZERO)?;
+    cbtvault_repo::repair(dir.path(), std::time::Duration::ZERO)?;
     let repo = Repository::open(dir.path())?;
     assert_eq!(
         repo.resolve(&with_vm)?.manifest.source.vm,
@@ -183,7 +183,7 @@ fn damaged_vm_metadata_is_found_and_set_aside() -> Result<()> {
     m.time += jiff::SignedDuration::from_secs(1);
     repo.commit(&m)?;
     drop(writer);
-    assert!(cbtvault_repo::verify::verify(&repo, false, 1, &|_| {})?.is_ok());
+    assert!(repo.verify(false, 1, &|_| {})?.is_ok());
 
     let path = dir.path().join("vms").join(format!("{id}.json"));
     let mut bytes = std::fs::read(&path).unwrap();
@@ -192,7 +192,7 @@ fn damaged_vm_metadata_is_found_and_set_aside() -> Result<()> {
     std::fs::write(&path, &bytes).unwrap();
     let err = repo.vm_metadata(&id).unwrap_err().to_string();
     assert!(err.contains(&id) && err.contains("damaged"), "{err}");
-    let report = cbtvault_repo::verify::verify(&repo, false, 1, &|_| {})?;
+    let report = repo.verify(false, 1, &|_| {})?;
     let objects: Vec<&str> = report.problems.iter().map(|p| p.object.as_str()).collect();
     assert!(
         objects.contains(&format!("VM metadata {id}").as_str()),
@@ -201,7 +201,7 @@ fn damaged_vm_metadata_is_found_and_set_aside() -> Result<()> {
     );
     drop(repo);
 
-    let repaired = cbtvault_repo::repair::repair(dir.path(), std::time::Duration::ZERO)?;
+    let repaired = cbtvault_repo::repair(dir.path(), std::time::Duration::ZERO)?;
     assert!(
         repaired.set_aside.iter().any(|s| s.contains(&id)),
         "{:?}",
@@ -210,7 +210,7 @@ fn damaged_vm_metadata_is_found_and_set_aside() -> Result<()> {
     assert!(!path.exists());
     let repo = Repository::open(dir.path())?;
     assert!(repo.vm_metadata_list(None)?.is_empty());
-    let report = cbtvault_repo::verify::verify(&repo, true, 1, &|_| {})?;
+    let report = repo.verify(true, 1, &|_| {})?;
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(report.problems[0].problem.contains("is missing"));
     assert!(report.damaged.is_empty(), "the disks still restore");
