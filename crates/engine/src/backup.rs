@@ -30,6 +30,7 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::source::DiskSource;
+use crate::throttle::Throttle;
 
 /// Which blocks to read.
 #[derive(Clone, Debug)]
@@ -70,6 +71,9 @@ pub struct BackupOptions {
     pub inflight: usize,
     /// Hashing and compression threads.
     pub workers: usize,
+    /// A bandwidth limit shared with other backups (the disks of a job);
+    /// reads wait on it before they are issued.
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 impl Default for BackupOptions {
@@ -84,6 +88,7 @@ impl Default for BackupOptions {
             workers: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            throttle: None,
         }
     }
 }
@@ -269,7 +274,17 @@ pub async fn backup<S: DiskSource>(
             })
         };
 
-        let read_stats = read_stage(&*source, &job.disk, &to_read, read_blocks, size, job.options.inflight, chunk_tx, &*progress, &cancel).await;
+        let reader = ReadStage {
+            source: &*source,
+            disk: &job.disk,
+            size,
+            read_blocks,
+            inflight: job.options.inflight,
+            throttle: job.options.throttle.as_deref(),
+            progress: &*progress,
+            cancel: &cancel,
+        };
+        let read_stats = reader.run(&to_read, chunk_tx).await;
         let (writer, written) = tokio::task::spawn_blocking(move || writer.join())
             .await
             .map_err(|e| Error::Internal(format!("writer task: {e}")))?
@@ -314,72 +329,90 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Internal(format!("blocking task: {e}")))?
 }
 
-/// Reads the marked blocks in order, `inflight` requests at a time.
-#[allow(clippy::too_many_arguments)]
-async fn read_stage<S: DiskSource>(
-    source: &S,
-    disk: &str,
-    to_read: &BlockMap,
-    read_blocks: u64,
+/// What the reader needs: the source and how to pace reads from it.
+struct ReadStage<'a, S> {
+    source: &'a S,
+    disk: &'a str,
     size: u64,
+    /// Blocks per read request at most.
+    read_blocks: u64,
     inflight: usize,
-    tx: flume::Sender<Chunk>,
-    progress: &dyn Progress,
-    cancel: &CancellationToken,
-) -> Result<(u64, u64)> {
-    let requests = to_read.runs(read_blocks).map(|run| {
-        let offset = run.start * BLOCK_SIZE;
-        let len = (run.end * BLOCK_SIZE).min(size) - offset;
-        (run.start, offset, len as usize)
-    });
-    let mut reads = futures::stream::iter(requests)
-        .map(|(first_block, offset, len)| async move {
-            let data = source
-                .read_at(offset, len)
-                .await
-                .map_err(|source| Error::SourceRead {
-                    disk: disk.to_string(),
-                    offset,
-                    len,
-                    source,
-                })?;
-            if data.len() != len {
-                return Err(Error::ShortRead {
-                    disk: disk.to_string(),
-                    offset,
-                    expected: len,
-                    got: data.len(),
-                });
-            }
-            Ok((first_block, data))
-        })
-        .buffered(inflight.max(1));
-    let (mut blocks, mut bytes, mut seq) = (0u64, 0u64, 0u64);
-    loop {
-        let next = tokio::select! {
-            _ = cancel.cancelled() => return Err(Error::Cancelled),
-            next = reads.next() => next,
-        };
-        let Some(read) = next else { break };
-        let (first_block, data) = read?;
-        bytes += data.len() as u64;
-        blocks += (data.len() as u64).div_ceil(BLOCK_SIZE);
-        progress.advance(data.len() as u64);
-        if tx
-            .send_async(Chunk {
-                seq,
-                first_block,
-                data,
+    throttle: Option<&'a Throttle>,
+    progress: &'a dyn Progress,
+    cancel: &'a CancellationToken,
+}
+
+impl<S: DiskSource> ReadStage<'_, S> {
+    /// Reads the marked blocks in order, `inflight` requests at a time.
+    async fn run(&self, to_read: &BlockMap, tx: flume::Sender<Chunk>) -> Result<(u64, u64)> {
+        let ReadStage {
+            source,
+            disk,
+            size,
+            read_blocks,
+            inflight,
+            throttle,
+            progress,
+            cancel,
+        } = *self;
+        let requests = to_read.runs(read_blocks).map(|run| {
+            let offset = run.start * BLOCK_SIZE;
+            let len = (run.end * BLOCK_SIZE).min(size) - offset;
+            (run.start, offset, len as usize)
+        });
+        let mut reads = futures::stream::iter(requests)
+            .map(|(first_block, offset, len)| async move {
+                if let Some(throttle) = throttle {
+                    throttle.take(len as u64).await;
+                }
+                let data =
+                    source
+                        .read_at(offset, len)
+                        .await
+                        .map_err(|source| Error::SourceRead {
+                            disk: disk.to_string(),
+                            offset,
+                            len,
+                            source,
+                        })?;
+                if data.len() != len {
+                    return Err(Error::ShortRead {
+                        disk: disk.to_string(),
+                        offset,
+                        expected: len,
+                        got: data.len(),
+                    });
+                }
+                Ok((first_block, data))
             })
-            .await
-            .is_err()
-        {
-            // The writer stopped; its error is the one to report.
-            break;
+            .buffered(inflight.max(1));
+        let (mut blocks, mut bytes, mut seq) = (0u64, 0u64, 0u64);
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+                next = reads.next() => next,
+            };
+            let Some(read) = next else { break };
+            let (first_block, data) = read?;
+            bytes += data.len() as u64;
+            blocks += (data.len() as u64).div_ceil(BLOCK_SIZE);
+            progress.advance(data.len() as u64);
+            if tx
+                .send_async(Chunk {
+                    seq,
+                    first_block,
+                    data,
+                })
+                .await
+                .is_err()
+            {
+                // The writer stopped; its error is the one to report.
+                break;
+            }
+            seq += 1;
         }
-        seq += 1;
+        Ok((blocks, bytes))
     }
-    Ok((blocks, bytes))
 }
 
 /// Hashes, deduplicates and compresses chunks.
