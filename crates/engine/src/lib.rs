@@ -20,6 +20,7 @@ pub mod backup;
 pub mod error;
 pub mod nbd;
 pub mod progress;
+pub mod provider;
 pub mod qemu;
 pub mod rename;
 pub mod restore;
@@ -33,6 +34,10 @@ pub use backup::{
 };
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
+pub use provider::{
+    DiskRun, DriveContext, Limit, PreparedDisk, ProgressFactory, Provider, SharedProgress, Slots,
+    VmIdentity, drive,
+};
 pub use rename::DiskName;
 pub use restore::{DiskTarget, FileTarget, RestoreStats, restore};
 pub use source::{DiskSource, FileSource};

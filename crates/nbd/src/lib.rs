@@ -77,5 +77,6 @@ mod uri;
 
 pub use client::{Address, Client, ConnectOptions, StatusExtent};
 pub use error::{BoxError, Error, Result};
+pub use options::{BASE_ALLOCATION, dirty_bitmap_context, dirty_bitmap_name};
 pub use tls::{Pem, TlsOptions, TlsTrust};
 pub use uri::DEFAULT_PORT;

@@ -150,4 +150,56 @@ impl StatusExtent {
     pub fn end(&self) -> u64 {
         self.offset + self.length
     }
+
+    /// In a `base:allocation` answer: the extent reads as zeros.
+    pub fn is_zero(&self) -> bool {
+        self.flags & Self::ZERO != 0
+    }
+
+    /// In a `qemu:dirty-bitmap:NAME` answer: the extent changed.
+    pub fn is_dirty(&self) -> bool {
+        self.flags & Self::DIRTY != 0
+    }
+}
+
+/// The meta context that tells where a disk holds data.
+pub const BASE_ALLOCATION: &str = proto::BASE_ALLOCATION;
+
+/// The prefix of QEMU's dirty-bitmap meta contexts.
+const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+/// The meta context of QEMU dirty bitmap `bitmap`.
+pub fn dirty_bitmap_context(bitmap: &str) -> String {
+    format!("{DIRTY_BITMAP_PREFIX}{bitmap}")
+}
+
+/// The bitmap a `qemu:dirty-bitmap:NAME` context names, if it is one.
+pub fn dirty_bitmap_name(context: &str) -> Option<&str> {
+    context.strip_prefix(DIRTY_BITMAP_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_bitmap_contexts_round_trip() {
+        let c = dirty_bitmap_context("cbtv-job-1");
+        assert_eq!(c, "qemu:dirty-bitmap:cbtv-job-1");
+        assert_eq!(dirty_bitmap_name(&c), Some("cbtv-job-1"));
+        assert_eq!(dirty_bitmap_name(BASE_ALLOCATION), None);
+    }
+
+    #[test]
+    fn flags_read_by_name() {
+        let e = |flags| StatusExtent {
+            offset: 0,
+            length: 1,
+            flags,
+        };
+        assert!(e(StatusExtent::DIRTY).is_dirty());
+        assert!(!e(0).is_dirty());
+        assert!(e(StatusExtent::ZERO | StatusExtent::HOLE).is_zero());
+        assert!(!e(StatusExtent::HOLE).is_zero());
+    }
 }
