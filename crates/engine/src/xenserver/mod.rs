@@ -15,12 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cbtvault_repo::{Repository, RestorePointRow, SourceInfo};
-use cbtvault_xen::{Capture, Journal, NoteKind, Previous, VdiBackup, XenChanges};
+use cbtvault_xen::{Capture, Previous, VdiBackup, XenChanges};
 use cbtvault_xenapi::{Client, VdiRef};
 use tokio_util::sync::CancellationToken;
 
 mod vm;
 
+pub use cbtvault_xen::{Journal, NoteKind};
 pub use cbtvault_xen::{TAG_JOB, disk_name, former_disk_name, pool_uuid};
 pub use vm::{XenVm, backup_vm};
 
@@ -107,7 +108,7 @@ fn xapi(disk: &str, what: &str) -> impl FnOnce(cbtvault_xenapi::Error) -> Error 
 /// The crash journal, kept as runs in the repository's catalogue (kinds
 /// `xen-snapshot` and `xen-vm-snapshot`, the known snapshots as a JSON
 /// list in the run's detail), which `repair` carries over.
-pub(crate) struct RepoJournal(pub Arc<Repository>);
+pub struct RepoJournal(pub Arc<Repository>);
 
 impl Journal for RepoJournal {
     fn note(&self, kind: NoteKind, subject: &str, known: &[String]) -> Result<i64, BoxError> {
