@@ -11,7 +11,10 @@
 //! server gives none). A server that refuses GO with `NBD_REP_ERR_UNSUP` –
 //! XenServer's xapi-nbd – is spoken to with `NBD_OPT_EXPORT_NAME`: simple
 //! replies, 512-byte aligned reads, and the connection written off after any
-//! error reply because xapi-nbd closes it.
+//! error reply because xapi-nbd closes it. [`BASE_ALLOCATION`] and
+//! [`dirty_bitmap_context`] name the meta contexts, and
+//! [`StatusExtent::is_zero`] and [`StatusExtent::is_dirty`] read their
+//! flags, so no caller spells either.
 //!
 //! Each connection has a writer task and a reader task; requests from any
 //! number of tasks are pipelined, matched by cookie, within a window of
