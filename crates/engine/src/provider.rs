@@ -91,7 +91,7 @@ pub trait Provider: Send + Sync {
 
     /// Commits (`Some`: the disk's restore point, committed and checked)
     /// or aborts (`None`) every disk of the capture; one result per disk,
-    /// in order.
+    /// in order. Called once; the provider lets go of every lock it holds.
     fn finish(
         &mut self,
         outcomes: Vec<(Self::View, Option<RestorePointRow>)>,

@@ -381,9 +381,11 @@ impl Provider for XenVdi<'_> {
         &mut self,
         outcomes: Vec<(XenView, Option<RestorePointRow>)>,
     ) -> Vec<Result<()>> {
+        // Taken: the disk's locks go when finish is done.
+        let disk = self.disk.take();
         let mut out = Vec::new();
         for (view, committed) in outcomes {
-            out.push(match &self.disk {
+            out.push(match &disk {
                 Some(d) => {
                     d.finish(self.client, &view, committed.is_some(), &self.options)
                         .await

@@ -112,7 +112,8 @@ impl Provider for XenVm<'_> {
         &mut self,
         outcomes: Vec<(XenView, Option<RestorePointRow>)>,
     ) -> Vec<Result<()>> {
-        let Some(state) = &self.state else {
+        // Taken: the VM's and the disks' locks go when finish is done.
+        let Some(state) = self.state.take() else {
             return outcomes
                 .iter()
                 .map(|_| Err(Error::Internal("finish before prepare".into())))
