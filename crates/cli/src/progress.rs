@@ -1,5 +1,5 @@
-//! Progress of a multi-disk run on a terminal: one line per capture (a
-//! disk, or the disks of one VM snapshot) and a total line, all in bytes
+//! Progress of a multi-disk run on a terminal: one line per disk and a
+//! total line, all in bytes
 //! read. Nothing is drawn with --quiet, --json, or when stderr is not a
 //! terminal.
 
@@ -57,8 +57,12 @@ impl Bars {
     }
 }
 
-impl cbtvault_runner::Observer for Bars {
-    fn capture(&self, label: &str) -> Arc<dyn Progress> {
+impl cbtvault_runner::Observer for Bars {}
+
+impl cbtvault_engine::ProgressFactory for Bars {
+    fn disk(&self, disk: &str) -> Arc<dyn Progress> {
+        // `xen-POOL/VDI` and `qemu-HOST/NODE`: the VDI or node says which.
+        let label = disk.rsplit('/').next().unwrap_or(disk);
         let (Some(multi), Some(total)) = (&self.multi, &self.total) else {
             return Arc::new(cbtvault_engine::NoProgress);
         };
@@ -77,8 +81,8 @@ impl cbtvault_runner::Observer for Bars {
     }
 }
 
-/// One capture's line. A capture of several disks starts one phase per
-/// disk: each adds its bytes to the line, so the line ends full.
+/// One disk's line. Each phase adds its bytes to the line (and to the
+/// total), so the line ends full.
 struct CaptureBar {
     bar: ProgressBar,
     total: ProgressBar,

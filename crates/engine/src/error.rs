@@ -83,3 +83,126 @@ pub enum Error {
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the same backup may succeed if tried again later: a dropped
+    /// connection, an NBD or XAPI timeout, a busy host. Not a cancellation,
+    /// a lock held by another run, a bad setting, a damaged repository or
+    /// refused credentials: those fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::SourceRead { source, .. }
+            | Error::Source {
+                source: Some(source),
+                ..
+            } => retryable_cause(source.as_ref()),
+            Error::Repo(_)
+            | Error::Source { source: None, .. }
+            | Error::ShortRead { .. }
+            | Error::MapMismatch { .. }
+            | Error::NoParent { .. }
+            | Error::DamagedBlock { .. }
+            | Error::TargetWrite { .. }
+            | Error::Target(_)
+            | Error::Cancelled
+            | Error::Internal(_) => false,
+        }
+    }
+}
+
+/// The first cause in the chain that a protocol crate can judge decides.
+fn retryable_cause(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<cbtvault_nbd::Error>() {
+            return e.is_transport();
+        }
+        if let Some(e) = e.downcast_ref::<cbtvault_xenapi::Error>() {
+            return e.is_retryable();
+        }
+        if let Some(e) = e.downcast_ref::<cbtvault_xen::Error>() {
+            return e.is_retryable();
+        }
+        if let Some(e) = e.downcast_ref::<cbtvault_qmp::Error>() {
+            return matches!(
+                e,
+                cbtvault_qmp::Error::Connect { .. }
+                    | cbtvault_qmp::Error::Closed { .. }
+                    | cbtvault_qmp::Error::Timeout { .. }
+            );
+        }
+        if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return matches!(
+                e.kind(),
+                K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::BrokenPipe
+                    | K::TimedOut
+                    | K::UnexpectedEof
+            );
+        }
+        cause = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(cause: BoxError) -> Error {
+        Error::Source {
+            disk: "d0".into(),
+            what: "reading".into(),
+            source: Some(cause),
+        }
+    }
+
+    #[test]
+    fn transport_drops_and_busy_hosts_are_retryable() {
+        let dropped = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(source(Box::new(dropped)).is_retryable());
+        let busy = cbtvault_xenapi::Error::Xapi(cbtvault_xenapi::XapiError::VdiInUse {
+            vdi: "OpaqueRef:1".into(),
+            operation: "data_destroy".into(),
+        });
+        assert!(source(Box::new(busy)).is_retryable());
+        let timeout = cbtvault_xenapi::Error::Timeout {
+            what: "VDI.snapshot".into(),
+            after: std::time::Duration::from_secs(1),
+        };
+        assert!(source(Box::new(timeout)).is_retryable());
+        // Wrapped by the XenServer crate, still judged by its cause.
+        let wrapped = cbtvault_xen::Error::Xapi {
+            subject: "d0".into(),
+            what: "VDI.snapshot".into(),
+            source: Box::new(cbtvault_xenapi::Error::Connect {
+                endpoint: "pool:443".into(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            }),
+        };
+        assert!(source(Box::new(wrapped)).is_retryable());
+    }
+
+    #[test]
+    fn what_fails_again_is_not_retryable() {
+        assert!(!Error::Cancelled.is_retryable());
+        let locked = cbtvault_repo::Error::Locked {
+            what: "disk d0".into(),
+            holder: "pid 1".into(),
+        };
+        assert!(!Error::Repo(locked).is_retryable());
+        let refused =
+            cbtvault_xenapi::Error::Xapi(cbtvault_xenapi::XapiError::SessionAuthenticationFailed {
+                user: "root".into(),
+                message: "bad password".into(),
+            });
+        assert!(!source(Box::new(refused)).is_retryable());
+        let config = cbtvault_xenapi::Error::Config("no such file".into());
+        assert!(!source(Box::new(config)).is_retryable());
+        assert!(!Error::NoParent { disk: "d0".into() }.is_retryable());
+        let damaged = std::io::Error::from(std::io::ErrorKind::InvalidData);
+        assert!(!source(Box::new(damaged)).is_retryable());
+    }
+}

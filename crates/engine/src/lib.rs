@@ -7,19 +7,29 @@
 //! - [`restore()`] writes a restore point to a [`DiskTarget`], checking every
 //!   block against its id.
 //!
+//! - [`provider`]: one lifecycle for every hypervisor — a [`Provider`]
+//!   prepares point-in-time views and their changed blocks, [`drive`]
+//!   reads, commits and checks each disk, and the provider commits or
+//!   aborts. [`xenserver`] (over `cbtvault-xen`) and [`qemu`] (over
+//!   `cbtvault-qemu`) implement it.
+//!
 //! Sources and targets are traits so that NBD, XenServer, QEMU and VMware
 //! providers plug in beside the local file ones here. Long operations take
 //! a [`CancellationToken`](tokio_util::sync::CancellationToken) and report
 //! through a [`Progress`].
 //!
-//! Crates used: `tokio` and `futures` for pipelined source reads, `flume`
-//! for bounded channels that connect async tasks to worker threads in
-//! both directions, `tokio-util` for cancellation.
+//! # Crates used
+//! `tokio` and `futures` for pipelined source reads and per-disk
+//! concurrency, `flume` for bounded channels that connect async tasks to
+//! worker threads in both directions, `tokio-util` for cancellation,
+//! `cbtvault-xen` and `cbtvault-qemu` for the hypervisors' sides of a
+//! backup, `cbtvault-nbd` to read their views.
 
 pub mod backup;
 pub mod error;
 pub mod nbd;
 pub mod progress;
+pub mod provider;
 pub mod qemu;
 pub mod rename;
 pub mod restore;
@@ -33,6 +43,10 @@ pub use backup::{
 };
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
+pub use provider::{
+    DiskRun, DriveContext, Limit, PreparedDisk, ProgressFactory, Provider, SharedProgress, Slots,
+    drive,
+};
 pub use rename::DiskName;
 pub use restore::{DiskTarget, FileTarget, RestoreStats, restore};
 pub use source::{DiskSource, FileSource};

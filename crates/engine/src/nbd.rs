@@ -7,20 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use cbtvault_blockmap::{BLOCK_SIZE, BlockMap, Extent, block_count};
+pub use cbtvault_nbd::{BASE_ALLOCATION, dirty_bitmap_context};
 use cbtvault_nbd::{Client, ConnectOptions, StatusExtent};
 use cbtvault_repo::SourceInfo;
 
 use crate::error::{BoxError, Error, Result};
 use crate::restore::DiskTarget;
 use crate::source::DiskSource;
-
-/// The meta context that tells where a disk holds data.
-pub const BASE_ALLOCATION: &str = "base:allocation";
-
-/// The meta context of a QEMU dirty bitmap.
-pub fn dirty_bitmap_context(bitmap: &str) -> String {
-    format!("qemu:dirty-bitmap:{bitmap}")
-}
 
 /// A disk read over NBD.
 pub struct NbdSource {
@@ -115,7 +108,7 @@ impl NbdSource {
         let extents = self.status(&context).await?;
         let dirty = extents
             .into_iter()
-            .filter(|e| e.flags & 1 != 0)
+            .filter(StatusExtent::is_dirty)
             .map(|e| Extent::new(e.offset, e.length));
         BlockMap::from_extents(block_count(self.size), dirty).map_err(|e| Error::Source {
             disk: self.info.location.clone(),
@@ -204,7 +197,7 @@ impl DiskSource for NbdSource {
         let extents = self.status(BASE_ALLOCATION).await?;
         let data = extents
             .into_iter()
-            .filter(|e| e.flags & StatusExtent::ZERO == 0)
+            .filter(|e| !e.is_zero())
             .map(|e| Extent::new(e.offset, e.length));
         Ok(Some(BlockMap::from_extents(block_count(self.size), data)?))
     }

@@ -1,26 +1,32 @@
-//! Backing up a QEMU/KVM block node from a persistent dirty bitmap.
+//! A QEMU/KVM block node as a [`Provider`]: [`QemuNode`].
 //!
 //! The QEMU side (one atomic `transaction` that starts a checkpoint bitmap
 //! and a fleecing point-in-time view, exported over NBD) is in
-//! `cbtvault-qemu`. Here: read the view — only the dirty blocks for an
-//! incremental, every allocated block otherwise —, commit the restore
-//! point, check a sample against the view, and only then let QEMU drop the
-//! previous checkpoint. On any failure the export is aborted, which keeps
-//! every change for the next run.
+//! `cbtvault-qemu`. Here: find the checkpoint the last restore point ends
+//! at, clean up after an interrupted run, and read the dirty blocks from
+//! the view's `qemu:dirty-bitmap:` context. [`crate::provider::drive`]
+//! reads the view — only the dirty blocks for an incremental, every
+//! allocated block otherwise —, commits the restore point and checks a
+//! sample against the view; only then does QEMU drop the previous
+//! checkpoint. On any failure the export is aborted, which merges the new
+//! checkpoint back into the old one and so keeps every change for the next
+//! run.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use cbtvault_nbd::ConnectOptions;
-use cbtvault_qemu::{BackupKind, CheckpointName, QemuDisk};
-use cbtvault_repo::{Repository, SourceInfo};
+use cbtvault_qemu::{BackupExport, BackupKind, CheckpointName, QemuDisk};
+use cbtvault_repo::{Repository, RestorePointRow, SourceInfo, VmInfo};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::{info, warn};
 
-use crate::backup::{BackupJob, BackupOptions, BackupOutcome, Changes, Parent};
+use crate::backup::{BackupOptions, BackupOutcome, Changes};
 use crate::error::{Error, Result};
 use crate::nbd::NbdSource;
 use crate::progress::Progress;
+use crate::provider::{DriveContext, PreparedDisk, Provider, SharedProgress, drive};
 use crate::rename::DiskName;
 
 /// How to back up a QEMU node.
@@ -34,6 +40,8 @@ pub struct QemuOptions {
     /// Blocks re-read from the view before the old checkpoint goes.
     pub verify_samples: usize,
     pub backup: BackupOptions,
+    /// The VM the node belongs to, recorded with its restore points.
+    pub vm: Option<VmInfo>,
 }
 
 /// The QEMU job name for backups of `disk` into `repo`: a readable
@@ -65,23 +73,84 @@ fn qemu(disk: &str, what: &str) -> impl FnOnce(cbtvault_qemu::Error) -> Error {
     }
 }
 
-/// Backs up `node` of the QEMU behind `qemu_disk`.
-pub async fn backup_node(
-    qemu_disk: &QemuDisk,
-    repo: Arc<Repository>,
-    options: &QemuOptions,
-    progress: Arc<dyn Progress>,
-    cancel: CancellationToken,
-) -> Result<BackupOutcome> {
-    let disk = options.disk.name.clone();
-    let span = tracing::info_span!("qemu", job = %options.job, node = %qemu_disk.node());
-    async move {
+/// Where a restore point of this node came from, as its manifest says.
+fn location(qemu_disk: &QemuDisk) -> String {
+    format!("{} node {}", qemu_disk.qmp().address(), qemu_disk.node())
+}
+
+/// One node of a QEMU (or qemu-storage-daemon).
+pub struct QemuNode<'a> {
+    qemu_disk: &'a QemuDisk,
+    options: QemuOptions,
+    export: Option<BackupExport>,
+}
+
+/// The fleecing export of a node.
+pub struct QemuView {
+    socket: PathBuf,
+    export_name: String,
+    info: SourceInfo,
+}
+
+impl<'a> QemuNode<'a> {
+    pub fn new(qemu_disk: &'a QemuDisk, options: &QemuOptions) -> Self {
+        QemuNode {
+            qemu_disk,
+            options: options.clone(),
+            export: None,
+        }
+    }
+
+    /// The blocks to read from `export`.
+    async fn changes(&self, export: &BackupExport, had_previous: bool) -> Result<Changes> {
+        Ok(match export.kind() {
+            BackupKind::Incremental {
+                dirty_bitmap_context,
+                ..
+            } => {
+                let bitmap = cbtvault_nbd::dirty_bitmap_name(dirty_bitmap_context)
+                    .unwrap_or(dirty_bitmap_context);
+                let mut connect =
+                    ConnectOptions::unix(export.nbd_socket().to_path_buf(), export.export_name());
+                connect.meta_contexts.push(dirty_bitmap_context.clone());
+                let source =
+                    NbdSource::connect(connect, format!("qemu node {}", self.qemu_disk.node()))
+                        .await?;
+                let map = source.dirty_blocks(bitmap).await;
+                source.client().disconnect().await;
+                Changes::Blocks {
+                    map: map?,
+                    origin: format!("qemu-dirty-bitmap:{bitmap}"),
+                }
+            }
+            BackupKind::NeedsFull { reason } => Changes::Full {
+                reason: Some(reason.clone()),
+            },
+            BackupKind::Full => Changes::Full {
+                reason: had_previous
+                    .then(|| "the previous restore point has no QEMU checkpoint".into()),
+            },
+        })
+    }
+}
+
+impl Provider for QemuNode<'_> {
+    type View = QemuView;
+
+    fn label(&self) -> String {
+        format!("QEMU node {}", self.qemu_disk.node())
+    }
+
+    async fn prepare(&mut self, repo: &Arc<Repository>) -> Result<Vec<PreparedDisk<QemuView>>> {
+        let qemu_disk = self.qemu_disk;
+        let options = &self.options;
+        let disk = options.disk.name.clone();
         // Taken before cleaning up: a second run must not take apart the
         // export of a run still reading it.
-        let locks = crate::backup::lock_disk(&repo, &disk).await?;
+        let locks = crate::backup::lock_disk(repo, &disk).await?;
         // Only this host's restore points under a former name are ours.
         let here = location(qemu_disk);
-        let latest = crate::rename::latest(&repo, &options.disk, move |m| {
+        let latest = crate::rename::latest(repo, &options.disk, move |m| {
             m.source.provider == "qemu" && m.source.location == here
         })
         .await?;
@@ -102,107 +171,95 @@ pub async fn backup_node(
             .prepare(&options.job, previous.as_ref())
             .await
             .map_err(qemu(&disk, "starting the point-in-time view"))?;
-        match read_export(qemu_disk, &repo, &export, previous.is_some(), options, progress, cancel, locks).await {
-            Ok(outcome) => {
-                qemu_disk
-                    .commit(export)
-                    .await
-                    .map_err(qemu(&disk, "retiring the previous checkpoint"))?;
-                Ok(outcome)
-            }
+        let time = jiff::Timestamp::now();
+        let changes = match self.changes(&export, previous.is_some()).await {
+            Ok(c) => c,
             Err(e) => {
-                if let Err(a) = qemu_disk.abort(export).await {
-                    warn!(error = %a, "could not abort the QEMU backup cleanly; the next run cleans up");
-                }
-                Err(e)
+                abort(qemu_disk, export).await;
+                return Err(e);
             }
-        }
+        };
+        let view = QemuView {
+            socket: export.nbd_socket().to_path_buf(),
+            export_name: export.export_name().to_string(),
+            info: SourceInfo {
+                provider: "qemu".into(),
+                location: location(qemu_disk),
+                snapshot: Some(export.checkpoint().to_string()),
+                details: BTreeMap::from([("job".to_string(), options.job.clone())]),
+                vm: options.vm.clone(),
+            },
+        };
+        self.export = Some(export);
+        Ok(vec![PreparedDisk {
+            disk,
+            id: qemu_disk.node().to_string(),
+            locks,
+            changes,
+            time,
+            connections: 1,
+            vm: options.vm.clone(),
+            view,
+        }])
     }
-    .instrument(span)
-    .await
+
+    async fn open(&self, view: &QemuView) -> Result<NbdSource> {
+        let connect = ConnectOptions::unix(view.socket.clone(), view.export_name.clone());
+        let mut source =
+            NbdSource::connect(connect, format!("qemu node {}", self.qemu_disk.node())).await?;
+        source.set_info(view.info.clone());
+        Ok(source)
+    }
+
+    async fn finish(
+        &mut self,
+        outcomes: Vec<(QemuView, Option<RestorePointRow>)>,
+    ) -> Vec<Result<()>> {
+        let mut out = Vec::new();
+        for (_, committed) in outcomes {
+            let Some(export) = self.export.take() else {
+                out.push(Err(Error::Internal("finish before prepare".into())));
+                continue;
+            };
+            out.push(if committed.is_some() {
+                self.qemu_disk.commit(export).await.map_err(qemu(
+                    &self.options.disk.name,
+                    "retiring the previous checkpoint",
+                ))
+            } else {
+                abort(self.qemu_disk, export).await;
+                Ok(())
+            });
+        }
+        out
+    }
 }
 
-/// Where a restore point of this node came from, as its manifest says.
-fn location(qemu_disk: &QemuDisk) -> String {
-    format!("{} node {}", qemu_disk.qmp().address(), qemu_disk.node())
+/// Aborts `export`, keeping every change for the next run.
+async fn abort(qemu_disk: &QemuDisk, export: BackupExport) {
+    if let Err(a) = qemu_disk.abort(export).await {
+        warn!(error = %a, "could not abort the QEMU backup cleanly; the next run cleans up");
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn read_export(
+/// Backs up `node` of the QEMU behind `qemu_disk` (see [`QemuNode`]).
+pub async fn backup_node(
     qemu_disk: &QemuDisk,
-    repo: &Arc<Repository>,
-    export: &cbtvault_qemu::BackupExport,
-    had_previous: bool,
+    repo: Arc<Repository>,
     options: &QemuOptions,
     progress: Arc<dyn Progress>,
     cancel: CancellationToken,
-    locks: Arc<crate::backup::DiskLocks>,
 ) -> Result<BackupOutcome> {
-    let disk = &options.disk.name;
-    let mut connect = ConnectOptions::unix(export.nbd_socket().to_path_buf(), export.export_name());
-    if let Some(context) = export.dirty_bitmap_context() {
-        connect.meta_contexts.push(context.to_string());
-    }
-    let mut source = NbdSource::connect(connect, format!("qemu node {}", qemu_disk.node())).await?;
-    source.set_info(SourceInfo {
-        provider: "qemu".into(),
-        location: location(qemu_disk),
-        snapshot: Some(export.checkpoint().to_string()),
-        details: BTreeMap::from([("job".to_string(), options.job.clone())]),
-        ..Default::default()
-    });
-    let changes = match export.kind() {
-        BackupKind::Incremental {
-            dirty_bitmap_context,
-            ..
-        } => {
-            let bitmap = dirty_bitmap_context
-                .strip_prefix("qemu:dirty-bitmap:")
-                .unwrap_or(dirty_bitmap_context);
-            Changes::Blocks {
-                map: source.dirty_blocks(bitmap).await?,
-                origin: format!("qemu-dirty-bitmap:{bitmap}"),
-            }
-        }
-        BackupKind::NeedsFull { reason } => Changes::Full {
-            reason: Some(reason.clone()),
-        },
-        BackupKind::Full => Changes::Full {
-            reason: had_previous
-                .then(|| "the previous restore point has no QEMU checkpoint".into()),
-        },
-    };
-    let client = source.client().clone();
-    let focus = match &changes {
-        Changes::Blocks { map, .. } => Some(map.clone()),
-        Changes::Full { .. } => None,
-    };
-    let job = BackupJob {
-        disk: disk.clone(),
-        changes,
-        parent: Parent::Latest,
-        time: Some(jiff::Timestamp::now()),
-        options: options.backup.clone(),
-        held: Some(locks),
-    };
-    let outcome =
-        crate::backup::backup(repo.clone(), Arc::new(source), job, progress, cancel).await;
-    let checked = match &outcome {
-        Ok(o) => {
-            crate::nbd::verify_sample(
-                &client,
-                repo,
-                &o.restore_point,
-                &o.manifest,
-                options.verify_samples,
-                focus.as_ref(),
-            )
-            .await
-        }
-        Err(_) => Ok(()),
-    };
-    client.disconnect().await;
-    let outcome = outcome?;
-    checked?;
-    Ok(outcome)
+    let mut provider = QemuNode::new(qemu_disk, options);
+    let mut ctx = DriveContext::new(
+        options.backup.clone(),
+        Arc::new(SharedProgress(progress)),
+        cancel,
+    );
+    ctx.verify_samples = options.verify_samples;
+    let runs = drive(&mut provider, repo, &ctx).await?;
+    runs.into_iter()
+        .next()
+        .map(|r| r.outcome)
+        .unwrap_or_else(|| Err(Error::Internal("a QEMU backup prepared no disk".into())))
 }

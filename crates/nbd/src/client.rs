@@ -86,7 +86,9 @@ impl Client {
         let mut conns = vec![Arc::new(first)];
         let wanted = opts.connections.max(1);
         if wanted > 1 {
-            if info.flags & proto::TFLAG_CAN_MULTI_CONN != 0 {
+            // Multi-conn is about caches seeing each other's writes: an
+            // export that never changes needs no such promise.
+            if info.flags & proto::TFLAG_CAN_MULTI_CONN != 0 || opts.immutable {
                 let more = futures::future::try_join_all(
                     (1..wanted).map(|_| open(opts, &peer, tls.as_ref())),
                 )
@@ -95,7 +97,8 @@ impl Client {
             } else {
                 warn!(
                     peer,
-                    wanted, "the server does not set CAN_MULTI_CONN; using one connection"
+                    wanted,
+                    "the server does not set CAN_MULTI_CONN and the export may change; using one connection"
                 );
             }
         }

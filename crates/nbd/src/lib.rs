@@ -11,7 +11,10 @@
 //! server gives none). A server that refuses GO with `NBD_REP_ERR_UNSUP` –
 //! XenServer's xapi-nbd – is spoken to with `NBD_OPT_EXPORT_NAME`: simple
 //! replies, 512-byte aligned reads, and the connection written off after any
-//! error reply because xapi-nbd closes it.
+//! error reply because xapi-nbd closes it. [`BASE_ALLOCATION`] and
+//! [`dirty_bitmap_context`] name the meta contexts, and
+//! [`StatusExtent::is_zero`] and [`StatusExtent::is_dirty`] read their
+//! flags, so no caller spells either.
 //!
 //! Each connection has a writer task and a reader task; requests from any
 //! number of tasks are pipelined, matched by cookie, within a window of
@@ -77,5 +80,6 @@ mod uri;
 
 pub use client::{Address, Client, ConnectOptions, StatusExtent};
 pub use error::{BoxError, Error, Result};
+pub use options::{BASE_ALLOCATION, dirty_bitmap_context, dirty_bitmap_name};
 pub use tls::{Pem, TlsOptions, TlsTrust};
 pub use uri::DEFAULT_PORT;

@@ -38,8 +38,14 @@ pub struct ConnectOptions {
     /// `qemu:dirty-bitmap:NAME`.
     pub meta_contexts: Vec<String>,
     /// Connections to open; more than one only if the server sets
-    /// CAN_MULTI_CONN. Default 1.
+    /// CAN_MULTI_CONN or the export is [`immutable`](Self::immutable).
+    /// Default 1.
     pub connections: usize,
+    /// The caller knows the export never changes while it is read (a
+    /// hypervisor's snapshot), so several connections see the same bytes
+    /// even where the server does not promise multi-conn consistency
+    /// (xapi-nbd never does). Default false.
+    pub immutable: bool,
     /// Requests in flight per connection. Default 16.
     pub inflight: usize,
     /// Per-request timeout; a request without a reply by then fails the
@@ -68,6 +74,7 @@ impl ConnectOptions {
             tls: None,
             meta_contexts: Vec::new(),
             connections: 1,
+            immutable: false,
             inflight: 16,
             request_timeout: Some(Duration::from_secs(60)),
             connect_timeout: Duration::from_secs(30),
@@ -149,5 +156,57 @@ impl StatusExtent {
 
     pub fn end(&self) -> u64 {
         self.offset + self.length
+    }
+
+    /// In a `base:allocation` answer: the extent reads as zeros.
+    pub fn is_zero(&self) -> bool {
+        self.flags & Self::ZERO != 0
+    }
+
+    /// In a `qemu:dirty-bitmap:NAME` answer: the extent changed.
+    pub fn is_dirty(&self) -> bool {
+        self.flags & Self::DIRTY != 0
+    }
+}
+
+/// The meta context that tells where a disk holds data.
+pub const BASE_ALLOCATION: &str = proto::BASE_ALLOCATION;
+
+/// The prefix of QEMU's dirty-bitmap meta contexts.
+const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+/// The meta context of QEMU dirty bitmap `bitmap`.
+pub fn dirty_bitmap_context(bitmap: &str) -> String {
+    format!("{DIRTY_BITMAP_PREFIX}{bitmap}")
+}
+
+/// The bitmap a `qemu:dirty-bitmap:NAME` context names, if it is one.
+pub fn dirty_bitmap_name(context: &str) -> Option<&str> {
+    context.strip_prefix(DIRTY_BITMAP_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_bitmap_contexts_round_trip() {
+        let c = dirty_bitmap_context("cbtv-job-1");
+        assert_eq!(c, "qemu:dirty-bitmap:cbtv-job-1");
+        assert_eq!(dirty_bitmap_name(&c), Some("cbtv-job-1"));
+        assert_eq!(dirty_bitmap_name(BASE_ALLOCATION), None);
+    }
+
+    #[test]
+    fn flags_read_by_name() {
+        let e = |flags| StatusExtent {
+            offset: 0,
+            length: 1,
+            flags,
+        };
+        assert!(e(StatusExtent::DIRTY).is_dirty());
+        assert!(!e(0).is_dirty());
+        assert!(e(StatusExtent::ZERO | StatusExtent::HOLE).is_zero());
+        assert!(!e(StatusExtent::HOLE).is_zero());
     }
 }

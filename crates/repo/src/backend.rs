@@ -28,6 +28,8 @@ pub enum FileKind {
     Manifest,
     /// A VM's saved metadata (see [`crate::vm`]).
     VmMetadata,
+    /// A crash-journal note (see [`crate::journal`]).
+    Journal,
 }
 
 /// Storage for repository files.
@@ -60,7 +62,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 /// A backend on a local (or mounted) file system.
 ///
 /// Layout: `cbtvault.json`, `packs/XY/NAME.pack` (XY = first two characters of
-/// NAME, to keep directories small), `manifests/NAME.json`, `vms/NAME.json` (VM metadata), and `tmp/` for
+/// NAME, to keep directories small), `manifests/NAME.json`, `vms/NAME.json` (VM metadata), `journal/NAME.json` (crash-journal notes), and `tmp/` for
 /// writes in progress. Writes go to `tmp/`, are fsynced, renamed into place,
 /// and the target directory is fsynced, so a file is either whole or absent.
 #[derive(Debug)]
@@ -95,6 +97,7 @@ impl LocalBackend {
                 .join(format!("{name}.pack")),
             FileKind::Manifest => self.root.join("manifests").join(format!("{name}.json")),
             FileKind::VmMetadata => self.root.join("vms").join(format!("{name}.json")),
+            FileKind::Journal => self.root.join("journal").join(format!("{name}.json")),
         }
     }
 }
@@ -189,6 +192,7 @@ impl Backend for LocalBackend {
             FileKind::Manifest => list_suffix(&self.root.join("manifests"), ".json", &mut names)?,
             // Missing in repositories made before VM metadata: none yet.
             FileKind::VmMetadata => list_suffix(&self.root.join("vms"), ".json", &mut names)?,
+            FileKind::Journal => list_suffix(&self.root.join("journal"), ".json", &mut names)?,
             FileKind::Pack => {
                 let packs = self.root.join("packs");
                 for entry in fs::read_dir(&packs).map_err(Error::io(&packs))? {

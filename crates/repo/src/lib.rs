@@ -120,6 +120,7 @@ mod forget;
 mod gc;
 mod heal;
 mod id;
+mod journal;
 mod lock;
 mod manifest;
 mod pack;

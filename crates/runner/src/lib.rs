@@ -43,7 +43,6 @@ mod restore;
 mod retention;
 mod run;
 mod spec;
-mod xen;
 
 pub use error::{Error, Result};
 pub use login::client_options;

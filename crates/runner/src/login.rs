@@ -40,8 +40,8 @@ pub fn client_options(pool: &Pool) -> Result<ClientOptions> {
         })
     };
     options.tls = match (&pool.ca, &pool.pin, pool.insecure) {
-        (Some(ca), _, _) => Some(trust(TlsTrust::ca_file(ca))?),
-        (None, Some(pin), _) => Some(trust(TlsTrust::pinned_file(pin))?),
+        (Some(ca), _, _) => Some(trust(TlsTrust::ca_file(ca).map_err(Into::into))?),
+        (None, Some(pin), _) => Some(trust(TlsTrust::pinned_file(pin).map_err(Into::into))?),
         (None, None, true) => {
             tracing::warn!(pool = %pool.name, "the pool's certificate is not checked (insecure)");
             Some(TlsTrust::InsecureAcceptAny)

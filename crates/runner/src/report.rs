@@ -1,6 +1,8 @@
 //! What a run did, per disk.
 
-use cbtvault_engine::{BackupOutcome, Progress};
+use std::sync::Arc;
+
+use cbtvault_engine::{BackupOutcome, Progress, ProgressFactory};
 use cbtvault_repo::BackupMode;
 
 use crate::error::Error;
@@ -69,12 +71,10 @@ impl JobReport {
     }
 }
 
-/// Where a run's progress goes: one [`Progress`] per capture (a disk, or
-/// the disks of one VM snapshot), so a front end can draw a line for each
-/// and a total.
-pub trait Observer: Send + Sync {
-    /// The progress of the capture `label`.
-    fn capture(&self, label: &str) -> std::sync::Arc<dyn Progress>;
+/// Where a run's progress goes: one [`Progress`] per disk (the engine's
+/// [`ProgressFactory`]), so a front end can draw a line for each and a
+/// total, and word of each disk once it is done.
+pub trait Observer: ProgressFactory {
     /// A disk is done (after its retries).
     fn disk_done(&self, _report: &DiskReport) {}
 }
@@ -83,8 +83,10 @@ pub trait Observer: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Silent;
 
-impl Observer for Silent {
-    fn capture(&self, _label: &str) -> std::sync::Arc<dyn Progress> {
-        std::sync::Arc::new(cbtvault_engine::NoProgress)
+impl ProgressFactory for Silent {
+    fn disk(&self, _disk: &str) -> Arc<dyn Progress> {
+        Arc::new(cbtvault_engine::NoProgress)
     }
 }
+
+impl Observer for Silent {}

@@ -4,21 +4,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbtvault_engine::qemu::QemuOptions;
-use cbtvault_engine::xenserver::{self, XenOptions};
-use cbtvault_engine::{BackupOutcome, DiskName};
-use cbtvault_repo::Repository;
+use cbtvault_engine::qemu::{QemuNode as QemuProvider, QemuOptions};
+use cbtvault_engine::xenserver::{XenOptions, XenVdi, XenVm};
+use cbtvault_engine::{BackupOutcome, DiskName, DiskRun, DriveContext, Throttle, drive};
+use cbtvault_repo::{Repository, VmInfo};
 use cbtvault_xenapi::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::error::{Error, Result};
-use crate::limits::{JobLimits, Limits};
+use crate::limits::{JobLimits, Limits, PlaceLimit};
 use crate::report::{DiskReport, JobReport, Observer};
 use crate::spec::{JobSpec, QemuNode, Target};
 
 /// The longest pause between two tries of a disk.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(600);
+/// How long a cancelled capture may take to leave the hypervisor clean.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs jobs. A process has one; its limits hold across every job it runs.
 #[derive(Debug)]
@@ -29,8 +31,13 @@ pub struct Runner {
 /// What one capture is: the unit the hypervisor snapshots at once.
 #[derive(Clone, Debug)]
 enum Capture {
-    /// One VDI on its own.
-    XenVdi { uuid: String, vm: Option<String> },
+    /// One VDI on its own; `vm` when it is one of a VM's disks, with the
+    /// VM metadata this run saved.
+    XenVdi {
+        uuid: String,
+        vm: Option<String>,
+        metadata: Option<String>,
+    },
     /// Every disk of a VM from one `VM.snapshot`.
     XenVm { uuid: String },
     /// One QEMU block node.
@@ -40,8 +47,10 @@ enum Capture {
 impl Capture {
     fn label(&self) -> String {
         match self {
-            Capture::XenVdi { uuid, vm: None } => format!("VDI {uuid}"),
-            Capture::XenVdi { uuid, vm: Some(vm) } => format!("VDI {uuid} (VM {vm})"),
+            Capture::XenVdi { uuid, vm: None, .. } => format!("VDI {uuid}"),
+            Capture::XenVdi {
+                uuid, vm: Some(vm), ..
+            } => format!("VDI {uuid} (VM {vm})"),
             Capture::XenVm { uuid } => format!("VM {uuid}"),
             Capture::QemuNode(n) => format!("node {}", n.node),
         }
@@ -56,6 +65,8 @@ struct JobContext<'a> {
     observer: Arc<dyn Observer>,
     cancel: CancellationToken,
     hypervisor: Hypervisor,
+    /// The job's bandwidth limit, shared by its disks.
+    throttle: Option<Arc<Throttle>>,
 }
 
 enum Hypervisor {
@@ -68,6 +79,8 @@ enum Hypervisor {
         host: String,
         work_dir: Option<std::path::PathBuf>,
         nbd_socket: Option<std::path::PathBuf>,
+        /// The VM QEMU runs, when it runs one (a storage daemon does not).
+        vm: Option<cbtvault_qmp::VmIdentity>,
     },
 }
 
@@ -102,7 +115,7 @@ impl Runner {
             } else {
                 None
             };
-            let (hypervisor, limits, captures, mut disks) = self.connect(spec).await?;
+            let (hypervisor, limits, captures, mut disks) = self.connect(spec, &repo).await?;
             let ctx = JobContext {
                 spec,
                 repo,
@@ -110,6 +123,7 @@ impl Runner {
                 observer,
                 cancel,
                 hypervisor,
+                throttle: spec.bandwidth.map(|b| Arc::new(Throttle::new(b))),
             };
             let runs = captures.iter().map(|c| ctx.run_capture(c));
             for reports in futures::future::join_all(runs).await {
@@ -131,11 +145,13 @@ impl Runner {
         .await
     }
 
-    /// Connects to the job's hypervisor and plans its captures. VMs whose
-    /// disks cannot be listed are reported as failed disks.
+    /// Connects to the job's hypervisor and plans its captures. A VM
+    /// backed up disk by disk has its metadata saved once here; VMs whose
+    /// disks cannot be listed are reported as failed.
     async fn connect(
         &self,
         spec: &JobSpec,
+        repo: &Arc<Repository>,
     ) -> Result<(Hypervisor, JobLimits, Vec<Capture>, Vec<DiskReport>)> {
         let mut failed = Vec::new();
         match &spec.target {
@@ -152,14 +168,17 @@ impl Runner {
                 let limits = JobLimits::new(
                     &self.limits,
                     spec.parallel,
-                    (&format!("pool:{}", pool.name), pool.max_nbd_connections),
-                    pool.nbd_connections,
+                    (
+                        &format!("pool:{}", pool.name),
+                        PlaceLimit::Connections(pool.max_nbd_connections),
+                    ),
                 );
                 let mut captures: Vec<Capture> = vdis
                     .iter()
                     .map(|uuid| Capture::XenVdi {
                         uuid: uuid.clone(),
                         vm: None,
+                        metadata: None,
                     })
                     .collect();
                 for vm in vms {
@@ -167,13 +186,21 @@ impl Runner {
                         captures.push(Capture::XenVm { uuid: vm.clone() });
                         continue;
                     }
-                    match crate::xen::vm_disks(&client, vm).await {
+                    match cbtvault_xen::vm_disks(&client, vm).await {
                         Ok(disks) => {
-                            for uuid in disks {
-                                if !captures.iter().any(
-                                    |c| matches!(c, Capture::XenVdi { uuid: u, .. } if *u == uuid),
-                                ) {
-                                    captures.push(Capture::XenVdi { uuid, vm: None });
+                            let metadata =
+                                cbtvault_engine::xenserver::save_vm_metadata(&client, repo, vm)
+                                    .await;
+                            for d in disks {
+                                let known = captures.iter().any(
+                                    |c| matches!(c, Capture::XenVdi { uuid, .. } if *uuid == d.vdi_uuid),
+                                );
+                                if !known {
+                                    captures.push(Capture::XenVdi {
+                                        uuid: d.vdi_uuid,
+                                        vm: Some(vm.clone()),
+                                        metadata: metadata.clone(),
+                                    });
                                 }
                             }
                         }
@@ -204,11 +231,21 @@ impl Runner {
                         socket: host.qmp_socket.clone(),
                         source: source.into(),
                     })?;
+                // Recorded with the restore points when QEMU runs a VM.
+                let vm = match qmp.query_vm_identity().await {
+                    Ok(vm) => vm,
+                    Err(e) => {
+                        warn!(error = %e, "could not ask QEMU which VM it runs");
+                        None
+                    }
+                };
                 let limits = JobLimits::new(
                     &self.limits,
                     spec.parallel,
-                    (&format!("qemu:{}", host.name), host.max_disks),
-                    1,
+                    (
+                        &format!("qemu:{}", host.name),
+                        PlaceLimit::Disks(host.max_disks),
+                    ),
                 );
                 let captures = nodes.iter().cloned().map(Capture::QemuNode).collect();
                 Ok((
@@ -217,6 +254,7 @@ impl Runner {
                         host: host.name.clone(),
                         work_dir: host.qmp_socket.parent().map(|p| p.to_path_buf()),
                         nbd_socket: host.nbd_socket.clone(),
+                        vm,
                     },
                     limits,
                     captures,
@@ -287,6 +325,7 @@ impl JobContext<'_> {
                                 Capture::XenVdi {
                                     uuid: vdi,
                                     vm: Some(uuid.clone()),
+                                    metadata: None,
                                 },
                                 attempt + 1,
                             ));
@@ -301,37 +340,31 @@ impl JobContext<'_> {
 
     /// One try of `capture`, within the limits.
     async fn attempt(&self, capture: &Capture) -> Attempt {
-        let label = capture.label();
-        let disks = match capture {
-            Capture::XenVm { .. } => self.limits.disks_at_once().min(self.spec.parallel),
-            _ => 1,
-        };
-        let _held = tokio::select! {
+        let _capture = tokio::select! {
             _ = self.cancel.cancelled() => return Err(cbtvault_engine::Error::Cancelled.into()),
-            held = self.limits.acquire(disks) => held,
+            permit = self.limits.start_capture() => permit,
         };
-        let progress = self.observer.capture(&label);
-        let (repo, cancel) = (self.repo.clone(), self.cancel.clone());
-        match (&self.hypervisor, capture) {
-            (Hypervisor::Xen { client, options }, Capture::XenVdi { uuid, .. }) => {
-                let outcome = xenserver::backup_vdi(client, repo, uuid, options, progress, cancel)
-                    .await
-                    .map_err(Error::from);
-                Ok(vec![(label, outcome)])
+        let mut backup = self.spec.backup.clone();
+        backup.throttle = self.throttle.clone();
+        let ctx = DriveContext {
+            backup,
+            verify_samples: 16,
+            parallel: self.spec.parallel,
+            slots: self.limits.slots.clone(),
+            progress: self.observer.clone(),
+            cancel: self.cancel.clone(),
+            abort_timeout: ABORT_TIMEOUT,
+        };
+        let repo = self.repo.clone();
+        let runs = match (&self.hypervisor, capture) {
+            (Hypervisor::Xen { client, options }, Capture::XenVdi { uuid, metadata, .. }) => {
+                let mut provider =
+                    XenVdi::new(client, uuid, options).with_vm_metadata(metadata.clone());
+                drive(&mut provider, repo, &ctx).await?
             }
             (Hypervisor::Xen { client, options }, Capture::XenVm { uuid }) => {
-                let disks =
-                    xenserver::backup_vm(client, repo, uuid, options, disks, progress, cancel)
-                        .await?;
-                Ok(disks
-                    .into_iter()
-                    .map(|(vdi, outcome)| {
-                        (
-                            format!("VDI {vdi} (VM {uuid})"),
-                            outcome.map_err(Error::from),
-                        )
-                    })
-                    .collect())
+                let mut provider = XenVm::new(client, uuid, options);
+                drive(&mut provider, repo, &ctx).await?
             }
             (
                 Hypervisor::Qemu {
@@ -339,51 +372,75 @@ impl JobContext<'_> {
                     host,
                     work_dir,
                     nbd_socket,
+                    vm,
                 },
                 Capture::QemuNode(node),
             ) => {
-                let outcome = async {
-                    // Node names repeat across hosts (`drive0`): the host is
-                    // part of the disk's identity.
-                    let disk = match &node.disk {
-                        Some(name) => DiskName::new(name),
-                        None => DiskName {
-                            name: format!("qemu-{host}/{}", node.node),
-                            former: Some(format!("qemu-{}", node.node)),
-                        },
-                    };
-                    let options = QemuOptions {
-                        // Short (it names QEMU objects), and this
-                        // repository's and disk's own.
-                        job: cbtvault_engine::qemu::job_name(&self.spec.name, &repo, &disk.name),
-                        disk,
-                        verify_samples: 16,
-                        backup: self.spec.backup.clone(),
-                    };
-                    let disk_options = cbtvault_qemu::DiskOptions {
-                        work_dir: work_dir.clone(),
-                        nbd_socket: nbd_socket.clone(),
-                        ..Default::default()
-                    };
-                    let qemu =
-                        cbtvault_qemu::QemuDisk::from_qmp(qmp.clone(), &node.node, disk_options)
-                            .await
-                            .map_err(|source| Error::Qemu {
-                                node: node.node.clone(),
-                                source: source.into(),
-                            })?;
-                    Ok(
-                        cbtvault_engine::qemu::backup_node(&qemu, repo, &options, progress, cancel)
-                            .await?,
-                    )
-                }
-                .await;
-                Ok(vec![(label, outcome)])
+                // Node names repeat across hosts (`drive0`): the host is
+                // part of the disk's identity.
+                let disk = match &node.disk {
+                    Some(name) => DiskName::new(name),
+                    None => DiskName {
+                        name: format!("qemu-{host}/{}", node.node),
+                        former: Some(format!("qemu-{}", node.node)),
+                    },
+                };
+                let options = QemuOptions {
+                    // Short (it names QEMU objects), and this repository's
+                    // and disk's own.
+                    job: cbtvault_engine::qemu::job_name(&self.spec.name, &repo, &disk.name),
+                    disk,
+                    verify_samples: 16,
+                    backup: ctx.backup.clone(),
+                    vm: vm.as_ref().map(|vm| VmInfo {
+                        uuid: vm.uuid.clone().unwrap_or_default(),
+                        name: vm.name.clone().unwrap_or_default(),
+                        host: host.clone(),
+                        disk_label: None,
+                        device: Some(node.node.clone()),
+                        metadata: None,
+                    }),
+                };
+                let disk_options = cbtvault_qemu::DiskOptions {
+                    work_dir: work_dir.clone(),
+                    nbd_socket: nbd_socket.clone(),
+                    ..Default::default()
+                };
+                let qemu = cbtvault_qemu::QemuDisk::from_qmp(qmp.clone(), &node.node, disk_options)
+                    .await
+                    .map_err(|source| Error::Qemu {
+                        node: node.node.clone(),
+                        source: source.into(),
+                    })?;
+                let mut provider = QemuProvider::new(&qemu, &options);
+                drive(&mut provider, repo, &ctx).await?
             }
-            _ => Err(Error::Internal(format!(
-                "{label} does not belong to this job's hypervisor"
-            ))),
-        }
+            _ => {
+                return Err(Error::Internal(format!(
+                    "{capture} does not belong to this job's hypervisor"
+                )));
+            }
+        };
+        Ok(runs
+            .into_iter()
+            .map(|run| (disk_label(capture, &run), run.outcome.map_err(Error::from)))
+            .collect())
+    }
+}
+
+/// How a disk is named in reports: `VDI UUID`, `VDI UUID (VM UUID)`,
+/// `node NODE`.
+fn disk_label(capture: &Capture, run: &DiskRun) -> String {
+    match capture {
+        Capture::XenVm { uuid } => format!("VDI {} (VM {uuid})", run.id),
+        Capture::QemuNode(n) => format!("node {}", n.node),
+        other => other.label(),
+    }
+}
+
+impl std::fmt::Display for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
     }
 }
 

@@ -5,8 +5,17 @@
 //! certificate, whatever its issuer, name or dates". [`PinnedVerifier`]
 //! accepts exactly the pinned end-entity certificates and still verifies
 //! the handshake signatures against them, so the server must hold the
-//! private key. The NBD and XenAPI clients share it; it depends only on
-//! rustls.
+//! private key. [`TlsTrust`] says whom a client trusts (a pin, a CA, or,
+//! for labs, anyone) and builds the rustls client configuration. The NBD
+//! and XenAPI clients share both.
+//!
+//! # Crates used
+//! `rustls` (verifier traits, signature checks) and `rustls-pki-types`
+//! (certificates and PEM parsing); nothing else.
+
+mod trust;
+
+pub use trust::{Pem, TlsTrust, TrustError};
 
 use std::fmt;
 use std::sync::Arc;

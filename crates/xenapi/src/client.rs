@@ -121,7 +121,7 @@ impl Client {
     /// password, "1.1", originator)`.
     pub async fn connect(options: ClientOptions) -> Result<Client> {
         let tls = match (&options.tls, options.url.scheme()) {
-            (Some(trust), "https") => Some(trust.client_config()?),
+            (Some(trust), "https") => Some(crate::tls::client_config(trust)?),
             _ => None,
         };
         let http = HttpClient::new(&options.url, tls, options.rpc_timeout)?;

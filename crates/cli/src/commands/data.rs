@@ -169,6 +169,7 @@ pub fn backup_options(args: &BackupArgs) -> BackupOptions {
         workers: args
             .workers
             .unwrap_or_else(|| BackupOptions::default().workers),
+        throttle: None,
     }
 }
 

@@ -1,51 +1,36 @@
-//! Backing up a XenServer / XCP-ng VDI with changed-block tracking.
+//! XenServer / XCP-ng disks as [`Provider`]s: [`XenVdi`] backs up one VDI
+//! from its own snapshot, [`XenVm`] every disk of a VM from one consistent
+//! VM snapshot. The XenServer steps (reaping, CBT, snapshots, changed
+//! blocks, NBD access, `data_destroy`) are in `cbtvault-xen`; here they
+//! meet the repository: disk names and locks, the previous restore point
+//! as the base, the crash journal kept in the catalogue, and the check of
+//! a committed-but-unfinished base before it is finished.
 //!
-//! Per disk and run (see ARCHITECTURE.md for the invariants this keeps):
-//! 1. reap what an interrupted run left (tagged snapshots holding data);
-//! 2. make sure CBT is on (the first backup after enabling is full); where
-//!    the pool cannot track the VDI (SR, licence, RAW format) every run is
-//!    a full read with the reason, and step 7 destroys the snapshot;
-//! 3. `VDI.snapshot`, tagged in `other_config` with the job and the source;
-//! 4. `VDI.list_changed_blocks(previous snapshot, new snapshot)` before
-//!    opening NBD; a broken chain (error 460, a vanished or shrunk base)
-//!    falls back to a full read that still stores only new blocks;
-//! 5. read the blocks over NBD (TLS, the host's certificate pinned) and
-//!    commit the restore point durably;
-//! 6. verify before destroy: re-read a sample of the blocks from the
-//!    snapshot and compare them with what the repository holds;
-//! 7. `VDI.data_destroy` the new snapshot (retrying `VDI_IN_USE`), then
-//!    destroy the previous `cbt_metadata` base.
-//!
-//! Any failure before the commit destroys the new snapshot at once; its
+//! Any failure before the commit destroys the new snapshot; its
 //! changed-block log is merged into the disk's, so nothing is lost and the
-//! previous base still works.
+//! previous base still works (see ARCHITECTURE.md for the invariants).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbtvault_blockmap::BlockMap;
-use cbtvault_nbd::{Client as NbdClient, ConnectOptions, TlsOptions};
-use cbtvault_repo::{Repository, RestorePointRow, SourceInfo};
+use cbtvault_repo::{Repository, RestorePointRow, SourceInfo, VmInfo};
+use cbtvault_xen::{Capture, Previous, VdiBackup, XenChanges};
+use cbtvault_xenapi::{Client, VdiRef};
+use tokio_util::sync::CancellationToken;
 
 mod vm;
 
-use cbtvault_xenapi::{Client, NbdInfo, VdiRef, VdiType, XapiError};
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
-pub use vm::backup_vm;
+pub use cbtvault_xen::{Journal, NoteKind};
+pub use cbtvault_xen::{TAG_JOB, disk_name, former_disk_name, pool_uuid};
+pub use vm::{XenVm, backup_vm, save_vm_metadata};
 
-use crate::backup::{BackupJob, BackupOptions, BackupOutcome, Changes, DiskLocks, Parent};
-use crate::error::{Error, Result};
+use crate::backup::{BackupOptions, BackupOutcome, Changes, DiskLocks};
+use crate::error::{BoxError, Error, Result};
 use crate::nbd::NbdSource;
 use crate::progress::Progress;
+use crate::provider::{DriveContext, PreparedDisk, Provider, SharedProgress, drive};
 use crate::rename::DiskName;
-
-/// `other_config` key naming the job that made a snapshot.
-pub const TAG_JOB: &str = "cbtvault-job";
-/// The run kind that records a snapshot being taken, so that a snapshot
-/// whose run died before tagging it is still found.
-const SNAPSHOT_RUN: &str = "xen-snapshot";
 
 /// How to back up VDIs.
 #[derive(Clone, Debug)]
@@ -78,6 +63,37 @@ impl XenOptions {
             backup: BackupOptions::default(),
         }
     }
+
+    fn xen(&self) -> cbtvault_xen::XenOptions {
+        cbtvault_xen::XenOptions {
+            job: self.job.clone(),
+            nbd_connections: self.nbd_connections,
+            data_destroy_tries: self.data_destroy_tries,
+            data_destroy_backoff: self.data_destroy_backoff,
+        }
+    }
+
+    fn drive_context(
+        &self,
+        parallel: usize,
+        progress: Arc<dyn Progress>,
+        cancel: CancellationToken,
+    ) -> DriveContext {
+        let mut ctx = DriveContext::new(
+            self.backup.clone(),
+            Arc::new(SharedProgress(progress)),
+            cancel,
+        );
+        ctx.verify_samples = self.verify_samples;
+        ctx.parallel = parallel;
+        ctx
+    }
+}
+
+/// A XenServer step's error, naming the disk or VM it concerned.
+pub(crate) fn from_xen(e: cbtvault_xen::Error) -> Error {
+    let (disk, what, source) = e.into_parts();
+    Error::Source { disk, what, source }
 }
 
 fn xapi(disk: &str, what: &str) -> impl FnOnce(cbtvault_xenapi::Error) -> Error {
@@ -89,108 +105,60 @@ fn xapi(disk: &str, what: &str) -> impl FnOnce(cbtvault_xenapi::Error) -> Error 
     }
 }
 
-fn is_missing(e: &cbtvault_xenapi::Error) -> bool {
-    e.xapi()
-        .is_some_and(|x| matches!(x, XapiError::HandleInvalid { .. }) || x.code() == "UUID_INVALID")
+/// The crash journal, kept as runs in the repository's catalogue (kinds
+/// `xen-snapshot` and `xen-vm-snapshot`, the known snapshots as a JSON
+/// list in the run's detail), which `repair` carries over.
+pub struct RepoJournal(pub Arc<Repository>);
+
+impl Journal for RepoJournal {
+    fn note(&self, kind: NoteKind, subject: &str, known: &[String]) -> Result<i64, BoxError> {
+        let detail = serde_json::to_string(known)?;
+        Ok(self.0.journal_note(kind.as_str(), subject, &detail)?)
+    }
+
+    fn unfinished(
+        &self,
+        kind: NoteKind,
+        subject: &str,
+    ) -> Result<Vec<(i64, Vec<String>)>, BoxError> {
+        let notes = self.0.journal_unfinished(kind.as_str(), subject)?;
+        // A note that cannot be read lists nothing: every untagged
+        // snapshot is then taken for that run's.
+        Ok(notes
+            .into_iter()
+            .map(|(id, detail)| (id, serde_json::from_str(&detail).unwrap_or_default()))
+            .collect())
+    }
+
+    fn close(&self, note: i64, _status: &str) -> Result<(), BoxError> {
+        Ok(self.0.journal_close(note)?)
+    }
 }
 
-/// The repository's name for a VDI's disk: `xen-POOL/VDI`, with the
-/// pool's uuid, so that VDIs of two pools never share a disk (a replicated
-/// SR brings its VDI uuids along), and the name survives a new pool master.
-pub fn disk_name(pool_uuid: &str, vdi_uuid: &str) -> String {
-    format!("xen-{pool_uuid}/{vdi_uuid}")
-}
-
-/// The name earlier versions gave a VDI's disk (see [`crate::rename`]).
-pub fn former_disk_name(vdi_uuid: &str) -> String {
-    format!("xen-{vdi_uuid}")
-}
-
-/// The pool's uuid (a XAPI host belongs to exactly one pool).
-pub async fn pool_uuid(
-    xapi_client: &Client,
-) -> std::result::Result<String, cbtvault_xenapi::Error> {
-    let refs = xapi_client.call("pool.get_all", vec![]).await?;
-    let pool = refs
-        .as_array()
-        .and_then(|a| a.first())
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| cbtvault_xenapi::Error::Decode {
-            field: "pool.get_all".into(),
-            detail: format!("expected a list of one pool reference, got {refs:?}"),
-        })?
-        .to_string();
-    let uuid = xapi_client
-        .call(
-            "pool.get_uuid",
-            vec![cbtvault_xenapi::Value::from(pool.as_str())],
-        )
-        .await?;
-    uuid.as_str()
-        .map(str::to_string)
-        .ok_or_else(|| cbtvault_xenapi::Error::Decode {
-            field: "pool.get_uuid".into(),
-            detail: format!("expected a string, got {uuid:?}"),
-        })
-}
-
-/// A disk ready to be snapshotted: locked, reaped, CBT on, base found.
-pub(crate) struct Prepared {
-    disk: String,
-    vdi: VdiRef,
+/// One VDI ready to be snapshotted, with its place in the repository.
+pub(crate) struct XenDisk {
+    name: DiskName,
     locks: Arc<DiskLocks>,
-    latest: Option<RestorePointRow>,
-    base: Option<VdiRef>,
-    full_reason: Option<String>,
-    /// Changed-block tracking works on this VDI. Without it (an SR or a
-    /// licence without CBT, a RAW VDI) every run reads the disk whole and
-    /// destroys its snapshot instead of keeping its metadata.
-    cbt: bool,
-    /// The VDI's snapshots before this run takes one.
-    known: Vec<String>,
+    backup: VdiBackup,
 }
 
-/// Why changed-block tracking cannot be enabled on a VDI, in the user's
-/// words, when the pool says it never will be: the disk is then backed up
-/// whole every time. `None` for any other failure.
-fn cbt_unavailable(e: &cbtvault_xenapi::Error) -> Option<String> {
-    Some(match e.xapi()? {
-        XapiError::SrOperationNotSupported { .. } => {
-            "its SR does not support changed-block tracking (SR_OPERATION_NOT_SUPPORTED)".into()
-        }
-        XapiError::LicenceRestriction { .. } => {
-            "the pool's licence does not include changed-block tracking (LICENCE_RESTRICTION)"
-                .into()
-        }
-        XapiError::SrBackendFailure { code: 66, .. } => {
-            "it is a RAW VDI, which has no changed-block tracking (SR_BACKEND_FAILURE_66)".into()
-        }
-        _ => return None,
-    })
-}
-
-/// Steps 1 and 2 for one VDI, and the base of the incremental.
-pub(crate) async fn prepare(
-    xapi_client: &Client,
+/// Locks the disk, finds its last restore point, and has `cbtvault-xen`
+/// reap and prepare the VDI. A base committed but never `data_destroy`ed
+/// is checked against its restore point and finished here.
+pub(crate) async fn prepare_disk(
+    client: &Client,
     repo: &Arc<Repository>,
+    pool: &str,
     vdi_uuid: &str,
     options: &XenOptions,
-) -> Result<Prepared> {
-    let pool = pool_uuid(xapi_client)
-        .await
-        .map_err(xapi(&former_disk_name(vdi_uuid), "reading the pool's uuid"))?;
+) -> Result<XenDisk> {
     let name = DiskName {
-        name: disk_name(&pool, vdi_uuid),
+        name: disk_name(pool, vdi_uuid),
         former: Some(former_disk_name(vdi_uuid)),
     };
     let disk = name.name.clone();
     // Held across the hypervisor steps too: no two runs reap each other.
     let locks = crate::backup::lock_disk(repo, &disk).await?;
-    let vdis = xapi_client.vdi();
-    let vdi = vdis
-        .get_by_uuid(vdi_uuid)
-        .await
-        .map_err(xapi(&disk, "looking up the VDI"))?;
     // Restore points under the former name are this VDI's whatever the
     // pool's address was then.
     let suffix = format!("/vdi/{vdi_uuid}");
@@ -198,177 +166,253 @@ pub(crate) async fn prepare(
         m.source.provider == "xenserver" && m.source.location.ends_with(&suffix)
     })
     .await?;
-    let base_uuid = latest
-        .as_ref()
-        .and_then(|rp| rp.manifest.source.snapshot.clone());
-    reap(
-        xapi_client,
-        repo.clone(),
+    let previous = latest.as_ref().map(|rp| Previous {
+        snapshot: rp.manifest.source.snapshot.clone(),
+        size: rp.manifest.virtual_size,
+    });
+    let journal = RepoJournal(repo.clone());
+    let mut backup = VdiBackup::prepare(
+        client,
         &disk,
-        &vdi,
-        latest.as_ref(),
-        options,
+        vdi_uuid,
+        previous.as_ref(),
+        &options.xen(),
+        &journal,
     )
-    .await?;
-    // Read after reaping: it lists the snapshots that remain.
-    let record = vdis
-        .get_record(&vdi)
-        .await
-        .map_err(xapi(&disk, "reading the VDI record"))?;
-    let mut full_reason = None;
-    let mut cbt = true;
-    if !record.cbt_enabled {
-        match vdis.enable_cbt(&vdi).await {
-            Ok(()) => {
-                full_reason = Some(if latest.is_some() {
-                    "changed-block tracking was off (disabled or lost); re-enabled".to_string()
-                } else {
-                    "changed-block tracking was just enabled".to_string()
-                });
-            }
-            Err(e) => match cbt_unavailable(&e) {
-                Some(why) => {
-                    warn!(reason = %why, "no changed-block tracking; reading the whole disk");
-                    cbt = false;
-                    full_reason = Some(format!(
-                        "changed-block tracking cannot be enabled: {why}; every backup of this \
-                         disk reads it whole"
-                    ));
-                }
-                None => return Err(xapi(&disk, "enabling changed-block tracking")(e)),
-            },
-        }
+    .await
+    .map_err(from_xen)?;
+    if let (Some(base), Some(rp)) = (backup.unfinished_base().cloned(), &latest) {
+        // Committed but killed before its data_destroy: check, then finish.
+        check_snapshot(client, repo, &disk, &base, rp, options).await?;
+        backup.finish_unfinished_base(client).await;
     }
-    let base = match (&base_uuid, &full_reason) {
-        (Some(uuid), None) => match vdis.get_by_uuid(uuid).await {
-            Ok(r) => Some(r),
-            Err(e) if is_missing(&e) => {
-                full_reason = Some(format!("the previous snapshot {uuid} is gone"));
-                None
-            }
-            Err(e) => return Err(xapi(&disk, "looking up the previous snapshot")(e)),
-        },
-        _ => None,
-    };
-    if latest.is_none() && full_reason.is_none() {
-        full_reason = Some("first backup of this disk".into());
-    }
-    Ok(Prepared {
-        disk,
-        vdi,
+    Ok(XenDisk {
+        name,
         locks,
-        latest,
-        base,
-        full_reason,
-        cbt,
-        known: record
-            .snapshots
-            .iter()
-            .map(|r| r.as_str().to_string())
-            .collect(),
+        backup,
     })
 }
 
-impl Prepared {
-    /// Notes the snapshots that exist, so that one this run makes can be
-    /// told apart if the run dies before tagging it. Returns the note's run.
-    pub(crate) fn note_intent(&self, repo: &Repository) -> Result<i64> {
-        let cat = repo.catalogue();
-        let run = cat.start_run(SNAPSHOT_RUN, Some(&self.disk))?;
-        cat.set_run_detail(run, &serde_json::to_string(&self.known).unwrap_or_default())?;
-        Ok(run)
-    }
+/// Re-reads a sample of `committed` from `snapshot` over NBD.
+async fn check_snapshot(
+    client: &Client,
+    repo: &Arc<Repository>,
+    disk: &str,
+    snapshot: &VdiRef,
+    committed: &RestorePointRow,
+    options: &XenOptions,
+) -> Result<()> {
+    let nbd = cbtvault_xen::connect_nbd(client, disk, snapshot, options.nbd_connections)
+        .await
+        .map_err(from_xen)?;
+    let result = crate::nbd::verify_sample(
+        &nbd,
+        repo,
+        &committed.id,
+        &committed.manifest,
+        options.verify_samples,
+        None,
+    )
+    .await;
+    nbd.disconnect().await;
+    result
+}
 
-    /// Steps 4 to 7 on `snapshot`, a fresh tagged snapshot of this disk.
-    /// With `own_snapshot` false the snapshot belongs to a VM snapshot: the
-    /// caller destroys that VM first, then finishes or destroys the VDI.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn back_up(
+/// A snapshot VDI to read.
+pub struct XenView {
+    disk: String,
+    snapshot: VdiRef,
+    info: SourceInfo,
+    size: u64,
+}
+
+impl XenDisk {
+    /// The prepared disk for `capture`, a fresh snapshot of it.
+    fn prepared(
         &self,
-        xapi_client: &Client,
-        repo: &Arc<Repository>,
-        snapshot: &VdiRef,
+        capture: Capture,
         options: &XenOptions,
-        progress: Arc<dyn Progress>,
-        cancel: CancellationToken,
-        own_snapshot: bool,
-    ) -> Result<BackupOutcome> {
-        let result = back_up_snapshot(
-            xapi_client,
-            repo,
-            &self.disk,
-            &self.vdi,
-            snapshot,
-            self.base.as_ref(),
-            self.full_reason.clone(),
-            self.latest.as_ref().map(|l| l.manifest.virtual_size),
-            options,
-            progress,
-            cancel,
-            self.locks.clone(),
-        )
-        .await;
-        match result {
-            Ok(outcome) if own_snapshot => {
-                self.finish(xapi_client, snapshot, options).await?;
-                Ok(outcome)
-            }
-            Ok(outcome) => Ok(outcome),
-            Err(e) if !own_snapshot => Err(e),
-            Err(e) => {
-                // Nothing was committed: the snapshot goes now, its CBT log
-                // merging into the disk's, so the previous base stays valid.
-                if let Err(d) = xapi_client.vdi().destroy(snapshot).await {
-                    warn!(error = %d, snapshot = %snapshot.as_str(), "could not destroy the snapshot of a failed run; the next run reaps it");
-                }
-                Err(e)
-            }
+        vm: Option<VmInfo>,
+    ) -> PreparedDisk<XenView> {
+        let changes = match capture.changes {
+            XenChanges::Blocks(map) => Changes::Blocks {
+                map,
+                origin: "xenapi-cbt".into(),
+            },
+            XenChanges::Full(reason) => Changes::Full { reason },
+        };
+        PreparedDisk {
+            disk: self.name.name.clone(),
+            id: capture.vdi_uuid.clone(),
+            locks: self.locks.clone(),
+            changes,
+            time: jiff::Timestamp::now(),
+            connections: options.nbd_connections.max(1),
+            vm: vm.clone(),
+            view: XenView {
+                disk: self.name.name.clone(),
+                snapshot: capture.snapshot,
+                info: SourceInfo {
+                    provider: "xenserver".into(),
+                    location: format!("{}/vdi/{}", options.pool, capture.vdi_uuid),
+                    snapshot: Some(capture.snapshot_uuid),
+                    details: BTreeMap::from([
+                        ("vdi_name".to_string(), capture.name_label),
+                        ("job".to_string(), options.job.clone()),
+                    ]),
+                    vm,
+                },
+                size: capture.virtual_size,
+            },
         }
     }
 
-    /// Step 7: the irreversible steps, after commit and verification.
-    pub(crate) async fn finish(
+    /// Commits or aborts this disk's snapshot.
+    async fn finish(
         &self,
-        xapi_client: &Client,
-        snapshot: &VdiRef,
+        client: &Client,
+        view: &XenView,
+        committed: bool,
         options: &XenOptions,
     ) -> Result<()> {
-        if !self.cbt {
-            // Nothing to keep: without CBT a snapshot's metadata is no base.
-            // The NBD connection's dom0 VBD may linger a moment, as for
-            // data_destroy.
-            let mut pause = options.data_destroy_backoff;
-            let tries = options.data_destroy_tries.max(1);
-            for attempt in 1..=tries {
-                match xapi_client.vdi().destroy(snapshot).await {
-                    Ok(()) => break,
-                    Err(e)
-                        if matches!(e.xapi(), Some(XapiError::VdiInUse { .. }))
-                            && attempt < tries =>
-                    {
-                        warn!(attempt, "snapshot still in use; retrying VDI.destroy");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(30));
-                    }
-                    Err(e) => {
-                        return Err(xapi(&self.disk, "VDI.destroy of the new snapshot")(e));
-                    }
-                }
-            }
-            return Ok(());
+        if committed {
+            self.backup
+                .commit(client, &view.snapshot, &options.xen())
+                .await
+                .map_err(from_xen)
+        } else {
+            self.backup.abort(client, &view.snapshot).await;
+            Ok(())
         }
-        finish(
-            xapi_client,
-            &self.disk,
-            snapshot,
-            self.base.as_ref(),
-            options,
-        )
-        .await
     }
 }
 
-/// Backs up one VDI; see the module documentation for the steps.
+/// Opens NBD on a snapshot VDI, sized as XAPI says.
+async fn open_view(client: &Client, view: &XenView, options: &XenOptions) -> Result<NbdSource> {
+    let nbd =
+        cbtvault_xen::connect_nbd(client, &view.disk, &view.snapshot, options.nbd_connections)
+            .await
+            .map_err(from_xen)?;
+    // The VDI's size, not the export's (whole sectors, see `with_size`).
+    match NbdSource::from_client(nbd.clone(), view.info.clone()).with_size(view.size) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            nbd.disconnect().await;
+            Err(e)
+        }
+    }
+}
+
+/// One VDI from its own snapshot.
+pub struct XenVdi<'a> {
+    client: &'a Client,
+    vdi_uuid: String,
+    options: XenOptions,
+    disk: Option<XenDisk>,
+    /// The VM metadata saved by this VM-level run, if the VDI is one of a
+    /// VM's disks backed up one by one.
+    vm_metadata: Option<String>,
+}
+
+impl<'a> XenVdi<'a> {
+    /// Records `id`, the VM metadata this run saved, with the restore point.
+    pub fn with_vm_metadata(mut self, id: Option<String>) -> Self {
+        self.vm_metadata = id;
+        self
+    }
+
+    pub fn new(client: &'a Client, vdi_uuid: &str, options: &XenOptions) -> Self {
+        XenVdi {
+            client,
+            vm_metadata: None,
+            vdi_uuid: vdi_uuid.to_string(),
+            options: options.clone(),
+            disk: None,
+        }
+    }
+}
+
+/// The VM a VDI is plugged into, if any (best effort: only for the record).
+async fn vm_of_vdi(client: &Client, vdi: &VdiRef, pool: &str) -> Option<VmInfo> {
+    let record = client.vdi().get_record(vdi).await.ok()?;
+    for vbd in &record.vbds {
+        let Ok(v) = client.vbd().get_record(vbd).await else {
+            continue;
+        };
+        let Ok(vm) = client.vm().get_record(&v.vm).await else {
+            continue;
+        };
+        if vm.is_control_domain || !v.vbd_type.eq_ignore_ascii_case("disk") {
+            continue;
+        }
+        return Some(VmInfo {
+            uuid: vm.uuid,
+            name: vm.name_label,
+            host: pool.to_string(),
+            disk_label: Some(record.name_label).filter(|l| !l.is_empty()),
+            device: Some(v.userdevice),
+            metadata: None,
+        });
+    }
+    None
+}
+
+impl Provider for XenVdi<'_> {
+    type View = XenView;
+
+    fn label(&self) -> String {
+        format!("VDI {}", self.vdi_uuid)
+    }
+
+    async fn prepare(&mut self, repo: &Arc<Repository>) -> Result<Vec<PreparedDisk<XenView>>> {
+        let client = self.client;
+        let pool = pool_uuid(client).await.map_err(xapi(
+            &former_disk_name(&self.vdi_uuid),
+            "reading the pool's uuid",
+        ))?;
+        let disk = prepare_disk(client, repo, &pool, &self.vdi_uuid, &self.options).await?;
+        let journal = RepoJournal(repo.clone());
+        let capture = disk
+            .backup
+            .snapshot(client, &self.options.xen(), &journal)
+            .await
+            .map_err(from_xen)?;
+        let vm = vm_of_vdi(client, disk.backup.vdi(), &pool)
+            .await
+            .map(|vm| VmInfo {
+                metadata: self.vm_metadata.clone(),
+                ..vm
+            });
+        let prepared = disk.prepared(capture, &self.options, vm);
+        self.disk = Some(disk);
+        Ok(vec![prepared])
+    }
+
+    async fn open(&self, view: &XenView) -> Result<NbdSource> {
+        open_view(self.client, view, &self.options).await
+    }
+
+    async fn finish(
+        &mut self,
+        outcomes: Vec<(XenView, Option<RestorePointRow>)>,
+    ) -> Vec<Result<()>> {
+        // Taken: the disk's locks go when finish is done.
+        let disk = self.disk.take();
+        let mut out = Vec::new();
+        for (view, committed) in outcomes {
+            out.push(match &disk {
+                Some(d) => {
+                    d.finish(self.client, &view, committed.is_some(), &self.options)
+                        .await
+                }
+                None => Err(Error::Internal("finish before prepare".into())),
+            });
+        }
+        out
+    }
+}
+
+/// Backs up one VDI from its own snapshot (see [`XenVdi`]).
 pub async fn backup_vdi(
     xapi_client: &Client,
     repo: Arc<Repository>,
@@ -377,337 +421,11 @@ pub async fn backup_vdi(
     progress: Arc<dyn Progress>,
     cancel: CancellationToken,
 ) -> Result<BackupOutcome> {
-    let span = tracing::info_span!("vdi", job = %options.job, vdi = %vdi_uuid);
-    async move {
-        let prepared = prepare(xapi_client, &repo, vdi_uuid, options).await?;
-        let disk = &prepared.disk;
-        let vdis = xapi_client.vdi();
-        let intent = prepared.note_intent(&repo)?;
-        let snapshot = vdis.snapshot(&prepared.vdi, &BTreeMap::new()).await;
-        let tagged = match &snapshot {
-            Ok(snap) => vdis.add_to_other_config(snap, TAG_JOB, &options.job).await,
-            Err(_) => Ok(()),
-        };
-        repo.catalogue().finish_run(intent, "done", None, "")?;
-        let snapshot = snapshot.map_err(xapi(disk, "taking a snapshot"))?;
-        if let Err(e) = tagged {
-            let _ = vdis.destroy(&snapshot).await;
-            return Err(xapi(disk, "tagging the snapshot")(e));
-        }
-        prepared
-            .back_up(
-                xapi_client,
-                &repo,
-                &snapshot,
-                options,
-                progress,
-                cancel,
-                true,
-            )
-            .await
-    }
-    .instrument(span)
-    .await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn back_up_snapshot(
-    xapi_client: &Client,
-    repo: &Arc<Repository>,
-    disk: &str,
-    vdi: &VdiRef,
-    snapshot: &VdiRef,
-    base: Option<&VdiRef>,
-    mut full_reason: Option<String>,
-    previous_size: Option<u64>,
-    options: &XenOptions,
-    progress: Arc<dyn Progress>,
-    cancel: CancellationToken,
-    locks: Arc<crate::backup::DiskLocks>,
-) -> Result<BackupOutcome> {
-    let vdis = xapi_client.vdi();
-    let source_uuid = vdis
-        .get_uuid(vdi)
-        .await
-        .map_err(xapi(disk, "reading the VDI uuid"))?;
-    let snap = vdis
-        .get_record(snapshot)
-        .await
-        .map_err(xapi(disk, "reading the snapshot"))?;
-    if let Some(prev) = previous_size
-        && snap.virtual_size < prev
-        && full_reason.is_none()
-    {
-        full_reason = Some(format!(
-            "the disk shrank from {prev} to {} bytes",
-            snap.virtual_size
-        ));
-    }
-
-    // Changed blocks come before NBD: xapi refuses them while vdi_to is in use.
-    let changes = match (base, full_reason) {
-        (Some(base), None) => match vdis.list_changed_blocks(base, snapshot).await {
-            Ok(text) => match BlockMap::from_xenapi_base64(&text, snap.virtual_size) {
-                Ok(map) => Changes::Blocks {
-                    map,
-                    origin: "xenapi-cbt".into(),
-                },
-                Err(e) => Changes::Full {
-                    reason: Some(format!(
-                        "VDI.list_changed_blocks returned an unusable bitmap: {e}"
-                    )),
-                },
-            },
-            Err(e)
-                if matches!(
-                    e.xapi(),
-                    Some(XapiError::SrBackendFailure { code: 460, .. })
-                ) =>
-            {
-                Changes::Full {
-                    reason: Some(format!("the changed-block chain is broken: {e}")),
-                }
-            }
-            Err(e) => return Err(xapi(disk, "VDI.list_changed_blocks")(e)),
-        },
-        (_, reason) => Changes::Full { reason },
-    };
-    if let Changes::Full { reason: Some(r) } = &changes {
-        info!(reason = %r, "full backup");
-    }
-
-    let nbd = connect_nbd(xapi_client, disk, snapshot, options).await?;
-    let source = NbdSource::from_client(
-        nbd.clone(),
-        SourceInfo {
-            provider: "xenserver".into(),
-            location: format!("{}/vdi/{source_uuid}", options.pool),
-            snapshot: Some(snap.uuid.clone()),
-            details: BTreeMap::from([
-                ("vdi_name".to_string(), snap.name_label.clone()),
-                ("job".to_string(), options.job.clone()),
-            ]),
-            ..Default::default()
-        },
-    )
-    // The VDI's size, not the export's (whole sectors, see `with_size`).
-    .with_size(snap.virtual_size);
-    let source = match source {
-        Ok(s) => s,
-        Err(e) => {
-            nbd.disconnect().await;
-            return Err(e);
-        }
-    };
-    let time = jiff::Timestamp::now();
-    // What the check before data_destroy samples: the blocks just read.
-    let focus = match &changes {
-        Changes::Blocks { map, .. } => Some(map.clone()),
-        Changes::Full { .. } => None,
-    };
-    let job = BackupJob {
-        disk: disk.to_string(),
-        changes,
-        parent: Parent::Latest,
-        time: Some(time),
-        options: options.backup.clone(),
-        held: Some(locks),
-    };
-    let outcome =
-        crate::backup::backup(repo.clone(), Arc::new(source), job, progress, cancel).await;
-    nbd.disconnect().await;
-    let outcome = outcome?;
-    verify_sample(
-        xapi_client,
-        repo,
-        disk,
-        snapshot,
-        &RestorePointRow {
-            id: outcome.restore_point.clone(),
-            manifest: outcome.manifest.clone(),
-        },
-        options,
-        focus.as_ref(),
-    )
-    .await?;
-    Ok(outcome)
-}
-
-/// Opens NBD to `vdi` with the address and pinned certificate XAPI gives.
-async fn connect_nbd(
-    xapi_client: &Client,
-    disk: &str,
-    vdi: &VdiRef,
-    options: &XenOptions,
-) -> Result<NbdClient> {
-    let infos = xapi_client
-        .vdi()
-        .get_nbd_info(vdi)
-        .await
-        .map_err(xapi(disk, "VDI.get_nbd_info"))?;
-    let mut last = None;
-    for info in &infos {
-        match NbdClient::connect(&nbd_options(info, options)).await {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                warn!(address = %info.address, error = %e, "NBD host unreachable; trying the next");
-                last = Some(e);
-            }
-        }
-    }
-    Err(Error::Source {
-        disk: disk.to_string(),
-        what: if infos.is_empty() {
-            "VDI.get_nbd_info returned no NBD host: give a pool network the nbd purpose".into()
-        } else {
-            "no NBD host accepted the connection".into()
-        },
-        source: last.map(|e| Box::new(e) as crate::error::BoxError),
-    })
-}
-
-fn nbd_options(info: &NbdInfo, options: &XenOptions) -> ConnectOptions {
-    let mut o = ConnectOptions::tcp(info.address.clone(), info.port, info.exportname.clone())
-        .with_tls(TlsOptions::pinned_pem(info.cert.clone()).with_server_name(info.subject.clone()));
-    // xapi-nbd allows 16 connections per host and no multi-conn flag, so
-    // parallelism comes from requests in flight.
-    o.connections = options.nbd_connections.max(1);
-    // xapi-nbd closes the connection after any error reply: a read that
-    // failed that way is worth one more try on a new connection.
-    o.server_error_retries = 3;
-    o
-}
-
-/// Re-reads a sample of the blocks from the snapshot and checks that the
-/// repository holds exactly them: the last look before data_destroy.
-async fn verify_sample(
-    xapi_client: &Client,
-    repo: &Arc<Repository>,
-    disk: &str,
-    snapshot: &VdiRef,
-    committed: &RestorePointRow,
-    options: &XenOptions,
-    focus: Option<&BlockMap>,
-) -> Result<()> {
-    let nbd = connect_nbd(xapi_client, disk, snapshot, options).await?;
-    let result = crate::nbd::verify_sample(
-        &nbd,
-        repo,
-        &committed.id,
-        &committed.manifest,
-        options.verify_samples,
-        focus,
-    )
-    .await;
-    nbd.disconnect().await;
-    result
-}
-
-/// The irreversible steps, after commit and verification.
-async fn finish(
-    xapi_client: &Client,
-    disk: &str,
-    snapshot: &VdiRef,
-    base: Option<&VdiRef>,
-    options: &XenOptions,
-) -> Result<()> {
-    let vdis = xapi_client.vdi();
-    let mut pause = options.data_destroy_backoff;
-    for attempt in 1..=options.data_destroy_tries.max(1) {
-        match vdis.data_destroy(snapshot).await {
-            Ok(()) => break,
-            Err(e)
-                if matches!(e.xapi(), Some(XapiError::VdiInUse { .. }))
-                    && attempt < options.data_destroy_tries =>
-            {
-                warn!(attempt, "snapshot still in use; retrying data_destroy");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => return Err(xapi(disk, "VDI.data_destroy of the new snapshot")(e)),
-        }
-    }
-    if let Some(base) = base
-        && base != snapshot
-        && let Err(e) = vdis.destroy(base).await
-    {
-        // A leftover cbt_metadata VDI costs no data; the next run reaps it.
-        warn!(error = %e, "could not destroy the previous base");
-    }
-    Ok(())
-}
-
-/// Cleans up after interrupted runs of this job on this VDI: snapshots
-/// still holding data are destroyed (their logs merge into the disk's),
-/// except the current base, whose restore point is committed: it only
-/// missed its data_destroy, which happens now, after a check. Stale
-/// cbt_metadata bases are destroyed. A snapshot whose run died before
-/// tagging it is found through the run's note of the snapshots before it.
-async fn reap(
-    xapi_client: &Client,
-    repo: Arc<Repository>,
-    disk: &str,
-    vdi: &VdiRef,
-    latest: Option<&cbtvault_repo::RestorePointRow>,
-    options: &XenOptions,
-) -> Result<()> {
-    let base_uuid = latest.and_then(|rp| rp.manifest.source.snapshot.as_deref());
-    let vdis = xapi_client.vdi();
-    let all = vdis
-        .get_all_records()
-        .await
-        .map_err(xapi(disk, "listing VDIs"))?;
-    let mut doomed: Vec<(VdiRef, String, bool, bool)> = Vec::new();
-    for (r, rec) in &all {
-        if rec.snapshot_of == *vdi && rec.other_config.get(TAG_JOB) == Some(&options.job) {
-            doomed.push((
-                r.clone(),
-                rec.uuid.clone(),
-                rec.vdi_type == VdiType::CbtMetadata,
-                rec.cbt_enabled,
-            ));
-        }
-    }
-    let unfinished = repo.catalogue().unfinished_runs(SNAPSHOT_RUN, disk)?;
-    for (run, detail) in unfinished {
-        let known: Vec<String> = serde_json::from_str(&detail).unwrap_or_default();
-        // The earliest untagged snapshot made after the note is that run's.
-        let orphan = all
-            .iter()
-            .filter(|(r, rec)| {
-                rec.snapshot_of == *vdi
-                    && !rec.other_config.contains_key(TAG_JOB)
-                    && !known.iter().any(|k| k == r.as_str())
-            })
-            .min_by(|a, b| a.1.snapshot_time.cmp(&b.1.snapshot_time));
-        if let Some((r, rec)) = orphan {
-            doomed.push((
-                r.clone(),
-                rec.uuid.clone(),
-                rec.vdi_type == VdiType::CbtMetadata,
-                rec.cbt_enabled,
-            ));
-        }
-        repo.catalogue().finish_run(run, "reaped", None, "")?;
-    }
-    for (r, uuid, is_metadata, cbt_enabled) in doomed {
-        let is_base = base_uuid == Some(uuid.as_str());
-        let step = match (latest, is_metadata) {
-            (Some(_), true) if is_base => continue,
-            // Committed but killed before its data_destroy: check, then finish.
-            // A snapshot without CBT is no base: it just goes.
-            (Some(rp), false) if is_base && cbt_enabled => {
-                verify_sample(xapi_client, &repo, disk, &r, rp, options, None).await?;
-                vdis.data_destroy(&r).await
-            }
-            _ => vdis.destroy(&r).await,
-        };
-        match step {
-            Ok(()) => {
-                info!(snapshot = %uuid, base = is_base, "reaped a snapshot left by an interrupted run")
-            }
-            Err(e) => warn!(snapshot = %uuid, error = %e, "could not reap a leftover snapshot"),
-        }
-    }
-    Ok(())
+    let mut provider = XenVdi::new(xapi_client, vdi_uuid, options);
+    let ctx = options.drive_context(1, progress, cancel);
+    let runs = drive(&mut provider, repo, &ctx).await?;
+    runs.into_iter()
+        .next()
+        .map(|r| r.outcome)
+        .unwrap_or_else(|| Err(Error::Internal("a VDI backup prepared no disk".into())))
 }

@@ -4,24 +4,140 @@
 //! found), then one `VM.snapshot` captures them at the same instant. Each
 //! snapshot VDI is backed up and checked; the snapshot VM is destroyed (its
 //! VBDs would keep the VDIs in use), and only then are the snapshots
-//! `data_destroy`ed. A disk that failed loses its snapshot at once, as in the
-//! single-VDI path, and the others still complete.
+//! `data_destroy`ed — or, for a disk that failed, destroyed: the others
+//! still complete.
 
 use std::sync::Arc;
 
-use cbtvault_repo::Repository;
-use cbtvault_xenapi::{Client, VmRef};
-use futures::StreamExt;
+use cbtvault_repo::{Repository, RestorePointRow, VmInfo, VmMetadata};
+use cbtvault_xen::{VmBackup, VmSnapshot, vm_subject};
+use cbtvault_xenapi::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::warn;
 
-use super::{Prepared, TAG_JOB, XenOptions, prepare, xapi};
+use super::{
+    RepoJournal, XenDisk, XenOptions, XenView, from_xen, open_view, pool_uuid, prepare_disk, xapi,
+};
 use crate::backup::BackupOutcome;
 use crate::error::{Error, Result};
+use crate::nbd::NbdSource;
 use crate::progress::Progress;
+use crate::provider::{PreparedDisk, Provider, drive};
 
-/// The run kind that notes a VM snapshot being taken.
-const VM_SNAPSHOT_RUN: &str = "xen-vm-snapshot";
+/// Every disk of a VM from one VM snapshot.
+pub struct XenVm<'a> {
+    client: &'a Client,
+    vm_uuid: String,
+    options: XenOptions,
+    state: Option<VmState>,
+}
+
+struct VmState {
+    /// Held until finish: another run reaping would destroy this run's VM
+    /// snapshot under it.
+    _lock: (cbtvault_repo::Lock, cbtvault_repo::Lock),
+    vm: VmBackup,
+    snapshot: VmSnapshot,
+    disks: Vec<XenDisk>,
+}
+
+impl<'a> XenVm<'a> {
+    pub fn new(client: &'a Client, vm_uuid: &str, options: &XenOptions) -> Self {
+        XenVm {
+            client,
+            vm_uuid: vm_uuid.to_string(),
+            options: options.clone(),
+            state: None,
+        }
+    }
+}
+
+impl Provider for XenVm<'_> {
+    type View = XenView;
+
+    fn label(&self) -> String {
+        format!("VM {}", self.vm_uuid)
+    }
+
+    async fn prepare(&mut self, repo: &Arc<Repository>) -> Result<Vec<PreparedDisk<XenView>>> {
+        let client = self.client;
+        let label = vm_subject(&self.vm_uuid);
+        let lock = lock_vm(repo, &label).await?;
+        let journal = RepoJournal(repo.clone());
+        let xen = self.options.xen();
+        let vm = VmBackup::prepare(client, &self.vm_uuid, &xen, &journal)
+            .await
+            .map_err(from_xen)?;
+        let pool = pool_uuid(client)
+            .await
+            .map_err(xapi(&label, "reading the pool's uuid"))?;
+        let vm_disks = vm.disks(client).await.map_err(from_xen)?;
+        let mut disks = Vec::new();
+        for d in &vm_disks {
+            disks.push(prepare_disk(client, repo, &pool, &d.vdi_uuid, &self.options).await?);
+        }
+        let backups: Vec<_> = disks.iter().map(|d| &d.backup).collect();
+        // What a whole-VM restore rebuilds the VM from, as it is now.
+        let metadata = save_vm_metadata(client, repo, &self.vm_uuid).await;
+        let (snapshot, captures) = vm
+            .snapshot(client, &backups, &xen, &journal)
+            .await
+            .map_err(from_xen)?;
+        let prepared = disks
+            .iter()
+            .zip(&vm_disks)
+            .zip(captures)
+            .map(|((disk, d), capture)| {
+                let identity = VmInfo {
+                    uuid: self.vm_uuid.clone(),
+                    name: vm.record().name_label.clone(),
+                    host: pool.clone(),
+                    disk_label: Some(d.name_label.clone()).filter(|l| !l.is_empty()),
+                    device: Some(d.position.clone()),
+                    metadata: metadata.clone(),
+                };
+                disk.prepared(capture, &self.options, Some(identity))
+            })
+            .collect();
+        self.state = Some(VmState {
+            _lock: lock,
+            vm,
+            snapshot,
+            disks,
+        });
+        Ok(prepared)
+    }
+
+    async fn open(&self, view: &XenView) -> Result<NbdSource> {
+        open_view(self.client, view, &self.options).await
+    }
+
+    async fn finish(
+        &mut self,
+        outcomes: Vec<(XenView, Option<RestorePointRow>)>,
+    ) -> Vec<Result<()>> {
+        // Taken: the VM's and the disks' locks go when finish is done.
+        let Some(state) = self.state.take() else {
+            return outcomes
+                .iter()
+                .map(|_| Err(Error::Internal("finish before prepare".into())))
+                .collect();
+        };
+        // The snapshot VM's VBDs hold its VDIs: it goes before data_destroy.
+        state
+            .vm
+            .destroy_snapshot(self.client, &state.snapshot)
+            .await;
+        let mut out = Vec::new();
+        for (disk, (view, committed)) in state.disks.iter().zip(outcomes) {
+            out.push(
+                disk.finish(self.client, &view, committed.is_some(), &self.options)
+                    .await,
+            );
+        }
+        out
+    }
+}
 
 /// Backs up every disk of VM `vm_uuid` from one VM snapshot, `parallel`
 /// disks at a time. Returns each disk's VDI uuid and outcome.
@@ -34,116 +150,10 @@ pub async fn backup_vm(
     progress: Arc<dyn Progress>,
     cancel: CancellationToken,
 ) -> Result<Vec<(String, Result<BackupOutcome>)>> {
-    let span = tracing::info_span!("vm", job = %options.job, vm = %vm_uuid);
-    async move {
-        let label = format!("vm-{vm_uuid}");
-        let vms = xapi_client.vm();
-        let vm = vms.get_by_uuid(vm_uuid).await.map_err(xapi(&label, "looking up the VM"))?;
-        // Held for the whole run: another run reaping would destroy this
-        // run's VM snapshot under it.
-        let _vm_lock = lock_vm(&repo, &label).await?;
-        reap_vm_snapshots(xapi_client, &repo, &label, &vm, options).await?;
-        let record = vms.get_record(&vm).await.map_err(xapi(&label, "reading the VM"))?;
-
-        let mut disks: Vec<(String, Prepared)> = Vec::new();
-        for vbd in &record.vbds {
-            let v = xapi_client.vbd().get_record(vbd).await.map_err(xapi(&label, "reading a VBD"))?;
-            if !v.vbd_type.eq_ignore_ascii_case("disk") || v.empty || v.vdi.is_null() {
-                continue;
-            }
-            let uuid = xapi_client.vdi().get_uuid(&v.vdi).await.map_err(xapi(&label, "reading a VDI"))?;
-            let prepared = prepare(xapi_client, &repo, &uuid, options).await?;
-            disks.push((uuid, prepared));
-        }
-
-        // Note what exists, then take the one snapshot and tag it at once.
-        let vm_intent = {
-            let cat = repo.catalogue();
-            let run = cat.start_run(VM_SNAPSHOT_RUN, Some(&label))?;
-            let known: Vec<&str> = record.snapshots.iter().map(|r| r.as_str()).collect();
-            cat.set_run_detail(run, &serde_json::to_string(&known).unwrap_or_default())?;
-            run
-        };
-        let disk_intents = disks.iter().map(|(_, p)| p.note_intent(&repo)).collect::<Result<Vec<_>>>()?;
-        let name = format!("cbtvault {} {}", options.job, jiff::Timestamp::now());
-        let snap_vm = vms.snapshot(&vm, &name).await;
-        let tagged = match &snap_vm {
-            Ok(s) => vms.add_to_other_config(s, TAG_JOB, &options.job).await,
-            Err(_) => Ok(()),
-        };
-        let snap_vm = snap_vm.map_err(xapi(&label, "VM.snapshot"))?;
-        tagged.map_err(xapi(&label, "tagging the VM snapshot"))?;
-        repo.catalogue().finish_run(vm_intent, "done", None, "")?;
-
-        // Pair each disk with its snapshot VDI, and tag those too.
-        let snap_record = vms.get_record(&snap_vm).await.map_err(xapi(&label, "reading the VM snapshot"))?;
-        let mut pairs = Vec::new();
-        for vbd in &snap_record.vbds {
-            let v = xapi_client.vbd().get_record(vbd).await.map_err(xapi(&label, "reading a VBD"))?;
-            if v.vdi.is_null() {
-                continue;
-            }
-            let snap = xapi_client.vdi().get_record(&v.vdi).await.map_err(xapi(&label, "reading a VDI"))?;
-            if let Some(i) = disks.iter().position(|(_, p)| p.vdi == snap.snapshot_of) {
-                xapi_client
-                    .vdi()
-                    .add_to_other_config(&v.vdi, TAG_JOB, &options.job)
-                    .await
-                    .map_err(xapi(&label, "tagging a snapshot VDI"))?;
-                pairs.push((i, v.vdi.clone()));
-            }
-        }
-        for run in disk_intents {
-            repo.catalogue().finish_run(run, "done", None, "")?;
-        }
-        if pairs.len() != disks.len() {
-            let _ = vms.destroy(&snap_vm).await;
-            return Err(Error::Source {
-                disk: label,
-                what: format!("the VM snapshot holds {} of the VM's {} disks", pairs.len(), disks.len()),
-                source: None,
-            });
-        }
-
-        let outcomes: Vec<(usize, Result<BackupOutcome>)> = futures::stream::iter(pairs.iter())
-            .map(|(i, snap)| {
-                let (repo, progress, cancel) = (repo.clone(), progress.clone(), cancel.clone());
-                let prepared = &disks[*i].1;
-                async move {
-                    let r = prepared.back_up(xapi_client, &repo, snap, options, progress, cancel, false).await;
-                    (*i, r)
-                }
-            })
-            .buffer_unordered(parallel.max(1))
-            .collect()
-            .await;
-
-        // The snapshot VM's VBDs hold its VDIs: it goes before data_destroy.
-        if let Err(e) = vms.destroy(&snap_vm).await {
-            warn!(error = %e, "could not destroy the VM snapshot; its disks keep their data until the next run");
-        }
-        let mut results = Vec::new();
-        for (i, outcome) in outcomes {
-            let (uuid, prepared) = &disks[i];
-            let Some(snap) = pairs.iter().find(|(j, _)| *j == i).map(|(_, s)| s) else {
-                continue;
-            };
-            let outcome = match outcome {
-                Ok(o) => prepared.finish(xapi_client, snap, options).await.map(|()| o),
-                Err(e) => {
-                    // Nothing committed: the snapshot goes, its log merging into the disk's.
-                    if let Err(d) = xapi_client.vdi().destroy(snap).await {
-                        warn!(error = %d, "could not destroy the snapshot of a failed disk; the next run reaps it");
-                    }
-                    Err(e)
-                }
-            };
-            results.push((uuid.clone(), outcome));
-        }
-        Ok(results)
-    }
-    .instrument(span)
-    .await
+    let mut provider = XenVm::new(xapi_client, vm_uuid, options);
+    let ctx = options.drive_context(parallel, progress, cancel);
+    let runs = drive(&mut provider, repo, &ctx).await?;
+    Ok(runs.into_iter().map(|r| (r.id, r.outcome)).collect())
 }
 
 /// The VM's lock (beside the shared repository lock): one run at a time
@@ -170,58 +180,36 @@ async fn lock_vm(
     .map_err(|e| Error::Internal(e.to_string()))?
 }
 
-/// Destroys snapshot VMs an interrupted run of this job left: tagged ones,
-/// and the one a run that died before tagging made (found through its note).
-async fn reap_vm_snapshots(
-    xapi_client: &Client,
-    repo: &Repository,
-    label: &str,
-    vm: &VmRef,
-    options: &XenOptions,
-) -> Result<()> {
-    let vms = xapi_client.vm();
-    let all = vms
-        .get_all_records()
-        .await
-        .map_err(xapi(label, "listing VMs"))?;
-    let mut doomed: Vec<VmRef> = all
-        .iter()
-        .filter(|(_, r)| {
-            r.is_a_snapshot
-                && r.snapshot_of == *vm
-                && r.other_config.get(TAG_JOB) == Some(&options.job)
-        })
-        .map(|(r, _)| r.clone())
-        .collect();
-    // Bound first, so the catalogue guard is dropped before the loop takes
-    // it again (a `for` over `repo.catalogue().…` would hold it throughout
-    // and deadlock on the mutex).
-    let unfinished = repo.catalogue().unfinished_runs(VM_SNAPSHOT_RUN, label)?;
-    for (run, detail) in unfinished {
-        let known: Vec<String> = serde_json::from_str(&detail).unwrap_or_default();
-        let orphan = all
-            .iter()
-            .filter(|(r, rec)| {
-                rec.is_a_snapshot
-                    && rec.snapshot_of == *vm
-                    && !rec.other_config.contains_key(TAG_JOB)
-                    && !known.iter().any(|k| k == r.as_str())
-            })
-            .min_by(|a, b| a.1.snapshot_time.cmp(&b.1.snapshot_time));
-        if let Some((r, _)) = orphan {
-            doomed.push(r.clone());
+/// Saves the VM's record, VBDs, VIFs and networks in the repository and
+/// returns the metadata's id. Best effort: the disks' backups matter more,
+/// so a failure is logged and the restore points go without it.
+pub async fn save_vm_metadata(
+    client: &Client,
+    repo: &Arc<Repository>,
+    vm_uuid: &str,
+) -> Option<String> {
+    let json = match cbtvault_xen::vm_metadata(client, vm_uuid).await {
+        Ok(json) => json,
+        Err(e) => {
+            warn!(vm = %vm_uuid, error = %e, "could not read the VM's metadata; its restore points go without it");
+            return None;
         }
-        repo.catalogue().finish_run(run, "reaped", None, "")?;
-    }
-    for r in doomed {
-        match vms.destroy(&r).await {
-            Ok(()) => {
-                info!(snapshot = %r.as_str(), "destroyed a VM snapshot left by an interrupted run")
-            }
-            Err(e) => {
-                warn!(snapshot = %r.as_str(), error = %e, "could not destroy a leftover VM snapshot")
-            }
+    };
+    let metadata = VmMetadata {
+        vm_uuid: vm_uuid.to_string(),
+        time: jiff::Timestamp::now(),
+        json,
+    };
+    let repo = repo.clone();
+    match tokio::task::spawn_blocking(move || repo.save_vm_metadata(&metadata)).await {
+        Ok(Ok(id)) => Some(id),
+        Ok(Err(e)) => {
+            warn!(vm = %vm_uuid, error = %e, "could not save the VM's metadata; its restore points go without it");
+            None
+        }
+        Err(e) => {
+            warn!(vm = %vm_uuid, error = %e, "saving the VM's metadata failed");
+            None
         }
     }
-    Ok(())
 }

@@ -54,6 +54,30 @@ async fn start_tcp(server: &Server) -> Running {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_connections_to_an_immutable_export_without_multi_conn() {
+    let data = disk();
+    let mut config = ServerConfig::default();
+    config.multi_conn = false;
+    let server = Server::new(config);
+    server.add_export("disk", Arc::new(MemoryExport::new(data.clone())));
+    server.set_default_export("disk");
+    let srv = start_tcp(&server).await;
+    let opts = ConnectOptions::tcp("127.0.0.1", srv.port, "disk").with_connections(3);
+    // An export that may change gets one connection...
+    let client = Client::connect(&opts).await.unwrap();
+    assert_eq!(client.connections(), 1);
+    client.disconnect().await;
+    // ...a snapshot, that never does, all it asks for.
+    let mut snapshot = opts.clone();
+    snapshot.immutable = true;
+    let client = Client::connect(&snapshot).await.unwrap();
+    assert_eq!(client.connections(), 3);
+    assert!(client.read(0, data.len()).await.unwrap()[..] == data[..]);
+    client.disconnect().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_server_with_our_client() {
     let data = disk();
     let server = Server::new(ServerConfig::default());
