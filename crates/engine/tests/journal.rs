@@ -105,4 +105,12 @@ fn an_unreadable_note_is_skipped_not_fatal() {
     assert_eq!(noted(&root).len(), 1);
     let repo = Repository::open(&root).unwrap();
     assert_eq!(repo.journal_unreadable().unwrap().len(), 1);
+    // verify names it, as a warning: no restore point is concerned.
+    let report = repo.verify(false, 1, &|_| {}).unwrap();
+    assert!(report.is_ok());
+    assert!(
+        report.warnings.iter().any(|w| w.object.contains("journal")),
+        "{:?}",
+        report.warnings
+    );
 }

@@ -117,6 +117,14 @@ pub(crate) fn verify(
         partial_files: backend.list_partial()?.len(),
         ..Default::default()
     };
+    // A note that cannot be read costs no restore point, but a snapshot a
+    // killed run left may then go unnoticed by the next run.
+    for note in repo.journal_unreadable()? {
+        report.warning(
+            note,
+            "crash-journal note cannot be read; the next run may not recognise a snapshot an interrupted run left (look for untagged snapshots, then delete the file)".into(),
+        );
+    }
     // Blobs a restore could not read, with why.
     let mut bad: HashMap<BlobId, String> = HashMap::new();
 
