@@ -690,6 +690,14 @@ impl Catalogue {
         Ok(())
     }
 
+    /// Forgets the row of VM metadata `id` (gc removed its file).
+    pub fn remove_vm_metadata(&self, id: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM vm_metadata WHERE id = ?1", params![id])
+            .map_err(self.err())?;
+        Ok(())
+    }
+
     /// Saved VM metadata of `vm_uuid` (of every VM when `None`), oldest
     /// first.
     pub fn vm_metadata_rows(&self, vm_uuid: Option<&str>) -> Result<Vec<crate::VmMetadataRow>> {

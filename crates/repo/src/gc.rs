@@ -83,6 +83,9 @@ pub struct GcReport {
     pub bytes_unused_after: u64,
     /// Live blobs found damaged while being copied, and quarantined.
     pub blobs_quarantined: u64,
+    /// Saved VM metadata no restore point refers to any more, removed (or,
+    /// in a dry run, that would be).
+    pub vm_metadata_removed: usize,
     /// With `dry_run`: what other `max_unused` settings would do.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub estimates: Vec<GcEstimate>,
@@ -271,6 +274,11 @@ pub fn live_blobs(repo: &Repository) -> Result<HashSet<BlobId>> {
     Ok(live)
 }
 
+/// How old unreferenced VM metadata must be before gc removes it: a run
+/// saves a VM's metadata before it commits the restore points that refer
+/// to it, and gc may run in between.
+const VM_METADATA_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Runs gc. The caller holds the exclusive lock
 /// ([`Repository::collect_garbage`] takes it).
 pub(crate) fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport> {
@@ -291,6 +299,14 @@ pub(crate) fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<G
     };
     report.partial_files_removed = partial;
     report.packs_indexed = indexed;
+    let unused = crate::vm::unreferenced(repo, VM_METADATA_GRACE)?;
+    report.vm_metadata_removed = unused.len();
+    if !options.dry_run {
+        for id in &unused {
+            backend.remove(FileKind::VmMetadata, id)?;
+            repo.catalogue().remove_vm_metadata(id)?;
+        }
+    }
     tracing::info!(?report, "gc finished");
     Ok(report)
 }

@@ -19,6 +19,13 @@
 //! packs and manifests alone ([`repair()`]). The byte-level layouts are in
 //! `docs/formats.md`.
 //!
+//! Beside them: **VM metadata** ([`VmMetadata`], `vms/`), saved by a
+//! VM-level run and named by its restore points' [`VmInfo`], so that a
+//! whole VM can be rebuilt; and the **crash journal**
+//! ([`Repository::journal_note`], `journal/`), notes a hypervisor provider
+//! writes before a step a crash could leave half-done, kept beside the
+//! catalogue so that `repair` never loses them.
+//!
 //! # The API
 //! Every module is private; this page lists what callers use.
 //! - Writing: [`Repository::begin_backup`] gives a [`BackupWriter`] that
@@ -78,7 +85,9 @@
 //! packs until the unused bytes left are within
 //! [`GcOptions::max_unused`] of the live ones (most freed per byte copied
 //! first; new packs first, then one catalogue transaction, then deletion
-//! of the old files). It plans, then applies: a dry run is the plan.
+//! of the old files). It plans, then applies: a dry run is the plan. It
+//! also removes VM metadata that no restore point names once it is a day
+//! old (a run saves it before committing the restore points that name it).
 //!
 //! # Locking
 //! Processes coordinate with kernel file locks in `locks/`, which vanish

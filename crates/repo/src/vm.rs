@@ -206,6 +206,26 @@ impl Repository {
     }
 }
 
+/// Saved VM metadata that no restore point refers to and that is older
+/// than `grace` (gc removes it).
+pub(crate) fn unreferenced(repo: &Repository, grace: std::time::Duration) -> Result<Vec<String>> {
+    let referenced: std::collections::HashSet<String> = repo
+        .catalogue()
+        .restore_points(None)?
+        .into_iter()
+        .filter_map(|rp| rp.manifest.source.vm.and_then(|vm| vm.metadata))
+        .collect();
+    let cutoff = jiff::Timestamp::now()
+        .checked_sub(jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::ZERO))
+        .unwrap_or(jiff::Timestamp::MIN);
+    Ok(repo
+        .vm_metadata_list(None)?
+        .into_iter()
+        .filter(|row| row.time < cutoff && !referenced.contains(&row.id))
+        .map(|row| row.id)
+        .collect())
+}
+
 /// Verify's part: every file matches its id and is indexed, and every
 /// restore point that names VM metadata finds it. Returns (object,
 /// problem) pairs.

@@ -236,3 +236,55 @@ fn a_schema_2_catalogue_is_upgraded() -> Result<()> {
     assert_eq!(version, 3);
     Ok(())
 }
+
+/// gc removes VM metadata that no restore point refers to once it is old
+/// enough that no run can still be about to commit a restore point naming
+/// it; referenced and recent metadata stay.
+#[test]
+fn gc_removes_old_vm_metadata_no_restore_point_refers_to() -> Result<()> {
+    let (_dir, repo) = new_repo(32 << 20);
+    let at = |time: jiff::Timestamp| VmMetadata {
+        time,
+        ..metadata(0)
+    };
+    let long_ago = |s: i64| jiff::Timestamp::from_second(1_700_000_000 + s).unwrap();
+    let referenced = repo.save_vm_metadata(&at(long_ago(1)))?;
+    let orphan = repo.save_vm_metadata(&at(long_ago(2)))?;
+    let recent = repo.save_vm_metadata(&at(jiff::Timestamp::now()))?;
+    let mut writer = repo.pack_writer(None)?;
+    let a = writer.add(BlobKind::Data, &data_block(1))?;
+    writer.flush()?;
+    let plain = commit_disk(&repo, &mut writer, "web-1-xvda", &[a], 0)?;
+    drop(writer);
+    let mut m = repo.resolve(&plain)?.manifest;
+    m.time += jiff::SignedDuration::from_secs(60);
+    m.source.vm = Some(vm_info(Some(referenced.clone())));
+    repo.commit(&m)?;
+
+    let dry = repo.collect_garbage(
+        cbtvault_repo::GcOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+        std::time::Duration::ZERO,
+    )?;
+    assert_eq!(dry.vm_metadata_removed, 1);
+    assert!(
+        repo.vm_metadata(&orphan).is_ok(),
+        "a dry run removes nothing"
+    );
+
+    let report = repo.collect_garbage(Default::default(), std::time::Duration::ZERO)?;
+    assert_eq!(report.vm_metadata_removed, 1);
+    assert!(repo.vm_metadata(&orphan).is_err());
+    assert!(repo.vm_metadata(&referenced).is_ok());
+    assert!(repo.vm_metadata(&recent).is_ok());
+    let listed: Vec<String> = repo
+        .vm_metadata_list(None)?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert!(!listed.contains(&orphan));
+    assert!(repo.verify(false, 1, &|_| {})?.is_ok());
+    Ok(())
+}
