@@ -88,3 +88,77 @@ fn truncated_pack_is_reported() {
     let err = s.fails(&["restore", &rp, "--to", s.path("r.img").to_str().unwrap()]);
     assert!(err.contains("offset"), "{err}");
 }
+
+/// A verify job re-reads part of the data each run: parts 1..m together
+/// re-read every pack once, so the damage is found by exactly one part,
+/// and a subset run says it proved less than `--read-data`.
+#[test]
+fn rotating_subsets_find_the_damage_once_over_all_parts() {
+    let s = Scratch::new();
+    for (i, seed) in [50u64, 51, 52].iter().enumerate() {
+        let img = s.image(&format!("d{i}.img"), 8, *seed);
+        s.backup(&format!("d{i}"), &img, None);
+    }
+    let packs = pack_files(&s.repo());
+    assert!(packs.len() >= 3, "{packs:?}");
+    flip(&packs[0], 48 + 10);
+    let repo = s.repo();
+    // Each part checks its own copy: a part that finds damage quarantines
+    // it, which later parts would then report too.
+    let subset = |part: &str| {
+        let copy = s.path(&format!("repo-{}", part.replace('/', "-")));
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&repo)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = s.run(&[
+            "verify",
+            "--json",
+            "--repo",
+            copy.to_str().unwrap(),
+            "--read-data-subset",
+            part,
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.success(), report)
+    };
+    let m = 3;
+    let mut failed = 0;
+    let mut packs_read = 0;
+    for n in 1..=m {
+        let (ok, report) = subset(&format!("{n}/{m}"));
+        assert_eq!(report["data_checked"], format!("{n}/{m}"));
+        packs_read += report["packs_read"].as_u64().unwrap();
+        if !ok {
+            failed += 1;
+            assert!(
+                !report["damaged"].as_array().unwrap().is_empty(),
+                "{report}"
+            );
+        }
+    }
+    assert_eq!(failed, 1, "exactly one part holds the damaged pack");
+    assert_eq!(
+        packs_read,
+        packs.len() as u64,
+        "the parts cover every pack once"
+    );
+    // The full check finds it too; a bad subset is refused in the user's words.
+    let (ok, report) = s.verify(true);
+    assert!(!ok);
+    assert_eq!(report["data_checked"], "all");
+    let err = s.fails(&[
+        "verify",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--read-data-subset",
+        "4/3",
+    ]);
+    assert!(
+        err.contains("--read-data-subset") && err.contains("n/m"),
+        "{err}"
+    );
+}

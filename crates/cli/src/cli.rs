@@ -160,8 +160,15 @@ pub enum Command {
     Verify {
         #[command(flatten)]
         repo: RepoArg,
+        /// Re-read and re-hash every stored block: passes exactly when every
+        /// restore point restores byte-exact.
         #[arg(long)]
         read_data: bool,
+        /// Re-read only part of the data: n/m (part n of m; parts 1..m
+        /// together cover every pack once, so rotating n re-reads it all over
+        /// m runs) or a percentage such as 10%.
+        #[arg(long, value_name = "SUBSET", conflicts_with = "read_data")]
+        read_data_subset: Option<String>,
     },
     /// Remove restore points by id or by a retention policy (data goes at the next gc).
     Forget(ForgetArgs),

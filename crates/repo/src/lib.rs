@@ -157,7 +157,7 @@ pub use repository::{
 };
 pub use store::{BlobReader, PackWriter, WriteStats};
 pub use tree::{Cursor, FANOUT, NodeStore, Tree, TreeShape, Visitor, decode_node, walk};
-pub use verify::{Damage, OnProgress, Problem, VerifyReport};
+pub use verify::{Damage, DataCheck, OnProgress, Problem, VerifyReport};
 pub use vm::{MAX_VM_METADATA_LEN, VM_METADATA_FORMAT, VmInfo, VmMetadata, VmMetadataRow};
 pub use writer::{BackupSpec, BackupWriter, BlockEncoder, EncodedBlock, NewBlock, ReadStats};
 

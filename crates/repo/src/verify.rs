@@ -53,9 +53,80 @@ pub struct Damage {
 /// The most block offsets listed per damaged restore point.
 pub const MAX_OFFSETS: usize = 4096;
 
+/// Which packs a data check re-reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DataCheck {
+    /// None: structure only.
+    None,
+    /// Every pack: verify passes exactly when every restore point restores.
+    All,
+    /// Part `n` of `m` (1-based): a pack is in part `n` when the first 8
+    /// bytes of its name, read as a number, are `n - 1` modulo `m`. Parts
+    /// 1 to `m` cover every pack once, so a verify job that rotates `n`
+    /// re-reads the whole repository over `m` runs.
+    Part { n: u32, m: u32 },
+    /// About this fraction (0 to 1) of the packs, the same ones each time
+    /// for a given fraction (those whose name's first 8 bytes fall below it).
+    Fraction(f64),
+}
+
+impl DataCheck {
+    /// `n/m` or `P%`, as `verify --read-data-subset` takes it.
+    pub fn parse(text: &str) -> std::result::Result<DataCheck, String> {
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(DataCheck::Fraction(p / 100.0)),
+                _ => Err(format!(
+                    "{text:?}: a percentage must be more than 0 and at most 100"
+                )),
+            };
+        }
+        let parsed = t.split_once('/').and_then(|(n, m)| {
+            Some((n.trim().parse::<u32>().ok()?, m.trim().parse::<u32>().ok()?))
+        });
+        match parsed {
+            Some((n, m)) if m >= 1 && (1..=m).contains(&n) => Ok(DataCheck::Part { n, m }),
+            _ => Err(format!(
+                "{text:?} is not a subset: give n/m (1 <= n <= m) or a percentage such as 10%"
+            )),
+        }
+    }
+
+    /// Whether the data of pack `name` is re-read.
+    pub fn includes(&self, name: &str) -> bool {
+        let key = name
+            .get(..16)
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+        match *self {
+            DataCheck::None => false,
+            DataCheck::All => true,
+            DataCheck::Part { n, m } => key % u64::from(m) == u64::from(n - 1),
+            DataCheck::Fraction(f) => (key as f64) < f * (u64::MAX as f64),
+        }
+    }
+}
+
+impl std::fmt::Display for DataCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataCheck::None => f.write_str("none"),
+            DataCheck::All => f.write_str("all"),
+            DataCheck::Part { n, m } => write!(f, "{n}/{m}"),
+            DataCheck::Fraction(x) => write!(f, "{}%", x * 100.0),
+        }
+    }
+}
+
 /// What verify found.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VerifyReport {
+    /// Which packs' data was re-read: `all`, `none`, or a subset (`2/7`,
+    /// `10%`). Only `all` proves every restore point restores.
+    pub data_checked: String,
+    /// Packs whose data was re-read.
+    pub packs_read: usize,
     pub restore_points: usize,
     pub packs: usize,
     pub blobs_read: u64,
@@ -100,21 +171,40 @@ impl Repository {
         threads: usize,
         progress: OnProgress<'_>,
     ) -> Result<VerifyReport> {
+        let check = if read_data {
+            DataCheck::All
+        } else {
+            DataCheck::None
+        };
+        self.verify_data(check, threads, progress)
+    }
+
+    /// [`Repository::verify`] re-reading the data of the packs `check`
+    /// selects (a rotating part, or a fraction), as verify jobs do so that
+    /// the whole repository is re-read over several runs.
+    pub fn verify_data(
+        &self,
+        check: DataCheck,
+        threads: usize,
+        progress: OnProgress<'_>,
+    ) -> Result<VerifyReport> {
         let _lock = self.lock_shared()?;
-        verify(self, read_data, threads, progress)
+        verify(self, check, threads, progress)
     }
 }
 
 /// [`Repository::verify`], for a caller that holds a repository lock.
 pub(crate) fn verify(
     repo: &Repository,
-    read_data: bool,
+    check: DataCheck,
     threads: usize,
     progress: OnProgress<'_>,
 ) -> Result<VerifyReport> {
+    let read_data = check != DataCheck::None;
     let backend = repo.backend().clone();
     let mut report = VerifyReport {
         partial_files: backend.list_partial()?.len(),
+        data_checked: check.to_string(),
         ..Default::default()
     };
     // A note that cannot be read costs no restore point, but a snapshot a
@@ -189,6 +279,8 @@ pub(crate) fn verify(
     }
 
     if read_data {
+        to_read.retain(|(name, _)| check.includes(name));
+        report.packs_read = to_read.len();
         for (id, location, what) in read_all(repo, to_read, threads, progress, &mut report) {
             if !repo.is_read_only() {
                 repo.catalogue()
@@ -485,5 +577,39 @@ impl PointWalk<'_> {
             self.clean.insert(key);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod data_check_tests {
+    use super::DataCheck;
+
+    #[test]
+    fn parts_cover_every_pack_exactly_once() {
+        let names: Vec<String> = (0..500u64)
+            .map(|i| hex::encode(blake3::hash(&i.to_le_bytes()).as_bytes()))
+            .collect();
+        let m = 7;
+        for name in &names {
+            let parts = (1..=m)
+                .filter(|n| DataCheck::Part { n: *n, m }.includes(name))
+                .count();
+            assert_eq!(parts, 1, "{name}");
+        }
+        let tenth = names
+            .iter()
+            .filter(|n| DataCheck::Fraction(0.1).includes(n))
+            .count();
+        assert!((20..=80).contains(&tenth), "{tenth} of 500 in 10%");
+    }
+
+    #[test]
+    fn subsets_are_parsed_or_refused_with_the_forms_to_use() {
+        assert_eq!(DataCheck::parse("2/7"), Ok(DataCheck::Part { n: 2, m: 7 }));
+        assert_eq!(DataCheck::parse("10%"), Ok(DataCheck::Fraction(0.1)));
+        for bad in ["0/7", "8/7", "1/0", "0%", "101%", "x", ""] {
+            let e = DataCheck::parse(bad).unwrap_err();
+            assert!(e.contains("n/m") || e.contains("percentage"), "{bad}: {e}");
+        }
     }
 }

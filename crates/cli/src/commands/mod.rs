@@ -76,7 +76,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
             limits,
         } => serve::serve(&g, &repo.repo, &id, &listen, tls_cert.zip(tls_key), limits),
         Command::Diff { repo, a, b } => maintenance::diff(&g, &repo.repo, &a, &b),
-        Command::Verify { repo, read_data } => maintenance::verify(&g, &repo.repo, read_data),
+        Command::Verify {
+            repo,
+            read_data,
+            read_data_subset,
+        } => {
+            let check = match (read_data, read_data_subset) {
+                (_, Some(subset)) => cbtvault_repo::DataCheck::parse(&subset)
+                    .map_err(|e| crate::failure::usage_error(format!("--read-data-subset {e}")))?,
+                (true, None) => cbtvault_repo::DataCheck::All,
+                (false, None) => cbtvault_repo::DataCheck::None,
+            };
+            maintenance::verify(&g, &repo.repo, check)
+        }
         Command::Forget(f) => maintenance::forget(&g, f),
         Command::Gc {
             repo,
