@@ -251,6 +251,71 @@ fn killed_backup_leaves_qsd_clean_and_loses_no_change() {
     assert_eq!(again["stats"]["blocks_read"], 0);
 }
 
+/// A backup killed while its point-in-time view exists leaves the
+/// copy-before-write filter in the guest's I/O path, an export and a
+/// fleece image; `cleanup` removes them without running a backup, and the
+/// next backup misses no change.
+#[test]
+fn cleanup_removes_what_a_killed_backup_left_in_qemu() {
+    let s = Scratch::new();
+    let qsd = setup(&s);
+    backup(&s, &qsd);
+    qsd.write(0x44, 20 << 20, 65536);
+    // A backup that dies after its transaction: the view stays in QEMU.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let repo = cbtvault_repo::Repository::open(&s.repo()).unwrap();
+    let job = cbtvault_engine::qemu::job_name("cbtv", &repo, "vm1");
+    drop(repo);
+    rt.block_on(async {
+        let options = cbtvault_qemu::DiskOptions {
+            nbd_socket: Some(qsd.nbd()),
+            ..Default::default()
+        };
+        let disk = cbtvault_qemu::QemuDisk::connect_with(qsd.qmp().into(), "disk", options)
+            .await
+            .unwrap();
+        // Killed here: neither commit nor abort.
+        let _export = disk.prepare(&job, None).await.unwrap();
+    });
+    // The runtime's tasks hold the QMP connection: it goes with them (a
+    // QEMU monitor serves one client at a time).
+    drop(rt);
+    let args = |json: bool| {
+        let mut a = vec!["cleanup".to_string()];
+        if json {
+            a.push("--json".into());
+        }
+        a.extend([
+            "--disk".into(),
+            "vm1".into(),
+            "--node".into(),
+            "disk".into(),
+            format!("--source=qmp:{}", qsd.qmp().display()),
+            format!("--nbd-socket={}", qsd.nbd().display()),
+        ]);
+        a
+    };
+    let out = s.ok(&args(true).iter().map(String::as_str).collect::<Vec<_>>());
+    let cleaned: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let removed = cleaned[0]["removed"].as_array().unwrap();
+    assert!(
+        removed
+            .iter()
+            .any(|r| r.as_str().unwrap_or("").contains("cbtv-")),
+        "the killed backup's objects are removed: {cleaned}"
+    );
+    let again = s.ok(&args(false).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(again.contains("nothing left behind"), "{again}");
+    // The next backup finds no leftover and reads the change.
+    let rp = backup(&s, &qsd);
+    let snap = s.path("after.raw");
+    qsd.snapshot_to(&snap);
+    assert_same_file(&snap, &s.restore(&id(&rp), "after.img"));
+}
+
 /// A configuration with two QEMU hosts, `host-a` and `host-b`, and one job
 /// per host backing up node `disk`; job `b` keeps only the last point.
 fn two_hosts_config(s: &Scratch, a: &Qsd, b: &Qsd) -> PathBuf {

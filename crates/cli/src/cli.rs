@@ -201,6 +201,11 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         wait: u64,
     },
+    /// Remove what killed QEMU backups left in QEMU (the copy-before-write
+    /// filter in the guest's I/O path, the NBD export, the fleece image),
+    /// for a job's nodes (--config, --job) or one node (--repo, --disk,
+    /// --source qmp:SOCKET, --node). Disks being backed up are left alone.
+    Cleanup(CleanupArgs),
     /// Run a simulated XenServer pool, back its disks up for several nights
     /// with guest writes in between, restore every restore point and check it.
     Demo {
@@ -291,6 +296,31 @@ pub struct BackupArgs {
     /// The disk's position in the VM, e.g. 0 or xvda (with --vm-uuid).
     #[arg(long, requires = "vm_uuid")]
     pub vm_device: Option<String>,
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct CleanupArgs {
+    /// A configuration file; clean up after job --job's QEMU nodes.
+    #[arg(long, requires = "job", conflicts_with_all = ["source", "node", "disk"])]
+    pub config: Option<PathBuf>,
+    /// The QEMU job of --config.
+    #[arg(long, requires = "config")]
+    pub job: Option<String>,
+    /// The repository (from the configuration file with --config).
+    #[arg(long, env = "CBTVAULT_REPO")]
+    pub repo: Option<PathBuf>,
+    /// The disk's name in the repository, as given to `backup --disk`.
+    #[arg(long, requires = "source")]
+    pub disk: Option<String>,
+    /// qmp:SOCKET, as given to `backup --source`.
+    #[arg(long, requires = "node")]
+    pub source: Option<String>,
+    /// The QEMU block node, as given to `backup --node`.
+    #[arg(long, requires = "source")]
+    pub node: Option<String>,
+    /// QEMU's NBD socket, as given to `backup --nbd-socket`.
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
 }
 
 #[derive(ClapArgs, Debug)]

@@ -73,6 +73,11 @@ pub enum Error {
     )]
     JobRunning { job: String },
 
+    /// `cleanup` is for QEMU jobs: a XenServer job's next run reaps what
+    /// an interrupted one left.
+    #[error("job {job:?} is not a QEMU job: XenServer leftovers are reaped by the job's next run")]
+    NotQemu { job: String },
+
     #[error(transparent)]
     Engine(#[from] cbtvault_engine::Error),
 

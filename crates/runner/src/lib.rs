@@ -29,12 +29,16 @@
 //! leaves the hypervisor clean (no snapshot holding data, QEMU bitmaps
 //! merged back).
 //!
-//! [`restore_to_pool`] brings a restore point back into a pool as a new VDI.
+//! [`restore_to_pool`] brings a restore point back into a pool as a new VDI;
+//! [`cleanup()`] removes what killed QEMU backups left in QEMU (the filter
+//! in the guest's I/O path, the export, the fleece image) without running
+//! one.
 //!
 //! # Crates used
 //! `tokio` (semaphores for the limits, timers for retries), `futures`
 //! (running captures at once), `tokio-util` (cancellation).
 
+mod cleanup;
 mod error;
 mod limits;
 mod login;
@@ -44,6 +48,7 @@ mod retention;
 mod run;
 mod spec;
 
+pub use cleanup::{Cleaned, cleanup};
 pub use error::{Error, Result};
 pub use login::client_options;
 pub use report::{DiskReport, DiskStatus, JobReport, Observer, Silent};

@@ -12,7 +12,7 @@ use cbtvault_runner::{JobReport, JobSpec, Runner, Target};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BackupArgs, Global, XapiLogin};
+use crate::cli::{BackupArgs, CleanupArgs, Global, XapiLogin};
 use crate::failure::{self, usage};
 use crate::output::{self, errln, outln};
 use crate::progress::Bars;
@@ -347,6 +347,73 @@ pub fn restore_to_xapi(
             output::short(&rp.id),
             restored.vdi
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cleanup --config F --job J`, or `cleanup --repo R --disk D --source
+/// qmp:SOCKET --node N`: what killed QEMU backups left, removed.
+pub fn cleanup(g: &Global, args: &CleanupArgs) -> Result<ExitCode> {
+    let spec = match (&args.config, &args.source) {
+        (Some(path), _) => {
+            let config = Config::load(path)?;
+            let mut spec = JobSpec::from_config(&config, args.job.as_deref().unwrap_or_default())
+                .with_context(|| path.display().to_string())?;
+            if let Some(repo) = &args.repo {
+                spec.repo = repo.clone();
+            }
+            spec
+        }
+        (None, Some(source)) => {
+            let (Some(repo), Some(disk), Some(node)) = (&args.repo, &args.disk, &args.node) else {
+                bail!(usage!(
+                    "give --repo, --disk and --node with --source qmp:SOCKET"
+                ));
+            };
+            let Some(socket) = source.strip_prefix("qmp:") else {
+                bail!(usage!(
+                    "--source takes qmp:SOCKET here, as given to `backup`"
+                ));
+            };
+            let target = Target::Qemu {
+                host: QemuHost {
+                    name: "local".into(),
+                    qmp_socket: PathBuf::from(socket),
+                    nbd_socket: args.nbd_socket.clone(),
+                    max_disks: 1,
+                },
+                nodes: vec![cbtvault_runner::QemuNode {
+                    node: node.clone(),
+                    disk: Some(disk.clone()),
+                }],
+            };
+            // The prefix `backup --source qmp:` uses for its QEMU job names.
+            JobSpec::one_off("cbtv", repo.clone(), target)
+        }
+        (None, None) => bail!(usage!(
+            "give --config FILE --job NAME, or --repo, --disk, --source qmp:SOCKET and --node"
+        )),
+    };
+    let repo = super::open(&spec.repo)?;
+    let rt = super::runtime()?;
+    let cleaned = rt
+        .block_on(cbtvault_runner::cleanup(&spec, repo))
+        .map_err(anyhow::Error::from)?;
+    if g.json {
+        output::print_json(&serde_json::Value::Array(
+            cleaned
+                .iter()
+                .map(|c| json!({ "node": c.node, "disk": c.disk, "removed": c.removed }))
+                .collect(),
+        ));
+    } else if !g.quiet {
+        for c in &cleaned {
+            if c.removed.is_empty() {
+                outln!("node {}: nothing left behind", c.node);
+            } else {
+                outln!("node {}: removed {}", c.node, c.removed.join(", "));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -110,6 +110,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             maintenance::gc(&g, &repo.repo, wait, options)
         }
         Command::Repair { repo, wait } => maintenance::repair(&g, &repo.repo, wait),
+        Command::Cleanup(c) => jobs::cleanup(&g, &c),
         Command::Demo {
             dir,
             vms,
