@@ -25,6 +25,7 @@
 //! `cbtvault-xen` and `cbtvault-qemu` for the hypervisors' sides of a
 //! backup, `cbtvault-nbd` to read their views.
 
+pub mod audit;
 pub mod backup;
 pub mod error;
 pub mod nbd;

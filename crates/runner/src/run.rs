@@ -349,6 +349,7 @@ impl JobContext<'_> {
         let ctx = DriveContext {
             backup,
             verify_samples: 16,
+            audit_samples: self.spec.audit_samples,
             parallel: self.spec.parallel,
             slots: self.limits.slots.clone(),
             progress: self.observer.clone(),

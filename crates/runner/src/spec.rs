@@ -21,6 +21,9 @@ pub struct JobSpec {
     pub parallel: usize,
     /// Further tries of a disk that failed for a reason that may pass.
     pub retries: u32,
+    /// Blocks reported unchanged that each incremental re-reads to check
+    /// the hypervisor's report (the CBT audit; 0: none).
+    pub audit_samples: usize,
     /// The pause before the first retry; it doubles after each.
     pub retry_delay: Duration,
     /// Most bytes per second the job reads, all its disks together.
@@ -104,6 +107,7 @@ impl JobSpec {
             target,
             parallel: job.parallel.max(1),
             retries: job.retries,
+            audit_samples: job.audit_samples,
             retry_delay: job.retry_delay(),
             bandwidth: job.bandwidth_bytes(),
             retention: job.retention,
@@ -120,6 +124,7 @@ impl JobSpec {
             target,
             parallel: 2,
             retries: 0,
+            audit_samples: 16,
             retry_delay: Duration::from_secs(30),
             bandwidth: None,
             retention: None,
