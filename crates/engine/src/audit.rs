@@ -45,11 +45,7 @@ const MAX_NAMED: usize = 8;
 
 /// `65536, 131072, … (12 in all)`.
 pub(crate) fn offsets_text(offsets: &[u64]) -> String {
-    let mut text: Vec<String> = offsets
-        .iter()
-        .take(MAX_NAMED)
-        .map(u64::to_string)
-        .collect();
+    let mut text: Vec<String> = offsets.iter().take(MAX_NAMED).map(u64::to_string).collect();
     if offsets.len() > MAX_NAMED {
         text.push("…".into());
     }
@@ -200,10 +196,7 @@ pub(crate) async fn pending(repo: &Arc<Repository>, disk: &str) -> Option<Pendin
     match notes {
         Ok(notes) if notes.is_empty() => None,
         Ok(notes) => Some(Pending {
-            reason: notes
-                .last()
-                .map(|(_, why)| why.clone())
-                .unwrap_or_default(),
+            reason: notes.last().map(|(_, why)| why.clone()).unwrap_or_default(),
             notes: notes.into_iter().map(|(id, _)| id).collect(),
         }),
         Err(e) => Some(Pending {

@@ -183,13 +183,23 @@ async fn a_write_that_bypasses_cbt_changes_the_data_but_not_the_changed_blocks()
     .unwrap();
     let s2 = v.snapshot(&leaf, &none).await.unwrap();
     let changed = blocks(&v.list_changed_blocks(&s1, &s2).await.unwrap(), DISK);
-    assert_eq!(changed, [3], "the bypassing writes are in no changed-block list");
+    assert_eq!(
+        changed,
+        [3],
+        "the bypassing writes are in no changed-block list"
+    );
     let snap = v.get_uuid(&s2).await.unwrap();
     assert_eq!(
-        server.sim().read(&snap, 9 * BLOCK_SIZE + 512, 4096).unwrap(),
+        server
+            .sim()
+            .read(&snap, 9 * BLOCK_SIZE + 512, 4096)
+            .unwrap(),
         data
     );
-    assert_eq!(server.sim().read(&snap, 11 * BLOCK_SIZE, 4096).unwrap(), data);
+    assert_eq!(
+        server.sim().read(&snap, 11 * BLOCK_SIZE, 4096).unwrap(),
+        data
+    );
 }
 
 #[tokio::test]
