@@ -213,6 +213,7 @@ impl Runner {
                                 source: source.into(),
                             }),
                             retention: None,
+                            alerts: Vec::new(),
                         }),
                     }
                 }
@@ -291,6 +292,14 @@ impl JobContext<'_> {
                     retry.push(label);
                     continue;
                 }
+                // Before retention, which may forget some of the history.
+                let alerts = match &outcome {
+                    Ok(o) => crate::alerts::of_outcome(&self.repo, o).await,
+                    Err(e) => crate::alerts::of_error(e),
+                };
+                for alert in &alerts {
+                    warn!(disk = %label, %alert, "alert");
+                }
                 let retention = match (&outcome, self.spec.retention) {
                     (Ok(o), Some(keep)) => {
                         Some(crate::retention::apply(&self.repo, &o.manifest.disk, keep).await)
@@ -302,6 +311,7 @@ impl JobContext<'_> {
                     attempts: attempt,
                     outcome,
                     retention,
+                    alerts,
                 };
                 self.observer.disk_done(&report);
                 reports.push(report);
