@@ -2,6 +2,7 @@
 //! incrementals from changed-block bitmaps, corruption, crashes and
 //! concurrency. Each test works in its own temporary directory.
 
+mod alerts;
 mod commands;
 mod common;
 mod concurrency;

@@ -161,6 +161,10 @@ pub struct Job {
     /// pass (a dropped connection, a timeout, a busy server).
     #[serde(default = "two_u32")]
     pub retries: u32,
+    /// Blocks the hypervisor reported unchanged that each incremental
+    /// re-reads to check the report (the CBT audit); 0 turns it off.
+    #[serde(default = "sixteen")]
+    pub audit_samples: usize,
     /// The pause before the first retry (doubling after each), as `30s`,
     /// `5m`.
     #[serde(default = "thirty_seconds")]

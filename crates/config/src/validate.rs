@@ -147,13 +147,14 @@ pub fn check(c: &Config) -> Result<(), String> {
 /// Rejects unknown keys in `[[job]]` tables, which serde cannot do for the
 /// flattened job kinds.
 pub fn job_keys(table: &toml::Table) -> Result<(), String> {
-    const COMMON: [&str; 8] = [
+    const COMMON: [&str; 9] = [
         "name",
         "kind",
         "parallel",
         "schedule",
         "retention",
         "retries",
+        "audit_samples",
         "retry_delay",
         "bandwidth",
     ];

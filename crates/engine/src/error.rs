@@ -64,6 +64,25 @@ pub enum Error {
         source: Box<cbtvault_repo::Error>,
     },
 
+    /// The CBT audit found blocks the hypervisor reported unchanged that
+    /// differ from the restore point built on that report: changed-block
+    /// tracking missed writes, so incrementals of this disk cannot be
+    /// trusted until a full (which the next run takes) re-reads it.
+    #[error(
+        "disk {disk:?}: changed-block tracking missed writes: {} block(s) the hypervisor reported unchanged differ from the snapshot (offsets {}); restore point {restore_point} {}; the next backup of this disk reads it whole",
+        .offsets.len(),
+        crate::audit::offsets_text(.offsets),
+        if *.forgotten { "was forgotten" } else { "cannot be trusted: forget it" }
+    )]
+    CbtAudit {
+        disk: String,
+        restore_point: String,
+        /// Byte offsets of the blocks that differ (the first few).
+        offsets: Vec<u64>,
+        /// Whether the untrustworthy restore point was removed.
+        forgotten: bool,
+    },
+
     #[error("writing to the target at offset {offset}")]
     TargetWrite {
         offset: u64,
@@ -102,6 +121,7 @@ impl Error {
             | Error::MapMismatch { .. }
             | Error::NoParent { .. }
             | Error::DamagedBlock { .. }
+            | Error::CbtAudit { .. }
             | Error::TargetWrite { .. }
             | Error::Target(_)
             | Error::Cancelled

@@ -12,6 +12,9 @@
 //!   reads, commits and checks each disk, and the provider commits or
 //!   aborts. [`xenserver`] (over `cbtvault-xen`) and [`qemu`] (over
 //!   `cbtvault-qemu`) implement it.
+//! - [`audit`]: the CBT audit `drive` runs after an incremental — blocks
+//!   the change source called unchanged, re-read and compared; a mismatch
+//!   fails the disk and makes its next backup a full.
 //!
 //! Sources and targets are traits so that NBD, XenServer, QEMU and VMware
 //! providers plug in beside the local file ones here. Long operations take
@@ -25,6 +28,7 @@
 //! `cbtvault-xen` and `cbtvault-qemu` for the hypervisors' sides of a
 //! backup, `cbtvault-nbd` to read their views.
 
+pub mod audit;
 pub mod backup;
 pub mod error;
 pub mod nbd;

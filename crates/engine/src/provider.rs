@@ -9,7 +9,10 @@
 //! 2. per disk (up to [`DriveContext::parallel`] at once, each holding its
 //!    NBD connections' worth of every [`Slots`] limit): [`Provider::open`]
 //!    the view, [`backup()`](crate::backup()) it, and open it again to check
-//!    a sample of the committed restore point against the view;
+//!    a sample of the committed restore point against the view — and, for
+//!    an incremental, to audit a sample of the blocks the change source
+//!    reported unchanged ([`crate::audit`]: a mismatch fails the disk,
+//!    forgets its restore point and makes its next backup a full);
 //! 3. one [`Provider::finish`] with every disk's committed and checked
 //!    restore point — commit: the irreversible steps — or `None` — abort:
 //!    nothing lost, the previous base kept. The provider orders steps that
@@ -172,6 +175,10 @@ pub struct DriveContext {
     pub backup: BackupOptions,
     /// Blocks re-read from the view before the irreversible steps.
     pub verify_samples: usize,
+    /// Blocks the change source reported unchanged that an incremental
+    /// re-reads from the view to check the report (0: none); see
+    /// [`crate::audit`].
+    pub audit_samples: usize,
     /// Disks of one capture read at once.
     pub parallel: usize,
     pub slots: Slots,
@@ -182,7 +189,8 @@ pub struct DriveContext {
 }
 
 impl DriveContext {
-    /// One disk at a time, no limits, 16 samples, a minute to abort.
+    /// One disk at a time, no limits, 16 samples checked and 16 audited, a
+    /// minute to abort.
     pub fn new(
         backup: BackupOptions,
         progress: Arc<dyn ProgressFactory>,
@@ -191,6 +199,7 @@ impl DriveContext {
         DriveContext {
             backup,
             verify_samples: 16,
+            audit_samples: 16,
             parallel: 1,
             slots: Slots::none(),
             progress,
@@ -223,7 +232,18 @@ pub async fn drive<P: Provider>(
 ) -> Result<Vec<DiskRun>> {
     let span = tracing::info_span!("capture", what = %provider.label());
     async move {
-        let prepared = provider.prepare(&repo).await?;
+        let mut prepared = provider.prepare(&repo).await?;
+        // A failed CBT audit asked for this backup to be full.
+        let mut audits = Vec::with_capacity(prepared.len());
+        for d in &mut prepared {
+            let pending = crate::audit::pending(&repo, &d.disk).await;
+            if let Some(p) = &pending {
+                d.changes = Changes::Full {
+                    reason: Some(p.reason.clone()),
+                };
+            }
+            audits.push(pending.map(|p| p.notes));
+        }
         let reads: Vec<Result<BackupOutcome>> = {
             let shared: &P = provider;
             futures::stream::iter(prepared.iter())
@@ -272,6 +292,11 @@ pub async fn drive<P: Provider>(
                 run.outcome = Err(e);
             }
         }
+        for (run, notes) in runs.iter().zip(audits) {
+            if let (Ok(_), Some(notes)) = (&run.outcome, notes) {
+                crate::audit::close(&repo, &run.disk, notes).await;
+            }
+        }
         // The disks stay locked until the hypervisor side is finished.
         drop(locks);
         Ok(runs)
@@ -318,16 +343,45 @@ async fn read_disk<P: Provider>(
     client.disconnect().await;
     let outcome = outcome?;
     let check = provider.open(&d.view).await?;
-    let checked = crate::nbd::verify_sample(
-        check.client(),
+    let checked = check_view(check.client(), repo, ctx, &outcome, focus.as_ref()).await;
+    check.client().disconnect().await;
+    match checked? {
+        differ if differ.is_empty() => Ok(outcome),
+        differ => Err(crate::audit::failed(repo, &d.disk, &outcome.restore_point, differ).await),
+    }
+}
+
+/// Checks a sample of the blocks just read, then audits a sample of those
+/// the change source reported unchanged (`changed`, for an incremental);
+/// returns the offsets the audit found different.
+async fn check_view(
+    nbd: &cbtvault_nbd::Client,
+    repo: &Arc<Repository>,
+    ctx: &DriveContext,
+    outcome: &BackupOutcome,
+    changed: Option<&cbtvault_blockmap::BlockMap>,
+) -> Result<Vec<u64>> {
+    crate::nbd::verify_sample(
+        nbd,
         repo,
         &outcome.restore_point,
         &outcome.manifest,
         ctx.verify_samples,
-        focus.as_ref(),
+        changed,
     )
-    .await;
-    check.client().disconnect().await;
-    checked?;
-    Ok(outcome)
+    .await?;
+    match changed {
+        Some(map) if ctx.audit_samples > 0 => {
+            crate::audit::audit_unchanged(
+                nbd,
+                repo,
+                &outcome.restore_point,
+                &outcome.manifest,
+                map,
+                ctx.audit_samples,
+            )
+            .await
+        }
+        _ => Ok(Vec::new()),
+    }
 }

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use cbtvault_engine::DiskName;
 use cbtvault_repo::Repository;
 
 use crate::error::{Error, Result};
@@ -16,18 +15,6 @@ pub struct Cleaned {
     pub disk: String,
     /// The QEMU objects and files removed (none when nothing was left).
     pub removed: Vec<String>,
-}
-
-/// The repository's name for `node` of QEMU host `host` (what a backup of
-/// the job names it).
-pub(crate) fn qemu_disk(host: &str, node: &crate::spec::QemuNode) -> DiskName {
-    match &node.disk {
-        Some(name) => DiskName::new(name),
-        None => DiskName {
-            name: format!("qemu-{host}/{}", node.node),
-            former: Some(format!("qemu-{}", node.node)),
-        },
-    }
 }
 
 /// Removes what killed backups of `spec`'s QEMU nodes left in QEMU: the
@@ -50,7 +37,7 @@ pub async fn cleanup(spec: &JobSpec, repo: Arc<Repository>) -> Result<Vec<Cleane
     let qmp = Arc::new(qmp);
     let mut out = Vec::new();
     for node in nodes {
-        let disk = qemu_disk(&host.name, node);
+        let disk = node.disk_name(&host.name);
         let _locks = cbtvault_engine::lock_disk(&repo, &disk.name)
             .await
             .map_err(Error::from)?;

@@ -22,7 +22,8 @@
 //! 5. After each committed disk, retention forgets what the job does not
 //!    keep (never the disk's newest restore point).
 //! 6. The [`JobReport`] says per disk: ok, full and why, retried, or failed
-//!    and why.
+//!    and why, with its [`Alert`]s: a failed CBT audit, or churn far above
+//!    the disk's history (judged before retention, see [`Alert`]).
 //!
 //! Cancellation (the token passed to [`Runner::run`]) stops waiting
 //! captures at once; running ones abort through their provider, which
@@ -38,6 +39,7 @@
 //! `tokio` (semaphores for the limits, timers for retries), `futures`
 //! (running captures at once), `tokio-util` (cancellation).
 
+mod alerts;
 mod cleanup;
 mod error;
 mod limits;
@@ -48,6 +50,7 @@ mod retention;
 mod run;
 mod spec;
 
+pub use alerts::{Alert, Measure};
 pub use cleanup::{Cleaned, cleanup};
 pub use error::{Error, Result};
 pub use login::client_options;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use cbtvault_engine::{BackupOutcome, Progress, ProgressFactory};
 use cbtvault_repo::BackupMode;
 
+use crate::alerts::Alert;
 use crate::error::Error;
 
 /// One disk's result in a job run.
@@ -20,6 +21,9 @@ pub struct DiskReport {
     /// What retention did after the backup: restore points forgotten, or
     /// why it could not run. `None` when the job keeps everything.
     pub retention: Option<Result<usize, Error>>,
+    /// What the backup found that someone should look at (a churn jump, a
+    /// failed CBT audit), whether or not it succeeded.
+    pub alerts: Vec<Alert>,
 }
 
 /// How a disk's backup went, in one word and a reason.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cbtvault_engine::qemu::{QemuNode as QemuProvider, QemuOptions};
 use cbtvault_engine::xenserver::{XenOptions, XenVdi, XenVm};
-use cbtvault_engine::{BackupOutcome, DiskName, DiskRun, DriveContext, Throttle, drive};
+use cbtvault_engine::{BackupOutcome, DiskRun, DriveContext, Throttle, drive};
 use cbtvault_repo::{Repository, VmInfo};
 use cbtvault_xenapi::Client;
 use tokio_util::sync::CancellationToken;
@@ -213,6 +213,7 @@ impl Runner {
                                 source: source.into(),
                             }),
                             retention: None,
+                            alerts: Vec::new(),
                         }),
                     }
                 }
@@ -291,6 +292,14 @@ impl JobContext<'_> {
                     retry.push(label);
                     continue;
                 }
+                // Before retention, which may forget some of the history.
+                let alerts = match &outcome {
+                    Ok(o) => crate::alerts::of_outcome(&self.repo, o).await,
+                    Err(e) => crate::alerts::of_error(e),
+                };
+                for alert in &alerts {
+                    warn!(disk = %label, %alert, "alert");
+                }
                 let retention = match (&outcome, self.spec.retention) {
                     (Ok(o), Some(keep)) => {
                         Some(crate::retention::apply(&self.repo, &o.manifest.disk, keep).await)
@@ -302,6 +311,7 @@ impl JobContext<'_> {
                     attempts: attempt,
                     outcome,
                     retention,
+                    alerts,
                 };
                 self.observer.disk_done(&report);
                 reports.push(report);
@@ -349,6 +359,7 @@ impl JobContext<'_> {
         let ctx = DriveContext {
             backup,
             verify_samples: 16,
+            audit_samples: self.spec.audit_samples,
             parallel: self.spec.parallel,
             slots: self.limits.slots.clone(),
             progress: self.observer.clone(),
@@ -378,13 +389,7 @@ impl JobContext<'_> {
             ) => {
                 // Node names repeat across hosts (`drive0`): the host is
                 // part of the disk's identity.
-                let disk = match &node.disk {
-                    Some(name) => DiskName::new(name),
-                    None => DiskName {
-                        name: format!("qemu-{host}/{}", node.node),
-                        former: Some(format!("qemu-{}", node.node)),
-                    },
-                };
+                let disk = node.disk_name(host);
                 let options = QemuOptions {
                     // Short (it names QEMU objects), and this repository's
                     // and disk's own.

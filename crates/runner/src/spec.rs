@@ -21,6 +21,9 @@ pub struct JobSpec {
     pub parallel: usize,
     /// Further tries of a disk that failed for a reason that may pass.
     pub retries: u32,
+    /// Blocks reported unchanged that each incremental re-reads to check
+    /// the hypervisor's report (the CBT audit; 0: none).
+    pub audit_samples: usize,
     /// The pause before the first retry; it doubles after each.
     pub retry_delay: Duration,
     /// Most bytes per second the job reads, all its disks together.
@@ -58,6 +61,20 @@ pub struct QemuNode {
     pub node: String,
     /// The disk's name in the repository; by default `qemu-HOST/NODE`.
     pub disk: Option<String>,
+}
+
+impl QemuNode {
+    /// The node's disk in the repository: `qemu-HOST/NODE` (formerly
+    /// `qemu-NODE`), unless a name was given.
+    pub fn disk_name(&self, host: &str) -> cbtvault_engine::DiskName {
+        match &self.disk {
+            Some(name) => cbtvault_engine::DiskName::new(name),
+            None => cbtvault_engine::DiskName {
+                name: format!("qemu-{host}/{}", self.node),
+                former: Some(format!("qemu-{}", self.node)),
+            },
+        }
+    }
 }
 
 impl JobSpec {
@@ -104,6 +121,7 @@ impl JobSpec {
             target,
             parallel: job.parallel.max(1),
             retries: job.retries,
+            audit_samples: job.audit_samples,
             retry_delay: job.retry_delay(),
             bandwidth: job.bandwidth_bytes(),
             retention: job.retention,
@@ -120,6 +138,7 @@ impl JobSpec {
             target,
             parallel: 2,
             retries: 0,
+            audit_samples: 16,
             retry_delay: Duration::from_secs(30),
             bandwidth: None,
             retention: None,

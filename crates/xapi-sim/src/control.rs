@@ -12,6 +12,7 @@
 //! | `sim.plug` / `sim.unplug` | VDI, VM / VDI | VBD / `""` |
 //! | `sim.resize` | VDI, size | `""` |
 //! | `sim.fault_cbt_disable` | VDI | `""` |
+//! | `sim.fault_cbt_bypass` | VDI, offset, base64 data | `""` (a guest write the CBT log misses) |
 //! | `sim.expire_sessions` | – | number expired |
 //! | `sim.fault_nbd_disconnect` | bytes | `""` |
 //! | `sim.fault_nbd_break_one_vdi` | bytes | `""` |
@@ -141,6 +142,14 @@ fn run_blocking(sim: &Sim, method: &str, op: &str, args: &[Value]) -> Result<Val
                 .decode(text(args, 2)?.trim())
                 .map_err(|e| internal(format!("bad base64: {e}")))?;
             sim.vdi_write(&text(args, 0)?, uint(1)?, &data)?;
+            empty()
+        }
+        "fault_cbt_bypass" => {
+            a(3)?;
+            let data = STANDARD
+                .decode(text(args, 2)?.trim())
+                .map_err(|e| internal(format!("bad base64: {e}")))?;
+            sim.guest_write(&text(args, 0)?, [(uint(1)?, data)], false)?;
             empty()
         }
         "read" => {
@@ -421,6 +430,13 @@ impl Sim {
     /// Fault: the storage manager silently disables CBT on a VDI.
     pub fn fault_cbt_disable(&self, vdi_uuid: &str) -> Result<()> {
         Ok(cbt_auto_disable(self, &self.vdi_ref(vdi_uuid)?)?)
+    }
+
+    /// Fault: a guest write of `data` at `offset` that the VDI's CBT log
+    /// misses (as a storage manager that under-reports changes would), so
+    /// `VDI.list_changed_blocks` leaves its blocks out.
+    pub fn fault_cbt_bypass(&self, vdi_uuid: &str, offset: u64, data: &[u8]) -> Result<()> {
+        Ok(self.guest_write(&self.vdi_ref(vdi_uuid)?, [(offset, data.to_vec())], false)?)
     }
 
     /// Fault: every session expires. Returns how many there were.

@@ -80,7 +80,8 @@
 //! # Control and faults
 //! [`control`] lists the `sim.*` RPCs and the matching [`Sim`] methods:
 //! guest writes marking CBT exactly as tapdisk does, plugging, resizing,
-//! and the faults (CBT silently disabled, session expiry, NBD disconnect
+//! and the faults (CBT silently disabled, guest writes that bypass the CBT
+//! log, session expiry, NBD disconnect
 //! after N bytes, `VDI_IN_USE` on the next `data_destroy`, slow answers),
 //! and the states of a real pool that rule CBT out or change logins (an
 //! SR's type, the licence, unmanaged and RAW VDIs, a new password).

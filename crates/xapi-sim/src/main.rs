@@ -34,6 +34,8 @@ and --password) act as the guest and the storage manager would:
   xapi-sim plug --vdi UUID --vm UUID / unplug --vdi UUID
   xapi-sim resize --vdi UUID --size BYTES
   xapi-sim fault cbt-disable --vdi UUID        CBT silently disabled by SM
+  xapi-sim fault cbt-bypass --vdi UUID --offset BYTES [--length N] [--byte B]
+                                               a guest write the CBT log misses
   xapi-sim fault expire-sessions               every session becomes invalid
   xapi-sim fault nbd-disconnect --after BYTES  next NBD connection breaks
   xapi-sim fault data-destroy-in-use           next data_destroy: VDI_IN_USE
@@ -184,6 +186,22 @@ enum Fault {
         /// VDI UUID (or reference).
         #[arg(long)]
         vdi: String,
+    },
+    /// A guest write the VDI's CBT log misses (`list_changed_blocks`
+    /// leaves its blocks out): LENGTH bytes of BYTE at OFFSET.
+    CbtBypass {
+        /// VDI UUID (or reference).
+        #[arg(long)]
+        vdi: String,
+        /// Byte offset.
+        #[arg(long)]
+        offset: u64,
+        /// Bytes written.
+        #[arg(long, default_value_t = 65536)]
+        length: usize,
+        /// The byte written.
+        #[arg(long, default_value_t = 0x5a)]
+        byte: u8,
     },
     /// Every session becomes invalid.
     ExpireSessions,
@@ -368,6 +386,26 @@ async fn run_control(client: &Client, command: &Command) -> Result<()> {
             let (method, args) = match fault {
                 Fault::CbtDisable { vdi } => {
                     ("sim.fault_cbt_disable", vec![vdi_ref(client, vdi).await?])
+                }
+                Fault::CbtBypass {
+                    vdi,
+                    offset,
+                    length,
+                    byte,
+                } => {
+                    use base64::Engine as _;
+                    let data = base64::engine::general_purpose::STANDARD.encode(vec![
+                        *byte;
+                        (*length).min(
+                            64 << 20
+                        )
+                    ]);
+                    let args = vec![
+                        vdi_ref(client, vdi).await?,
+                        int(*offset),
+                        Value::String(data),
+                    ];
+                    ("sim.fault_cbt_bypass", args)
                 }
                 Fault::ExpireSessions => ("sim.expire_sessions", vec![]),
                 Fault::NbdDisconnect { after } => ("sim.fault_nbd_disconnect", vec![int(*after)]),

@@ -519,6 +519,17 @@ impl Sim {
         r: &str,
         writes: impl IntoIterator<Item = (u64, Vec<u8>)>,
     ) -> Result<(), XapiError> {
+        self.guest_write(r, writes, true)
+    }
+
+    /// Guest writes; `tracked: false` keeps them out of the CBT log (the
+    /// `fault_cbt_bypass` fault).
+    pub(crate) fn guest_write(
+        &self,
+        r: &str,
+        writes: impl IntoIterator<Item = (u64, Vec<u8>)>,
+        tracked: bool,
+    ) -> Result<(), XapiError> {
         self.mutate(|db, store| {
             let v = vdi(db, r)?.clone();
             refuse_cbt_metadata(&v, r)?;
@@ -535,7 +546,7 @@ impl Sim {
                     )));
                 }
                 store.write_at(&v.uuid, offset, &data).map_err(internal)?;
-                if v.cbt_enabled {
+                if v.cbt_enabled && tracked {
                     db.cbt.mark_write(&v.uuid, offset, data.len() as u64);
                 }
             }

@@ -207,12 +207,18 @@ fn print_report(g: &Global, report: JobReport) -> Result<ExitCode> {
             1 => String::new(),
             n => format!(" after {n} tries"),
         };
+        // A failed disk's error says what its alert would.
+        let alerts: String = disk
+            .alerts
+            .iter()
+            .map(|a| format!("; ALERT: {a}"))
+            .collect();
         match disk.outcome {
             Ok(o) => {
                 let s = &o.manifest.stats;
                 if !g.quiet && !g.json {
                     outln!(
-                        "{}: restore point {} ({}), read {} in {} blocks, stored {} new{retried}",
+                        "{}: restore point {} ({}), read {} in {} blocks, stored {} new{retried}{alerts}",
                         disk.label,
                         output::short(&o.restore_point),
                         output::mode(&o.manifest.mode),
@@ -220,6 +226,10 @@ fn print_report(g: &Global, report: JobReport) -> Result<ExitCode> {
                         s.blocks_read,
                         output::bytes(s.bytes_stored)
                     );
+                } else if g.quiet {
+                    for a in &disk.alerts {
+                        errln!("cbtvault: alert: {}: {a}", disk.label);
+                    }
                 }
                 if let Some(Err(e)) = &disk.retention {
                     errln!(
@@ -228,12 +238,14 @@ fn print_report(g: &Global, report: JobReport) -> Result<ExitCode> {
                         failure::message(&anyhow::anyhow!("{e}"))
                     );
                 }
-                rows.push(output::restore_point_json(
-                    &cbtvault_repo::RestorePointRow {
-                        id: o.restore_point,
-                        manifest: o.manifest,
-                    },
-                ));
+                let mut row = output::restore_point_json(&cbtvault_repo::RestorePointRow {
+                    id: o.restore_point,
+                    manifest: o.manifest,
+                });
+                if let (false, Some(object)) = (disk.alerts.is_empty(), row.as_object_mut()) {
+                    object.insert("alerts".into(), json!(disk.alerts));
+                }
+                rows.push(row);
             }
             Err(e) => {
                 let e = anyhow::Error::from(e);

@@ -173,6 +173,7 @@ const METHODS: &[(&str, &[Kind])] = &[
     ("Async.VDI.get_record", &[Class("VDI")]),
     ("Async.", &[]),
     ("sim.write", &[Class("VDI"), Int, Base64]),
+    ("sim.fault_cbt_bypass", &[Class("VDI"), Int, Base64]),
     ("sim.read", &[Class("VDI"), Int, Int]),
     ("sim.write_blocks", &[Class("VDI"), Blocks, Int]),
     ("sim.resize", &[Class("VDI"), Int]),

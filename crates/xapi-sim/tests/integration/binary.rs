@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use cbtvault_xenapi::TransportChoice;
+use cbtvault_xenapi::{TransportChoice, Value};
 
 use super::common::{PASSWORD, blocks, client_for};
 
@@ -132,6 +132,37 @@ async fn serve_control_stop_and_restart() {
     // Faults through the binary.
     control(&url, &["fault", "expire-sessions"]);
     c.vdi().get_record(&s2).await.unwrap(); // re-login is transparent
+    let s3 = c
+        .vdi()
+        .snapshot(&vdi_ref, &Default::default())
+        .await
+        .unwrap();
+    control(
+        &url,
+        &["fault", "cbt-bypass", "--vdi", &vdi, "--offset", "65536"],
+    );
+    let s4 = c
+        .vdi()
+        .snapshot(&vdi_ref, &Default::default())
+        .await
+        .unwrap();
+    let changed = c.vdi().list_changed_blocks(&s3, &s4).await.unwrap();
+    assert!(
+        blocks(&changed, 4 << 20).is_empty(),
+        "the bypass is untracked"
+    );
+    let read = c
+        .call(
+            "sim.read",
+            vec![
+                Value::String(s4.as_str().to_string()),
+                Value::Int(65536),
+                Value::Int(4),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.as_str(), Some("WlpaWg=="), "but written (0x5a × 4)");
     control(&url, &["fault", "cbt-disable", "--vdi", &vdi]);
     assert!(!c.vdi().get_cbt_enabled(&vdi_ref).await.unwrap());
     control(

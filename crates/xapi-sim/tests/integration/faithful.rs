@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use cbtvault_xenapi::{Value, XapiError};
 
+use cbtvault_blockmap::BLOCK_SIZE;
+
 use super::common::{DISK, blocks, client, disk_of, start};
 
 const CBT_OPS: [&str; 4] = [
@@ -146,6 +148,58 @@ async fn a_snapshot_of_a_cbt_snapshot_joins_the_chain() {
     // It is a CBT snapshot like any other: its data can go.
     v.data_destroy(&copy).await.unwrap();
     assert_eq!(changed(&copy, &s3).await, [5]);
+}
+
+#[tokio::test]
+async fn a_write_that_bypasses_cbt_changes_the_data_but_not_the_changed_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let c = client(&server).await;
+    let (leaf, uuid) = disk_of(&c, "vm-0").await;
+    let v = c.vdi();
+    let none = BTreeMap::new();
+    v.enable_cbt(&leaf).await.unwrap();
+    let s1 = v.snapshot(&leaf, &none).await.unwrap();
+    server.sim().write_blocks(&uuid, &[3], 1).unwrap();
+    let data = vec![0xa5u8; 4096];
+    server
+        .sim()
+        .fault_cbt_bypass(&uuid, 9 * BLOCK_SIZE + 512, &data)
+        .unwrap();
+    // Through the RPC too, as a test in another process would.
+    let b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&data)
+    };
+    c.call(
+        "sim.fault_cbt_bypass",
+        vec![
+            Value::String(leaf.as_str().to_string()),
+            Value::Int((11 * BLOCK_SIZE) as i64),
+            Value::String(b64),
+        ],
+    )
+    .await
+    .unwrap();
+    let s2 = v.snapshot(&leaf, &none).await.unwrap();
+    let changed = blocks(&v.list_changed_blocks(&s1, &s2).await.unwrap(), DISK);
+    assert_eq!(
+        changed,
+        [3],
+        "the bypassing writes are in no changed-block list"
+    );
+    let snap = v.get_uuid(&s2).await.unwrap();
+    assert_eq!(
+        server
+            .sim()
+            .read(&snap, 9 * BLOCK_SIZE + 512, 4096)
+            .unwrap(),
+        data
+    );
+    assert_eq!(
+        server.sim().read(&snap, 11 * BLOCK_SIZE, 4096).unwrap(),
+        data
+    );
 }
 
 #[tokio::test]
