@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use crate::{Config, JobKind};
 
-const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+pub(crate) const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 /// True for a UUID in its usual 8-4-4-4-12 hex form.
 pub fn is_uuid(s: &str) -> bool {
@@ -127,28 +127,39 @@ pub fn check(c: &Config) -> Result<(), String> {
             }
         }
         if let Some(s) = &j.schedule {
-            let ok = s.at.split_once(':').is_some_and(|(h, m)| {
-                h.len() == 2
-                    && m.len() == 2
-                    && h.parse::<u8>().is_ok_and(|h| h < 24)
-                    && m.parse::<u8>().is_ok_and(|m| m < 60)
-            });
-            if !ok {
-                return Err(format!("{at}: schedule time {:?} is not HH:MM", s.at));
-            }
-            if let Some(d) = s.days.iter().find(|d| !DAYS.contains(&d.as_str())) {
-                return Err(format!("{at}: unknown day {d:?} (use {})", DAYS.join(", ")));
-            }
+            s.compile().map_err(|e| format!("{at}: {e}"))?;
+        }
+        if let Some(d) = &j.random_delay {
+            crate::parse_duration(d).map_err(|e| format!("{at}: random_delay: {e}"))?;
+        }
+        if j.catch_up && j.schedule.is_none() {
+            return Err(format!("{at}: catch_up needs a schedule"));
         }
     }
+    if let Some(w) = &c.daemon.webhook
+        && !(w.starts_with("http://") || w.starts_with("https://"))
+    {
+        return Err(format!("daemon: webhook {w:?} must be an http:// URL"));
+    }
+    c.daemon
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| {
+            format!(
+                "daemon: listen {:?} is not an address such as 127.0.0.1:9460",
+                c.daemon.listen
+            )
+        })?;
     Ok(())
 }
 
 /// Rejects unknown keys in `[[job]]` tables, which serde cannot do for the
 /// flattened job kinds.
 pub fn job_keys(table: &toml::Table) -> Result<(), String> {
-    const COMMON: [&str; 8] = [
+    const COMMON: [&str; 10] = [
         "name",
+        "random_delay",
+        "catch_up",
         "kind",
         "parallel",
         "schedule",
