@@ -137,7 +137,7 @@ pub fn check(c: &Config) -> Result<(), String> {
         }
     }
     if let Some(w) = &c.daemon.webhook
-        && !(w.starts_with("http://") || w.starts_with("https://"))
+        && !w.starts_with("http://")
     {
         return Err(format!("daemon: webhook {w:?} must be an http:// URL"));
     }
