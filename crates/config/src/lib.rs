@@ -430,18 +430,16 @@ impl Config {
             source: Box::new(source),
         };
         let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
-        validate::job_keys(&table).map_err(|what| Error::Invalid {
-            path: path.into(),
-            what,
-        })?;
-        let mut config: Config = table.try_into().map_err(parse_error)?;
-        validate::check(&config).map_err(|what| Error::Invalid {
+        let invalid = |what: String| Error::Invalid {
             path: path.into(),
             what: match line_of_item(text, &what) {
                 Some(line) => format!("line {line}: {what}"),
                 None => what,
             },
-        })?;
+        };
+        validate::job_keys(&table).map_err(invalid)?;
+        let mut config: Config = table.try_into().map_err(parse_error)?;
+        validate::check(&config).map_err(invalid)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         Ok(config)
     }
