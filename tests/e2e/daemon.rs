@@ -423,3 +423,69 @@ bandwidth = "64K"
     assert_ne!(history[0]["outcome"], "ok", "{history:?}");
     assert!(s.list().is_empty(), "nothing partial is committed");
 }
+
+/// A scheduled time that passed while the daemon was down is run once at
+/// start with `catch_up`, and not without it.
+#[test]
+fn a_missed_run_is_caught_up_at_start() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdis = pool.vdis();
+    let port = free_port();
+    let job = |schedule: &str, catch_up: bool| {
+        format!(
+            r#"
+[[job]]
+name = "nightly"
+kind = "xenserver"
+pool = "sim"
+vdis = ["{}"]
+schedule = {{ cron = "{schedule}", timezone = "UTC" }}
+catch_up = {catch_up}
+"#,
+            vdis[0]
+        )
+    };
+    // One run to have a last run time.
+    let config_path = config(&s, &pool, port, "", &job("* * * * * *", false));
+    let mut daemon = Daemon::start(&s, &config_path, port);
+    daemon.wait_for("a first run", || !runs(&s, "nightly").is_empty());
+    assert!(daemon.stop().success());
+    let last: jiff::Timestamp = runs(&s, "nightly")[0]["started"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let count = runs(&s, "nightly").len();
+    // A once-a-year schedule whose time fell 2 s after that run.
+    let missed = last
+        .checked_add(jiff::SignedDuration::from_secs(2))
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::UTC);
+    let yearly = format!(
+        "{} {} {} {} {} *",
+        missed.second(),
+        missed.minute(),
+        missed.hour(),
+        missed.day(),
+        missed.month()
+    );
+    while jiff::Timestamp::now() <= missed.timestamp() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Without catch_up: nothing runs.
+    config(&s, &pool, port, "", &job(&yearly, false));
+    let mut daemon = Daemon::start(&s, &config_path, port);
+    assert!(daemon.stop().success());
+    assert_eq!(runs(&s, "nightly").len(), count);
+
+    // With it: one run at start.
+    config(&s, &pool, port, "", &job(&yearly, true));
+    let mut daemon = Daemon::start(&s, &config_path, port);
+    daemon.wait_for("the catch-up run", || runs(&s, "nightly").len() > count);
+    assert!(daemon.log().contains("catching up"), "{}", daemon.log());
+    assert!(daemon.stop().success());
+    assert_eq!(runs(&s, "nightly").len(), count + 1);
+    assert_eq!(runs(&s, "nightly")[0]["outcome"], "ok");
+}
