@@ -415,8 +415,9 @@ bandwidth = "64K"
     assert!(status.success(), "{status:?}; log:\n{}", daemon.log());
     assert!(
         pool.data_snapshots().is_empty(),
-        "{:?}",
-        pool.data_snapshots()
+        "{:?}; log:\n{}",
+        pool.data_snapshots(),
+        daemon.log()
     );
     let history = runs(&s, "slow");
     assert_eq!(history.len(), 1, "{history:?}");
@@ -488,4 +489,67 @@ catch_up = {catch_up}
     assert!(daemon.stop().success());
     assert_eq!(runs(&s, "nightly").len(), count + 1);
     assert_eq!(runs(&s, "nightly")[0]["outcome"], "ok");
+}
+
+/// `[[maintenance]]`: verify on a schedule, gc when asked for; both in the
+/// history and the status.
+#[test]
+fn maintenance_tasks_run_on_their_schedules() {
+    let s = Scratch::new();
+    let image = s.image("d.img", 4, 1);
+    s.backup("d0", &image, None);
+    let port = free_port();
+    let config = s.path("cbtvault.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[repository]
+path = "{}"
+
+[daemon]
+listen = "127.0.0.1:{port}"
+
+[[maintenance]]
+name = "check"
+task = "verify"
+read_data = true
+schedule = {{ cron = "*/2 * * * * *" }}
+
+[[maintenance]]
+name = "weekly-gc"
+task = "gc"
+schedule = {{ at = "05:00", days = ["sun"] }}
+"#,
+            s.repo().display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(&s, &config, port);
+    daemon.wait_for("a scheduled verify", || !runs(&s, "check").is_empty());
+    let verify = &runs(&s, "check")[0];
+    assert_eq!(verify["outcome"], "ok", "{verify}");
+    assert_eq!(
+        verify["report"]["result"]["verify"]["restore_points"], 1,
+        "{verify}"
+    );
+    assert!(
+        verify["report"]["result"]["verify"]["bytes_read"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    s.ok(&["run", "--config", config.to_str().unwrap(), "weekly-gc"]);
+    daemon.wait_for("the asked-for gc", || !runs(&s, "weekly-gc").is_empty());
+    let gc = &runs(&s, "weekly-gc")[0];
+    assert_eq!(gc["outcome"], "ok", "{gc}");
+    assert!(gc["report"]["result"]["gc"].is_object(), "{gc}");
+
+    let (_, status) = daemon.get("/status").unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["jobs"][1]["task"], "gc", "{status}");
+    assert!(status["jobs"][1]["next_run"].is_string(), "{status}");
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    assert_eq!(s.list().len(), 1);
 }

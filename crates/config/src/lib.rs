@@ -39,6 +39,48 @@ pub struct Config {
     /// The daemon's HTTP address and webhook.
     #[serde(default)]
     pub daemon: DaemonConfig,
+    /// Repository upkeep the daemon runs on schedules.
+    #[serde(default)]
+    pub maintenance: Vec<Maintenance>,
+}
+
+/// `[[maintenance]]`: gc or verify on a schedule (the daemon only).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    /// Unique among jobs and maintenance tasks: names its runs in the
+    /// history, and `cbtvault run NAME`.
+    pub name: String,
+    pub task: Task,
+    pub schedule: Schedule,
+    /// verify: read and check every block, not only the structure.
+    #[serde(default)]
+    pub read_data: bool,
+    /// gc: how long to wait for running backups (gc holds the repository's
+    /// exclusive lock), as `1h`.
+    #[serde(default = "one_hour")]
+    pub wait: String,
+}
+
+impl Maintenance {
+    /// `wait` as a duration (validated on load).
+    pub fn wait(&self) -> std::time::Duration {
+        parse_duration(&self.wait).unwrap_or(std::time::Duration::from_secs(3600))
+    }
+}
+
+/// What a maintenance entry does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// `cbtvault gc`: removes what no restore point needs.
+    Gc,
+    /// `cbtvault verify`: checks that every restore point restores.
+    Verify,
+}
+
+fn one_hour() -> String {
+    "1h".into()
 }
 
 /// `[daemon]`: what only `cbtvault daemon` reads.
@@ -493,7 +535,7 @@ impl Config {
 /// The line (1-based) where the item a validation message names starts:
 /// for `job "x": …`, the line of that job's `name = "x"`.
 fn line_of_item(text: &str, what: &str) -> Option<usize> {
-    let rest = ["job ", "pool ", "qemu host "]
+    let rest = ["job ", "pool ", "qemu host ", "maintenance "]
         .iter()
         .find_map(|p| what.strip_prefix(p))?;
     let name = rest.strip_prefix('"')?.split('"').next()?;

@@ -187,3 +187,28 @@ fn a_bad_job_is_named_with_its_line() {
         "{err}"
     );
 }
+
+#[test]
+fn maintenance_tasks_have_schedules_and_unique_names() {
+    let text = format!(
+        "{EXAMPLE}\n[[maintenance]]\nname = \"weekly-verify\"\ntask = \"verify\"\nread_data = true\nschedule = {{ at = \"05:00\", days = [\"sun\"] }}\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.maintenance[0].task, Task::Verify);
+    assert_eq!(
+        c.maintenance[0].wait(),
+        std::time::Duration::from_secs(3600)
+    );
+    let clash = text.replace("name = \"weekly-verify\"", "name = \"web-nightly\"");
+    let err = parse(&clash).unwrap_err().to_string();
+    assert!(
+        err.contains("maintenance \"web-nightly\": the name is taken"),
+        "{err}"
+    );
+    let gc_read = text.replace("task = \"verify\"", "task = \"gc\"");
+    let err = parse(&gc_read).unwrap_err().to_string();
+    assert!(
+        err.contains("read_data goes with task = \"verify\""),
+        "{err}"
+    );
+}

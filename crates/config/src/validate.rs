@@ -34,6 +34,25 @@ pub fn check(c: &Config) -> Result<(), String> {
     unique("pool", c.pools.iter().map(|p| p.name.as_str()))?;
     unique("qemu host", c.qemu_hosts.iter().map(|h| h.name.as_str()))?;
     unique("job", c.jobs.iter().map(|j| j.name.as_str()))?;
+    for (i, m) in c.maintenance.iter().enumerate() {
+        let at = format!("maintenance {:?}", m.name);
+        if m.name.is_empty() {
+            return Err("a maintenance task has an empty name".into());
+        }
+        if c.jobs.iter().any(|j| j.name == m.name)
+            || c.maintenance[..i].iter().any(|o| o.name == m.name)
+        {
+            return Err(format!(
+                "{at}: the name is taken by a job or another maintenance task (it names the \
+                 runs in the history and `cbtvault run NAME`)"
+            ));
+        }
+        m.schedule.compile().map_err(|e| format!("{at}: {e}"))?;
+        crate::parse_duration(&m.wait).map_err(|e| format!("{at}: wait: {e}"))?;
+        if m.read_data && m.task != crate::Task::Verify {
+            return Err(format!("{at}: read_data goes with task = \"verify\""));
+        }
+    }
     if let Some(level) = c.repository.compression_level
         && !(1..=22).contains(&level)
     {

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use cbtvault_config::{Config, WebhookOn};
+use cbtvault_config::{Config, Maintenance, Task, WebhookOn};
 use cbtvault_repo::Repository;
 use cbtvault_runner::{JobSpec, Runner, Silent};
 use jiff::Timestamp;
 use rand::Rng;
 use sd_notify::NotifyState;
+use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -32,7 +33,10 @@ pub const STOP_BOUND: Duration = Duration::from_secs(85);
 /// (the wall clock may jump: a suspended host, an NTP step).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
-/// A scheduled job: its plan and next time.
+/// Threads a scheduled verify reads with: the backups come first.
+const VERIFY_THREADS: usize = 2;
+
+/// A scheduled job or maintenance task: its plan and next time.
 struct Scheduled {
     plan: Plan,
     next: Option<Timestamp>,
@@ -76,12 +80,15 @@ struct Start {
 fn plans(config: &Config) -> Result<HashMap<String, Scheduled>> {
     let now = Timestamp::now();
     let mut out = HashMap::new();
-    for job in &config.jobs {
-        if let Some(s) = &job.schedule {
-            let plan = Plan::new(&job.name, s)?;
-            let next = plan.next_after(now);
-            out.insert(job.name.clone(), Scheduled { plan, next });
-        }
+    let schedules = config
+        .jobs
+        .iter()
+        .filter_map(|j| Some((&j.name, j.schedule.as_ref()?)))
+        .chain(config.maintenance.iter().map(|m| (&m.name, &m.schedule)));
+    for (name, schedule) in schedules {
+        let plan = Plan::new(name, schedule)?;
+        let next = plan.next_after(now);
+        out.insert(name.clone(), Scheduled { plan, next });
     }
     Ok(out)
 }
@@ -134,8 +141,15 @@ impl Shared {
             return Trigger::ShuttingDown;
         }
         let config = self.config();
-        if config.job(job).is_err() {
-            return Trigger::Unknown(config.jobs.iter().map(|j| j.name.clone()).collect());
+        if config.job(job).is_err() && !config.maintenance.iter().any(|m| m.name == job) {
+            return Trigger::Unknown(
+                config
+                    .jobs
+                    .iter()
+                    .map(|j| j.name.clone())
+                    .chain(config.maintenance.iter().map(|m| m.name.clone()))
+                    .collect(),
+            );
         }
         if self.start(job, Duration::ZERO, "asked for") {
             Trigger::Started
@@ -194,6 +208,9 @@ impl Shared {
     /// One run: the runner, then the history, the metrics and the webhook.
     async fn run(self: &Arc<Self>, job: &str, why: &'static str) {
         let config = self.config();
+        if let Some(m) = config.maintenance.iter().find(|m| m.name == job) {
+            return self.maintain(m, why).await;
+        }
         let started = Timestamp::now();
         info!(job, why, "run starts");
         let result = match (JobSpec::from_config(&config, job), self.open_repo()) {
@@ -228,6 +245,92 @@ impl Shared {
                 (report::failed_to_start(job, started, e), true)
             }
         };
+        self.finish(&config, row, failed).await;
+    }
+
+    /// A `[[maintenance]]` run: gc or verify, on a blocking thread (neither
+    /// can be cancelled midway; both leave the repository consistent if
+    /// the process exits during them).
+    async fn maintain(self: &Arc<Self>, m: &Maintenance, why: &'static str) {
+        let config = self.config();
+        let started = Timestamp::now();
+        info!(task = m.name, why, "maintenance starts");
+        let shared = self.clone();
+        let task = m.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(bool, serde_json::Value)> {
+            let repo = shared.open_repo()?;
+            let wrap = |source| Error::Repository {
+                path: repo.root().to_path_buf(),
+                source,
+            };
+            match task.task {
+                Task::Gc => {
+                    let r = repo
+                        .collect_garbage(cbtvault_repo::GcOptions::default(), task.wait())
+                        .map_err(wrap)?;
+                    Ok((true, json!({ "gc": r })))
+                }
+                Task::Verify => {
+                    let r = repo
+                        .verify(task.read_data, VERIFY_THREADS, &|_| {})
+                        .map_err(wrap)?;
+                    Ok((r.is_ok(), json!({ "verify": r })))
+                }
+            }
+        })
+        .await;
+        let (ok, result, error) = match result {
+            Ok(Ok((ok, r))) => (ok, r, None),
+            Ok(Err(e)) => (false, serde_json::Value::Null, Some(report::chain(&e))),
+            Err(e) => (false, serde_json::Value::Null, Some(e.to_string())),
+        };
+        let outcome = if ok { "ok" } else { "failed" };
+        match &error {
+            None if ok => info!(task = m.name, "maintenance done"),
+            None => warn!(
+                task = m.name,
+                "verify found damage: `cbtvault runs --json` has the report"
+            ),
+            Some(e) => error!(task = m.name, error = %e, "maintenance failed"),
+        }
+        self.metrics.record_task(&m.name, ok);
+        let finished = Timestamp::now();
+        let report = json!({
+            "job": m.name,
+            "task": match m.task {
+                Task::Gc => "gc",
+                Task::Verify => "verify",
+            },
+            "started": started.to_string(),
+            "finished": finished.to_string(),
+            "outcome": outcome,
+            "error": error,
+            "result": result,
+            "disks_ok": 0,
+            "disks_failed": 0,
+            "disks": [],
+        });
+        let row = cbtvault_repo::JobRunRow {
+            id: 0,
+            job: m.name.clone(),
+            started: started.to_string(),
+            finished: finished.to_string(),
+            outcome: outcome.into(),
+            disks_ok: 0,
+            disks_failed: 0,
+            report: report.to_string(),
+        };
+        self.finish(&config, row, !ok).await;
+    }
+
+    /// After a run: its history row, then the webhook.
+    async fn finish(
+        self: &Arc<Self>,
+        config: &Config,
+        row: cbtvault_repo::JobRunRow,
+        failed: bool,
+    ) {
+        let job = row.job.clone();
         let shared = self.clone();
         let saved = row.clone();
         let recorded = tokio::task::spawn_blocking(move || {

@@ -39,7 +39,10 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(req, &shared).await) }
             });
+            // A client that never finishes its request is dropped.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

@@ -128,6 +128,16 @@ impl Metrics {
         self.failures.get_or_create(&job).inc();
     }
 
+    /// Counts a maintenance run (gc, verify); a verify that found damage
+    /// is a failure.
+    pub fn record_task(&self, name: &str, ok: bool) {
+        let job = JobLabel { job: name.into() };
+        self.runs.get_or_create(&job).inc();
+        if !ok {
+            self.failures.get_or_create(&job).inc();
+        }
+    }
+
     pub fn set_repository_size(&self, bytes: u64) {
         self.repository_size
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));

@@ -1,6 +1,6 @@
-//! What `cbtvault status` and `/status` show: per job its schedule, next
-//! run, whether it runs now and its last run per disk; the repository's
-//! size. One function for both, so they cannot drift apart.
+//! What `cbtvault status` and `/status` show: per job (and maintenance
+//! task) its schedule, next run, whether it runs now and its last run per
+//! disk; the repository's size. One function for both, so they cannot drift apart.
 
 use cbtvault_config::Config;
 use cbtvault_repo::Repository;
@@ -35,20 +35,27 @@ pub fn status(
     let cat = repo.catalogue();
     let now = Timestamp::now();
     let mut jobs = Vec::new();
-    for job in &config.jobs {
-        let plan = job
-            .schedule
-            .as_ref()
-            .map(|s| Plan::new(&job.name, s))
-            .transpose()?;
+    let entries = config
+        .jobs
+        .iter()
+        .map(|j| (&j.name, j.schedule.as_ref(), "backup"))
+        .chain(config.maintenance.iter().map(|m| {
+            let task = match m.task {
+                cbtvault_config::Task::Gc => "gc",
+                cbtvault_config::Task::Verify => "verify",
+            };
+            (&m.name, Some(&m.schedule), task)
+        }));
+    for (name, schedule, task) in entries {
+        let plan = schedule.map(|s| Plan::new(name, s)).transpose()?;
         let (next, running) = match live {
             Some(f) => {
-                let l = f(&job.name);
+                let l = f(name);
                 (l.next, json!(l.running_since.map(|t| t.to_string())))
             }
             None => (plan.as_ref().and_then(|p| p.next_after(now)), Value::Null),
         };
-        let last = cat.last_job_run(&job.name).map_err(wrap)?;
+        let last = cat.last_job_run(name).map_err(wrap)?;
         let last = last.map(|r| {
             let report: Value = serde_json::from_str(&r.report).unwrap_or(Value::Null);
             json!({
@@ -62,7 +69,8 @@ pub fn status(
             })
         });
         jobs.push(json!({
-            "job": job.name,
+            "job": name,
+            "task": task,
             "schedule": plan.as_ref().map(|p| p.pattern()),
             "time_zone": plan.as_ref().map(|p| p.time_zone()),
             "next_run": next.map(|t| t.to_string()),

@@ -24,7 +24,9 @@ pub fn daemon(config: &Path) -> Result<ExitCode> {
 pub fn run_now(g: &Global, config: &Path, job: &str) -> Result<ExitCode> {
     let config = Config::load(config)?;
     // A typo is caught here, with the jobs listed, before asking anyone.
-    config.job(job)?;
+    if !config.maintenance.iter().any(|m| m.name == job) {
+        config.job(job)?;
+    }
     let rt = super::runtime()?;
     let (status, answer) = rt.block_on(cbtvault_daemon::ask_to_run(&config, job))?;
     if g.json {
