@@ -528,7 +528,7 @@ async fn serve(config_path: &Path) -> Result<()> {
     let tasks = TaskTracker::new();
     info!(%address, config = %config_path.display(), "daemon started; serving /healthz, /status, /metrics and POST /run/JOB");
     for (job, s) in lock(&shared.scheduled).iter() {
-        info!(job, schedule = s.plan.pattern(), time_zone = s.plan.time_zone(), next = ?s.next.map(|t| t.to_string()), "scheduled");
+        info!(job, schedule = s.plan.pattern(), time_zone = s.plan.time_zone(), next = %s.next.map(|t| t.to_string()).unwrap_or_else(|| "never".into()), "scheduled");
     }
     let server = tokio::spawn(crate::http::serve(
         listener,

@@ -12,6 +12,8 @@
 //! itself: a run still going (or waiting out its delay) when its next time
 //! comes makes that time skipped, and logged. With `catch_up`, a job whose
 //! scheduled time passed since its last recorded run runs once at start.
+//! `[[maintenance]]` entries (gc, verify) are scheduled the same way and
+//! run on a blocking thread.
 //!
 //! # Lifecycle
 //! SIGTERM/SIGINT: no new runs, in-flight runs are cancelled through the
