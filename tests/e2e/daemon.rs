@@ -419,6 +419,8 @@ schedule = {{ cron = "*/2 * * * * *" }}
     );
 }
 
+/// A job never overlaps itself, and SIGTERM in the middle of its transfer
+/// leaves nothing behind.
 #[test]
 fn sigterm_mid_transfer_stops_cleanly() {
     let s = Scratch::new();
@@ -434,12 +436,18 @@ kind = "xenserver"
 pool = "sim"
 vdis = ["{}"]
 bandwidth = "64K"
+schedule = {{ cron = "* * * * * *" }}
 "#,
         vdis[0]
     );
     let config = config(&s, &pool, port, "", &jobs);
     let mut daemon = Daemon::start(&s, &config, port);
-    s.ok(&["run", "--config", config.to_str().unwrap(), "slow"]);
+    // Every second, and slowed: the next times come while the run goes on.
+    daemon.wait_for("a scheduled time skipped for the running job", || {
+        daemon
+            .log()
+            .contains("scheduled run skipped: the previous run is still going")
+    });
     // Reading over NBD: the snapshot is taken and known to the daemon.
     daemon.wait_for("the running backup's transfer", || {
         pool.sim().nbd_connections() > 0
@@ -525,12 +533,13 @@ catch_up = {catch_up}
 }
 
 /// `[[maintenance]]`: verify on a schedule, gc when asked for; both in the
-/// history and the status.
+/// history and the status, and with `webhook_on = "always"` at the webhook.
 #[test]
 fn maintenance_tasks_run_on_their_schedules() {
     let s = Scratch::new();
     let image = s.image("d.img", 4, 1);
     s.backup("d0", &image, None);
+    let (hook_port, bodies) = webhook_server();
     let port = free_port();
     let config = s.path("cbtvault.toml");
     std::fs::write(
@@ -542,6 +551,8 @@ path = "{}"
 
 [daemon]
 listen = "127.0.0.1:{port}"
+webhook = "http://127.0.0.1:{hook_port}/"
+webhook_on = "always"
 
 [[maintenance]]
 name = "check"
@@ -572,6 +583,14 @@ schedule = {{ at = "05:00", days = ["sun"] }}
             .unwrap()
             > 0
     );
+    let told: Value = serde_json::from_str(
+        &bodies
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no webhook; log:\n{}", daemon.log())),
+    )
+    .unwrap();
+    assert_eq!(told["job"], "check", "{told}");
+    assert_eq!(told["outcome"], "ok", "{told}");
 
     s.ok(&["run", "--config", config.to_str().unwrap(), "weekly-gc"]);
     daemon.wait_for("the asked-for gc", || !runs(&s, "weekly-gc").is_empty());
