@@ -330,6 +330,17 @@ vdis = ["{b}"]
         runs(&s, "nightly").len() > before
     });
 
+    // A good one is taken: a job scheduled by the reload runs.
+    let added = good.replace(
+        "name = \"ondemand\"",
+        "name = \"ondemand\"\nschedule = { cron = \"*/2 * * * * *\" }",
+    );
+    std::fs::write(&config, added).unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("a run scheduled by the reload", || {
+        daemon.log().contains("configuration reloaded") && runs(&s, "ondemand").len() >= 2
+    });
+
     // SIGTERM: a clean exit, and no snapshot left holding data.
     let status = daemon.stop();
     assert!(status.success(), "{status:?}; log:\n{}", daemon.log());
@@ -339,6 +350,8 @@ vdis = ["{b}"]
         "{:?}",
         pool.data_snapshots()
     );
+    let gone = s.fails(&["run", "--config", config.to_str().unwrap(), "nightly"]);
+    assert!(gone.contains("no daemon answers at 127.0.0.1:"), "{gone}");
 }
 
 /// An HTTP server on loopback that hands every POST body to the channel.
