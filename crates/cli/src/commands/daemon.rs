@@ -24,8 +24,17 @@ pub fn daemon(config: &Path) -> Result<ExitCode> {
 pub fn run_now(g: &Global, config: &Path, job: &str) -> Result<ExitCode> {
     let config = Config::load(config)?;
     // A typo is caught here, with the jobs listed, before asking anyone.
-    if !config.maintenance.iter().any(|m| m.name == job) {
-        config.job(job)?;
+    if config.job(job).is_err() && !config.maintenance.iter().any(|m| m.name == job) {
+        let names: Vec<String> = config
+            .jobs
+            .iter()
+            .map(|j| j.name.clone())
+            .chain(config.maintenance.iter().map(|m| m.name.clone()))
+            .collect();
+        return Err(failure::usage_error(format!(
+            "no job or maintenance task named {job:?} in the configuration ({})",
+            super::listing("names", &names)
+        )));
     }
     let rt = super::runtime()?;
     let (status, answer) = rt.block_on(cbtvault_daemon::ask_to_run(&config, job))?;
