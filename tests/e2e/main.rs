@@ -8,6 +8,7 @@ mod common;
 mod concurrency;
 mod corruption;
 mod crash;
+mod daemon;
 mod incremental;
 mod integrity;
 mod jobs_locks;

@@ -206,6 +206,40 @@ pub enum Command {
     /// for a job's nodes (--config, --job) or one node (--repo, --disk,
     /// --source qmp:SOCKET, --node). Disks being backed up are left alone.
     Cleanup(CleanupArgs),
+    /// Run every job of the configuration on its schedule, until SIGTERM;
+    /// SIGHUP reloads the configuration. Logs on stderr (info by default).
+    Daemon {
+        /// The configuration file.
+        #[arg(long, env = "CBTVAULT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Ask the running daemon to run a job now (POST /run/JOB on its
+    /// `[daemon] listen` address).
+    Run {
+        /// The configuration file the daemon runs.
+        #[arg(long, env = "CBTVAULT_CONFIG")]
+        config: PathBuf,
+        /// The job to run.
+        job: String,
+    },
+    /// The daemon's run history, newest first.
+    Runs {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Per job its schedule, next run and last outcome per disk; the
+    /// repository's size.
+    Status {
+        /// The configuration file.
+        #[arg(long, env = "CBTVAULT_CONFIG")]
+        config: PathBuf,
+    },
     /// Run a simulated XenServer pool, back its disks up for several nights
     /// with guest writes in between, restore every restore point and check it.
     Demo {

@@ -23,7 +23,12 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     let json = args.global.json;
-    output::init_logging(args.global.verbose, args.global.quiet);
+    // The daemon's log is its record of what happened: info by default.
+    let verbose = match args.command {
+        cli::Command::Daemon { .. } => args.global.verbose.max(1),
+        _ => args.global.verbose,
+    };
+    output::init_logging(verbose, args.global.quiet);
     let result = commands::run(args);
     // Output lost to a full disk is a failure; to a reader that left
     // (`| head`), it is not.

@@ -36,6 +36,91 @@ pub struct Config {
     /// Limits across every job a process runs (the daemon runs several).
     #[serde(default)]
     pub limits: Limits,
+    /// The daemon's HTTP address and webhook.
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    /// Repository upkeep the daemon runs on schedules.
+    #[serde(default)]
+    pub maintenance: Vec<Maintenance>,
+}
+
+/// `[[maintenance]]`: gc or verify on a schedule (the daemon only).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    /// Unique among jobs and maintenance tasks: names its runs in the
+    /// history, and `cbtvault run NAME`.
+    pub name: String,
+    pub task: Task,
+    pub schedule: Schedule,
+    /// verify: read and check every block, not only the structure.
+    #[serde(default)]
+    pub read_data: bool,
+    /// gc: how long to wait for running backups (gc holds the repository's
+    /// exclusive lock), as `1h`.
+    #[serde(default = "one_hour")]
+    pub wait: String,
+}
+
+impl Maintenance {
+    /// `wait` as a duration (validated on load).
+    pub fn wait(&self) -> std::time::Duration {
+        parse_duration(&self.wait).unwrap_or(std::time::Duration::from_secs(3600))
+    }
+}
+
+/// What a maintenance entry does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// `cbtvault gc`: removes what no restore point needs.
+    Gc,
+    /// `cbtvault verify`: checks that every restore point restores.
+    Verify,
+}
+
+fn one_hour() -> String {
+    "1h".into()
+}
+
+/// `[daemon]`: what only `cbtvault daemon` reads.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where `/healthz`, `/status`, `/metrics` and `POST /run/JOB` are
+    /// served: loopback by default, since they need no password.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// An `http://` URL that receives a JSON report per run (see
+    /// `webhook_on`).
+    pub webhook: Option<String>,
+    #[serde(default)]
+    pub webhook_on: WebhookOn,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            listen: default_listen(),
+            webhook: None,
+            webhook_on: WebhookOn::default(),
+        }
+    }
+}
+
+/// Which runs the webhook is told about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookOn {
+    /// Runs with a failed disk, and jobs that could not start.
+    #[default]
+    Failure,
+    /// Every run.
+    Always,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9460".into()
 }
 
 /// Limits across jobs.
@@ -155,6 +240,13 @@ pub struct Job {
     pub parallel: usize,
     /// When the daemon runs it; one-off runs ignore it.
     pub schedule: Option<Schedule>,
+    /// A random pause of up to this long before each scheduled run (so
+    /// jobs scheduled alike do not all start at once), as `10m`.
+    pub random_delay: Option<String>,
+    /// Run once when the daemon starts if a scheduled time passed while it
+    /// was down (since the job's last recorded run).
+    #[serde(default)]
+    pub catch_up: bool,
     /// What `forget` keeps after a run.
     pub retention: Option<Retention>,
     /// Further tries of a disk whose backup failed for a reason that may
@@ -178,6 +270,14 @@ impl Job {
     /// `retry_delay` as a duration (validated on load).
     pub fn retry_delay(&self) -> std::time::Duration {
         parse_duration(&self.retry_delay).unwrap_or(std::time::Duration::from_secs(30))
+    }
+
+    /// `random_delay` as a duration (validated on load); zero when absent.
+    pub fn random_delay(&self) -> std::time::Duration {
+        self.random_delay
+            .as_deref()
+            .and_then(|d| parse_duration(d).ok())
+            .unwrap_or_default()
     }
 
     /// `bandwidth` in bytes per second (validated on load).
@@ -215,15 +315,78 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("{text:?} is not a duration (give it as 30s, 5m or 1h 30m)"))
 }
 
-/// Days and time of day (local time of the daemon's host).
+/// When a job runs: `{ at = "HH:MM", days = [...] }` or
+/// `{ cron = "30 1 * * mon,wed,fri" }`, in the host's local time zone or
+/// in `timezone` (an IANA name such as `Europe/Paris`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
     /// `HH:MM`, 24-hour clock.
-    pub at: String,
-    /// `mon` … `sun`; every day when empty.
+    pub at: Option<String>,
+    /// With `at`: `mon` … `sun`; every day when empty.
     #[serde(default)]
     pub days: Vec<String>,
+    /// A cron expression: 5 fields (minute hour day-of-month month
+    /// day-of-week), or 6 with seconds first.
+    pub cron: Option<String>,
+    /// The IANA time zone the times are in; the host's when absent.
+    pub timezone: Option<String>,
+}
+
+impl Schedule {
+    /// The schedule as a cron pattern and its time zone, or what is wrong.
+    /// `at`/`days` become `0 MM HH * * DAYS`.
+    pub fn compile(&self) -> Result<(croner::Cron, jiff::tz::TimeZone), String> {
+        let pattern = match (&self.at, &self.cron) {
+            (Some(at), None) => {
+                let (h, m) = at
+                    .split_once(':')
+                    .filter(|(h, m)| h.len() == 2 && m.len() == 2)
+                    .and_then(|(h, m)| Some((h.parse::<u8>().ok()?, m.parse::<u8>().ok()?)))
+                    .filter(|(h, m)| *h < 24 && *m < 60)
+                    .ok_or_else(|| format!("schedule time {at:?} is not HH:MM"))?;
+                if let Some(d) = self
+                    .days
+                    .iter()
+                    .find(|d| !validate::DAYS.contains(&d.as_str()))
+                {
+                    return Err(format!(
+                        "unknown day {d:?} (use {})",
+                        validate::DAYS.join(", ")
+                    ));
+                }
+                let days = if self.days.is_empty() {
+                    "*".to_string()
+                } else {
+                    self.days.join(",")
+                };
+                format!("0 {m} {h} * * {days}")
+            }
+            (None, Some(cron)) => {
+                if !self.days.is_empty() {
+                    return Err(
+                        "schedule: days goes with at; put the days in the cron expression".into(),
+                    );
+                }
+                cron.clone()
+            }
+            _ => return Err("schedule: give either at (with days) or cron".into()),
+        };
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .build()
+            .parse(&pattern)
+            .map_err(|e| format!("schedule {pattern:?} is not a valid cron expression: {e}"))?;
+        let tz = match &self.timezone {
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|_| {
+                format!(
+                    "schedule: unknown time zone {name:?} (give an IANA name such as Europe/Paris)"
+                )
+            })?,
+            None => jiff::tz::TimeZone::system(),
+        };
+        Ok((cron, tz))
+    }
 }
 
 /// Retention per disk, as `cbtvault forget --keep-*`.
@@ -313,15 +476,16 @@ impl Config {
             source: Box::new(source),
         };
         let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
-        validate::job_keys(&table).map_err(|what| Error::Invalid {
+        let invalid = |what: String| Error::Invalid {
             path: path.into(),
-            what,
-        })?;
+            what: match line_of_item(text, &what) {
+                Some(line) => format!("line {line}: {what}"),
+                None => what,
+            },
+        };
+        validate::job_keys(&table).map_err(invalid)?;
         let mut config: Config = table.try_into().map_err(parse_error)?;
-        validate::check(&config).map_err(|what| Error::Invalid {
-            path: path.into(),
-            what,
-        })?;
+        validate::check(&config).map_err(invalid)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         Ok(config)
     }
@@ -370,6 +534,22 @@ impl Config {
     pub fn qemu_host(&self, name: &str) -> Option<&QemuHost> {
         self.qemu_hosts.iter().find(|h| h.name == name)
     }
+}
+
+/// The line (1-based) where the item a validation message names starts:
+/// for `job "x": …`, the line of that job's `name = "x"`.
+fn line_of_item(text: &str, what: &str) -> Option<usize> {
+    let rest = ["job ", "pool ", "qemu host ", "maintenance "]
+        .iter()
+        .find_map(|p| what.strip_prefix(p))?;
+    let name = rest.strip_prefix('"')?.split('"').next()?;
+    let quoted = format!("{name:?}");
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.starts_with("name") && l.contains(&quoted)
+        })
+        .map(|i| i + 1)
 }
 
 /// Where a pool's password is kept.

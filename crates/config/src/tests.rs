@@ -83,6 +83,25 @@ fn mistakes_are_named() {
             "must start with https://",
         ),
         (
+            EXAMPLE.replace(
+                "at = \"03:15\" }",
+                "cron = \"30 1 * * mon,wed,fri\", timezone = \"Mars/Olympus\" }",
+            ),
+            "job \"kvm-1-drives\": schedule: unknown time zone \"Mars/Olympus\"",
+        ),
+        (
+            EXAMPLE.replace("at = \"03:15\" }", "cron = \"61 1 * * *\" }"),
+            "not a valid cron expression",
+        ),
+        (
+            EXAMPLE.replace("at = \"03:15\" }", "at = \"03:15\", cron = \"* * * * *\" }"),
+            "either at (with days) or cron",
+        ),
+        (
+            EXAMPLE.replace("parallel = 2", "parallel = 2\nrandom_delay = \"soon\""),
+            "random_delay: \"soon\" is not a duration",
+        ),
+        (
             EXAMPLE.replace("parallel = 2", "paralel = 2"),
             "job \"web-nightly\": unknown key \"paralel\"",
         ),
@@ -135,4 +154,61 @@ fn plain_http_only_when_asked_for() {
     let pool = c.pool("pool-a").unwrap();
     assert!(pool.allow_insecure_http);
     assert!(!c.pool("pool-b").unwrap().allow_insecure_http);
+}
+
+#[test]
+fn cron_schedules_with_a_time_zone() {
+    let text = EXAMPLE.replace(
+        "at = \"03:15\" }",
+        "cron = \"30 1 * * mon,wed,fri\", timezone = \"Europe/Paris\" }\nrandom_delay = \"10m\"\ncatch_up = true",
+    );
+    let c = parse(&text).unwrap();
+    let job = c.job("kvm-1-drives").unwrap();
+    let (_, tz) = job.schedule.as_ref().unwrap().compile().unwrap();
+    assert_eq!(tz.iana_name(), Some("Europe/Paris"));
+    assert!(job.catch_up);
+    assert_eq!(job.random_delay(), std::time::Duration::from_secs(600));
+    assert_eq!(c.daemon.listen, "127.0.0.1:9460");
+}
+
+#[test]
+fn a_bad_job_is_named_with_its_line() {
+    let text = EXAMPLE.replace("at = \"03:15\"", "at = \"3pm\"");
+    let line = EXAMPLE
+        .lines()
+        .position(|l| l.contains("name = \"kvm-1-drives\""))
+        .unwrap()
+        + 1;
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "line {line}: job \"kvm-1-drives\": schedule time \"3pm\" is not HH:MM"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn maintenance_tasks_have_schedules_and_unique_names() {
+    let text = format!(
+        "{EXAMPLE}\n[[maintenance]]\nname = \"weekly-verify\"\ntask = \"verify\"\nread_data = true\nschedule = {{ at = \"05:00\", days = [\"sun\"] }}\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.maintenance[0].task, Task::Verify);
+    assert_eq!(
+        c.maintenance[0].wait(),
+        std::time::Duration::from_secs(3600)
+    );
+    let clash = text.replace("name = \"weekly-verify\"", "name = \"web-nightly\"");
+    let err = parse(&clash).unwrap_err().to_string();
+    assert!(
+        err.contains("maintenance \"web-nightly\": the name is taken"),
+        "{err}"
+    );
+    let gc_read = text.replace("task = \"verify\"", "task = \"gc\"");
+    let err = parse(&gc_read).unwrap_err().to_string();
+    assert!(
+        err.contains("read_data goes with task = \"verify\""),
+        "{err}"
+    );
 }

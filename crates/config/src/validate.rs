@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use crate::{Config, JobKind};
 
-const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+pub(crate) const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 /// True for a UUID in its usual 8-4-4-4-12 hex form.
 pub fn is_uuid(s: &str) -> bool {
@@ -34,6 +34,25 @@ pub fn check(c: &Config) -> Result<(), String> {
     unique("pool", c.pools.iter().map(|p| p.name.as_str()))?;
     unique("qemu host", c.qemu_hosts.iter().map(|h| h.name.as_str()))?;
     unique("job", c.jobs.iter().map(|j| j.name.as_str()))?;
+    for (i, m) in c.maintenance.iter().enumerate() {
+        let at = format!("maintenance {:?}", m.name);
+        if m.name.is_empty() {
+            return Err("a maintenance task has an empty name".into());
+        }
+        if c.jobs.iter().any(|j| j.name == m.name)
+            || c.maintenance[..i].iter().any(|o| o.name == m.name)
+        {
+            return Err(format!(
+                "{at}: the name is taken by a job or another maintenance task (it names the \
+                 runs in the history and `cbtvault run NAME`)"
+            ));
+        }
+        m.schedule.compile().map_err(|e| format!("{at}: {e}"))?;
+        crate::parse_duration(&m.wait).map_err(|e| format!("{at}: wait: {e}"))?;
+        if m.read_data && m.task != crate::Task::Verify {
+            return Err(format!("{at}: read_data goes with task = \"verify\""));
+        }
+    }
     if let Some(level) = c.repository.compression_level
         && !(1..=22).contains(&level)
     {
@@ -127,28 +146,39 @@ pub fn check(c: &Config) -> Result<(), String> {
             }
         }
         if let Some(s) = &j.schedule {
-            let ok = s.at.split_once(':').is_some_and(|(h, m)| {
-                h.len() == 2
-                    && m.len() == 2
-                    && h.parse::<u8>().is_ok_and(|h| h < 24)
-                    && m.parse::<u8>().is_ok_and(|m| m < 60)
-            });
-            if !ok {
-                return Err(format!("{at}: schedule time {:?} is not HH:MM", s.at));
-            }
-            if let Some(d) = s.days.iter().find(|d| !DAYS.contains(&d.as_str())) {
-                return Err(format!("{at}: unknown day {d:?} (use {})", DAYS.join(", ")));
-            }
+            s.compile().map_err(|e| format!("{at}: {e}"))?;
+        }
+        if let Some(d) = &j.random_delay {
+            crate::parse_duration(d).map_err(|e| format!("{at}: random_delay: {e}"))?;
+        }
+        if j.catch_up && j.schedule.is_none() {
+            return Err(format!("{at}: catch_up needs a schedule"));
         }
     }
+    if let Some(w) = &c.daemon.webhook
+        && !w.starts_with("http://")
+    {
+        return Err(format!("daemon: webhook {w:?} must be an http:// URL"));
+    }
+    c.daemon
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| {
+            format!(
+                "daemon: listen {:?} is not an address such as 127.0.0.1:9460",
+                c.daemon.listen
+            )
+        })?;
     Ok(())
 }
 
 /// Rejects unknown keys in `[[job]]` tables, which serde cannot do for the
 /// flattened job kinds.
 pub fn job_keys(table: &toml::Table) -> Result<(), String> {
-    const COMMON: [&str; 9] = [
+    const COMMON: [&str; 11] = [
         "name",
+        "random_delay",
+        "catch_up",
         "kind",
         "parallel",
         "schedule",

@@ -30,16 +30,18 @@ use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::pack::{BlobKind, Compression, PackEntry};
 
+mod job_runs;
 mod runs;
 
+pub use job_runs::JobRunRow;
 pub use runs::RunRow;
 
 /// The catalogue's file name inside the repository.
 pub const CATALOGUE_FILE: &str = "catalogue.sqlite";
 
 /// Version 2 added runs, quarantine and forget bookkeeping; version 3 the
-/// `vm_metadata` table. Both only added tables.
-const SCHEMA_VERSION: i64 = 3;
+/// `vm_metadata` table; version 4 `job_runs`. Each only added tables.
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS disks(
@@ -235,7 +237,9 @@ impl Catalogue {
             path: path.to_path_buf(),
         };
         if create {
-            cat.conn.execute_batch(SCHEMA).map_err(wrap)?;
+            cat.conn
+                .execute_batch(&[SCHEMA, job_runs::SCHEMA].concat())
+                .map_err(wrap)?;
             cat.conn
                 .pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(wrap)?;
@@ -244,9 +248,11 @@ impl Catalogue {
                 .conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .map_err(wrap)?;
-            if version == 1 || version == 2 {
-                // Versions 2 and 3 only added tables.
-                cat.conn.execute_batch(SCHEMA).map_err(wrap)?;
+            if (1..SCHEMA_VERSION).contains(&version) {
+                // Later versions only added tables.
+                cat.conn
+                    .execute_batch(&[SCHEMA, job_runs::SCHEMA].concat())
+                    .map_err(wrap)?;
                 cat.conn
                     .pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(wrap)?;

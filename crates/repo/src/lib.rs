@@ -143,7 +143,7 @@ mod writer;
 
 pub use backend::{Backend, FileKind, LocalBackend, MemoryBackend};
 pub use catalogue::{
-    BlobLocation, Catalogue, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow,
+    BlobLocation, Catalogue, JobRunRow, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow,
 };
 pub use error::{Error, Result};
 pub use forget::{Decision, ForgetPlan, ForgetSelection, KeepPolicy};

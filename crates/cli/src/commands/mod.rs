@@ -1,5 +1,6 @@
 //! One function per subcommand.
 
+mod daemon;
 mod data;
 mod jobs;
 mod maintenance;
@@ -111,6 +112,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         Command::Repair { repo, wait } => maintenance::repair(&g, &repo.repo, wait),
         Command::Cleanup(c) => jobs::cleanup(&g, &c),
+        Command::Daemon { config } => daemon::daemon(&config),
+        Command::Run { config, job } => daemon::run_now(&g, &config, &job),
+        Command::Runs { repo, job, limit } => daemon::runs(&g, &repo.repo, job.as_deref(), limit),
+        Command::Status { config } => daemon::status(&g, &config),
         Command::Demo {
             dir,
             vms,
