@@ -37,8 +37,9 @@
 //! (systemd readiness and watchdog; a no-op outside systemd),
 //! `prometheus-client` (the metrics and their text format), `hyper` and
 //! `hyper-util` (the HTTP server and the one-connection client for the
-//! webhook), `rand` (the random delay), `tokio-util` (cancellation and the
-//! tracker that waits for in-flight runs).
+//! webhook; `http-body-util` and `bytes` for their bodies), `serde_json`
+//! (the reports), `rand` (the random delay), `tokio-util` (cancellation and
+//! the tracker that waits for in-flight runs), `thiserror`, `tracing`.
 
 mod daemon;
 mod error;
