@@ -471,6 +471,21 @@ schedule = {{ cron = "* * * * * *" }}
     daemon.wait_for("the running backup's transfer", || {
         pool.sim().nbd_connections() > 0
     });
+    // /status shows the disk's progress.
+    let mut disk = Value::Null;
+    daemon.wait_for("the running disk in /status", || {
+        let Some((200, text)) = daemon.get("/status") else {
+            return false;
+        };
+        let status: Value = serde_json::from_str(&text).unwrap();
+        assert!(status["jobs"][0]["running_since"].is_string(), "{status}");
+        disk = status["jobs"][0]["running_disks"][0].clone();
+        disk["total_bytes"].as_u64().is_some_and(|t| t > 0)
+    });
+    assert!(
+        disk["done_bytes"].as_u64().unwrap() < disk["total_bytes"].as_u64().unwrap(),
+        "{disk}"
+    );
     let status = daemon.stop();
     assert!(status.success(), "{status:?}; log:\n{}", daemon.log());
     assert!(

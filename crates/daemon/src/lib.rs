@@ -32,6 +32,7 @@
 //! ([`ask_to_run`], what `cbtvault run JOB` calls).
 //!
 //! # Crates used
+//! `cbtvault-engine` (the progress traits the runner reports through),
 //! `croner` (cron expressions, stepped over `jiff` zoned times so
 //! daylight-saving changes follow the time zone database), `sd-notify`
 //! (systemd readiness and watchdog; a no-op outside systemd),
@@ -45,6 +46,7 @@ mod daemon;
 mod error;
 mod http;
 mod metrics;
+mod progress;
 pub mod report;
 mod schedule;
 pub mod status;
