@@ -4,6 +4,7 @@
 //! the old one running, SIGTERM stops cleanly, and a failed run reaches the
 //! webhook.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -95,9 +96,14 @@ struct Daemon {
 
 impl Daemon {
     fn start(s: &Scratch, config: &Path, port: u16) -> Daemon {
+        Self::start_with(s, config, port, &[])
+    }
+
+    fn start_with(s: &Scratch, config: &Path, port: u16, env: &[(&str, &OsStr)]) -> Daemon {
         let log = s.path("daemon.log");
         let child = s
             .command()
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("daemon")
             .arg("--config")
             .arg(config)
@@ -465,6 +471,21 @@ schedule = {{ cron = "* * * * * *" }}
     daemon.wait_for("the running backup's transfer", || {
         pool.sim().nbd_connections() > 0
     });
+    // /status shows the disk's progress.
+    let mut disk = Value::Null;
+    daemon.wait_for("the running disk in /status", || {
+        let Some((200, text)) = daemon.get("/status") else {
+            return false;
+        };
+        let status: Value = serde_json::from_str(&text).unwrap();
+        assert!(status["jobs"][0]["running_since"].is_string(), "{status}");
+        disk = status["jobs"][0]["running_disks"][0].clone();
+        disk["total_bytes"].as_u64().is_some_and(|t| t > 0)
+    });
+    assert!(
+        disk["done_bytes"].as_u64().unwrap() < disk["total_bytes"].as_u64().unwrap(),
+        "{disk}"
+    );
     let status = daemon.stop();
     assert!(status.success(), "{status:?}; log:\n{}", daemon.log());
     assert!(
@@ -617,4 +638,51 @@ schedule = {{ at = "05:00", days = ["sun"] }}
     assert!(status["jobs"][1]["next_run"].is_string(), "{status}");
     assert!(daemon.stop().success(), "{}", daemon.log());
     assert_eq!(s.list().len(), 1);
+}
+
+/// Under systemd (`Type=notify`): READY once serving, the watchdog fed,
+/// STOPPING on SIGTERM.
+#[test]
+fn systemd_is_told_ready_and_stopping_and_the_watchdog_is_fed() {
+    let s = Scratch::new();
+    let socket_path = s.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let port = free_port();
+    let config = s.path("cbtvault.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[repository]\npath = \"{}\"\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n",
+            s.repo().display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_with(
+        &s,
+        &config,
+        port,
+        &[
+            ("NOTIFY_SOCKET", socket_path.as_os_str()),
+            // 2 s: the daemon pings every second.
+            ("WATCHDOG_USEC", OsStr::new("2000000")),
+        ],
+    );
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    while !(seen.contains("READY=1") && seen.matches("WATCHDOG=1").count() >= 2) {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{e}; got {seen:?}; log:\n{}", daemon.log()));
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    while !seen.contains("STOPPING=1") {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{e}; got {seen:?}"));
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
 }

@@ -12,7 +12,9 @@
 //! example that the tests load.
 //!
 //! `toml` (with serde) is used because it is the de-facto TOML parser of
-//! the Rust ecosystem and reports errors with line and column.
+//! the Rust ecosystem and reports errors with line and column; `croner`
+//! parses the schedules' cron expressions (so a bad one fails on load, not
+//! at the first run) and `jiff` their time zones.
 
 mod validate;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cbtvault_config::{Config, Maintenance, Task, WebhookOn};
 use cbtvault_repo::Repository;
-use cbtvault_runner::{JobSpec, Runner, Silent};
+use cbtvault_runner::{JobSpec, Runner};
 use jiff::Timestamp;
 use rand::Rng;
 use sd_notify::NotifyState;
@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::progress::Tracker;
 use crate::report;
 use crate::schedule::Plan;
 use crate::status::Live;
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     scheduled: Mutex<HashMap<String, Scheduled>>,
     /// Jobs running now (or waiting out their random delay), and since when.
     running: Mutex<HashMap<String, Timestamp>>,
+    /// The disks of running jobs.
+    progress: Mutex<HashMap<String, Arc<Tracker>>>,
     runner: Runner,
     metrics: Metrics,
     /// Stop taking work (SIGTERM).
@@ -119,6 +122,10 @@ impl Shared {
         let live = |job: &str| Live {
             running_since: lock(&self.running).get(job).copied(),
             next: lock(&self.scheduled).get(job).and_then(|s| s.next),
+            disks: lock(&self.progress)
+                .get(job)
+                .map(|t| t.running())
+                .unwrap_or_default(),
         };
         crate::status::status(&self.config(), &repo, Some(&live))
     }
@@ -214,11 +221,17 @@ impl Shared {
         let started = Timestamp::now();
         info!(job, why, "run starts");
         let result = match (JobSpec::from_config(&config, job), self.open_repo()) {
-            (Ok(spec), Ok(repo)) => self
-                .runner
-                .run(&spec, repo, Arc::new(Silent), self.cancel.child_token())
-                .await
-                .map_err(|e| report::chain(&e)),
+            (Ok(spec), Ok(repo)) => {
+                let tracker = Arc::new(Tracker::default());
+                lock(&self.progress).insert(job.to_string(), tracker.clone());
+                let result = self
+                    .runner
+                    .run(&spec, repo, tracker, self.cancel.child_token())
+                    .await
+                    .map_err(|e| report::chain(&e));
+                lock(&self.progress).remove(job);
+                result
+            }
             (Err(e), _) => Err(report::chain(&e)),
             (_, Err(e)) => Err(report::chain(&e)),
         };
@@ -519,6 +532,7 @@ async fn serve(config_path: &Path) -> Result<()> {
         config: RwLock::new(Arc::new(config)),
         scheduled: Mutex::new(scheduled),
         running: Mutex::new(HashMap::new()),
+        progress: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
         stop: CancellationToken::new(),
         cancel: CancellationToken::new(),

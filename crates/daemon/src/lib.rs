@@ -32,18 +32,21 @@
 //! ([`ask_to_run`], what `cbtvault run JOB` calls).
 //!
 //! # Crates used
+//! `cbtvault-engine` (the progress traits the runner reports through),
 //! `croner` (cron expressions, stepped over `jiff` zoned times so
 //! daylight-saving changes follow the time zone database), `sd-notify`
 //! (systemd readiness and watchdog; a no-op outside systemd),
 //! `prometheus-client` (the metrics and their text format), `hyper` and
 //! `hyper-util` (the HTTP server and the one-connection client for the
-//! webhook), `rand` (the random delay), `tokio-util` (cancellation and the
-//! tracker that waits for in-flight runs).
+//! webhook; `http-body-util` and `bytes` for their bodies), `serde_json`
+//! (the reports), `rand` (the random delay), `tokio-util` (cancellation and
+//! the tracker that waits for in-flight runs), `thiserror`, `tracing`.
 
 mod daemon;
 mod error;
 mod http;
 mod metrics;
+mod progress;
 pub mod report;
 mod schedule;
 pub mod status;

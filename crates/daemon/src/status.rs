@@ -18,6 +18,8 @@ pub struct Live {
     /// The next scheduled run, as the daemon has planned it (with its
     /// random delay not yet drawn).
     pub next: Option<Timestamp>,
+    /// The running run's disks: phase, bytes done of total, ETA.
+    pub disks: Vec<Value>,
 }
 
 /// The status as JSON. `live` is `None` outside the daemon: the next runs
@@ -48,12 +50,20 @@ pub fn status(
         }));
     for (name, schedule, task) in entries {
         let plan = schedule.map(|s| Plan::new(name, s)).transpose()?;
-        let (next, running) = match live {
+        let (next, running, disks) = match live {
             Some(f) => {
                 let l = f(name);
-                (l.next, json!(l.running_since.map(|t| t.to_string())))
+                (
+                    l.next,
+                    json!(l.running_since.map(|t| t.to_string())),
+                    json!(l.disks),
+                )
             }
-            None => (plan.as_ref().and_then(|p| p.next_after(now)), Value::Null),
+            None => (
+                plan.as_ref().and_then(|p| p.next_after(now)),
+                Value::Null,
+                Value::Null,
+            ),
         };
         let last = cat.last_job_run(name).map_err(wrap)?;
         let last = last.map(|r| {
@@ -75,6 +85,7 @@ pub fn status(
             "time_zone": plan.as_ref().map(|p| p.time_zone()),
             "next_run": next.map(|t| t.to_string()),
             "running_since": running,
+            "running_disks": disks,
             "last_run": last,
         }));
     }
