@@ -58,6 +58,10 @@ pub struct Maintenance {
     /// verify: read and check every block, not only the structure.
     #[serde(default)]
     pub read_data: bool,
+    /// verify: re-read one part in this many of the data each run, the
+    /// next part each time, so the whole repository is re-read over that
+    /// many runs (as `verify --read-data-subset n/m` with `n` rotating).
+    pub read_data_parts: Option<u32>,
     /// gc: how long to wait for running backups (gc holds the repository's
     /// exclusive lock), as `1h`.
     #[serde(default = "one_hour")]

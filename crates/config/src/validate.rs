@@ -52,6 +52,16 @@ pub fn check(c: &Config) -> Result<(), String> {
         if m.read_data && m.task != crate::Task::Verify {
             return Err(format!("{at}: read_data goes with task = \"verify\""));
         }
+        if let Some(parts) = m.read_data_parts {
+            if m.task != crate::Task::Verify || m.read_data {
+                return Err(format!(
+                    "{at}: read_data_parts goes with task = \"verify\", instead of read_data"
+                ));
+            }
+            if parts == 0 {
+                return Err(format!("{at}: read_data_parts must be at least 1"));
+            }
+        }
     }
     if let Some(level) = c.repository.compression_level
         && !(1..=22).contains(&level)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use cbtvault_config::{Config, Maintenance, Task, WebhookOn};
-use cbtvault_repo::Repository;
+use cbtvault_repo::{DataCheck, Repository};
 use cbtvault_runner::{JobSpec, Runner};
 use jiff::Timestamp;
 use rand::Rng;
@@ -284,8 +284,16 @@ impl Shared {
                     Ok((true, json!({ "gc": r })))
                 }
                 Task::Verify => {
+                    let check = match task.read_data_parts {
+                        Some(m) => {
+                            let last = repo.catalogue().last_job_run(&task.name).map_err(wrap)?;
+                            next_part(last.as_ref(), m)
+                        }
+                        None if task.read_data => DataCheck::All,
+                        None => DataCheck::None,
+                    };
                     let r = repo
-                        .verify(task.read_data, VERIFY_THREADS, &|_| {})
+                        .verify_data(check, VERIFY_THREADS, &|_| {})
                         .map_err(wrap)?;
                     Ok((r.is_ok(), json!({ "verify": r })))
                 }
@@ -466,6 +474,39 @@ impl Shared {
         }
     }
 
+    /// At start: what QEMU backups killed with an earlier daemon left in
+    /// QEMU (the filter in the guest's I/O path, the export, the fleece
+    /// image) goes now, not at each job's next run. Failures are logged:
+    /// the job's next run cleans up too.
+    async fn clean_up_qemu(&self) {
+        let config = self.config();
+        let Ok(repo) = self.open_repo() else {
+            return;
+        };
+        for job in &config.jobs {
+            if !matches!(job.kind, cbtvault_config::JobKind::Qemu { .. }) {
+                continue;
+            }
+            let spec = match JobSpec::from_config(&config, &job.name) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    warn!(job = job.name, error = %e, "cannot clean up after this job");
+                    continue;
+                }
+            };
+            match cbtvault_runner::cleanup(&spec, repo.clone()).await {
+                Ok(cleaned) => {
+                    for c in cleaned.iter().filter(|c| !c.removed.is_empty()) {
+                        info!(job = job.name, node = c.node, removed = ?c.removed, "cleaned up after a killed backup");
+                    }
+                }
+                Err(e) => {
+                    warn!(job = job.name, error = %e, "could not clean up after killed backups; the job's next run does")
+                }
+            }
+        }
+    }
+
     /// Jobs with `catch_up` whose scheduled time passed since their last
     /// recorded run.
     fn missed(&self) -> Vec<String> {
@@ -549,6 +590,7 @@ async fn serve(config_path: &Path) -> Result<()> {
         shared.clone(),
         shared.stop.clone(),
     ));
+    shared.clean_up_qemu().await;
     for job in shared.missed() {
         info!(
             job,
@@ -630,4 +672,67 @@ pub async fn ask_to_run(config: &Config, job: &str) -> Result<(u16, serde_json::
         status,
         serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
     ))
+}
+
+/// The part of the data a rotating verify re-reads this run: the one
+/// after the part the task's last run read (from its report), the first
+/// when there is none or `m` changed.
+fn next_part(last: Option<&cbtvault_repo::JobRunRow>, m: u32) -> DataCheck {
+    let m = m.max(1);
+    let previous = last
+        .and_then(|row| serde_json::from_str::<serde_json::Value>(&row.report).ok())
+        .and_then(|report| {
+            let checked = report["result"]["verify"]["data_checked"]
+                .as_str()?
+                .to_string();
+            match DataCheck::parse(&checked).ok()? {
+                DataCheck::Part { n, m: was } if was == m => Some(n),
+                _ => None,
+            }
+        });
+    let n = previous.map_or(1, |n| n % m + 1);
+    DataCheck::Part { n, m }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+
+    fn row(report: serde_json::Value) -> cbtvault_repo::JobRunRow {
+        cbtvault_repo::JobRunRow {
+            id: 1,
+            job: "verify".into(),
+            started: String::new(),
+            finished: String::new(),
+            outcome: "ok".into(),
+            disks_ok: 0,
+            disks_failed: 0,
+            report: report.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_rotating_verify_reads_the_next_part_and_wraps_around() {
+        assert_eq!(next_part(None, 3), DataCheck::Part { n: 1, m: 3 });
+        let after = |n: u32, m: u32| {
+            row(json!({"result": {"verify": {"data_checked": format!("{n}/{m}")}}}))
+        };
+        assert_eq!(
+            next_part(Some(&after(1, 3)), 3),
+            DataCheck::Part { n: 2, m: 3 }
+        );
+        assert_eq!(
+            next_part(Some(&after(3, 3)), 3),
+            DataCheck::Part { n: 1, m: 3 }
+        );
+        // A changed setting, or a report it cannot read, starts again.
+        assert_eq!(
+            next_part(Some(&after(2, 5)), 3),
+            DataCheck::Part { n: 1, m: 3 }
+        );
+        assert_eq!(
+            next_part(Some(&row(json!("garbage"))), 3),
+            DataCheck::Part { n: 1, m: 3 }
+        );
+    }
 }
