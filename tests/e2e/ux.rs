@@ -801,3 +801,21 @@ fn an_nbd_server_elsewhere_is_told_in_the_flags_words() {
     );
     assert!(!err.contains("DiskOptions"), "{err}");
 }
+
+/// `config check` loads a file as the daemon does: the example passes with
+/// what it holds; a mistake is named with its file and line.
+#[test]
+fn config_check_names_what_a_file_holds_or_where_it_is_wrong() {
+    let s = Scratch::new();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/cbtvault.example.toml");
+    let out = s.ok(&["config", "check", example]);
+    assert!(out.contains("ok:") && out.contains("jobs"), "{out}");
+    let bad = s.path("bad.toml");
+    std::fs::write(
+        &bad,
+        "[repository]\npath = \"r\"\n\n[[job]]\nname = \"j\"\nkind = \"qemu\"\nhost = \"nowhere\"\nnodes = [\"d\"]\n",
+    )
+    .unwrap();
+    let err = s.fails(&["config", "check", bad.to_str().unwrap()]);
+    assert!(err.contains("bad.toml") && err.contains("nowhere"), "{err}");
+}

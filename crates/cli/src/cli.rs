@@ -206,6 +206,10 @@ pub enum Command {
     /// for a job's nodes (--config, --job) or one node (--repo, --disk,
     /// --source qmp:SOCKET, --node). Disks being backed up are left alone.
     Cleanup(CleanupArgs),
+    /// Check a configuration file as the daemon would load it: every
+    /// mistake with its file, line and reason.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Run every job of the configuration on its schedule, until SIGTERM;
     /// SIGHUP reloads the configuration. Logs on stderr (info by default).
     Daemon {
@@ -330,6 +334,15 @@ pub struct BackupArgs {
     /// The disk's position in the VM, e.g. 0 or xvda (with --vm-uuid).
     #[arg(long, requires = "vm_uuid")]
     pub vm_device: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Load FILE and report what is wrong with it, or what it holds.
+    Check {
+        /// The configuration file.
+        file: PathBuf,
+    },
 }
 
 #[derive(ClapArgs, Debug)]

@@ -112,6 +112,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         Command::Repair { repo, wait } => maintenance::repair(&g, &repo.repo, wait),
         Command::Cleanup(c) => jobs::cleanup(&g, &c),
+        Command::Config(crate::cli::ConfigCommand::Check { file }) => check_config(&g, &file),
         Command::Daemon { config } => daemon::daemon(&config),
         Command::Run { config, job } => daemon::run_now(&g, &config, &job),
         Command::Runs { repo, job, limit } => daemon::runs(&g, &repo.repo, job.as_deref(), limit),
@@ -133,6 +134,32 @@ pub fn run(args: Args) -> Result<ExitCode> {
             },
         ),
     }
+}
+
+/// `config check FILE`: the file loaded and validated as the daemon does.
+fn check_config(g: &crate::cli::Global, file: &Path) -> Result<ExitCode> {
+    let config = cbtvault_config::Config::load(file)?;
+    if g.json {
+        crate::output::print_json(&serde_json::json!({
+            "file": file.display().to_string(),
+            "ok": true,
+            "pools": config.pools.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            "qemu_hosts": config.qemu_hosts.iter().map(|h| &h.name).collect::<Vec<_>>(),
+            "jobs": config.jobs.iter().map(|j| &j.name).collect::<Vec<_>>(),
+            "maintenance": config.maintenance.iter().map(|m| &m.name).collect::<Vec<_>>(),
+        }));
+    } else if !g.quiet {
+        crate::output::outln!(
+            "{}: ok: {} pools, {} QEMU hosts, {} jobs, {} maintenance tasks; repository {}",
+            file.display(),
+            config.pools.len(),
+            config.qemu_hosts.len(),
+            config.jobs.len(),
+            config.maintenance.len(),
+            config.repository.path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Opens the repository at `path` with a message that names it.
