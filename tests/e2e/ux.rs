@@ -807,7 +807,10 @@ fn an_nbd_server_elsewhere_is_told_in_the_flags_words() {
 #[test]
 fn config_check_names_what_a_file_holds_or_where_it_is_wrong() {
     let s = Scratch::new();
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/cbtvault.example.toml");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/cbtvault.example.toml"
+    );
     let out = s.ok(&["config", "check", example]);
     assert!(out.contains("ok:") && out.contains("jobs"), "{out}");
     let bad = s.path("bad.toml");
