@@ -280,3 +280,66 @@ fn a_job_stopped_by_sigterm_leaves_the_pool_clean_and_the_next_run_incremental()
         assert_eq!(row["mode"]["kind"], "incremental", "{row}");
     }
 }
+
+/// A job over a VM records the VM with each restore point — its uuid and
+/// name, the pool, each disk's device position — and saves the VM's
+/// metadata once per run, whether its disks come from one VM snapshot or
+/// one by one; `list --vm NAME` finds them.
+#[test]
+fn restore_points_of_a_vm_job_know_their_vm_and_its_metadata() {
+    for consistent in [false, true] {
+        let s = Scratch::new();
+        let pool = Pool::start_with(&s, 1, 2);
+        let vm = pool
+            .sim()
+            .vms()
+            .into_iter()
+            .find(|v| !v.is_a_snapshot && !v.is_control_domain)
+            .expect("a VM");
+        let url = pool.sim.as_ref().unwrap().https_url();
+        let config = s.path("vm.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[repository]\npath = \"{}\"\n\n[[pool]]\nname = \"sim\"\nurl = \"{url}\"\n\
+                 password_file = \"{}\"\npin = \"{}\"\n\n[[job]]\nname = \"vm\"\n\
+                 kind = \"xenserver\"\npool = \"sim\"\nvms = [\"{}\"]\n\
+                 consistent_vm_snapshot = {consistent}\n",
+                s.repo().display(),
+                pool.password.display(),
+                pool.pin.display(),
+                vm.uuid
+            ),
+        )
+        .unwrap();
+        let out = s.ok(&[
+            "backup",
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+            "--job",
+            "vm",
+        ]);
+        let rows: Value = serde_json::from_str(&out).unwrap();
+        let rows = rows.as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let mut devices = Vec::new();
+        let mut metadata = Vec::new();
+        for row in rows {
+            let v = &row["source"]["vm"];
+            assert_eq!(v["uuid"], vm.uuid.as_str(), "{row}");
+            assert_eq!(v["name"], vm.name_label.as_str(), "{row}");
+            devices.push(v["device"].as_str().unwrap().to_string());
+            metadata.push(v["metadata"].as_str().expect("metadata saved").to_string());
+        }
+        devices.sort();
+        assert_eq!(devices, ["0", "1"], "consistent = {consistent}");
+        assert_eq!(metadata[0], metadata[1], "one metadata per run");
+        let saved = s.repo().join("vms").join(format!("{}.json", metadata[0]));
+        let text = std::fs::read_to_string(&saved).expect("the VM metadata file");
+        assert!(text.contains(&vm.uuid), "{text}");
+        let listed = s.ok(&["list", "--json", "--vm", &vm.name_label]);
+        let listed: Value = serde_json::from_str(&listed).unwrap();
+        assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    }
+}
