@@ -438,6 +438,102 @@ schedule = {{ cron = "*/2 * * * * *" }}
     );
 }
 
+/// An HTTPS server for webhooks, with a certificate for 127.0.0.1 made
+/// now; returns its port, the CA file to trust, and the bodies received.
+fn https_webhook_server(s: &Scratch) -> (u16, PathBuf, mpsc::Receiver<String>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let ca = s.path("webhook-ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let config = std::sync::Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                continue;
+            };
+            let mut tls = rustls::StreamOwned::new(conn, stream);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            // Up to the blank line that ends the headers.
+            while !head.ends_with(b"\r\n\r\n") {
+                match tls.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0usize);
+            let mut body = vec![0; length];
+            if tls.read_exact(&mut body).is_ok() {
+                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                let _ = tls.flush();
+                if tx
+                    .send(String::from_utf8_lossy(&body).into_owned())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    (port, ca, rx)
+}
+
+/// A webhook over HTTPS, its certificate checked against `webhook_ca`.
+#[test]
+fn a_failed_run_reaches_an_https_webhook() {
+    let s = Scratch::new();
+    let pool = start_pool(&s, 1);
+    let (hook_port, ca, bodies) = https_webhook_server(&s);
+    let port = free_port();
+    let missing = "00000000-0000-4000-8000-000000000000";
+    let jobs = format!(
+        r#"
+[[job]]
+name = "broken"
+kind = "xenserver"
+pool = "sim"
+vdis = ["{missing}"]
+retries = 0
+schedule = {{ cron = "*/2 * * * * *" }}
+"#
+    );
+    let config = config(
+        &s,
+        &pool,
+        port,
+        &format!(
+            "webhook = \"https://127.0.0.1:{hook_port}/hook\"\nwebhook_ca = \"{}\"",
+            ca.display()
+        ),
+        &jobs,
+    );
+    let mut daemon = Daemon::start(&s, &config, port);
+    let body = bodies
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("no webhook over https; log:\n{}", daemon.log()));
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["job"], "broken", "{report}");
+    assert_eq!(report["outcome"], "failed", "{report}");
+    assert!(daemon.stop().success(), "{}", daemon.log());
+}
+
 /// A job never overlaps itself, and SIGTERM in the middle of its transfer
 /// leaves nothing behind.
 #[test]

@@ -97,9 +97,12 @@ pub struct DaemonConfig {
     /// served: loopback by default, since they need no password.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// An `http://` URL that receives a JSON report per run (see
-    /// `webhook_on`).
+    /// An `http://` or `https://` URL that receives a JSON report per run
+    /// (see `webhook_on`).
     pub webhook: Option<String>,
+    /// Trust an `https://` webhook's certificate through this CA (PEM)
+    /// instead of the public roots cbtvault carries (Mozilla's).
+    pub webhook_ca: Option<PathBuf>,
     #[serde(default)]
     pub webhook_on: WebhookOn,
 }
@@ -109,6 +112,7 @@ impl Default for DaemonConfig {
         DaemonConfig {
             listen: default_listen(),
             webhook: None,
+            webhook_ca: None,
             webhook_on: WebhookOn::default(),
         }
     }
@@ -504,6 +508,9 @@ impl Config {
             }
         };
         fix(&mut self.repository.path);
+        if let Some(p) = &mut self.daemon.webhook_ca {
+            fix(p);
+        }
         for pool in &mut self.pools {
             for p in [&mut pool.password_file, &mut pool.ca, &mut pool.pin]
                 .into_iter()

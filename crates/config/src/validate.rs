@@ -167,8 +167,20 @@ pub fn check(c: &Config) -> Result<(), String> {
     }
     if let Some(w) = &c.daemon.webhook
         && !w.starts_with("http://")
+        && !w.starts_with("https://")
     {
-        return Err(format!("daemon: webhook {w:?} must be an http:// URL"));
+        return Err(format!(
+            "daemon: webhook {w:?} must be an http:// or https:// URL"
+        ));
+    }
+    if c.daemon.webhook_ca.is_some()
+        && !c
+            .daemon
+            .webhook
+            .as_deref()
+            .is_some_and(|w| w.starts_with("https://"))
+    {
+        return Err("daemon: webhook_ca goes with an https:// webhook".into());
     }
     c.daemon
         .listen

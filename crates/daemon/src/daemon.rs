@@ -376,7 +376,7 @@ impl Shared {
         {
             let body: serde_json::Value =
                 serde_json::from_str(&row.report).unwrap_or(serde_json::Value::Null);
-            crate::webhook::send(url, &body, &self.stop).await;
+            crate::webhook::send(url, config.daemon.webhook_ca.as_deref(), &body, &self.stop).await;
         }
     }
 
@@ -664,6 +664,7 @@ pub async fn ask_to_run(config: &Config, job: &str) -> Result<(u16, serde_json::
     }
     let (status, body) = crate::http::post(
         &format!("http://{addr}/run/{job}"),
+        None,
         Vec::new(),
         Duration::from_secs(10),
     )

@@ -127,22 +127,33 @@ async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<B
     }
 }
 
-/// POSTs `body` (JSON) to an `http://HOST[:PORT]/PATH` URL; returns the
-/// status code and the body, within `timeout`.
-pub async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(u16, String)> {
+/// POSTs `body` (JSON) to `url`, `http://` or `https://`; an `https://`
+/// server's certificate is checked against `ca` (PEM) when given, else
+/// against the public roots cbtvault carries. Returns the status and the
+/// answer's text.
+pub async fn post(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let err = |what: String| Error::Http {
         url: url.into(),
         what,
     };
     let uri: hyper::Uri = url.parse().map_err(|e| err(format!("not a URL: {e}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(err("only http:// URLs are supported".into()));
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => None,
+        Some("https") => Some(tls_config(ca).map_err(err)?),
+        _ => return Err(err("only http:// and https:// URLs are supported".into())),
+    };
     let host = uri
         .host()
         .ok_or_else(|| err("the URL has no host".into()))?
         .to_string();
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if tls.is_some() { 443 } else { 80 });
     let path = uri
         .path_and_query()
         .map(|p| p.as_str().to_string())
@@ -155,30 +166,79 @@ pub async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(u16, S
                 addr: format!("{host}:{port}"),
                 source: e,
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        tokio::spawn(conn);
         let req = Request::post(path)
             .header(hyper::header::HOST, format!("{host}:{port}"))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::USER_AGENT, "cbtvault")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| err(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+        let resp = match tls {
+            None => exchange_over(stream, req).await,
+            Some(config) => {
+                let name =
+                    rustls::pki_types::ServerName::try_from(bare.to_string()).map_err(|e| {
+                        err(format!(
+                            "{bare:?} cannot be checked against a certificate: {e}"
+                        ))
+                    })?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| err(format!("TLS: {e}")))?;
+                exchange_over(stream, req).await
+            }
+        }
+        .map_err(err)?;
+        Ok(resp)
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| err(format!("no answer within {} s", timeout.as_secs())))?
+}
+
+/// One HTTP/1 request over `stream`: the status and the answer's text.
+async fn exchange_over<S>(
+    stream: S,
+    req: Request<Full<Bytes>>,
+) -> std::result::Result<(u16, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// The TLS client configuration for an `https://` webhook: `ca`'s
+/// certificates, or Mozilla's roots (webpki-roots) when none is given.
+fn tls_config(
+    ca: Option<&std::path::Path>,
+) -> std::result::Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = match ca {
+        Some(path) => cbtvault_tls_pin::TlsTrust::ca_file(path)
+            .and_then(|trust| trust.client_config(provider))
+            .map_err(|e| format!("webhook_ca {}: {e}", path.display()))?,
+        None => {
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
 }

@@ -38,7 +38,10 @@
 //! (systemd readiness and watchdog; a no-op outside systemd),
 //! `prometheus-client` (the metrics and their text format), `hyper` and
 //! `hyper-util` (the HTTP server and the one-connection client for the
-//! webhook; `http-body-util` and `bytes` for their bodies), `serde_json`
+//! webhook; `http-body-util` and `bytes` for their bodies), `rustls` and
+//! `tokio-rustls` (https webhooks, trusted through `cbtvault-tls-pin`'s CA
+//! handling or `webpki-roots`, Mozilla's roots carried in the binary so
+//! that a host without a CA bundle still checks them), `serde_json`
 //! (the reports), `rand` (the random delay), `tokio-util` (cancellation and
 //! the tracker that waits for in-flight runs), `thiserror`, `tracing`.
 

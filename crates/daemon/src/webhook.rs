@@ -15,12 +15,18 @@ const FIRST_PAUSE: Duration = Duration::from_secs(1);
 /// How long one try may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Sends `report` to `url`; returns whether it was taken (a 2xx answer).
-pub async fn send(url: &str, report: &Value, stop: &CancellationToken) -> bool {
+/// Sends `report` to `url` (an `https://` one trusted through `ca`, or the
+/// public roots); returns whether it was taken (a 2xx answer).
+pub async fn send(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    report: &Value,
+    stop: &CancellationToken,
+) -> bool {
     let body = report.to_string().into_bytes();
     let mut pause = FIRST_PAUSE;
     for attempt in 1..=TRIES {
-        match crate::http::post(url, body.clone(), TIMEOUT).await {
+        match crate::http::post(url, ca, body.clone(), TIMEOUT).await {
             Ok((status, _)) if (200..300).contains(&status) => {
                 info!(url, status, "webhook delivered");
                 return true;
