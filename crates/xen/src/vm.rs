@@ -58,6 +58,17 @@ async fn disks_of(client: &Client, subject: &str, record: &VmRecord) -> Result<V
             position: v.userdevice,
         });
     }
+    // XAPI lists a VM's VBDs in no promised order: by device position, so
+    // that reports and plans read the same every night.
+    out.sort_by(|a, b| {
+        let key = |d: &VmDisk| {
+            (
+                d.position.parse::<u32>().unwrap_or(u32::MAX),
+                d.position.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
     Ok(out)
 }
 
