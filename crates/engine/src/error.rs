@@ -114,7 +114,7 @@ impl Error {
             | Error::Source {
                 source: Some(source),
                 ..
-            } => retryable_cause(source.as_ref()),
+            } => is_retryable_cause(source.as_ref()),
             Error::Repo(_)
             | Error::Source { source: None, .. }
             | Error::ShortRead { .. }
@@ -130,12 +130,17 @@ impl Error {
     }
 }
 
-/// The first cause in the chain that a protocol crate can judge decides.
-fn retryable_cause(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether a failure with cause `e` may pass if tried again (from a new
+/// snapshot): the first cause in the chain that a protocol crate can judge
+/// decides. Callers whose own errors wrap protocol errors (the runner's
+/// login, QMP connection) judge them here too.
+pub fn is_retryable_cause(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(e) = cause {
         if let Some(e) = e.downcast_ref::<cbtvault_nbd::Error>() {
-            return e.is_transport();
+            // A server's read error (EIO) may be a passing storage hiccup:
+            // a new snapshot is worth the bounded retries.
+            return e.is_transport() || e.server_errno().is_some();
         }
         if let Some(e) = e.downcast_ref::<cbtvault_xenapi::Error>() {
             return e.is_retryable();
@@ -203,6 +208,16 @@ mod tests {
             }),
         };
         assert!(source(Box::new(wrapped)).is_retryable());
+        // A read the NBD server failed (EIO): a new snapshot may read.
+        let eio = cbtvault_nbd::Error::Server {
+            peer: "host:10809".into(),
+            command: "NBD_CMD_READ",
+            offset: 0,
+            length: 65536,
+            errno: 5,
+            message: String::new(),
+        };
+        assert!(source(Box::new(eio)).is_retryable());
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub mod xenserver;
 pub use backup::{
     BackupJob, BackupOptions, BackupOutcome, Changes, DiskLocks, Parent, backup, lock_disk,
 };
-pub use error::{Error, Result};
+pub use error::{Error, Result, is_retryable_cause};
 pub use progress::{NoProgress, Progress};
 pub use provider::{
     DiskRun, DriveContext, Limit, PreparedDisk, ProgressFactory, Provider, SharedProgress, Slots,

@@ -99,50 +99,15 @@ impl Error {
     /// Whether trying again later may succeed: a dropped connection, a
     /// timeout, a busy or restarting server. Never a refused password, a
     /// lock held by another run, a cancelled run or a damaged repository.
+    /// The engine judges the causes ([`cbtvault_engine::is_retryable_cause`]).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Engine(e) => chain_retryable(e),
+            Error::Engine(e) => e.is_retryable(),
             Error::Login { source, .. }
             | Error::Xapi { source, .. }
             | Error::Qmp { source, .. }
-            | Error::Qemu { source, .. } => chain_retryable(source.as_ref()),
+            | Error::Qemu { source, .. } => cbtvault_engine::is_retryable_cause(source.as_ref()),
             _ => false,
         }
     }
-}
-
-/// Whether a cause in `e`'s chain is a connection that dropped or timed
-/// out, or a XenAPI error that says to try again. A peer refusing a request
-/// refuses it again.
-fn chain_retryable(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if let Some(x) = c.downcast_ref::<cbtvault_xenapi::Error>() {
-            return x.is_retryable();
-        }
-        if let Some(n) = c.downcast_ref::<cbtvault_nbd::Error>() {
-            // A server's read error may be a passing storage hiccup; a
-            // new snapshot is worth the bounded retries.
-            return n.is_transport() || n.server_errno().is_some();
-        }
-        if matches!(
-            c.downcast_ref::<cbtvault_engine::Error>(),
-            Some(cbtvault_engine::Error::Cancelled)
-        ) {
-            return false;
-        }
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::ConnectionRefused
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::TimedOut
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        cause = c.source();
-    }
-    false
 }
