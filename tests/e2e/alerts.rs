@@ -7,48 +7,19 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::common::*;
+use crate::runner::run_job;
 use crate::xen::Pool;
 
 /// A configuration with the simulated pool and job `nightly` over `vdi`,
 /// auditing every block of the pool's 32 MiB disks (512 blocks).
 fn config(s: &Scratch, pool: &Pool, vdi: &str) -> PathBuf {
-    let url = pool.sim.as_ref().unwrap().https_url();
-    let path = s.path("cbtvault.toml");
-    let text = format!(
-        r#"
-[repository]
-path = "{repo}"
-
-[[pool]]
-name = "sim"
-url = "{url}"
-password_file = "{password}"
-pin = "{pin}"
-
-[[job]]
-name = "nightly"
-kind = "xenserver"
-pool = "sim"
-vdis = ["{vdi}"]
-retries = 0
-audit_samples = 1024
-"#,
-        repo = s.repo().display(),
-        password = pool.password.display(),
-        pin = pool.pin.display(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn run_job(s: &Scratch, config: &PathBuf, json: bool) -> std::process::Output {
-    let mut c = s.command();
-    c.arg("backup");
-    if json {
-        c.arg("--json");
-    }
-    c.arg("--config").arg(config).args(["--job", "nightly"]);
-    c.output().unwrap()
+    crate::runner::config(
+        s,
+        pool,
+        &[vdi.to_string()],
+        "",
+        "retries = 0\naudit_samples = 1024",
+    )
 }
 
 /// The one restore point a successful `--json` run committed.

@@ -14,32 +14,14 @@ use crate::sources::{output_within, spawn_logged};
 use crate::xen::Pool;
 
 fn config(s: &Scratch, pool: &Pool, vm: &str) -> PathBuf {
-    let url = pool.sim.as_ref().unwrap().https_url();
-    let path = s.path("cbtvault.toml");
-    let text = format!(
-        r#"
-[repository]
-path = "{repo}"
-
-[[pool]]
-name = "sim"
-url = "{url}"
-password_file = "{password}"
-pin = "{pin}"
-
-[[job]]
-name = "vm-nightly"
-kind = "xenserver"
-pool = "sim"
-vms = ["{vm}"]
-consistent_vm_snapshot = true
-"#,
-        repo = s.repo().display(),
-        password = pool.password.display(),
-        pin = pool.pin.display(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+    pool.write_config(
+        s,
+        "",
+        &format!(
+            "[[job]]\nname = \"vm-nightly\"\nkind = \"xenserver\"\npool = \"sim\"\n\
+             vms = [\"{vm}\"]\nconsistent_vm_snapshot = true"
+        ),
+    )
 }
 
 fn job_command(s: &Scratch, config: &Path) -> Command {

@@ -13,41 +13,27 @@ use serde_json::Value;
 use crate::common::*;
 use crate::xen::Pool;
 
-/// A configuration with the simulated pool and one job over `vdis`;
+/// A configuration with the simulated pool and job `nightly` over `vdis`;
 /// `extra_pool` and `extra_job` are appended to their tables.
-fn config(s: &Scratch, pool: &Pool, vdis: &[String], extra_pool: &str, extra_job: &str) -> PathBuf {
-    let url = pool.sim.as_ref().unwrap().https_url();
-    let path = s.path("cbtvault.toml");
+pub(crate) fn config(
+    s: &Scratch,
+    pool: &Pool,
+    vdis: &[String],
+    extra_pool: &str,
+    extra_job: &str,
+) -> PathBuf {
     let list: Vec<String> = vdis.iter().map(|v| format!("{v:?}")).collect();
-    let text = format!(
-        r#"
-[repository]
-path = "{repo}"
-
-[[pool]]
-name = "sim"
-url = "{url}"
-password_file = "{password}"
-pin = "{pin}"
-{extra_pool}
-
-[[job]]
-name = "nightly"
-kind = "xenserver"
-pool = "sim"
-vdis = [{list}]
-{extra_job}
-"#,
-        repo = s.repo().display(),
-        password = pool.password.display(),
-        pin = pool.pin.display(),
-        list = list.join(", "),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+    pool.write_config(
+        s,
+        extra_pool,
+        &format!(
+            "[[job]]\nname = \"nightly\"\nkind = \"xenserver\"\npool = \"sim\"\nvdis = [{}]\n{extra_job}",
+            list.join(", ")
+        ),
+    )
 }
 
-fn run_job(s: &Scratch, config: &PathBuf, json: bool) -> std::process::Output {
+pub(crate) fn run_job(s: &Scratch, config: &PathBuf, json: bool) -> std::process::Output {
     let mut c = s.command();
     c.arg("backup");
     if json {
@@ -296,22 +282,15 @@ fn restore_points_of_a_vm_job_know_their_vm_and_its_metadata() {
             .into_iter()
             .find(|v| !v.is_a_snapshot && !v.is_control_domain)
             .expect("a VM");
-        let url = pool.sim.as_ref().unwrap().https_url();
-        let config = s.path("vm.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[repository]\npath = \"{}\"\n\n[[pool]]\nname = \"sim\"\nurl = \"{url}\"\n\
-                 password_file = \"{}\"\npin = \"{}\"\n\n[[job]]\nname = \"vm\"\n\
-                 kind = \"xenserver\"\npool = \"sim\"\nvms = [\"{}\"]\n\
-                 consistent_vm_snapshot = {consistent}\n",
-                s.repo().display(),
-                pool.password.display(),
-                pool.pin.display(),
+        let config = pool.write_config(
+            &s,
+            "",
+            &format!(
+                "[[job]]\nname = \"vm\"\nkind = \"xenserver\"\npool = \"sim\"\n\
+                 vms = [\"{}\"]\nconsistent_vm_snapshot = {consistent}",
                 vm.uuid
             ),
-        )
-        .unwrap();
+        );
         let out = s.ok(&[
             "backup",
             "--json",

@@ -58,6 +58,22 @@ impl Pool {
         cbtvault_xenapi::Client::connect(options).await.unwrap()
     }
 
+    /// Writes `cbtvault.toml`: the scratch repository, this pool as
+    /// `sim` (with `pool_extra` lines in its table), then `rest` (jobs).
+    pub(crate) fn write_config(&self, s: &Scratch, pool_extra: &str, rest: &str) -> PathBuf {
+        let path = s.path("cbtvault.toml");
+        let text = format!(
+            "[repository]\npath = \"{repo}\"\n\n[[pool]]\nname = \"sim\"\nurl = \"{url}\"\n\
+             password_file = \"{password}\"\npin = \"{pin}\"\n{pool_extra}\n\n{rest}\n",
+            repo = s.repo().display(),
+            url = self.sim.as_ref().unwrap().https_url(),
+            password = self.password.display(),
+            pin = self.pin.display(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     pub(crate) fn sim(&self) -> &cbtvault_xapi_sim::Sim {
         self.sim.as_ref().unwrap().sim()
     }

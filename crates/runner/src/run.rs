@@ -86,7 +86,16 @@ enum Hypervisor {
 
 /// One try of one capture: per disk, its label and result; or a failure
 /// before any disk was read.
-type Attempt = Result<Vec<(String, Result<BackupOutcome, Error>)>>;
+type Attempt = Result<Vec<Tried>>;
+
+/// One disk's result of a try, and the capture that would try it again.
+struct Tried {
+    label: String,
+    outcome: Result<BackupOutcome, Error>,
+    /// A disk of a consistent VM snapshot is tried again alone, since its
+    /// siblings are committed; any other capture again as it was.
+    again: Capture,
+}
 
 impl Runner {
     /// A runner with the configuration's limits across jobs.
@@ -278,10 +287,19 @@ impl JobContext<'_> {
             let results = self.attempt(&capture).await;
             let results = match results {
                 Ok(disks) => disks,
-                Err(e) => vec![(capture.label(), Err(e))],
+                Err(e) => vec![Tried {
+                    label: capture.label(),
+                    outcome: Err(e),
+                    again: capture.clone(),
+                }],
             };
             let mut retry = Vec::new();
-            for (label, outcome) in results {
+            for Tried {
+                label,
+                outcome,
+                again,
+            } in results
+            {
                 let may_retry = matches!(&outcome, Err(e) if e.is_retryable())
                     && attempt <= self.spec.retries
                     && !self.cancel.is_cancelled();
@@ -289,7 +307,7 @@ impl JobContext<'_> {
                     if let Err(e) = &outcome {
                         warn!(disk = %label, attempt, error = %e, retry_in = ?delay, "backup failed; trying again");
                     }
-                    retry.push(label);
+                    retry.push(again);
                     continue;
                 }
                 // Before retention, which may forget some of the history.
@@ -324,26 +342,7 @@ impl JobContext<'_> {
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(MAX_RETRY_DELAY);
-            match &capture {
-                Capture::XenVm { uuid } if retry.len() == 1 && retry[0] == capture.label() => {
-                    todo.push((Capture::XenVm { uuid: uuid.clone() }, attempt + 1));
-                }
-                Capture::XenVm { uuid } => {
-                    for label in retry {
-                        if let Some(vdi) = vdi_of(&label) {
-                            todo.push((
-                                Capture::XenVdi {
-                                    uuid: vdi,
-                                    vm: Some(uuid.clone()),
-                                    metadata: None,
-                                },
-                                attempt + 1,
-                            ));
-                        }
-                    }
-                }
-                other => todo.push((other.clone(), attempt + 1)),
-            }
+            todo.extend(retry.into_iter().map(|again| (again, attempt + 1)));
         }
         reports
     }
@@ -428,7 +427,18 @@ impl JobContext<'_> {
         };
         Ok(runs
             .into_iter()
-            .map(|run| (disk_label(capture, &run), run.outcome.map_err(Error::from)))
+            .map(|run| Tried {
+                label: disk_label(capture, &run),
+                again: match capture {
+                    Capture::XenVm { uuid } => Capture::XenVdi {
+                        uuid: run.id.clone(),
+                        vm: Some(uuid.clone()),
+                        metadata: run.vm.as_ref().and_then(|vm| vm.metadata.clone()),
+                    },
+                    other => other.clone(),
+                },
+                outcome: run.outcome.map_err(Error::from),
+            })
             .collect())
     }
 }
@@ -447,14 +457,6 @@ impl std::fmt::Display for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.label())
     }
-}
-
-/// The VDI uuid of a label `VDI UUID (VM UUID)`.
-fn vdi_of(label: &str) -> Option<String> {
-    label
-        .strip_prefix("VDI ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(str::to_string)
 }
 
 /// One run of a job at a time: a second one is refused at once, before it
