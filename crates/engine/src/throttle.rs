@@ -35,11 +35,6 @@ impl Throttle {
         }
     }
 
-    /// The limit in bytes per second.
-    pub fn rate(&self) -> u64 {
-        self.rate
-    }
-
     /// Waits until `bytes` may be read. A read larger than the bucket goes
     /// through on credit, and those after it wait for the debt.
     pub async fn take(&self, bytes: u64) {

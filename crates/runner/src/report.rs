@@ -52,11 +52,6 @@ impl DiskReport {
             Err(e) => DiskStatus::Failed(e.to_string()),
         }
     }
-
-    /// Whether the disk was tried more than once.
-    pub fn retried(&self) -> bool {
-        self.attempts > 1
-    }
 }
 
 /// A job run's result.

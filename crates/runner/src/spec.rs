@@ -146,14 +146,6 @@ impl JobSpec {
             exclusive: false,
         }
     }
-
-    /// Where the job's disks are: `pool NAME` or `qemu host NAME`.
-    pub fn place(&self) -> String {
-        match &self.target {
-            Target::Xen { pool, .. } => format!("pool {:?}", pool.name),
-            Target::Qemu { host, .. } => format!("QEMU host {:?}", host.name),
-        }
-    }
 }
 
 fn unknown(job: &str, what: &str, name: &str) -> crate::error::Error {
