@@ -329,7 +329,7 @@ impl VdiBackup {
         match self.changes(client, &snapshot).await {
             Ok(c) => Ok(c),
             Err(e) => {
-                self.abort(client, &snapshot).await;
+                self.abort(client, &snapshot, options).await;
                 Err(e)
             }
         }
@@ -420,17 +420,12 @@ impl VdiBackup {
     /// Nothing was committed: the snapshot goes now, its changed-block log
     /// merging into the disk's, so the previous base stays valid. A failure
     /// is logged: the next run reaps the snapshot.
-    pub async fn abort(&self, client: &Client, snapshot: &VdiRef) {
+    pub async fn abort(&self, client: &Client, snapshot: &VdiRef, options: &XenOptions) {
         // The NBD connection's dom0 VBD may linger a moment after the
-        // disconnect (VDI_IN_USE): a few short tries, so that a stopped run
-        // leaves no snapshot holding data.
-        let options = XenOptions {
-            data_destroy_tries: 6,
-            data_destroy_backoff: Duration::from_millis(200),
-            ..XenOptions::new("abort")
-        };
+        // disconnect (VDI_IN_USE), as for data_destroy: retried alike, so
+        // that a stopped run leaves no snapshot holding data.
         let vdis = client.vdi();
-        if let Err(d) = retry_in_use(&options, "VDI.destroy", || vdis.destroy(snapshot)).await {
+        if let Err(d) = retry_in_use(options, "VDI.destroy", || vdis.destroy(snapshot)).await {
             warn!(error = %d, snapshot = %snapshot.as_str(), "could not destroy the snapshot of a failed run; the next run reaps it");
         }
     }

@@ -287,7 +287,7 @@ impl VmBackup {
                 Err(e) => {
                     self.destroy_snapshot(client, &snapshot).await;
                     for (d, s) in disks.iter().zip(&snapshot.vdis) {
-                        d.abort(client, s).await;
+                        d.abort(client, s, options).await;
                     }
                     return Err(e);
                 }

@@ -275,13 +275,14 @@ impl XenDisk {
         committed: bool,
         options: &XenOptions,
     ) -> Result<()> {
+        let options = options.xen();
         if committed {
             self.backup
-                .commit(client, &view.snapshot, &options.xen())
+                .commit(client, &view.snapshot, &options)
                 .await
                 .map_err(from_xen)
         } else {
-            self.backup.abort(client, &view.snapshot).await;
+            self.backup.abort(client, &view.snapshot, &options).await;
             Ok(())
         }
     }
