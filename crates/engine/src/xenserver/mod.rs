@@ -3,7 +3,7 @@
 //! VM snapshot. The XenServer steps (reaping, CBT, snapshots, changed
 //! blocks, NBD access, `data_destroy`) are in `cbtvault-xen`; here they
 //! meet the repository: disk names and locks, the previous restore point
-//! as the base, the crash journal kept in the catalogue, and the check of
+//! as the base, the crash journal kept in the repository, and the check of
 //! a committed-but-unfinished base before it is finished.
 //!
 //! Any failure before the commit destroys the new snapshot; its
@@ -105,9 +105,10 @@ fn xapi(disk: &str, what: &str) -> impl FnOnce(cbtvault_xenapi::Error) -> Error 
     }
 }
 
-/// The crash journal, kept as runs in the repository's catalogue (kinds
-/// `xen-snapshot` and `xen-vm-snapshot`, the known snapshots as a JSON
-/// list in the run's detail), which `repair` carries over.
+/// The crash journal, kept in the repository's `journal/` beside the
+/// catalogue (kinds `xen-snapshot` and `xen-vm-snapshot`, the known
+/// snapshots as a JSON list in the note's detail), which `repair` never
+/// touches; notes earlier versions kept as catalogue runs are still read.
 pub struct RepoJournal(pub Arc<Repository>);
 
 impl Journal for RepoJournal {
