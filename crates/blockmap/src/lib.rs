@@ -311,6 +311,26 @@ impl BlockMap {
         }
     }
 
+    /// Unmarks every block marked in `other` (`self AND NOT other`); blocks
+    /// past the end of `other` stay as they are.
+    pub fn difference_with(&mut self, other: &BlockMap) {
+        // Byte-wise AND NOT keeps our padding bits zero.
+        let ours = self.bits.as_raw_mut_slice();
+        for (ours, theirs) in ours.iter_mut().zip(other.bits.as_raw_slice()) {
+            *ours &= !*theirs;
+        }
+    }
+
+    /// Keeps marked only the blocks marked in `other` too (bitwise AND);
+    /// blocks past the end of `other` are unmarked.
+    pub fn intersection_with(&mut self, other: &BlockMap) {
+        let theirs = other.bits.as_raw_slice();
+        let ours = self.bits.as_raw_mut_slice();
+        for (i, ours) in ours.iter_mut().enumerate() {
+            *ours &= theirs.get(i).copied().unwrap_or(0);
+        }
+    }
+
     /// Indices of the marked blocks, ascending.
     pub fn set_blocks(&self) -> impl Iterator<Item = u64> + '_ {
         self.bits.iter_ones().map(|i| i as u64)
@@ -453,6 +473,24 @@ mod tests {
         assert_eq!(a.set_blocks().collect::<Vec<_>>(), [0, 1, 2, 11]);
         short.union_with(&BlockMap::empty(0));
         assert_eq!(short, BlockMap::full(3));
+    }
+
+    #[test]
+    fn difference_and_intersection() {
+        let mut a = BlockMap::full(11);
+        let mut b = BlockMap::empty(9);
+        b.set_range(2..5);
+        b.set(8);
+        let mut diff = a.clone();
+        diff.difference_with(&b);
+        assert_eq!(diff.set_blocks().collect::<Vec<_>>(), [0, 1, 5, 6, 7, 9, 10]);
+        a.intersection_with(&b);
+        assert_eq!(a.set_blocks().collect::<Vec<_>>(), [2, 3, 4, 8]);
+        assert_eq!(a.block_count(), 11);
+        // Padding bits stay zero, so the bytes are still a XenAPI bitmap.
+        let mut full = BlockMap::full(3);
+        full.difference_with(&BlockMap::empty(3));
+        assert_eq!(full.as_bytes(), &[0xe0]);
     }
 
     #[test]

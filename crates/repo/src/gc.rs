@@ -262,6 +262,12 @@ pub fn live_blobs(repo: &Repository) -> Result<HashSet<BlobId>> {
     }
     let reader = repo.reader()?;
     let mut live = HashSet::new();
+    // What interrupted backups kept for their next run is live too.
+    for tree in repo.resume_roots()? {
+        if let Err(e) = tree::walk(&tree, &reader, &mut Mark(&mut live)) {
+            tracing::warn!(error = %e, "the block map of a resume record cannot be read; its blocks are not kept");
+        }
+    }
     let points = repo.catalogue().restore_points(None)?;
     for rp in points {
         tree::walk(&rp.manifest.tree(), &reader, &mut Mark(&mut live)).map_err(|e| {
@@ -287,6 +293,7 @@ pub(crate) fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<G
         (backend.list_partial()?.len(), 0)
     } else {
         let partial = backend.remove_partial()?;
+        repo.expire_resumable(crate::resume::RESUMABLE_MAX_AGE)?;
         let indexed = index_unknown_packs(repo)?;
         repo.quarantine_missing_packs()?;
         (partial, indexed)

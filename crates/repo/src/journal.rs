@@ -83,6 +83,21 @@ impl Repository {
         Ok(out)
     }
 
+    /// Every note of `kind`, whatever its subject: `(id, subject, detail)`,
+    /// oldest first. For gc, which holds the exclusive lock.
+    pub(crate) fn journal_of_kind(&self, kind: &str) -> Result<Vec<(i64, String, String)>> {
+        let mut out = Vec::new();
+        for file in self.backend().list(FileKind::Journal)? {
+            if let Some(note) = self.read_note(&file)
+                && note.kind == kind
+                && let Ok(id) = file.parse::<i64>()
+            {
+                out.push((id, note.subject, note.detail));
+            }
+        }
+        Ok(out)
+    }
+
     /// Closes note `id`: the step it covered is safe now.
     pub fn journal_close(&self, id: i64) -> Result<()> {
         if id < 0 {

@@ -135,6 +135,7 @@ mod manifest;
 mod pack;
 mod repair;
 mod repository;
+mod resume;
 mod store;
 mod tree;
 mod verify;
@@ -155,6 +156,7 @@ pub use repair::{RepairReport, repair};
 pub use repository::{
     BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, FORMAT_VERSION, InitOptions, Repository,
 };
+pub use resume::{RESUMABLE_MAX_AGE, Resumable, Resume};
 pub use store::{BlobReader, PackWriter, WriteStats};
 pub use tree::{Cursor, FANOUT, NodeStore, Tree, TreeShape, Visitor, decode_node, walk};
 pub use verify::{Damage, DataCheck, OnProgress, Problem, VerifyReport};

@@ -18,6 +18,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cbtvault_blockmap::BlockMap;
+
 use crate::BlobId;
 use crate::catalogue::{Catalogue, RestorePointRow};
 use crate::error::{Error, Result};
@@ -25,6 +27,7 @@ use crate::id::is_all_zero;
 use crate::manifest::{BackupMode, BackupStats, MANIFEST_FORMAT, Manifest, SourceInfo};
 use crate::pack::{self, BlobKind, Compression};
 use crate::repository::{BACKUP_RUN, BLOCK_SIZE, Repository};
+use crate::resume::Resume;
 use crate::store::{BlobReader, PackWriter};
 use crate::tree::{Cursor, FANOUT, Tree, TreeBuilder};
 
@@ -47,6 +50,10 @@ pub struct BackupSpec<'a> {
     /// zstd level of the block-map nodes; the repository's default when
     /// `None` (blocks are compressed by the [`BlockEncoder`]).
     pub compression_level: Option<i32>,
+    /// What an interrupted backup of the disk kept (see [`crate::resume`]):
+    /// blocks not pushed come from its block map instead of the parent's.
+    /// Its parent and size must be the spec's.
+    pub resume: Option<&'a Resume>,
 }
 
 /// What the caller read from the source, for the manifest's statistics.
@@ -188,6 +195,14 @@ pub struct BackupWriter {
     packs: PackWriter,
     /// `None` once finished.
     tree: Option<TreeBuilder<'static, Box<BlobReader>>>,
+    /// The base of the block map: the parent's, or a resume record's.
+    base: Option<Tree>,
+    /// Blocks whose content in the block map is the source's: those pushed
+    /// and those a resume kept (what a suspend records as done).
+    done: BlockMap,
+    /// Blocks whose content may differ from the parent's (a superset of
+    /// `done`; see [`crate::resume`]).
+    touched: BlockMap,
     stats: BackupStats,
 }
 
@@ -223,10 +238,28 @@ impl Repository {
         let parent = spec
             .parent
             .map(|p| (p.id.clone(), p.manifest.tree(), p.manifest.virtual_size));
-        let base = match &parent {
-            Some((_, tree, size)) => {
-                Some((Cursor::with_store(*tree, Box::new(self.reader()?)), *size))
+        let blocks = spec.size.div_ceil(BLOCK_SIZE);
+        let (mut done, mut touched) = (BlockMap::empty(blocks), BlockMap::empty(blocks));
+        let mut base = parent.as_ref().map(|(_, tree, size)| (*tree, *size));
+        if let Some(resume) = spec.resume {
+            let from = resume.record();
+            let parent_id = parent.as_ref().map(|(id, _, _)| id.as_str());
+            if from.disk != spec.disk || from.parent.as_deref() != parent_id || from.size != spec.size
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "disk {:?}: the resume record (disk {:?}, parent {:?}, {} bytes) does not fit this backup (parent {parent_id:?}, {} bytes)",
+                    spec.disk, from.disk, from.parent, from.size, spec.size
+                )));
             }
+            done = resume.kept.clone();
+            touched = from.touched.clone();
+            // The record's map holds the parent's blocks wherever it was
+            // not touched, and has the new size already.
+            base = Some((from.tree, spec.size));
+        }
+        let base_tree = base.map(|(tree, _)| tree);
+        let base = match base {
+            Some((tree, size)) => Some((Cursor::with_store(tree, Box::new(self.reader()?)), size)),
             None => None,
         };
         let tree = TreeBuilder::for_disk_with(spec.size, base);
@@ -254,6 +287,9 @@ impl Repository {
             run: Some(run),
             packs,
             tree: Some(tree),
+            base: base_tree,
+            done,
+            touched,
             stats: BackupStats::default(),
         })
     }
@@ -281,7 +317,7 @@ impl BackupWriter {
     /// (reading them again heals the repository instead of carrying the
     /// damage forward). Empty for a full.
     pub fn blocks_to_reread(&self) -> Result<Vec<Range<u64>>> {
-        let Some((_, tree, parent_size)) = &self.parent else {
+        let (Some((_, _, parent_size)), Some(tree)) = (&self.parent, &self.base) else {
             return Ok(Vec::new());
         };
         let (size, parent_size) = (self.size, *parent_size);
@@ -349,6 +385,10 @@ impl BackupWriter {
                 new.id
             }
         };
+        if index < self.done.block_count() {
+            self.done.set(index);
+            self.touched.set(index);
+        }
         match self.tree.as_mut() {
             Some(tree) => tree.push(index, id, &mut self.packs),
             None => Err(Error::InvalidArgument(format!(
@@ -366,10 +406,57 @@ impl BackupWriter {
     pub fn finish(mut self, read: ReadStats) -> Result<(String, Manifest)> {
         let result = self.commit(read);
         match &result {
-            Ok((id, _)) => self.close("ok", Some(id), ""),
+            Ok((id, _)) => {
+                self.close("ok", Some(id), "");
+                // Bookkeeping as well: a record left behind is only
+                // ignored by the next run and dropped by gc.
+                if let Err(e) = self.repo.discard_resumable(&self.disk) {
+                    tracing::warn!(error = %e, "could not drop the disk's resume record");
+                }
+            }
             Err(e) => self.close("failed", None, &e.to_string()),
         }
         result
+    }
+
+    /// Gives up for now but keeps what was read, for the next backup of
+    /// the disk to resume (see [`crate::resume`]): the block map so far
+    /// (blocks not pushed from the base) and its packs are made durable,
+    /// then recorded with `snapshot`, the provider's name for the view the
+    /// blocks came from. The run is closed as `failed` with `why`. Returns
+    /// the blocks kept; with none, nothing is recorded.
+    pub fn suspend(mut self, snapshot: &str, why: &str) -> Result<u64> {
+        let kept = self.done.count_set();
+        let result = if kept == 0 {
+            Ok(0)
+        } else {
+            self.keep_for_resume(snapshot).map(|()| kept)
+        };
+        let detail = match &result {
+            Ok(0) => why.to_string(),
+            Ok(n) => format!("{why} ({n} blocks kept for the next run to resume)"),
+            Err(e) => format!("{why} (the blocks read could not be kept: {e})"),
+        };
+        self.close("failed", None, &detail);
+        result
+    }
+
+    fn keep_for_resume(&mut self, snapshot: &str) -> Result<()> {
+        let tree = self.tree.take().ok_or_else(|| {
+            Error::InvalidArgument(format!("disk {:?}: the backup finished twice", self.disk))
+        })?;
+        let (tree, _) = tree.finish(&mut self.packs)?;
+        self.packs.flush()?;
+        let parent = self.parent.as_ref().map(|(id, _, _)| id.as_str());
+        self.repo.record_resumable(
+            &self.disk,
+            parent,
+            self.size,
+            snapshot,
+            &tree,
+            &self.done,
+            &self.touched,
+        )
     }
 
     /// Gives up: the run is closed as `failed` with `why`, and the packs
