@@ -14,6 +14,7 @@ mod integrity;
 mod jobs_locks;
 mod nbd;
 mod qemu;
+mod resume;
 mod runner;
 mod serve_load;
 mod sources;

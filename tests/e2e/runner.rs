@@ -218,28 +218,8 @@ fn a_job_stopped_by_sigterm_leaves_the_pool_clean_and_the_next_run_incremental()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stopped run did not end within a minute"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (status, stderr) = stop(child);
     assert!(!status.success());
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
     let last: Value = serde_json::from_str(stderr.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("{e}: {stderr}"));
     assert!(
@@ -265,6 +245,33 @@ fn a_job_stopped_by_sigterm_leaves_the_pool_clean_and_the_next_run_incremental()
     for row in rows.as_array().unwrap() {
         assert_eq!(row["mode"]["kind"], "incremental", "{row}");
     }
+}
+
+/// Stops a running `cbtvault` with SIGTERM; returns how it ended and what
+/// it wrote on stderr (piped).
+pub(crate) fn stop(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped run did not end within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
 }
 
 /// A job over a VM records the VM with each restore point — its uuid and

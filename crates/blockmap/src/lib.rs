@@ -483,7 +483,10 @@ mod tests {
         b.set(8);
         let mut diff = a.clone();
         diff.difference_with(&b);
-        assert_eq!(diff.set_blocks().collect::<Vec<_>>(), [0, 1, 5, 6, 7, 9, 10]);
+        assert_eq!(
+            diff.set_blocks().collect::<Vec<_>>(),
+            [0, 1, 5, 6, 7, 9, 10]
+        );
         a.intersection_with(&b);
         assert_eq!(a.set_blocks().collect::<Vec<_>>(), [2, 3, 4, 8]);
         assert_eq!(a.block_count(), 11);

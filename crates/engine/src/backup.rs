@@ -21,7 +21,7 @@ use bytes::Bytes;
 use cbtvault_blockmap::{BLOCK_SIZE, BlockMap, block_count};
 use cbtvault_repo::{
     BackupMode, BackupSpec, BackupWriter, BlockEncoder, EncodedBlock, Manifest, ReadStats,
-    Repository,
+    Repository, Resume,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -106,6 +106,15 @@ pub struct BackupJob {
     /// The locks, when the caller took them already (a provider that must
     /// hold them around hypervisor steps too); `None`: the backup takes them.
     pub held: Option<Arc<DiskLocks>>,
+    /// What an interrupted backup of the disk kept, applied to this
+    /// source: its kept blocks are not read. Ignored (with a warning) when
+    /// it does not fit the backup.
+    pub resume: Option<Resume>,
+    /// The provider's name for the source's point-in-time view, when a
+    /// later run can ask what changed since it: a backup whose reads fail
+    /// or are cancelled then keeps what it read for that run to resume
+    /// (see [`BackupWriter::suspend`]).
+    pub suspend_as: Option<String>,
 }
 
 /// The shared repository lock and a disk's exclusive lock, held together.
@@ -224,27 +233,48 @@ pub async fn backup<S: DiskSource>(
             },
         };
         let level = job.options.compression_level;
-        let (writer, encoder, extra) = {
+        let (writer, encoder, extra, resumed) = {
             let repo = repo.clone();
             let disk = job.disk.clone();
             let info = source.info();
             let parent = parent.clone();
+            let resume = job.resume.clone();
             blocking(move || {
-                let writer = repo.begin_backup(BackupSpec {
+                let spec = |resume| BackupSpec {
                     disk: &disk,
                     size,
                     parent: parent.as_ref(),
-                    source: info,
+                    source: with_resume(info.clone(), resume),
                     time,
-                    mode,
+                    mode: mode.clone(),
                     compression_level: level,
-                })?;
+                    resume,
+                };
+                let (writer, resumed) = match repo.begin_backup(spec(resume.as_ref())) {
+                    Ok(w) => (w, resume),
+                    Err(e) if resume.is_some() => {
+                        tracing::warn!(error = %e, "the interrupted backup's record cannot be resumed; reading everything the change source names");
+                        repo.discard_resumable(&disk)?;
+                        (repo.begin_backup(spec(None))?, None)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let extra = writer.blocks_to_reread()?;
                 let encoder = repo.block_encoder(level)?;
-                Ok((writer, encoder, extra))
+                Ok((writer, encoder, extra, resumed))
             })
             .await?
         };
+        if let Some(resume) = &resumed {
+            to_read.difference_with(&resume.kept);
+            to_read.union_with(&resume.reread);
+            tracing::info!(
+                kept = resume.kept.count_set(),
+                reread = resume.reread.count_set(),
+                snapshot = %resume.record().snapshot,
+                "resuming an interrupted backup"
+            );
+        }
         for range in extra {
             to_read.set_range(range);
         }
@@ -293,6 +323,7 @@ pub async fn backup<S: DiskSource>(
             let _ = h.join();
         }
         progress.finish();
+        let read_failed = read_stats.is_err();
         let outcome = (|| {
             let (blocks_read, bytes_read) = read_stats?;
             written?;
@@ -310,8 +341,18 @@ pub async fn backup<S: DiskSource>(
             }
             Err(e) => {
                 let detail = e.to_string();
+                // Blocks read before a source failure (or a stop) are as
+                // good as any: kept for the next run when it can resume.
+                let suspend_as = job.suspend_as.clone().filter(|_| read_failed);
                 let _ = blocking(move || {
-                    writer.fail(&detail);
+                    match suspend_as {
+                        Some(view) => match writer.suspend(&view, &detail) {
+                            Ok(0) => {}
+                            Ok(kept) => tracing::info!(kept, "kept the blocks read for the next run to resume"),
+                            Err(e) => tracing::warn!(error = %e, "could not keep the blocks read for the next run"),
+                        },
+                        None => writer.fail(&detail),
+                    }
                     Ok(())
                 })
                 .await;
@@ -321,6 +362,21 @@ pub async fn backup<S: DiskSource>(
     }
     .instrument(span)
     .await
+}
+
+/// What the manifest records of a resumed backup: the view it resumed
+/// and how many blocks it kept from it.
+fn with_resume(
+    mut info: cbtvault_repo::SourceInfo,
+    resume: Option<&Resume>,
+) -> cbtvault_repo::SourceInfo {
+    if let Some(r) = resume {
+        info.details
+            .insert("resumed_from".into(), r.record().snapshot.clone());
+        info.details
+            .insert("resumed_blocks".into(), r.kept.count_set().to_string());
+    }
+    info
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

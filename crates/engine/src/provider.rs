@@ -26,7 +26,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbtvault_repo::{Repository, RestorePointRow, VmInfo};
+use cbtvault_repo::{Repository, RestorePointRow, Resume, VmInfo};
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -53,6 +53,12 @@ pub struct PreparedDisk<V> {
     pub connections: usize,
     /// The VM the disk belongs to, when known.
     pub vm: Option<VmInfo>,
+    /// What an interrupted backup of the disk kept, applied to this view
+    /// (see [`BackupJob::resume`]).
+    pub resume: Option<Resume>,
+    /// The view's name for a resume record, when the provider can later
+    /// say what changed since this view (see [`BackupJob::suspend_as`]).
+    pub suspend_as: Option<String>,
     /// The provider's handle on the view.
     pub view: V,
 }
@@ -330,6 +336,8 @@ async fn read_disk<P: Provider>(
         time: Some(d.time),
         options: ctx.backup.clone(),
         held: Some(d.locks.clone()),
+        resume: d.resume.clone(),
+        suspend_as: d.suspend_as.clone(),
     };
     let progress = ctx.progress.disk(&d.disk);
     let outcome = crate::backup::backup(

@@ -199,6 +199,10 @@ impl Provider for QemuNode<'_> {
             time,
             connections: 1,
             vm: options.vm.clone(),
+            // A QEMU checkpoint's bitmap is merged back on abort: nothing
+            // could say later what changed since this view.
+            resume: None,
+            suspend_as: None,
             view,
         }])
     }

@@ -69,6 +69,8 @@ impl Provider for Night {
             time: jiff::Timestamp::now(),
             connections: 1,
             vm: None,
+            resume: None,
+            suspend_as: None,
             view: (),
         }])
     }

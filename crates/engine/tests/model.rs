@@ -354,6 +354,8 @@ impl Model {
                 ..Default::default()
             },
             held: None,
+            resume: None,
+            suspend_as: None,
         };
         let outcome = self
             .runtime

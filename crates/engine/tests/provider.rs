@@ -82,6 +82,8 @@ impl Provider for Fake {
                 time: jiff::Timestamp::now(),
                 connections: 2,
                 vm: None,
+                resume: None,
+                suspend_as: None,
                 view: View {
                     index,
                     disk: disk.clone(),

@@ -244,7 +244,9 @@ impl Repository {
         if let Some(resume) = spec.resume {
             let from = resume.record();
             let parent_id = parent.as_ref().map(|(id, _, _)| id.as_str());
-            if from.disk != spec.disk || from.parent.as_deref() != parent_id || from.size != spec.size
+            if from.disk != spec.disk
+                || from.parent.as_deref() != parent_id
+                || from.size != spec.size
             {
                 return Err(Error::InvalidArgument(format!(
                     "disk {:?}: the resume record (disk {:?}, parent {:?}, {} bytes) does not fit this backup (parent {parent_id:?}, {} bytes)",

@@ -155,17 +155,23 @@ pub struct VdiBackup {
     /// The base snapshot, committed but still holding data: its run died
     /// before its data_destroy.
     unfinished_base: Option<VdiRef>,
+    /// The snapshot an interrupted run kept for this one to resume from.
+    resume: Option<VdiRef>,
 }
 
 impl VdiBackup {
     /// Reaps what an interrupted run of this job left on VDI `vdi_uuid`,
     /// makes sure CBT is on, and finds the base of the incremental.
-    /// `subject` is the disk's name in errors and in the journal.
+    /// `subject` is the disk's name in errors and in the journal; `resume`
+    /// the uuid of a snapshot an interrupted run read part of and kept (as
+    /// CBT metadata) for this run to resume from (see
+    /// [`VdiBackup::changed_since_resume`]): reaping spares it.
     pub async fn prepare(
         client: &Client,
         subject: &str,
         vdi_uuid: &str,
         previous: Option<&Previous>,
+        resume: Option<&str>,
         options: &XenOptions,
         journal: &dyn Journal,
     ) -> Result<VdiBackup> {
@@ -175,16 +181,13 @@ impl VdiBackup {
             .await
             .map_err(xapi(subject, "looking up the VDI"))?;
         let base_uuid = previous.and_then(|p| p.snapshot.clone());
-        let unfinished_base = reap(
-            client,
-            subject,
-            &vdi,
-            base_uuid.as_deref(),
-            previous.is_some(),
-            options,
-            journal,
-        )
-        .await?;
+        let kept = Kept {
+            base: base_uuid.as_deref(),
+            has_previous: previous.is_some(),
+            resume,
+        };
+        let (unfinished_base, resume) =
+            reap(client, subject, &vdi, &kept, options, journal).await?;
         // Read after reaping: it lists the snapshots that remain.
         let record = vdis
             .get_record(&vdi)
@@ -242,9 +245,37 @@ impl VdiBackup {
                 .map(|r| r.as_str().to_string())
                 .collect(),
             unfinished_base,
+            resume,
         })
     }
 
+    /// The blocks that changed between the snapshot an interrupted run
+    /// kept (see [`Previous::resume`]) and `snapshot`, a fresh one of
+    /// `size` bytes; `None` (logged) when there is no such snapshot or
+    /// XenServer cannot say, and the run reads what it would have read
+    /// anyway. Called before NBD is opened, like [`VdiBackup::changes`].
+    pub async fn changed_since_resume(
+        &self,
+        client: &Client,
+        snapshot: &VdiRef,
+        size: u64,
+    ) -> Option<BlockMap> {
+        let kept = self.resume.as_ref()?;
+        let text = match client.vdi().list_changed_blocks(kept, snapshot).await {
+            Ok(text) => text,
+            Err(e) => {
+                warn!(error = %e, "cannot tell what changed since the interrupted run; not resuming it");
+                return None;
+            }
+        };
+        match BlockMap::from_xenapi_base64(&text, size) {
+            Ok(map) => Some(map),
+            Err(e) => {
+                warn!(error = %e, "VDI.list_changed_blocks since the interrupted run returned an unusable bitmap; not resuming it");
+                None
+            }
+        }
+    }
     /// The disk's name, as given to [`VdiBackup::prepare`].
     pub fn subject(&self) -> &str {
         &self.subject
@@ -414,7 +445,37 @@ impl VdiBackup {
             // A leftover cbt_metadata VDI costs no data; the next run reaps it.
             warn!(error = %e, "could not destroy the previous base");
         }
+        self.drop_resume(client, snapshot).await;
         Ok(())
+    }
+
+    /// Destroys the snapshot kept for resuming, once it no longer is.
+    async fn drop_resume(&self, client: &Client, snapshot: &VdiRef) {
+        if let Some(kept) = &self.resume
+            && kept != snapshot
+            && Some(kept) != self.base.as_ref()
+            && let Err(e) = client.vdi().destroy(kept).await
+        {
+            warn!(error = %e, "could not destroy the snapshot kept for resuming; the next run reaps it");
+        }
+    }
+
+    /// Nothing was committed, but the repository kept what was read from
+    /// `snapshot` for the next run to resume: the snapshot's data goes
+    /// (`data_destroy`, retrying `VDI_IN_USE`) and its changed-block log
+    /// stays, for that run to ask what changed since. The previous base
+    /// stays valid. A failure is logged: the next run finishes the step.
+    pub async fn suspend(&self, client: &Client, snapshot: &VdiRef, options: &XenOptions) {
+        if !self.cbt {
+            return self.abort(client, snapshot, options).await;
+        }
+        let vdis = client.vdi();
+        match retry_in_use(options, "VDI.data_destroy", || vdis.data_destroy(snapshot)).await {
+            Ok(()) => self.drop_resume(client, snapshot).await,
+            Err(e) => {
+                warn!(error = %e, snapshot = %snapshot.as_str(), "could not data_destroy the snapshot of an interrupted run; the next run does");
+            }
+        }
     }
 
     /// Nothing was committed: the snapshot goes now, its changed-block log
@@ -522,15 +583,27 @@ pub async fn connect_nbd(
 /// missed its data_destroy, which the caller does after a check (returned).
 /// Stale cbt_metadata bases are destroyed. A snapshot whose run died before
 /// tagging it is found through the run's note of the snapshots before it.
+/// The snapshots of a job that reaping keeps.
+struct Kept<'a> {
+    /// The base of the next incremental.
+    base: Option<&'a str>,
+    /// Whether the disk has a restore point at all.
+    has_previous: bool,
+    /// The snapshot an interrupted run kept for resuming.
+    resume: Option<&'a str>,
+}
+
+/// Returns the base if it still holds data (see
+/// [`VdiBackup::unfinished_base`]) and the snapshot kept for resuming.
 async fn reap(
     client: &Client,
     subject: &str,
     vdi: &VdiRef,
-    base_uuid: Option<&str>,
-    has_previous: bool,
+    kept: &Kept<'_>,
     options: &XenOptions,
     journal: &dyn Journal,
-) -> Result<Option<VdiRef>> {
+) -> Result<(Option<VdiRef>, Option<VdiRef>)> {
+    let (base_uuid, has_previous) = (kept.base, kept.has_previous);
     let vdis = client.vdi();
     let all = vdis
         .get_all_records()
@@ -571,9 +644,27 @@ async fn reap(
             "closing a note of an interrupted run",
         ))?;
     }
-    let mut unfinished_base = None;
+    let (mut unfinished_base, mut resume) = (None, None);
     for (r, uuid, is_metadata, cbt_enabled) in doomed {
         let is_base = base_uuid == Some(uuid.as_str());
+        if kept.resume == Some(uuid.as_str()) && !is_base && cbt_enabled {
+            // Its changed-block log is what the resume needs; its data,
+            // if the interrupted run could not remove it, goes now.
+            if is_metadata {
+                resume = Some(r);
+            } else {
+                match vdis.data_destroy(&r).await {
+                    Ok(()) => resume = Some(r),
+                    Err(e) => {
+                        warn!(snapshot = %uuid, error = %e, "could not data_destroy the snapshot kept for resuming; destroying it");
+                        if let Err(e) = vdis.destroy(&r).await {
+                            warn!(snapshot = %uuid, error = %e, "could not reap a leftover snapshot");
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         let step = match (has_previous, is_metadata) {
             (true, true) if is_base => continue,
             // Committed but killed before its data_destroy: the caller
@@ -592,7 +683,7 @@ async fn reap(
             Err(e) => warn!(snapshot = %uuid, error = %e, "could not reap a leftover snapshot"),
         }
     }
-    Ok(unfinished_base)
+    Ok((unfinished_base, resume))
 }
 
 fn journal_err(subject: &str) -> impl FnOnce(crate::error::BoxError) -> Error {

@@ -108,6 +108,8 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
             time: None,
             options: options.clone(),
             held: None,
+            resume: None,
+            suspend_as: None,
         };
         match &location {
             Location::File(path) => {

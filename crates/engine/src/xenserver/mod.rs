@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbtvault_repo::{Repository, RestorePointRow, SourceInfo, VmInfo};
+use cbtvault_repo::{Repository, RestorePointRow, Resumable, SourceInfo, VmInfo};
 use cbtvault_xen::{Capture, Previous, VdiBackup, XenChanges};
 use cbtvault_xenapi::{Client, VdiRef};
 use tokio_util::sync::CancellationToken;
@@ -141,6 +141,9 @@ pub(crate) struct XenDisk {
     name: DiskName,
     locks: Arc<DiskLocks>,
     backup: VdiBackup,
+    /// What an interrupted run of this disk kept, when it builds on the
+    /// same restore point as this run.
+    resumable: Option<Resumable>,
 }
 
 /// Locks the disk, finds its last restore point, and has `cbtvault-xen`
@@ -171,12 +174,20 @@ pub(crate) async fn prepare_disk(
         snapshot: rp.manifest.source.snapshot.clone(),
         size: rp.manifest.virtual_size,
     });
+    let resumable = {
+        let (repo, disk) = (repo.clone(), disk.clone());
+        tokio::task::spawn_blocking(move || repo.resumable(&disk))
+            .await
+            .map_err(|e| Error::Internal(format!("reading the resume record: {e}")))??
+            .filter(|r| r.parent == latest.as_ref().map(|rp| rp.id.clone()))
+    };
     let journal = RepoJournal(repo.clone());
     let mut backup = VdiBackup::prepare(
         client,
         &disk,
         vdi_uuid,
         previous.as_ref(),
+        resumable.as_ref().map(|r| r.snapshot.as_str()),
         &options.xen(),
         &journal,
     )
@@ -191,6 +202,7 @@ pub(crate) async fn prepare_disk(
         name,
         locks,
         backup,
+        resumable,
     })
 }
 
@@ -250,6 +262,10 @@ impl XenDisk {
             time: jiff::Timestamp::now(),
             connections: options.nbd_connections.max(1),
             vm: vm.clone(),
+            resume: None,
+            // Without CBT the snapshot is destroyed whole: nothing could
+            // say later what changed since it.
+            suspend_as: self.backup.cbt().then(|| capture.snapshot_uuid.clone()),
             view: XenView {
                 disk: self.name.name.clone(),
                 snapshot: capture.snapshot,
@@ -268,24 +284,61 @@ impl XenDisk {
         }
     }
 
-    /// Commits or aborts this disk's snapshot.
+    /// What the interrupted run kept, applied to `capture`: asks XenServer
+    /// what changed between that run's snapshot and this one.
+    async fn resume(
+        &mut self,
+        client: &Client,
+        capture: &Capture,
+    ) -> Option<cbtvault_repo::Resume> {
+        let record = self.resumable.take()?;
+        if record.size != capture.virtual_size {
+            tracing::info!("the disk changed size since the interrupted run; not resuming it");
+            return None;
+        }
+        let changed = self
+            .backup
+            .changed_since_resume(client, &capture.snapshot, capture.virtual_size)
+            .await?;
+        Some(record.resume(&changed))
+    }
+
+    /// Commits or aborts this disk's snapshot. An aborted snapshot whose
+    /// blocks the repository kept for the next run (a resume record names
+    /// it) keeps its changed-block log for that run.
     async fn finish(
         &self,
         client: &Client,
+        repo: Option<&Arc<Repository>>,
         view: &XenView,
         committed: bool,
         options: &XenOptions,
     ) -> Result<()> {
         let options = options.xen();
         if committed {
-            self.backup
+            return self
+                .backup
                 .commit(client, &view.snapshot, &options)
                 .await
-                .map_err(from_xen)
+                .map_err(from_xen);
+        }
+        let kept = match repo {
+            Some(repo) => {
+                let (repo, disk) = (repo.clone(), self.name.name.clone());
+                tokio::task::spawn_blocking(move || repo.resumable(&disk))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().flatten())
+                    .is_some_and(|r| Some(&r.snapshot) == view.info.snapshot.as_ref())
+            }
+            None => false,
+        };
+        if kept {
+            self.backup.suspend(client, &view.snapshot, &options).await;
         } else {
             self.backup.abort(client, &view.snapshot, &options).await;
-            Ok(())
         }
+        Ok(())
     }
 }
 
@@ -311,6 +364,8 @@ pub struct XenVdi<'a> {
     vdi_uuid: String,
     options: XenOptions,
     disk: Option<XenDisk>,
+    /// The repository, once prepared (to find what an aborted read kept).
+    repo: Option<Arc<Repository>>,
     /// The VM metadata saved by this VM-level run, if the VDI is one of a
     /// VM's disks backed up one by one.
     vm_metadata: Option<String>,
@@ -330,6 +385,7 @@ impl<'a> XenVdi<'a> {
             vdi_uuid: vdi_uuid.to_string(),
             options: options.clone(),
             disk: None,
+            repo: None,
         }
     }
 }
@@ -372,7 +428,8 @@ impl Provider for XenVdi<'_> {
             &former_disk_name(&self.vdi_uuid),
             "reading the pool's uuid",
         ))?;
-        let disk = prepare_disk(client, repo, &pool, &self.vdi_uuid, &self.options).await?;
+        let mut disk = prepare_disk(client, repo, &pool, &self.vdi_uuid, &self.options).await?;
+        self.repo = Some(repo.clone());
         let journal = RepoJournal(repo.clone());
         let capture = disk
             .backup
@@ -385,7 +442,9 @@ impl Provider for XenVdi<'_> {
                 metadata: self.vm_metadata.clone(),
                 ..vm
             });
-        let prepared = disk.prepared(capture, &self.options, vm);
+        let resume = disk.resume(client, &capture).await;
+        let mut prepared = disk.prepared(capture, &self.options, vm);
+        prepared.resume = resume;
         self.disk = Some(disk);
         Ok(vec![prepared])
     }
@@ -404,8 +463,14 @@ impl Provider for XenVdi<'_> {
         for (view, committed) in outcomes {
             out.push(match &disk {
                 Some(d) => {
-                    d.finish(self.client, &view, committed.is_some(), &self.options)
-                        .await
+                    d.finish(
+                        self.client,
+                        self.repo.as_ref(),
+                        &view,
+                        committed.is_some(),
+                        &self.options,
+                    )
+                    .await
                 }
                 None => Err(Error::Internal("finish before prepare".into())),
             });

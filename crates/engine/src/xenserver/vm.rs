@@ -96,7 +96,12 @@ impl Provider for XenVm<'_> {
                     device: Some(d.position.clone()),
                     metadata: metadata.clone(),
                 };
-                disk.prepared(capture, &self.options, Some(identity))
+                {
+                    let mut prepared = disk.prepared(capture, &self.options, Some(identity));
+                    // The VM snapshot goes whole on abort: no resume.
+                    prepared.suspend_as = None;
+                    prepared
+                }
             })
             .collect();
         self.state = Some(VmState {
@@ -131,7 +136,7 @@ impl Provider for XenVm<'_> {
         let mut out = Vec::new();
         for (disk, (view, committed)) in state.disks.iter().zip(outcomes) {
             out.push(
-                disk.finish(self.client, &view, committed.is_some(), &self.options)
+                disk.finish(self.client, None, &view, committed.is_some(), &self.options)
                     .await,
             );
         }

@@ -140,6 +140,8 @@ pub fn job(disk: &str, changes: Changes) -> BackupJob {
         time: None,
         options: options(),
         held: None,
+        resume: None,
+        suspend_as: None,
     }
 }
 

@@ -140,21 +140,29 @@ fn blocks_are_pushed_in_order_and_never_longer_than_a_block() -> Result<()> {
 }
 
 #[test]
-fn a_suspended_backup_keeps_what_it_read_through_gc_and_the_next_one_resumes_from_it()
--> Result<()> {
+fn a_suspended_backup_keeps_what_it_read_through_gc_and_the_next_one_resumes_from_it() -> Result<()>
+{
     use cbtvault_blockmap::BlockMap;
     let (_dir, repo) = new_repo(1 << 20);
     let repo = Arc::new(repo);
     let size = 6 * BLOCK_SIZE;
     let mut writer = repo.begin_backup(spec("d0", size, None))?;
-    push_all(&repo, &mut writer, &(0..6).map(|i| (i, data_block(i))).collect::<Vec<_>>())?;
+    push_all(
+        &repo,
+        &mut writer,
+        &(0..6).map(|i| (i, data_block(i))).collect::<Vec<_>>(),
+    )?;
     let (first, _) = writer.finish(Default::default())?;
     let parent = repo.resolve(&first)?;
 
     // Blocks 1, 2, 4 and 5 changed; the backup stops after reading 1 and 2
     // from snapshot "s1".
     let mut writer = repo.begin_backup(spec("d0", size, Some(&parent)))?;
-    push_all(&repo, &mut writer, &[(1, data_block(11)), (2, data_block(12))])?;
+    push_all(
+        &repo,
+        &mut writer,
+        &[(1, data_block(11)), (2, data_block(12))],
+    )?;
     assert_eq!(writer.suspend("s1", "stopped")?, 2);
     let run = &repo.catalogue().runs(1)?[0];
     assert_eq!(run.status, "failed");
@@ -165,7 +173,11 @@ fn a_suspended_backup_keeps_what_it_read_through_gc_and_the_next_one_resumes_fro
     repo.collect_garbage(Default::default(), std::time::Duration::ZERO)?;
     let record = repo.resumable("d0")?.expect("a resume record");
     assert_eq!(
-        (record.snapshot.as_str(), record.parent.as_deref(), record.size),
+        (
+            record.snapshot.as_str(),
+            record.parent.as_deref(),
+            record.size
+        ),
         ("s1", Some(first.as_str()), size)
     );
     assert_eq!(record.done.set_blocks().collect::<Vec<_>>(), [1, 2]);
@@ -183,7 +195,11 @@ fn a_suspended_backup_keeps_what_it_read_through_gc_and_the_next_one_resumes_fro
     push_all(
         &repo,
         &mut writer,
-        &[(2, data_block(22)), (4, data_block(14)), (5, data_block(15))],
+        &[
+            (2, data_block(22)),
+            (4, data_block(14)),
+            (5, data_block(15)),
+        ],
     )?;
     let (second, manifest) = writer.finish(Default::default())?;
     let ids = blocks_of(&manifest.tree(), &repo.reader()?)?;
@@ -203,7 +219,10 @@ fn a_suspended_backup_keeps_what_it_read_through_gc_and_the_next_one_resumes_fro
     let mut writer = repo.begin_backup(spec("d0", size, None))?;
     push_all(&repo, &mut writer, &[(0, data_block(30))])?;
     writer.suspend("s2", "stopped")?;
-    let wrong = repo.resumable("d0")?.expect("a record").resume(&BlockMap::empty(6));
+    let wrong = repo
+        .resumable("d0")?
+        .expect("a record")
+        .resume(&BlockMap::empty(6));
     let mut s = spec("d0", size, Some(&parent));
     s.resume = Some(&wrong);
     assert!(repo.begin_backup(s).is_err());
