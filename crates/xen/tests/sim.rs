@@ -125,9 +125,17 @@ async fn an_untagged_snapshot_after_a_note_is_reaped_and_others_are_kept() {
     let orphan = vdis.snapshot(&disk.vdi, &BTreeMap::new()).await.unwrap();
 
     let options = XenOptions::new("nightly");
-    let backup = VdiBackup::prepare(&client, "d0", &disk.vdi_uuid, None, &options, &journal)
-        .await
-        .unwrap();
+    let backup = VdiBackup::prepare(
+        &client,
+        "d0",
+        &disk.vdi_uuid,
+        None,
+        None,
+        &options,
+        &journal,
+    )
+    .await
+    .unwrap();
     let snapshots = vdis.get_record(&disk.vdi).await.unwrap().snapshots;
     assert!(!snapshots.contains(&orphan), "the orphan was reaped");
     assert!(snapshots.contains(&theirs), "another's snapshot was kept");
