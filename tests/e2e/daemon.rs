@@ -534,10 +534,10 @@ schedule = {{ cron = "*/2 * * * * *" }}
     assert!(daemon.stop().success(), "{}", daemon.log());
 }
 
-/// A job never overlaps itself, and SIGTERM in the middle of its transfer
-/// leaves nothing behind.
+/// A job never overlaps itself, SIGTERM in the middle of its transfer
+/// leaves nothing behind, and the restarted daemon resumes the transfer.
 #[test]
-fn sigterm_mid_transfer_stops_cleanly() {
+fn sigterm_mid_transfer_stops_cleanly_and_the_restarted_daemon_resumes() {
     let s = Scratch::new();
     let pool = start_pool(&s, 1);
     let vdis = pool.vdis();
@@ -576,7 +576,8 @@ schedule = {{ cron = "* * * * * *" }}
         let status: Value = serde_json::from_str(&text).unwrap();
         assert!(status["jobs"][0]["running_since"].is_string(), "{status}");
         disk = status["jobs"][0]["running_disks"][0].clone();
-        disk["total_bytes"].as_u64().is_some_and(|t| t > 0)
+        // Some blocks read, for the restart to resume from.
+        disk["done_bytes"].as_u64().is_some_and(|d| d >= 4 << 16)
     });
     assert!(
         disk["done_bytes"].as_u64().unwrap() < disk["total_bytes"].as_u64().unwrap(),
@@ -594,6 +595,44 @@ schedule = {{ cron = "* * * * * *" }}
     assert_eq!(history.len(), 1, "{history:?}");
     assert_ne!(history[0]["outcome"], "ok", "{history:?}");
     assert!(s.list().is_empty(), "nothing partial is committed");
+
+    // Restarted without the bandwidth limit, the daemon resumes: the
+    // blocks the stopped run read are kept, not read again.
+    let config = self::config(
+        &s,
+        &pool,
+        port,
+        "",
+        &jobs.replace("bandwidth = \"64K\"\n", ""),
+    );
+    let mut daemon = Daemon::start(&s, &config, port);
+    daemon.wait_for("two runs of the restarted daemon", || s.list().len() >= 2);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    let points = s.list();
+    let repo = s.repo();
+    let show = |rp: &Value| -> Value {
+        let id = rp["id"].as_str().unwrap();
+        serde_json::from_str(&s.ok(&["show", "--json", "--repo", repo.to_str().unwrap(), id]))
+            .unwrap()
+    };
+    let resumed = show(&points[0]);
+    let kept: u64 = resumed["source"]["details"]["resumed_blocks"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not resumed: {resumed}\n{}", daemon.log()))
+        .parse()
+        .unwrap();
+    assert!(kept >= 1, "{resumed}");
+    assert_eq!(resumed["mode"]["kind"], "full", "still the first backup");
+    assert_same_file(
+        &pool.copy_disk(&s, &vdis[0], "disk.img"),
+        &s.restore(points[0]["id"].as_str().unwrap(), "resumed.img"),
+    );
+    assert_eq!(show(&points[1])["mode"]["kind"], "incremental");
+    assert!(
+        pool.data_snapshots().is_empty(),
+        "{:?}",
+        pool.data_snapshots()
+    );
 }
 
 /// A scheduled time that passed while the daemon was down is run once at
