@@ -50,7 +50,7 @@ fn start_pool(s: &Scratch, vms: usize) -> Pool {
 }
 
 /// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -88,14 +88,14 @@ pin = "{pin}"
 }
 
 /// The daemon process; killed if a test fails before stopping it.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     log: PathBuf,
     port: u16,
 }
 
 impl Daemon {
-    fn start(s: &Scratch, config: &Path, port: u16) -> Daemon {
+    pub(crate) fn start(s: &Scratch, config: &Path, port: u16) -> Daemon {
         Self::start_with(s, config, port, &[])
     }
 
@@ -119,12 +119,12 @@ impl Daemon {
         d
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits (bounded) until `done`; fails with the daemon's log.
-    fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
+    pub(crate) fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !done() {
             assert!(
@@ -137,7 +137,7 @@ impl Daemon {
     }
 
     /// `GET path`: status code and body, or `None` when nothing answers.
-    fn get(&self, path: &str) -> Option<(u16, String)> {
+    pub(crate) fn get(&self, path: &str) -> Option<(u16, String)> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -161,7 +161,7 @@ impl Daemon {
     }
 
     /// SIGTERM, then the exit status (bounded).
-    fn stop(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn stop(&mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -187,7 +187,7 @@ impl Drop for Daemon {
     }
 }
 
-fn runs(s: &Scratch, job: &str) -> Vec<Value> {
+pub(crate) fn runs(s: &Scratch, job: &str) -> Vec<Value> {
     let out = s.ok(&["runs", "--json", "--job", job]);
     serde_json::from_str::<Value>(&out)
         .unwrap()

@@ -9,6 +9,7 @@ mod concurrency;
 mod corruption;
 mod crash;
 mod daemon;
+mod daemon_qemu;
 mod incremental;
 mod integrity;
 mod jobs_locks;

@@ -12,7 +12,7 @@ const SIZE: u64 = 64 << 20;
 
 /// A qemu-storage-daemon with `disk.qcow2` as node `disk`, a QMP socket,
 /// and a writable NBD export `guest` that stands in for the VM.
-struct Qsd {
+pub(crate) struct Qsd {
     child: Option<Child>,
     dir: PathBuf,
 }
@@ -64,11 +64,11 @@ impl Qsd {
         }
     }
 
-    fn qmp(&self) -> PathBuf {
+    pub(crate) fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
 
-    fn nbd(&self) -> PathBuf {
+    pub(crate) fn nbd(&self) -> PathBuf {
         self.dir.join("nbd.sock")
     }
 
@@ -77,7 +77,7 @@ impl Qsd {
     }
 
     /// A guest write of `len` bytes of `pattern` at `offset`.
-    fn write(&self, pattern: u8, offset: u64, len: u64) {
+    pub(crate) fn write(&self, pattern: u8, offset: u64, len: u64) {
         let out = Command::new("qemu-io")
             .args([
                 "-f",
@@ -96,7 +96,7 @@ impl Qsd {
     }
 
     /// The live disk as the guest sees it.
-    fn snapshot_to(&self, path: &std::path::Path) {
+    pub(crate) fn snapshot_to(&self, path: &std::path::Path) {
         let out = Command::new("nbdcopy")
             .args([&self.guest(), path.to_str().unwrap()])
             .output()
@@ -122,7 +122,7 @@ impl Drop for Qsd {
     }
 }
 
-fn setup(s: &Scratch) -> Qsd {
+pub(crate) fn setup(s: &Scratch) -> Qsd {
     setup_in(s, "qsd")
 }
 
