@@ -17,6 +17,7 @@ mod nbd;
 mod qemu;
 mod resume;
 mod runner;
+mod s3;
 mod serve_load;
 mod sources;
 mod ux;

@@ -507,7 +507,10 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.repository.path);
+        // `s3://BUCKET/PREFIX` names a bucket, not a relative path.
+        if !self.repository.path.starts_with("s3:") {
+            fix(&mut self.repository.path);
+        }
         if let Some(p) = &mut self.daemon.webhook_ca {
             fix(p);
         }

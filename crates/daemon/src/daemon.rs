@@ -111,9 +111,9 @@ impl Shared {
 
     fn open_repo(&self) -> Result<Arc<Repository>> {
         let path = self.config().repository.path.clone();
-        Repository::open(&path)
+        cbtvault_s3::open(&path)
             .map(Arc::new)
-            .map_err(|source| Error::Repository { path, source })
+            .map_err(|source| Error::OpenRepository { path, source })
     }
 
     /// `/status`.
@@ -549,7 +549,7 @@ async fn serve(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let scheduled = plans(&config)?;
     // Fail now, not at the first run, on a repository that is not there.
-    Repository::open(&config.repository.path).map_err(|source| Error::Repository {
+    cbtvault_s3::open(&config.repository.path).map_err(|source| Error::OpenRepository {
         path: config.repository.path.clone(),
         source,
     })?;

@@ -11,6 +11,12 @@ pub enum Error {
     #[error("job {job:?}: {what}")]
     Schedule { job: String, what: String },
     #[error("repository {}", path.display())]
+    OpenRepository {
+        path: PathBuf,
+        #[source]
+        source: cbtvault_s3::Error,
+    },
+    #[error("repository {}", path.display())]
     Repository {
         path: PathBuf,
         #[source]

@@ -138,14 +138,30 @@ impl Repository {
         {
             return Err(Error::NotEmpty { path: path.into() });
         }
+        let backend = LocalBackend::new(path);
+        backend.create_layout()?;
+        Self::init_with(path, Arc::new(backend), options)
+    }
+
+    /// Creates a repository whose files live in `backend` (which holds no
+    /// repository yet), with its catalogue and locks in the local
+    /// directory `local`.
+    pub fn init_with(
+        local: &Path,
+        backend: Arc<dyn Backend>,
+        options: &InitOptions,
+    ) -> Result<Repository> {
         if !(1..=22).contains(&options.compression_level) {
             return Err(Error::InvalidArgument(format!(
                 "compression level {} is outside zstd's 1..=22",
                 options.compression_level
             )));
         }
-        let backend = LocalBackend::new(path);
-        backend.create_layout()?;
+        if !backend.list(FileKind::Config)?.is_empty() {
+            return Err(Error::AlreadyExists {
+                path: backend.locate(FileKind::Config, CONFIG_FILE).into(),
+            });
+        }
         let config = Config {
             format_version: FORMAT_VERSION,
             id: hex::encode(
@@ -160,11 +176,35 @@ impl Repository {
             pack_size: options.pack_size,
             created: jiff::Timestamp::now(),
         };
-        Catalogue::open(&path.join(CATALOGUE_FILE), true)?;
+        std::fs::create_dir_all(local.join("locks")).map_err(Error::io(local))?;
+        Catalogue::open(&local.join(CATALOGUE_FILE), true)?;
         let json = serde_json::to_vec_pretty(&config).unwrap_or_default();
-        // The config goes last: a directory without it is not a repository.
+        // The config goes last: a store without it is not a repository.
         backend.write(FileKind::Config, CONFIG_FILE, &json)?;
-        Self::open(path)
+        Self::open_with(local, backend)
+    }
+
+    /// Opens a repository whose files live in a remote `backend`, keeping
+    /// a cache of its catalogue (and the locks) in the local directory
+    /// `local`: the catalogue is made when missing and brought up to date
+    /// with what the store holds (packs and manifests other hosts or
+    /// earlier runs wrote), so any host with access can list and restore.
+    pub fn open_cached(local: &Path, backend: Arc<dyn Backend>) -> Result<Repository> {
+        std::fs::create_dir_all(local.join("locks")).map_err(Error::io(local))?;
+        let catalogue = local.join(CATALOGUE_FILE);
+        if !catalogue.exists() {
+            tracing::info!(cache = %local.display(), "no local catalogue for this repository yet: building it from the store");
+            Catalogue::open(&catalogue, true)?;
+        }
+        let repo = Self::open_with(local, backend)?;
+        let indexed = crate::gc::index_unknown_packs(&repo)?;
+        if indexed > 0 {
+            tracing::info!(
+                packs = indexed,
+                "indexed packs the local catalogue did not know"
+            );
+        }
+        Ok(repo)
     }
 
     /// Opens the repository in `path` on the local file system.

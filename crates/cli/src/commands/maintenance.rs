@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cbtvault_engine::Progress;
-use cbtvault_repo::{BLOCK_SIZE, ForgetSelection, GcOptions, InitOptions, KeepPolicy, Repository};
+use cbtvault_repo::{BLOCK_SIZE, ForgetSelection, GcOptions, InitOptions, KeepPolicy};
 use serde_json::json;
 
 use crate::cli::{ForgetArgs, Global};
@@ -17,14 +17,17 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
     if !(1..=1024).contains(&pack_mib) {
         bail!(usage!("--pack-size-mib {pack_mib} is outside 1..=1024"));
     }
-    let repo = Repository::init(
-        path,
-        &InitOptions {
-            compression_level: level,
-            pack_size: pack_mib << 20,
-        },
-    )
-    .with_context(|| format!("creating repository {}", path.display()))?;
+    let options = InitOptions {
+        compression_level: level,
+        pack_size: pack_mib << 20,
+    };
+    let repo = match cbtvault_s3::init(path, &options) {
+        Ok(repo) => repo,
+        Err(cbtvault_s3::Error::Repo(e)) => {
+            Err(e).with_context(|| format!("creating repository {}", path.display()))?
+        }
+        Err(e) => Err(e).with_context(|| format!("creating repository {}", path.display()))?,
+    };
     if g.json {
         output::print_json(&json!({ "repository": path, "config": repo.config() }));
     } else if !g.quiet {

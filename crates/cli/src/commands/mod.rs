@@ -164,10 +164,15 @@ fn check_config(g: &crate::cli::Global, file: &Path) -> Result<ExitCode> {
 
 /// Opens the repository at `path` with a message that names it.
 pub fn open(path: &Path) -> Result<Arc<Repository>> {
-    // The repository's own errors name the path.
-    Ok(Arc::new(
-        Repository::open(path).context("opening the repository")?,
-    ))
+    // The repository's own errors name the path; they stay the chain's
+    // first cause, which `--json` classifies.
+    match cbtvault_s3::open(path) {
+        Ok(repo) => Ok(Arc::new(repo)),
+        Err(cbtvault_s3::Error::Repo(e)) => {
+            Err(anyhow::Error::new(e).context("opening the repository"))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("opening the repository")),
+    }
 }
 
 /// The fewest characters of an id that `resolve` accepts as a prefix.

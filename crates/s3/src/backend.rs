@@ -1,0 +1,332 @@
+//! [`S3Backend`]: the repository's files as objects.
+//!
+//! Keys mirror the local layout under the location's prefix:
+//! `cbtvault.json`, `packs/XY/NAME.pack`, `manifests/NAME.json`,
+//! `vms/NAME.json`, `journal/NAME.json`, and `damaged/…` for what repair
+//! sets aside — so a local repository copied into a bucket as it is (say
+//! with `aws s3 sync`) opens as an S3 repository, and back.
+//!
+//! An object is visible only once whole: a PUT, or for packs (larger than
+//! one part) a multipart upload whose parts are sent side by side and
+//! which becomes visible at its completion, or is aborted. Every write is
+//! checked afterwards (its size, by HEAD), so a store that acknowledged
+//! less than it was given is caught before a manifest refers to it. The
+//! client retries timeouts, dropped connections and 5xx answers (503
+//! SlowDown included) with exponential backoff for up to three minutes.
+//!
+//! The repository is synchronous; object_store is async. The backend owns
+//! a small runtime and waits for each request on the calling thread (a
+//! repository thread, never an executor's), so it may be called from
+//! anywhere, including from within another runtime's blocking threads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cbtvault_repo::{Backend, FileKind};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as Key;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
+
+use crate::error::{Error, Result};
+use crate::location::{Credentials, S3Location};
+
+/// Objects larger than this go up as a multipart upload of parts this big.
+const PART_SIZE: usize = 8 << 20;
+
+/// A repository's files in an S3 bucket.
+pub struct S3Backend {
+    location: S3Location,
+    store: Arc<AmazonS3>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for S3Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Backend")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Backend {
+    /// A client of `location` with `credentials`. Nothing is sent yet.
+    pub fn connect(location: &S3Location, credentials: &Credentials) -> Result<S3Backend> {
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(&location.bucket)
+            .with_region(&location.region)
+            .with_access_key_id(&credentials.access_key_id)
+            .with_secret_access_key(&credentials.secret_access_key)
+            .with_virtual_hosted_style_request(!location.path_style)
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(15),
+                    base: 2.0,
+                },
+                max_retries: 10,
+                retry_timeout: Duration::from_secs(180),
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(10))
+                    .with_timeout(Duration::from_secs(120))
+                    .with_allow_http(
+                        location
+                            .endpoint
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("http://")),
+                    ),
+            );
+        if let Some(endpoint) = &location.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(token) = &credentials.session_token {
+            builder = builder.with_token(token);
+        }
+        let store = builder.build().map_err(|source| Error::Store {
+            location: location.display(),
+            what: "configuring the S3 client".into(),
+            source,
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cbtvault-s3")
+            .enable_all()
+            .build()
+            .map_err(Error::Runtime)?;
+        Ok(S3Backend {
+            location: location.clone(),
+            store: Arc::new(store),
+            runtime,
+        })
+    }
+
+    /// The location this backend reaches.
+    pub fn location(&self) -> &S3Location {
+        &self.location
+    }
+
+    /// Runs `f(store)` on the backend's runtime and waits for it here.
+    fn run<T, F, Fut>(&self, f: F) -> std::result::Result<T, object_store::Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<AmazonS3>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, object_store::Error>> + Send + 'static,
+    {
+        let task = self.runtime.spawn(f(self.store.clone()));
+        match futures::executor::block_on(task) {
+            Ok(result) => result,
+            Err(e) => Err(object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    fn key_text(&self, kind: FileKind, name: &str) -> String {
+        let file = match kind {
+            FileKind::Config => name.to_string(),
+            FileKind::Pack => format!("packs/{}/{name}.pack", name.get(..2).unwrap_or("__")),
+            FileKind::Manifest => format!("manifests/{name}.json"),
+            FileKind::VmMetadata => format!("vms/{name}.json"),
+            FileKind::Journal => format!("journal/{name}.json"),
+        };
+        self.under_prefix(&file)
+    }
+
+    fn under_prefix(&self, rest: &str) -> String {
+        if self.location.prefix.is_empty() {
+            rest.to_string()
+        } else {
+            format!("{}/{rest}", self.location.prefix)
+        }
+    }
+
+    fn key(&self, kind: FileKind, name: &str) -> Key {
+        Key::from(self.key_text(kind, name))
+    }
+
+    /// The repository's error for a failed request on `key`.
+    fn error(&self, key: &str, e: object_store::Error) -> cbtvault_repo::Error {
+        let kind = match &e {
+            object_store::Error::NotFound { .. } => std::io::ErrorKind::NotFound,
+            _ => std::io::ErrorKind::Other,
+        };
+        cbtvault_repo::Error::Io {
+            path: format!("s3://{}/{key}", self.location.bucket).into(),
+            source: std::io::Error::new(kind, e),
+        }
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> std::result::Result<(), object_store::Error> {
+        let path = Key::from(key);
+        let data = Bytes::copy_from_slice(data);
+        self.run(move |store| async move {
+            if data.len() <= PART_SIZE {
+                store.put(&path, PutPayload::from(data)).await?;
+                return Ok(());
+            }
+            let mut upload = store.put_multipart(&path).await?;
+            let parts: Vec<_> = (0..data.len())
+                .step_by(PART_SIZE)
+                .map(|start| {
+                    let end = (start + PART_SIZE).min(data.len());
+                    upload.put_part(PutPayload::from(data.slice(start..end)))
+                })
+                .collect();
+            match futures::future::try_join_all(parts).await {
+                Ok(_) => upload.complete().await.map(|_| ()),
+                Err(e) => {
+                    // Nothing of it becomes visible; the parts go too.
+                    let _ = upload.abort().await;
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+impl Backend for S3Backend {
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> cbtvault_repo::Result<()> {
+        let key = self.key_text(kind, name);
+        self.put(&key, data).map_err(|e| self.error(&key, e))?;
+        // A store that acknowledged less than it was given is caught here,
+        // before anything refers to the object.
+        let size = self.size(kind, name)?;
+        if size != data.len() as u64 {
+            return Err(cbtvault_repo::Error::Io {
+                path: format!("s3://{}/{key}", self.location.bucket).into(),
+                source: std::io::Error::other(format!(
+                    "the store holds {size} bytes after {} were written",
+                    data.len()
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    fn read(&self, kind: FileKind, name: &str) -> cbtvault_repo::Result<Vec<u8>> {
+        let key = self.key(kind, name);
+        let text = key.to_string();
+        self.run(move |store| async move { store.get(&key).await?.bytes().await })
+            .map(|b| b.to_vec())
+            .map_err(|e| self.error(&text, e))
+    }
+
+    fn read_at(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> cbtvault_repo::Result<Vec<u8>> {
+        let key = self.key(kind, name);
+        let text = key.to_string();
+        let end = offset.saturating_add(len as u64);
+        let data = self
+            .run(move |store| async move { store.get_range(&key, offset..end).await })
+            .map_err(|e| self.error(&text, e))?;
+        if data.len() != len {
+            return Err(cbtvault_repo::Error::Io {
+                path: format!("s3://{}/{text}", self.location.bucket).into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("object too short for {len} bytes at offset {offset}"),
+                ),
+            });
+        }
+        Ok(data.to_vec())
+    }
+
+    fn size(&self, kind: FileKind, name: &str) -> cbtvault_repo::Result<u64> {
+        let key = self.key(kind, name);
+        let text = key.to_string();
+        self.run(move |store| async move { store.head(&key).await })
+            .map(|meta| meta.size)
+            .map_err(|e| self.error(&text, e))
+    }
+
+    fn list(&self, kind: FileKind) -> cbtvault_repo::Result<Vec<String>> {
+        let (dir, suffix) = match kind {
+            FileKind::Config => {
+                let key = self.key_text(kind, cbtvault_repo::CONFIG_FILE);
+                let path = Key::from(key.clone());
+                return match self.run(move |store| async move { store.head(&path).await }) {
+                    Ok(_) => Ok(vec![cbtvault_repo::CONFIG_FILE.to_string()]),
+                    Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+                    Err(e) => Err(self.error(&key, e)),
+                };
+            }
+            FileKind::Pack => ("packs", ".pack"),
+            FileKind::Manifest => ("manifests", ".json"),
+            FileKind::VmMetadata => ("vms", ".json"),
+            FileKind::Journal => ("journal", ".json"),
+        };
+        let prefix = Key::from(self.under_prefix(dir));
+        let text = prefix.to_string();
+        let metas = self
+            .run(move |store| async move {
+                use futures::TryStreamExt;
+                store.list(Some(&prefix)).try_collect::<Vec<_>>().await
+            })
+            .map_err(|e| self.error(&text, e))?;
+        let mut names: Vec<String> = metas
+            .into_iter()
+            .filter_map(|m| {
+                m.location
+                    .filename()
+                    .and_then(|f| f.strip_suffix(suffix))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn remove(&self, kind: FileKind, name: &str) -> cbtvault_repo::Result<()> {
+        let key = self.key(kind, name);
+        let text = key.to_string();
+        match self.run(move |store| async move { store.delete(&key).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(&text, e)),
+        }
+    }
+
+    /// Uploads in progress are invisible, and an interrupted one is
+    /// aborted by the client; what a killed process leaves is removed by
+    /// the bucket's lifecycle rule for incomplete multipart uploads (see
+    /// docs), not listed here.
+    fn list_partial(&self) -> cbtvault_repo::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn remove_partial(&self) -> cbtvault_repo::Result<usize> {
+        Ok(0)
+    }
+
+    fn locate(&self, kind: FileKind, name: &str) -> String {
+        format!(
+            "s3://{}/{}",
+            self.location.bucket,
+            self.key_text(kind, name)
+        )
+    }
+
+    fn set_aside(&self, kind: FileKind, name: &str) -> cbtvault_repo::Result<String> {
+        let from = self.key(kind, name);
+        let file = from.filename().unwrap_or(name).to_string();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let to = Key::from(self.under_prefix(&format!("damaged/{stamp}-{file}")));
+        let (text_from, text_to) = (from.to_string(), to.to_string());
+        self.run(move |store| async move {
+            store.copy(&from, &to).await?;
+            store.delete(&from).await
+        })
+        .map_err(|e| self.error(&text_from, e))?;
+        Ok(format!("s3://{}/{text_to}", self.location.bucket))
+    }
+}
