@@ -4,9 +4,11 @@
 //! verify; the local catalogue is only a cache, rebuilt from the bucket
 //! on another host (here: with the cache deleted); errors name what to set.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -27,11 +29,20 @@ impl S3Server {
             .unwrap()
             .port();
         let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("python3 with moto (scripts/install-deps installs it with pip) must be installed");
+            .expect(
+                "python3 with moto (scripts/install-deps installs it with pip) must be installed",
+            );
         let server = S3Server { child, port };
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -64,6 +75,115 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An HTTP proxy in front of the S3 server that spoils one request in
+/// `every`: in turn a 503 SlowDown, a connection dropped before the
+/// answer, and an answer 300 ms late. Each request it passes on goes
+/// upstream on a connection of its own.
+struct FaultProxy {
+    port: u16,
+    requests: Arc<AtomicU64>,
+    spoiled: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    fn start(upstream: u16, every: u64) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (requests, spoiled) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, sp, st) = (requests.clone(), spoiled.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let (r, sp) = (r.clone(), sp.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(client, upstream, every, &r, &sp);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FaultProxy {
+            port,
+            requests,
+            spoiled,
+            stop,
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Serves one client connection: request by request until it closes.
+fn serve(
+    client: TcpStream,
+    upstream: u16,
+    every: u64,
+    requests: &AtomicU64,
+    spoiled: &AtomicU64,
+) -> std::io::Result<()> {
+    client.set_nonblocking(false)?;
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut client = client;
+    loop {
+        let mut head = Vec::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            if lower.starts_with("connection:") {
+                continue;
+            }
+            if line == "\r\n" {
+                head.extend_from_slice(b"Connection: close\r\n\r\n");
+                break;
+            }
+            head.extend_from_slice(line.as_bytes());
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if n % every == 0 {
+            spoiled.fetch_add(1, Ordering::Relaxed);
+            match (n / every) % 3 {
+                0 => {
+                    let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                    write!(
+                        client,
+                        "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{xml}",
+                        xml.len()
+                    )?;
+                    continue;
+                }
+                1 => return Ok(()),
+                _ => std::thread::sleep(Duration::from_millis(300)),
+            }
+        }
+        let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+        up.write_all(&head)?;
+        up.write_all(&body)?;
+        let mut answer = Vec::new();
+        up.read_to_end(&mut answer)?;
+        client.write_all(&answer)?;
+        // The answer says `Connection: close`: the client opens another.
+        return Ok(());
     }
 }
 
@@ -202,4 +322,52 @@ fn s3_mistakes_say_what_to_set() {
         stderr(&out)
     );
     assert!(!stderr(&out).contains("panicked"));
+}
+
+/// A store that throttles (503 SlowDown), drops connections and answers
+/// late on one request in four: backups, restores and verify go through
+/// with nothing lost.
+#[test]
+fn an_s3_repository_survives_throttling_drops_and_a_slow_server() {
+    let s = Scratch::new();
+    let server = S3Server::start();
+    server.create_bucket("flaky");
+    let proxy = FaultProxy::start(server.port, 4);
+    let url = format!("s3://flaky/r?endpoint=http://127.0.0.1:{}", proxy.port);
+    ok(&s, &url, &["init"]);
+    let image = s.image("disk.img", 40, 5);
+    let source = format!("file:{}", image.display());
+    let full = the_restore_point(&ok(
+        &s,
+        &url,
+        &["backup", "--json", "--disk", "d", "--source", &source],
+    ));
+    let (_, bitmap) = s.churn(&image, 0.05, 6, "c.b64");
+    let next = the_restore_point(&ok(
+        &s,
+        &url,
+        &[
+            "backup",
+            "--json",
+            "--disk",
+            "d",
+            "--source",
+            &source,
+            "--changed-blocks",
+            bitmap.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(next["parent"], full["id"], "{next}");
+    assert_same_file(&image, &restore(&s, &url, &id(&next), "r.img"));
+    ok(&s, &url, &["verify", "--read-data"]);
+    let spoiled = proxy.spoiled.load(Ordering::Relaxed);
+    eprintln!(
+        "{spoiled} of {} requests spoiled",
+        proxy.requests.load(Ordering::Relaxed)
+    );
+    assert!(
+        spoiled >= 10,
+        "{spoiled} of {} requests spoiled",
+        proxy.requests.load(Ordering::Relaxed)
+    );
 }
