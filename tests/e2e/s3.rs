@@ -409,3 +409,79 @@ fn killed_backups_into_s3_lose_nothing_and_gc_removes_what_they_left() {
         "only the finished backup is a restore point"
     );
 }
+
+/// `copy` sends a local repository's restore points to S3 and on to
+/// another local repository, only what each target lacks, and keeps ids.
+#[test]
+fn copies_go_from_local_to_s3_and_back_sending_only_what_the_target_lacks() {
+    let s = Scratch::new();
+    let server = S3Server::start();
+    server.create_bucket("offsite");
+    let url = format!("s3://offsite/copy?endpoint={}", server.endpoint());
+    ok(&s, &url, &["init"]);
+    let local = s.repo();
+    let local = local.to_str().unwrap();
+    let copy = |from: &str, to: &str| -> Value {
+        serde_json::from_str(&ok(
+            &s,
+            &url,
+            &["copy", "--json", "--from", from, "--to", to],
+        ))
+        .unwrap()
+    };
+
+    let image = s.image("disk.img", 32, 11);
+    s.backup("d", &image, None);
+    let (_, bitmap) = s.churn(&image, 0.05, 12, "c1.b64");
+    s.backup("d", &image, Some(&bitmap));
+    let first = copy(local, &url);
+    assert_eq!(first["copied"].as_array().unwrap().len(), 2, "{first}");
+    assert!(first["blobs_sent"].as_u64().unwrap() > 0, "{first}");
+    let again = copy(local, &url);
+    assert_eq!(again["copied"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(again["present"].as_array().unwrap().len(), 2, "{again}");
+    assert_eq!(again["blobs_sent"], 0, "{again}");
+
+    // One more night: only its new blocks (and block-map nodes) travel.
+    let (changed, bitmap) = s.churn(&image, 0.01, 13, "c2.b64");
+    let latest = s.backup("d", &image, Some(&bitmap));
+    let third = copy(local, &url);
+    assert_eq!(
+        third["copied"],
+        serde_json::json!([latest["id"]]),
+        "{third}"
+    );
+    let sent = third["blobs_sent"].as_u64().unwrap();
+    assert!(
+        sent >= 1 && sent <= changed.count_set() + 8,
+        "{sent} blobs sent for {} changed blocks",
+        changed.count_set()
+    );
+    assert_same_file(&image, &restore(&s, &url, &id(&latest), "from-s3.img"));
+
+    // And on to another local repository, restored and verified there.
+    let other = s.path("other");
+    ok(&s, &url, &["init", "--repo", other.to_str().unwrap()]);
+    let back = copy(&url, other.to_str().unwrap());
+    assert_eq!(back["copied"].as_array().unwrap().len(), 3, "{back}");
+    let to = s.path("from-other.img");
+    ok(
+        &s,
+        &url,
+        &[
+            "restore",
+            "--quiet",
+            "--repo",
+            other.to_str().unwrap(),
+            &id(&latest),
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    );
+    assert_same_file(&image, &to);
+    ok(
+        &s,
+        &url,
+        &["verify", "--read-data", "--repo", other.to_str().unwrap()],
+    );
+}

@@ -156,6 +156,21 @@ pub enum Command {
         a: String,
         b: String,
     },
+    /// Copy restore points into another repository (an off-site copy): only
+    /// the blocks it lacks travel, and what was written is read back.
+    Copy {
+        /// The repository to copy from: a directory or s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "REPO")]
+        from: PathBuf,
+        /// The repository to copy into (made with `cbtvault init`).
+        #[arg(long, value_name = "REPO")]
+        to: PathBuf,
+        /// Only this disk's restore points.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Restore points to copy (ids, DISK@DATE, VM@DATE); all when none is given.
+        ids: Vec<String>,
+    },
     /// Check the repository; with --read-data re-hash every stored block.
     Verify {
         #[command(flatten)]

@@ -124,6 +124,7 @@
 
 mod backend;
 mod catalogue;
+mod copy;
 mod error;
 mod forget;
 mod gc;
@@ -146,6 +147,7 @@ pub use backend::{Backend, FileKind, LocalBackend, MemoryBackend};
 pub use catalogue::{
     BlobLocation, Catalogue, JobRunRow, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow,
 };
+pub use copy::CopyReport;
 pub use error::{Error, Result};
 pub use forget::{Decision, ForgetPlan, ForgetSelection, KeepPolicy};
 pub use gc::{DEFAULT_MAX_UNUSED, GcEstimate, GcOptions, GcReport};

@@ -86,6 +86,30 @@ impl BlobReader {
         read
     }
 
+    /// Reads one blob in its stored form (compressed or not, as in its
+    /// pack), after checking its content against its id: for copying it
+    /// into another repository without compressing it again.
+    pub(crate) fn read_stored(&self, id: &BlobId) -> Result<(PackEntry, Vec<u8>)> {
+        let loc = self.locate(id)?;
+        let read = self
+            .backend
+            .read_at(
+                FileKind::Pack,
+                &loc.pack,
+                loc.entry.offset,
+                loc.entry.stored_len as usize,
+            )
+            .map_err(|e| unreadable(&loc, e))
+            .and_then(|stored| self.decode(&loc.pack, &loc.entry, &stored).map(|_| stored));
+        match read {
+            Ok(stored) => Ok((loc.entry, stored)),
+            Err(e) => {
+                self.quarantine_if_damaged(&loc, &e);
+                Err(e)
+            }
+        }
+    }
+
     /// Quarantines the blob at `loc` when `error` shows its stored copy is
     /// damaged or gone (not for errors that may pass, such as EIO).
     fn quarantine_if_damaged(&self, loc: &BlobLocation, error: &Error) {

@@ -1,5 +1,6 @@
 //! One function per subcommand.
 
+mod copy;
 mod daemon;
 mod data;
 mod jobs;
@@ -77,6 +78,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             limits,
         } => serve::serve(&g, &repo.repo, &id, &listen, tls_cert.zip(tls_key), limits),
         Command::Diff { repo, a, b } => maintenance::diff(&g, &repo.repo, &a, &b),
+        Command::Copy {
+            from,
+            to,
+            disk,
+            ids,
+        } => copy::copy(&g, &from, &to, disk.as_deref(), &ids),
         Command::Verify {
             repo,
             read_data,

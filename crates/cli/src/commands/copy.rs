@@ -1,0 +1,59 @@
+//! `cbtvault copy`: restore points into another repository (off-site).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use crate::cli::Global;
+use crate::output::{self, outln};
+
+pub fn copy(
+    g: &Global,
+    from: &Path,
+    to: &Path,
+    disk: Option<&str>,
+    ids: &[String],
+) -> Result<ExitCode> {
+    let source = super::open(from).with_context(|| format!("the source, {}", from.display()))?;
+    let target = super::open(to).with_context(|| format!("the target, {}", to.display()))?;
+    let mut points = Vec::new();
+    if ids.is_empty() {
+        points = source
+            .catalogue()
+            .restore_points(disk)
+            .context("listing the source's restore points")?;
+    } else {
+        for id in ids {
+            let point = super::resolve(&source, id)?;
+            if disk.is_some_and(|d| d != point.manifest.disk) {
+                anyhow::bail!(
+                    "restore point {} is of disk {:?}, not --disk {:?}",
+                    point.id,
+                    point.manifest.disk,
+                    disk.unwrap_or_default()
+                );
+            }
+            points.push(point);
+        }
+    }
+    let report = target
+        .copy_from(&source, &points, &|_| {})
+        .with_context(|| format!("copying into {}", to.display()))?;
+    if g.json {
+        output::print_json(&serde_json::to_value(&report)?);
+    } else if !g.quiet {
+        for id in &report.copied {
+            outln!("copied {id}");
+        }
+        outln!(
+            "{} restore points copied, {} already there; {} blobs sent ({}), {} already there",
+            report.copied.len(),
+            report.present.len(),
+            report.blobs_sent,
+            output::bytes(report.bytes_sent),
+            report.blobs_present
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
