@@ -1,0 +1,199 @@
+//! `cbtvault serve` against qemu-nbd on the same bytes: a generated image
+//! is backed up and restored to a raw file; qemu-nbd serves the raw file
+//! and `cbtvault serve` the restore point, both read-only on unix sockets,
+//! and `nbdcopy --connections=N URI null:` reads each whole, alternating,
+//! in the same run. Beside them, what bounds a server that checks every
+//! block: BLAKE3 and zstd decompression on one core, over the same blocks.
+//!
+//! `scripts/bench serve [--size-gib N] [--connections N] [--rounds R]`.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Size of the generated image in GiB.
+    #[arg(long, default_value_t = 4)]
+    size_gib: u64,
+    /// nbdcopy connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Reads of each server (alternating).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_socket(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| what.to_string())?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn nbdcopy(socket: &Path, connections: usize) -> Result<Duration> {
+    let start = Instant::now();
+    run(
+        Command::new("nbdcopy")
+            .arg(format!("--connections={connections}"))
+            .arg(format!("nbd+unix:///?socket={}", socket.display()))
+            .arg("null:"),
+        "nbdcopy (scripts/install-deps installs it)",
+    )?;
+    Ok(start.elapsed())
+}
+
+/// Single-core BLAKE3 and zstd-decompression rates (bytes/s) over the
+/// image's blocks, as the repository stores them.
+fn ceilings(image: &Path) -> Result<(f64, f64, f64)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(image)?;
+    let mut block = vec![0u8; 64 << 10];
+    let (mut hashed, mut hash_time) = (0u64, Duration::ZERO);
+    let (mut compressed_raw, mut decompress_time, mut blocks, mut compressed) =
+        (0u64, Duration::ZERO, 0u64, 0u64);
+    let mut decompressor = zstd::bulk::Decompressor::new()?;
+    // A sample of 256 MiB is enough for a rate.
+    for _ in 0..4096 {
+        if file.read_exact(&mut block).is_err() {
+            break;
+        }
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        blocks += 1;
+        let t = Instant::now();
+        std::hint::black_box(blake3::hash(&block));
+        hash_time += t.elapsed();
+        hashed += block.len() as u64;
+        let packed = zstd::bulk::compress(&block, 3)?;
+        if packed.len() < block.len() {
+            compressed += 1;
+            let t = Instant::now();
+            std::hint::black_box(decompressor.decompress(&packed, block.len())?);
+            decompress_time += t.elapsed();
+            compressed_raw += block.len() as u64;
+        }
+    }
+    let rate = |bytes: u64, t: Duration| bytes as f64 / t.as_secs_f64().max(1e-9);
+    Ok((
+        rate(hashed, hash_time),
+        rate(compressed_raw, decompress_time),
+        compressed as f64 / blocks.max(1) as f64,
+    ))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let cbtvault = std::env::current_exe()?.with_file_name("cbtvault");
+    if !cbtvault.exists() {
+        bail!("{} is missing: build it with --release", cbtvault.display());
+    }
+    let dir = tempfile::tempdir()?;
+    let image = dir.path().join("disk.img");
+    let size = args.size_gib << 30;
+    println!("generating a {} GiB image", args.size_gib);
+    cbtvault_testkit::synth::write_image(&image, size, 1, cbtvault_testkit::synth::Mix::default())?;
+    let repo = dir.path().join("repo");
+    run(
+        Command::new(&cbtvault)
+            .args(["init", "--quiet", "--repo"])
+            .arg(&repo),
+        "cbtvault init",
+    )?;
+    run(
+        Command::new(&cbtvault)
+            .args(["backup", "--quiet", "--repo"])
+            .arg(&repo)
+            .args(["--disk", "d", "--source"])
+            .arg(format!("file:{}", image.display())),
+        "cbtvault backup",
+    )?;
+    let raw = dir.path().join("restored.raw");
+    run(
+        Command::new(&cbtvault)
+            .args(["restore", "--quiet", "--repo"])
+            .arg(&repo)
+            .args(["d@latest", "--to"])
+            .arg(&raw),
+        "cbtvault restore",
+    )?;
+    let (q_sock, c_sock) = (
+        dir.path().join("qemu.sock"),
+        dir.path().join("cbtvault.sock"),
+    );
+    let _qemu = Server(
+        Command::new("qemu-nbd")
+            .args(["-r", "-f", "raw", "-t", "-e", "16", "-k"])
+            .arg(&q_sock)
+            .arg(&raw)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("qemu-nbd (scripts/install-deps installs qemu-utils)")?,
+    );
+    let _serve = Server(
+        Command::new(&cbtvault)
+            .args(["serve", "--quiet", "--repo"])
+            .arg(&repo)
+            .arg("d@latest")
+            .arg(format!("--listen=unix:{}", c_sock.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_for_socket(&q_sock)?;
+    wait_for_socket(&c_sock)?;
+    let (mut q_best, mut c_best) = (Duration::MAX, Duration::MAX);
+    for round in 0..args.rounds {
+        let q = nbdcopy(&q_sock, args.connections)?;
+        let c = nbdcopy(&c_sock, args.connections)?;
+        println!(
+            "round {}: qemu-nbd {:.2} s, cbtvault serve {:.2} s",
+            round + 1,
+            q.as_secs_f64(),
+            c.as_secs_f64()
+        );
+        q_best = q_best.min(q);
+        c_best = c_best.min(c);
+    }
+    let mbs = |t: Duration| size as f64 / t.as_secs_f64() / 1e6;
+    println!(
+        "best of {}: qemu-nbd {:.0} MB/s, cbtvault serve {:.0} MB/s: serve / qemu-nbd = {:.2}x",
+        args.rounds,
+        mbs(q_best),
+        mbs(c_best),
+        q_best.as_secs_f64() / c_best.as_secs_f64()
+    );
+    let (blake3, unzstd, share) = ceilings(&image)?;
+    println!(
+        "one core: BLAKE3 {:.0} MB/s, zstd decompression {:.0} MB/s ({:.0}% of the non-zero blocks are compressed)",
+        blake3 / 1e6,
+        unzstd / 1e6,
+        share * 100.0
+    );
+    Ok(())
+}
