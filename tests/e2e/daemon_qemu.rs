@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::common::*;
 use crate::daemon::{Daemon, free_port, runs};
-use crate::qemu::{Qsd, setup};
+use crate::qemu::{Qsd, leave_a_view, setup};
 
 /// The repository, the daemon on `port`, QSD as host `host`, and job
 /// `kvm` over its node `disk` every two seconds, with `job_extra`.
@@ -149,39 +149,23 @@ fn the_daemon_cleans_up_what_a_killed_backup_left_in_qemu_at_start() {
         .unwrap()
         .replace("*/2 * * * * *", "0 0 3 1 1 *");
     std::fs::write(&config_path, config_text).unwrap();
-    s.ok(&[
-        "backup",
-        "--config",
-        config_path.to_str().unwrap(),
-        "--job",
-        "kvm",
-    ]);
+    let run_job = || {
+        s.ok(&[
+            "backup",
+            "--config",
+            config_path.to_str().unwrap(),
+            "--job",
+            "kvm",
+        ])
+    };
+    run_job();
     qsd.write(0x55, 12 << 20, 65536);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let repo = cbtvault_repo::Repository::open(&s.repo()).unwrap();
-    let job = cbtvault_engine::qemu::job_name("kvm", &repo, "qemu-host/disk");
-    drop(repo);
     // The checkpoint the last backup ended at, as a real run passes it.
     let base = s.list().into_iter().last().unwrap()["source"]["snapshot"]
         .as_str()
         .map(|c| cbtvault_qemu::CheckpointName::new(c).unwrap())
         .unwrap();
-    rt.block_on(async {
-        let options = cbtvault_qemu::DiskOptions {
-            nbd_socket: Some(qsd.nbd()),
-            ..Default::default()
-        };
-        let disk = cbtvault_qemu::QemuDisk::connect_with(qsd.qmp().into(), "disk", options)
-            .await
-            .unwrap();
-        // Killed here: neither commit nor abort.
-        let _view = disk.prepare(&job, Some(&base)).await.unwrap();
-    });
-    // The QMP connection goes with the runtime's tasks.
-    drop(rt);
+    leave_a_view(&s, &qsd, "kvm", "qemu-host/disk", Some(&base));
 
     let mut daemon = Daemon::start(&s, &config_path, port);
     daemon.wait_for("the clean-up at start", || {
@@ -190,13 +174,7 @@ fn the_daemon_cleans_up_what_a_killed_backup_left_in_qemu_at_start() {
     assert!(daemon.stop().success(), "{}", daemon.log());
     assert!(leftovers(&s, &config_path).is_empty());
     // The next backup reads the write made before the kill.
-    s.ok(&[
-        "backup",
-        "--config",
-        config_path.to_str().unwrap(),
-        "--job",
-        "kvm",
-    ]);
+    run_job();
     let latest = assert_latest_is_the_live_disk(&s, &qsd, "after");
     assert_eq!(latest["mode"]["kind"], "incremental", "{latest}");
 }

@@ -122,6 +122,41 @@ impl Drop for Qsd {
     }
 }
 
+/// What a backup killed after its QMP transaction leaves in QEMU (the
+/// copy-before-write filter in the guest's I/O path, an export, a fleece
+/// image): the view of job `prefix` for `disk`, taken from checkpoint
+/// `base` (`None`: as a first backup would), neither committed nor
+/// aborted.
+pub(crate) fn leave_a_view(
+    s: &Scratch,
+    qsd: &Qsd,
+    prefix: &str,
+    disk: &str,
+    base: Option<&cbtvault_qemu::CheckpointName>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let repo = cbtvault_repo::Repository::open(&s.repo()).unwrap();
+    let job = cbtvault_engine::qemu::job_name(prefix, &repo, disk);
+    drop(repo);
+    rt.block_on(async {
+        let options = cbtvault_qemu::DiskOptions {
+            nbd_socket: Some(qsd.nbd()),
+            ..Default::default()
+        };
+        let node = cbtvault_qemu::QemuDisk::connect_with(qsd.qmp().into(), "disk", options)
+            .await
+            .unwrap();
+        // Killed here: neither commit nor abort.
+        let _view = node.prepare(&job, base).await.unwrap();
+    });
+    // The runtime's tasks hold the QMP connection: it goes with them (a
+    // QEMU monitor serves one client at a time).
+    drop(rt);
+}
+
 pub(crate) fn setup(s: &Scratch) -> Qsd {
     setup_in(s, "qsd")
 }
@@ -262,27 +297,7 @@ fn cleanup_removes_what_a_killed_backup_left_in_qemu() {
     backup(&s, &qsd);
     qsd.write(0x44, 20 << 20, 65536);
     // A backup that dies after its transaction: the view stays in QEMU.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let repo = cbtvault_repo::Repository::open(&s.repo()).unwrap();
-    let job = cbtvault_engine::qemu::job_name("cbtv", &repo, "vm1");
-    drop(repo);
-    rt.block_on(async {
-        let options = cbtvault_qemu::DiskOptions {
-            nbd_socket: Some(qsd.nbd()),
-            ..Default::default()
-        };
-        let disk = cbtvault_qemu::QemuDisk::connect_with(qsd.qmp().into(), "disk", options)
-            .await
-            .unwrap();
-        // Killed here: neither commit nor abort.
-        let _export = disk.prepare(&job, None).await.unwrap();
-    });
-    // The runtime's tasks hold the QMP connection: it goes with them (a
-    // QEMU monitor serves one client at a time).
-    drop(rt);
+    leave_a_view(&s, &qsd, "cbtv", "vm1", None);
     let args = |json: bool| {
         let mut a = vec!["cleanup".to_string()];
         if json {

@@ -209,6 +209,17 @@ fn ok(s: &Scratch, url: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `backup --json` of `source` as disk `d`, an incremental when given a
+/// changed-block bitmap.
+fn backup(s: &Scratch, url: &str, source: &str, bitmap: Option<&std::path::Path>) -> Value {
+    let mut args = vec!["backup", "--json", "--disk", "d", "--source", source];
+    let bitmap = bitmap.map(|b| b.to_str().unwrap().to_string());
+    if let Some(b) = &bitmap {
+        args.extend(["--changed-blocks", b]);
+    }
+    the_restore_point(&ok(s, url, &args))
+}
+
 fn restore(s: &Scratch, url: &str, id: &str, name: &str) -> std::path::PathBuf {
     let to = s.path(name);
     ok(
@@ -230,28 +241,11 @@ fn an_s3_repository_backs_up_restores_and_rebuilds_its_catalogue_from_the_bucket
     // A full, then an incremental from a changed-block bitmap.
     let image = s.image("disk.img", 48, 1);
     let source = format!("file:{}", image.display());
-    let full = the_restore_point(&ok(
-        &s,
-        &url,
-        &["backup", "--json", "--disk", "d", "--source", &source],
-    ));
+    let full = backup(&s, &url, &source, None);
     let first = s.path("first.img");
     std::fs::copy(&image, &first).unwrap();
     let (_, bitmap) = s.churn(&image, 0.05, 2, "c1.b64");
-    let incremental = the_restore_point(&ok(
-        &s,
-        &url,
-        &[
-            "backup",
-            "--json",
-            "--disk",
-            "d",
-            "--source",
-            &source,
-            "--changed-blocks",
-            bitmap.to_str().unwrap(),
-        ],
-    ));
+    let incremental = backup(&s, &url, &source, Some(&bitmap));
     assert_eq!(incremental["mode"]["kind"], "incremental", "{incremental}");
     assert_same_file(&first, &restore(&s, &url, &id(&full), "r1.img"));
     assert_same_file(&image, &restore(&s, &url, &id(&incremental), "r2.img"));
@@ -264,20 +258,7 @@ fn an_s3_repository_backs_up_restores_and_rebuilds_its_catalogue_from_the_bucket
     assert_same_file(&image, &restore(&s, &url, &id(&incremental), "r3.img"));
     // And it backs up incrementally on top of what it found.
     let (_, bitmap) = s.churn(&image, 0.02, 3, "c2.b64");
-    let next = the_restore_point(&ok(
-        &s,
-        &url,
-        &[
-            "backup",
-            "--json",
-            "--disk",
-            "d",
-            "--source",
-            &source,
-            "--changed-blocks",
-            bitmap.to_str().unwrap(),
-        ],
-    ));
+    let next = backup(&s, &url, &source, Some(&bitmap));
     assert!(next["stats"]["blocks_new"].as_u64().unwrap() > 0, "{next}");
     assert_eq!(next["parent"], incremental["id"], "{next}");
     assert_same_file(&image, &restore(&s, &url, &id(&next), "r4.img"));
@@ -337,26 +318,9 @@ fn an_s3_repository_survives_throttling_drops_and_a_slow_server() {
     ok(&s, &url, &["init"]);
     let image = s.image("disk.img", 40, 5);
     let source = format!("file:{}", image.display());
-    let full = the_restore_point(&ok(
-        &s,
-        &url,
-        &["backup", "--json", "--disk", "d", "--source", &source],
-    ));
+    let full = backup(&s, &url, &source, None);
     let (_, bitmap) = s.churn(&image, 0.05, 6, "c.b64");
-    let next = the_restore_point(&ok(
-        &s,
-        &url,
-        &[
-            "backup",
-            "--json",
-            "--disk",
-            "d",
-            "--source",
-            &source,
-            "--changed-blocks",
-            bitmap.to_str().unwrap(),
-        ],
-    ));
+    let next = backup(&s, &url, &source, Some(&bitmap));
     assert_eq!(next["parent"], full["id"], "{next}");
     assert_same_file(&image, &restore(&s, &url, &id(&next), "r.img"));
     ok(&s, &url, &["verify", "--read-data"]);
@@ -394,11 +358,7 @@ fn killed_backups_into_s3_lose_nothing_and_gc_removes_what_they_left() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let rp = the_restore_point(&ok(
-        &s,
-        &url,
-        &["backup", "--json", "--disk", "d", "--source", &source],
-    ));
+    let rp = backup(&s, &url, &source, None);
     ok(&s, &url, &["gc"]);
     ok(&s, &url, &["verify", "--read-data"]);
     assert_same_file(&image, &restore(&s, &url, &id(&rp), "r.img"));

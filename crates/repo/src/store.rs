@@ -69,27 +69,19 @@ impl BlobReader {
     /// Reads one blob and checks it against its id. A blob found damaged
     /// is quarantined (see [`Catalogue::quarantine`]).
     pub fn read(&self, id: &BlobId) -> Result<Vec<u8>> {
-        let loc = self.locate(id)?;
-        let read = self
-            .backend
-            .read_at(
-                FileKind::Pack,
-                &loc.pack,
-                loc.entry.offset,
-                loc.entry.stored_len as usize,
-            )
-            .map_err(|e| unreadable(&loc, e))
-            .and_then(|stored| self.decode(&loc.pack, &loc.entry, &stored));
-        if let Err(e) = &read {
-            self.quarantine_if_damaged(&loc, e);
-        }
-        read
+        self.fetch(id).map(|(_, _, content)| content)
     }
 
     /// Reads one blob in its stored form (compressed or not, as in its
     /// pack), after checking its content against its id: for copying it
     /// into another repository without compressing it again.
     pub(crate) fn read_stored(&self, id: &BlobId) -> Result<(PackEntry, Vec<u8>)> {
+        self.fetch(id).map(|(entry, stored, _)| (entry, stored))
+    }
+
+    /// A blob's entry, stored form and checked content; a blob found
+    /// damaged is quarantined.
+    fn fetch(&self, id: &BlobId) -> Result<(PackEntry, Vec<u8>, Vec<u8>)> {
         let loc = self.locate(id)?;
         let read = self
             .backend
@@ -100,14 +92,14 @@ impl BlobReader {
                 loc.entry.stored_len as usize,
             )
             .map_err(|e| unreadable(&loc, e))
-            .and_then(|stored| self.decode(&loc.pack, &loc.entry, &stored).map(|_| stored));
-        match read {
-            Ok(stored) => Ok((loc.entry, stored)),
-            Err(e) => {
-                self.quarantine_if_damaged(&loc, &e);
-                Err(e)
-            }
+            .and_then(|stored| {
+                let content = self.decode(&loc.pack, &loc.entry, &stored)?;
+                Ok((loc.entry, stored, content))
+            });
+        if let Err(e) = &read {
+            self.quarantine_if_damaged(&loc, e);
         }
+        read
     }
 
     /// Quarantines the blob at `loc` when `error` shows its stored copy is
