@@ -281,6 +281,11 @@ impl Explorer {
         }
     }
 
+    /// Bytes read since the explorer was opened.
+    pub(crate) fn total_read(&self) -> u64 {
+        self.view.total_read()
+    }
+
     pub(crate) fn options(&self) -> Options {
         self.options
     }

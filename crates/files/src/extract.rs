@@ -28,6 +28,18 @@ pub struct GetReport {
     pub blocks_fetched: u64,
 }
 
+/// Directories nested deeper than this are taken for a loop in damaged
+/// metadata (a directory that contains itself); real trees are far
+/// shallower, and the recursion must stay within the stack.
+const MAX_DEPTH: usize = 128;
+
+/// Where a `get` is, to bound it as a whole: a directory loop can fan out
+/// without ever going deeper than [`MAX_DEPTH`].
+struct Walk {
+    depth: usize,
+    started_at: u64,
+}
+
 /// Stretches of zeros at least this long are left as holes.
 const HOLE: usize = 4096;
 
@@ -45,11 +57,15 @@ impl Explorer {
     pub fn get(&mut self, paths: &[String], to: &Path) -> Result<GetReport> {
         std::fs::create_dir_all(to).map_err(out(to))?;
         let mut report = GetReport::default();
+        let walk = Walk {
+            depth: 0,
+            started_at: self.total_read(),
+        };
         for path in paths {
             let Some(at) = self.locate(path)? else {
                 // The top of a partitioned disk: every partition.
                 for p in self.partitions().to_vec() {
-                    self.get_one(&p.name, to, &mut report)?;
+                    self.get_one(&p.name, to, &walk, &mut report)?;
                 }
                 continue;
             };
@@ -60,20 +76,26 @@ impl Explorer {
             } else {
                 to.join(safe_name(&shown, &entry.raw_name)?)
             };
-            self.write_entry(&at, &shown, &entry, &dest, &mut report)?;
+            self.write_entry(&at, &shown, &entry, &dest, &walk, &mut report)?;
         }
         report.blocks_fetched = self.blocks_fetched();
         Ok(report)
     }
 
-    fn get_one(&mut self, path: &str, to: &Path, report: &mut GetReport) -> Result<()> {
+    fn get_one(
+        &mut self,
+        path: &str,
+        to: &Path,
+        walk: &Walk,
+        report: &mut GetReport,
+    ) -> Result<()> {
         let dest = to.join(path);
         std::fs::create_dir(&dest).map_err(|e| exists_or(&dest, e))?;
         let Some(at) = self.locate(path)? else {
             return Ok(());
         };
         let entry = self.run(&at, path, self.options().read_budget, |fs, p| fs.stat(p))?;
-        self.write_entry(&at, path, &entry, &dest, report)
+        self.write_entry(&at, path, &entry, &dest, walk, report)
     }
 
     fn write_entry(
@@ -82,8 +104,25 @@ impl Explorer {
         shown: &str,
         entry: &Entry,
         dest: &Path,
+        walk: &Walk,
         report: &mut GetReport,
     ) -> Result<()> {
+        // Metadata read so far against what the files written can explain.
+        let read = self.total_read().saturating_sub(walk.started_at);
+        let allowed = (self.options().read_budget.saturating_mul(4))
+            .saturating_add(report.bytes.saturating_mul(2));
+        if walk.depth > MAX_DEPTH || read > allowed {
+            return Err(Error::ReadBudget {
+                place: format!("{shown} ({} levels deep)", walk.depth),
+                fs: "file system",
+                path: shown.to_string(),
+                read,
+            });
+        }
+        let deeper = Walk {
+            depth: walk.depth + 1,
+            started_at: walk.started_at,
+        };
         match entry.kind {
             Kind::File => {
                 self.write_file(at, shown, entry, dest)?;
@@ -106,7 +145,7 @@ impl Explorer {
                         path: sub,
                     };
                     let child_shown = format!("{}/{}", shown.trim_end_matches('/'), child.name);
-                    self.write_entry(&sub, &child_shown, &child, &dest.join(name), report)?;
+                    self.write_entry(&sub, &child_shown, &child, &dest.join(name), &deeper, report)?;
                 }
             }
             Kind::Symlink => {

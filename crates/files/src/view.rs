@@ -69,6 +69,8 @@ pub(crate) struct DiskView {
     budget: Cell<u64>,
     /// Bytes read in the current operation.
     read: Cell<u64>,
+    /// Bytes read since the view was opened.
+    total: Cell<u64>,
     /// Blocks fetched from the repository since the view was opened.
     fetched: Cell<u64>,
     failure: RefCell<Option<Failure>>,
@@ -110,6 +112,7 @@ impl DiskView {
             )),
             budget: Cell::new(u64::MAX),
             read: Cell::new(0),
+            total: Cell::new(0),
             fetched: Cell::new(0),
             failure: RefCell::new(None),
         }
@@ -121,6 +124,11 @@ impl DiskView {
 
     pub(crate) fn restore_point(&self) -> &str {
         &self.restore_point
+    }
+
+    /// Bytes read since the view was opened.
+    pub(crate) fn total_read(&self) -> u64 {
+        self.total.get()
     }
 
     pub(crate) fn fetched(&self) -> u64 {
@@ -158,6 +166,7 @@ impl DiskView {
             })?;
         let read = self.read.get().saturating_add(len);
         self.read.set(read);
+        self.total.set(self.total.get().saturating_add(len));
         if read > self.budget.get() {
             *self.failure.borrow_mut() = Some(Failure::Budget { read });
             return Err(std::io::Error::other("read budget exhausted"));
