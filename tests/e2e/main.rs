@@ -9,6 +9,7 @@ mod concurrency;
 mod corruption;
 mod crash;
 mod daemon;
+mod files;
 mod incremental;
 mod integrity;
 mod jobs_locks;

@@ -149,6 +149,10 @@ pub enum Command {
         #[command(flatten)]
         limits: ServeLimits,
     },
+    /// Single files from a restore point, read from the repository without
+    /// a restore or a mount: partitions (MBR, GPT), ext2/3/4, NTFS and FAT.
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Tell which blocks differ between two restore points.
     Diff {
         #[command(flatten)]
@@ -334,6 +338,39 @@ pub struct BackupArgs {
     /// The disk's position in the VM, e.g. 0 or xvda (with --vm-uuid).
     #[arg(long, requires = "vm_uuid")]
     pub vm_device: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FilesCommand {
+    /// List a directory: type, mode, owner, size, modification time (UTC),
+    /// name. On a partitioned disk the top lists the partitions (p1, p2...)
+    /// and paths start with one (p1/etc).
+    Ls {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+        /// or VM@DATE.
+        id: String,
+        /// The directory (or file) to list.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Copy files, directories (with everything below) and symlinks out of
+    /// a restore point into DIR, keeping modes, times and (as root)
+    /// owners; sparse files stay sparse. Nothing in DIR is overwritten.
+    Get {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+        /// or VM@DATE.
+        id: String,
+        /// Paths in the restore point (p1/etc/hosts on a partitioned disk).
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// The directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -49,7 +49,9 @@ pub enum Error {
     BadPartitionTable { table: &'static str, detail: String },
     /// A reader went on reading far past what the operation can need: a
     /// loop in damaged metadata. Stopped instead of hanging.
-    #[error("{place}: gave up reading {fs} metadata at {path} after {read} bytes; a loop in damaged metadata?")]
+    #[error(
+        "{place}: gave up reading {fs} metadata at {path} after {read} bytes; a loop in damaged metadata?"
+    )]
     ReadBudget {
         place: String,
         fs: &'static str,

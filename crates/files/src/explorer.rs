@@ -52,7 +52,11 @@ pub struct Explorer {
 
 impl Explorer {
     /// Opens `rp` and reads its partition table.
-    pub fn open(repo: &Arc<Repository>, rp: &RestorePointRow, options: Options) -> Result<Explorer> {
+    pub fn open(
+        repo: &Arc<Repository>,
+        rp: &RestorePointRow,
+        options: Options,
+    ) -> Result<Explorer> {
         Self::with_view(DiskView::open(repo, rp, options.cache_blocks)?, options)
     }
 
@@ -170,7 +174,10 @@ impl Explorer {
                         },
                     });
                 }
-                Ok(Some(Located { part: name, path: parts }))
+                Ok(Some(Located {
+                    part: name,
+                    path: parts,
+                }))
             }
         }
     }
@@ -201,7 +208,9 @@ impl Explorer {
             let (name, mounted): (&'static str, FsResult<Box<dyn FileSystem>>) = {
                 let attempt = catch_unwind(AssertUnwindSafe(|| match kind {
                     FsKind::Ext => Ext4Fs::mount(slice).map(|f| Box::new(f) as Box<dyn FileSystem>),
-                    FsKind::Ntfs => NtfsFs::mount(slice).map(|f| Box::new(f) as Box<dyn FileSystem>),
+                    FsKind::Ntfs => {
+                        NtfsFs::mount(slice).map(|f| Box::new(f) as Box<dyn FileSystem>)
+                    }
                     FsKind::Fat => FatFs::mount(slice).map(|f| Box::new(f) as Box<dyn FileSystem>),
                 }));
                 let name = match kind {
@@ -224,12 +233,10 @@ impl Explorer {
             let fs = mounted.map_err(|e| self.fs_error(e, &place, name, "/", "/"))?;
             self.mounted.insert(part.to_string(), fs);
         }
-        self.mounted
-            .get_mut(part)
-            .ok_or_else(|| Error::NotFound {
-                path: part.to_string(),
-                restore_point: self.view.restore_point().to_string(),
-            })
+        self.mounted.get_mut(part).ok_or_else(|| Error::NotFound {
+            path: part.to_string(),
+            restore_point: self.view.restore_point().to_string(),
+        })
     }
 
     /// Runs `f` on the file system `at` is in, with `budget` bytes to
@@ -264,7 +271,14 @@ impl Explorer {
         }
     }
 
-    fn fs_error(&self, e: FsError, place: &str, fs: &'static str, shown: &str, path: &str) -> Error {
+    fn fs_error(
+        &self,
+        e: FsError,
+        place: &str,
+        fs: &'static str,
+        shown: &str,
+        path: &str,
+    ) -> Error {
         match e {
             FsError::NotFound => Error::NotFound {
                 path: shown.to_string(),

@@ -52,8 +52,9 @@ fn out(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 
 impl Explorer {
     /// Writes each of `paths` (files, directories with everything below,
-    /// symlinks) into directory `to` under its own name; the root of a
-    /// file system (`/`, `p1`) has its contents written into `to`.
+    /// symlinks) into directory `to` under its own name: a partition
+    /// (`p1`) as a directory of that name, the root of a disk without a
+    /// partition table (`/`) as `to` itself.
     pub fn get(&mut self, paths: &[String], to: &Path) -> Result<GetReport> {
         std::fs::create_dir_all(to).map_err(out(to))?;
         let mut report = GetReport::default();
@@ -71,8 +72,10 @@ impl Explorer {
             };
             let shown = path.clone();
             let entry = self.run(&at, &shown, self.options().read_budget, |fs, p| fs.stat(p))?;
-            let dest = if at.path.is_empty() {
+            let dest = if at.path.is_empty() && at.part.is_empty() {
                 to.to_path_buf()
+            } else if at.path.is_empty() {
+                to.join(&at.part)
             } else {
                 to.join(safe_name(&shown, &entry.raw_name)?)
             };
@@ -145,7 +148,14 @@ impl Explorer {
                         path: sub,
                     };
                     let child_shown = format!("{}/{}", shown.trim_end_matches('/'), child.name);
-                    self.write_entry(&sub, &child_shown, &child, &dest.join(name), &deeper, report)?;
+                    self.write_entry(
+                        &sub,
+                        &child_shown,
+                        &child,
+                        &dest.join(name),
+                        &deeper,
+                        report,
+                    )?;
                 }
             }
             Kind::Symlink => {
@@ -244,10 +254,11 @@ fn safe_name(shown: &str, name: &[u8]) -> Result<PathBuf> {
 
 /// Mode, owner (as root only) and times, without following a symlink.
 fn apply_metadata(entry: &Entry, dest: &Path) -> Result<()> {
-    let c_path = std::ffi::CString::new(dest.as_os_str().as_bytes()).map_err(|_| Error::Output {
-        path: dest.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
-    })?;
+    let c_path =
+        std::ffi::CString::new(dest.as_os_str().as_bytes()).map_err(|_| Error::Output {
+            path: dest.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
+        })?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         if let (Some(uid), Some(gid)) = (entry.uid, entry.gid) {

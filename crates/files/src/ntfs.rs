@@ -148,7 +148,9 @@ impl FileSystem for NtfsFs {
     }
 
     fn read_link(&mut self, _path: &[Vec<u8>]) -> FsResult<Vec<u8>> {
-        Err(FsError::Reader("NTFS reparse points are not followed".into()))
+        Err(FsError::Reader(
+            "NTFS reparse points are not followed".into(),
+        ))
     }
 
     fn read(&mut self, path: &[Vec<u8>], sink: &mut Sink<'_>) -> FsResult<()> {

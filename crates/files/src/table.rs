@@ -67,7 +67,8 @@ pub(crate) fn read_layout(disk: &Slice) -> Result<Layout> {
     if entries.iter().any(|e| e[4] == 0xEE) {
         return gpt(disk).map(Layout::Table);
     }
-    let mbr = mbrman::MBR::read_from(&mut disk.clone(), SECTOR as u32).map_err(|e| bad("MBR", e))?;
+    let mbr =
+        mbrman::MBR::read_from(&mut disk.clone(), SECTOR as u32).map_err(|e| bad("MBR", e))?;
     let mut parts = Vec::new();
     for (i, p) in mbr.iter() {
         if p.is_unused() || p.is_extended() {
@@ -136,7 +137,22 @@ fn gpt(disk: &Slice) -> Result<Vec<Partition>> {
 fn gpt_type(g: &[u8; 16]) -> String {
     let text = format!(
         "{:02X}{:02X}{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
-        g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+        g[3],
+        g[2],
+        g[1],
+        g[0],
+        g[5],
+        g[4],
+        g[7],
+        g[6],
+        g[8],
+        g[9],
+        g[10],
+        g[11],
+        g[12],
+        g[13],
+        g[14],
+        g[15]
     );
     let known = match text.as_str() {
         "0FC63DAF-8483-4772-8E79-3D69D8477DE4" => "Linux filesystem",

@@ -281,7 +281,13 @@ impl DiskView {
     /// Turns a reader's failure into the error that says most: a damaged
     /// block or an exhausted budget if the view saw one, else the reader's
     /// own complaint about the file system.
-    pub(crate) fn explain(&self, place: &str, fs: &'static str, path: &str, detail: String) -> Error {
+    pub(crate) fn explain(
+        &self,
+        place: &str,
+        fs: &'static str,
+        path: &str,
+        detail: String,
+    ) -> Error {
         match self.take_failure() {
             Some(Failure::Damaged { offset, source }) => Error::DamagedBlock {
                 restore_point: self.restore_point.clone(),

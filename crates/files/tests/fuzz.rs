@@ -91,8 +91,13 @@ fn corrupt(img: &[u8], pages: &[usize], rng: &mut ChaCha8Rng) -> Vec<u8> {
 fn fuzz(label: &str, img: &Path) {
     let clean = std::fs::read(img).unwrap();
     let pages = used_pages(&clean);
-    let secs: u64 = std::env::var("FILES_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
-    let only: Option<u64> = std::env::var("FILES_FUZZ_SEED").ok().and_then(|s| s.parse().ok());
+    let secs: u64 = std::env::var("FILES_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let only: Option<u64> = std::env::var("FILES_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let deadline = Instant::now() + Duration::from_secs(secs);
     let scratch = tempfile::tempdir().unwrap();
     let (mut runs, mut panics, mut slowest) = (0u64, 0u64, Duration::ZERO);
@@ -111,20 +116,27 @@ fn fuzz(label: &str, img: &Path) {
         let out = scratch.path().join(seed.to_string());
         let started = Instant::now();
         // A panic escaping the crate fails the test here, naming the seed.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            match Explorer::open_image(bad, label, OPTIONS) {
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match Explorer::open_image(
+                bad, label, OPTIONS,
+            ) {
                 Ok(mut x) => {
                     exercise(&mut x, &out);
                 }
                 Err(e) => {
                     assert!(!e.to_string().is_empty());
                 }
-            }
-        }));
-        assert!(outcome.is_ok(), "{label}: seed {seed} panicked out of the crate");
+            }));
+        assert!(
+            outcome.is_ok(),
+            "{label}: seed {seed} panicked out of the crate"
+        );
         let took = started.elapsed();
         slowest = slowest.max(took);
-        assert!(took < Duration::from_secs(20), "{label}: seed {seed} took {took:?}");
+        assert!(
+            took < Duration::from_secs(20),
+            "{label}: seed {seed} took {took:?}"
+        );
         let _ = std::fs::remove_dir_all(&out);
         runs += 1;
         let _ = &mut panics;
@@ -157,7 +169,11 @@ fn corrupted_fat() {
 #[test]
 fn corrupted_ntfs() {
     let dir = tempfile::tempdir().unwrap();
-    let files = [("a.txt", b"hello".to_vec()), ("b.bin", content(5, 300_000)), (UNICODE_NAME, b"x".to_vec())];
+    let files = [
+        ("a.txt", b"hello".to_vec()),
+        ("b.bin", content(5, 300_000)),
+        (UNICODE_NAME, b"x".to_vec()),
+    ];
     fuzz("ntfs", &ntfs(dir.path(), "n.img", &files, 8));
 }
 
@@ -166,7 +182,13 @@ fn corrupted_partition_tables() {
     let dir = tempfile::tempdir().unwrap();
     let tree = tree(dir.path(), false);
     let f = fat(dir.path(), "p.fat", &tree, 8);
-    let mbr = partitioned(dir.path(), "mbr.img", 24, "label: dos\n,9M,c\n,,5\n,9M,c\n", &[(1, &f), (5, &f)]);
+    let mbr = partitioned(
+        dir.path(),
+        "mbr.img",
+        24,
+        "label: dos\n,9M,c\n,,5\n,9M,c\n",
+        &[(1, &f), (5, &f)],
+    );
     fuzz("mbr", &mbr);
     let gpt = partitioned(dir.path(), "gpt.img", 24, "label: gpt\n,9M,L\n", &[(1, &f)]);
     fuzz("gpt", &gpt);
@@ -184,7 +206,9 @@ fn a_hostile_gpt_header_is_refused_before_any_allocation() {
     img[512 + 16..512 + 20].fill(0);
     let crc = crc32(&img[512..512 + 92]);
     img[512 + 16..512 + 20].copy_from_slice(&crc.to_le_bytes());
-    let err = Explorer::open_image(img, "hostile", OPTIONS).err().expect("refused");
+    let err = Explorer::open_image(img, "hostile", OPTIONS)
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("2147483648 entries"), "{err}");
 }
 
@@ -193,7 +217,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

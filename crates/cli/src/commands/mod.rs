@@ -2,6 +2,7 @@
 
 mod daemon;
 mod data;
+mod files;
 mod jobs;
 mod maintenance;
 mod points;
@@ -76,6 +77,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
             tls_key,
             limits,
         } => serve::serve(&g, &repo.repo, &id, &listen, tls_cert.zip(tls_key), limits),
+        Command::Files(crate::cli::FilesCommand::Ls { repo, id, path }) => {
+            files::ls(&g, &repo.repo, &id, &path)
+        }
+        Command::Files(crate::cli::FilesCommand::Get {
+            repo,
+            id,
+            paths,
+            to,
+        }) => files::get(&g, &repo.repo, &id, &paths, &to),
         Command::Diff { repo, a, b } => maintenance::diff(&g, &repo.repo, &a, &b),
         Command::Verify {
             repo,

@@ -47,7 +47,11 @@ pub fn tree(dir: &Path, symlinks: bool) -> PathBuf {
     let root = dir.join("tree");
     std::fs::create_dir_all(root.join("docs/deep")).unwrap();
     std::fs::write(root.join("hello.txt"), b"hello, world\n").unwrap();
-    std::fs::write(root.join("docs/big.bin"), content(1, 3 * MIB as usize + 12345)).unwrap();
+    std::fs::write(
+        root.join("docs/big.bin"),
+        content(1, 3 * MIB as usize + 12345),
+    )
+    .unwrap();
     std::fs::write(root.join("docs/deep/small.bin"), content(2, 777)).unwrap();
     std::fs::write(root.join(UNICODE_NAME), "ünïcödé\n").unwrap();
     std::fs::write(root.join("empty"), b"").unwrap();
@@ -58,18 +62,52 @@ pub fn tree(dir: &Path, symlinks: bool) -> PathBuf {
         use std::os::unix::fs::FileExt;
         f.write_all_at(b"start", 0).unwrap();
         f.write_all_at(b"end", 8 * MIB - 3).unwrap();
-        std::fs::set_permissions(root.join("docs/deep/small.bin"), std::fs::Permissions::from_mode(0o640)).unwrap();
-        std::fs::set_permissions(root.join("docs"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::fs::set_permissions(
+            root.join("docs/deep/small.bin"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        std::fs::set_permissions(root.join("docs"), std::fs::Permissions::from_mode(0o750))
+            .unwrap();
     }
-    run("touch", &["-h", "-d", "2021-03-04 05:06:07.5 UTC", root.join("hello.txt").to_str().unwrap()]);
-    run("touch", &["-d", "2020-01-02 03:04:06 UTC", root.join("docs/deep/small.bin").to_str().unwrap()]);
+    run(
+        "touch",
+        &[
+            "-h",
+            "-d",
+            "2021-03-04 05:06:07.5 UTC",
+            root.join("hello.txt").to_str().unwrap(),
+        ],
+    );
+    run(
+        "touch",
+        &[
+            "-d",
+            "2020-01-02 03:04:06 UTC",
+            root.join("docs/deep/small.bin").to_str().unwrap(),
+        ],
+    );
     root
 }
 
 /// An ext4 image of `mib` MiB holding `tree` (mkfs.ext4 -d).
 pub fn ext4(dir: &Path, name: &str, tree: &Path, mib: u64) -> PathBuf {
     let img = dir.join(name);
-    run("mkfs.ext4", &["-q", "-F", "-b", "4096", "-E", "root_owner=0:0", "-d", tree.to_str().unwrap(), img.to_str().unwrap(), &format!("{mib}M")]);
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            tree.to_str().unwrap(),
+            img.to_str().unwrap(),
+            &format!("{mib}M"),
+        ],
+    );
     img
 }
 
@@ -77,10 +115,23 @@ pub fn ext4(dir: &Path, name: &str, tree: &Path, mib: u64) -> PathBuf {
 pub fn fat(dir: &Path, name: &str, tree: &Path, mib: u64) -> PathBuf {
     let img = dir.join(name);
     let _ = std::fs::remove_file(&img);
-    run("mkfs.fat", &["-C", img.to_str().unwrap(), &(mib * 1024).to_string()]);
+    run(
+        "mkfs.fat",
+        &["-C", img.to_str().unwrap(), &(mib * 1024).to_string()],
+    );
     for e in std::fs::read_dir(tree).unwrap() {
         let p = e.unwrap().path();
-        run("mcopy", &["-s", "-m", "-i", img.to_str().unwrap(), p.to_str().unwrap(), "::/"]);
+        run(
+            "mcopy",
+            &[
+                "-s",
+                "-m",
+                "-i",
+                img.to_str().unwrap(),
+                p.to_str().unwrap(),
+                "::/",
+            ],
+        );
     }
     img
 }
@@ -96,7 +147,10 @@ pub fn ntfs(dir: &Path, name: &str, files: &[(&str, Vec<u8>)], mib: u64) -> Path
     for (i, (n, data)) in files.iter().enumerate() {
         let src = dir.join(format!("ntfs-src-{i}"));
         std::fs::write(&src, data).unwrap();
-        run("ntfscp", &["-q", img.to_str().unwrap(), src.to_str().unwrap(), n]);
+        run(
+            "ntfscp",
+            &["-q", img.to_str().unwrap(), src.to_str().unwrap(), n],
+        );
     }
     img
 }
@@ -104,7 +158,13 @@ pub fn ntfs(dir: &Path, name: &str, files: &[(&str, Vec<u8>)], mib: u64) -> Path
 /// A disk of `mib` MiB with a partition table made by `sfdisk` from
 /// `script`, and each of `parts` (1-based partition number, image)
 /// written at its partition's offset.
-pub fn partitioned(dir: &Path, name: &str, mib: u64, script: &str, parts: &[(u32, &Path)]) -> PathBuf {
+pub fn partitioned(
+    dir: &Path,
+    name: &str,
+    mib: u64,
+    script: &str,
+    parts: &[(u32, &Path)],
+) -> PathBuf {
     let img = dir.join(name);
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(mib * MIB).unwrap();
@@ -116,9 +176,17 @@ pub fn partitioned(dir: &Path, name: &str, mib: u64, script: &str, parts: &[(u32
         .spawn()
         .expect("sfdisk (run scripts/install-deps)");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success(), "sfdisk failed");
-    let dump = Command::new("sfdisk").args(["-J", img.to_str().unwrap()]).output().unwrap();
+    let dump = Command::new("sfdisk")
+        .args(["-J", img.to_str().unwrap()])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&dump.stdout).into_owned();
     for (n, part) in parts {
         let start = start_of(&text, *n);
@@ -141,5 +209,11 @@ fn start_of(json: &str, n: u32) -> u64 {
         })
         .unwrap_or_else(|| panic!("partition {n} not in {json}"));
     let start = entry.split("\"start\":").nth(1).unwrap();
-    start.trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    start
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
