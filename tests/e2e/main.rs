@@ -15,6 +15,7 @@ mod integrity;
 mod jobs_locks;
 mod nbd;
 mod qemu;
+mod rollback;
 mod runner;
 mod serve_load;
 mod sources;

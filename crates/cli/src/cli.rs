@@ -126,6 +126,18 @@ pub enum Command {
         /// The NBD target reads as zeros already (a new image): skip writing zero blocks.
         #[arg(long)]
         target_is_zero: bool,
+        /// Roll back an existing disk (a file, block device or NBD export
+        /// holding another state of this disk): write only the blocks that
+        /// differ, found by hashing the target (several readers at once)
+        /// or, with --target-state, from the block maps.
+        #[arg(long, conflicts_with_all = ["force", "target_is_zero"])]
+        only_changed: bool,
+        /// With --only-changed: the restore point the target holds now (it
+        /// was restored from it, or backed up as it). The blocks to write
+        /// then come from the two block maps and the target is not read;
+        /// a target changed since is not noticed.
+        #[arg(long, requires = "only_changed", value_name = "ID")]
+        target_state: Option<String>,
         /// Threads reading, checking and writing blocks.
         #[arg(long)]
         workers: Option<usize>,

@@ -52,13 +52,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
             to,
             force,
             target_is_zero,
+            only_changed,
+            target_state,
             workers,
             login,
             sr,
             config,
             pool,
         } => {
-            if to == "xapi" {
+            if only_changed {
+                if to == "xapi" {
+                    anyhow::bail!(crate::failure::usage!(
+                        "--only-changed rewrites an existing disk (a file, block device or NBD                          export); --to xapi makes a new VDI"
+                    ));
+                }
+                data::rollback(&g, &repo.repo, &id, &to, target_state.as_deref(), workers)
+            } else if to == "xapi" {
                 let choice = jobs::PoolChoice {
                     login: &login,
                     config: config.as_ref(),
