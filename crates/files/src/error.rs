@@ -8,7 +8,7 @@ pub enum Error {
     /// The repository could not give what was asked (opening a reader,
     /// a node of the block map).
     #[error("reading the repository")]
-    Repo(#[from] cbtvault_repo::Error),
+    Repo(#[source] Box<cbtvault_repo::Error>),
     /// A block of the restore point is damaged or missing: the disk bytes
     /// there cannot be trusted, so nothing is made of them.
     #[error("the block at disk offset {offset} of restore point {restore_point} cannot be read")]
@@ -16,7 +16,7 @@ pub enum Error {
         restore_point: String,
         offset: u64,
         #[source]
-        source: cbtvault_repo::Error,
+        source: Box<cbtvault_repo::Error>,
     },
     /// The path names nothing in the file system.
     #[error("{path}: no such file or directory in restore point {restore_point}")]
@@ -82,6 +82,12 @@ pub enum Error {
     /// The destination already holds this name; nothing is overwritten.
     #[error("{path} exists already; choose an empty destination")]
     Exists { path: std::path::PathBuf },
+}
+
+impl From<cbtvault_repo::Error> for Error {
+    fn from(e: cbtvault_repo::Error) -> Error {
+        Error::Repo(Box::new(e))
+    }
 }
 
 /// The crate's result type.

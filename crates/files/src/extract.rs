@@ -260,19 +260,19 @@ fn apply_metadata(entry: &Entry, dest: &Path) -> Result<()> {
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
         })?;
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        if let (Some(uid), Some(gid)) = (entry.uid, entry.gid) {
-            // SAFETY: a valid NUL-terminated path; lchown does not follow symlinks.
-            if unsafe { libc::lchown(c_path.as_ptr(), uid, gid) } != 0 {
-                return Err(out(dest)(std::io::Error::last_os_error()));
-            }
+    if unsafe { libc::geteuid() } == 0
+        && let (Some(uid), Some(gid)) = (entry.uid, entry.gid)
+    {
+        // SAFETY: a valid NUL-terminated path; lchown does not follow symlinks.
+        if unsafe { libc::lchown(c_path.as_ptr(), uid, gid) } != 0 {
+            return Err(out(dest)(std::io::Error::last_os_error()));
         }
     }
-    if entry.kind != Kind::Symlink {
-        if let Some(mode) = entry.mode {
-            std::fs::set_permissions(dest, std::fs::Permissions::from_mode(mode & 0o7777))
-                .map_err(out(dest))?;
-        }
+    if entry.kind != Kind::Symlink
+        && let Some(mode) = entry.mode
+    {
+        std::fs::set_permissions(dest, std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(out(dest))?;
     }
     let ts = |t: Option<Time>| match t {
         Some(t) => libc::timespec {

@@ -195,14 +195,14 @@ pub(crate) fn probe(part: &Slice) -> std::result::Result<FsKind, String> {
     part.read_exact_at(0, &mut head)
         .map_err(|e| format!("its first bytes cannot be read ({e})"))?;
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
-    if let Ok(first) = <&[u8; 512]>::try_from(head.get(..512).unwrap_or(&[])) {
-        if first[510..512] == [0x55, 0xAA] {
-            match boot_sector(first) {
-                Some("NTFS") => return Ok(FsKind::Ntfs),
-                Some("FAT") => return Ok(FsKind::Fat),
-                Some(other) => return Err(format!("an {other} file system")),
-                None => {}
-            }
+    if let Ok(first) = <&[u8; 512]>::try_from(head.get(..512).unwrap_or(&[]))
+        && first[510..512] == [0x55, 0xAA]
+    {
+        match boot_sector(first) {
+            Some("NTFS") => return Ok(FsKind::Ntfs),
+            Some("FAT") => return Ok(FsKind::Fat),
+            Some(other) => return Err(format!("an {other} file system")),
+            None => {}
         }
     }
     if at(1080, &[0x53, 0xEF]) {

@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 pub(crate) enum Failure {
     Damaged {
         offset: u64,
-        source: cbtvault_repo::Error,
+        source: Box<cbtvault_repo::Error>,
     },
     Budget {
         read: u64,
@@ -49,7 +49,8 @@ const NODE_CACHE: usize = 1024;
 /// Where the blocks come from.
 enum Source {
     Repo {
-        reader: BlobReader,
+        /// Boxed: it is large, and the in-memory source is small.
+        reader: Box<BlobReader>,
         tree: Tree,
         /// Held so that gc cannot delete a block while it is being read.
         _lock: cbtvault_repo::Lock,
@@ -59,11 +60,14 @@ enum Source {
     Memory(Vec<u8>),
 }
 
+/// Decoded block-map nodes by (level, index).
+type NodeCache = HashMap<(u32, u64), Rc<Vec<BlobId>>>;
+
 pub(crate) struct DiskView {
     source: Source,
     size: u64,
     restore_point: String,
-    nodes: RefCell<HashMap<(u32, u64), Rc<Vec<BlobId>>>>,
+    nodes: RefCell<NodeCache>,
     blocks: RefCell<lru::LruCache<u64, Rc<Vec<u8>>>>,
     /// Bytes a reader may still read in the current operation.
     budget: Cell<u64>,
@@ -84,7 +88,7 @@ impl DiskView {
     ) -> Result<DiskView> {
         let lock = repo.lock_shared()?;
         let source = Source::Repo {
-            reader: repo.reader()?,
+            reader: Box::new(repo.reader()?),
             tree: rp.manifest.tree(),
             _lock: lock,
         };
@@ -202,7 +206,10 @@ impl DiskView {
     fn damaged(&self, block: u64, source: cbtvault_repo::Error) -> std::io::Error {
         let offset = block * BLOCK_SIZE;
         let message = format!("block at disk offset {offset}: {source}");
-        *self.failure.borrow_mut() = Some(Failure::Damaged { offset, source });
+        *self.failure.borrow_mut() = Some(Failure::Damaged {
+            offset,
+            source: Box::new(source),
+        });
         std::io::Error::other(message)
     }
 
