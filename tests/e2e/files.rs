@@ -64,6 +64,12 @@ fn same_tree(want: &Path, got: &Path) {
 fn files_from_an_ext4_disk_come_back_with_their_metadata() {
     let s = Scratch::new();
     let tree = images::tree(s.dir.path(), true);
+    // An owner other than the one running the test (only root can give one).
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        std::os::unix::fs::lchown(tree.join("hello.txt"), Some(1234), Some(5678)).unwrap();
+    }
     let img = images::ext4(s.dir.path(), "ext4.img", &tree, 64);
     let rp = id(&s.backup("linux", &img, None));
     let top = ls(&s, &rp, "/");
@@ -89,6 +95,12 @@ fn files_from_an_ext4_disk_come_back_with_their_metadata() {
     .unwrap();
     assert!(report["report"]["files"].as_u64().unwrap() >= 6, "{report}");
     same_tree(&tree, &out);
+    if root {
+        let hello = std::fs::metadata(out.join("hello.txt")).unwrap();
+        assert_eq!((hello.uid(), hello.gid()), (1234, 5678));
+        let listed = ls(&s, &rp, "/hello.txt");
+        assert_eq!(listed["entries"][0]["uid"], 1234, "{listed}");
+    }
     // By the selector too, a single file.
     let one = s.path("one");
     s.ok(&[

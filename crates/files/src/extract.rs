@@ -93,7 +93,6 @@ impl Explorer {
         report: &mut GetReport,
     ) -> Result<()> {
         let dest = to.join(path);
-        std::fs::create_dir(&dest).map_err(|e| exists_or(&dest, e))?;
         let Some(at) = self.locate(path)? else {
             return Ok(());
         };
@@ -133,7 +132,14 @@ impl Explorer {
                 report.bytes += entry.size;
             }
             Kind::Dir => {
-                if dest.symlink_metadata().is_err() {
+                // Only the top (DIR itself, or a partition's directory) may
+                // exist already, as a real directory. Below it every
+                // directory is new: one that exists means two entries of
+                // one name (damaged or hostile metadata), and merging into
+                // it could follow a symlink written a moment ago.
+                let top = walk.depth == 0 && at.path.is_empty();
+                let is_dir = dest.symlink_metadata().is_ok_and(|m| m.is_dir());
+                if !(top && is_dir) {
                     std::fs::create_dir(dest).map_err(|e| exists_or(dest, e))?;
                 }
                 report.dirs += 1;
@@ -298,4 +304,25 @@ fn apply_metadata(entry: &Entry, dest: &Path) -> Result<()> {
         return Err(out(dest)(std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_name;
+
+    #[test]
+    fn names_that_could_leave_the_destination_are_refused() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/etc", b"a\0b"] {
+            assert!(safe_name("/x", bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            &b"a"[..],
+            b"...",
+            b"\xff\xfe",
+            "grüße".as_bytes(),
+            b".hidden",
+        ] {
+            assert!(safe_name("/x", good).is_ok(), "{good:?}");
+        }
+    }
 }
