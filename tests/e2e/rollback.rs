@@ -64,6 +64,44 @@ fn rollback_of_a_file_writes_only_the_churned_blocks() {
     assert_eq!(stats["target_bytes_read"], 0);
     assert_same_file(&old, &target);
 
+    // A target written since it was restored: its own changed-block
+    // bitmap (as XenServer's CBT gives it) adds those blocks.
+    let written = s.restore(&first, "written.img");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&written)
+        .unwrap();
+    let mut since = cbtvault_blockmap::BlockMap::empty(BLOCKS);
+    for b in [5u64, 6, 700] {
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xA5; 65536], b * 65536).unwrap();
+        since.set(b);
+    }
+    drop(f);
+    let bitmap = s.path("since.b64");
+    std::fs::write(&bitmap, since.to_xenapi_base64()).unwrap();
+    let stats = rollback(
+        &s,
+        &second,
+        written.to_str().unwrap(),
+        &[
+            "--target-state",
+            &first,
+            "--target-changed-blocks",
+            bitmap.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(stats["method"], "block-maps+changed-blocks");
+    assert!(
+        stats["blocks_written"].as_u64().unwrap() >= churned + 2,
+        "{stats}"
+    );
+    assert!(
+        stats["blocks_written"].as_u64().unwrap() <= churned + 3,
+        "{stats}"
+    );
+    assert_eq!(stats["target_bytes_read"], 0);
+    assert_same_file(&image, &written);
+
     // Text output says what happened.
     let text = s.ok(&[
         "restore",

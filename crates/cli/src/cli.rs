@@ -138,6 +138,11 @@ pub enum Command {
         /// a target changed since is not noticed.
         #[arg(long, requires = "only_changed", value_name = "ID")]
         target_state: Option<String>,
+        /// With --target-state: blocks written to the target since it held
+        /// that restore point, as a XenAPI-style base64 bitmap (what
+        /// VDI.list_changed_blocks returns); they are rewritten too.
+        #[arg(long, requires = "target_state", value_name = "FILE")]
+        target_changed_blocks: Option<PathBuf>,
         /// Threads reading, checking and writing blocks.
         #[arg(long)]
         workers: Option<usize>,

@@ -361,6 +361,12 @@ pub fn restore(
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `--target-state` and `--target-changed-blocks` say the target holds.
+pub struct KnownState<'a> {
+    pub restore_point: Option<&'a str>,
+    pub changed_blocks: Option<&'a Path>,
+}
+
 /// `restore --only-changed`: rolls an existing disk to the restore point,
 /// writing only the blocks that differ.
 pub fn rollback(
@@ -368,19 +374,16 @@ pub fn rollback(
     repo: &Path,
     id: &str,
     to: &str,
-    target_state: Option<&str>,
+    given: KnownState<'_>,
     workers: Option<usize>,
 ) -> Result<ExitCode> {
     use cbtvault_engine::{NbdInPlace, ReadableTarget, TargetState};
     let repo = super::open(repo)?;
     let rp = super::resolve(&repo, id)?;
-    let known = match target_state {
+    let known = match given.restore_point {
         Some(spec) => Some(super::resolve(&repo, spec).context("--target-state")?),
         None => None,
     };
-    let state = known
-        .as_ref()
-        .map_or(TargetState::Unknown, TargetState::Known);
     // Reading the target is the work when hashing: several readers at once.
     let workers = workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -394,6 +397,26 @@ pub fn rollback(
         _ => Location::File(to.strip_prefix("file:").unwrap_or(to).into()),
     };
     let run = |target: &dyn ReadableTarget, shown: String| {
+        // The bitmap is sized by the target as it is now.
+        let changed = match given.changed_blocks {
+            None => None,
+            Some(file) => {
+                let size = target
+                    .size()
+                    .with_context(|| format!("reading the size of {shown}"))?;
+                match read_bitmap(file, size, &shown)? {
+                    Changes::Blocks { map, .. } => Some(map),
+                    Changes::Full { .. } => None,
+                }
+            }
+        };
+        let state = match &known {
+            Some(holds) => TargetState::Known {
+                holds,
+                changed_since: changed.as_ref(),
+            },
+            None => TargetState::Unknown,
+        };
         cbtvault_engine::rollback(&repo, &rp, target, state, workers, &bar, &cancel).with_context(
             || {
                 format!(

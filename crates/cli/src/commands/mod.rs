@@ -54,6 +54,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             target_is_zero,
             only_changed,
             target_state,
+            target_changed_blocks,
             workers,
             login,
             sr,
@@ -66,7 +67,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                         "--only-changed rewrites an existing disk (a file, block device or NBD                          export); --to xapi makes a new VDI"
                     ));
                 }
-                data::rollback(&g, &repo.repo, &id, &to, target_state.as_deref(), workers)
+                let state = data::KnownState {
+                    restore_point: target_state.as_deref(),
+                    changed_blocks: target_changed_blocks.as_deref(),
+                };
+                data::rollback(&g, &repo.repo, &id, &to, state, workers)
             } else if to == "xapi" {
                 let choice = jobs::PoolChoice {
                     login: &login,

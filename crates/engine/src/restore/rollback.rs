@@ -6,8 +6,10 @@
 //! - **From the block maps**, when the caller knows what the target holds
 //!   (it was restored from, or backed up as, restore point A):
 //!   `Repository::diff(A, B)` walks both Merkle maps, skipping shared
-//!   subtrees, and nothing is read from the target. The caller vouches for
-//!   the target's state; a target changed since is not detected.
+//!   subtrees, and nothing is read from the target. Blocks written to the
+//!   target since, as its hypervisor's changed-block tracking reports them
+//!   (a XenAPI bitmap), are added. The caller vouches for the target's
+//!   state; a change nobody reports is not detected.
 //! - **By hashing the target** otherwise: worker threads read it a
 //!   level-1 node's worth (128 blocks, 8 MiB) at a time, several at once,
 //!   hash each 64 KiB block with BLAKE3 and compare it with the restore
@@ -21,7 +23,7 @@
 
 use std::sync::Mutex;
 
-use cbtvault_blockmap::BLOCK_SIZE;
+use cbtvault_blockmap::{BLOCK_SIZE, BlockMap};
 use cbtvault_repo::{BlobId, Cursor, FANOUT, Repository, RestorePointRow, Visitor, walk};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -33,9 +35,15 @@ use crate::progress::Progress;
 /// What the target holds before a rollback.
 #[derive(Clone, Copy)]
 pub enum TargetState<'a> {
-    /// Exactly this restore point: the blocks to write come from the two
-    /// block maps, and nothing is read from the target.
-    Known(&'a RestorePointRow),
+    /// Restore point `holds`, except for the blocks `changed_since` marks
+    /// (the target's own changed-block tracking since it held it, e.g.
+    /// XenServer CBT or a QEMU dirty bitmap): the blocks to write are
+    /// those the two block maps differ in plus those, and nothing is read
+    /// from the target.
+    Known {
+        holds: &'a RestorePointRow,
+        changed_since: Option<&'a BlockMap>,
+    },
     /// Unknown: every block of the target is read, hashed and compared.
     Unknown,
 }
@@ -86,7 +94,11 @@ pub fn rollback(
     let blocks = size.div_ceil(BLOCK_SIZE);
     let mut stats = RollbackStats {
         method: match state {
-            TargetState::Known(_) => "block-maps",
+            TargetState::Known {
+                changed_since: None,
+                ..
+            } => "block-maps",
+            TargetState::Known { .. } => "block-maps+changed-blocks",
             TargetState::Unknown => "hashing",
         },
         ..RollbackStats::default()
@@ -99,7 +111,10 @@ pub fn rollback(
         stats.resized_from = Some(before);
     }
     let changes = match state {
-        TargetState::Known(old) => Some(repo.diff(old, rp)?),
+        TargetState::Known {
+            holds,
+            changed_since,
+        } => Some(to_write(repo.diff(holds, rp)?, changed_since, blocks)),
         TargetState::Unknown => None,
     };
     progress.start(
@@ -213,11 +228,35 @@ pub fn rollback(
     stats.target_bytes_read = t.target_bytes_read;
     // From the maps, every block was compared (shared subtrees at once).
     stats.blocks_compared = match state {
-        TargetState::Known(_) => blocks,
+        TargetState::Known { .. } => blocks,
         TargetState::Unknown => t.blocks_compared,
     };
     stats.duration_ms = started.elapsed().as_millis() as u64;
     Ok(stats)
+}
+
+/// The runs of blocks (below `blocks`) that differ between the maps or
+/// that the target's own tracking marks.
+fn to_write(
+    differ: Vec<std::ops::Range<u64>>,
+    changed_since: Option<&BlockMap>,
+    blocks: u64,
+) -> Vec<std::ops::Range<u64>> {
+    let Some(changed) = changed_since else {
+        return differ;
+    };
+    let mut map = BlockMap::empty(blocks);
+    for run in differ {
+        let end = run.end.min(blocks);
+        if run.start < end {
+            map.set_range(run.start..end);
+        }
+    }
+    map.union_with(changed);
+    map.runs(0)
+        .filter(|r| r.start < blocks)
+        .map(|r| r.start..r.end.min(blocks))
+        .collect()
 }
 
 fn send(tx: &flume::Sender<Unit>, unit: Unit) -> Result<()> {
