@@ -219,3 +219,19 @@ fn bad_paths_restore_points_and_file_systems_are_named() {
     let err = s.fails(&["files", "ls", &rp]);
     assert!(err.contains("no file system"), "{err}");
 }
+
+#[test]
+fn a_damaged_block_is_reported_as_such() {
+    let s = Scratch::new();
+    let tree = images::tree(s.dir.path(), false);
+    let img = images::ext4(s.dir.path(), "e.img", &tree, 16);
+    let rp = id(&s.backup("e", &img, None));
+    // The first blob of the pack is the disk's first block: the superblock.
+    let pack = &pack_files(&s.repo())[0];
+    let mut bytes = std::fs::read(pack).unwrap();
+    bytes[48 + 10] ^= 0x5a;
+    std::fs::write(pack, bytes).unwrap();
+    let err = s.fails(&["files", "ls", "--json", &rp, "/"]);
+    assert!(err.contains("\"damaged\""), "{err}");
+    assert!(err.contains("disk offset 0") && err.contains(&rp), "{err}");
+}

@@ -201,9 +201,18 @@ impl Explorer {
             };
             let place = self.place(part);
             self.view.set_budget(self.options.read_budget);
-            let kind = probe(&slice).map_err(|found| Error::Unsupported {
-                place: place.clone(),
-                found,
+            let kind = probe(&slice).map_err(|found| match self.view.take_failure() {
+                // Its first bytes are damaged in the repository: say so, not
+                // that the partition holds something unknown.
+                Some(crate::view::Failure::Damaged { offset, source }) => Error::DamagedBlock {
+                    restore_point: self.view.restore_point().to_string(),
+                    offset,
+                    source,
+                },
+                _ => Error::Unsupported {
+                    place: place.clone(),
+                    found,
+                },
             })?;
             let (name, mounted): (&'static str, FsResult<Box<dyn FileSystem>>) = {
                 let attempt = catch_unwind(AssertUnwindSafe(|| match kind {
