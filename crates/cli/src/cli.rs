@@ -126,6 +126,23 @@ pub enum Command {
         /// The NBD target reads as zeros already (a new image): skip writing zero blocks.
         #[arg(long)]
         target_is_zero: bool,
+        /// Roll back an existing disk (a file, block device or NBD export
+        /// holding another state of this disk): write only the blocks that
+        /// differ, found by hashing the target (several readers at once)
+        /// or, with --target-state, from the block maps.
+        #[arg(long, conflicts_with_all = ["force", "target_is_zero"])]
+        only_changed: bool,
+        /// With --only-changed: the restore point the target holds now (it
+        /// was restored from it, or backed up as it). The blocks to write
+        /// then come from the two block maps and the target is not read;
+        /// a target changed since is not noticed.
+        #[arg(long, requires = "only_changed", value_name = "ID")]
+        target_state: Option<String>,
+        /// With --target-state: blocks written to the target since it held
+        /// that restore point, as a XenAPI-style base64 bitmap (what
+        /// VDI.list_changed_blocks returns); they are rewritten too.
+        #[arg(long, requires = "target_state", value_name = "FILE")]
+        target_changed_blocks: Option<PathBuf>,
         /// Threads reading, checking and writing blocks.
         #[arg(long)]
         workers: Option<usize>,
@@ -149,6 +166,10 @@ pub enum Command {
         #[command(flatten)]
         limits: ServeLimits,
     },
+    /// Single files from a restore point, read from the repository without
+    /// a restore or a mount: partitions (MBR, GPT), ext2/3/4, NTFS and FAT.
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Tell which blocks differ between two restore points.
     Diff {
         #[command(flatten)]
@@ -349,6 +370,39 @@ pub struct BackupArgs {
     /// The disk's position in the VM, e.g. 0 or xvda (with --vm-uuid).
     #[arg(long, requires = "vm_uuid")]
     pub vm_device: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FilesCommand {
+    /// List a directory: type, mode, owner, size, modification time (UTC),
+    /// name. On a partitioned disk the top lists the partitions (p1, p2...)
+    /// and paths start with one (p1/etc).
+    Ls {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+        /// or VM@DATE.
+        id: String,
+        /// The directory (or file) to list.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Copy files, directories (with everything below) and symlinks out of
+    /// a restore point into DIR, keeping modes, times and (as root)
+    /// owners; sparse files stay sparse. Nothing in DIR is overwritten.
+    Get {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+        /// or VM@DATE.
+        id: String,
+        /// Paths in the restore point (p1/etc/hosts on a partitioned disk).
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// The directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -156,6 +156,16 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
             _ => None,
         };
     }
+    if let Some(e) = e.downcast_ref::<cbtvault_files::Error>() {
+        use cbtvault_files::Error as E;
+        return Some(match e {
+            E::Repo(r) => repo_kind(r),
+            E::NotFound { .. } | E::NoPartition { .. } => NOT_FOUND,
+            E::NotADirectory { .. } | E::Unsupported { .. } | E::Exists { .. } => USAGE,
+            E::Output { .. } => IO,
+            _ => DAMAGED,
+        });
+    }
     if e.is::<cbtvault_config::Error>() {
         return Some(match e.downcast_ref::<cbtvault_config::Error>() {
             Some(cbtvault_config::Error::UnknownJob { .. }) => NOT_FOUND,

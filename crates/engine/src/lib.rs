@@ -5,7 +5,9 @@
 //!   changed-block map marks — and commits a restore point, with bounded
 //!   memory on all cores.
 //! - [`restore()`] writes a restore point to a [`DiskTarget`], checking every
-//!   block against its id.
+//!   block against its id; [`rollback()`] brings a [`ReadableTarget`] that
+//!   holds another state of the disk to it writing only the blocks that
+//!   differ (found from the block maps, or by hashing the target).
 //!
 //! - [`provider`]: one lifecycle for every hypervisor — a [`Provider`]
 //!   prepares point-in-time views and their changed blocks, [`drive`]
@@ -52,6 +54,9 @@ pub use provider::{
     drive,
 };
 pub use rename::DiskName;
-pub use restore::{DiskTarget, FileTarget, RestoreStats, restore};
+pub use restore::{
+    DiskTarget, FileTarget, NbdInPlace, ReadableTarget, RestoreStats, RollbackStats, TargetState,
+    restore, rollback,
+};
 pub use source::{DiskSource, FileSource};
 pub use throttle::Throttle;

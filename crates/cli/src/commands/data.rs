@@ -362,3 +362,112 @@ pub fn restore(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// What `--target-state` and `--target-changed-blocks` say the target holds.
+pub struct KnownState<'a> {
+    pub restore_point: Option<&'a str>,
+    pub changed_blocks: Option<&'a Path>,
+}
+
+/// `restore --only-changed`: rolls an existing disk to the restore point,
+/// writing only the blocks that differ.
+pub fn rollback(
+    g: &Global,
+    repo: &Path,
+    id: &str,
+    to: &str,
+    given: KnownState<'_>,
+    workers: Option<usize>,
+) -> Result<ExitCode> {
+    use cbtvault_engine::{NbdInPlace, ReadableTarget, TargetState};
+    let repo = super::open(repo)?;
+    let rp = super::resolve(&repo, id)?;
+    let known = match given.restore_point {
+        Some(spec) => Some(super::resolve(&repo, spec).context("--target-state")?),
+        None => None,
+    };
+    // Reading the target is the work when hashing: several readers at once.
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().max(4))
+            .unwrap_or(4)
+    });
+    let bar = Bar::new(g);
+    let cancel = CancellationToken::new();
+    let location = match parse_location(to) {
+        Ok(Location::Nbd(uri)) => Location::Nbd(uri),
+        _ => Location::File(to.strip_prefix("file:").unwrap_or(to).into()),
+    };
+    let run = |target: &dyn ReadableTarget, shown: String| {
+        // The bitmap is sized by the target as it is now.
+        let changed = match given.changed_blocks {
+            None => None,
+            Some(file) => {
+                let size = target
+                    .size()
+                    .with_context(|| format!("reading the size of {shown}"))?;
+                match read_bitmap(file, size, &shown)? {
+                    Changes::Blocks { map, .. } => Some(map),
+                    Changes::Full { .. } => None,
+                }
+            }
+        };
+        let state = match &known {
+            Some(holds) => TargetState::Known {
+                holds,
+                changed_since: changed.as_ref(),
+            },
+            None => TargetState::Unknown,
+        };
+        cbtvault_engine::rollback(&repo, &rp, target, state, workers, &bar, &cancel).with_context(
+            || {
+                format!(
+                    "rollback of {} to {shown} failed; it may hold a mix of both states now: run it again",
+                    output::short(&rp.id)
+                )
+            },
+        )
+    };
+    let stats = match location {
+        Location::Qmp(_) => bail!(usage!(
+            "cannot roll back a QMP socket; give a file or an NBD export"
+        )),
+        Location::File(path) => {
+            let target = cbtvault_engine::FileTarget::open_in_place(&path)?;
+            run(&target, path.display().to_string())?
+        }
+        Location::Nbd(uri) => {
+            let rt = super::runtime()?;
+            let mut opts = ConnectOptions::from_uri(&uri)
+                .with_context(|| format!("NBD URI {}", display_uri(&uri)))?;
+            // Several connections where the server allows: readers in parallel.
+            opts.connections = workers.min(8);
+            let client = rt
+                .block_on(cbtvault_nbd::Client::connect(&opts))
+                .with_context(|| format!("connecting to {}", display_uri(&uri)))?;
+            let target = NbdInPlace::new(client, rt.handle().clone())?;
+            run(&target, display_uri(&uri))?
+        }
+    };
+    if g.json {
+        output::print_json(&serde_json::json!({
+            "restore_point": rp.id, "disk": rp.manifest.disk, "to": display_uri(to),
+            "only_changed": true, "target_state": known.as_ref().map(|k| &k.id), "stats": stats,
+        }));
+    } else if !g.quiet {
+        outln!(
+            "rolled {} back to {} of disk {:?}: {} of {} blocks differed ({} written, {} of them zeros; compared by {}), {} read from the target, {:.1} s",
+            display_uri(to),
+            output::short(&rp.id),
+            rp.manifest.disk,
+            stats.blocks_written,
+            stats.blocks_compared,
+            output::bytes(stats.bytes_written),
+            stats.blocks_zeroed,
+            stats.method,
+            output::bytes(stats.target_bytes_read),
+            stats.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

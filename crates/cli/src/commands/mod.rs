@@ -3,6 +3,7 @@
 mod copy;
 mod daemon;
 mod data;
+mod files;
 mod jobs;
 mod maintenance;
 mod points;
@@ -52,13 +53,27 @@ pub fn run(args: Args) -> Result<ExitCode> {
             to,
             force,
             target_is_zero,
+            only_changed,
+            target_state,
+            target_changed_blocks,
             workers,
             login,
             sr,
             config,
             pool,
         } => {
-            if to == "xapi" {
+            if only_changed {
+                if to == "xapi" {
+                    anyhow::bail!(crate::failure::usage!(
+                        "--only-changed rewrites an existing disk (a file, block device or NBD                          export); --to xapi makes a new VDI"
+                    ));
+                }
+                let state = data::KnownState {
+                    restore_point: target_state.as_deref(),
+                    changed_blocks: target_changed_blocks.as_deref(),
+                };
+                data::rollback(&g, &repo.repo, &id, &to, state, workers)
+            } else if to == "xapi" {
                 let choice = jobs::PoolChoice {
                     login: &login,
                     config: config.as_ref(),
@@ -77,6 +92,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
             tls_key,
             limits,
         } => serve::serve(&g, &repo.repo, &id, &listen, tls_cert.zip(tls_key), limits),
+        Command::Files(crate::cli::FilesCommand::Ls { repo, id, path }) => {
+            files::ls(&g, &repo.repo, &id, &path)
+        }
+        Command::Files(crate::cli::FilesCommand::Get {
+            repo,
+            id,
+            paths,
+            to,
+        }) => files::get(&g, &repo.repo, &id, &paths, &to),
         Command::Diff { repo, a, b } => maintenance::diff(&g, &repo.repo, &a, &b),
         Command::Copy {
             from,

@@ -1,4 +1,5 @@
-//! Restoring a restore point to a target, checking every block.
+//! Where a restore writes: the [`DiskTarget`] trait and the local
+//! [`FileTarget`] (new files, existing files, block devices).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -6,13 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use cbtvault_blockmap::BLOCK_SIZE;
-use cbtvault_repo::{BlobId, Repository, RestorePointRow};
-use cbtvault_repo::{Visitor, walk};
-use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::progress::Progress;
 
 /// Where a restore writes. Called from several threads at once.
 pub trait DiskTarget: Send + Sync {
@@ -59,6 +55,9 @@ enum TargetKind {
     ExistingFile,
     /// A block device, whose old contents must be overwritten with zeros.
     BlockDevice,
+    /// An existing file or device that a rollback reads and rewrites in
+    /// place, block by block: nothing is truncated or assumed zero.
+    InPlace { device: bool },
 }
 
 impl FileTarget {
@@ -184,6 +183,46 @@ impl FileTarget {
         })
     }
 
+    /// An existing file or block device, opened to be read and rewritten
+    /// in place by a rollback (`restore --only-changed`): nothing is
+    /// truncated; a device is opened with `O_EXCL`, so a mounted one is
+    /// refused.
+    pub fn open_in_place(path: &Path) -> Result<FileTarget> {
+        let shown = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| {
+            Error::Target(if e.kind() == std::io::ErrorKind::NotFound {
+                format!(
+                    "{shown} does not exist; --only-changed rewrites an existing disk (restore without it to make a new file)"
+                )
+            } else {
+                format!("cannot inspect {shown}: {e}")
+            })
+        })?;
+        let file_type = meta.file_type();
+        if !crate::source::holds_a_disk(&file_type) {
+            return Err(Error::Target(format!(
+                "{shown} is {}; a rollback writes to a regular file, a block device or an NBD export",
+                crate::source::describe(&file_type)
+            )));
+        }
+        let device = std::os::unix::fs::FileTypeExt::is_block_device(&file_type);
+        let flags = if device { libc::O_EXCL } else { 0 };
+        let file = open_read_write(path, flags).map_err(|e| {
+            Error::Target(if e.raw_os_error() == Some(libc::EBUSY) {
+                format!("{shown} is mounted or in use; unmount it (or stop what holds it) first")
+            } else {
+                format!("cannot open {shown} for reading and writing: {e}")
+            })
+        })?;
+        check_kind(&file, path, device)?;
+        Ok(FileTarget {
+            file,
+            write_lock: Mutex::new(()),
+            kind: TargetKind::InPlace { device },
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Whether the target is written in place (an existing file or a
     /// device): after a failure it holds a partial restore.
     pub fn in_place(&self) -> bool {
@@ -206,6 +245,17 @@ impl FileTarget {
 fn open_in_place(path: &Path, extra_flags: i32) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
+        .write(true)
+        .custom_flags(extra_flags | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Opens an existing file or device to read and write it in place (see
+/// [`open_in_place`] for O_NONBLOCK).
+fn open_read_write(path: &Path, extra_flags: i32) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
         .write(true)
         .custom_flags(extra_flags | libc::O_NONBLOCK)
         .open(path)
@@ -241,7 +291,15 @@ impl DiskTarget for FileTarget {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        if matches!(self.kind, TargetKind::BlockDevice) && zero_range(&self.file, offset, len) {
+        let done = match self.kind {
+            TargetKind::BlockDevice | TargetKind::InPlace { device: true } => {
+                zero_range(&self.file, offset, len)
+            }
+            // A hole reads as zeros and keeps the file as sparse as the disk.
+            TargetKind::InPlace { device: false } => punch_hole(&self.file, offset, len),
+            _ => false,
+        };
+        if done {
             return Ok(());
         }
         let zeros = vec![0u8; BLOCK_SIZE as usize];
@@ -256,7 +314,10 @@ impl DiskTarget for FileTarget {
     }
 
     fn is_zeroed(&self) -> bool {
-        !matches!(self.kind, TargetKind::BlockDevice)
+        !matches!(
+            self.kind,
+            TargetKind::BlockDevice | TargetKind::InPlace { .. }
+        )
     }
 
     fn finish(&self) -> std::io::Result<()> {
@@ -289,219 +350,61 @@ fn zero_range(file: &File, offset: u64, len: u64) -> bool {
     unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, off, n) == 0 }
 }
 
-/// What a restore did.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct RestoreStats {
-    pub blocks_written: u64,
-    pub bytes_written: u64,
-    pub blocks_zero: u64,
-    pub duration_ms: u64,
+/// Deallocates a range of a regular file so that it reads as zeros;
+/// false when the file system cannot, and the caller writes zeros.
+fn punch_hole(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return false;
+    };
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) == 0 }
 }
 
-/// One level-1 node's worth of work.
-struct Leaf {
-    first: u64,
-    ids: Vec<BlobId>,
+/// A target whose current contents can be read back, and whose size can
+/// be set where the target allows: what a rollback needs. Called from
+/// several threads at once.
+pub trait ReadableTarget: DiskTarget {
+    /// The target's size in bytes.
+    fn size(&self) -> std::io::Result<u64>;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Makes the target `size` bytes long, or says why it cannot.
+    fn set_size(&self, size: u64) -> Result<()>;
 }
 
-/// Restores `rp` into `target` on `workers` threads. Every block is
-/// checked against its id; the first damaged block stops the restore with
-/// an error naming its disk offset.
-pub fn restore(
-    repo: &Repository,
-    rp: &RestorePointRow,
-    target: &dyn DiskTarget,
-    workers: usize,
-    progress: &dyn Progress,
-    cancel: &CancellationToken,
-) -> Result<RestoreStats> {
-    let started = std::time::Instant::now();
-    let _lock = repo.lock_shared()?;
-    let manifest = &rp.manifest;
-    let tree = manifest.tree();
-    let size = manifest.virtual_size;
-    progress.start("restore", size);
-    let (tx, rx) = flume::bounded::<Leaf>(workers * 4);
-    let stats = Mutex::new(RestoreStats::default());
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
-    let fail = |e: Error| {
-        let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
-        slot.get_or_insert(e);
-    };
-    let damaged = |offset: u64, source: cbtvault_repo::Error| Error::DamagedBlock {
-        disk: manifest.disk.clone(),
-        restore_point: rp.id.clone(),
-        offset,
-        source: Box::new(source),
-    };
-
-    let totals = &stats;
-    std::thread::scope(|s| {
-        for _ in 0..workers.max(1) {
-            let rx = rx.clone();
-            s.spawn(move || {
-                let reader = match repo.reader() {
-                    Ok(r) => r,
-                    Err(e) => return fail(e.into()),
-                };
-                for leaf in rx.iter() {
-                    if cancel.is_cancelled() {
-                        return fail(Error::Cancelled);
-                    }
-                    let mut local = RestoreStats::default();
-                    let wanted: Vec<(u64, BlobId)> = leaf
-                        .ids
-                        .iter()
-                        .enumerate()
-                        .map(|(i, id)| (leaf.first + i as u64, *id))
-                        .filter(|(_, id)| !id.is_zero())
-                        .collect();
-                    local.blocks_zero = leaf.ids.len() as u64 - wanted.len() as u64;
-                    let ids: Vec<BlobId> = wanted.iter().map(|(_, id)| *id).collect();
-                    let contents = match reader.read_many(&ids) {
-                        Ok(c) => c,
-                        Err(e) => return fail(damaged(wanted[0].0 * BLOCK_SIZE, e)),
-                    };
-                    // Adjacent blocks go out as one write: fewer system calls
-                    // and far less contention on the target's inode lock.
-                    let mut run: Vec<u8> = Vec::new();
-                    let mut run_start = 0u64;
-                    for ((block, _), content) in wanted.iter().zip(contents) {
-                        let offset = block * BLOCK_SIZE;
-                        let content = match content {
-                            Ok(c) => c,
-                            Err(e) => return fail(damaged(offset, e)),
-                        };
-                        let expected = BLOCK_SIZE.min(size - offset);
-                        if content.len() as u64 != expected {
-                            return fail(damaged(
-                                offset,
-                                cbtvault_repo::Error::InvalidArgument(format!(
-                                    "block holds {} bytes where {expected} belong",
-                                    content.len()
-                                )),
-                            ));
-                        }
-                        if !run.is_empty() && run_start + run.len() as u64 != offset {
-                            if let Err(source) = target.write_at(run_start, &run) {
-                                return fail(Error::TargetWrite {
-                                    offset: run_start,
-                                    source,
-                                });
-                            }
-                            run.clear();
-                        }
-                        if run.is_empty() {
-                            run_start = offset;
-                        }
-                        run.extend_from_slice(&content);
-                        local.blocks_written += 1;
-                        local.bytes_written += content.len() as u64;
-                    }
-                    if !run.is_empty()
-                        && let Err(source) = target.write_at(run_start, &run)
-                    {
-                        return fail(Error::TargetWrite {
-                            offset: run_start,
-                            source,
-                        });
-                    }
-                    if !target.is_zeroed() {
-                        for (i, id) in leaf.ids.iter().enumerate() {
-                            if id.is_zero() {
-                                let offset = (leaf.first + i as u64) * BLOCK_SIZE;
-                                if let Err(source) =
-                                    target.write_zeroes(offset, BLOCK_SIZE.min(size - offset))
-                                {
-                                    return fail(Error::TargetWrite { offset, source });
-                                }
-                            }
-                        }
-                    }
-                    progress.advance(leaf.ids.len() as u64 * BLOCK_SIZE);
-                    let mut total = totals.lock().unwrap_or_else(|p| p.into_inner());
-                    total.blocks_written += local.blocks_written;
-                    total.bytes_written += local.bytes_written;
-                    total.blocks_zero += local.blocks_zero;
-                }
-            });
-        }
-        drop(rx);
-        // The walk runs here, feeding the workers; zero subtrees that the
-        // walk skips are zeroed explicitly when the target needs it.
-        let walked = (|| -> Result<()> {
-            let reader = repo.reader()?;
-            let mut feed = Feed {
-                tx: &tx,
-                target,
-                size,
-                next: 0,
-                progress,
-            };
-            walk(&tree, &reader, &mut feed).map_err(|e| damaged(feed.next * BLOCK_SIZE, e))?;
-            feed.zero_to(tree.shape.blocks)
-        })();
-        drop(tx);
-        if let Err(e) = walked {
-            fail(e);
-        }
-    });
-    progress.finish();
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+impl ReadableTarget for FileTarget {
+    fn size(&self) -> std::io::Result<u64> {
+        use std::io::Seek;
+        let mut f = &self.file;
+        f.seek(std::io::SeekFrom::End(0))
     }
-    target.finish().map_err(|source| Error::TargetWrite {
-        offset: size,
-        source,
-    })?;
-    let mut stats = stats.into_inner().unwrap_or_else(|p| p.into_inner());
-    // Zero blocks of all-zero subtrees are never visited: every block not
-    // written is a zero block.
-    stats.blocks_zero = manifest
-        .virtual_size
-        .div_ceil(BLOCK_SIZE)
-        .saturating_sub(stats.blocks_written);
-    stats.duration_ms = started.elapsed().as_millis() as u64;
-    Ok(stats)
-}
 
-struct Feed<'a> {
-    tx: &'a flume::Sender<Leaf>,
-    target: &'a dyn DiskTarget,
-    size: u64,
-    next: u64,
-    progress: &'a dyn Progress,
-}
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
 
-impl Feed<'_> {
-    /// Accounts for (and, on a target that needs it, zeroes) the blocks
-    /// of skipped zero subtrees up to `block`.
-    fn zero_to(&mut self, block: u64) -> Result<()> {
-        if block > self.next {
-            let offset = self.next * BLOCK_SIZE;
-            let len = (block * BLOCK_SIZE).min(self.size) - offset;
-            if !self.target.is_zeroed() {
-                self.target
-                    .write_zeroes(offset, len)
-                    .map_err(|source| Error::TargetWrite { offset, source })?;
+    fn set_size(&self, size: u64) -> Result<()> {
+        let current = self.size().map_err(|e| {
+            Error::Target(format!(
+                "cannot read the size of {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        match self.kind {
+            TargetKind::BlockDevice | TargetKind::InPlace { device: true } if current < size => {
+                Err(Error::Target(format!(
+                    "block device {} holds {current} bytes; the restore point needs {size}",
+                    self.path.display()
+                )))
             }
-            self.progress.advance(len);
-            self.next = block;
+            // Bytes past the disk's end on a larger device are left as they are.
+            TargetKind::BlockDevice | TargetKind::InPlace { device: true } => Ok(()),
+            _ => self
+                .file
+                .set_len(size)
+                .map_err(|e| Error::Target(format!("cannot resize {}: {e}", self.path.display()))),
         }
-        Ok(())
-    }
-}
-
-impl Visitor for Feed<'_> {
-    fn leaf(&mut self, first: u64, ids: &[BlobId]) -> cbtvault_repo::Result<()> {
-        self.zero_to(first)
-            .map_err(|e| cbtvault_repo::Error::InvalidArgument(e.to_string()))?;
-        self.next = first + ids.len() as u64;
-        self.tx
-            .send(Leaf {
-                first,
-                ids: ids.to_vec(),
-            })
-            .map_err(|_| cbtvault_repo::Error::InvalidArgument("restore workers stopped".into()))
     }
 }
