@@ -17,25 +17,27 @@ fn snapshot_ref(snapshot: &str) -> MoRef {
 impl Client {
     /// `VirtualMachine.config`: name, CBT switch, disks.
     pub async fn vm_config(&self, vm: &str) -> Result<VmConfig> {
-        let v = self
-            .get(&MoRef::vm(vm), "config")
-            .await?
-            .ok_or_else(|| Error::protocol("VirtualMachine.config", format!("{vm} has no config")))?;
+        let v = self.get(&MoRef::vm(vm), "config").await?.ok_or_else(|| {
+            Error::protocol("VirtualMachine.config", format!("{vm} has no config"))
+        })?;
         parse_vm_config(&v)
     }
 
     /// `VirtualMachine.capability.changeTrackingSupported` (hardware ≥ 7).
     pub async fn vm_supports_cbt(&self, vm: &str) -> Result<bool> {
         let v = self.get(&MoRef::vm(vm), "capability").await?;
-        Ok(v.and_then(|c| c.get("changeTrackingSupported").and_then(|b| b.as_bool()))
-            .unwrap_or(false))
+        Ok(
+            v.and_then(|c| c.get("changeTrackingSupported").and_then(|b| b.as_bool()))
+                .unwrap_or(false),
+        )
     }
 
     /// Turns CBT on (`ReconfigVM_Task` with `changeTrackingEnabled`). On a
     /// running VM it takes effect at the next stun, which a snapshot is.
     pub async fn enable_vm_cbt(&self, vm: &str) -> Result<()> {
         let spec = json!({"spec": {"_typeName": "VirtualMachineConfigSpec", "changeTrackingEnabled": true}});
-        self.run_task(&MoRef::vm(vm), "ReconfigVM_Task", spec).await?;
+        self.run_task(&MoRef::vm(vm), "ReconfigVM_Task", spec)
+            .await?;
         Ok(())
     }
 
@@ -47,13 +49,18 @@ impl Client {
         description: &str,
         quiesce: bool,
     ) -> Result<String> {
-        let body = json!({"name": name, "description": description, "memory": false, "quiesce": quiesce});
-        let result = self.run_task(&MoRef::vm(vm), "CreateSnapshot_Task", body).await?;
+        let body =
+            json!({"name": name, "description": description, "memory": false, "quiesce": quiesce});
+        let result = self
+            .run_task(&MoRef::vm(vm), "CreateSnapshot_Task", body)
+            .await?;
         result
             .as_ref()
             .and_then(MoRef::from_json)
             .map(|m| m.value)
-            .ok_or_else(|| Error::protocol("CreateSnapshot_Task", "no snapshot in the task's result"))
+            .ok_or_else(|| {
+                Error::protocol("CreateSnapshot_Task", "no snapshot in the task's result")
+            })
     }
 
     /// Every snapshot of `vm` (the tree, flattened).
@@ -142,9 +149,9 @@ impl Client {
         let r = self
             .run_task(&self.vstorage()?, "VStorageObjectCreateSnapshot_Task", body)
             .await?;
-        r.as_ref()
-            .and_then(|v| str_field(v, "id"))
-            .ok_or_else(|| Error::protocol("VStorageObjectCreateSnapshot_Task", "no ID in the result"))
+        r.as_ref().and_then(|v| str_field(v, "id")).ok_or_else(|| {
+            Error::protocol("VStorageObjectCreateSnapshot_Task", "no ID in the result")
+        })
     }
 
     /// `RetrieveSnapshotInfo`.
@@ -189,7 +196,12 @@ impl Client {
     }
 
     /// `DeleteSnapshot_Task`.
-    pub async fn delete_fcd_snapshot(&self, id: &str, datastore: &str, snapshot: &str) -> Result<()> {
+    pub async fn delete_fcd_snapshot(
+        &self,
+        id: &str,
+        datastore: &str,
+        snapshot: &str,
+    ) -> Result<()> {
         let body = json!({"id": id_json(id), "datastore": MoRef::datastore(datastore).to_json(),
                           "snapshotId": id_json(snapshot)});
         self.run_task(&self.vstorage()?, "DeleteSnapshot_Task", body)

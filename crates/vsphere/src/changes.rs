@@ -54,10 +54,9 @@ where
     while offset < capacity {
         let page = query(offset).await?;
         pages += 1;
-        let (Ok(start), Ok(length)) = (
-            u64::try_from(page.start_offset),
-            u64::try_from(page.length),
-        ) else {
+        let (Ok(start), Ok(length)) =
+            (u64::try_from(page.start_offset), u64::try_from(page.length))
+        else {
             return Err(Error::protocol(what, "a negative startOffset or length"));
         };
         if start > offset || length == 0 || start.saturating_add(length) <= offset {

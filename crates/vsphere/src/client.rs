@@ -186,7 +186,10 @@ impl Client {
             .send(Method::POST, &path, None, Some(to_bytes(&body)))
             .await?;
         let token = reply.session.clone();
-        decode(&format!("logging in to {} as {}", self.endpoint(), o.username), reply)?;
+        decode(
+            &format!("logging in to {} as {}", self.endpoint(), o.username),
+            reply,
+        )?;
         let token = token.ok_or_else(|| {
             Error::protocol("SessionManager.Login", "no vmware-api-session-id header")
         })?;

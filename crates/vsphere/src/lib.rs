@@ -65,8 +65,7 @@ pub use client::{Client, ClientOptions, DEFAULT_RELEASE};
 pub use error::{Error, Fault, Result};
 pub use secret::Password;
 pub use types::{
-    DiskChangeExtent, DiskChangeInfo, Fcd, FcdSnapshot, MoRef, SnapshotInfo, VirtualDisk,
-    VmConfig,
+    DiskChangeExtent, DiskChangeInfo, Fcd, FcdSnapshot, MoRef, SnapshotInfo, VirtualDisk, VmConfig,
 };
 
 /// The session header of the JSON API (the simulator serves it).

@@ -154,7 +154,10 @@ pub(crate) fn parse_disks(config: &Value) -> Vec<VirtualDisk> {
             let backing = d.get("backing")?;
             Some(VirtualDisk {
                 key,
-                label: d.pointer("/deviceInfo/label").and_then(|l| l.as_str()).map(str::to_owned),
+                label: d
+                    .pointer("/deviceInfo/label")
+                    .and_then(|l| l.as_str())
+                    .map(str::to_owned),
                 capacity,
                 file_name: str_field(backing, "fileName").unwrap_or_default(),
                 change_id: str_field(backing, "changeId").filter(|c| !c.is_empty()),
@@ -256,9 +259,10 @@ mod tests {
 
     #[test]
     fn change_info_without_areas() {
-        let d: DiskChangeInfo =
-            serde_json::from_value(json!({"_typeName": "DiskChangeInfo", "startOffset": 0, "length": 10}))
-                .unwrap();
+        let d: DiskChangeInfo = serde_json::from_value(
+            json!({"_typeName": "DiskChangeInfo", "startOffset": 0, "length": 10}),
+        )
+        .unwrap();
         assert!(d.changed_area.is_empty());
     }
 }

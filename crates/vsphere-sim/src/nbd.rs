@@ -1,0 +1,93 @@
+//! The NBD export of each snapshot's disk, with cbtvault's NBD server:
+//! read-only, full protocol, TLS offered with the server's certificate
+//! when asked for. Export names are `{snapshot}/{deviceKey}` for a VM
+//! disk and `fcd/{id}/{snapshotId}` for a First Class Disk; an unknown
+//! name is refused. This stands in for what production reads through
+//! (nbdkit's vddk plugin, see docs/vmware.md): the bytes are the same.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cbtvault_nbd::BoxError;
+use cbtvault_nbd::server::{Export, Server, ServerConfig};
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{Error, Result};
+use crate::sim::Sim;
+
+struct SnapshotExport {
+    file: Arc<File>,
+    size: u64,
+    sim: Sim,
+}
+
+impl Export for SnapshotExport {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, BoxError>> {
+        Box::pin(async move {
+            {
+                let mut w = self.sim.lock();
+                if let Some(left) = w.faults.nbd_fail_after {
+                    if left < u64::from(len) {
+                        w.faults.nbd_fail_after = None;
+                        return Err(std::io::Error::other("simulated NBD failure").into());
+                    }
+                    w.faults.nbd_fail_after = Some(left - u64::from(len));
+                }
+            }
+            let file = self.file.clone();
+            let data = tokio::task::spawn_blocking(move || {
+                crate::store::read_file(&file, offset, len as usize)
+            })
+            .await??;
+            Ok(Bytes::from(data))
+        })
+    }
+}
+
+/// Binds `listen` and serves until `shutdown`; returns the bound address.
+pub(crate) async fn start(
+    sim: &Sim,
+    listen: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let mut config = ServerConfig::default();
+    if let Some(tls) = tls {
+        config = config.with_tls(tls, true);
+    }
+    let server = Server::new(config);
+    let resolver = sim.clone();
+    server.set_export_hook(Arc::new(move |name: &str| {
+        let (path, size) = crate::api::export_image(&resolver, name)
+            .ok_or_else(|| format!("no snapshot disk {name:?}"))?;
+        let file = File::open(&path)?;
+        Ok(Arc::new(SnapshotExport {
+            file: Arc::new(file),
+            size,
+            sim: resolver.clone(),
+        }) as Arc<dyn Export>)
+    }));
+    tracker.spawn(async move {
+        if let Err(e) = server.serve_tcp(listener, shutdown).await {
+            tracing::warn!("NBD server stopped: {e}");
+        }
+    });
+    Ok(addr)
+}
