@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cbtvault_engine::qemu::{QemuNode as QemuProvider, QemuOptions};
+use cbtvault_engine::vmware::{NbdAccess, VmwareFcd, VmwareOptions, VmwareVm};
 use cbtvault_engine::xenserver::{XenOptions, XenVdi, XenVm};
 use cbtvault_engine::{BackupOutcome, DiskRun, DriveContext, Throttle, drive};
 use cbtvault_repo::{Repository, VmInfo};
@@ -42,6 +43,10 @@ enum Capture {
     XenVm { uuid: String },
     /// One QEMU block node.
     QemuNode(QemuNode),
+    /// Every disk of a VMware VM from one VM snapshot.
+    VmwareVm { vm: String },
+    /// One First Class Disk.
+    VmwareFcd { id: String, datastore: String },
 }
 
 impl Capture {
@@ -53,6 +58,8 @@ impl Capture {
             } => format!("VDI {uuid} (VM {vm})"),
             Capture::XenVm { uuid } => format!("VM {uuid}"),
             Capture::QemuNode(n) => format!("node {}", n.node),
+            Capture::VmwareVm { vm } => format!("VMware VM {vm}"),
+            Capture::VmwareFcd { id, .. } => format!("FCD {id}"),
         }
     }
 }
@@ -81,6 +88,10 @@ enum Hypervisor {
         nbd_socket: Option<std::path::PathBuf>,
         /// The VM QEMU runs, when it runs one (a storage daemon does not).
         vm: Option<cbtvault_qmp::VmIdentity>,
+    },
+    Vmware {
+        client: cbtvault_vsphere::Client,
+        options: VmwareOptions,
     },
 }
 
@@ -139,6 +150,11 @@ impl Runner {
                 disks.extend(reports);
             }
             if let Hypervisor::Xen { client, .. } = &ctx.hypervisor
+                && let Err(e) = client.logout().await
+            {
+                warn!(error = %e, "logout failed");
+            }
+            if let Hypervisor::Vmware { client, .. } = &ctx.hypervisor
                 && let Err(e) = client.logout().await
             {
                 warn!(error = %e, "logout failed");
@@ -229,6 +245,41 @@ impl Runner {
                 info!(captures = captures.len(), "planned");
                 Ok((
                     Hypervisor::Xen { client, options },
+                    limits,
+                    captures,
+                    failed,
+                ))
+            }
+            Target::Vmware { vcenter, vms, fcds } => {
+                let client = crate::login::vcenter(vcenter).await?;
+                let options = VmwareOptions {
+                    job: spec.name.clone(),
+                    server: vcenter.name.clone(),
+                    nbd: NbdAccess {
+                        template: vcenter.nbd_uri.clone(),
+                    },
+                    quiesce: vcenter.quiesce,
+                    backup: spec.backup.clone(),
+                };
+                let limits = JobLimits::new(
+                    &self.limits,
+                    spec.parallel,
+                    (
+                        &format!("vcenter:{}", vcenter.name),
+                        PlaceLimit::Disks(vcenter.max_disks),
+                    ),
+                );
+                let mut captures: Vec<Capture> = vms
+                    .iter()
+                    .map(|vm| Capture::VmwareVm { vm: vm.clone() })
+                    .collect();
+                captures.extend(fcds.iter().map(|f| Capture::VmwareFcd {
+                    id: f.id.clone(),
+                    datastore: f.datastore.clone(),
+                }));
+                info!(captures = captures.len(), "planned");
+                Ok((
+                    Hypervisor::Vmware { client, options },
                     limits,
                     captures,
                     failed,
@@ -419,6 +470,18 @@ impl JobContext<'_> {
                 let mut provider = QemuProvider::new(&qemu, &options);
                 drive(&mut provider, repo, &ctx).await?
             }
+            (Hypervisor::Vmware { client, options }, Capture::VmwareVm { vm }) => {
+                let mut options = options.clone();
+                options.backup = ctx.backup.clone();
+                let mut provider = VmwareVm::new(client, vm, &options);
+                drive(&mut provider, repo, &ctx).await?
+            }
+            (Hypervisor::Vmware { client, options }, Capture::VmwareFcd { id, datastore }) => {
+                let mut options = options.clone();
+                options.backup = ctx.backup.clone();
+                let mut provider = VmwareFcd::new(client, id, datastore, &options);
+                drive(&mut provider, repo, &ctx).await?
+            }
             _ => {
                 return Err(Error::Internal(format!(
                     "{capture} does not belong to this job's hypervisor"
@@ -449,6 +512,7 @@ fn disk_label(capture: &Capture, run: &DiskRun) -> String {
     match capture {
         Capture::XenVm { uuid } => format!("VDI {} (VM {uuid})", run.id),
         Capture::QemuNode(n) => format!("node {}", n.node),
+        Capture::VmwareVm { vm } => format!("VMware disk {} (VM {vm})", run.id),
         other => other.label(),
     }
 }
