@@ -19,5 +19,6 @@ mod serve_load;
 mod sources;
 mod ux;
 mod vm_points;
+mod vmware;
 mod xen;
 mod xen_faithful;

@@ -155,9 +155,14 @@ pub fn check(c: &Config) -> Result<(), String> {
                     return Err(format!("{at}: no vcenter named {vcenter:?}"));
                 }
                 if vms.is_empty() && fcds.is_empty() {
-                    return Err(format!("{at}: list vms (morefs such as vm-42) or fcds to back up"));
+                    return Err(format!(
+                        "{at}: list vms (morefs such as vm-42) or fcds to back up"
+                    ));
                 }
-                if let Some(bad) = vms.iter().find(|m| !m.starts_with("vm-") && m.parse::<u64>().is_err()) {
+                if let Some(bad) = vms
+                    .iter()
+                    .find(|m| !m.starts_with("vm-") && m.parse::<u64>().is_err())
+                {
                     return Err(format!(
                         "{at}: {bad:?} is not a VM moref (vm-NN on vCenter, a number on ESXi)"
                     ));

@@ -112,8 +112,7 @@ fn plan(previous: Option<(String, u64)>, new_change_id: Option<&str>, capacity: 
     };
     if new_change_id.is_none() {
         return Plan::Full(Some(
-            "the snapshot has no changeId: changed-block tracking is not active on the disk"
-                .into(),
+            "the snapshot has no changeId: changed-block tracking is not active on the disk".into(),
         ));
     }
     if size != capacity {
@@ -137,7 +136,13 @@ where
             pages,
             changed_bytes,
         }) => {
-            info!(disk, pages, changed_bytes, blocks = map.count_set(), "changed areas");
+            info!(
+                disk,
+                pages,
+                changed_bytes,
+                blocks = map.count_set(),
+                "changed areas"
+            );
             Ok(Changes::Blocks {
                 map,
                 origin: "vmware-cbt".into(),
@@ -241,10 +246,10 @@ impl<'a> VmwareVm<'a> {
         let Some(snap) = self.snapshot.take() else {
             return Ok(());
         };
-        self.client
-            .remove_vm_snapshot(&snap)
-            .await
-            .map_err(vsphere(&format!("VM {}", self.vm), "removing the backup's snapshot"))
+        self.client.remove_vm_snapshot(&snap).await.map_err(vsphere(
+            &format!("VM {}", self.vm),
+            "removing the backup's snapshot",
+        ))
     }
 
     async fn prepare_disks(
@@ -610,9 +615,16 @@ mod tests {
     #[test]
     fn plans() {
         assert!(matches!(plan(None, Some("x/1"), 10), Plan::Full(None)));
-        assert!(matches!(plan(Some(("x/1".into(), 10)), None, 10), Plan::Full(Some(_))));
-        assert!(matches!(plan(Some(("x/1".into(), 10)), Some("x/2"), 20), Plan::Full(Some(r)) if r.contains("size")));
-        assert!(matches!(plan(Some(("x/1".into(), 10)), Some("x/2"), 10), Plan::Since(s) if s == "x/1"));
+        assert!(matches!(
+            plan(Some(("x/1".into(), 10)), None, 10),
+            Plan::Full(Some(_))
+        ));
+        assert!(
+            matches!(plan(Some(("x/1".into(), 10)), Some("x/2"), 20), Plan::Full(Some(r)) if r.contains("size"))
+        );
+        assert!(
+            matches!(plan(Some(("x/1".into(), 10)), Some("x/2"), 10), Plan::Since(s) if s == "x/1")
+        );
     }
 
     #[test]
