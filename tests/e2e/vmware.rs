@@ -60,11 +60,17 @@ impl Vc {
     fn config(&self, s: &Scratch, vc_extra: &str, job: &str) -> PathBuf {
         let sim = self.sim.as_ref().unwrap();
         let path = s.path("cbtvault.toml");
+        // Failures are asserted on the first try unless the job asks for more.
+        let retries = if job.contains("retries") {
+            ""
+        } else {
+            "retries = 0\n"
+        };
         let text = format!(
             "[repository]\npath = \"{repo}\"\n\n[[vcenter]]\nname = \"vc\"\nurl = \"{url}\"\n\
              username = \"administrator@vsphere.local\"\npassword_file = \"{password}\"\n\
              nbd_uri = \"nbd://{nbd}/{{export}}\"\n{vc_extra}\n\n\
-             [[job]]\nname = \"nightly\"\nkind = \"vmware\"\nvcenter = \"vc\"\nretries = 0\n{job}\n",
+             [[job]]\nname = \"nightly\"\nkind = \"vmware\"\nvcenter = \"vc\"\n{retries}{job}\n",
             repo = s.repo().display(),
             url = sim.url(),
             password = self.password.display(),
@@ -429,4 +435,37 @@ fn bad_input_gives_clear_errors_and_leaves_nothing_behind() {
         assert!(sim.snapshots(vm).is_empty());
     }
     assert!(s.list().is_empty());
+}
+
+#[test]
+fn a_failed_snapshot_task_and_a_dropped_nbd_read_fail_cleanly_or_are_retried() {
+    let s = Scratch::new();
+    let vc = Vc::start(&s, vec![vm_spec("app", vec![2 * MIB])], vec![]);
+    let (sim, vm) = (vc.sim(), vc.vm());
+    let config = vc.config(&s, &vc.pinned(), &format!("vms = [\"{vm}\"]"));
+    backup(&s, &config);
+
+    // The task's fault is the error; nothing is committed or left.
+    sim.fail_next_task("CreateSnapshot_Task", "SnapshotFault");
+    let e = fails(&s, &config);
+    assert!(
+        e.contains("SnapshotFault") && e.contains("creating the snapshot"),
+        "{e}"
+    );
+    assert!(sim.snapshots(&vm).is_empty());
+    assert_eq!(s.list().len(), 1);
+
+    // A read the server fails is tried again from a new snapshot.
+    let expect = write(sim, &vm, 2000, 2 * MIB, &[(300_001, b"retried")]);
+    sim.fail_nbd_after(0);
+    let retrying = vc.config(
+        &s,
+        &vc.pinned(),
+        &format!("vms = [\"{vm}\"]\nretries = 1\nretry_delay = \"1s\""),
+    );
+    let rows = backup(&s, &retrying);
+    assert_eq!(kind(&rows[0]), "incremental");
+    assert_eq!(rows[0]["stats"]["bytes_read"].as_u64(), Some(expect));
+    same(&s, &rows[0], &sim.disk_bytes(&vm, 2000).unwrap(), "retried");
+    assert!(sim.snapshots(&vm).is_empty());
 }

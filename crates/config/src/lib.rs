@@ -1,5 +1,5 @@
 //! cbtvault's configuration file (TOML): one repository, the XenServer
-//! pools and QEMU hosts it backs up, and the jobs that say which disks,
+//! pools, QEMU hosts and vCenters it backs up, and the jobs that say which disks,
 //! when, and how long to keep them. The one-off `cbtvault backup --config
 //! FILE --job NAME` and the nightly daemon read the same file.
 //!

@@ -202,7 +202,8 @@ pub struct VmwareVm<'a> {
     vm: String,
     options: VmwareOptions,
     snapshot: Option<String>,
-    locks: Vec<Arc<DiskLocks>>,
+    /// By device key.
+    locks: BTreeMap<i32, Arc<DiskLocks>>,
 }
 
 impl<'a> VmwareVm<'a> {
@@ -212,7 +213,7 @@ impl<'a> VmwareVm<'a> {
             vm: vm.to_owned(),
             options: options.clone(),
             snapshot: None,
-            locks: Vec::new(),
+            locks: BTreeMap::new(),
         }
     }
 
@@ -267,8 +268,17 @@ impl<'a> VmwareVm<'a> {
             .map_err(vsphere(&label, "reading the snapshot's disks"))?;
         let time = jiff::Timestamp::now();
         let mut prepared = Vec::new();
-        for (d, locks) in disks.iter().zip(self.locks.clone()) {
+        for d in &disks {
             let disk = self.disk_name(d.key);
+            // A disk added since the VM's config was read is locked now.
+            let locks = match self.locks.get(&d.key) {
+                Some(l) => l.clone(),
+                None => {
+                    let l = crate::backup::lock_disk(repo, &disk).await?;
+                    self.locks.insert(d.key, l.clone());
+                    l
+                }
+            };
             let location = self.location(d.key);
             let previous = previous(repo, &disk, &location).await?;
             let mut changes = match plan(previous, d.change_id.as_deref(), d.capacity) {
@@ -357,8 +367,8 @@ impl Provider for VmwareVm<'_> {
         }
         // Held across the vSphere steps: no two runs reap each other.
         for d in &config.disks {
-            self.locks
-                .push(crate::backup::lock_disk(repo, &self.disk_name(d.key)).await?);
+            let locks = crate::backup::lock_disk(repo, &self.disk_name(d.key)).await?;
+            self.locks.insert(d.key, locks);
         }
         self.reap(&label).await?;
         let mut cbt_reason = None;

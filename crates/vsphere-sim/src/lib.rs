@@ -27,7 +27,8 @@
 //!   `RetrieveSnapshotDetails` (`changedBlockTrackingId`),
 //!   `VstorageObjectVCenterQueryChangedDiskAreas`, `DeleteSnapshot_Task`,
 //!   `ExtendDisk_Task`.
-//! - NBD (read-only; TLS required when started with it) of every
+//! - NBD (read-only; TLS required when started with it; holes of the
+//!   image reported as `base:allocation` holes, as VDDK 6.7+ does) of every
 //!   snapshot's disk, export `{snapshot}/{deviceKey}` or
 //!   `fcd/{id}/{snapshotId}`; `GET /sim/nbd/{export}` gives its URI.
 //! - `/sim/…`: the control surface of the binary (inventory, churn,
@@ -83,7 +84,7 @@
 //! certificate), `cbtvault-nbd` (the NBD server), `serde` and `serde_json`
 //! (the JSON API and the saved state), `rand` and `rand_chacha` (epochs,
 //! tokens, seeded churn), `hex` (changeIds), `jiff` (timestamps),
-//! `thiserror`; the binary adds `clap`, `anyhow` and `tracing-subscriber`.
+//! `libc` (`SEEK_DATA`/`SEEK_HOLE` for allocation), `thiserror`; the binary adds `clap`, `anyhow` and `tracing-subscriber`.
 
 mod api;
 mod cbt;

@@ -215,6 +215,11 @@ impl Sim {
             .ok_or_else(|| Error::Control(format!("{vm} has no disk {key}")))
     }
 
+    /// The running disk's image file (sparse), for digests that skip holes.
+    pub fn disk_path(&self, vm: &str, key: i32) -> Result<std::path::PathBuf> {
+        Ok(self.dirs.image(&self.image_of(vm, key)?))
+    }
+
     /// The running disk's bytes.
     pub fn disk_bytes(&self, vm: &str, key: i32) -> Result<Vec<u8>> {
         let image = self.image_of(vm, key)?;

@@ -324,7 +324,7 @@ impl Client {
                     return Err(Error::Task {
                         what: what.to_owned(),
                         task: task.value.clone(),
-                        fault,
+                        fault: Box::new(fault),
                     });
                 }
                 Some("queued" | "running") => {}
@@ -363,7 +363,7 @@ fn decode(what: &str, reply: crate::http::Reply) -> Result<Option<Value>> {
             match fault {
                 Some(fault) => Err(Error::Fault {
                     what: what.to_owned(),
-                    fault,
+                    fault: Box::new(fault),
                 }),
                 None => Err(Error::HttpStatus {
                     status: 500,

@@ -13,15 +13,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The server answered a call with a fault (HTTP 500 + fault object).
+    /// (Boxed: a fault is large, and every `Result` of this crate carries
+    /// room for its error.)
     #[error("{what}: {fault}")]
-    Fault { what: String, fault: Fault },
+    Fault { what: String, fault: Box<Fault> },
 
     /// A task ended in `error`; its `info.error.fault` is `fault`.
     #[error("{what} (task {task}) failed: {fault}")]
     Task {
         what: String,
         task: String,
-        fault: Fault,
+        fault: Box<Fault>,
     },
 
     /// The server could not be reached, or the connection broke.
@@ -77,7 +79,7 @@ impl Error {
     /// The fault inside, if the server (or a task) answered with one.
     pub fn fault(&self) -> Option<&Fault> {
         match self {
-            Error::Fault { fault, .. } | Error::Task { fault, .. } => Some(fault),
+            Error::Fault { fault, .. } | Error::Task { fault, .. } => Some(fault.as_ref()),
             _ => None,
         }
     }
