@@ -71,8 +71,8 @@ fn mistakes_are_named() {
             "at most one of ca",
         ),
         (
-            EXAMPLE.replace("kind = \"qemu\"", "kind = \"vmware\""),
-            "vmware",
+            EXAMPLE.replace("kind = \"qemu\"", "kind = \"hyperv\""),
+            "hyperv",
         ),
         (
             EXAMPLE.replace("https://xcp-a.example.net", "http://xcp-a.example.net"),
