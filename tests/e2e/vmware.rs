@@ -69,12 +69,12 @@ impl Vc {
         let text = format!(
             "[repository]\npath = \"{repo}\"\n\n[[vcenter]]\nname = \"vc\"\nurl = \"{url}\"\n\
              username = \"administrator@vsphere.local\"\npassword_file = \"{password}\"\n\
-             nbd_uri = \"nbd://{nbd}/{{export}}\"\n{vc_extra}\n\n\
+             nbd_uri = \"{nbd}\"\n{vc_extra}\n\n\
              [[job]]\nname = \"nightly\"\nkind = \"vmware\"\nvcenter = \"vc\"\n{retries}{job}\n",
             repo = s.repo().display(),
             url = sim.url(),
             password = self.password.display(),
-            nbd = sim.nbd_addr(),
+            nbd = sim.nbd_uri_template(),
         );
         std::fs::write(&path, text).unwrap();
         path

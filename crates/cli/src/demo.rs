@@ -328,7 +328,7 @@ async fn vmware_nights(
         ca: None,
         pin: Some(pin_file),
         insecure: false,
-        nbd_uri: format!("nbd://{}/{{export}}", sim.nbd_addr()),
+        nbd_uri: sim.nbd_uri_template(),
         quiesce: false,
         max_disks: 4,
     };

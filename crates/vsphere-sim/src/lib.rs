@@ -262,10 +262,11 @@ impl Simulator {
         self.nbd_addr
     }
 
-    /// The NBD URI template cbtvault reads snapshots through:
-    /// `nbd://127.0.0.1:PORT/{snapshot}/{disk_key}` (FCD: `fcd/{fcd}/{snapshot}`).
+    /// The NBD URI template cbtvault reads snapshots through
+    /// (`nbd_uri` of a `[[vcenter]]`): `nbd://127.0.0.1:PORT/{export}`, the
+    /// export being `{snapshot}/{disk_key}` or `fcd/{fcd}/{snapshot}`.
     pub fn nbd_uri_template(&self) -> String {
-        format!("nbd://{}/{{snapshot}}/{{disk_key}}", self.nbd_addr)
+        format!("nbd://{}/{{export}}", self.nbd_addr)
     }
 
     pub fn certificate_pem(&self) -> &str {
