@@ -260,8 +260,13 @@ fn a_cbt_reset_gives_a_full_with_the_reason_then_incrementals_again() {
     let s = Scratch::new();
     let vc = Vc::start(&s, vec![vm_spec("app", vec![2 * MIB])], vec![]);
     let (sim, vm) = (vc.sim(), vc.vm());
-    let config = vc.config(&s, &vc.pinned(), &format!("vms = [\"{vm}\"]"));
-    backup(&s, &config);
+    // By name: looked up in the inventory.
+    let config = vc.config(&s, &vc.pinned(), "vms = [\"app\"]");
+    let rows = backup(&s, &config);
+    assert_eq!(
+        rows[0]["source"]["details"]["vm"].as_str(),
+        Some(vm.as_str())
+    );
     sim.reset_cbt(&vm).unwrap();
     write(sim, &vm, 2000, 2 * MIB, &[(77, b"after the reset")]);
     let rows = backup(&s, &config);

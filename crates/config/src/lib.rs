@@ -242,8 +242,8 @@ pub enum JobKind {
     },
     /// Block nodes of a QEMU host.
     Qemu { host: String, nodes: Vec<String> },
-    /// VMs (every disk, from one VM snapshot) by moref, and First Class
-    /// Disks, of a vCenter.
+    /// VMs (every disk, from one VM snapshot) by moref (`vm-42`) or name,
+    /// and First Class Disks, of a vCenter.
     Vmware {
         vcenter: String,
         #[serde(default)]

@@ -228,7 +228,7 @@ fn a_vcenter_and_a_vmware_job() {
     assert!(matches!(&c.job("j").unwrap().kind,
         JobKind::Vmware { vms, fcds, .. } if vms == &["vm-42"] && fcds[0].datastore == "datastore-1"));
     for (text, want) in [
-        (base.replace("vm-42", "web01"), "not a VM moref"),
+        (base.replace("vm-42", " "), "empty string"),
         (
             base.replace("vcenter = \"vc\"\nvms", "vcenter = \"vx\"\nvms"),
             "no vcenter named \"vx\"",

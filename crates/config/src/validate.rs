@@ -159,13 +159,8 @@ pub fn check(c: &Config) -> Result<(), String> {
                         "{at}: list vms (morefs such as vm-42) or fcds to back up"
                     ));
                 }
-                if let Some(bad) = vms
-                    .iter()
-                    .find(|m| !m.starts_with("vm-") && m.parse::<u64>().is_err())
-                {
-                    return Err(format!(
-                        "{at}: {bad:?} is not a VM moref (vm-NN on vCenter, a number on ESXi)"
-                    ));
+                if vms.iter().any(|m| m.trim().is_empty()) {
+                    return Err(format!("{at}: a VM is named by an empty string"));
                 }
             }
             JobKind::Qemu { host, nodes } => {

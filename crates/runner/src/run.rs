@@ -13,7 +13,7 @@ use cbtvault_xenapi::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-use crate::error::{Error, Result};
+use crate::error::{BoxError, Error, Result};
 use crate::limits::{JobLimits, Limits, PlaceLimit};
 use crate::report::{DiskReport, JobReport, Observer};
 use crate::spec::{JobSpec, QemuNode, Target};
@@ -269,10 +269,10 @@ impl Runner {
                         PlaceLimit::Disks(vcenter.max_disks),
                     ),
                 );
-                let mut captures: Vec<Capture> = vms
-                    .iter()
-                    .map(|vm| Capture::VmwareVm { vm: vm.clone() })
-                    .collect();
+                let (vms, unknown) = vmware_vms(&client, &vcenter.name, vms).await;
+                failed.extend(unknown);
+                let mut captures: Vec<Capture> =
+                    vms.into_iter().map(|vm| Capture::VmwareVm { vm }).collect();
                 captures.extend(fcds.iter().map(|f| Capture::VmwareFcd {
                     id: f.id.clone(),
                     datastore: f.datastore.clone(),
@@ -521,6 +521,67 @@ impl std::fmt::Display for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.label())
     }
+}
+
+/// The morefs of `vms`: a moref (`vm-42`, or a number on ESXi) as given,
+/// a name looked up in one listing of the inventory. A name that matches
+/// no VM, or several, is reported as a failed VM.
+async fn vmware_vms(
+    client: &cbtvault_vsphere::Client,
+    vcenter: &str,
+    vms: &[String],
+) -> (Vec<String>, Vec<DiskReport>) {
+    let is_moref = |v: &str| {
+        let digits = v.strip_prefix("vm-").unwrap_or(v);
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    };
+    let mut morefs = Vec::new();
+    let mut failed = Vec::new();
+    let mut inventory = None;
+    for vm in vms {
+        if is_moref(vm) {
+            morefs.push(vm.clone());
+            continue;
+        }
+        if inventory.is_none() {
+            inventory = Some(client.vm_names().await);
+        }
+        let found: std::result::Result<String, BoxError> = match inventory.as_ref() {
+            Some(Ok(list)) => {
+                let ids: Vec<&String> = list
+                    .iter()
+                    .filter(|(_, n)| n == vm)
+                    .map(|(id, _)| id)
+                    .collect();
+                match ids[..] {
+                    [id] => Ok(id.clone()),
+                    [] => Err("no VM has this name".into()),
+                    _ => Err(format!("{} VMs have this name; name it by moref", ids.len()).into()),
+                }
+            }
+            Some(Err(e)) => Err(format!("listing the VMs: {e}").into()),
+            None => Err("listing the VMs".into()),
+        };
+        match found {
+            Ok(id) => {
+                if !morefs.contains(&id) {
+                    morefs.push(id);
+                }
+            }
+            Err(source) => failed.push(DiskReport {
+                label: format!("VMware VM {vm:?}"),
+                attempts: 1,
+                outcome: Err(Error::Vcenter {
+                    vcenter: vcenter.to_owned(),
+                    what: format!("finding VM {vm:?}"),
+                    source,
+                }),
+                retention: None,
+                alerts: Vec::new(),
+            }),
+        }
+    }
+    (morefs, failed)
 }
 
 /// One run of a job at a time: a second one is refused at once, before it

@@ -181,6 +181,7 @@ fn service_content() -> Value {
         "rootFolder": moref("Folder", "group-d1"),
         "propertyCollector": moref("PropertyCollector", "propertyCollector"),
         "sessionManager": moref("SessionManager", SESSION_MANAGER),
+        "viewManager": moref("ViewManager", "ViewManager"),
         "vStorageObjectManager": moref("VcenterVStorageObjectManager", VSTORAGE_MANAGER),
         "about": {"_typeName": "AboutInfo", "name": "VMware vCenter Server",
             "fullName": "VMware vCenter Server 8.0.2 (vsphere-sim)", "vendor": "VMware, Inc.",
@@ -206,6 +207,24 @@ fn route(
             Answer::Empty
         }
         (true, "Task", "info") => task_info(w, id).into(),
+        (false, "ViewManager", "CreateContainerView") if id == "ViewManager" => {
+            // Every view lists every VM: the inventory is one flat folder.
+            w.next_task += 1;
+            Answer::Value(moref(
+                "ContainerView",
+                &format!("session[{}]view-{}", id, w.next_task),
+            ))
+        }
+        (true, "ContainerView", "view") => {
+            let vms: Vec<Value> = w
+                .state
+                .vms
+                .keys()
+                .map(|v| moref("VirtualMachine", v))
+                .collect();
+            Answer::Value(Value::Array(vms))
+        }
+        (false, "ContainerView", "DestroyView") => Answer::Empty,
         (true, "VirtualMachine", prop) => crate::vm::property(&w.state, id, prop),
         (false, "VirtualMachine", "QueryChangedDiskAreas") => {
             if let Some(f) = w.faults.fail_query.take() {

@@ -38,6 +38,10 @@ async fn vm_disk_cbt_cycle_with_paging_and_a_session_lost() {
     let sim = start(dir.path()).await;
     let c = Client::connect(options(&sim, "secret")).await.unwrap();
     let vm = sim.sim().vms()[0].0.clone();
+    assert_eq!(
+        c.vm_names().await.unwrap(),
+        [(vm.clone(), "web".to_string())]
+    );
     let config = c.vm_config(&vm).await.unwrap();
     assert_eq!(config.name, "web");
     assert!(!config.change_tracking_enabled);

@@ -23,6 +23,48 @@ impl Client {
         parse_vm_config(&v)
     }
 
+    /// Every VM's moId and name: a container view over the whole inventory
+    /// (`ViewManager.CreateContainerView`), its `view`, each VM's `name`,
+    /// and the view destroyed.
+    pub async fn vm_names(&self) -> Result<Vec<(String, String)>> {
+        let (root, views) = self.inventory()?;
+        let body =
+            json!({"container": root.to_json(), "type": ["VirtualMachine"], "recursive": true});
+        let view = self
+            .invoke(
+                &MoRef::new("ViewManager", views),
+                "CreateContainerView",
+                body,
+            )
+            .await?
+            .as_ref()
+            .and_then(MoRef::from_json)
+            .ok_or_else(|| Error::protocol("CreateContainerView", "no view"))?;
+        let listed = self.get(&view, "view").await;
+        if let Err(e) = self.invoke(&view, "DestroyView", json!({})).await {
+            tracing::debug!(error = %e, "could not destroy a container view; it ends with the session");
+        }
+        let listed = listed?.unwrap_or(Value::Null);
+        // A bare array, or boxed as ArrayOfManagedObjectReference.
+        let items = listed
+            .get("_value")
+            .unwrap_or(&listed)
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for vm in items.iter().filter_map(MoRef::from_json) {
+            let name = self.get(&vm, "name").await?;
+            let name = name
+                .as_ref()
+                .and_then(|n| n.get("_value").unwrap_or(n).as_str())
+                .unwrap_or_default()
+                .to_owned();
+            out.push((vm.value, name));
+        }
+        Ok(out)
+    }
+
     /// `VirtualMachine.capability.changeTrackingSupported` (hardware ≥ 7).
     pub async fn vm_supports_cbt(&self, vm: &str) -> Result<bool> {
         let v = self.get(&MoRef::vm(vm), "capability").await?;

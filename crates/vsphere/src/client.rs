@@ -67,6 +67,8 @@ struct Inner {
     relogin: tokio::sync::Mutex<()>,
     session_manager: String,
     vstorage_manager: Option<String>,
+    root_folder: Option<MoRef>,
+    view_manager: Option<String>,
     about: String,
 }
 
@@ -125,6 +127,8 @@ impl Client {
                 relogin: tokio::sync::Mutex::new(()),
                 session_manager,
                 vstorage_manager: moid("vStorageObjectManager"),
+                root_folder: content.get("rootFolder").and_then(MoRef::from_json),
+                view_manager: moid("viewManager"),
                 about: content
                     .pointer("/about/fullName")
                     .and_then(|s| s.as_str())
@@ -155,6 +159,17 @@ impl Client {
                 "no vStorageObjectManager: the server manages no First Class Disks",
             )
         })
+    }
+
+    /// The inventory's root folder and the view manager's moId.
+    pub(crate) fn inventory(&self) -> Result<(&MoRef, &str)> {
+        match (&self.inner.root_folder, &self.inner.view_manager) {
+            (Some(root), Some(views)) => Ok((root, views)),
+            _ => Err(Error::protocol(
+                "ServiceInstance.content",
+                "no rootFolder or viewManager: the server cannot list its VMs",
+            )),
+        }
     }
 
     pub(crate) fn task_timeout(&self) -> Duration {
