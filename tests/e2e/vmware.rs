@@ -21,10 +21,16 @@ struct Vc {
     rt: tokio::runtime::Runtime,
     password: PathBuf,
     pin: PathBuf,
+    /// NBD over TLS, the server's certificate pinned.
+    nbd_tls: bool,
 }
 
 impl Vc {
     fn start(s: &Scratch, vms: Vec<VmSpec>, fcds: Vec<FcdSpec>) -> Vc {
+        Self::start_with(s, vms, fcds, false)
+    }
+
+    fn start_with(s: &Scratch, vms: Vec<VmSpec>, fcds: Vec<FcdSpec>, nbd_tls: bool) -> Vc {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -34,6 +40,7 @@ impl Vc {
         config.vms = vms;
         config.fcds = fcds;
         config.task_delay = Duration::from_millis(5);
+        config.nbd_tls = nbd_tls;
         let sim = rt.block_on(Simulator::start(config)).expect("simulator");
         let password = s.path("vc.password");
         std::fs::write(&password, "vc-secret\n").unwrap();
@@ -44,6 +51,7 @@ impl Vc {
             rt,
             password,
             pin,
+            nbd_tls,
         }
     }
 
@@ -74,7 +82,15 @@ impl Vc {
             repo = s.repo().display(),
             url = sim.url(),
             password = self.password.display(),
-            nbd = sim.nbd_uri_template(),
+            nbd = if self.nbd_tls {
+                format!(
+                    "{}?tls-pin={}",
+                    sim.nbd_uri_template().replace("nbd://", "nbds://"),
+                    self.pin.display()
+                )
+            } else {
+                sim.nbd_uri_template()
+            },
         );
         std::fs::write(&path, text).unwrap();
         path
@@ -373,15 +389,16 @@ fn killed_runs_leave_snapshots_the_next_run_removes_and_it_stays_incremental() {
 }
 
 #[test]
-fn first_class_disks_full_then_incremental() {
+fn first_class_disks_full_then_incremental_over_nbd_with_tls() {
     let s = Scratch::new();
-    let vc = Vc::start(
+    let vc = Vc::start_with(
         &s,
         vec![],
         vec![FcdSpec {
             name: "data".into(),
             size: 3 * MIB,
         }],
+        true,
     );
     let sim = vc.sim();
     let (id, _, ds) = sim.fcds()[0].clone();
