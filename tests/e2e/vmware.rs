@@ -491,3 +491,40 @@ fn a_failed_snapshot_task_and_a_dropped_nbd_read_fail_cleanly_or_are_retried() {
     same(&s, &rows[0], &sim.disk_bytes(&vm, 2000).unwrap(), "retried");
     assert!(sim.snapshots(&vm).is_empty());
 }
+
+#[test]
+fn a_one_off_backup_from_the_command_line() {
+    let s = Scratch::new();
+    let vc = Vc::start(&s, vec![vm_spec("web", vec![2 * MIB])], vec![]);
+    let (sim, vm) = (vc.sim(), vc.vm());
+    sim.write(&vm, 2000, 4321, b"one-off").unwrap();
+    let sim_handle = vc.sim.as_ref().unwrap();
+    let (url, nbd) = (sim_handle.url(), sim_handle.nbd_uri_template());
+    let repo = s.repo();
+    let mut args = vec![
+        "backup",
+        "--json",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vcenter",
+        &url,
+        "--username",
+        "administrator@vsphere.local",
+        "--password-file",
+        vc.password.to_str().unwrap(),
+        "--pin",
+        vc.pin.to_str().unwrap(),
+        "--nbd-uri",
+        &nbd,
+    ];
+    // Without a VM or an FCD: a usage error.
+    let e = s.fails(&args);
+    assert!(e.contains("--vm MOREF or --fcd ID"), "{e}");
+    args.extend(["--vm", &vm]);
+    let rows: Value = serde_json::from_str(&s.ok(&args)).unwrap();
+    let row = &rows[0];
+    assert_eq!(kind(row), "full");
+    assert_eq!(row["disk"].as_str(), Some(format!("vmware-127.0.0.1/{vm}/2000").as_str()));
+    same(&s, row, &sim.disk_bytes(&vm, 2000).unwrap(), "one-off");
+    assert!(sim.snapshots(&vm).is_empty());
+}
