@@ -417,6 +417,35 @@ fn first_class_disks_full_then_incremental_over_nbd_with_tls() {
     assert_eq!(rows[0]["stats"]["bytes_read"].as_u64(), Some(KIB64));
     same(&s, &rows[0], &sim.fcd_bytes(&id).unwrap(), "fcd-incr");
     assert!(sim.fcd_snapshots(&id).is_empty());
+
+    // A snapshot a killed run left (tagged with the job) goes at the next run.
+    let leftover = vc.rt.block_on(async {
+        let password = cbtvault_vsphere::Password::from_file(&vc.password).unwrap();
+        let sim = vc.sim.as_ref().unwrap();
+        let mut o = cbtvault_vsphere::ClientOptions::new(
+            &sim.url(),
+            "administrator@vsphere.local",
+            password,
+        )
+        .unwrap();
+        o.tls = Some(cbtvault_vsphere::TlsTrust::pinned_file(&vc.pin).unwrap());
+        let c = cbtvault_vsphere::Client::connect(o).await.unwrap();
+        c.create_fcd_snapshot(&id, &ds, "cbtvault:nightly")
+            .await
+            .unwrap()
+    });
+    assert_eq!(sim.fcd_snapshots(&id), [leftover]);
+    sim.write_fcd(&id, 5, b"z").unwrap();
+    let rows = backup(&s, &config);
+    assert_eq!(kind(&rows[0]), "incremental", "{}", rows[0]);
+    assert_eq!(rows[0]["stats"]["bytes_read"].as_u64(), Some(KIB64));
+    same(
+        &s,
+        &rows[0],
+        &sim.fcd_bytes(&id).unwrap(),
+        "fcd-after-leftover",
+    );
+    assert!(sim.fcd_snapshots(&id).is_empty());
 }
 
 #[test]
@@ -524,7 +553,10 @@ fn a_one_off_backup_from_the_command_line() {
     let rows: Value = serde_json::from_str(&s.ok(&args)).unwrap();
     let row = &rows[0];
     assert_eq!(kind(row), "full");
-    assert_eq!(row["disk"].as_str(), Some(format!("vmware-127.0.0.1/{vm}/2000").as_str()));
+    assert_eq!(
+        row["disk"].as_str(),
+        Some(format!("vmware-127.0.0.1/{vm}/2000").as_str())
+    );
     same(&s, row, &sim.disk_bytes(&vm, 2000).unwrap(), "one-off");
     assert!(sim.snapshots(&vm).is_empty());
 }
