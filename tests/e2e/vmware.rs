@@ -560,3 +560,39 @@ fn a_one_off_backup_from_the_command_line() {
     same(&s, row, &sim.disk_bytes(&vm, 2000).unwrap(), "one-off");
     assert!(sim.snapshots(&vm).is_empty());
 }
+
+#[test]
+fn a_grown_disk_and_a_file_fault_give_fulls_with_their_reasons() {
+    let s = Scratch::new();
+    let vc = Vc::start(&s, vec![vm_spec("app", vec![2 * MIB])], vec![]);
+    let (sim, vm) = (vc.sim(), vc.vm());
+    let config = vc.config(&s, &vc.pinned(), &format!("vms = [\"{vm}\"]"));
+    backup(&s, &config);
+
+    sim.resize(&vm, 2000, 3 * MIB).unwrap();
+    sim.write(&vm, 2000, 3 * MIB - 10, b"new end").unwrap();
+    let rows = backup(&s, &config);
+    assert_eq!(kind(&rows[0]), "full");
+    let reason = rows[0]["mode"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("size changed"), "{reason}");
+    assert_eq!(rows[0]["virtual_size"].as_u64(), Some(3 * MIB));
+    same(&s, &rows[0], &sim.disk_bytes(&vm, 2000).unwrap(), "grown");
+
+    sim.fail_next_query();
+    sim.write(&vm, 2000, 1, b"y").unwrap();
+    let rows = backup(&s, &config);
+    assert_eq!(kind(&rows[0]), "full");
+    let reason = rows[0]["mode"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("FileFault"), "{reason}");
+    same(
+        &s,
+        &rows[0],
+        &sim.disk_bytes(&vm, 2000).unwrap(),
+        "after-file-fault",
+    );
+
+    let expect = write(sim, &vm, 2000, 3 * MIB, &[(2 * MIB + 1, b"z")]);
+    let rows = backup(&s, &config);
+    assert_eq!(kind(&rows[0]), "incremental");
+    assert_eq!(rows[0]["stats"]["bytes_read"].as_u64(), Some(expect));
+}
