@@ -24,5 +24,6 @@ mod serve_load;
 mod sources;
 mod ux;
 mod vm_points;
+mod vmware;
 mod xen;
 mod xen_faithful;

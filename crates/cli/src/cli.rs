@@ -97,6 +97,7 @@ pub enum Command {
         id: String,
     },
     /// Restore a restore point, byte-exact, to a sparse file, an NBD export or a new VDI.
+    #[command(group(clap::ArgGroup::new("remote").args(["xapi"])))]
     Restore {
         #[command(flatten)]
         repo: RepoArg,
@@ -302,19 +303,20 @@ pub enum Command {
 }
 
 #[derive(ClapArgs, Debug)]
+#[command(group(clap::ArgGroup::new("remote").args(["xapi", "vcenter"])))]
 pub struct BackupArgs {
     /// The repository directory (from the configuration file with --config).
     #[arg(long, env = "CBTVAULT_REPO")]
     pub repo: Option<PathBuf>,
     /// The disk's name in the repository (file and NBD sources).
-    #[arg(long, required_unless_present_any = ["xapi", "config"])]
+    #[arg(long, required_unless_present_any = ["xapi", "vcenter", "config"])]
     pub disk: Option<String>,
     /// What to read: file:PATH (a raw image or block device), qmp:SOCKET with
     /// --node NODE (a QEMU VM or qemu-storage-daemon, via its dirty bitmaps), or an NBD URI:
     /// nbd://HOST[:PORT]/EXPORT, nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH.
     /// TLS options go in the query: tls-certificates=DIR (ca-cert.pem), tls-pin=FILE
     /// (the server's exact certificate), tls-hostname=NAME.
-    #[arg(long, required_unless_present_any = ["xapi", "config"])]
+    #[arg(long, required_unless_present_any = ["xapi", "vcenter", "config"])]
     pub source: Option<String>,
     /// The QEMU block node to back up (with --source qmp:SOCKET).
     #[arg(long)]
@@ -325,8 +327,10 @@ pub struct BackupArgs {
     pub nbd_socket: Option<PathBuf>,
     #[command(flatten)]
     pub xen: XenArgs,
+    #[command(flatten)]
+    pub vmware: VcenterArgs,
     /// A configuration file (see docs/config.md); run the job --job from it.
-    #[arg(long, requires = "job", conflicts_with_all = ["source", "xapi"])]
+    #[arg(long, requires = "job", conflicts_with_all = ["source", "xapi", "vcenter"])]
     pub config: Option<PathBuf>,
     /// The job to run from --config.
     #[arg(long, requires = "config")]
@@ -475,24 +479,44 @@ pub struct XapiLogin {
     #[arg(long, default_value = "root")]
     pub username: String,
     /// A file whose first line is the password.
-    #[arg(long, requires = "xapi", conflicts_with = "password_env")]
+    #[arg(long, requires = "remote", conflicts_with = "password_env")]
     pub password_file: Option<PathBuf>,
     /// An environment variable holding the password.
-    #[arg(long, requires = "xapi")]
+    #[arg(long, requires = "remote")]
     pub password_env: Option<String>,
-    /// Trust the pool's certificate through this CA (PEM).
-    #[arg(long, requires = "xapi", conflicts_with_all = ["pin", "insecure"])]
+    /// Trust the server's certificate through this CA (PEM).
+    #[arg(long, requires = "remote", conflicts_with_all = ["pin", "insecure"])]
     pub ca: Option<PathBuf>,
     /// Trust exactly this certificate (PEM).
-    #[arg(long, requires = "xapi", conflicts_with = "insecure")]
+    #[arg(long, requires = "remote", conflicts_with = "insecure")]
     pub pin: Option<PathBuf>,
     /// Trust any certificate (logged as a warning).
-    #[arg(long, requires = "xapi")]
+    #[arg(long, requires = "remote")]
     pub insecure: bool,
     /// Accept an http:// --xapi address. The password and the session then
     /// cross the network in clear: only for a trusted lab network.
     #[arg(long, requires = "xapi")]
     pub allow_insecure_http: bool,
+}
+
+/// A vCenter to back up from (the login options are --username,
+/// --password-file or --password-env, and --ca, --pin or --insecure).
+#[derive(ClapArgs, Debug, Clone)]
+pub struct VcenterArgs {
+    /// The vCenter's address: https://HOST[:PORT] (back up --vm MOREF or
+    /// --fcd ID with --datastore).
+    #[arg(long, conflicts_with = "xapi")]
+    pub vcenter: Option<String>,
+    /// First Class Disks to back up (by id, with --datastore).
+    #[arg(long, requires_all = ["vcenter", "datastore"])]
+    pub fcd: Vec<String>,
+    /// The datastore (moref, datastore-11) of the --fcd disks.
+    #[arg(long, requires = "fcd")]
+    pub datastore: Option<String>,
+    /// Where snapshots' disks are read: an NBD URI with {export} (see
+    /// docs/vmware.md).
+    #[arg(long, requires = "vcenter")]
+    pub nbd_uri: Option<String>,
 }
 
 /// A XenServer / XCP-ng pool to back up from.
@@ -503,8 +527,8 @@ pub struct XenArgs {
     /// VDIs to back up (by uuid).
     #[arg(long, requires = "xapi")]
     pub vdi: Vec<String>,
-    /// VMs whose disks to back up (by uuid).
-    #[arg(long, requires = "xapi")]
+    /// VMs whose disks to back up (by uuid; with --vcenter by moref, vm-42).
+    #[arg(long, requires = "remote")]
     pub vm: Vec<String>,
     /// Snapshot all disks of each --vm together (one VM.snapshot), so the
     /// restore points of a VM are consistent with each other.

@@ -1,5 +1,5 @@
 //! cbtvault's configuration file (TOML): one repository, the XenServer
-//! pools and QEMU hosts it backs up, and the jobs that say which disks,
+//! pools, QEMU hosts and vCenters it backs up, and the jobs that say which disks,
 //! when, and how long to keep them. The one-off `cbtvault backup --config
 //! FILE --job NAME` and the nightly daemon read the same file.
 //!
@@ -17,6 +17,9 @@
 //! at the first run) and `jiff` their time zones.
 
 mod validate;
+mod vcenter;
+
+pub use vcenter::{FcdRef, Vcenter};
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +36,9 @@ pub struct Config {
     /// QEMU/KVM hosts (a VM's QEMU or a qemu-storage-daemon, by QMP socket).
     #[serde(default, rename = "qemu")]
     pub qemu_hosts: Vec<QemuHost>,
+    /// vCenters (the vSphere JSON API).
+    #[serde(default, rename = "vcenter")]
+    pub vcenters: Vec<Vcenter>,
     #[serde(default, rename = "job")]
     pub jobs: Vec<Job>,
     /// Limits across every job a process runs (the daemon runs several).
@@ -236,6 +242,15 @@ pub enum JobKind {
     },
     /// Block nodes of a QEMU host.
     Qemu { host: String, nodes: Vec<String> },
+    /// VMs (every disk, from one VM snapshot) by moref (`vm-42`) or name,
+    /// and First Class Disks, of a vCenter.
+    Vmware {
+        vcenter: String,
+        #[serde(default)]
+        vms: Vec<String>,
+        #[serde(default)]
+        fcds: Vec<FcdRef>,
+    },
 }
 
 /// A backup job. (serde cannot deny unknown fields next to `flatten`;
@@ -522,6 +537,14 @@ impl Config {
                 fix(p);
             }
         }
+        for v in &mut self.vcenters {
+            for p in [&mut v.password_file, &mut v.ca, &mut v.pin]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
+        }
         for host in &mut self.qemu_hosts {
             fix(&mut host.qmp_socket);
             if let Some(p) = &mut host.nbd_socket {
@@ -546,6 +569,11 @@ impl Config {
         self.pools.iter().find(|p| p.name == name)
     }
 
+    /// The vCenter named `name`.
+    pub fn vcenter(&self, name: &str) -> Option<&Vcenter> {
+        self.vcenters.iter().find(|v| v.name == name)
+    }
+
     /// The QEMU host named `name`.
     pub fn qemu_host(&self, name: &str) -> Option<&QemuHost> {
         self.qemu_hosts.iter().find(|h| h.name == name)
@@ -555,7 +583,7 @@ impl Config {
 /// The line (1-based) where the item a validation message names starts:
 /// for `job "x": …`, the line of that job's `name = "x"`.
 fn line_of_item(text: &str, what: &str) -> Option<usize> {
-    let rest = ["job ", "pool ", "qemu host ", "maintenance "]
+    let rest = ["job ", "pool ", "qemu host ", "vcenter ", "maintenance "]
         .iter()
         .find_map(|p| what.strip_prefix(p))?;
     let name = rest.strip_prefix('"')?.split('"').next()?;

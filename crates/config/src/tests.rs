@@ -71,8 +71,8 @@ fn mistakes_are_named() {
             "at most one of ca",
         ),
         (
-            EXAMPLE.replace("kind = \"qemu\"", "kind = \"vmware\""),
-            "vmware",
+            EXAMPLE.replace("kind = \"qemu\"", "kind = \"hyperv\""),
+            "hyperv",
         ),
         (
             EXAMPLE.replace("https://xcp-a.example.net", "http://xcp-a.example.net"),
@@ -211,4 +211,43 @@ fn maintenance_tasks_have_schedules_and_unique_names() {
         err.contains("read_data goes with task = \"verify\""),
         "{err}"
     );
+}
+
+#[test]
+fn a_vcenter_and_a_vmware_job() {
+    let base = "[repository]\npath = \"/r\"\n\n[[vcenter]]\nname = \"vc\"\nurl = \"https://vc\"\n\
+                username = \"u@vsphere.local\"\npassword_file = \"pw\"\npin = \"vc.pem\"\n\
+                nbd_uri = \"nbd://h/{export}\"\n\n[[job]]\nname = \"j\"\nkind = \"vmware\"\n\
+                vcenter = \"vc\"\nvms = [\"vm-42\"]\nfcds = [{ id = \"f1\", datastore = \"datastore-1\" }]\n";
+    let c = parse(base).unwrap();
+    let v = c.vcenter("vc").unwrap();
+    assert_eq!(
+        v.password_file.as_deref(),
+        Some(Path::new("/etc/cbtvault/pw"))
+    );
+    assert!(matches!(&c.job("j").unwrap().kind,
+        JobKind::Vmware { vms, fcds, .. } if vms == &["vm-42"] && fcds[0].datastore == "datastore-1"));
+    for (text, want) in [
+        (base.replace("vm-42", " "), "empty string"),
+        (
+            base.replace("vcenter = \"vc\"\nvms", "vcenter = \"vx\"\nvms"),
+            "no vcenter named \"vx\"",
+        ),
+        (
+            base.replace("pin = \"vc.pem\"\n", ""),
+            "exactly one of ca, pin and insecure",
+        ),
+        (base.replace("{export}", "disk"), "names no snapshot"),
+        (
+            base.replace("https://vc", "http://vc"),
+            "must start with https://",
+        ),
+        (
+            base.replace("vms = [\"vm-42\"]", "vms = [\"vm-42\"]\nnodes = []"),
+            "unknown key \"nodes\"",
+        ),
+    ] {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(want), "{want:?} not in {e}");
+    }
 }

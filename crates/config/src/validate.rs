@@ -33,6 +33,10 @@ fn unique<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), St
 pub fn check(c: &Config) -> Result<(), String> {
     unique("pool", c.pools.iter().map(|p| p.name.as_str()))?;
     unique("qemu host", c.qemu_hosts.iter().map(|h| h.name.as_str()))?;
+    unique("vcenter", c.vcenters.iter().map(|v| v.name.as_str()))?;
+    for v in &c.vcenters {
+        crate::vcenter::check(v)?;
+    }
     unique("job", c.jobs.iter().map(|j| j.name.as_str()))?;
     for (i, m) in c.maintenance.iter().enumerate() {
         let at = format!("maintenance {:?}", m.name);
@@ -146,6 +150,19 @@ pub fn check(c: &Config) -> Result<(), String> {
                     return Err(format!("{at}: {bad:?} is not a UUID"));
                 }
             }
+            JobKind::Vmware { vcenter, vms, fcds } => {
+                if c.vcenter(vcenter).is_none() {
+                    return Err(format!("{at}: no vcenter named {vcenter:?}"));
+                }
+                if vms.is_empty() && fcds.is_empty() {
+                    return Err(format!(
+                        "{at}: list vms (morefs such as vm-42) or fcds to back up"
+                    ));
+                }
+                if vms.iter().any(|m| m.trim().is_empty()) {
+                    return Err(format!("{at}: a VM is named by an empty string"));
+                }
+            }
             JobKind::Qemu { host, nodes } => {
                 if c.qemu_host(host).is_none() {
                     return Err(format!("{at}: no qemu host named {host:?}"));
@@ -218,6 +235,7 @@ pub fn job_keys(table: &toml::Table) -> Result<(), String> {
         let specific: &[&str] = match job.get("kind").and_then(|k| k.as_str()) {
             Some("xenserver") => &["pool", "vms", "vdis", "consistent_vm_snapshot"],
             Some("qemu") => &["host", "nodes"],
+            Some("vmware") => &["vcenter", "vms", "fcds"],
             // serde reports unknown or missing kinds with the list of valid ones.
             _ => continue,
         };

@@ -148,6 +148,9 @@ pub fn is_retryable_cause(e: &(dyn std::error::Error + 'static)) -> bool {
         if let Some(e) = e.downcast_ref::<cbtvault_xen::Error>() {
             return e.is_retryable();
         }
+        if let Some(e) = e.downcast_ref::<cbtvault_vsphere::Error>() {
+            return e.is_retryable();
+        }
         if let Some(e) = e.downcast_ref::<cbtvault_qmp::Error>() {
             return matches!(
                 e,

@@ -12,8 +12,8 @@
 //! - [`provider`]: one lifecycle for every hypervisor — a [`Provider`]
 //!   prepares point-in-time views and their changed blocks, [`drive`]
 //!   reads, commits and checks each disk, and the provider commits or
-//!   aborts. [`xenserver`] (over `cbtvault-xen`) and [`qemu`] (over
-//!   `cbtvault-qemu`) implement it.
+//!   aborts. [`xenserver`] (over `cbtvault-xen`), [`qemu`] (over
+//!   `cbtvault-qemu`) and [`vmware`] (over `cbtvault-vsphere`) implement it.
 //! - [`audit`]: the CBT audit `drive` runs after an incremental — blocks
 //!   the change source called unchanged, re-read and compared; a mismatch
 //!   fails the disk and makes its next backup a full.
@@ -27,8 +27,8 @@
 //! `tokio` and `futures` for pipelined source reads and per-disk
 //! concurrency, `flume` for bounded channels that connect async tasks to
 //! worker threads in both directions, `tokio-util` for cancellation,
-//! `cbtvault-xen` and `cbtvault-qemu` for the hypervisors' sides of a
-//! backup, `cbtvault-nbd` to read their views.
+//! `cbtvault-xen`, `cbtvault-qemu` and `cbtvault-vsphere` for the
+//! hypervisors' sides of a backup, `cbtvault-nbd` to read their views.
 
 pub mod audit;
 pub mod backup;
@@ -42,6 +42,7 @@ pub mod restore;
 pub mod serve;
 pub mod source;
 pub mod throttle;
+pub mod vmware;
 pub mod xenserver;
 
 pub use backup::{

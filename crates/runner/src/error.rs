@@ -61,6 +61,14 @@ pub enum Error {
         source: BoxError,
     },
 
+    #[error("vcenter {vcenter:?}: {what}")]
+    Vcenter {
+        vcenter: String,
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+
     #[error("QEMU node {node:?}")]
     Qemu {
         node: String,
@@ -106,6 +114,7 @@ impl Error {
             Error::Login { source, .. }
             | Error::Xapi { source, .. }
             | Error::Qmp { source, .. }
+            | Error::Vcenter { source, .. }
             | Error::Qemu { source, .. } => cbtvault_engine::is_retryable_cause(source.as_ref()),
             _ => false,
         }

@@ -67,3 +67,45 @@ pub async fn login(pool: &Pool) -> Result<Client> {
             source: source.into(),
         })
 }
+
+/// Logs in to `vcenter` with its password (read now) and trust setting.
+pub(crate) async fn vcenter(v: &cbtvault_config::Vcenter) -> Result<cbtvault_vsphere::Client> {
+    use cbtvault_vsphere::{ClientOptions, Password, TlsTrust};
+    let err = |what: &str| {
+        let (vcenter, what) = (v.name.clone(), what.to_string());
+        move |e: cbtvault_vsphere::Error| Error::Vcenter {
+            vcenter,
+            what,
+            source: e.into(),
+        }
+    };
+    let password = match v.password_source() {
+        PasswordSource::File(f) => Password::from_file(&f),
+        PasswordSource::Env(var) => Password::from_env(&var),
+    }
+    .map_err(err("reading the password"))?;
+    let mut options =
+        ClientOptions::new(&v.url, v.username.clone(), password).map_err(err("the address"))?;
+    let trust = |r: std::result::Result<TlsTrust, cbtvault_tls_pin::TrustError>| {
+        r.map_err(|e| Error::Vcenter {
+            vcenter: v.name.clone(),
+            what: "the TLS trust setting".into(),
+            source: Box::new(e),
+        })
+    };
+    options.tls = Some(match (&v.ca, &v.pin) {
+        (Some(ca), _) => trust(TlsTrust::ca_file(ca))?,
+        (None, Some(pin)) => trust(TlsTrust::pinned_file(pin))?,
+        (None, None) => {
+            tracing::warn!(vcenter = %v.name, "the vCenter's certificate is not checked (insecure)");
+            TlsTrust::InsecureAcceptAny
+        }
+    });
+    let url = v.url.clone();
+    cbtvault_vsphere::Client::connect(options)
+        .await
+        .map_err(|source| Error::Login {
+            url,
+            source: source.into(),
+        })
+}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cbtvault_engine::qemu::{QemuNode as QemuProvider, QemuOptions};
+use cbtvault_engine::vmware::{NbdAccess, VmwareFcd, VmwareOptions, VmwareVm};
 use cbtvault_engine::xenserver::{XenOptions, XenVdi, XenVm};
 use cbtvault_engine::{BackupOutcome, DiskRun, DriveContext, Throttle, drive};
 use cbtvault_repo::{Repository, VmInfo};
@@ -12,7 +13,7 @@ use cbtvault_xenapi::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-use crate::error::{Error, Result};
+use crate::error::{BoxError, Error, Result};
 use crate::limits::{JobLimits, Limits, PlaceLimit};
 use crate::report::{DiskReport, JobReport, Observer};
 use crate::spec::{JobSpec, QemuNode, Target};
@@ -42,6 +43,10 @@ enum Capture {
     XenVm { uuid: String },
     /// One QEMU block node.
     QemuNode(QemuNode),
+    /// Every disk of a VMware VM from one VM snapshot.
+    VmwareVm { vm: String },
+    /// One First Class Disk.
+    VmwareFcd { id: String, datastore: String },
 }
 
 impl Capture {
@@ -53,6 +58,8 @@ impl Capture {
             } => format!("VDI {uuid} (VM {vm})"),
             Capture::XenVm { uuid } => format!("VM {uuid}"),
             Capture::QemuNode(n) => format!("node {}", n.node),
+            Capture::VmwareVm { vm } => format!("VMware VM {vm}"),
+            Capture::VmwareFcd { id, .. } => format!("FCD {id}"),
         }
     }
 }
@@ -81,6 +88,10 @@ enum Hypervisor {
         nbd_socket: Option<std::path::PathBuf>,
         /// The VM QEMU runs, when it runs one (a storage daemon does not).
         vm: Option<cbtvault_qmp::VmIdentity>,
+    },
+    Vmware {
+        client: cbtvault_vsphere::Client,
+        options: VmwareOptions,
     },
 }
 
@@ -139,6 +150,11 @@ impl Runner {
                 disks.extend(reports);
             }
             if let Hypervisor::Xen { client, .. } = &ctx.hypervisor
+                && let Err(e) = client.logout().await
+            {
+                warn!(error = %e, "logout failed");
+            }
+            if let Hypervisor::Vmware { client, .. } = &ctx.hypervisor
                 && let Err(e) = client.logout().await
             {
                 warn!(error = %e, "logout failed");
@@ -229,6 +245,41 @@ impl Runner {
                 info!(captures = captures.len(), "planned");
                 Ok((
                     Hypervisor::Xen { client, options },
+                    limits,
+                    captures,
+                    failed,
+                ))
+            }
+            Target::Vmware { vcenter, vms, fcds } => {
+                let client = crate::login::vcenter(vcenter).await?;
+                let options = VmwareOptions {
+                    job: spec.name.clone(),
+                    server: vcenter.name.clone(),
+                    nbd: NbdAccess {
+                        template: vcenter.nbd_uri.clone(),
+                    },
+                    quiesce: vcenter.quiesce,
+                    backup: spec.backup.clone(),
+                };
+                let limits = JobLimits::new(
+                    &self.limits,
+                    spec.parallel,
+                    (
+                        &format!("vcenter:{}", vcenter.name),
+                        PlaceLimit::Disks(vcenter.max_disks),
+                    ),
+                );
+                let (vms, unknown) = vmware_vms(&client, &vcenter.name, vms).await;
+                failed.extend(unknown);
+                let mut captures: Vec<Capture> =
+                    vms.into_iter().map(|vm| Capture::VmwareVm { vm }).collect();
+                captures.extend(fcds.iter().map(|f| Capture::VmwareFcd {
+                    id: f.id.clone(),
+                    datastore: f.datastore.clone(),
+                }));
+                info!(captures = captures.len(), "planned");
+                Ok((
+                    Hypervisor::Vmware { client, options },
                     limits,
                     captures,
                     failed,
@@ -419,6 +470,18 @@ impl JobContext<'_> {
                 let mut provider = QemuProvider::new(&qemu, &options);
                 drive(&mut provider, repo, &ctx).await?
             }
+            (Hypervisor::Vmware { client, options }, Capture::VmwareVm { vm }) => {
+                let mut options = options.clone();
+                options.backup = ctx.backup.clone();
+                let mut provider = VmwareVm::new(client, vm, &options);
+                drive(&mut provider, repo, &ctx).await?
+            }
+            (Hypervisor::Vmware { client, options }, Capture::VmwareFcd { id, datastore }) => {
+                let mut options = options.clone();
+                options.backup = ctx.backup.clone();
+                let mut provider = VmwareFcd::new(client, id, datastore, &options);
+                drive(&mut provider, repo, &ctx).await?
+            }
             _ => {
                 return Err(Error::Internal(format!(
                     "{capture} does not belong to this job's hypervisor"
@@ -449,6 +512,7 @@ fn disk_label(capture: &Capture, run: &DiskRun) -> String {
     match capture {
         Capture::XenVm { uuid } => format!("VDI {} (VM {uuid})", run.id),
         Capture::QemuNode(n) => format!("node {}", n.node),
+        Capture::VmwareVm { vm } => format!("VMware disk {} (VM {vm})", run.id),
         other => other.label(),
     }
 }
@@ -457,6 +521,67 @@ impl std::fmt::Display for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.label())
     }
+}
+
+/// The morefs of `vms`: a moref (`vm-42`, or a number on ESXi) as given,
+/// a name looked up in one listing of the inventory. A name that matches
+/// no VM, or several, is reported as a failed VM.
+async fn vmware_vms(
+    client: &cbtvault_vsphere::Client,
+    vcenter: &str,
+    vms: &[String],
+) -> (Vec<String>, Vec<DiskReport>) {
+    let is_moref = |v: &str| {
+        let digits = v.strip_prefix("vm-").unwrap_or(v);
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    };
+    let mut morefs = Vec::new();
+    let mut failed = Vec::new();
+    let mut inventory = None;
+    for vm in vms {
+        if is_moref(vm) {
+            morefs.push(vm.clone());
+            continue;
+        }
+        if inventory.is_none() {
+            inventory = Some(client.vm_names().await);
+        }
+        let found: std::result::Result<String, BoxError> = match inventory.as_ref() {
+            Some(Ok(list)) => {
+                let ids: Vec<&String> = list
+                    .iter()
+                    .filter(|(_, n)| n == vm)
+                    .map(|(id, _)| id)
+                    .collect();
+                match ids[..] {
+                    [id] => Ok(id.clone()),
+                    [] => Err("no VM has this name".into()),
+                    _ => Err(format!("{} VMs have this name; name it by moref", ids.len()).into()),
+                }
+            }
+            Some(Err(e)) => Err(format!("listing the VMs: {e}").into()),
+            None => Err("listing the VMs".into()),
+        };
+        match found {
+            Ok(id) => {
+                if !morefs.contains(&id) {
+                    morefs.push(id);
+                }
+            }
+            Err(source) => failed.push(DiskReport {
+                label: format!("VMware VM {vm:?}"),
+                attempts: 1,
+                outcome: Err(Error::Vcenter {
+                    vcenter: vcenter.to_owned(),
+                    what: format!("finding VM {vm:?}"),
+                    source,
+                }),
+                retention: None,
+                alerts: Vec::new(),
+            }),
+        }
+    }
+    (morefs, failed)
 }
 
 /// One run of a job at a time: a second one is refused at once, before it

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cbtvault_config::{Config, JobKind, Pool, QemuHost, Retention};
+use cbtvault_config::{Config, FcdRef, JobKind, Pool, QemuHost, Retention, Vcenter};
 use cbtvault_engine::BackupOptions;
 
 use crate::error::Result;
@@ -52,6 +52,13 @@ pub enum Target {
     Qemu {
         host: QemuHost,
         nodes: Vec<QemuNode>,
+    },
+    /// VMs (by moref, every disk from one VM snapshot) and First Class
+    /// Disks of a vCenter.
+    Vmware {
+        vcenter: Vcenter,
+        vms: Vec<String>,
+        fcds: Vec<FcdRef>,
     },
 }
 
@@ -109,6 +116,14 @@ impl JobSpec {
                         disk: None,
                     })
                     .collect(),
+            },
+            JobKind::Vmware { vcenter, vms, fcds } => Target::Vmware {
+                vcenter: config
+                    .vcenter(vcenter)
+                    .cloned()
+                    .ok_or_else(|| unknown(name, "vcenter", vcenter))?,
+                vms: vms.clone(),
+                fcds: fcds.clone(),
             },
         };
         let backup = BackupOptions {

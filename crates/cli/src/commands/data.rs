@@ -59,7 +59,7 @@ fn read_bitmap(file: &Path, size: u64, source: &str) -> Result<Changes> {
 }
 
 pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
-    if args.config.is_some() || args.xen.login.xapi.is_some() {
+    if args.config.is_some() || args.xen.login.xapi.is_some() || args.vmware.vcenter.is_some() {
         return super::jobs::backup(g, &args);
     }
     let (Some(repo_dir), Some(disk), Some(source)) = (&args.repo, &args.disk, &args.source) else {

@@ -38,6 +38,16 @@ pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
             spec.backup = tuning(args, spec.backup.compression_level);
             (spec, config.limits, Named::Config)
         }
+        None if args.vmware.vcenter.is_some() => {
+            let Some(repo) = &args.repo else {
+                bail!(usage!("give --repo and --vcenter (or --config with --job)"));
+            };
+            let target = vmware_from_flags(args)?;
+            let mut spec = JobSpec::one_off("adhoc", repo.clone(), target);
+            spec.parallel = args.xen.parallel.max(1);
+            spec.backup = tuning(args, None);
+            (spec, Default::default(), Named::Flags)
+        }
         None => {
             let x = &args.xen;
             let Some(repo) = &args.repo else {
@@ -193,6 +203,71 @@ fn pool_from_flags(login: &XapiLogin, nbd_connections: usize) -> Result<Pool> {
         transport: Default::default(),
         nbd_connections: connections,
         max_nbd_connections: 16,
+    })
+}
+
+/// `backup --vcenter URL --vm MOREF | --fcd ID --datastore DS`.
+fn vmware_from_flags(args: &BackupArgs) -> Result<Target> {
+    let login = &args.xen.login;
+    let (Some(url), v) = (&args.vmware.vcenter, &args.vmware) else {
+        bail!(usage!("give --vcenter https://HOST"));
+    };
+    if args.xen.vm.is_empty() && v.fcd.is_empty() {
+        bail!(usage!(
+            "give --vm MOREF or --fcd ID with --datastore (repeatable)"
+        ));
+    }
+    if login.password_file.is_none() && login.password_env.is_none() {
+        bail!(usage!(
+            "give --password-file FILE or --password-env VAR (never the password itself)"
+        ));
+    }
+    if login.ca.is_none() && login.pin.is_none() && !login.insecure {
+        bail!(usage!(
+            "give --pin FILE or --ca FILE (or --insecure for a lab)"
+        ));
+    }
+    let Some(nbd_uri) = &v.nbd_uri else {
+        bail!(usage!(
+            "give --nbd-uri: where the snapshots' disks are served over NBD (see docs/vmware.md)"
+        ));
+    };
+    // The disks are named after the host, not its port.
+    let authority = url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap_or(url);
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(h, _)| h)
+        .to_string();
+    let vcenter = cbtvault_config::Vcenter {
+        name: host,
+        url: url.clone(),
+        username: login.username.clone(),
+        password_file: login.password_file.clone(),
+        password_env: login.password_env.clone(),
+        ca: login.ca.clone(),
+        pin: login.pin.clone(),
+        insecure: login.insecure,
+        nbd_uri: nbd_uri.clone(),
+        quiesce: false,
+        max_disks: 4,
+    };
+    let datastore = v.datastore.clone().unwrap_or_default();
+    Ok(Target::Vmware {
+        vcenter,
+        vms: args.xen.vm.clone(),
+        fcds: v
+            .fcd
+            .iter()
+            .map(|id| cbtvault_config::FcdRef {
+                id: id.clone(),
+                datastore: datastore.clone(),
+            })
+            .collect(),
     })
 }
 

@@ -176,15 +176,17 @@ fn check_config(g: &crate::cli::Global, file: &Path) -> Result<ExitCode> {
             "ok": true,
             "pools": config.pools.iter().map(|p| &p.name).collect::<Vec<_>>(),
             "qemu_hosts": config.qemu_hosts.iter().map(|h| &h.name).collect::<Vec<_>>(),
+            "vcenters": config.vcenters.iter().map(|v| &v.name).collect::<Vec<_>>(),
             "jobs": config.jobs.iter().map(|j| &j.name).collect::<Vec<_>>(),
             "maintenance": config.maintenance.iter().map(|m| &m.name).collect::<Vec<_>>(),
         }));
     } else if !g.quiet {
         crate::output::outln!(
-            "{}: ok: {} pools, {} QEMU hosts, {} jobs, {} maintenance tasks; repository {}",
+            "{}: ok: {} pools, {} QEMU hosts, {} vCenters, {} jobs, {} maintenance tasks; repository {}",
             file.display(),
             config.pools.len(),
             config.qemu_hosts.len(),
+            config.vcenters.len(),
             config.jobs.len(),
             config.maintenance.len(),
             config.repository.path.display()
