@@ -160,7 +160,7 @@ fn serve(
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body)?;
         let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % every == 0 {
+        if n.is_multiple_of(every) {
             spoiled.fetch_add(1, Ordering::Relaxed);
             match (n / every) % 3 {
                 0 => {

@@ -113,7 +113,10 @@ impl Shared {
         let path = self.config().repository.path.clone();
         cbtvault_s3::open(&path)
             .map(Arc::new)
-            .map_err(|source| Error::OpenRepository { path, source })
+            .map_err(|source| Error::OpenRepository {
+                path,
+                source: Box::new(source),
+            })
     }
 
     /// `/status`.
@@ -551,7 +554,7 @@ async fn serve(config_path: &Path) -> Result<()> {
     // Fail now, not at the first run, on a repository that is not there.
     cbtvault_s3::open(&config.repository.path).map_err(|source| Error::OpenRepository {
         path: config.repository.path.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let listener = tokio::net::TcpListener::bind(&config.daemon.listen)
         .await

@@ -14,7 +14,7 @@ pub enum Error {
     OpenRepository {
         path: PathBuf,
         #[source]
-        source: cbtvault_s3::Error,
+        source: Box<cbtvault_s3::Error>,
     },
     #[error("repository {}", path.display())]
     Repository {

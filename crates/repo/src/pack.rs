@@ -392,6 +392,21 @@ pub fn decode_blob_with(
     entry: &PackEntry,
     stored: &[u8],
 ) -> Result<Vec<u8>> {
+    let mut content = vec![0u8; (entry.raw_len as usize).min(MAX_BLOB_LEN)];
+    decode_blob_into(decompressor, pack, entry, stored, &mut content)?;
+    Ok(content)
+}
+
+/// [`decode_blob_with`] into `out`, which must be the blob's length: the
+/// content lands where the caller wants it (a served read's buffer), with
+/// no copy of its own.
+pub fn decode_blob_into(
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    pack: &str,
+    entry: &PackEntry,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
     let corrupt = |what: String| Error::CorruptBlob {
         id: entry.id,
         pack: pack.to_string(),
@@ -404,25 +419,35 @@ pub fn decode_blob_with(
             entry.raw_len
         )));
     }
-    let content = match entry.compression {
-        Compression::None => stored.to_vec(),
+    if out.len() != entry.raw_len as usize {
+        return Err(corrupt(format!(
+            "holds {} bytes where {} are wanted",
+            entry.raw_len,
+            out.len()
+        )));
+    }
+    let len = match entry.compression {
+        Compression::None if stored.len() == out.len() => {
+            out.copy_from_slice(stored);
+            out.len()
+        }
+        Compression::None => stored.len(),
         Compression::Zstd => decompressor
-            .decompress(stored, entry.raw_len as usize)
+            .decompress_to_buffer(stored, out)
             .map_err(|e| corrupt(format!("cannot decompress: {e}")))?,
     };
-    if content.len() != entry.raw_len as usize {
+    if len != entry.raw_len as usize {
         return Err(corrupt(format!(
-            "decompressed to {} bytes instead of {}",
-            content.len(),
+            "decompressed to {len} bytes instead of {}",
             entry.raw_len
         )));
     }
-    if BlobId::of(&content) != entry.id {
+    if BlobId::of(out) != entry.id {
         return Err(corrupt(
             "content does not match its id (the pack is damaged)".into(),
         ));
     }
-    Ok(content)
+    Ok(())
 }
 
 /// Compresses `content` with zstd at `level` unless that does not make it

@@ -39,13 +39,32 @@ impl BlobReader {
 
     /// Decodes with this reader's decompression context.
     fn decode(&self, pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+        self.with_decompressor(pack, entry, |d| {
+            pack::decode_blob_with(d, pack, entry, stored)
+        })
+    }
+
+    /// Runs `f` with this reader's decompression context, made on first use.
+    fn with_decompressor<T>(
+        &self,
+        pack: &str,
+        entry: &PackEntry,
+        f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> Result<T>,
+    ) -> Result<T> {
         let mut slot = self.decompressor.borrow_mut();
         if slot.is_none() {
-            *slot = zstd::bulk::Decompressor::new().ok();
+            *slot = Some(
+                zstd::bulk::Decompressor::new().map_err(|e| Error::CorruptBlob {
+                    id: entry.id,
+                    pack: pack.to_string(),
+                    offset: entry.offset,
+                    what: format!("{TRANSIENT}: cannot set up zstd: {e}"),
+                })?,
+            );
         }
         match slot.as_mut() {
-            Some(d) => pack::decode_blob_with(d, pack, entry, stored),
-            None => pack::decode_blob(pack, entry, stored),
+            Some(d) => f(d),
+            None => Err(Error::InvalidArgument("no decompression context".into())),
         }
     }
 
@@ -125,7 +144,45 @@ impl BlobReader {
     /// read. Results come back in the order asked; a damaged blob gives an
     /// error in its own slot without failing the others.
     pub fn read_many(&self, ids: &[BlobId]) -> Result<Vec<Result<Vec<u8>>>> {
-        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..ids.len()).map(|_| None).collect();
+        let mut contents: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
+        let results = self.read_coalesced(ids, |slot, loc, stored| {
+            contents[slot] = Some(self.decode(&loc.pack, &loc.entry, stored)?);
+            Ok(())
+        })?;
+        Ok(results
+            .into_iter()
+            .zip(contents)
+            .map(|(result, content)| {
+                result.and_then(|()| {
+                    content.ok_or_else(|| Error::InvalidArgument("blob not read".into()))
+                })
+            })
+            .collect())
+    }
+
+    /// [`BlobReader::read_many`] into buffers of the caller: each blob's
+    /// content is decoded (and checked) straight into its buffer, which
+    /// must be the blob's length.
+    pub fn read_many_into(&self, wanted: &mut [(BlobId, &mut [u8])]) -> Result<Vec<Result<()>>> {
+        let ids: Vec<BlobId> = wanted.iter().map(|(id, _)| *id).collect();
+        self.read_coalesced(&ids, |slot, loc, stored| {
+            let out = &mut *wanted[slot].1;
+            self.with_decompressor(&loc.pack, &loc.entry, |d| {
+                pack::decode_blob_into(d, &loc.pack, &loc.entry, stored, out)
+            })
+        })
+    }
+
+    /// Reads the stored forms of `ids`, one read per run of neighbours in
+    /// a pack, and gives each to `decode(slot, location, stored)`; returns
+    /// each slot's outcome (a blob without a location, or damaged, fails
+    /// its own slot, and a damaged one is quarantined).
+    fn read_coalesced(
+        &self,
+        ids: &[BlobId],
+        mut decode: impl FnMut(usize, &BlobLocation, &[u8]) -> Result<()>,
+    ) -> Result<Vec<Result<()>>> {
+        let mut out: Vec<Option<Result<()>>> = (0..ids.len()).map(|_| None).collect();
         let mut located = Vec::with_capacity(ids.len());
         for (slot, id) in ids.iter().enumerate() {
             // A blob missing from the catalogue fails only its own slot, so
@@ -160,7 +217,7 @@ impl BlobReader {
                     Ok(buf) => {
                         let from = (loc.entry.offset - start) as usize;
                         match buf.get(from..from + loc.entry.stored_len as usize) {
-                            Some(stored) => self.decode(pack_name, &loc.entry, stored),
+                            Some(stored) => decode(*slot, loc, stored),
                             None => Err(Error::InvalidArgument("blob outside its read".into())),
                         }
                     }

@@ -87,7 +87,7 @@ impl S3Backend {
         let store = builder.build().map_err(|source| Error::Store {
             location: location.display(),
             what: "configuring the S3 client".into(),
-            source,
+            source: Box::new(source),
         })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

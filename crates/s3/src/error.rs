@@ -14,7 +14,7 @@ pub enum Error {
         location: String,
         what: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 
     #[error("cannot start the S3 client's runtime: {0}")]
