@@ -25,6 +25,9 @@ struct Args {
     /// Reads of each server (alternating).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Then one more read of `serve` under `perf record -g`, into this file.
+    #[arg(long, value_name = "FILE")]
+    perf: Option<std::path::PathBuf>,
 }
 
 struct Server(Child);
@@ -188,6 +191,23 @@ fn main() -> Result<()> {
         mbs(c_best),
         q_best.as_secs_f64() / c_best.as_secs_f64()
     );
+    if let Some(file) = &args.perf {
+        let mut perf = Command::new("perf")
+            .args(["record", "-g", "-o"])
+            .arg(file)
+            .arg("-p")
+            .arg(_serve.0.id().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("perf (Debian's linux-perf)")?;
+        std::thread::sleep(Duration::from_millis(500));
+        nbdcopy(&c_sock, args.connections)?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(perf.id() as libc::pid_t, libc::SIGINT) };
+        perf.wait()?;
+        println!("profile of one read of serve: {}", file.display());
+    }
     let (blake3, unzstd, share) = ceilings(&image)?;
     println!(
         "one core: BLAKE3 {:.0} MB/s, zstd decompression {:.0} MB/s ({:.0}% of the non-zero blocks are compressed)",
