@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use cbtvault_engine::Progress;
 
 use crate::cli::Global;
 use crate::output::{self, outln};
@@ -37,9 +38,16 @@ pub fn copy(
             points.push(point);
         }
     }
+    // What the points stored when they were made: about what travels to
+    // a target that has none of it.
+    let estimate = points.iter().map(|p| p.manifest.stats.bytes_stored).sum();
+    let bar = output::Bar::new(g);
+    bar.start("copy", estimate);
     let report = target
-        .copy_from(&source, &points, &|_| {})
-        .with_context(|| format!("copying into {}", to.display()))?;
+        .copy_from(&source, &points, &|bytes| bar.advance(bytes))
+        .with_context(|| format!("copying into {}", to.display()));
+    bar.finish();
+    let report = report?;
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
