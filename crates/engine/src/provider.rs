@@ -247,6 +247,9 @@ pub async fn drive<P: Provider>(
                 d.changes = Changes::Full {
                     reason: Some(p.reason.clone()),
                 };
+                // The change source failed its audit: what it says changed
+                // since an interrupted run is no ground to keep blocks.
+                d.resume = None;
             }
             audits.push(pending.map(|p| p.notes));
         }
