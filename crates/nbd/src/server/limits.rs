@@ -42,8 +42,11 @@ impl PeerKey {
 
 /// A reply write that made no progress for this long means the client is
 /// not reading: its connection may be dropped for a newcomer or for
-/// memory another connection needs.
-const STALLED: Duration = Duration::from_secs(1);
+/// memory another connection needs. Long enough that a reader starved of
+/// CPU on a loaded host (a second was seen to drop nbdcopy) is not taken
+/// for one that never reads; the memory stays bounded meanwhile, since
+/// requests wait for the budget.
+const STALLED: Duration = Duration::from_secs(10);
 
 /// What one connection is doing, updated by its tasks without locks.
 pub(crate) struct Activity {
@@ -246,7 +249,7 @@ impl Registry {
     }
 
     /// Drops the connection whose client has not taken its replies for
-    /// the longest time (at least a second), so that the memory it holds
+    /// the longest time (at least `STALLED`), so that the memory it holds
     /// serves others; false if there is none.
     pub(crate) fn evict_stalled(&self) -> bool {
         if !self.evict {
