@@ -83,7 +83,7 @@ pub(crate) async fn vcenter(v: &cbtvault_config::Vcenter) -> Result<cbtvault_vsp
         PasswordSource::File(f) => Password::from_file(&f),
         PasswordSource::Env(var) => Password::from_env(&var),
     }
-    .map_err(err("reading the password"))?;
+    .map_err(|e| err("reading the password")(e.into()))?;
     let mut options =
         ClientOptions::new(&v.url, v.username.clone(), password).map_err(err("the address"))?;
     let trust = |r: std::result::Result<TlsTrust, cbtvault_tls_pin::TrustError>| {

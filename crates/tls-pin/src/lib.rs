@@ -7,14 +7,19 @@
 //! the handshake signatures against them, so the server must hold the
 //! private key. [`TlsTrust`] says whom a client trusts (a pin, a CA, or,
 //! for labs, anyone) and builds the rustls client configuration. The NBD
-//! and XenAPI clients share both.
+//! and XenAPI clients share both. [`Password`] is what the XenAPI and
+//! vSphere clients log in with: read from a file or an environment
+//! variable (never the command line, which every user sees in `ps`), and
+//! never printed.
 //!
 //! # Crates used
 //! `rustls` (verifier traits, signature checks) and `rustls-pki-types`
 //! (certificates and PEM parsing); nothing else.
 
+mod secret;
 mod trust;
 
+pub use secret::{Password, PasswordError};
 pub use trust::{Pem, TlsTrust, TrustError};
 
 use std::fmt;

@@ -11,8 +11,8 @@ use url::Url;
 
 use crate::error::{Error, Fault, Result};
 use crate::http::HttpClient;
-use crate::secret::Password;
 use crate::types::MoRef;
+use cbtvault_tls_pin::Password;
 use cbtvault_tls_pin::TlsTrust;
 
 /// The JSON API release cbtvault speaks (vCenter 8.0 U2's schema).

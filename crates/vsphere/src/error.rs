@@ -67,8 +67,8 @@ pub enum Error {
     Timeout { what: String, after: Duration },
 
     /// The password could not be read (the secret is never in the message).
-    #[error("cannot read the vSphere password from {from}: {detail}")]
-    Password { from: String, detail: String },
+    #[error(transparent)]
+    Password(#[from] cbtvault_tls_pin::PasswordError),
 
     /// Bad options: URL, TLS trust.
     #[error("{0}")]

@@ -56,14 +56,13 @@ mod changes;
 mod client;
 mod error;
 mod http;
-mod secret;
 mod types;
 
 pub use cbtvault_tls_pin::TlsTrust;
+pub use cbtvault_tls_pin::{Password, PasswordError};
 pub use changes::{ChangedAreas, changed_blocks, mark};
 pub use client::{Client, ClientOptions, DEFAULT_RELEASE};
 pub use error::{Error, Fault, Result};
-pub use secret::Password;
 pub use types::{
     DiskChangeExtent, DiskChangeInfo, Fcd, FcdSnapshot, MoRef, SnapshotInfo, VirtualDisk, VmConfig,
 };

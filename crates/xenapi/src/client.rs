@@ -17,10 +17,10 @@ use url::Url;
 use crate::error::{Error, Result, XapiError};
 use crate::http::HttpClient;
 use crate::rpc::{Response, Transport, xmlrpc};
-use crate::secret::Password;
 use crate::tls::TlsTrust;
 use crate::types::{SessionRef, TaskRecord, TaskRef, TaskStatus, VdiRef};
 use crate::value::{Value, expect_string};
+use cbtvault_tls_pin::Password;
 
 /// Which wire format to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -94,13 +94,8 @@ pub enum Error {
     },
 
     /// The password could not be read from its file or variable.
-    #[error("cannot read the password from {from}: {detail}")]
-    Password {
-        /// `file PATH` or `environment variable NAME`.
-        from: String,
-        /// Why.
-        detail: String,
-    },
+    #[error(transparent)]
+    Password(#[from] cbtvault_tls_pin::PasswordError),
 
     /// The client configuration is unusable (bad URL, bad certificate, …).
     #[error("invalid XenAPI client configuration: {0}")]
@@ -188,7 +183,7 @@ impl Error {
             Error::Protocol { .. }
             | Error::Decode { .. }
             | Error::TaskCancelled { .. }
-            | Error::Password { .. }
+            | Error::Password(_)
             | Error::PinMismatch { .. }
             | Error::Config(_)
             | Error::Io(_) => false,

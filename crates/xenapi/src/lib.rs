@@ -56,16 +56,15 @@ mod client;
 pub mod error;
 mod http;
 pub mod rpc;
-mod secret;
 mod tls;
 pub mod types;
 pub mod value;
 
 pub use api::{SrApi, TaskApi, VbdApi, VdiApi, VmApi};
+pub use cbtvault_tls_pin::{Password, PasswordError};
 pub use client::{Client, ClientOptions, TransportChoice};
 pub use error::{Error, Result, XapiError};
 pub use rpc::{Response, Transport};
-pub use secret::Password;
 pub use tls::TlsTrust;
 pub use types::{
     HostRef, NULL_REF, NbdInfo, PoolRef, SessionRef, SrRecord, SrRef, TaskRecord, TaskRef,

@@ -1,5 +1,5 @@
-//! The XenServer password: read from a file or an environment variable,
-//! never printed.
+//! A client's password (XenServer, vCenter): read from a file or an
+//! environment variable, never printed.
 //!
 //! There is deliberately no way to build a [`Password`] from a command-line
 //! argument in this crate's vocabulary: arguments are visible to every
@@ -9,7 +9,29 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+/// The password could not be read from its file or variable (the secret
+/// is never in the message).
+#[derive(Debug)]
+pub struct PasswordError {
+    /// `file PATH` or `environment variable NAME`.
+    pub from: String,
+    /// Why.
+    pub detail: String,
+}
+
+impl fmt::Display for PasswordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot read the password from {}: {}",
+            self.from, self.detail
+        )
+    }
+}
+
+impl std::error::Error for PasswordError {}
+
+type Result<T> = std::result::Result<T, PasswordError>;
 
 /// A password. Its `Debug` form is `Password(<redacted>)`; it has no
 /// `Display`.
@@ -28,13 +50,13 @@ impl Password {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let from = || format!("file {}", path.display());
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Password {
+        let text = std::fs::read_to_string(path).map_err(|e| PasswordError {
             from: from(),
             detail: e.to_string(),
         })?;
         let line = text.lines().next().unwrap_or_default();
         if line.is_empty() {
-            return Err(Error::Password {
+            return Err(PasswordError {
                 from: from(),
                 detail: "the first line is empty".into(),
             });
@@ -47,11 +69,11 @@ impl Password {
         let from = || format!("environment variable {name}");
         match std::env::var(name) {
             Ok(v) if !v.is_empty() => Ok(Password(v)),
-            Ok(_) => Err(Error::Password {
+            Ok(_) => Err(PasswordError {
                 from: from(),
                 detail: "it is empty".into(),
             }),
-            Err(e) => Err(Error::Password {
+            Err(e) => Err(PasswordError {
                 from: from(),
                 detail: e.to_string(),
             }),
@@ -96,6 +118,6 @@ mod tests {
 
     #[test]
     fn from_env() {
-        assert!(Password::from_env("CBTVAULT_XENAPI_TEST_SURELY_UNSET_VARIABLE").is_err());
+        assert!(Password::from_env("CBTVAULT_TLS_PIN_TEST_SURELY_UNSET_VARIABLE").is_err());
     }
 }
