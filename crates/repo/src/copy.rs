@@ -20,6 +20,10 @@ use crate::repository::Repository;
 use crate::store::{BlobReader, PackWriter};
 use crate::tree::{NodeStore, Visitor, walk};
 
+/// Blobs read back from the target at once (neighbours in a pack are one
+/// read).
+const READ_BACK_BATCH: usize = 256;
+
 /// What a copy did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct CopyReport {
@@ -56,8 +60,9 @@ impl Repository {
         points.sort_by_key(|p| p.manifest.time);
         let reader = from.reader()?;
         let mut report = CopyReport::default();
+        let present: HashSet<String> = self.catalogue().restore_point_ids()?.into_iter().collect();
         for point in &points {
-            if self.catalogue().restore_point_ids()?.contains(&point.id) {
+            if present.contains(&point.id) {
                 report.present.push(point.id.clone());
                 continue;
             }
@@ -99,8 +104,10 @@ impl Repository {
         // What was written is read back, each blob checked against its id,
         // before the manifest makes it a restore point.
         let check = self.reader()?;
-        for id in &sent {
-            check.read(id)?;
+        for batch in sent.chunks(READ_BACK_BATCH) {
+            for read in check.read_many(batch)? {
+                read?;
+            }
         }
         if let Some(vm) = point
             .manifest
@@ -143,21 +150,29 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    fn send(&mut self, id: &BlobId) -> Result<()> {
-        if id.is_zero() || !self.seen.insert(*id) {
-            return Ok(());
+    /// Sends those of `ids` the target lacks, read from the source in one
+    /// coalesced batch.
+    fn send(&mut self, ids: &[BlobId]) -> Result<()> {
+        let mut wanted = Vec::with_capacity(ids.len());
+        for id in ids {
+            if id.is_zero() || !self.seen.insert(*id) {
+                continue;
+            }
+            if self.packs.contains(id)? {
+                self.report.blobs_present += 1;
+            } else {
+                wanted.push(*id);
+            }
         }
-        if self.packs.contains(id)? {
-            self.report.blobs_present += 1;
-            return Ok(());
+        for (id, read) in wanted.iter().zip(self.reader.read_stored_many(&wanted)?) {
+            let (entry, stored) = read?;
+            self.packs
+                .add_stored(*id, entry.kind, entry.compression, entry.raw_len, &stored)?;
+            self.sent.push(*id);
+            self.report.blobs_sent += 1;
+            self.report.bytes_sent += stored.len() as u64;
+            (self.progress)(stored.len() as u64);
         }
-        let (entry, stored) = self.reader.read_stored(id)?;
-        self.packs
-            .add_stored(*id, entry.kind, entry.compression, entry.raw_len, &stored)?;
-        self.sent.push(*id);
-        self.report.blobs_sent += 1;
-        self.report.bytes_sent += stored.len() as u64;
-        (self.progress)(stored.len() as u64);
         Ok(())
     }
 }
@@ -168,14 +183,11 @@ impl Visitor for Sender<'_> {
         // stopped half-way), so its subtree is walked all the same; only a
         // subtree seen in this copy is not.
         let first = !self.seen.contains(id);
-        self.send(id)?;
+        self.send(std::slice::from_ref(id))?;
         Ok(first)
     }
 
     fn leaf(&mut self, _first: u64, ids: &[BlobId]) -> Result<()> {
-        for id in ids {
-            self.send(id)?;
-        }
-        Ok(())
+        self.send(ids)
     }
 }

@@ -88,19 +88,6 @@ impl BlobReader {
     /// Reads one blob and checks it against its id. A blob found damaged
     /// is quarantined (see [`Catalogue::quarantine`]).
     pub fn read(&self, id: &BlobId) -> Result<Vec<u8>> {
-        self.fetch(id).map(|(_, _, content)| content)
-    }
-
-    /// Reads one blob in its stored form (compressed or not, as in its
-    /// pack), after checking its content against its id: for copying it
-    /// into another repository without compressing it again.
-    pub(crate) fn read_stored(&self, id: &BlobId) -> Result<(PackEntry, Vec<u8>)> {
-        self.fetch(id).map(|(entry, stored, _)| (entry, stored))
-    }
-
-    /// A blob's entry, stored form and checked content; a blob found
-    /// damaged is quarantined.
-    fn fetch(&self, id: &BlobId) -> Result<(PackEntry, Vec<u8>, Vec<u8>)> {
         let loc = self.locate(id)?;
         let read = self
             .backend
@@ -111,14 +98,36 @@ impl BlobReader {
                 loc.entry.stored_len as usize,
             )
             .map_err(|e| unreadable(&loc, e))
-            .and_then(|stored| {
-                let content = self.decode(&loc.pack, &loc.entry, &stored)?;
-                Ok((loc.entry, stored, content))
-            });
+            .and_then(|stored| self.decode(&loc.pack, &loc.entry, &stored));
         if let Err(e) = &read {
             self.quarantine_if_damaged(&loc, e);
         }
         read
+    }
+
+    /// Reads blobs in their stored form (compressed or not, as in their
+    /// pack) after checking each content against its id, coalescing
+    /// neighbours in a pack into one read (one request on object storage):
+    /// for copying them into another repository without compressing them
+    /// again. Each slot fails on its own.
+    pub(crate) fn read_stored_many(
+        &self,
+        ids: &[BlobId],
+    ) -> Result<Vec<Result<(PackEntry, Vec<u8>)>>> {
+        let mut stored: Vec<Option<(PackEntry, Vec<u8>)>> = vec![None; ids.len()];
+        let results = self.read_coalesced(ids, |slot, loc, bytes| {
+            self.decode(&loc.pack, &loc.entry, bytes)?;
+            stored[slot] = Some((loc.entry, bytes.to_vec()));
+            Ok(())
+        })?;
+        Ok(results
+            .into_iter()
+            .zip(stored)
+            .map(|(result, s)| {
+                result
+                    .and_then(|()| s.ok_or_else(|| Error::InvalidArgument("blob not read".into())))
+            })
+            .collect())
     }
 
     /// Quarantines the blob at `loc` when `error` shows its stored copy is
