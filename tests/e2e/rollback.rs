@@ -130,6 +130,18 @@ fn rollback_resizes_a_file_of_another_size_and_refuses_bad_targets() {
     assert_eq!(stats["resized_from"], (64 + 3) << 20);
     assert_eq!(stats["blocks_written"], 1, "{stats}");
     assert_same_file(&image, &target);
+    // The same, said to hold the restore point already: its size shows
+    // otherwise, so it is hashed rather than taken at its word.
+    std::fs::write(&target, &bytes).unwrap();
+    let stats = rollback(
+        &s,
+        &second,
+        target.to_str().unwrap(),
+        &["--target-state", &second],
+    );
+    assert_eq!(stats["method"], "hashing", "{stats}");
+    assert_eq!(stats["blocks_written"], 1, "{stats}");
+    assert_same_file(&image, &target);
     // A shorter one (cut mid-block): the tail is written.
     let target = s.path("shorter.img");
     let bytes = std::fs::read(&image).unwrap();

@@ -47,13 +47,17 @@ fn display_uri(uri: &str) -> String {
     uri.split('?').next().unwrap_or(uri).to_string()
 }
 
-fn read_bitmap(file: &Path, size: u64, source: &str) -> Result<Changes> {
+fn read_bitmap(file: &Path, size: u64, source: &str) -> Result<BlockMap> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("reading changed-block bitmap {}", file.display()))?;
-    let map = BlockMap::from_xenapi_base64(&text, size)
-        .with_context(|| format!("--changed-blocks {} for {source}", file.display()))?;
+    BlockMap::from_xenapi_base64(&text, size)
+        .with_context(|| format!("--changed-blocks {} for {source}", file.display()))
+}
+
+/// The changes a backup reads from a bitmap file.
+fn bitmap_changes(file: &Path, size: u64, source: &str) -> Result<Changes> {
     Ok(Changes::Blocks {
-        map,
+        map: read_bitmap(file, size, source)?,
         origin: "bitmap-file".into(),
     })
 }
@@ -116,7 +120,7 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
                 let source = FileSource::open(path)
                     .with_context(|| format!("opening source image {}", path.display()))?;
                 let changes = match &args.changed_blocks {
-                    Some(f) => read_bitmap(f, source.size(), &path.display().to_string())?,
+                    Some(f) => bitmap_changes(f, source.size(), &path.display().to_string())?,
                     None => Changes::Full { reason: None },
                 };
                 run_backup(
@@ -139,7 +143,7 @@ pub fn backup(g: &Global, args: BackupArgs) -> Result<ExitCode> {
                 }
                 let source = NbdSource::connect(opts, display_uri(uri)).await?;
                 let changes = match (&args.changed_blocks, &args.dirty_bitmap) {
-                    (Some(f), _) => read_bitmap(f, source.size(), &display_uri(uri))?,
+                    (Some(f), _) => bitmap_changes(f, source.size(), &display_uri(uri))?,
                     (None, Some(bitmap)) => Changes::Blocks {
                         map: source.dirty_blocks(bitmap).await?,
                         origin: format!("qemu-dirty-bitmap:{bitmap}"),
@@ -406,10 +410,7 @@ pub fn rollback(
                 let size = target
                     .size()
                     .with_context(|| format!("reading the size of {shown}"))?;
-                match read_bitmap(file, size, &shown)? {
-                    Changes::Blocks { map, .. } => Some(map),
-                    Changes::Full { .. } => None,
-                }
+                Some(read_bitmap(file, size, &shown)?)
             }
         };
         let state = match &known {

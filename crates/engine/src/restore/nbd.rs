@@ -70,10 +70,17 @@ impl ReadableTarget for NbdInPlace {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let (data, _) = self
+        let (data, zeroed) = self
             .runtime
             .block_on(crate::nbd::read_aligned(&self.client, offset, buf.len()))
             .map_err(io)?;
+        if zeroed > 0 {
+            // Zeros stood in for bytes the server cannot read: comparing
+            // them would take a non-zero tail for a match.
+            return Err(std::io::Error::other(format!(
+                "the last {zeroed} bytes of the export lie in a partial block the server cannot                  read, so they cannot be compared; roll back with --target-state instead"
+            )));
+        }
         if data.len() != buf.len() {
             return Err(std::io::Error::other(format!(
                 "the server answered {} bytes for a read of {}",

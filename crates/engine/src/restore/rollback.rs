@@ -92,6 +92,31 @@ pub fn rollback(
     let _lock = repo.lock_shared()?;
     let size = rp.manifest.virtual_size;
     let blocks = size.div_ceil(BLOCK_SIZE);
+    let before = target
+        .size()
+        .map_err(|e| Error::Target(format!("cannot read the target's size: {e}")))?;
+    // The block maps tell what to write only when the target is the held
+    // restore point's disk at its size, and that size is the restore
+    // point's: past a smaller disk's end the maps say "zero" while the
+    // target may hold anything. Otherwise the target is hashed.
+    let state = match state {
+        TargetState::Known { holds, .. }
+            if holds.manifest.disk != rp.manifest.disk
+                || holds.manifest.virtual_size != size
+                || before != size =>
+        {
+            tracing::warn!(
+                holds = %holds.id,
+                held_disk = %holds.manifest.disk,
+                held_size = holds.manifest.virtual_size,
+                target_size = before,
+                size,
+                "the target's stated state does not match this restore point's disk and size; hashing the target instead"
+            );
+            TargetState::Unknown
+        }
+        known => known,
+    };
     let mut stats = RollbackStats {
         method: match state {
             TargetState::Known {
@@ -103,9 +128,6 @@ pub fn rollback(
         },
         ..RollbackStats::default()
     };
-    let before = target
-        .size()
-        .map_err(|e| Error::Target(format!("cannot read the target's size: {e}")))?;
     if before != size {
         target.set_size(size)?;
         stats.resized_from = Some(before);
