@@ -37,7 +37,7 @@ use cbtvault_repo::{Repository, RestorePointRow, SourceInfo, VmInfo};
 use cbtvault_vsphere::{ChangedAreas, Client, DiskChangeInfo};
 use tracing::{info, warn};
 
-use crate::backup::{BackupOptions, Changes, DiskLocks};
+use crate::backup::{Changes, DiskLocks};
 use crate::error::{Error, Result};
 use crate::nbd::NbdSource;
 use crate::provider::{PreparedDisk, Provider};
@@ -71,7 +71,6 @@ pub struct VmwareOptions {
     pub nbd: NbdAccess,
     /// Quiesce the guest's file systems (VMware Tools) for the snapshot.
     pub quiesce: bool,
-    pub backup: BackupOptions,
 }
 
 /// The description every snapshot of `job` carries: how the next run

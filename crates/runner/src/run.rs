@@ -259,7 +259,6 @@ impl Runner {
                         template: vcenter.nbd_uri.clone(),
                     },
                     quiesce: vcenter.quiesce,
-                    backup: spec.backup.clone(),
                 };
                 let limits = JobLimits::new(
                     &self.limits,
@@ -358,7 +357,11 @@ impl JobContext<'_> {
                     if let Err(e) = &outcome {
                         warn!(disk = %label, attempt, error = %e, retry_in = ?delay, "backup failed; trying again");
                     }
-                    retry.push(again);
+                    // A capture retried whole (a VMware VM) comes back
+                    // once per failed disk: it is tried again once.
+                    if !retry.iter().any(|c: &Capture| c.label() == again.label()) {
+                        retry.push(again);
+                    }
                     continue;
                 }
                 // Before retention, which may forget some of the history.
@@ -471,15 +474,11 @@ impl JobContext<'_> {
                 drive(&mut provider, repo, &ctx).await?
             }
             (Hypervisor::Vmware { client, options }, Capture::VmwareVm { vm }) => {
-                let mut options = options.clone();
-                options.backup = ctx.backup.clone();
-                let mut provider = VmwareVm::new(client, vm, &options);
+                let mut provider = VmwareVm::new(client, vm, options);
                 drive(&mut provider, repo, &ctx).await?
             }
             (Hypervisor::Vmware { client, options }, Capture::VmwareFcd { id, datastore }) => {
-                let mut options = options.clone();
-                options.backup = ctx.backup.clone();
-                let mut provider = VmwareFcd::new(client, id, datastore, &options);
+                let mut provider = VmwareFcd::new(client, id, datastore, options);
                 drive(&mut provider, repo, &ctx).await?
             }
             _ => {
