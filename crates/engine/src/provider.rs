@@ -21,7 +21,8 @@
 //!
 //! Cancellation skips to `finish` with `None` for every disk not yet
 //! committed; that `finish` is bounded by [`DriveContext::abort_timeout`],
-//! and what it could not clean up is logged for the next run to reap.
+//! and what it could not clean up is logged for the next run to reap. A
+//! `prepare` still running gets the same bound after the cancellation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -238,7 +239,23 @@ pub async fn drive<P: Provider>(
 ) -> Result<Vec<DiskRun>> {
     let span = tracing::info_span!("capture", what = %provider.label());
     async move {
-        let mut prepared = provider.prepare(&repo).await?;
+        // Preparing may wait on the hypervisor (a quiesced snapshot, a
+        // long task); after a cancellation it gets the abort's bound, then
+        // is dropped and the next run reaps what it left.
+        let cancelled_long_ago = async {
+            ctx.cancel.cancelled().await;
+            tokio::time::sleep(ctx.abort_timeout).await;
+        };
+        let mut prepared = tokio::select! {
+            prepared = provider.prepare(&repo) => prepared?,
+            () = cancelled_long_ago => {
+                warn!(
+                    seconds = ctx.abort_timeout.as_secs(),
+                    "preparing took too long after the cancellation; the next run reaps what it left"
+                );
+                return Err(Error::Cancelled);
+            }
+        };
         // A failed CBT audit asked for this backup to be full.
         let mut audits = Vec::with_capacity(prepared.len());
         for d in &mut prepared {
