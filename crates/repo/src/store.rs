@@ -110,11 +110,8 @@ impl BlobReader {
     /// neighbours in a pack into one read (one request on object storage):
     /// for copying them into another repository without compressing them
     /// again. Each slot fails on its own.
-    pub(crate) fn read_stored_many(
-        &self,
-        ids: &[BlobId],
-    ) -> Result<Vec<Result<(PackEntry, Vec<u8>)>>> {
-        let mut stored: Vec<Option<(PackEntry, Vec<u8>)>> = vec![None; ids.len()];
+    pub(crate) fn read_stored_many(&self, ids: &[BlobId]) -> Result<Vec<Result<StoredBlob>>> {
+        let mut stored: Vec<Option<StoredBlob>> = vec![None; ids.len()];
         let results = self.read_coalesced(ids, |slot, loc, bytes| {
             self.decode(&loc.pack, &loc.entry, bytes)?;
             stored[slot] = Some((loc.entry, bytes.to_vec()));
@@ -252,6 +249,9 @@ impl BlobReader {
 }
 
 /// Prefix of the message of a read error that may pass (not quarantined).
+/// A blob's pack entry and its bytes as stored there.
+pub(crate) type StoredBlob = (PackEntry, Vec<u8>);
+
 const TRANSIENT: &str = "cannot read (may pass)";
 
 /// A failed read of a blob's stored bytes, as a [`Error::CorruptBlob`]: a
