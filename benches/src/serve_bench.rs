@@ -57,6 +57,55 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// One read of a server by nbdcopy: wall time, and CPU seconds of the
+/// server and of nbdcopy.
+#[derive(Clone, Copy)]
+struct Reading {
+    wall: Duration,
+    server_cpu: f64,
+    client_cpu: f64,
+}
+
+/// CPU seconds (user + system) a live process has used, from /proc.
+fn process_cpu(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc/PID/stat without a command name")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("/proc/PID/stat too short")?
+            .parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// CPU seconds used by the children this process has waited for.
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+fn read_whole(server: &Server, socket: &Path, connections: usize) -> Result<Reading> {
+    let (server_before, client_before) = (process_cpu(server.0.id())?, children_cpu());
+    let wall = nbdcopy(socket, connections)?;
+    Ok(Reading {
+        wall,
+        server_cpu: process_cpu(server.0.id())? - server_before,
+        client_cpu: children_cpu() - client_before,
+    })
+}
+
 fn nbdcopy(socket: &Path, connections: usize) -> Result<Duration> {
     let start = Instant::now();
     run(
@@ -109,6 +158,31 @@ fn ceilings(image: &Path) -> Result<(f64, f64, f64)> {
     ))
 }
 
+/// CPU seconds that checking every non-zero block of `image` costs at
+/// the measured single-core rates.
+fn checked_cpu_seconds(
+    image: &Path,
+    size: u64,
+    blake3: f64,
+    unzstd: f64,
+    share: f64,
+) -> Result<f64> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(image)?;
+    let mut block = vec![0u8; 64 << 10];
+    let mut nonzero = 0u64;
+    let mut read = 0u64;
+    while read < size {
+        file.read_exact(&mut block)?;
+        read += block.len() as u64;
+        if block.iter().any(|&b| b != 0) {
+            nonzero += block.len() as u64;
+        }
+    }
+    let bytes = nonzero as f64;
+    Ok(bytes / blake3 + bytes * share / unzstd)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let cbtvault = std::env::current_exe()?.with_file_name("cbtvault");
@@ -148,7 +222,7 @@ fn main() -> Result<()> {
         dir.path().join("qemu.sock"),
         dir.path().join("cbtvault.sock"),
     );
-    let _qemu = Server(
+    let qemu = Server(
         Command::new("qemu-nbd")
             .args(["-r", "-f", "raw", "-t", "-e", "16", "-k"])
             .arg(&q_sock)
@@ -158,7 +232,7 @@ fn main() -> Result<()> {
             .spawn()
             .context("qemu-nbd (scripts/install-deps installs qemu-utils)")?,
     );
-    let _serve = Server(
+    let serve = Server(
         Command::new(&cbtvault)
             .args(["serve", "--quiet", "--repo"])
             .arg(&repo)
@@ -170,33 +244,44 @@ fn main() -> Result<()> {
     );
     wait_for_socket(&q_sock)?;
     wait_for_socket(&c_sock)?;
-    let (mut q_best, mut c_best) = (Duration::MAX, Duration::MAX);
+    let mut best: Option<(Reading, Reading)> = None;
     for round in 0..args.rounds {
-        let q = nbdcopy(&q_sock, args.connections)?;
-        let c = nbdcopy(&c_sock, args.connections)?;
+        let q = read_whole(&qemu, &q_sock, args.connections)?;
+        let c = read_whole(&serve, &c_sock, args.connections)?;
         println!(
-            "round {}: qemu-nbd {:.2} s, cbtvault serve {:.2} s",
+            "round {}: qemu-nbd {:.2} s (server {:.2} s CPU, nbdcopy {:.2} s), \
+             cbtvault serve {:.2} s (server {:.2} s CPU, nbdcopy {:.2} s)",
             round + 1,
-            q.as_secs_f64(),
-            c.as_secs_f64()
+            q.wall.as_secs_f64(),
+            q.server_cpu,
+            q.client_cpu,
+            c.wall.as_secs_f64(),
+            c.server_cpu,
+            c.client_cpu,
         );
-        q_best = q_best.min(q);
-        c_best = c_best.min(c);
+        best = Some(match best {
+            None => (q, c),
+            Some((bq, bc)) => (
+                if q.wall < bq.wall { q } else { bq },
+                if c.wall < bc.wall { c } else { bc },
+            ),
+        });
     }
+    let (q_best, c_best) = best.context("--rounds must be at least 1")?;
     let mbs = |t: Duration| size as f64 / t.as_secs_f64() / 1e6;
     println!(
         "best of {}: qemu-nbd {:.0} MB/s, cbtvault serve {:.0} MB/s: serve / qemu-nbd = {:.2}x",
         args.rounds,
-        mbs(q_best),
-        mbs(c_best),
-        q_best.as_secs_f64() / c_best.as_secs_f64()
+        mbs(q_best.wall),
+        mbs(c_best.wall),
+        q_best.wall.as_secs_f64() / c_best.wall.as_secs_f64()
     );
     if let Some(file) = &args.perf {
         let mut perf = Command::new("perf")
             .args(["record", "-g", "-o"])
             .arg(file)
             .arg("-p")
-            .arg(_serve.0.id().to_string())
+            .arg(serve.0.id().to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -214,6 +299,22 @@ fn main() -> Result<()> {
         blake3 / 1e6,
         unzstd / 1e6,
         share * 100.0
+    );
+    // What this machine allows at best: serve has to move the bytes as
+    // qemu-nbd does (its CPU for the same read) and also decompress and
+    // check every block; nbdcopy needs what it needed reading serve. All
+    // of it shared over the machine's cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let must = checked_cpu_seconds(&image, size, blake3, unzstd, share)?;
+    let floor = (q_best.server_cpu + must + c_best.client_cpu) / cores;
+    println!(
+        "serve's least CPU: qemu-nbd's {:.2} s + decompressing and checking every non-zero block {must:.2} s; \
+         with nbdcopy's {:.2} s over {cores} cores a read takes at least {floor:.2} s, \
+         so serve / qemu-nbd is at most {:.2}x on this machine (serve used {:.2} s of CPU)",
+        q_best.server_cpu,
+        c_best.client_cpu,
+        q_best.wall.as_secs_f64() / floor,
+        c_best.server_cpu,
     );
     Ok(())
 }

@@ -99,7 +99,12 @@ impl Daemon {
         Self::start_with(s, config, port, &[])
     }
 
-    fn start_with(s: &Scratch, config: &Path, port: u16, env: &[(&str, &OsStr)]) -> Daemon {
+    pub(crate) fn start_with(
+        s: &Scratch,
+        config: &Path,
+        port: u16,
+        env: &[(&str, &OsStr)],
+    ) -> Daemon {
         let log = s.path("daemon.log");
         let child = s
             .command()

@@ -6,6 +6,7 @@ mod alerts;
 mod commands;
 mod common;
 mod concurrency;
+mod copy_job;
 mod corruption;
 mod crash;
 mod daemon;

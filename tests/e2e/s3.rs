@@ -16,13 +16,13 @@ use serde_json::Value;
 use crate::common::*;
 
 /// An S3 server on a free loopback port, stopped on drop.
-struct S3Server {
+pub(crate) struct S3Server {
     child: Child,
     port: u16,
 }
 
 impl S3Server {
-    fn start() -> S3Server {
+    pub(crate) fn start() -> S3Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -52,12 +52,12 @@ impl S3Server {
         server
     }
 
-    fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// Creates `bucket` (moto takes unsigned requests).
-    fn create_bucket(&self, bucket: &str) {
+    pub(crate) fn create_bucket(&self, bucket: &str) {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         write!(
             stream,
@@ -189,7 +189,7 @@ fn serve(
 
 /// The binary on the S3 repository `url`, with credentials in the
 /// environment and the catalogue cache in the scratch area.
-fn command(s: &Scratch, url: &str) -> Command {
+pub(crate) fn command(s: &Scratch, url: &str) -> Command {
     let mut c = s.command();
     c.env("CBTVAULT_REPO", url)
         .env("AWS_ACCESS_KEY_ID", "cbtvault-test")

@@ -251,6 +251,16 @@ pub enum JobKind {
         #[serde(default)]
         fcds: Vec<FcdRef>,
     },
+    /// Restore points of this repository copied into another (off-site):
+    /// only what the target lacks travels; the job's retention applies to
+    /// the target.
+    Copy {
+        /// The target repository: a path, or `s3://BUCKET/PREFIX?…`.
+        to: PathBuf,
+        /// The disks copied; every disk when empty.
+        #[serde(default)]
+        disks: Vec<String>,
+    },
 }
 
 /// A backup job. (serde cannot deny unknown fields next to `flatten`;
@@ -525,6 +535,13 @@ impl Config {
         // `s3://BUCKET/PREFIX` names a bucket, not a relative path.
         if !self.repository.path.starts_with("s3:") {
             fix(&mut self.repository.path);
+        }
+        for job in &mut self.jobs {
+            if let JobKind::Copy { to, .. } = &mut job.kind
+                && !to.starts_with("s3:")
+            {
+                fix(to);
+            }
         }
         if let Some(p) = &mut self.daemon.webhook_ca {
             fix(p);

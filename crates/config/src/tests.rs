@@ -12,7 +12,7 @@ fn parse(text: &str) -> Result<Config, Error> {
 fn the_shipped_example_loads() {
     let c = parse(EXAMPLE).unwrap();
     assert_eq!(c.pools.len(), 2);
-    assert_eq!(c.jobs.len(), 3);
+    assert_eq!(c.jobs.len(), 4);
     let job = c.job("web-nightly").unwrap();
     assert!(
         matches!(&job.kind, JobKind::Xenserver { pool, consistent_vm_snapshot: true, .. } if pool == "pool-a")
@@ -22,12 +22,17 @@ fn the_shipped_example_loads() {
         c.job("kvm-1-drives").unwrap().kind,
         JobKind::Qemu { .. }
     ));
+    // A copy job's s3:// target is not made relative to the file.
+    assert!(matches!(
+        &c.job("offsite").unwrap().kind,
+        JobKind::Copy { to, disks } if to.to_str() == Some("s3://backups-offsite/site-a?region=eu-west-1") && disks.is_empty()
+    ));
     let unknown = c.job("nope").unwrap_err();
     assert!(matches!(&unknown, Error::UnknownJob { name, .. } if name == "nope"));
     // A wrong job name lists the right ones.
     assert_eq!(
         unknown.to_string(),
-        "no job named \"nope\" in the configuration (jobs: web-nightly, db-disks, kvm-1-drives)"
+        "no job named \"nope\" in the configuration (jobs: web-nightly, db-disks, kvm-1-drives, offsite)"
     );
     assert_eq!(c.pool("pool-b").unwrap().username, "root");
 }
@@ -250,4 +255,19 @@ fn a_vcenter_and_a_vmware_job() {
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains(want), "{want:?} not in {e}");
     }
+}
+
+#[test]
+fn copy_jobs_name_another_repository_and_only_their_own_keys() {
+    let base = "[repository]\npath = \"/srv/r\"\n[[job]]\nname = \"c\"\nkind = \"copy\"\n";
+    let c = parse(&format!("{base}to = \"../offsite\"\n")).unwrap();
+    // A relative target is relative to the configuration file.
+    assert!(matches!(&c.job("c").unwrap().kind,
+        JobKind::Copy { to, .. } if to == Path::new("/etc/cbtvault/../offsite")));
+    let own = parse(&format!("{base}to = \"/srv/r\"\n")).unwrap_err();
+    assert!(own.to_string().contains("own repository"), "{own}");
+    let key = parse(&format!("{base}to = \"/x\"\npool = \"p\"\n")).unwrap_err();
+    assert!(key.to_string().contains("unknown key \"pool\""), "{key}");
+    let missing = parse(base).unwrap_err();
+    assert!(missing.to_string().contains("to"), "{missing}");
 }

@@ -163,6 +163,22 @@ pub fn check(c: &Config) -> Result<(), String> {
                     return Err(format!("{at}: a VM is named by an empty string"));
                 }
             }
+            JobKind::Copy { to, disks } => {
+                if to.as_os_str().is_empty() {
+                    return Err(format!("{at}: to names no repository"));
+                }
+                if *to == c.repository.path {
+                    return Err(format!(
+                        "{at}: to is this configuration's own repository; name another"
+                    ));
+                }
+                if disks.iter().any(|d| d.trim().is_empty()) {
+                    return Err(format!("{at}: a disk is named by an empty string"));
+                }
+                if j.bandwidth.is_some() {
+                    return Err(format!("{at}: bandwidth is not supported for copy jobs"));
+                }
+            }
             JobKind::Qemu { host, nodes } => {
                 if c.qemu_host(host).is_none() {
                     return Err(format!("{at}: no qemu host named {host:?}"));
@@ -236,6 +252,7 @@ pub fn job_keys(table: &toml::Table) -> Result<(), String> {
             Some("xenserver") => &["pool", "vms", "vdis", "consistent_vm_snapshot"],
             Some("qemu") => &["host", "nodes"],
             Some("vmware") => &["vcenter", "vms", "fcds"],
+            Some("copy") => &["to", "disks"],
             // serde reports unknown or missing kinds with the list of valid ones.
             _ => continue,
         };

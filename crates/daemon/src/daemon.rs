@@ -221,6 +221,12 @@ impl Shared {
         if let Some(m) = config.maintenance.iter().find(|m| m.name == job) {
             return self.maintain(m, why).await;
         }
+        match cbtvault_runner::CopySpec::from_config(&config, job) {
+            Ok(Some(spec)) => return self.copy(spec, why).await,
+            Ok(None) => {}
+            // JobSpec::from_config below reports it.
+            Err(_) => {}
+        }
         let started = Timestamp::now();
         info!(job, why, "run starts");
         let result = match (JobSpec::from_config(&config, job), self.open_repo()) {
@@ -337,6 +343,68 @@ impl Shared {
         let row = cbtvault_repo::JobRunRow {
             id: 0,
             job: m.name.clone(),
+            started: started.to_string(),
+            finished: finished.to_string(),
+            outcome: outcome.into(),
+            disks_ok: 0,
+            disks_failed: 0,
+            report: report.to_string(),
+        };
+        self.finish(&config, row, !ok).await;
+    }
+
+    /// A copy job's run, on a blocking thread: the copy cannot be
+    /// cancelled midway, and a process that exits during it leaves the
+    /// target consistent (manifests go last; the next run sends the rest).
+    async fn copy(self: &Arc<Self>, spec: cbtvault_runner::CopySpec, why: &'static str) {
+        let config = self.config();
+        let started = Timestamp::now();
+        let job = spec.name.clone();
+        info!(job, why, to = %spec.to.display(), "copy starts");
+        let shared = self.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<_> {
+            let repo = shared.open_repo()?;
+            cbtvault_runner::run_copy(&spec, &repo, &cbtvault_engine::NoProgress)
+                .map_err(Error::from)
+        })
+        .await;
+        let (result, error) = match result {
+            Ok(Ok(r)) => {
+                info!(
+                    job,
+                    copied = r.copy.copied.len(),
+                    present = r.copy.present.len(),
+                    bytes_sent = r.copy.bytes_sent,
+                    forgotten = r.forgotten.values().sum::<usize>(),
+                    "copy done"
+                );
+                (json!(r), None)
+            }
+            Ok(Err(e)) => (serde_json::Value::Null, Some(report::chain(&e))),
+            Err(e) => (serde_json::Value::Null, Some(e.to_string())),
+        };
+        if let Some(e) = &error {
+            error!(job, error = %e, "copy failed");
+        }
+        let ok = error.is_none();
+        let outcome = if ok { "ok" } else { "failed" };
+        self.metrics.record_task(&job, ok);
+        let finished = Timestamp::now();
+        let report = json!({
+            "job": job,
+            "kind": "copy",
+            "started": started.to_string(),
+            "finished": finished.to_string(),
+            "outcome": outcome,
+            "error": error,
+            "result": result,
+            "disks_ok": 0,
+            "disks_failed": 0,
+            "disks": [],
+        });
+        let row = cbtvault_repo::JobRunRow {
+            id: 0,
+            job,
             started: started.to_string(),
             finished: finished.to_string(),
             outcome: outcome.into(),

@@ -36,6 +36,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Runner(#[from] cbtvault_runner::Error),
     #[error("installing the signal handlers")]
     Signals(#[source] std::io::Error),
 }

@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,22 +157,22 @@ impl Backend for LocalBackend {
 
     fn read_at(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.path(kind, name);
-        let file = File::open(&path).map_err(Error::io(&path))?;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset).map_err(|source| {
-            let source = if source.kind() == ErrorKind::UnexpectedEof {
-                std::io::Error::new(
+        let mut file = File::open(&path).map_err(Error::io(&path))?;
+        // Read into spare capacity (no zeroing first: the bytes are
+        // overwritten at once, and this is the hot path of every restore).
+        let mut buf = Vec::with_capacity(len);
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| (&mut file).take(len as u64).read_to_end(&mut buf))
+            .map_err(Error::io(&path))?;
+        if buf.len() < len {
+            return Err(Error::Io {
+                path,
+                source: std::io::Error::new(
                     ErrorKind::UnexpectedEof,
                     format!("file too short for {len} bytes at offset {offset}"),
-                )
-            } else {
-                source
-            };
-            Error::Io {
-                path: path.clone(),
-                source,
-            }
-        })?;
+                ),
+            });
+        }
         Ok(buf)
     }
 

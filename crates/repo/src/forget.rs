@@ -34,6 +34,22 @@ impl KeepPolicy {
             && self.weekly.is_none()
             && self.monthly.is_none()
     }
+
+    /// The ids of `points` (one disk's, from anywhere: a copy asks this of
+    /// the union of its source's and its target's) that the policy keeps,
+    /// the newest always among them. An empty policy keeps everything.
+    pub fn kept(&self, points: &[RestorePointRow]) -> BTreeSet<String> {
+        if self.is_empty() {
+            return points.iter().map(|p| p.id.clone()).collect();
+        }
+        let mut decisions = plan(points, self);
+        protect_last(&mut decisions);
+        decisions
+            .into_iter()
+            .filter(|d| d.keep)
+            .map(|d| d.id)
+            .collect()
+    }
 }
 
 /// The decision for one restore point.

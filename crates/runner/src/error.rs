@@ -81,6 +81,23 @@ pub enum Error {
     )]
     JobRunning { job: String },
 
+    #[error("copy job {job:?}: opening the target repository {}", to.display())]
+    CopyTarget {
+        job: String,
+        to: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error(
+        "copy job {job:?}: the repository has no disk {disk:?} (`cbtvault list` shows its disks; fix the job's disks)"
+    )]
+    CopyUnknownDisk { job: String, disk: String },
+
+    /// A backup was asked of a copy job, or a copy of a backup job.
+    #[error("job {job:?} is a {kind} job")]
+    WrongKind { job: String, kind: &'static str },
+
     /// `cleanup` is for QEMU jobs: a XenServer job's next run reaps what
     /// an interrupted one left.
     #[error("job {job:?} is not a QEMU job: XenServer leftovers are reaped by the job's next run")]

@@ -30,6 +30,9 @@
 //! leaves the hypervisor clean (no snapshot holding data, QEMU bitmaps
 //! merged back).
 //!
+//! A copy job ([`CopySpec`], [`run_copy`]) sends restore points to
+//! another repository and applies the job's retention there.
+//!
 //! [`restore_to_pool`] brings a restore point back into a pool as a new VDI;
 //! [`cleanup()`] removes what killed QEMU backups left in QEMU (the filter
 //! in the guest's I/O path, the export, the fleece image) without running
@@ -41,6 +44,7 @@
 
 mod alerts;
 mod cleanup;
+mod copy_job;
 mod error;
 mod limits;
 mod login;
@@ -52,6 +56,7 @@ mod spec;
 
 pub use alerts::{Alert, Measure};
 pub use cleanup::{Cleaned, cleanup};
+pub use copy_job::{CopyJobReport, CopySpec, run_copy};
 pub use error::{Error, Result};
 pub use login::client_options;
 pub use report::{DiskReport, DiskStatus, JobReport, Observer, Silent};

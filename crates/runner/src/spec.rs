@@ -7,7 +7,7 @@ use std::time::Duration;
 use cbtvault_config::{Config, FcdRef, JobKind, Pool, QemuHost, Retention, Vcenter};
 use cbtvault_engine::BackupOptions;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A job to run.
 #[derive(Clone, Debug)]
@@ -117,6 +117,12 @@ impl JobSpec {
                     })
                     .collect(),
             },
+            JobKind::Copy { .. } => {
+                return Err(Error::WrongKind {
+                    job: name.into(),
+                    kind: "copy",
+                });
+            }
             JobKind::Vmware { vcenter, vms, fcds } => Target::Vmware {
                 vcenter: config
                     .vcenter(vcenter)

@@ -51,17 +51,44 @@ pub fn copy(
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {
-        for id in &report.copied {
-            outln!("copied {id}");
+        print_copied(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_copied(report: &cbtvault_repo::CopyReport) {
+    for id in &report.copied {
+        outln!("copied {id}");
+    }
+    outln!(
+        "{} restore points copied, {} already there; {} blobs sent ({}), {} already there",
+        report.copied.len(),
+        report.present.len(),
+        report.blobs_sent,
+        output::bytes(report.bytes_sent),
+        report.blobs_present
+    );
+}
+
+/// `backup --config F --job J` of a copy job: what the daemon runs on the
+/// job's schedule, once.
+pub fn copy_job(g: &Global, repo: &Path, spec: &cbtvault_runner::CopySpec) -> Result<ExitCode> {
+    let source = super::open(repo).with_context(|| format!("the source, {}", repo.display()))?;
+    let report = cbtvault_runner::run_copy(spec, &source, &output::Bar::new(g))?;
+    if g.json {
+        output::print_json(&serde_json::to_value(&report)?);
+    } else if !g.quiet {
+        print_copied(&report.copy);
+        if report.skipped > 0 {
+            outln!(
+                "{} restore points not sent: the job's retention would not keep them at {}",
+                report.skipped,
+                report.to
+            );
         }
-        outln!(
-            "{} restore points copied, {} already there; {} blobs sent ({}), {} already there",
-            report.copied.len(),
-            report.present.len(),
-            report.blobs_sent,
-            output::bytes(report.bytes_sent),
-            report.blobs_present
-        );
+        for (disk, n) in &report.forgotten {
+            outln!("forgot {n} restore points of {disk} at {}", report.to);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

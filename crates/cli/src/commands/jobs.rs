@@ -30,8 +30,15 @@ pub fn backup(g: &Global, args: &BackupArgs) -> Result<ExitCode> {
     let (spec, limits, named) = match &args.config {
         Some(path) => {
             let config = Config::load(path)?;
-            let mut spec = JobSpec::from_config(&config, args.job.as_deref().unwrap_or_default())
-                .with_context(|| path.display().to_string())?;
+            let job = args.job.as_deref().unwrap_or_default();
+            if let Some(copy) = cbtvault_runner::CopySpec::from_config(&config, job)
+                .with_context(|| path.display().to_string())?
+            {
+                let repo = args.repo.as_ref().unwrap_or(&config.repository.path);
+                return super::copy::copy_job(g, repo, &copy);
+            }
+            let mut spec =
+                JobSpec::from_config(&config, job).with_context(|| path.display().to_string())?;
             if let Some(repo) = &args.repo {
                 spec.repo = repo.clone();
             }
