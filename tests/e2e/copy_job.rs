@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::common::*;
 use crate::daemon::{Daemon, free_port, runs};
-use crate::s3::{S3Server, command};
+use crate::s3::{FaultProxy, S3Server, command};
 
 /// A configuration on the scratch repository with one copy job `offsite`
 /// to `to`, and `extra` lines in the job.
@@ -223,4 +223,80 @@ fn the_daemon_runs_a_copy_job_into_s3() {
     let out = command(&s, &url).args(["list", "--json"]).output().unwrap();
     let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids(&listed), ids(&[full, latest]));
+}
+
+/// kill -9 of copies into S3 at several points (through a proxy that
+/// slows one request in three): what the bucket lists is always whole,
+/// the next run sends only the rest, and gc then verify pass.
+#[test]
+fn copies_into_s3_killed_midway_lose_nothing_and_the_next_run_finishes() {
+    let s = Scratch::new();
+    let server = S3Server::start();
+    server.create_bucket("killed");
+    let proxy = FaultProxy::start(server.port, 3);
+    let url = format!("s3://killed/copy?endpoint=http://127.0.0.1:{}", proxy.port);
+    let out = command(&s, &url).arg("init").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let image = s.image("a.img", 48, 60);
+    let mut points = vec![s.backup("a", &image, None)];
+    for night in 1..3u64 {
+        let (_, bitmap) = s.churn(&image, 0.2, 60 + night, &format!("c{night}.b64"));
+        points.push(s.backup("a", &image, Some(&bitmap)));
+    }
+    let cfg = config(&s, free_port(), &url, "");
+    let run = || {
+        let mut c = command(&s, &url);
+        c.env("CBTVAULT_REPO", s.repo())
+            .args(["backup", "--quiet", "--config"])
+            .arg(&cfg)
+            .args(["--job", "offsite"]);
+        c
+    };
+    let listed = || -> Vec<Value> {
+        let out = command(&s, &url).args(["list", "--json"]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for wait in [500u64, 1500] {
+        let mut child = run().spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(wait));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Whatever is listed restores (the restore checks every block).
+        let whole = listed();
+        eprintln!(
+            "killed after {wait} ms: {} of 3 restore points there",
+            whole.len()
+        );
+        for point in whole {
+            let to = s.path(&format!("partial-{wait}-{}.img", id(&point)));
+            let out = command(&s, &url)
+                .args(["restore", "--quiet", &id(&point), "--to"])
+                .arg(&to)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+    }
+    let out = run().arg("--json").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let last: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The killed runs had sent some of it, and not all of it.
+    assert!(
+        last["copy"]["blobs_present"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    assert!(last["copy"]["blobs_sent"].as_u64().unwrap() > 0, "{last}");
+    assert_eq!(ids(&listed()), ids(&points));
+    let to = s.path("latest.img");
+    let out = command(&s, &url)
+        .args(["restore", "--quiet", &id(&points[2]), "--to"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_same_file(&image, &to);
+    for args in [&["gc"][..], &["verify", "--read-data"][..]] {
+        let out = command(&s, &url).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
 }

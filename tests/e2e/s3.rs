@@ -18,7 +18,7 @@ use crate::common::*;
 /// An S3 server on a free loopback port, stopped on drop.
 pub(crate) struct S3Server {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl S3Server {
@@ -82,15 +82,15 @@ impl Drop for S3Server {
 /// `every`: in turn a 503 SlowDown, a connection dropped before the
 /// answer, and an answer 300 ms late. Each request it passes on goes
 /// upstream on a connection of its own.
-struct FaultProxy {
-    port: u16,
+pub(crate) struct FaultProxy {
+    pub(crate) port: u16,
     requests: Arc<AtomicU64>,
     spoiled: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
 impl FaultProxy {
-    fn start(upstream: u16, every: u64) -> FaultProxy {
+    pub(crate) fn start(upstream: u16, every: u64) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
