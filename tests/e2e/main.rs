@@ -3,6 +3,7 @@
 //! concurrency. Each test works in its own temporary directory.
 
 mod alerts;
+mod append_only;
 mod commands;
 mod common;
 mod concurrency;

@@ -66,6 +66,11 @@ pub enum Command {
         /// Target pack size in MiB.
         #[arg(long, default_value_t = 32)]
         pack_size_mib: u64,
+        /// Take backups and copies only: forget, gc and retention are
+        /// refused, so nothing that backs up into it can erase its history
+        /// (for protection against the host itself, see docs/cli.md).
+        #[arg(long)]
+        append_only: bool,
     },
     /// Back up a disk: all of it, or only the blocks a changed-block map marks.
     Backup(Box<BackupArgs>),

@@ -80,6 +80,11 @@ pub enum Error {
     #[error("{path}: the repository is read-only here; {what} needs write access")]
     ReadOnly { path: PathBuf, what: String },
 
+    #[error(
+        "{path}: the repository is append-only (chosen at init): {what} is refused, so that nothing that backs up into it can erase its history"
+    )]
+    AppendOnly { path: PathBuf, what: String },
+
     #[error("no restore point matches {0:?}; `cbtvault list` shows them")]
     UnknownRestorePoint(String),
 

@@ -172,6 +172,9 @@ impl Repository {
     /// data stays until gc.
     pub fn forget(&self, plan: &ForgetPlan) -> Result<usize> {
         self.require_writable("forget")?;
+        if plan.forgotten().next().is_some() {
+            self.require_removals("forget")?;
+        }
         let _lock = self.lock_shared()?;
         let mut forgotten = 0;
         for d in plan.forgotten() {

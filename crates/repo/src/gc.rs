@@ -241,6 +241,9 @@ impl Repository {
         wait: std::time::Duration,
     ) -> Result<GcReport> {
         self.require_writable("gc")?;
+        if !options.dry_run {
+            self.require_removals("gc")?;
+        }
         let _lock = self.lock_exclusive(wait)?;
         collect_garbage(self, options)
     }

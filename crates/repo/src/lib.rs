@@ -89,6 +89,13 @@
 //! also removes VM metadata that no restore point names once it is a day
 //! old (a run saves it before committing the restore points that name it).
 //!
+//! # Append-only repositories
+//! Chosen at init ([`InitOptions::append_only`]): backups and copies only.
+//! forget, gc and repair's setting aside ask
+//! [`Repository::require_removals`], and the backend is wrapped so that no
+//! pack, manifest or VM metadata file can be removed or moved whatever
+//! asks (`append_only.rs`).
+//!
 //! # Locking
 //! Processes coordinate with kernel file locks in `locks/`, which vanish
 //! with their holder, so a killed process never leaves a stale lock. The
@@ -122,6 +129,7 @@
 //! system library to match), `zerocopy` (on-disk structs whose sizes are
 //! checked at compile time), `jiff` (correct RFC 3339 time handling).
 
+mod append_only;
 mod backend;
 mod catalogue;
 mod copy;

@@ -91,7 +91,11 @@ pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
         LockMode::Exclusive,
         wait,
     )?;
-    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(path));
+    let mut backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(path));
+    if is_append_only(backend.as_ref()) {
+        // Damaged files stay where they are (see `set_aside`).
+        backend = Arc::new(crate::append_only::AppendOnlyBackend::new(backend));
+    }
     let mut report = RepairReport {
         partial_files_removed: backend.remove_partial()?,
         ..Default::default()
@@ -243,11 +247,11 @@ fn rebuild_restore_points(
                 indexed.insert(id.clone());
             }
             Err(why) => {
-                let to = backend.set_aside(FileKind::Manifest, id)?;
-                tracing::warn!(manifest = %id, %why, set_aside = %to, "unreadable manifest set aside");
+                let done = set_aside(backend, FileKind::Manifest, id)?;
+                tracing::warn!(manifest = %id, %why, set_aside = %done, "unreadable manifest");
                 report
                     .set_aside
-                    .push(format!("manifest {id}: {why}; moved to {to}"));
+                    .push(format!("manifest {id}: {why}; {done}"));
             }
         }
     }
@@ -290,5 +294,29 @@ fn carry_over(cat: &Catalogue, repo: &Path) {
     }
     if let Err(e) = cat.copy_history_from(&old) {
         tracing::warn!(error = %e, "the old catalogue's run history could not be carried over");
+    }
+}
+
+/// True when the repository's configuration says append-only (read as
+/// loosely as possible: repair runs on damaged repositories).
+fn is_append_only(backend: &dyn Backend) -> bool {
+    backend
+        .read(FileKind::Config, CONFIG_FILE)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .and_then(|config| config.get("append_only").and_then(|a| a.as_bool()))
+        .unwrap_or(false)
+}
+
+/// Moves a damaged file aside and says where; an append-only repository
+/// keeps it in place (it is reported, and left out of the catalogue).
+pub(crate) fn set_aside(backend: &dyn Backend, kind: FileKind, name: &str) -> Result<String> {
+    match backend.set_aside(kind, name) {
+        Ok(to) => Ok(format!("moved to {to}")),
+        Err(Error::AppendOnly { .. }) => Ok(format!(
+            "left in place at {} (the repository is append-only)",
+            backend.locate(kind, name)
+        )),
+        Err(e) => Err(e),
     }
 }

@@ -52,6 +52,10 @@ pub struct Config {
     pub pack_size: u64,
     /// When the repository was created.
     pub created: jiff::Timestamp,
+    /// Backups and copies only: nothing that removes history (see
+    /// [`Repository::require_removals`]). Chosen at `init`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub append_only: bool,
 }
 
 /// Options for [`Repository::init`].
@@ -59,6 +63,7 @@ pub struct Config {
 pub struct InitOptions {
     pub compression_level: i32,
     pub pack_size: u64,
+    pub append_only: bool,
 }
 
 impl Default for InitOptions {
@@ -66,6 +71,7 @@ impl Default for InitOptions {
         InitOptions {
             compression_level: 3,
             pack_size: DEFAULT_PACK_SIZE,
+            append_only: false,
         }
     }
 }
@@ -175,6 +181,7 @@ impl Repository {
             compression_level: options.compression_level,
             pack_size: options.pack_size,
             created: jiff::Timestamp::now(),
+            append_only: options.append_only,
         };
         std::fs::create_dir_all(local.join("locks")).map_err(Error::io(local))?;
         Catalogue::open(&local.join(CATALOGUE_FILE), true)?;
@@ -265,6 +272,11 @@ impl Repository {
             (None, path.join(CATALOGUE_FILE))
         };
         let catalogue = Catalogue::open(&catalogue_path, false)?;
+        let backend: Arc<dyn Backend> = if config.append_only {
+            Arc::new(crate::append_only::AppendOnlyBackend::new(backend))
+        } else {
+            backend
+        };
         let mut repo = Repository {
             root: path.to_path_buf(),
             backend,

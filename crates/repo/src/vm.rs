@@ -292,9 +292,9 @@ pub(crate) fn rebuild(backend: &dyn Backend, cat: &mut Catalogue) -> Result<Vec<
         match parsed {
             Ok(m) => cat.insert_vm_metadata(&id, &m.vm_uuid, m.time)?,
             Err(why) => {
-                let to = backend.set_aside(FileKind::VmMetadata, &id)?;
-                tracing::warn!(vm_metadata = %id, %why, set_aside = %to, "unreadable VM metadata set aside");
-                set_aside.push(format!("VM metadata {id}: {why}; moved to {to}"));
+                let done = crate::repair::set_aside(backend, FileKind::VmMetadata, &id)?;
+                tracing::warn!(vm_metadata = %id, %why, set_aside = %done, "unreadable VM metadata");
+                set_aside.push(format!("VM metadata {id}: {why}; {done}"));
             }
         }
     }

@@ -75,6 +75,10 @@ pub struct CopyJobReport {
     pub copy: CopyReport,
     /// Restore points forgotten on the target, per disk.
     pub forgotten: BTreeMap<String, usize>,
+    /// Why the job's retention forgot nothing at the target although it
+    /// has one (an append-only target).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_skipped: Option<String>,
 }
 
 /// Runs copy job `spec` from `source`; `progress` hears of the stored
@@ -133,7 +137,14 @@ pub fn run_copy(
     progress.finish();
     let copy = copy?;
     let mut forgotten = BTreeMap::new();
-    if !policy.is_empty() {
+    let retention_skipped = match target.require_removals("the copy job's retention") {
+        Err(e) if !policy.is_empty() => {
+            tracing::warn!(job = %spec.name, error = %e, "retention not applied at the target");
+            Some(e.to_string())
+        }
+        _ => None,
+    };
+    if !policy.is_empty() && retention_skipped.is_none() {
         for disk in &disks {
             let selection = cbtvault_repo::ForgetSelection::Policy {
                 policy,
@@ -154,6 +165,7 @@ pub fn run_copy(
         skipped,
         copy,
         forgotten,
+        retention_skipped,
     })
 }
 

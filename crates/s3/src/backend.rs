@@ -58,6 +58,11 @@ impl S3Backend {
             .with_access_key_id(&credentials.access_key_id)
             .with_secret_access_key(&credentials.secret_access_key)
             .with_virtual_hosted_style_request(!location.path_style)
+            // Every upload (and part) carries its SHA-256, which the store
+            // checks before accepting it (a body damaged on the way is
+            // refused, not stored), and which buckets under Object Lock
+            // require of every write.
+            .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),

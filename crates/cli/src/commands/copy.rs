@@ -86,6 +86,9 @@ pub fn copy_job(g: &Global, repo: &Path, spec: &cbtvault_runner::CopySpec) -> Re
                 report.to
             );
         }
+        if let Some(why) = &report.retention_skipped {
+            outln!("retention not applied: {why}");
+        }
         for (disk, n) in &report.forgotten {
             outln!("forgot {n} restore points of {disk} at {}", report.to);
         }

@@ -13,13 +13,20 @@ use crate::cli::{ForgetArgs, Global};
 use crate::failure::{self, usage};
 use crate::output::{self, Bar, errln, outln};
 
-pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCode> {
+pub fn init(
+    g: &Global,
+    path: &Path,
+    level: i32,
+    pack_mib: u64,
+    append_only: bool,
+) -> Result<ExitCode> {
     if !(1..=1024).contains(&pack_mib) {
         bail!(usage!("--pack-size-mib {pack_mib} is outside 1..=1024"));
     }
     let options = InitOptions {
         compression_level: level,
         pack_size: pack_mib << 20,
+        append_only,
     };
     let repo = match cbtvault_s3::init(path, &options) {
         Ok(repo) => repo,
@@ -32,7 +39,12 @@ pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64) -> Result<ExitCo
         output::print_json(&json!({ "repository": path, "config": repo.config() }));
     } else if !g.quiet {
         outln!(
-            "created repository {} (id {})",
+            "created {}repository {} (id {})",
+            if repo.config().append_only {
+                "append-only "
+            } else {
+                ""
+            },
             path.display(),
             repo.config().id
         );

@@ -28,7 +28,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             repo,
             compression_level,
             pack_size_mib,
-        } => maintenance::init(&g, &repo.repo, compression_level, pack_size_mib),
+            append_only,
+        } => maintenance::init(
+            &g,
+            &repo.repo,
+            compression_level,
+            pack_size_mib,
+            append_only,
+        ),
         Command::Backup(b) => data::backup(&g, *b),
         Command::List {
             repo,

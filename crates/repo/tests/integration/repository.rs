@@ -20,6 +20,7 @@ fn init_then_open_keeps_the_configuration() -> Result<()> {
     let options = InitOptions {
         compression_level: 5,
         pack_size: 1 << 20,
+        ..InitOptions::default()
     };
     let created = Repository::init(&path, &options)?.config().clone();
     assert_eq!(created.format_version, FORMAT_VERSION);
