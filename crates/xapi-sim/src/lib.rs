@@ -115,6 +115,7 @@ pub mod control;
 mod dispatch;
 mod error;
 mod events;
+mod guest;
 mod http;
 mod model;
 pub mod nbd;
