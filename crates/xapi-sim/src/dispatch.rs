@@ -182,7 +182,7 @@ fn params_of(method: &str) -> Option<(usize, usize)> {
         ("VM", "destroy" | "create" | "hard_shutdown" | "clean_shutdown") => 1,
         ("VM", "start") => 3,
         ("VBD", "create" | "plug" | "unplug" | "destroy") => 1,
-        ("VIF", "create" | "destroy") => 1,
+        ("VIF" | "network", "create" | "destroy") => 1,
         ("task", "cancel" | "destroy") => 1,
         ("event", "from") => 3,
         ("host", "get_server_certificate") => 1,
@@ -370,6 +370,14 @@ fn run_blocking(
         ("VIF", "destroy") => {
             a(1)?;
             sim.vif_destroy(&text(args, 0)?)
+        }
+        ("network", "create") => {
+            a(1)?;
+            sim.network_create(&args[0])
+        }
+        ("network", "destroy") => {
+            a(1)?;
+            sim.network_destroy(&text(args, 0)?)
         }
         ("VBD", "create") => {
             a(1)?;

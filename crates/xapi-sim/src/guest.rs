@@ -1,5 +1,6 @@
 //! Making and running guests: `VM.create`, `VM.start`, `VM.hard_shutdown`
-//! and `VM.clean_shutdown`, `VIF.create` and `VIF.destroy`. Fields follow
+//! and `VM.clean_shutdown`, `VIF.create` and `VIF.destroy`,
+//! `network.create` and `network.destroy`. Fields follow
 //! xapi's datamodel (`datamodel_vm.ml`, `datamodel_vif.ml`); fields a
 //! record leaves out take the datamodel's defaults (the simulator's
 //! [`VmConfig`] defaults for the settings xapi requires).
@@ -262,6 +263,51 @@ impl Sim {
                 },
             );
             Ok(Value::String(r))
+        })
+    }
+
+    /// `network.create(record)`: a network with a bridge of its own
+    /// (`xapi<N>`, as xapi names private networks).
+    pub(crate) fn network_create(&self, args: &Value) -> Result<Value, XapiError> {
+        let rec = args.as_struct().ok_or_else(|| field_type("args"))?;
+        let name = rec
+            .get("name_label")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        self.mutate(|db, _| {
+            let n = (0..)
+                .find(|n| !db.networks.values().any(|x| x.bridge == format!("xapi{n}")))
+                .unwrap_or(0);
+            let r = new_ref();
+            db.networks.insert(
+                r.clone(),
+                crate::model::NetworkRec {
+                    uuid: new_uuid(),
+                    name_label: name.clone(),
+                    bridge: format!("xapi{n}"),
+                },
+            );
+            Ok(Value::String(r))
+        })
+    }
+
+    /// `network.destroy`: refused while VIFs use it
+    /// (`NETWORK_CONTAINS_VIF [vifs]`).
+    pub(crate) fn network_destroy(&self, r: &str) -> Result<Value, XapiError> {
+        self.mutate(|db, _| {
+            if !db.networks.contains_key(r) {
+                return Err(handle_invalid("network", r));
+            }
+            let vifs = db.vifs_where(|v| v.network == r);
+            if !vifs.is_empty() {
+                return Err(XapiError::Other {
+                    code: "NETWORK_CONTAINS_VIF".into(),
+                    params: vifs,
+                });
+            }
+            db.networks.remove(r);
+            Ok(Value::from(""))
         })
     }
 

@@ -146,6 +146,13 @@ impl VmCreate {
         }
     }
 
+    /// Removes `key` from the record's `other_config`.
+    pub fn remove_other_config(&mut self, key: &str) {
+        if let Some(Value::Struct(m)) = self.fields.get_mut("other_config") {
+            m.remove(key);
+        }
+    }
+
     /// The record XAPI expects.
     pub fn to_value(&self) -> Value {
         Value::Struct(self.fields.clone())

@@ -7,6 +7,7 @@ mod files;
 mod jobs;
 mod maintenance;
 mod points;
+mod restore_vm;
 mod serve;
 
 pub use points::local_time;
@@ -30,6 +31,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             pack_size_mib,
         } => maintenance::init(&g, &repo.repo, compression_level, pack_size_mib),
         Command::Backup(b) => data::backup(&g, *b),
+        Command::RestoreVm(args) => restore_vm::restore_vm(&g, &args),
         Command::List {
             repo,
             disk,
