@@ -169,12 +169,13 @@ impl Setup {
             selector,
             "--config",
             self.config.to_str().unwrap(),
-            "--sr",
-            &self.sr,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if !extra.contains(&"--sr") {
+            a.extend(["--sr".to_string(), self.sr.clone()]);
+        }
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     }
@@ -381,10 +382,13 @@ fn restore_vm_refuses_bad_input_and_undoes_a_failure_half_way() {
     );
     let done = t.restore(&selector, &["--network-map", "old-lan=xenbr0"]);
     assert_eq!(done["vifs"].as_array().map(Vec::len), Some(2), "{done}");
-    // A disk backed up on its own is not a VM.
+    // A disk backed up on its own knows its VM but saved no metadata.
     let lone = t.pool.backup(&t.s, &t.disks[0]);
     let err = t.refused(lone["id"].as_str().unwrap(), &[]);
-    assert!(err.contains("not taken as part of a VM"), "{err}");
+    assert!(
+        err.contains("saved no VM metadata") && err.contains("one by one"),
+        "{err}"
+    );
     // A VM restore point without saved metadata.
     let repo = cbtvault_repo::Repository::open(&t.s.repo()).unwrap();
     let rows = repo.catalogue().restore_points(None).unwrap();

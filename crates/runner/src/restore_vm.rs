@@ -274,7 +274,7 @@ pub async fn plan_vm_restore(
             &vm_label,
             VmRestoreRefusal::NoMetadata,
             format!(
-                "the run of {} saved no VM metadata (CPUs, memory, devices), so the VM cannot be rebuilt; its disks can still be restored one by one",
+                "the run of {} saved no VM metadata (CPUs, memory, devices), so the VM cannot be rebuilt",
                 first.manifest.time
             ),
         ));
