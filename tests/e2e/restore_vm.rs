@@ -218,6 +218,11 @@ fn restore_vm_rebuilds_the_vm_of_the_first_run_halted_byte_exact_with_its_macs()
     let done = t.restore(&selector, &[]);
     assert_eq!(done["power_state"], "Halted", "{done}");
     assert_eq!(done["name"], "vm-0");
+    // The original still has those MACs: the operator is told.
+    assert!(
+        done["notes"].to_string().contains("in use by another VIF"),
+        "{done}"
+    );
     let new_uuid = done["vm"].as_str().unwrap().to_string();
     assert_ne!(new_uuid, t.vm_uuid);
     t.pool.rt.block_on(async {

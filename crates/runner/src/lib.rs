@@ -53,6 +53,7 @@ mod restore;
 mod restore_vm;
 mod retention;
 mod run;
+mod saved_vm;
 mod spec;
 
 pub use alerts::{Alert, Measure};

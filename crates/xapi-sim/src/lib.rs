@@ -146,6 +146,7 @@ mod store;
 mod tasks;
 mod vdi;
 mod vm;
+mod vm_model;
 
 use std::net::SocketAddr;
 

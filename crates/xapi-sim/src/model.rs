@@ -9,6 +9,7 @@ use cbtvault_xenapi::{NULL_REF, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::cbt::CbtLogs;
+pub use crate::vm_model::{VifRec, VmConfig};
 
 /// A fresh random (version 4) UUID.
 pub fn new_uuid() -> String {
@@ -41,15 +42,15 @@ pub fn now_datetime() -> String {
 /// The datetime XAPI shows for "never".
 pub const EPOCH: &str = "19700101T00:00:00Z";
 
-fn s(v: &str) -> Value {
+pub(crate) fn s(v: &str) -> Value {
     Value::from(v)
 }
 
-fn refs(v: impl IntoIterator<Item = String>) -> Value {
+pub(crate) fn refs(v: impl IntoIterator<Item = String>) -> Value {
     Value::Array(v.into_iter().map(Value::String).collect())
 }
 
-fn map(m: &BTreeMap<String, String>) -> Value {
+pub(crate) fn map(m: &BTreeMap<String, String>) -> Value {
     Value::from(m)
 }
 
@@ -57,7 +58,7 @@ fn int(v: u64) -> Value {
     Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-fn record(fields: Vec<(&str, Value)>) -> Value {
+pub(crate) fn record(fields: Vec<(&str, Value)>) -> Value {
     Value::Struct(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
@@ -129,146 +130,6 @@ pub struct VmRec {
     /// were modelled get the defaults).
     #[serde(default)]
     pub config: VmConfig,
-}
-
-/// The settings of a VM that `VM.create` takes and a whole-VM restore
-/// brings back (xapi's datamodel names in the record form).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VmConfig {
-    /// `user_version`.
-    pub user_version: i64,
-    /// `VCPUs_max`.
-    pub vcpus_max: i64,
-    /// `VCPUs_at_startup`.
-    pub vcpus_at_startup: i64,
-    /// `VCPUs_params`.
-    pub vcpus_params: BTreeMap<String, String>,
-    /// `memory_static_max`.
-    pub memory_static_max: i64,
-    /// `memory_dynamic_max`.
-    pub memory_dynamic_max: i64,
-    /// `memory_dynamic_min`.
-    pub memory_dynamic_min: i64,
-    /// `memory_static_min`.
-    pub memory_static_min: i64,
-    /// `actions_after_shutdown`.
-    pub actions_after_shutdown: String,
-    /// `actions_after_reboot`.
-    pub actions_after_reboot: String,
-    /// `actions_after_crash`.
-    pub actions_after_crash: String,
-    /// `PV_bootloader`.
-    pub pv_bootloader: String,
-    /// `PV_kernel`.
-    pub pv_kernel: String,
-    /// `PV_ramdisk`.
-    pub pv_ramdisk: String,
-    /// `PV_args`.
-    pub pv_args: String,
-    /// `PV_bootloader_args`.
-    pub pv_bootloader_args: String,
-    /// `PV_legacy_args`.
-    pub pv_legacy_args: String,
-    /// `HVM_boot_policy`.
-    pub hvm_boot_policy: String,
-    /// `HVM_boot_params`.
-    pub hvm_boot_params: BTreeMap<String, String>,
-    /// `HVM_shadow_multiplier`.
-    pub hvm_shadow_multiplier: f64,
-    /// `platform`.
-    pub platform: BTreeMap<String, String>,
-    /// `PCI_bus`.
-    pub pci_bus: String,
-    /// `recommendations`.
-    pub recommendations: String,
-    /// `xenstore_data`.
-    pub xenstore_data: BTreeMap<String, String>,
-    /// `ha_always_run`.
-    pub ha_always_run: bool,
-    /// `ha_restart_priority`.
-    pub ha_restart_priority: String,
-    /// `is_a_template`.
-    pub is_a_template: bool,
-    /// `hardware_platform_version`.
-    pub hardware_platform_version: i64,
-    /// `has_vendor_device`.
-    pub has_vendor_device: bool,
-    /// `domain_type` (`hvm`, `pv`, `pvh`, …).
-    pub domain_type: String,
-}
-
-impl Default for VmConfig {
-    /// What an HVM guest made from a Linux template has.
-    fn default() -> Self {
-        VmConfig {
-            user_version: 1,
-            vcpus_max: 2,
-            vcpus_at_startup: 2,
-            vcpus_params: BTreeMap::new(),
-            memory_static_max: 2 << 30,
-            memory_dynamic_max: 2 << 30,
-            memory_dynamic_min: 1 << 30,
-            memory_static_min: 512 << 20,
-            actions_after_shutdown: "destroy".into(),
-            actions_after_reboot: "restart".into(),
-            actions_after_crash: "restart".into(),
-            pv_bootloader: String::new(),
-            pv_kernel: String::new(),
-            pv_ramdisk: String::new(),
-            pv_args: String::new(),
-            pv_bootloader_args: String::new(),
-            pv_legacy_args: String::new(),
-            hvm_boot_policy: "BIOS order".into(),
-            hvm_boot_params: BTreeMap::from([("order".into(), "cdn".into())]),
-            hvm_shadow_multiplier: 1.0,
-            platform: BTreeMap::from([
-                ("acpi".into(), "1".into()),
-                ("apic".into(), "true".into()),
-                ("pae".into(), "true".into()),
-                ("viridian".into(), "false".into()),
-                ("nx".into(), "true".into()),
-                ("device-model".into(), "qemu-upstream-compat".into()),
-            ]),
-            pci_bus: String::new(),
-            recommendations: String::new(),
-            xenstore_data: BTreeMap::new(),
-            ha_always_run: false,
-            ha_restart_priority: String::new(),
-            is_a_template: false,
-            hardware_platform_version: 0,
-            has_vendor_device: false,
-            domain_type: "hvm".into(),
-        }
-    }
-}
-
-/// A VIF: a VM's network interface.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VifRec {
-    /// UUID.
-    pub uuid: String,
-    /// VM reference.
-    pub vm: String,
-    /// Network reference.
-    pub network: String,
-    /// Order in the VM (`0`, `1`, …).
-    pub device: String,
-    /// MAC address (`aa:bb:cc:dd:ee:ff`).
-    pub mac: String,
-    /// The MAC was made by the pool, not given.
-    pub mac_autogenerated: bool,
-    /// MTU.
-    pub mtu: i64,
-    /// Plugged.
-    pub currently_attached: bool,
-    /// `network_default`, `locked`, `unlocked` or `disabled`.
-    pub locking_mode: String,
-    /// QoS algorithm.
-    pub qos_algorithm_type: String,
-    /// QoS parameters.
-    pub qos_algorithm_params: BTreeMap<String, String>,
-    /// Free-form configuration.
-    pub other_config: BTreeMap<String, String>,
 }
 
 /// A VBD.
@@ -469,58 +330,6 @@ impl Db {
             ("purpose", refs(purpose)),
             ("other_config", Value::Struct(BTreeMap::new())),
             ("tags", refs([])),
-        ]))
-    }
-
-    /// VIF references for which `f` holds.
-    pub fn vifs_where(&self, f: impl Fn(&VifRec) -> bool) -> Vec<String> {
-        self.vifs
-            .iter()
-            .filter(|(_, v)| f(v))
-            .map(|(r, _)| r.clone())
-            .collect()
-    }
-
-    /// The record of VIF `r`.
-    pub fn vif_value(&self, r: &str) -> Option<Value> {
-        let v = self.vifs.get(r)?;
-        Some(record(vec![
-            ("uuid", s(&v.uuid)),
-            (
-                "allowed_operations",
-                refs([if v.currently_attached {
-                    "unplug"
-                } else {
-                    "attach"
-                }
-                .to_owned()]),
-            ),
-            ("current_operations", Value::Struct(BTreeMap::new())),
-            ("device", s(&v.device)),
-            ("network", s(&v.network)),
-            ("VM", s(&v.vm)),
-            ("MAC", s(&v.mac)),
-            ("MTU", Value::Int(v.mtu)),
-            ("other_config", map(&v.other_config)),
-            ("currently_attached", Value::Bool(v.currently_attached)),
-            ("status_code", Value::Int(0)),
-            ("status_detail", s("")),
-            ("runtime_properties", Value::Struct(BTreeMap::new())),
-            ("qos_algorithm_type", s(&v.qos_algorithm_type)),
-            ("qos_algorithm_params", map(&v.qos_algorithm_params)),
-            ("qos_supported_algorithms", refs([])),
-            ("metrics", s(NULL_REF)),
-            ("MAC_autogenerated", Value::Bool(v.mac_autogenerated)),
-            ("locking_mode", s(&v.locking_mode)),
-            ("ipv4_allowed", refs([])),
-            ("ipv6_allowed", refs([])),
-            ("ipv4_configuration_mode", s("None")),
-            ("ipv4_addresses", refs([])),
-            ("ipv4_gateway", s("")),
-            ("ipv6_configuration_mode", s("None")),
-            ("ipv6_addresses", refs([])),
-            ("ipv6_gateway", s("")),
-            ("reserved_pci", s(NULL_REF)),
         ]))
     }
 

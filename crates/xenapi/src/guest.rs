@@ -369,6 +369,15 @@ impl VifApi<'_> {
         VifRecord::from_value(&self.0.call("VIF.get_record", vec![vif.into()]).await?)
     }
 
+    /// `VIF.get_all_records`.
+    pub async fn get_all_records(&self) -> Result<BTreeMap<VifRef, VifRecord>> {
+        let v = self.0.call("VIF.get_all_records", vec![]).await?;
+        let map = crate::value::expect_struct("VIF.get_all_records", v)?;
+        map.into_iter()
+            .map(|(r, v)| Ok((VifRef::new(r), VifRecord::from_value(&v)?)))
+            .collect()
+    }
+
     /// `VIF.create` (asynchronous): made unplugged.
     pub async fn create(&self, record: &VifCreate) -> Result<VifRef> {
         let v = self
