@@ -223,6 +223,16 @@ fn restore_vm_rebuilds_the_vm_of_the_first_run_halted_byte_exact_with_its_macs()
         done["notes"].to_string().contains("in use by another VIF"),
         "{done}"
     );
+    eprintln!(
+        "restore-vm of 2 disks ({} bytes): {} ms",
+        done["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["bytes"].as_u64().unwrap())
+            .sum::<u64>(),
+        done["duration_ms"]
+    );
     let new_uuid = done["vm"].as_str().unwrap().to_string();
     assert_ne!(new_uuid, t.vm_uuid);
     t.pool.rt.block_on(async {
