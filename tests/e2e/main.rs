@@ -18,6 +18,7 @@ mod integrity;
 mod jobs_locks;
 mod nbd;
 mod qemu;
+mod restore_vm;
 mod resume;
 mod rollback;
 mod runner;

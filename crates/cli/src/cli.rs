@@ -101,6 +101,10 @@ pub enum Command {
         /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
         id: String,
     },
+    /// Rebuild a whole VM in a XenServer pool from a VM-level backup: its
+    /// settings, every disk (new VDIs at the same device positions) and its
+    /// network interfaces.
+    RestoreVm(Box<RestoreVmArgs>),
     /// Restore a restore point, byte-exact, to a sparse file, an NBD export or a new VDI.
     #[command(group(clap::ArgGroup::new("remote").args(["xapi"])))]
     Restore {
@@ -546,4 +550,40 @@ pub struct XenArgs {
 
 fn parse_size(text: &str) -> Result<u64, String> {
     cbtvault_config::parse_size(text)
+}
+
+/// `restore-vm`.
+#[derive(clap::Args, Debug)]
+pub struct RestoreVmArgs {
+    /// The VM-level restore point: VM (its newest), VM@DATE (the newest run
+    /// at or before DATE) or the id of any of its disks' restore points.
+    pub vm: String,
+    /// The configuration holding the pool's address and credentials (and
+    /// the repository, unless --repo is given).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The repository (default: the configuration's).
+    #[arg(long, env = "CBTVAULT_REPO")]
+    pub repo: Option<PathBuf>,
+    /// The pool to restore into (needed when the configuration has several).
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// The SR (uuid) the VM's disks are restored to.
+    #[arg(long)]
+    pub sr: String,
+    /// The new VM's name (default: the backed-up VM's).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Put the VIFs on network OLD (the backed-up VM's network: name, uuid
+    /// or bridge) on the pool's network NEW (name, uuid or bridge) instead.
+    /// Repeat for several networks.
+    #[arg(long = "network-map", value_name = "OLD=NEW")]
+    pub network_map: Vec<String>,
+    /// Give the network interfaces new MAC addresses (default: the saved
+    /// ones, which clash if the original VM still runs).
+    #[arg(long)]
+    pub new_macs: bool,
+    /// Start the VM once restored (default: left halted).
+    #[arg(long)]
+    pub start: bool,
 }

@@ -103,6 +103,27 @@ pub enum Error {
     #[error("job {job:?} is not a QEMU job: XenServer leftovers are reaped by the job's next run")]
     NotQemu { job: String },
 
+    /// A whole-VM restore that cannot be done as asked; nothing was
+    /// created in the pool.
+    #[error("restoring VM {vm:?}: {what}")]
+    VmRestore {
+        vm: String,
+        what: String,
+        refusal: VmRestoreRefusal,
+    },
+
+    /// A whole-VM restore failed after creating objects, and removing
+    /// some of them failed too: they are named.
+    #[error(
+        "restoring VM {vm:?} failed, and these objects it created could not be removed: {left}"
+    )]
+    VmRestoreLeftovers {
+        vm: String,
+        left: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     #[error(transparent)]
     Engine(#[from] cbtvault_engine::Error),
 
@@ -111,6 +132,27 @@ pub enum Error {
 
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Why a whole-VM restore was refused before anything was created (a
+/// front end words the remedy in its own terms).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VmRestoreRefusal {
+    /// The restore point has no saved VM metadata.
+    NoMetadata,
+    /// A VIF's network is not in the pool and no mapping names it.
+    NetworkUnmapped { network: String },
+    /// A mapping leads to a network the pool does not have.
+    NetworkNotInPool { network: String },
+    /// A mapping names a network none of the VM's VIFs is on.
+    MappingUnused { network: String },
+    /// The SR has too little free space for the disks.
+    SrFull,
+    /// The SR does not exist in the pool.
+    UnknownSr,
+    /// The saved metadata cannot rebuild this VM.
+    BadMetadata,
 }
 
 /// A cause kept whole (XenAPI, QMP and QEMU errors are large; boxed, an

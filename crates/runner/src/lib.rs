@@ -34,6 +34,10 @@
 //! another repository and applies the job's retention there.
 //!
 //! [`restore_to_pool`] brings a restore point back into a pool as a new VDI;
+//! [`restore_vm`] rebuilds a whole VM from a VM-level run (its saved
+//! metadata and every disk), planned and checked against the pool before
+//! anything is made ([`plan_vm_restore`]), and undone if it fails half-way
+//! ([`apply_vm_restore`]);
 //! [`cleanup()`] removes what killed QEMU backups left in QEMU (the filter
 //! in the guest's I/O path, the export, the fleece image) without running
 //! one.
@@ -50,16 +54,22 @@ mod limits;
 mod login;
 mod report;
 mod restore;
+mod restore_vm;
 mod retention;
 mod run;
+mod saved_vm;
 mod spec;
 
 pub use alerts::{Alert, Measure};
 pub use cleanup::{Cleaned, cleanup};
 pub use copy_job::{CopyJobReport, CopySpec, run_copy};
-pub use error::{Error, Result};
+pub use error::{Error, Result, VmRestoreRefusal};
 pub use login::client_options;
 pub use report::{DiskReport, DiskStatus, JobReport, Observer, Silent};
 pub use restore::{PoolRestore, restore_to_pool};
+pub use restore_vm::{
+    PlannedDisk, PlannedDrive, PlannedVif, RESTORED_FROM_KEY, RestoredDisk, RestoredVif,
+    VmRestorePlan, VmRestoreRequest, VmRestored, apply_vm_restore, plan_vm_restore, restore_vm,
+};
 pub use run::Runner;
 pub use spec::{JobSpec, QemuNode, Target};

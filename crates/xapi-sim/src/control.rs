@@ -26,6 +26,8 @@
 //! | `sim.set_licensed` | CBT licensed (bool) | `""` |
 //! | `sim.set_managed` | VDI, managed (bool) | `""` |
 //! | `sim.set_raw` | VDI | `""` (a RAW VDI, CBT off) |
+//! | `sim.set_sr_size` | SR, bytes | `""` (`VDI.create` beyond it: `SR_BACKEND_FAILURE_44`) |
+//! | `sim.fault_import_break` | uploads, bytes | `""` (after that many uploads, the next breaks after the bytes) |
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -247,6 +249,25 @@ fn run_blocking(sim: &Sim, method: &str, op: &str, args: &[Value]) -> Result<Val
         "set_password" => {
             a(1)?;
             sim.set_password(&text(args, 0)?);
+            empty()
+        }
+        "set_sr_size" => {
+            a(2)?;
+            let (sr, size) = (text(args, 0)?, uint(1)?);
+            sim.mutate(|db, _| {
+                let rec = db
+                    .srs
+                    .get_mut(&sr)
+                    .ok_or_else(|| handle_invalid("SR", &sr))?;
+                rec.physical_size = size;
+                Ok(())
+            })?;
+            empty()
+        }
+        "fault_import_break" => {
+            a(2)?;
+            let (uploads, bytes) = (uint(0)?, uint(1)?);
+            sim.faults().import_break = Some((u32::try_from(uploads).unwrap_or(u32::MAX), bytes));
             empty()
         }
         "login_attempts" => {
@@ -510,6 +531,26 @@ impl Sim {
     /// Makes a VDI RAW (`SR_BACKEND_FAILURE_66` from `VDI.enable_cbt`).
     pub fn set_raw(&self, vdi_uuid: &str) -> Result<()> {
         Ok(make_raw(self, &self.vdi_ref(vdi_uuid)?)?)
+    }
+
+    /// Sets the capacity of the SR with `sr_uuid` (`VDI.create` beyond it
+    /// fails as a full SR does).
+    pub fn set_sr_size(&self, sr_uuid: &str, size: u64) -> Result<()> {
+        Ok(self.mutate(|db, _| {
+            let rec = db
+                .srs
+                .values_mut()
+                .find(|s| s.uuid == sr_uuid)
+                .ok_or_else(|| handle_invalid("SR", sr_uuid))?;
+            rec.physical_size = size;
+            Ok(())
+        })?)
+    }
+
+    /// Fault: after `uploads` successful `/import_raw_vdi` uploads, the
+    /// next one fails once `bytes` bytes of it are written.
+    pub fn fault_import_break(&self, uploads: u32, bytes: u64) {
+        self.faults().import_break = Some((uploads, bytes));
     }
 
     /// Changes the password that logs in (live sessions stay valid), as

@@ -17,7 +17,7 @@ use crate::vdi::handle_invalid;
 
 /// Classes with records.
 const CLASSES: &[&str] = &[
-    "VDI", "VM", "VBD", "SR", "PBD", "network", "host", "pool", "task", "session",
+    "VDI", "VM", "VBD", "VIF", "SR", "PBD", "network", "host", "pool", "task", "session",
 ];
 
 /// Runs one call and returns its result or XAPI failure.
@@ -179,8 +179,10 @@ fn params_of(method: &str) -> Option<(usize, usize)> {
             | "set_name_label"
             | "set_name_description",
         ) => 2,
-        ("VM", "destroy") => 1,
+        ("VM", "destroy" | "create" | "hard_shutdown" | "clean_shutdown") => 1,
+        ("VM", "start") => 3,
         ("VBD", "create" | "plug" | "unplug" | "destroy") => 1,
+        ("VIF" | "network", "create" | "destroy") => 1,
         ("task", "cancel" | "destroy") => 1,
         ("event", "from") => 3,
         ("host", "get_server_certificate") => 1,
@@ -211,6 +213,12 @@ fn has_async_form(method: &str) -> bool {
             | "VDI.resize_online"
             | "VM.snapshot"
             | "VM.destroy"
+            | "VM.create"
+            | "VM.start"
+            | "VM.hard_shutdown"
+            | "VM.clean_shutdown"
+            | "VIF.create"
+            | "VIF.destroy"
             | "VBD.create"
             | "VBD.plug"
             | "VBD.unplug"
@@ -342,6 +350,35 @@ fn run_blocking(
             a(1)?;
             sim.vm_destroy(&text(args, 0)?)
         }
+        ("VM", "create") => {
+            a(1)?;
+            sim.vm_create(&args[0])
+        }
+        ("VM", "start") => {
+            a(3)?;
+            // start_paused and force change nothing in the simulator.
+            sim.vm_start(&text(args, 0)?)
+        }
+        ("VM", "hard_shutdown" | "clean_shutdown") => {
+            a(1)?;
+            sim.vm_shutdown(&text(args, 0)?)
+        }
+        ("VIF", "create") => {
+            a(1)?;
+            sim.vif_create(&args[0])
+        }
+        ("VIF", "destroy") => {
+            a(1)?;
+            sim.vif_destroy(&text(args, 0)?)
+        }
+        ("network", "create") => {
+            a(1)?;
+            sim.network_create(&args[0])
+        }
+        ("network", "destroy") => {
+            a(1)?;
+            sim.network_destroy(&text(args, 0)?)
+        }
         ("VBD", "create") => {
             a(1)?;
             sim.vbd_create(&args[0])
@@ -394,6 +431,7 @@ fn record(sim: &Sim, class: &str, r: &str) -> Option<Value> {
                 "VDI" => db.vdi_value(r),
                 "VM" => db.vm_value(r),
                 "VBD" => db.vbd_value(r),
+                "VIF" => db.vif_value(r),
                 "SR" => db.sr_value(r),
                 "PBD" => db.pbd_value(r),
                 "network" => db.network_value(r, sim.nbd_port().is_some()),
@@ -439,6 +477,7 @@ fn all_refs(sim: &Sim, class: &str) -> Vec<String> {
                 "VDI" => db.vdis.keys().cloned().collect(),
                 "VM" => db.vms.keys().cloned().collect(),
                 "VBD" => db.vbds.keys().cloned().collect(),
+                "VIF" => db.vifs.keys().cloned().collect(),
                 "SR" => db.srs.keys().cloned().collect(),
                 "PBD" => db.pbds.keys().cloned().collect(),
                 "network" => db.networks.keys().cloned().collect(),

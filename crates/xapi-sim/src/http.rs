@@ -242,6 +242,21 @@ async fn import_raw_vdi(sim: &Sim, req: Request<Incoming>) -> Reply {
             format!("VDI_INCOMPATIBLE_TYPE {vdi_ref} cbt_metadata\n"),
         );
     }
+    // Fault: this upload breaks after `n` bytes.
+    let break_after = {
+        let mut faults = sim.faults();
+        match faults.import_break {
+            Some((0, bytes)) => {
+                faults.import_break = None;
+                Some(bytes)
+            }
+            Some((n, bytes)) => {
+                faults.import_break = Some((n - 1, bytes));
+                None
+            }
+            None => None,
+        }
+    };
     let mut body = req.into_body();
     let mut pending: Vec<u8> = Vec::with_capacity(CHUNK);
     let mut offset = 0u64;
@@ -266,6 +281,12 @@ async fn import_raw_vdi(sim: &Sim, req: Request<Incoming>) -> Reply {
                 Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
             }
             offset += CHUNK as u64;
+            if break_after.is_some_and(|b| offset >= b) {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("VDI_IO_ERROR: the upload broke after {offset} bytes (injected)\n"),
+                );
+            }
         }
     }
     if !pending.is_empty() {

@@ -8,12 +8,14 @@
 //! `POST /jsonrpc` (can be turned off to imitate old hosts), and `PUT
 //! /import_raw_vdi`. The XenAPI subset is what a CBT backup and a restore
 //! use: sessions (`login_with_password`, `logout`, xapi's per-originator
-//! limits, idle expiry), the implicit getters of `VDI`, `VM`, `VBD`, `SR`,
-//! `PBD`, `network`, `host`, `pool`, `task` and `session`, `VDI.snapshot`,
+//! limits, idle expiry), the implicit getters of `VDI`, `VM`, `VBD`, `VIF`,
+//! `SR`, `PBD`, `network`, `host`, `pool`, `task` and `session`, `VDI.snapshot`,
 //! `enable_cbt`, `disable_cbt`, `list_changed_blocks`, `get_nbd_info`,
 //! `data_destroy`, `destroy`, `create`, `resize`, `clone`, `copy`,
 //! other_config edits, `VM.snapshot`, `VM.checkpoint`, `VM.destroy`,
-//! `VBD.create/plug/unplug/destroy`, `event.from` (a network has the NBD
+//! `VBD.create/plug/unplug/destroy`, and what a whole-VM restore makes:
+//! `VM.create/start/hard_shutdown/clean_shutdown`, `VIF.create/destroy`,
+//! `network.create/destroy`, `event.from` (a network has the NBD
 //! purpose when the NBD server runs), and `Async.*` forms with tasks. The
 //! semantics follow xen-api's `xapi_vdi.ml` and the storage manager's CBT
 //! code as summarised in `shared/specs/xenapi.md`: the checks and their
@@ -56,6 +58,22 @@
 //!   `vhdutil.validate_and_round_vhd_size`);
 //! * `data_destroy`'s tentative type and 4-second wait, and xapi-nbd's
 //!   export names, TLS and 16-connection limit ([`nbd`]);
+//! * guests (`datamodel_vm.ml`, `datamodel_vif.ml`, `xapi_vif_helpers.ml`):
+//!   VM records carry CPUs, memory, boot, platform and HA settings and
+//!   their VIFs; `VM.create` makes a halted VM (its memory and VCPU fields
+//!   required, `MEMORY_CONSTRAINT_VIOLATION` when the four memory limits
+//!   are out of order), `VM.start` needs `Halted` and `VM.destroy` a
+//!   non-running VM (`VM_BAD_POWER_STATE [vm, expected, actual]`),
+//!   `VBD.create`/`VIF.create` refuse a position the VM uses
+//!   (`DEVICE_ALREADY_EXISTS`), `VIF.create` a malformed MAC
+//!   (`MAC_INVALID`) and makes one when none is given; a VM snapshot keeps
+//!   the VM's VIFs; `network.destroy` is refused while VIFs use it
+//!   (`NETWORK_CONTAINS_VIF`);
+//! * a full SR: `VDI.create` beyond the SR's `physical_size` (counted
+//!   thick: the virtual sizes of its VDIs with data) fails as the storage
+//!   manager answers it, `SR_BACKEND_FAILURE_44 ["", "There is insufficient
+//!   space", ""]` (xapi's `SR_FULL` is not what `VDI.create` returns); new
+//!   pools' SRs hold 64 TiB, `sim.set_sr_size` changes it;
 //! * tasks whose result is an XML-RPC fragment (`taskHelper.ml`), 200 kept,
 //!   and `event.from` for them, the way real clients wait (`xapi_event.ml`).
 //!
@@ -82,7 +100,8 @@
 //! guest writes marking CBT exactly as tapdisk does, plugging, resizing,
 //! and the faults (CBT silently disabled, guest writes that bypass the CBT
 //! log, session expiry, NBD disconnect
-//! after N bytes, `VDI_IN_USE` on the next `data_destroy`, slow answers),
+//! after N bytes, `VDI_IN_USE` on the next `data_destroy`, slow answers,
+//! an `/import_raw_vdi` upload broken after N bytes),
 //! and the states of a real pool that rule CBT out or change logins (an
 //! SR's type, the licence, unmanaged and RAW VDIs, a new password).
 //!
@@ -115,6 +134,7 @@ pub mod control;
 mod dispatch;
 mod error;
 mod events;
+mod guest;
 mod http;
 mod model;
 pub mod nbd;
@@ -126,6 +146,7 @@ mod store;
 mod tasks;
 mod vdi;
 mod vm;
+mod vm_model;
 
 use std::net::SocketAddr;
 

@@ -9,6 +9,7 @@ use cbtvault_xenapi::{NULL_REF, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::cbt::CbtLogs;
+pub use crate::vm_model::{VifRec, VmConfig};
 
 /// A fresh random (version 4) UUID.
 pub fn new_uuid() -> String {
@@ -41,15 +42,15 @@ pub fn now_datetime() -> String {
 /// The datetime XAPI shows for "never".
 pub const EPOCH: &str = "19700101T00:00:00Z";
 
-fn s(v: &str) -> Value {
+pub(crate) fn s(v: &str) -> Value {
     Value::from(v)
 }
 
-fn refs(v: impl IntoIterator<Item = String>) -> Value {
+pub(crate) fn refs(v: impl IntoIterator<Item = String>) -> Value {
     Value::Array(v.into_iter().map(Value::String).collect())
 }
 
-fn map(m: &BTreeMap<String, String>) -> Value {
+pub(crate) fn map(m: &BTreeMap<String, String>) -> Value {
     Value::from(m)
 }
 
@@ -57,7 +58,7 @@ fn int(v: u64) -> Value {
     Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-fn record(fields: Vec<(&str, Value)>) -> Value {
+pub(crate) fn record(fields: Vec<(&str, Value)>) -> Value {
     Value::Struct(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
@@ -125,6 +126,10 @@ pub struct VmRec {
     pub blocked_operations: BTreeMap<String, String>,
     /// Tags.
     pub tags: Vec<String>,
+    /// CPUs, memory, boot and platform settings (states saved before they
+    /// were modelled get the defaults).
+    #[serde(default)]
+    pub config: VmConfig,
 }
 
 /// A VBD.
@@ -154,6 +159,9 @@ pub struct VbdRec {
     /// and never persisted across restarts.
     #[serde(default)]
     pub nbd: bool,
+    /// No medium (a CD drive without a disc; the VDI is null).
+    #[serde(default)]
+    pub empty: bool,
 }
 
 /// A VDI.
@@ -241,6 +249,9 @@ pub struct Db {
     /// Networks by reference.
     #[serde(default)]
     pub networks: BTreeMap<String, NetworkRec>,
+    /// VIFs by reference.
+    #[serde(default)]
+    pub vifs: BTreeMap<String, VifRec>,
 }
 
 /// A PBD: an SR plugged on the host.
@@ -313,7 +324,7 @@ impl Db {
             ("name_description", s("")),
             ("bridge", s(&n.bridge)),
             ("MTU", Value::Int(1500)),
-            ("VIFs", refs([])),
+            ("VIFs", refs(self.vifs_where(|v| v.network == r))),
             ("PIFs", refs([])),
             ("managed", Value::Bool(true)),
             ("purpose", refs(purpose)),
@@ -469,6 +480,7 @@ impl Db {
                 "clean_shutdown".into(),
             ]
         };
+        let c = &v.config;
         Some(record(vec![
             ("uuid", s(&v.uuid)),
             ("name_label", s(&v.name_label)),
@@ -476,8 +488,8 @@ impl Db {
             ("allowed_operations", refs(ops)),
             ("current_operations", Value::Struct(BTreeMap::new())),
             ("power_state", s(&v.power_state)),
-            ("user_version", Value::Int(1)),
-            ("is_a_template", Value::Bool(false)),
+            ("user_version", Value::Int(c.user_version)),
+            ("is_a_template", Value::Bool(c.is_a_template)),
             ("is_default_template", Value::Bool(false)),
             ("suspend_VDI", s(NULL_REF)),
             (
@@ -492,9 +504,53 @@ impl Db {
             ("snapshots", refs(snapshots)),
             ("snapshot_time", Value::DateTime(v.snapshot_time.clone())),
             ("VBDs", refs(self.vbds_of_vm(r))),
+            ("VIFs", refs(self.vifs_where(|f| f.vm == r))),
             ("other_config", map(&v.other_config)),
             ("blocked_operations", map(&v.blocked_operations)),
             ("tags", refs(v.tags.iter().cloned())),
+            ("memory_overhead", Value::Int(0)),
+            ("memory_target", Value::Int(0)),
+            ("memory_static_max", Value::Int(c.memory_static_max)),
+            ("memory_dynamic_max", Value::Int(c.memory_dynamic_max)),
+            ("memory_dynamic_min", Value::Int(c.memory_dynamic_min)),
+            ("memory_static_min", Value::Int(c.memory_static_min)),
+            ("VCPUs_params", map(&c.vcpus_params)),
+            ("VCPUs_max", Value::Int(c.vcpus_max)),
+            ("VCPUs_at_startup", Value::Int(c.vcpus_at_startup)),
+            ("actions_after_shutdown", s(&c.actions_after_shutdown)),
+            ("actions_after_reboot", s(&c.actions_after_reboot)),
+            ("actions_after_crash", s(&c.actions_after_crash)),
+            ("consoles", refs([])),
+            ("crash_dumps", refs([])),
+            ("VTPMs", refs([])),
+            ("PV_bootloader", s(&c.pv_bootloader)),
+            ("PV_kernel", s(&c.pv_kernel)),
+            ("PV_ramdisk", s(&c.pv_ramdisk)),
+            ("PV_args", s(&c.pv_args)),
+            ("PV_bootloader_args", s(&c.pv_bootloader_args)),
+            ("PV_legacy_args", s(&c.pv_legacy_args)),
+            ("HVM_boot_policy", s(&c.hvm_boot_policy)),
+            ("HVM_boot_params", map(&c.hvm_boot_params)),
+            (
+                "HVM_shadow_multiplier",
+                Value::Double(c.hvm_shadow_multiplier),
+            ),
+            ("platform", map(&c.platform)),
+            ("PCI_bus", s(&c.pci_bus)),
+            ("recommendations", s(&c.recommendations)),
+            ("xenstore_data", map(&c.xenstore_data)),
+            ("ha_always_run", Value::Bool(c.ha_always_run)),
+            ("ha_restart_priority", s(&c.ha_restart_priority)),
+            ("last_boot_CPU_flags", Value::Struct(BTreeMap::new())),
+            ("last_booted_record", s("")),
+            ("metrics", s(NULL_REF)),
+            ("guest_metrics", s(NULL_REF)),
+            (
+                "hardware_platform_version",
+                Value::Int(c.hardware_platform_version),
+            ),
+            ("has_vendor_device", Value::Bool(c.has_vendor_device)),
+            ("domain_type", s(&c.domain_type)),
         ]))
     }
 
@@ -514,7 +570,7 @@ impl Db {
             ("type", s(&b.vbd_type)),
             ("unpluggable", Value::Bool(true)),
             ("storage_lock", Value::Bool(false)),
-            ("empty", Value::Bool(false)),
+            ("empty", Value::Bool(b.empty)),
             ("other_config", map(&b.other_config)),
             ("currently_attached", Value::Bool(b.currently_attached)),
             ("status_code", Value::Int(0)),

@@ -219,6 +219,7 @@ impl Sim {
                     currently_attached: true,
                     other_config: BTreeMap::new(),
                     nbd: true,
+                    empty: false,
                 },
             );
             Ok(Ok((vbd, file, size)))

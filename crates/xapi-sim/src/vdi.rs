@@ -180,6 +180,29 @@ fn duplicate_in(db: &mut Db, store: &Store, r: &str, sr: &str) -> Result<String,
     Ok(copy_ref)
 }
 
+/// `SR_BACKEND_FAILURE_44 ["", "There is insufficient space", ""]`, what
+/// the storage manager answers when an SR cannot hold a new VDI (xapi's
+/// own `SR_FULL` is not what `VDI.create` returns). The simulator counts
+/// the SR as thick: the VDIs' virtual sizes against its `physical_size`.
+fn check_space(db: &crate::model::Db, sr: &str, size: u64) -> Result<(), XapiError> {
+    let capacity = db.srs.get(sr).map_or(0, |s| s.physical_size);
+    let allocated: u64 = db
+        .vdis
+        .values()
+        .filter(|v| v.sr == sr && v.has_data)
+        .map(|v| v.virtual_size)
+        .sum();
+    if allocated.saturating_add(size) > capacity {
+        return Err(XapiError::SrBackendFailure {
+            code: 44,
+            status: String::new(),
+            stdout: "There is insufficient space".into(),
+            stderr: String::new(),
+        });
+    }
+    Ok(())
+}
+
 impl Sim {
     /// `VDI.clone(vdi, driver_params)`: a new VDI with the same data on
     /// the same SR (allowed while attached).
@@ -462,6 +485,7 @@ impl Sim {
             check_size(size)?;
             // The size the SR makes (VHD: whole 2 MiB blocks).
             let size = crate::sr::round_size(sr_type_of(db, &sr), size);
+            check_space(db, &sr, size)?;
             let mut v = new_vdi(&sr, &string("name_label"), size);
             v.name_description = string("name_description");
             v.vdi_type = vdi_type.clone();

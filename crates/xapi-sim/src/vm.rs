@@ -6,15 +6,43 @@ use std::collections::BTreeMap;
 
 use cbtvault_xenapi::{Value, XapiError};
 
-use crate::model::{Db, VbdRec, VmRec, new_ref, new_uuid, now_datetime};
+use crate::model::{Db, VbdRec, VifRec, VmRec, new_ref, new_uuid, now_datetime};
 use crate::sim::Sim;
 use crate::vdi::{handle_invalid, is_null, refuse_cbt_metadata, snapshot_in, vdi};
 
-fn vm<'a>(db: &'a Db, r: &str) -> Result<&'a VmRec, XapiError> {
+pub(crate) fn vm<'a>(db: &'a Db, r: &str) -> Result<&'a VmRec, XapiError> {
     db.vms.get(r).ok_or_else(|| handle_invalid("VM", r))
 }
 
-fn bad_power_state(vm: &str, expected: &str, actual: &str) -> XapiError {
+pub(crate) fn field_type(field: &str) -> XapiError {
+    XapiError::Other {
+        code: "FIELD_TYPE_ERROR".into(),
+        params: vec![field.into()],
+    }
+}
+
+/// A `(string → string) map` field of a record (absent: empty).
+pub(crate) fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_struct)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A random locally administered unicast MAC, as xapi makes them.
+pub(crate) fn random_mac() -> String {
+    let mut b: [u8; 6] = rand::random();
+    b[0] = (b[0] & 0xfc) | 0x02;
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub(crate) fn bad_power_state(vm: &str, expected: &str, actual: &str) -> XapiError {
     XapiError::VmBadPowerState {
         vm: vm.into(),
         expected: expected.into(),
@@ -57,6 +85,21 @@ impl Sim {
             }
             for vbd in vbds {
                 db.vbds.insert(new_ref(), vbd);
+            }
+            // The snapshot keeps the VM's network interfaces, unplugged.
+            let vifs: Vec<VifRec> = db
+                .vifs
+                .values()
+                .filter(|v| v.vm == r)
+                .map(|v| VifRec {
+                    uuid: new_uuid(),
+                    vm: snap_vm.clone(),
+                    currently_attached: false,
+                    ..v.clone()
+                })
+                .collect();
+            for vif in vifs {
+                db.vifs.insert(new_ref(), vif);
             }
             db.vms.insert(
                 snap_vm.clone(),
@@ -110,47 +153,80 @@ impl Sim {
                 return Err(bad_power_state(r, "halted", &v.power_state));
             }
             db.vbds.retain(|_, b| b.vm != r);
+            db.vifs.retain(|_, v| v.vm != r);
             db.vms.remove(r);
             Ok(Value::from(""))
         })
     }
 
-    /// `VBD.create(record)`: refuses `cbt_metadata` VDIs.
+    /// `VBD.create(record)`: refuses `cbt_metadata` VDIs and a position
+    /// the VM already uses (`DEVICE_ALREADY_EXISTS`); an `empty` CD drive
+    /// takes the null VDI. The VBD is made unplugged, as xapi does.
     pub(crate) fn vbd_create(&self, args: &Value) -> Result<Value, XapiError> {
-        let rec = args.as_struct().ok_or_else(|| XapiError::Other {
-            code: "FIELD_TYPE_ERROR".into(),
-            params: vec!["args".into()],
-        })?;
+        let rec = args.as_struct().ok_or_else(|| field_type("args"))?;
         let text = |k: &str| {
             rec.get(k)
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned()
         };
+        let flag = |k: &str| rec.get(k).and_then(Value::as_bool).unwrap_or(false);
         let (vm_ref, vdi_ref) = (text("VM"), text("VDI"));
+        let vbd_type = match text("type").to_ascii_lowercase().as_str() {
+            "" | "disk" => "Disk",
+            "cd" => "CD",
+            "floppy" => "Floppy",
+            _ => return Err(field_type("type")),
+        };
+        let mode = match text("mode").to_ascii_uppercase().as_str() {
+            "" | "RW" => "RW",
+            "RO" => "RO",
+            _ => return Err(field_type("mode")),
+        };
+        let empty = flag("empty");
+        let userdevice = text("userdevice");
         self.mutate(|db, _| {
             vm(db, &vm_ref)?;
-            let v = vdi(db, &vdi_ref)?;
-            refuse_cbt_metadata(v, &vdi_ref)?;
+            if empty {
+                if vbd_type == "Disk" {
+                    return Err(XapiError::Other {
+                        code: "VBD_NOT_REMOVABLE_MEDIA".into(),
+                        params: vec![String::new()],
+                    });
+                }
+            } else {
+                let v = vdi(db, &vdi_ref)?;
+                refuse_cbt_metadata(v, &vdi_ref)?;
+            }
+            let taken = db.vbds.values().any(|b| {
+                b.vm == vm_ref && !b.nbd && !userdevice.is_empty() && b.userdevice == userdevice
+            });
+            if taken {
+                return Err(XapiError::Other {
+                    code: "DEVICE_ALREADY_EXISTS".into(),
+                    params: vec![userdevice.clone()],
+                });
+            }
             let r = new_ref();
-            let mode = text("mode");
             db.vbds.insert(
                 r.clone(),
                 VbdRec {
                     uuid: new_uuid(),
                     vm: vm_ref.clone(),
-                    vdi: vdi_ref.clone(),
+                    vdi: if empty {
+                        cbtvault_xenapi::NULL_REF.into()
+                    } else {
+                        vdi_ref.clone()
+                    },
                     device: String::new(),
-                    userdevice: text("userdevice"),
-                    mode: if mode.is_empty() { "RW".into() } else { mode },
-                    vbd_type: "Disk".into(),
-                    bootable: rec
-                        .get("bootable")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false),
+                    userdevice: userdevice.clone(),
+                    mode: mode.into(),
+                    vbd_type: vbd_type.into(),
+                    bootable: flag("bootable"),
                     currently_attached: false,
-                    other_config: BTreeMap::new(),
+                    other_config: string_map(rec.get("other_config")),
                     nbd: false,
+                    empty,
                 },
             );
             Ok(Value::String(r))
@@ -234,6 +310,7 @@ impl Sim {
                         currently_attached: false,
                         other_config: BTreeMap::new(),
                         nbd: false,
+                        empty: false,
                     },
                 );
                 r

@@ -240,6 +240,10 @@ impl VdiApi<'_> {
 pub struct VmApi<'a>(&'a Client);
 
 impl VmApi<'_> {
+    pub(crate) fn client(&self) -> &Client {
+        self.0
+    }
+
     /// `VM.get_record`.
     pub async fn get_record(&self, vm: &VmRef) -> Result<VmRecord> {
         VmRecord::from_value(&self.0.get_record_of("VM", vm.as_str()).await?)
@@ -304,6 +308,10 @@ impl VmApi<'_> {
 pub struct VbdApi<'a>(&'a Client);
 
 impl VbdApi<'_> {
+    pub(crate) fn client(&self) -> &Client {
+        self.0
+    }
+
     /// `VBD.get_record`.
     pub async fn get_record(&self, vbd: &VbdRef) -> Result<VbdRecord> {
         VbdRecord::from_value(&self.0.get_record_of("VBD", vbd.as_str()).await?)

@@ -1,5 +1,7 @@
 //! A XenAPI (XAPI) client for the XenServer / XCP-ng path of cbtvault:
 //! sessions, the VM/VBD/VDI/SR records a backup reads, snapshots,
+//! making guests for a whole-VM restore ([`guest`]: `VM.create` from a
+//! saved record, VBDs, VIFs, networks),
 //! changed-block tracking (`enable_cbt`, `list_changed_blocks`,
 //! `data_destroy`), NBD access details, and raw VDI upload for restores.
 //!
@@ -54,6 +56,7 @@
 mod api;
 mod client;
 pub mod error;
+pub mod guest;
 mod http;
 pub mod rpc;
 mod tls;
@@ -64,11 +67,15 @@ pub use api::{SrApi, TaskApi, VbdApi, VdiApi, VmApi};
 pub use cbtvault_tls_pin::{Password, PasswordError};
 pub use client::{Client, ClientOptions, TransportChoice};
 pub use error::{Error, Result, XapiError};
+pub use guest::{
+    NetworkApi, NetworkRecord, VM_REQUIRED_FIELDS, VbdCreate, VifApi, VifCreate, VifRecord,
+    VmCreate,
+};
 pub use rpc::{Response, Transport};
 pub use tls::TlsTrust;
 pub use types::{
-    HostRef, NULL_REF, NbdInfo, PoolRef, SessionRef, SrRecord, SrRef, TaskRecord, TaskRef,
-    TaskStatus, VbdRecord, VbdRef, VdiCreate, VdiRecord, VdiRef, VdiType, VmRecord, VmRef,
-    nbd_export_name,
+    HostRef, NULL_REF, NbdInfo, NetworkRef, PoolRef, SessionRef, SrRecord, SrRef, TaskRecord,
+    TaskRef, TaskStatus, VbdRecord, VbdRef, VdiCreate, VdiRecord, VdiRef, VdiType, VifRef,
+    VmRecord, VmRef, nbd_export_name,
 };
 pub use value::Value;

@@ -77,6 +77,10 @@ reference!(/// A virtual block device: the link between a VM and a VDI.
     VbdRef, "VBD");
 reference!(/// A storage repository.
     SrRef, "SR");
+reference!(/// A virtual network interface: the link between a VM and a network.
+    VifRef, "VIF");
+reference!(/// A network.
+    NetworkRef, "network");
 reference!(/// An asynchronous task.
     TaskRef, "task");
 reference!(/// A physical host.

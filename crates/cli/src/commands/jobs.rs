@@ -361,6 +361,37 @@ pub struct PoolChoice<'a> {
     pub pool: Option<&'a str>,
 }
 
+/// The pool `name` names in the configuration at `path`, or its only one.
+pub fn config_pool(config: &Config, path: &Path, name: Option<&str>) -> Result<Pool> {
+    let names = || {
+        config
+            .pools
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (name, config.pools.as_slice()) {
+        (Some(name), _) => config.pool(name).cloned().ok_or_else(|| {
+            failure::tagged(
+                failure::kind::NOT_FOUND,
+                format!(
+                    "{}: no pool named {name:?} (pools: {})",
+                    path.display(),
+                    names()
+                ),
+            )
+        }),
+        (None, [only]) => Ok(only.clone()),
+        (None, pools) => Err(usage!(
+            "{} has {} pools; name one with --pool ({})",
+            path.display(),
+            pools.len(),
+            names()
+        )),
+    }
+}
+
 /// `restore ID --to xapi --sr UUID (--xapi ... | --config F [--pool NAME])`:
 /// a new VDI in the pool, uploaded through XAPI's `/import_raw_vdi`.
 pub fn restore_to_xapi(
@@ -376,34 +407,7 @@ pub fn restore_to_xapi(
     let (pool, named) = match choice.config {
         Some(path) => {
             let config = Config::load(path)?;
-            let pool = match (choice.pool, config.pools.as_slice()) {
-                (Some(name), _) => config.pool(name).cloned().ok_or_else(|| {
-                    failure::tagged(
-                        failure::kind::NOT_FOUND,
-                        format!(
-                            "{}: no pool named {name:?} (pools: {})",
-                            path.display(),
-                            config
-                                .pools
-                                .iter()
-                                .map(|p| p.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    )
-                })?,
-                (None, [only]) => only.clone(),
-                (None, pools) => bail!(usage!(
-                    "{} has {} pools; name one with --pool ({})",
-                    path.display(),
-                    pools.len(),
-                    pools
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-            };
+            let pool = config_pool(&config, path, choice.pool)?;
             (pool, Named::Config)
         }
         None => (pool_from_flags(choice.login, 1)?, Named::Flags),

@@ -7,6 +7,7 @@ mod files;
 mod jobs;
 mod maintenance;
 mod points;
+mod restore_vm;
 mod serve;
 
 pub use points::local_time;
@@ -37,6 +38,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             append_only,
         ),
         Command::Backup(b) => data::backup(&g, *b),
+        Command::RestoreVm(args) => restore_vm::restore_vm(&g, &args),
         Command::List {
             repo,
             disk,

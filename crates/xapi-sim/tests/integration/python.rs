@@ -61,6 +61,39 @@ try:
     except XenAPI.Failure as f:
         assert f.details[0] == "SR_BACKEND_FAILURE_460" and len(f.details) == 4, f.details
 
+    # A guest made as a whole-VM restore makes it (XML-RPC ints as text).
+    vm = x.VM.create({"name_label": "restored", "memory_static_max": "2147483648",
+                      "memory_dynamic_max": "2147483648", "memory_dynamic_min": "1073741824",
+                      "memory_static_min": "536870912", "VCPUs_max": "2",
+                      "VCPUs_at_startup": "2", "platform": {"acpi": "1"}})
+    assert x.VM.get_power_state(vm) == "Halted"
+    assert x.VM.get_memory_static_max(vm) == "2147483648"
+    net = x.network.get_all()[0]
+    vif = x.VIF.create({"VM": vm, "network": net, "device": "0", "MAC": "",
+                        "MTU": "1500", "other_config": {}, "qos_algorithm_type": "",
+                        "qos_algorithm_params": {}})
+    assert len(x.VIF.get_MAC(vif)) == 17
+    try:
+        x.VIF.create({"VM": vm, "network": net, "device": "1", "MAC": "nope"})
+        raise AssertionError("a bad MAC was taken")
+    except XenAPI.Failure as f:
+        assert f.details == ["MAC_INVALID", "nope"], f.details
+    x.VM.start(vm, False, False)
+    assert x.VM.get_power_state(vm) == "Running"
+    try:
+        x.VM.destroy(vm)
+        raise AssertionError("a running VM was destroyed")
+    except XenAPI.Failure as f:
+        assert f.details == ["VM_BAD_POWER_STATE", vm, "halted", "running"], f.details
+    x.VM.hard_shutdown(vm)
+    x.VIF.destroy(vif)
+    x.VM.destroy(vm)
+    try:
+        x.VM.get_record(vm)
+        raise AssertionError("a destroyed VM has a record")
+    except XenAPI.Failure as f:
+        assert f.details == ["HANDLE_INVALID", "VM", vm], f.details
+
     # The SDK logs in again by itself after SESSION_INVALID.
     x.sim.expire_sessions()
     assert len(x.VDI.get_all()) == len(vdis) + 2
