@@ -30,6 +30,9 @@ struct Args {
     /// The S3 server: `s3s-fs` (found on PATH) or `moto`.
     #[arg(long, default_value = "s3s-fs")]
     server: String,
+    /// Work here and keep it (a temporary directory by default).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 const ACCESS_KEY: &str = "cbtvault-bench";
@@ -204,31 +207,39 @@ fn main() -> Result<()> {
     if !cbtvault.exists() {
         bail!("{} is missing: build it with --release", cbtvault.display());
     }
-    let dir = tempfile::tempdir()?;
+    let temp = tempfile::tempdir()?;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => temp.path().to_path_buf(),
+    };
+    let dir = dir.as_path();
     let size = args.size_gib << 30;
     println!(
         "generating a {} GiB disk and a {:.1}% change",
         args.size_gib,
         args.churn * 100.0
     );
-    let first = dir.path().join("first.img");
+    let first = dir.join("first.img");
     cbtvault_testkit::synth::write_image(&first, size, 1, cbtvault_testkit::synth::Mix::default())?;
-    let image = dir.path().join("second.img");
+    let image = dir.join("second.img");
     std::fs::copy(&first, &image)?;
     let changed = cbtvault_testkit::synth::churn(&image, args.churn, 2)?;
-    let bitmap = dir.path().join("changed.b64");
+    let bitmap = dir.join("changed.b64");
     std::fs::write(&bitmap, changed.to_xenapi_base64())?;
 
-    let (_server, endpoint) = start_server(&args.server, dir.path())?;
-    let local = dir.path().join("local").display().to_string();
+    let (_server, endpoint) = start_server(&args.server, dir)?;
+    let local = dir.join("local").display().to_string();
     let s3 = format!("s3://bench/r?endpoint={endpoint}");
-    let l = measure(&cbtvault, dir.path(), &local, &image, &first, &bitmap)?;
-    let s = measure(&cbtvault, dir.path(), &s3, &image, &first, &bitmap)?;
+    let l = measure(&cbtvault, dir, &local, &image, &first, &bitmap)?;
+    let s = measure(&cbtvault, dir, &s3, &image, &first, &bitmap)?;
     let copy_to = format!("s3://bench/copy?endpoint={endpoint}");
-    timed(&cbtvault, dir.path(), &copy_to, &["init", "--quiet"])?;
+    timed(&cbtvault, dir, &copy_to, &["init", "--quiet"])?;
     let copy = timed(
         &cbtvault,
-        dir.path(),
+        dir,
         &local,
         &["copy", "--quiet", "--from", &local, "--to", &copy_to],
     )?;
