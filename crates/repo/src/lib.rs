@@ -125,12 +125,15 @@
 mod backend;
 mod catalogue;
 mod copy;
+mod crypto;
+mod encryption;
 mod error;
 mod forget;
 mod gc;
 mod heal;
 mod id;
 mod journal;
+mod key;
 mod lock;
 mod manifest;
 mod pack;
@@ -148,15 +151,19 @@ pub use catalogue::{
     BlobLocation, Catalogue, JobRunRow, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow,
 };
 pub use copy::CopyReport;
+pub use crypto::Crypto;
+pub use encryption::KeyPrompt;
 pub use error::{Error, Result};
 pub use forget::{Decision, ForgetPlan, ForgetSelection, KeepPolicy};
 pub use gc::{DEFAULT_MAX_UNUSED, GcEstimate, GcOptions, GcReport};
 pub use id::{BlobId, is_all_zero};
+pub use key::{KEY_SLOT_FORMAT, KdfParams, KeySlot, Secret, SecretKind};
 pub use lock::Lock;
 pub use manifest::{BackupMode, BackupStats, MAX_VIRTUAL_SIZE, Manifest, SourceInfo};
-pub use repair::{RepairReport, repair};
+pub use repair::{RepairReport, repair, repair_keyed};
 pub use repository::{
-    BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, FORMAT_VERSION, InitOptions, Repository,
+    BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, ENCRYPTED_FORMAT_VERSION, EncryptionConfig,
+    FORMAT_VERSION, InitOptions, Repository,
 };
 pub use resume::{RESUMABLE_MAX_AGE, Resumable, Resume};
 pub use store::{BlobReader, PackWriter, WriteStats};
