@@ -245,6 +245,12 @@ impl BlobReader {
             .collect())
     }
 
+    /// The id `content` has in this repository (keyed when encrypted):
+    /// to compare a disk's blocks with a restore point's.
+    pub fn blob_id(&self, content: &[u8]) -> Result<BlobId> {
+        self.crypto.blob_id(content)
+    }
+
     /// The catalogue connection.
     pub fn catalogue(&self) -> &Catalogue {
         &self.catalogue
