@@ -15,6 +15,8 @@ use crate::repository::{
 
 /// Asked for the secret of an encrypted repository when it is opened
 /// (never for an unencrypted one, so a front end prompts only when needed).
+/// [`Error::KeyRequired`] from it means "no key given": the repository
+/// opens locked, and only what needs no key works.
 pub type KeyPrompt<'a> = &'a dyn Fn() -> Result<Secret>;
 
 /// How an opening repository gets its key.
@@ -41,7 +43,11 @@ impl Unlock<'_> {
             Unlock::None => Ok((Crypto::Locked, None)),
             Unlock::Master(master) => Ok((Crypto::keyed(&master), None)),
             Unlock::Prompt(prompt) => {
-                let secret = prompt()?;
+                let secret = match prompt() {
+                    // No key to be had: open locked, for what needs none.
+                    Err(Error::KeyRequired { .. }) => return Ok((Crypto::Locked, None)),
+                    other => other?,
+                };
                 let (slot, master) = key::unlock(backend, &config.id, &secret)?;
                 tracing::debug!(%slot, "repository unlocked");
                 Ok((Crypto::keyed(&master), Some(slot)))

@@ -30,10 +30,10 @@ fn sources() -> KeyArgs {
 /// Asked only when the repository is encrypted.
 pub fn secret_to_open() -> cbtvault_repo::Result<Secret> {
     let sources = sources();
-    let missing = || {
-        cbtvault_repo::Error::KeyRequired {
-            what: "this command (give the passphrase with CBTVAULT_PASSWORD or --repo-password-file, or a key file with --repo-key-file)".into(),
-        }
+    // No key given: the repository opens locked (verify checks its
+    // structure); what needs the key says so then.
+    let missing = || cbtvault_repo::Error::KeyRequired {
+        what: "opening".into(),
     };
     if let Some(file) = &sources.repo_key_file {
         return read_key_file(file);
