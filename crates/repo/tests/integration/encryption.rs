@@ -327,3 +327,36 @@ fn copies_between_repositories_with_different_keys_are_refused() -> Result<()> {
     assert!(sealed.catalogue().restore_points(None)?.is_empty());
     Ok(())
 }
+
+#[test]
+fn gc_rewrites_sealed_packs_and_everything_left_still_restores() -> Result<()> {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let repo = Arc::new(encrypted(dir.path(), "pw"));
+    let gone = back_up(&repo, "d", 2 * BLOCK_SIZE, &[(0, data_block(1)), (1, data_block(2))])?;
+    let kept = back_up(&repo, "d", 2 * BLOCK_SIZE, &[(0, data_block(1)), (1, data_block(3))])?;
+    let plan = repo.forget_plan(
+        &cbtvault_repo::ForgetSelection::Ids(vec![gone.clone()]),
+        false,
+    )?;
+    assert_eq!(repo.forget(&plan)?, 1);
+    let report = repo.collect_garbage(
+        cbtvault_repo::GcOptions {
+            max_unused: 0.0,
+            ..Default::default()
+        },
+        std::time::Duration::ZERO,
+    )?;
+    assert!(report.packs_written >= 1, "{report:?}");
+    let verified = repo.verify(true, 1, &|_| {})?;
+    assert!(verified.is_ok(), "{verified:?}");
+    let content = read_back(&repo, &kept)?;
+    assert_eq!((&content[0], &content[1]), (&data_block(1), &data_block(3)));
+    // Without the key gc refuses (it must walk every block map).
+    drop(repo);
+    assert!(matches!(
+        Repository::open(dir.path())?
+            .collect_garbage(Default::default(), std::time::Duration::ZERO),
+        Err(Error::KeyRequired { .. })
+    ));
+    Ok(())
+}
