@@ -94,14 +94,25 @@ fn encrypted_scratch() -> Scratch {
         dir: tempfile::tempdir().expect("tempdir"),
     };
     let repo = s.repo();
-    let out = ok(&s, Some(PASSWORD), &["init", "--encrypt", "--repo", repo.to_str().unwrap()]);
+    let out = ok(
+        &s,
+        Some(PASSWORD),
+        &["init", "--encrypt", "--repo", repo.to_str().unwrap()],
+    );
     assert!(out.contains("created encrypted repository"), "{out}");
     s
 }
 
 fn backup(s: &Scratch, image: &Path, bitmap: Option<&Path>) -> String {
     let source = format!("file:{}", image.display());
-    let mut args = vec!["backup", "--json", "--disk", "vm1-disk0", "--source", &source];
+    let mut args = vec![
+        "backup",
+        "--json",
+        "--disk",
+        "vm1-disk0",
+        "--source",
+        &source,
+    ];
     let map;
     if let Some(b) = bitmap {
         map = b.display().to_string();
@@ -112,7 +123,11 @@ fn backup(s: &Scratch, image: &Path, bitmap: Option<&Path>) -> String {
 
 fn restore(s: &Scratch, id: &str, name: &str) -> PathBuf {
     let to = s.path(name);
-    ok(s, Some(PASSWORD), &["restore", "--quiet", id, "--to", to.to_str().unwrap()]);
+    ok(
+        s,
+        Some(PASSWORD),
+        &["restore", "--quiet", id, "--to", to.to_str().unwrap()],
+    );
     to
 }
 
@@ -173,7 +188,10 @@ fn an_encrypted_repository_keeps_no_guest_data_in_the_clear_and_restores_byte_ex
     let incremental = backup(&s, &image, Some(&bitmap));
     assert_ne!(full, incremental);
 
-    assert_eq!(std::fs::read(restore(&s, &full, "full.img")).unwrap(), first);
+    assert_eq!(
+        std::fs::read(restore(&s, &full, "full.img")).unwrap(),
+        first
+    );
     assert_eq!(
         std::fs::read(restore(&s, &incremental, "incr.img")).unwrap(),
         second
@@ -197,7 +215,10 @@ fn an_encrypted_repository_keeps_no_guest_data_in_the_clear_and_restores_byte_ex
     assert!(text.contains("only its structure"), "{text}");
     // Reading data without the key is refused, clearly.
     let err = fails(&s, None, &["verify", "--read-data"]);
-    assert!(err.contains("encrypted") && err.contains("CBTVAULT_PASSWORD"), "{err}");
+    assert!(
+        err.contains("encrypted") && err.contains("CBTVAULT_PASSWORD"),
+        "{err}"
+    );
     let to = s.path("nokey.img");
     let err = fails(&s, None, &["restore", &full, "--to", to.to_str().unwrap()]);
     assert!(err.contains("encrypted"), "{err}");
@@ -208,7 +229,11 @@ fn an_encrypted_repository_keeps_no_guest_data_in_the_clear_and_restores_byte_ex
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("wrong passphrase"), "{err}");
     let to = s.path("wrong.img");
-    let err = fails(&s, Some("not the passphrase"), &["restore", &full, "--to", to.to_str().unwrap()]);
+    let err = fails(
+        &s,
+        Some("not the passphrase"),
+        &["restore", &full, "--to", to.to_str().unwrap()],
+    );
     assert!(err.contains("wrong passphrase"), "{err}");
     assert!(!to.exists() || std::fs::read(&to).unwrap() != first);
 }
@@ -233,8 +258,15 @@ fn damage_in_an_encrypted_pack_is_reported_and_never_restored() {
     let text = report.to_string();
     assert!(text.contains("cannot be opened"), "{text}");
     let to = s.path("out.img");
-    let err = fails(&s, Some(PASSWORD), &["restore", &point, "--to", to.to_str().unwrap()]);
-    assert!(err.contains("damaged") || err.contains("quarantined"), "{err}");
+    let err = fails(
+        &s,
+        Some(PASSWORD),
+        &["restore", &point, "--to", to.to_str().unwrap()],
+    );
+    assert!(
+        err.contains("damaged") || err.contains("quarantined"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -253,10 +285,17 @@ fn keys_are_added_changed_and_removed_through_the_binary() {
         .env("CBTVAULT_NEW_PASSWORD", "second passphrase")
         .args(["key", "add"]);
     let out = add.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let list: Value =
-        serde_json::from_str(&ok(&s, Some("second passphrase"), &["key", "list", "--json"]))
-            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_str(&ok(
+        &s,
+        Some("second passphrase"),
+        &["key", "list", "--json"],
+    ))
+    .unwrap();
     let slots = list["keys"].as_array().unwrap();
     assert_eq!(slots.len(), 2);
     let current = list["current"].as_str().unwrap().to_string();
@@ -275,14 +314,27 @@ fn keys_are_added_changed_and_removed_through_the_binary() {
         .args(["key", "add", "--new-key-file", key_file.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = s
         .command()
         .env_remove("CBTVAULT_PASSWORD")
-        .args(["--repo-key-file", key_file.to_str().unwrap(), "show", &point])
+        .args([
+            "--repo-key-file",
+            key_file.to_str().unwrap(),
+            "show",
+            &point,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     ok(&s, Some("second passphrase"), &["key", "remove", &first]);
     let err = fails(&s, Some(PASSWORD), &["list"]);
@@ -298,12 +350,26 @@ fn keys_are_added_changed_and_removed_through_the_binary() {
         .args(["key", "passwd"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     fails(&s, Some("second passphrase"), &["list"]);
     ok(&s, Some("third passphrase"), &["list"]);
 
     let restored = s.path("r.img");
-    ok(&s, Some("third passphrase"), &["restore", "--quiet", &point, "--to", restored.to_str().unwrap()]);
+    ok(
+        &s,
+        Some("third passphrase"),
+        &[
+            "restore",
+            "--quiet",
+            &point,
+            "--to",
+            restored.to_str().unwrap(),
+        ],
+    );
     assert_eq!(std::fs::read(&restored).unwrap(), disk(8, 9));
     let packs_after: Vec<Vec<u8>> = pack_files(&s.repo())
         .iter()
@@ -326,7 +392,13 @@ fn a_plain_repository_cannot_take_key_commands_and_copies_across_keys_are_refuse
     let err = fails(
         &sealed,
         Some(PASSWORD),
-        &["copy", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap()],
+        &[
+            "copy",
+            "--from",
+            from.to_str().unwrap(),
+            "--to",
+            to.to_str().unwrap(),
+        ],
     );
     assert!(err.contains("different keys"), "{err}");
 }

@@ -55,7 +55,12 @@ pub struct Global {
 #[derive(ClapArgs, Debug, Clone, Default)]
 pub struct KeyArgs {
     /// A file whose first line is the passphrase of an encrypted repository.
-    #[arg(long, global = true, env = "CBTVAULT_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "CBTVAULT_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
     pub repo_password_file: Option<PathBuf>,
     /// A key file of an encrypted repository (its whole content is the key).
     #[arg(

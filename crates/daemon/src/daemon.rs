@@ -582,10 +582,12 @@ async fn serve(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let scheduled = plans(&config)?;
     // Fail now, not at the first run, on a repository that is not there.
-    cbtvault_s3::open_with_key(&config.repository.path, Some(&repository_secret)).map_err(|source| Error::OpenRepository {
-        path: config.repository.path.clone(),
-        source: Box::new(source),
-    })?;
+    cbtvault_s3::open_with_key(&config.repository.path, Some(&repository_secret)).map_err(
+        |source| Error::OpenRepository {
+            path: config.repository.path.clone(),
+            source: Box::new(source),
+        },
+    )?;
     let listener = tokio::net::TcpListener::bind(&config.daemon.listen)
         .await
         .map_err(|source| Error::Listen {

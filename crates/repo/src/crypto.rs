@@ -231,10 +231,9 @@ impl Crypto {
             Ok(Some(keys)) => keys,
             Err(e) => return Err(OpenError::Key(e)),
         };
-        let body_len = sealed
-            .len()
-            .checked_sub(SEAL_OVERHEAD)
-            .ok_or_else(|| OpenError::Damaged(format!("{} bytes, too short to be sealed", sealed.len())))?;
+        let body_len = sealed.len().checked_sub(SEAL_OVERHEAD).ok_or_else(|| {
+            OpenError::Damaged(format!("{} bytes, too short to be sealed", sealed.len()))
+        })?;
         let (body, trailer) = sealed.split_at(body_len);
         let (nonce, tag) = trailer.split_at(NONCE_LEN);
         out.extend_from_slice(body);
@@ -254,7 +253,12 @@ impl Crypto {
     }
 
     /// [`Crypto::open_into`] into a new buffer.
-    pub(crate) fn open(&self, what: Sealed, name: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+    pub(crate) fn open(
+        &self,
+        what: Sealed,
+        name: &[u8],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, OpenError> {
         let mut out = Vec::with_capacity(sealed.len());
         self.open_into(what, name, sealed, &mut out)?;
         Ok(out)
@@ -300,7 +304,10 @@ mod tests {
         crypto.seal(Sealed::Manifest, b"a", &mut buf).unwrap();
         assert_eq!(buf.len(), 10 + SEAL_OVERHEAD);
         assert!(!buf.windows(5).any(|w| w == b"guest"));
-        assert_eq!(crypto.open(Sealed::Manifest, b"a", &buf).unwrap(), b"guest data");
+        assert_eq!(
+            crypto.open(Sealed::Manifest, b"a", &buf).unwrap(),
+            b"guest data"
+        );
         // Another name, another kind or another key: refused.
         assert!(crypto.open(Sealed::Manifest, b"b", &buf).is_err());
         assert!(crypto.open(Sealed::Journal, b"a", &buf).is_err());

@@ -348,7 +348,9 @@ pub fn apply(repo: &Repository, plan: GcPlan) -> Result<GcReport> {
         for e in &p.keep {
             let copied = backend
                 .read_at(FileKind::Pack, name, e.offset, e.stored_len as usize)
-                .and_then(|stored| pack::decode_blob(repo.crypto(), name, e, &stored).map(|_| stored));
+                .and_then(|stored| {
+                    pack::decode_blob(repo.crypto(), name, e, &stored).map(|_| stored)
+                });
             let stored = match copied {
                 Ok(stored) => stored,
                 Err(err) => {

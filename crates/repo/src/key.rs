@@ -179,7 +179,7 @@ pub(crate) fn add_slot(
     rng.fill_bytes(&mut nonce);
     let mut body = master.to_bytes();
     let tag = cipher
-        .encrypt_in_place_detached(&XNonce::from(nonce), &slot_ad(repo_id, &id), &mut *body)
+        .encrypt_in_place_detached(&XNonce::from(nonce), &slot_ad(repo_id, &id), &mut body)
         .map_err(|_| Error::InvalidArgument("cannot seal the master key".into()))?;
     let mut sealed = body.to_vec();
     sealed.extend_from_slice(&nonce);
@@ -230,13 +230,20 @@ fn read_slot(backend: &dyn Backend, id: &str) -> Result<SlotFile> {
     }
     let p = slot.kdf.params;
     if p.memory_kib > MAX_MEMORY_KIB || p.iterations > MAX_ITERATIONS || p.parallelism > 64 {
-        return Err(bad(format!("Argon2id costs {p:?} are beyond what this build accepts")));
+        return Err(bad(format!(
+            "Argon2id costs {p:?} are beyond what this build accepts"
+        )));
     }
     Ok(slot)
 }
 
 /// Tries `secret` on one slot: `Ok(None)` when it is not this slot's.
-fn try_slot(repo_id: &str, id: &str, slot: &SlotFile, secret: &Secret) -> Result<Option<MasterKey>> {
+fn try_slot(
+    repo_id: &str,
+    id: &str,
+    slot: &SlotFile,
+    secret: &Secret,
+) -> Result<Option<MasterKey>> {
     let bad = |what: String| Error::KeySlot {
         slot: id.to_string(),
         what,
@@ -257,7 +264,7 @@ fn try_slot(repo_id: &str, id: &str, slot: &SlotFile, secret: &Secret) -> Result
     let opened = cipher.decrypt_in_place_detached(
         XNonce::from_slice(&sealed[64..88]),
         &slot_ad(repo_id, id),
-        &mut *body,
+        &mut body,
         Tag::from_slice(&sealed[88..]),
     );
     Ok(opened.ok().and_then(|()| MasterKey::from_bytes(&body)))
@@ -282,7 +289,11 @@ pub(crate) fn list(backend: &dyn Backend) -> Result<Vec<KeySlot>> {
 /// Finds the slot `secret` opens: its id and the master key. Slots that
 /// cannot be read are skipped (another may still open) and named in the
 /// error if none does.
-pub(crate) fn unlock(backend: &dyn Backend, repo_id: &str, secret: &Secret) -> Result<(String, MasterKey)> {
+pub(crate) fn unlock(
+    backend: &dyn Backend,
+    repo_id: &str,
+    secret: &Secret,
+) -> Result<(String, MasterKey)> {
     let ids = backend.list(FileKind::Key)?;
     if ids.is_empty() {
         return Err(Error::KeySlot {

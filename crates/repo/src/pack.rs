@@ -375,7 +375,12 @@ pub fn scan_blobs(name: &str, bytes: &[u8], crypto: &Crypto) -> Vec<PackEntry> {
 pub const MAX_BLOB_LEN: usize = 64 * 1024;
 
 /// Checks stored bytes against their entry and returns the content.
-pub fn decode_blob(crypto: &Crypto, pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+pub fn decode_blob(
+    crypto: &Crypto,
+    pack: &str,
+    entry: &PackEntry,
+    stored: &[u8],
+) -> Result<Vec<u8>> {
     let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::CorruptBlob {
         id: entry.id,
         pack: pack.to_string(),
@@ -420,7 +425,12 @@ pub fn decode_blob_into(
     OPENED.with(|cell| {
         let mut opened = cell.borrow_mut();
         crypto
-            .open_into(Sealed::Blob(entry.kind as u8), &entry.id.0, stored, &mut opened)
+            .open_into(
+                Sealed::Blob(entry.kind as u8),
+                &entry.id.0,
+                stored,
+                &mut opened,
+            )
             .map_err(|e| {
                 e.or_damaged(|what| Error::CorruptBlob {
                     id: entry.id,
@@ -521,13 +531,7 @@ mod tests {
             let id = BlobId::of(&content);
             let (comp, stored) =
                 encode_blob(&mut c, &Crypto::Plain, BlobKind::Data, &id, &content).unwrap();
-            b.push(
-                id,
-                BlobKind::Data,
-                comp,
-                content.len() as u32,
-                &stored,
-            );
+            b.push(id, BlobKind::Data, comp, content.len() as u32, &stored);
         }
         b.finish()
     }
@@ -574,11 +578,17 @@ mod tests {
         assert_eq!(scan_blobs(&pack.name, &bytes, &Crypto::Plain), pack.entries);
         // A damaged blob loses only itself.
         bytes[pack.entries[0].offset as usize + 1] ^= 1;
-        assert_eq!(scan_blobs(&pack.name, &bytes, &Crypto::Plain), pack.entries[1..]);
+        assert_eq!(
+            scan_blobs(&pack.name, &bytes, &Crypto::Plain),
+            pack.entries[1..]
+        );
         // A damaged header likewise.
         let mut bytes = pack.bytes.clone();
         bytes[pack.entries[1].offset as usize - HEADER_LEN + 9] ^= 0x40;
-        assert_eq!(scan_blobs(&pack.name, &bytes, &Crypto::Plain), pack.entries[..1]);
+        assert_eq!(
+            scan_blobs(&pack.name, &bytes, &Crypto::Plain),
+            pack.entries[..1]
+        );
     }
 
     #[test]

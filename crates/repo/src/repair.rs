@@ -136,7 +136,14 @@ pub fn repair_keyed(
     {
         let mut cat = Catalogue::open(&fresh, true)?;
         for name in backend.list(FileKind::Pack)? {
-            index_pack(backend.as_ref(), &crypto, &mut cat, &name, &old, &mut report)?;
+            index_pack(
+                backend.as_ref(),
+                &crypto,
+                &mut cat,
+                &name,
+                &old,
+                &mut report,
+            )?;
         }
         rebuild_restore_points(backend.as_ref(), &crypto, &mut cat, &old, &mut report)?;
         report
@@ -264,8 +271,9 @@ fn rebuild_restore_points(
             Ok(_) if !manifest::is_restore_point_id(id) => {
                 Err("its name is not a restore point id".to_string())
             }
-            Ok(bytes) => manifest::open(id, &bytes, crypto)?
-                .and_then(|json| Manifest::from_json(&json)),
+            Ok(bytes) => {
+                manifest::open(id, &bytes, crypto)?.and_then(|json| Manifest::from_json(&json))
+            }
         };
         match parsed {
             Ok(manifest) => {
@@ -286,12 +294,10 @@ fn rebuild_restore_points(
         // The catalogue keeps the manifest as compact JSON; the file is the
         // pretty form, whose hash is the id. The id is taken from that
         // hash, so a damaged id column does not lose the restore point.
-        let restored = Manifest::from_json(json.as_bytes())
-            .ok()
-            .and_then(|m| {
-                let (id, bytes) = manifest::encode(&m, crypto).ok()?;
-                Some((id, m, bytes))
-            });
+        let restored = Manifest::from_json(json.as_bytes()).ok().and_then(|m| {
+            let (id, bytes) = manifest::encode(&m, crypto).ok()?;
+            Some((id, m, bytes))
+        });
         let Some((id, m, bytes)) = restored else {
             if !indexed.contains(row_id) && !old.forgetting.contains(row_id) {
                 report.skipped.push(format!(

@@ -31,7 +31,11 @@ impl std::fmt::Debug for BlobReader {
 }
 
 impl BlobReader {
-    pub(crate) fn new(backend: Arc<dyn Backend>, crypto: Arc<Crypto>, catalogue: Catalogue) -> Self {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        crypto: Arc<Crypto>,
+        catalogue: Catalogue,
+    ) -> Self {
         BlobReader {
             backend,
             crypto,

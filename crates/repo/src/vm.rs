@@ -105,7 +105,11 @@ fn encode(m: &VmMetadata, crypto: &Crypto) -> Result<(String, Vec<u8>)> {
 
 /// Checks a file read from storage: its name is its id, its content
 /// hashes to it, and it parses.
-fn decode(id: &str, bytes: &[u8], crypto: &Crypto) -> Result<std::result::Result<VmMetadata, String>> {
+fn decode(
+    id: &str,
+    bytes: &[u8],
+    crypto: &Crypto,
+) -> Result<std::result::Result<VmMetadata, String>> {
     Ok(match open(id, bytes, crypto)? {
         Ok(plain) => parse(&plain),
         Err(why) => Err(why),
@@ -128,7 +132,9 @@ fn open(id: &str, bytes: &[u8], crypto: &Crypto) -> Result<std::result::Result<V
         }
     };
     if crypto.hex_id(&plain)? != id {
-        return Ok(Err("content does not match its id (the file is damaged)".into()));
+        return Ok(Err(
+            "content does not match its id (the file is damaged)".into()
+        ));
     }
     Ok(Ok(plain))
 }

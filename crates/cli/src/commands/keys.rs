@@ -178,7 +178,11 @@ pub fn key(g: &Global, command: KeyCommand) -> Result<ExitCode> {
                 for slot in &slots {
                     outln!(
                         "{}{}  {:<10} {}  argon2id m={} KiB t={} p={}",
-                        if repo.current_key_slot() == Some(slot.id.as_str()) { "*" } else { " " },
+                        if repo.current_key_slot() == Some(slot.id.as_str()) {
+                            "*"
+                        } else {
+                            " "
+                        },
                         slot.id,
                         match slot.kind {
                             SecretKind::Passphrase => "passphrase",

@@ -13,13 +13,7 @@ use crate::cli::{ForgetArgs, Global};
 use crate::failure::{self, usage};
 use crate::output::{self, Bar, errln, outln};
 
-pub fn init(
-    g: &Global,
-    path: &Path,
-    level: i32,
-    pack_mib: u64,
-    encrypt: bool,
-) -> Result<ExitCode> {
+pub fn init(g: &Global, path: &Path, level: i32, pack_mib: u64, encrypt: bool) -> Result<ExitCode> {
     if !(1..=1024).contains(&pack_mib) {
         bail!(usage!("--pack-size-mib {pack_mib} is outside 1..=1024"));
     }
@@ -46,7 +40,11 @@ pub fn init(
     } else if !g.quiet {
         outln!(
             "created {}repository {} (id {})",
-            if repo.is_encrypted() { "encrypted " } else { "" },
+            if repo.is_encrypted() {
+                "encrypted "
+            } else {
+                ""
+            },
             path.display(),
             repo.config().id
         );
@@ -318,7 +316,7 @@ pub fn repair(g: &Global, path: &Path, wait: u64) -> Result<ExitCode> {
         Duration::from_secs(wait),
         Some(&super::keys::secret_to_open),
     )
-        .with_context(|| format!("repairing {}", path.display()))?;
+    .with_context(|| format!("repairing {}", path.display()))?;
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {

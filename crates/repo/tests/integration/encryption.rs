@@ -42,11 +42,21 @@ fn open(path: &Path, passphrase: &str) -> Result<Repository> {
 
 /// A block full of the marker (compressible) and a random one.
 fn marker_block() -> Vec<u8> {
-    MARKER.iter().copied().cycle().take(BLOCK_SIZE as usize).collect()
+    MARKER
+        .iter()
+        .copied()
+        .cycle()
+        .take(BLOCK_SIZE as usize)
+        .collect()
 }
 
 /// Backs up `blocks` (index, content) as a full of `disk`.
-fn back_up(repo: &Arc<Repository>, disk: &str, size: u64, blocks: &[(u64, Vec<u8>)]) -> Result<String> {
+fn back_up(
+    repo: &Arc<Repository>,
+    disk: &str,
+    size: u64,
+    blocks: &[(u64, Vec<u8>)],
+) -> Result<String> {
     let mut writer = repo.begin_backup(BackupSpec {
         disk,
         size,
@@ -218,7 +228,10 @@ fn a_manifest_swapped_between_restore_points_is_refused() -> Result<()> {
     match repo.load_manifest(&b) {
         Err(e @ Error::Manifest { .. }) => {
             let text = e.to_string();
-            assert!(text.contains(&b) && text.contains("cannot be opened"), "{text}");
+            assert!(
+                text.contains(&b) && text.contains("cannot be opened"),
+                "{text}"
+            );
         }
         other => panic!("a swapped manifest must not open: {other:?}"),
     }
@@ -250,7 +263,12 @@ fn ids_are_keyed_per_repository_yet_deduplicate_within_one() -> Result<()> {
     assert_eq!(in_a, a.blob_id(&content)?);
     // Dedup: the same block twice is stored once.
     let a = Arc::new(a);
-    back_up(&a, "d", 2 * BLOCK_SIZE, &[(0, content.clone()), (1, content)])?;
+    back_up(
+        &a,
+        "d",
+        2 * BLOCK_SIZE,
+        &[(0, content.clone()), (1, content)],
+    )?;
     let stats = a.latest("d")?.expect("restore point").manifest.stats;
     assert_eq!((stats.blocks_new, stats.blocks_dedup), (1, 1));
     Ok(())
@@ -282,13 +300,19 @@ fn keys_are_added_changed_and_removed_without_rewriting_data() -> Result<()> {
     let slots: Vec<String> = repo.key_list()?.into_iter().map(|s| s.id).collect();
     assert!(slots.contains(&third) && slots.contains(&first_slot) && !slots.contains(&second));
     drop(repo);
-    assert!(matches!(open(dir.path(), "second"), Err(Error::WrongKey { .. })));
+    assert!(matches!(
+        open(dir.path(), "second"),
+        Err(Error::WrongKey { .. })
+    ));
 
     let repo = open(dir.path(), "third")?;
     assert!(repo.key_remove(&third).is_err(), "not the key in use");
     repo.key_remove(&first_slot)?;
     drop(repo);
-    assert!(matches!(open(dir.path(), "first"), Err(Error::WrongKey { .. })));
+    assert!(matches!(
+        open(dir.path(), "first"),
+        Err(Error::WrongKey { .. })
+    ));
 
     // The last slot stays, whoever asks.
     let repo = open(dir.path(), "third")?;
@@ -298,10 +322,19 @@ fn keys_are_added_changed_and_removed_without_rewriting_data() -> Result<()> {
     let by_file = Repository::open_keyed(dir.path(), Some(&|| Ok(secret.clone())))?;
     assert_eq!(by_file.current_key_slot(), Some(key_file.as_str()));
     let remaining: Vec<String> = by_file.key_list()?.into_iter().map(|s| s.id).collect();
-    by_file.key_remove(&remaining.iter().find(|s| **s != key_file).expect("other").clone())?;
+    by_file.key_remove(
+        &remaining
+            .iter()
+            .find(|s| **s != key_file)
+            .expect("other")
+            .clone(),
+    )?;
     drop(by_file);
     let fresh = Repository::open(dir.path())?;
-    assert!(matches!(fresh.key_remove(&key_file), Err(Error::LastKeySlot)));
+    assert!(matches!(
+        fresh.key_remove(&key_file),
+        Err(Error::LastKeySlot)
+    ));
 
     assert_eq!(data(dir.path()), before, "no data file was rewritten");
     let secret = Secret::key_file(vec![42; 64]);
@@ -332,8 +365,18 @@ fn copies_between_repositories_with_different_keys_are_refused() -> Result<()> {
 fn gc_rewrites_sealed_packs_and_everything_left_still_restores() -> Result<()> {
     let dir = tempfile::tempdir().expect("temporary directory");
     let repo = Arc::new(encrypted(dir.path(), "pw"));
-    let gone = back_up(&repo, "d", 2 * BLOCK_SIZE, &[(0, data_block(1)), (1, data_block(2))])?;
-    let kept = back_up(&repo, "d", 2 * BLOCK_SIZE, &[(0, data_block(1)), (1, data_block(3))])?;
+    let gone = back_up(
+        &repo,
+        "d",
+        2 * BLOCK_SIZE,
+        &[(0, data_block(1)), (1, data_block(2))],
+    )?;
+    let kept = back_up(
+        &repo,
+        "d",
+        2 * BLOCK_SIZE,
+        &[(0, data_block(1)), (1, data_block(3))],
+    )?;
     let plan = repo.forget_plan(
         &cbtvault_repo::ForgetSelection::Ids(vec![gone.clone()]),
         false,

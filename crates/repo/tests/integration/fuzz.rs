@@ -38,13 +38,7 @@ fn sample_pack() -> pack::FinishedPack {
         let id = BlobId::of(&content);
         let (comp, stored) =
             pack::encode_blob(&mut c, &Crypto::Plain, BlobKind::Data, &id, &content).unwrap();
-        b.push(
-            id,
-            BlobKind::Data,
-            comp,
-            content.len() as u32,
-            &stored,
-        );
+        b.push(id, BlobKind::Data, comp, content.len() as u32, &stored);
     }
     b.finish()
 }

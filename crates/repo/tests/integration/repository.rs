@@ -249,7 +249,8 @@ fn reopening_reconciles_the_catalogue_with_the_manifests() -> Result<()> {
 
     // A manifest written without its catalogue row (a crash in between)
     // is indexed on the next open.
-    let (orphan, bytes) = manifest::encode(&manifest("vm2", 0, BlobId::ZERO, 20), &Crypto::Plain).unwrap();
+    let (orphan, bytes) =
+        manifest::encode(&manifest("vm2", 0, BlobId::ZERO, 20), &Crypto::Plain).unwrap();
     repo.backend().write(FileKind::Manifest, &orphan, &bytes)?;
     drop(repo);
     let repo = Repository::open(dir.path())?;
