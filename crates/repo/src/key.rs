@@ -316,8 +316,15 @@ pub(crate) fn unlock(
             continue;
         }
         tried += 1;
-        if let Some(key) = try_slot(repo_id, id, &slot, secret)? {
-            return Ok((id.clone(), key));
+        // A damaged slot (bad salt, parameters Argon2 refuses) must not
+        // keep the others from opening.
+        match try_slot(repo_id, id, &slot, secret) {
+            Ok(Some(key)) => return Ok((id.clone(), key)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(slot = %id, error = %e, "key slot skipped");
+                unreadable.push(e.to_string());
+            }
         }
     }
     Err(Error::WrongKey {
