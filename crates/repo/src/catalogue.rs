@@ -189,8 +189,7 @@ fn unquarantine(tx: &rusqlite::Transaction<'_>, entries: &[PackEntry]) -> rusqli
 pub struct Catalogue {
     conn: Connection,
     path: PathBuf,
-    /// Computes restore point ids, to check rows against them.
-    crypto: std::sync::Arc<crate::crypto::Crypto>,
+    crypto: std::sync::Arc<crate::crypto::Crypto>, // ids to check rows against (keyed.rs)
 }
 
 impl std::fmt::Debug for Catalogue {
