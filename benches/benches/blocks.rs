@@ -46,7 +46,18 @@ fn compression(c: &mut Criterion) {
             g.bench_with_input(
                 BenchmarkId::new(format!("compress-l{level}"), name),
                 &data,
-                |b, d| b.iter(|| cbtvault_repo::testing::pack::encode_blob(&mut comp, d)),
+                |b, d| {
+                    let id = cbtvault_repo::BlobId::of(d);
+                    b.iter(|| {
+                        cbtvault_repo::testing::pack::encode_blob(
+                            &mut comp,
+                            &cbtvault_repo::Crypto::Plain,
+                            cbtvault_repo::testing::pack::BlobKind::Data,
+                            &id,
+                            d,
+                        )
+                    })
+                },
             );
         }
     }

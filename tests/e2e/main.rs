@@ -12,6 +12,7 @@ mod corruption;
 mod crash;
 mod daemon;
 mod daemon_qemu;
+mod encrypt;
 mod files;
 mod incremental;
 mod integrity;

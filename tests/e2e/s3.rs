@@ -268,6 +268,62 @@ fn an_s3_repository_backs_up_restores_and_rebuilds_its_catalogue_from_the_bucket
 }
 
 #[test]
+fn an_encrypted_s3_repository_restores_from_the_bucket_alone_and_needs_its_key() {
+    let s = Scratch::new();
+    let server = S3Server::start();
+    server.create_bucket("sealed");
+    let url = format!("s3://sealed/site-b?endpoint={}", server.endpoint());
+    let keyed = |args: &[&str], password: &str| {
+        command(&s, &url)
+            .env("CBTVAULT_PASSWORD", password)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = keyed(&["init", "--encrypt"], "s3 passphrase");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = s.image("disk.img", 16, 4);
+    let source = format!("file:{}", image.display());
+    let out = keyed(
+        &["backup", "--json", "--disk", "d", "--source", &source],
+        "s3 passphrase",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let point = id(&the_restore_point(&String::from_utf8(out.stdout).unwrap()));
+
+    // Another host: only the bucket, and the passphrase.
+    std::fs::remove_dir_all(s.path("cache")).unwrap();
+    let to = s.path("r.img");
+    let out = keyed(
+        &["restore", "--quiet", &point, "--to", to.to_str().unwrap()],
+        "s3 passphrase",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_file(&image, &to);
+    let out = keyed(&["verify", "--read-data"], "s3 passphrase");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = keyed(&["list"], "wrong");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+}
+
+#[test]
 fn s3_mistakes_say_what_to_set() {
     let s = Scratch::new();
     let server = S3Server::start();

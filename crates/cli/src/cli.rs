@@ -13,6 +13,8 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 pub struct Args {
     #[command(flatten)]
     pub global: Global,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -47,6 +49,74 @@ pub struct Global {
     pub verbose: u8,
 }
 
+/// How an encrypted repository's key is given (never in argv): a key
+/// file, a passphrase file, `CBTVAULT_PASSWORD`, or else a prompt on the
+/// terminal. (`--password-file` names the XenServer password elsewhere.)
+#[derive(ClapArgs, Debug, Clone, Default)]
+pub struct KeyArgs {
+    /// A file whose first line is the passphrase of an encrypted repository.
+    #[arg(
+        long,
+        global = true,
+        env = "CBTVAULT_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
+    pub repo_password_file: Option<PathBuf>,
+    /// A key file of an encrypted repository (its whole content is the key).
+    #[arg(
+        long,
+        global = true,
+        env = "CBTVAULT_KEY_FILE",
+        value_name = "FILE",
+        conflicts_with = "repo_password_file"
+    )]
+    pub repo_key_file: Option<PathBuf>,
+}
+
+/// Where a new passphrase or key file comes from (`key add`, `key passwd`).
+#[derive(ClapArgs, Debug, Clone)]
+pub struct NewKeyArgs {
+    /// A file whose first line is the new passphrase (else
+    /// CBTVAULT_NEW_PASSWORD, else a prompt on the terminal).
+    #[arg(long, value_name = "FILE")]
+    pub new_password_file: Option<PathBuf>,
+    /// A key file to add (its whole content is the key; e.g. 64 bytes
+    /// from /dev/urandom).
+    #[arg(long, value_name = "FILE", conflicts_with = "new_password_file")]
+    pub new_key_file: Option<PathBuf>,
+}
+
+/// Key slots of an encrypted repository.
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// List the key slots (ids, kinds, creation times).
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Add a passphrase or key file; no data is rewritten.
+    Add {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        new: NewKeyArgs,
+    },
+    /// Remove a key slot (never the last one, nor the one given to open).
+    Remove {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The slot's id, as `key list` shows it.
+        id: String,
+    },
+    /// Replace the key given to open by a new passphrase or key file.
+    Passwd {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        new: NewKeyArgs,
+    },
+}
+
 #[derive(ClapArgs, Debug, Clone)]
 pub struct RepoArg {
     /// The repository directory.
@@ -71,7 +141,15 @@ pub enum Command {
         /// (for protection against the host itself, see docs/cli.md).
         #[arg(long)]
         append_only: bool,
+        /// Encrypt everything stored (XChaCha20-Poly1305, keyed ids): the
+        /// passphrase comes from --repo-password-file, CBTVAULT_PASSWORD or
+        /// a prompt; a key file from --repo-key-file.
+        #[arg(long)]
+        encrypt: bool,
     },
+    /// Manage the passphrases and key files of an encrypted repository.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Back up a disk: all of it, or only the blocks a changed-block map marks.
     Backup(Box<BackupArgs>),
     /// List restore points (times in the local time zone; UTC with --json).

@@ -220,6 +220,8 @@ fn repo_kind(e: &cbtvault_repo::Error) -> &'static str {
         E::AmbiguousRestorePoint { .. } => AMBIGUOUS,
         E::AlreadyExists { .. } | E::NotEmpty { .. } | E::InvalidArgument(_) => USAGE,
         E::Locked { .. } => LOCKED,
+        E::WrongKey { .. } | E::KeyRequired { .. } => AUTHENTICATION,
+        E::LastKeySlot | E::NotEncrypted { .. } | E::CopyAcrossKeys { .. } => USAGE,
         E::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => NOT_FOUND,
         E::Io { .. } => IO,
         _ => DAMAGED,

@@ -54,6 +54,28 @@ fn main() -> ExitCode {
 /// One line on stderr: the error and its causes as the user can act on
 /// them, or the same as a JSON object under `--json`.
 fn report(e: &anyhow::Error, json: bool) {
+    // The library says the key is missing; the fix is in the CLI's words.
+    // (Matched by its text: transparent wrappers of other crates hide
+    // the repository's error from the chain.)
+    let keyless = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<cbtvault_repo::Error>(),
+            Some(cbtvault_repo::Error::KeyRequired { .. })
+        ) || c.to_string().contains("was opened without its key")
+    });
+    let hinted;
+    let e = if keyless {
+        hinted = failure::tagged(
+            failure::kind_of(e),
+            format!(
+                "{} (give the passphrase with CBTVAULT_PASSWORD or --repo-password-file, or a key file with --repo-key-file)",
+                failure::message(e)
+            ),
+        );
+        &hinted
+    } else {
+        e
+    };
     if json {
         errln!("{}", failure::json(e));
     } else {

@@ -111,7 +111,7 @@ impl Shared {
 
     fn open_repo(&self) -> Result<Arc<Repository>> {
         let path = self.config().repository.path.clone();
-        cbtvault_s3::open(&path)
+        cbtvault_s3::open_with_key(&path, Some(&repository_secret))
             .map(Arc::new)
             .map_err(|source| Error::OpenRepository {
                 path,
@@ -616,14 +616,46 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .await
 }
 
+/// The secret of an encrypted repository, for a service that has no
+/// terminal: a key file (`CBTVAULT_KEY_FILE`), a passphrase file's first
+/// line (`CBTVAULT_PASSWORD_FILE`, e.g. a systemd credential) or
+/// `CBTVAULT_PASSWORD`. Without any, an encrypted repository opens locked
+/// and its jobs fail saying the key is needed.
+fn repository_secret() -> cbtvault_repo::Result<cbtvault_repo::Secret> {
+    let read = |path: std::ffi::OsString| {
+        std::fs::read(&path).map_err(|source| cbtvault_repo::Error::Io {
+            path: path.into(),
+            source,
+        })
+    };
+    if let Some(path) = std::env::var_os("CBTVAULT_KEY_FILE") {
+        return Ok(cbtvault_repo::Secret::key_file(read(path)?));
+    }
+    if let Some(path) = std::env::var_os("CBTVAULT_PASSWORD_FILE") {
+        let text = String::from_utf8_lossy(&read(path)?).into_owned();
+        let line = text.lines().next().unwrap_or_default().to_string();
+        return Ok(cbtvault_repo::Secret::passphrase(line));
+    }
+    if let Some(text) = std::env::var_os("CBTVAULT_PASSWORD") {
+        return Ok(cbtvault_repo::Secret::passphrase(
+            text.to_string_lossy().into_owned(),
+        ));
+    }
+    Err(cbtvault_repo::Error::KeyRequired {
+        what: "opening".into(),
+    })
+}
+
 async fn serve(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let scheduled = plans(&config)?;
     // Fail now, not at the first run, on a repository that is not there.
-    cbtvault_s3::open(&config.repository.path).map_err(|source| Error::OpenRepository {
-        path: config.repository.path.clone(),
-        source: Box::new(source),
-    })?;
+    cbtvault_s3::open_with_key(&config.repository.path, Some(&repository_secret)).map_err(
+        |source| Error::OpenRepository {
+            path: config.repository.path.clone(),
+            source: Box::new(source),
+        },
+    )?;
     let listener = tokio::net::TcpListener::bind(&config.daemon.listen)
         .await
         .map_err(|source| Error::Listen {

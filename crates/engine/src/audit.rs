@@ -129,7 +129,7 @@ pub async fn audit_unchanged(
         let actual = if cbtvault_repo::is_all_zero(&data) {
             BlobId::ZERO
         } else {
-            BlobId::of(&data)
+            repo.blob_id(&data)?
         };
         if actual != id {
             differ.push(offset);

@@ -368,7 +368,7 @@ pub async fn verify_sample(
         let actual = if cbtvault_repo::is_all_zero(&data) {
             BlobId::ZERO
         } else {
-            BlobId::of(&data)
+            repo.blob_id(&data)?
         };
         if actual != id {
             return Err(Error::Source {

@@ -9,6 +9,9 @@
 //! manifest or VM metadata file whatever code path asks, so a later change
 //! that forgets the first check still cannot erase history.
 //!
+//! Key slots of an encrypted repository count as history: one may be
+//! added, none removed (so `key remove` and `key passwd` are refused).
+//!
 //! What this guards against is a mistake or a cbtvault process turned
 //! against its repository. A host that can write the storage directly
 //! (delete files, rewrite `cbtvault.json`) is stopped only by the storage:
@@ -35,11 +38,18 @@ impl Repository {
     }
 }
 
-/// True for the kinds of file that make up a repository's history.
+/// True for the kinds of file that make up a repository's history, or
+/// without which it could not be read (an encrypted repository's key
+/// slots: removing them, or changing a passphrase, would lock its owner
+/// out as surely as deleting the data; adding one is allowed).
 fn is_history(kind: FileKind) -> bool {
     matches!(
         kind,
-        FileKind::Pack | FileKind::Manifest | FileKind::VmMetadata | FileKind::Config
+        FileKind::Pack
+            | FileKind::Manifest
+            | FileKind::VmMetadata
+            | FileKind::Config
+            | FileKind::Key
     )
 }
 

@@ -30,6 +30,8 @@ pub enum FileKind {
     VmMetadata,
     /// A crash-journal note (see [`crate::journal`]).
     Journal,
+    /// A key slot of an encrypted repository (see [`crate::key`]).
+    Key,
 }
 
 /// Storage for repository files.
@@ -62,7 +64,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 /// A backend on a local (or mounted) file system.
 ///
 /// Layout: `cbtvault.json`, `packs/XY/NAME.pack` (XY = first two characters of
-/// NAME, to keep directories small), `manifests/NAME.json`, `vms/NAME.json` (VM metadata), `journal/NAME.json` (crash-journal notes), and `tmp/` for
+/// NAME, to keep directories small), `manifests/NAME.json`, `vms/NAME.json` (VM metadata), `journal/NAME.json` (crash-journal notes), `keys/ID.json` (key slots), and `tmp/` for
 /// writes in progress. Writes go to `tmp/`, are fsynced, renamed into place,
 /// and the target directory is fsynced, so a file is either whole or absent.
 #[derive(Debug)]
@@ -98,6 +100,7 @@ impl LocalBackend {
             FileKind::Manifest => self.root.join("manifests").join(format!("{name}.json")),
             FileKind::VmMetadata => self.root.join("vms").join(format!("{name}.json")),
             FileKind::Journal => self.root.join("journal").join(format!("{name}.json")),
+            FileKind::Key => self.root.join("keys").join(format!("{name}.json")),
         }
     }
 }
@@ -193,6 +196,7 @@ impl Backend for LocalBackend {
             // Missing in repositories made before VM metadata: none yet.
             FileKind::VmMetadata => list_suffix(&self.root.join("vms"), ".json", &mut names)?,
             FileKind::Journal => list_suffix(&self.root.join("journal"), ".json", &mut names)?,
+            FileKind::Key => list_suffix(&self.root.join("keys"), ".json", &mut names)?,
             FileKind::Pack => {
                 let packs = self.root.join("packs");
                 for entry in fs::read_dir(&packs).map_err(Error::io(&packs))? {

@@ -31,6 +31,7 @@ use crate::manifest::Manifest;
 use crate::pack::{BlobKind, Compression, PackEntry};
 
 mod job_runs;
+mod keyed;
 mod runs;
 
 pub use job_runs::JobRunRow;
@@ -188,6 +189,7 @@ fn unquarantine(tx: &rusqlite::Transaction<'_>, entries: &[PackEntry]) -> rusqli
 pub struct Catalogue {
     conn: Connection,
     path: PathBuf,
+    crypto: std::sync::Arc<crate::crypto::Crypto>, // ids to check rows against (keyed.rs)
 }
 
 impl std::fmt::Debug for Catalogue {
@@ -235,6 +237,7 @@ impl Catalogue {
         let cat = Catalogue {
             conn,
             path: path.to_path_buf(),
+            crypto: std::sync::Arc::new(crate::crypto::Crypto::Plain),
         };
         if create {
             cat.conn
@@ -744,12 +747,9 @@ impl Catalogue {
                 // manifest: the row must be exactly the manifest whose hash
                 // is its id.
                 let manifest = Manifest::from_json(json.as_bytes())
-                    .and_then(|m| {
-                        if crate::manifest::encode(&m).0 == id {
-                            Ok(m)
-                        } else {
-                            Err("it does not match its id".into())
-                        }
+                    .and_then(|m| match crate::manifest::id_of(&m, &self.crypto) {
+                        Ok(of) if of != id => Err("it does not match its id".into()),
+                        _ => Ok(m),
                     })
                     .map_err(|what| Error::DamagedCatalogue {
                         path: self.path.clone(),

@@ -54,6 +54,21 @@ impl Repository {
             ));
         }
         self.require_writable("a copy")?;
+        // Blobs travel as stored: only repositories whose objects are
+        // interchangeable (both unencrypted, or one master key) can share them.
+        if from.crypto().fingerprint()? != self.crypto().fingerprint()? {
+            let describe = |r: &Repository| {
+                if r.is_encrypted() {
+                    format!("encrypted repository {}", r.config().id)
+                } else {
+                    format!("unencrypted repository {}", r.config().id)
+                }
+            };
+            return Err(Error::CopyAcrossKeys {
+                from: describe(from),
+                to: describe(self),
+            });
+        }
         let _source_lock = from.lock_shared()?;
         let _target_lock = self.lock_shared()?;
         let mut points = points.to_vec();

@@ -102,6 +102,33 @@ pub enum Error {
     #[error("a retention policy with no rule would forget every restore point")]
     EmptyRetentionPolicy,
 
+    #[error("the repository is encrypted and was opened without its key: {what} needs it")]
+    KeyRequired { what: String },
+
+    #[error(
+        "wrong {kind}: it opens none of the repository's {tried} key slot(s) of that kind{}",
+        if unreadable.is_empty() { String::new() } else { format!(" (unreadable slots: {unreadable})") }
+    )]
+    WrongKey {
+        kind: &'static str,
+        tried: usize,
+        unreadable: String,
+    },
+
+    #[error("key slot {slot}: {what}")]
+    KeySlot { slot: String, what: String },
+
+    #[error("refusing to remove the last key slot: nobody could open the repository again")]
+    LastKeySlot,
+
+    #[error("{what} is only for encrypted repositories; this one is not")]
+    NotEncrypted { what: String },
+
+    #[error(
+        "cannot copy between repositories with different keys ({from} → {to}): blobs would have to be re-encoded, which this build does not do; copy into a repository made with the same key, or between unencrypted ones"
+    )]
+    CopyAcrossKeys { from: String, to: String },
+
     #[error("{0}")]
     InvalidArgument(String),
 }

@@ -244,6 +244,11 @@ impl Repository {
         if !options.dry_run {
             self.require_removals("gc")?;
         }
+        if self.crypto().is_locked() {
+            return Err(crate::error::Error::KeyRequired {
+                what: "gc (it walks every block map)".into(),
+            });
+        }
         let _lock = self.lock_exclusive(wait)?;
         collect_garbage(self, options)
     }
@@ -346,7 +351,9 @@ pub fn apply(repo: &Repository, plan: GcPlan) -> Result<GcReport> {
         for e in &p.keep {
             let copied = backend
                 .read_at(FileKind::Pack, name, e.offset, e.stored_len as usize)
-                .and_then(|stored| pack::decode_blob(name, e, &stored).map(|_| stored));
+                .and_then(|stored| {
+                    pack::decode_blob(repo.crypto(), name, e, &stored).map(|_| stored)
+                });
             let stored = match copied {
                 Ok(stored) => stored,
                 Err(err) => {

@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::FileKind;
+use crate::crypto::Sealed;
 use crate::error::Result;
 use crate::repository::Repository;
 
@@ -47,7 +48,7 @@ impl Repository {
             detail: detail.to_string(),
             time: jiff::Timestamp::now(),
         };
-        let bytes = serde_json::to_vec(&note)
+        let mut bytes = serde_json::to_vec(&note)
             .map_err(|e| crate::error::Error::InvalidArgument(format!("a journal note: {e}")))?;
         // Ids are the time in nanoseconds, made unique among the notes
         // present; the subject's lock keeps two writers of one subject apart.
@@ -58,6 +59,10 @@ impl Repository {
         while taken.contains(&name(id)) {
             id = id.saturating_add(1);
         }
+        // Sealed under its name: notes hold provider details (disk names,
+        // snapshot ids) and resume records.
+        self.crypto
+            .seal(Sealed::Journal, name(id).as_bytes(), &mut bytes)?;
         self.backend().write(FileKind::Journal, &name(id), &bytes)?;
         Ok(id)
     }
@@ -106,8 +111,12 @@ impl Repository {
         self.backend().remove(FileKind::Journal, &name(id))
     }
 
-    /// Note files that cannot be read (for verify to name).
+    /// Note files that cannot be read (for verify to name); none can be
+    /// judged without the key.
     pub fn journal_unreadable(&self) -> Result<Vec<String>> {
+        if self.crypto.is_locked() {
+            return Ok(Vec::new());
+        }
         Ok(self
             .backend()
             .list(FileKind::Journal)?
@@ -122,6 +131,11 @@ impl Repository {
             .backend()
             .read(FileKind::Journal, file)
             .ok()
+            .and_then(|bytes| {
+                self.crypto
+                    .open(Sealed::Journal, file.as_bytes(), &bytes)
+                    .ok()
+            })
             .and_then(|bytes| serde_json::from_slice::<Note>(&bytes).ok())
             .filter(|n| n.format == JOURNAL_FORMAT);
         if parsed.is_none() {

@@ -5,7 +5,8 @@
 //! A disk is a sequence of 64 KiB blocks ([`BLOCK_SIZE`], the block maps'
 //! block, `cbtvault_blockmap::BLOCK_SIZE`; the format records 64 KiB and a
 //! compile-time check ties the two). A block is stored once, under its id,
-//! the BLAKE3-256 of its content ([`BlobId`]), whichever disk or restore
+//! the BLAKE3-256 of its content ([`BlobId`]; keyed in an encrypted
+//! repository), whichever disk or restore
 //! point it came from; all-zero blocks are never stored. Blocks are zstd
 //! compressed (or kept raw when that does not shrink them) and appended to
 //! **packs** of about 32 MiB, each ending with a checksummed index of its
@@ -118,6 +119,34 @@
 //! held only for one call and never across another that takes it (see
 //! ARCHITECTURE.md). Job, VM and disk locks are tried once, never queued.
 //!
+//! # Encryption at rest
+//! Chosen at init ([`InitOptions::encryption`]). Every encode and decode
+//! path goes through one [`Crypto`] per repository: `Plain` (the identity,
+//! an unencrypted repository: plain BLAKE3 ids, nothing sealed), `Keyed`
+//! (ids are BLAKE3 keyed with the master key's id half, so they reveal
+//! nothing about content yet deduplicate within the repository; blobs,
+//! nodes, manifests, VM metadata and journal notes are sealed with
+//! XChaCha20-Poly1305, a random 24-byte nonce each, the associated data
+//! binding each to its kind and id or name), or `Locked` (an encrypted
+//! repository opened without its key: structure only; anything that needs
+//! the key fails with [`Error::KeyRequired`]). Blocks are compressed, then
+//! sealed in place. The master key is wrapped by key slots (`keys/`,
+//! Argon2id per passphrase or key file), added, removed and changed
+//! without rewriting data ([`Repository::key_add`],
+//! [`Repository::key_remove`], [`Repository::key_passwd`]); a front end
+//! passes a [`KeyPrompt`] when opening, asked only for an encrypted
+//! repository. Pack framing and indices stay in the clear, so verify checks
+//! structure without the key; the catalogue, a local index, is not
+//! encrypted (it holds no block content). Copies need one master key on
+//! both sides (see `docs/formats.md`).
+//!
+//! | operation | lock | with the key | without it |
+//! |-----------|------|--------------|------------|
+//! | key add / remove / passwd | `keys` lock (exclusive, tried once) | yes | refused |
+//! | key list | none | – | allowed |
+//! | verify | shared | everything | structure only |
+//! | repair | exclusive | yes | refused before it touches anything |
+//!
 //! # Storage backends
 //! Files live behind the [`Backend`] trait: write-once, atomic, durable
 //! named files. [`LocalBackend`] is the file system; [`MemoryBackend`] is for
@@ -128,17 +157,26 @@
 //! a reusable context per thread), `rusqlite` with bundled SQLite (no
 //! system library to match), `zerocopy` (on-disk structs whose sizes are
 //! checked at compile time), `jiff` (correct RFC 3339 time handling).
+//! For encryption, RustCrypto's `chacha20poly1305` (XChaCha20-Poly1305: an
+//! AEAD whose 192-bit nonces may be random, sealing in place with
+//! `encrypt_in_place_detached`, so no extra copy of a block), `argon2`
+//! (Argon2id, the memory-hard key derivation for passphrases), `zeroize`
+//! (key material wiped on drop), `rand`'s `OsRng` (keys, salts, nonces)
+//! and `base64` (key slots are JSON).
 
 mod append_only;
 mod backend;
 mod catalogue;
 mod copy;
+mod crypto;
+mod encryption;
 mod error;
 mod forget;
 mod gc;
 mod heal;
 mod id;
 mod journal;
+mod key;
 mod lock;
 mod manifest;
 mod pack;
@@ -156,15 +194,19 @@ pub use catalogue::{
     BlobLocation, Catalogue, JobRunRow, LostRestorePoint, QuarantinedBlob, RestorePointRow, RunRow,
 };
 pub use copy::CopyReport;
+pub use crypto::Crypto;
+pub use encryption::KeyPrompt;
 pub use error::{Error, Result};
 pub use forget::{Decision, ForgetPlan, ForgetSelection, KeepPolicy};
 pub use gc::{DEFAULT_MAX_UNUSED, GcEstimate, GcOptions, GcReport};
 pub use id::{BlobId, is_all_zero};
+pub use key::{KEY_SLOT_FORMAT, KdfParams, KeySlot, Secret, SecretKind};
 pub use lock::Lock;
 pub use manifest::{BackupMode, BackupStats, MAX_VIRTUAL_SIZE, Manifest, SourceInfo};
-pub use repair::{RepairReport, repair};
+pub use repair::{RepairReport, repair, repair_keyed};
 pub use repository::{
-    BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, FORMAT_VERSION, InitOptions, Repository,
+    BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, ENCRYPTED_FORMAT_VERSION, EncryptionConfig,
+    FORMAT_VERSION, InitOptions, Repository,
 };
 pub use resume::{RESUMABLE_MAX_AGE, Resumable, Resume};
 pub use store::{BlobReader, PackWriter, WriteStats};

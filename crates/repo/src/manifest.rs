@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::BlobId;
+use crate::crypto::{Crypto, OpenError, Sealed};
+use crate::error::Result;
 use crate::tree::{Tree, TreeShape};
 use crate::vm::VmInfo;
 
@@ -201,9 +203,42 @@ pub fn is_restore_point_id(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Serialises a manifest and computes its id.
-pub fn encode(manifest: &Manifest) -> (String, Vec<u8>) {
+/// Serialises a manifest, computes its id (the hex hash of the JSON,
+/// keyed in an encrypted repository) and seals it: the file to write.
+pub fn encode(manifest: &Manifest, crypto: &Crypto) -> Result<(String, Vec<u8>)> {
     // Serialising plain structs to a Vec cannot fail.
-    let bytes = serde_json::to_vec_pretty(manifest).unwrap_or_default();
-    (hex::encode(blake3::hash(&bytes).as_bytes()), bytes)
+    let mut bytes = serde_json::to_vec_pretty(manifest).unwrap_or_default();
+    let id = crypto.hex_id(&bytes)?;
+    crypto.seal(Sealed::Manifest, id.as_bytes(), &mut bytes)?;
+    Ok((id, bytes))
+}
+
+/// A manifest's id, without sealing it.
+pub fn id_of(manifest: &Manifest, crypto: &Crypto) -> Result<String> {
+    crypto.hex_id(&serde_json::to_vec_pretty(manifest).unwrap_or_default())
+}
+
+/// Opens a manifest file named `id` and checks it against its id: the
+/// JSON, not yet parsed. The error says what is wrong, in words, or is
+/// [`crate::Error::KeyRequired`].
+pub(crate) fn open(
+    id: &str,
+    bytes: &[u8],
+    crypto: &Crypto,
+) -> Result<std::result::Result<Vec<u8>, String>> {
+    let plain = match crypto.open(Sealed::Manifest, id.as_bytes(), bytes) {
+        Ok(plain) => plain,
+        Err(OpenError::Key(e)) => return Err(e),
+        Err(OpenError::Damaged(what)) => {
+            return Ok(Err(format!(
+                "cannot be opened ({what}; damaged, or another restore point's manifest)"
+            )));
+        }
+    };
+    if crypto.hex_id(&plain)? != id {
+        return Ok(Err(
+            "content does not match its id (the file is damaged)".into()
+        ));
+    }
+    Ok(Ok(plain))
 }

@@ -17,6 +17,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::BlobId;
 use crate::backend::{Backend, FileKind};
+use crate::crypto::{Crypto, Sealed};
 use crate::error::{Error, Result};
 
 /// Magic bytes at the start of a pack trailer.
@@ -323,7 +324,7 @@ pub fn read_index(backend: &dyn Backend, name: &str) -> Result<Vec<PackEntry>> {
 /// its id, so a damaged header or blob loses only itself. `bytes` is the
 /// whole pack file (its index and trailer are never taken for blobs: their
 /// bytes would have to hash to an id they name).
-pub fn scan_blobs(name: &str, bytes: &[u8]) -> Vec<PackEntry> {
+pub fn scan_blobs(name: &str, bytes: &[u8], crypto: &Crypto) -> Vec<PackEntry> {
     let mut found = Vec::new();
     let mut decompressor = zstd::bulk::Decompressor::new().ok();
     let mut pos = 0usize;
@@ -354,8 +355,8 @@ pub fn scan_blobs(name: &str, bytes: &[u8]) -> Vec<PackEntry> {
                     .get(start + HEADER_LEN..)?
                     .get(..entry.stored_len as usize)?;
                 let decoded = match decompressor.as_mut() {
-                    Some(d) => decode_blob_with(d, name, &entry, stored),
-                    None => decode_blob(name, &entry, stored),
+                    Some(d) => decode_blob_with(d, crypto, name, &entry, stored),
+                    None => decode_blob(crypto, name, &entry, stored),
                 };
                 decoded.ok().map(|_| entry)
             });
@@ -374,26 +375,32 @@ pub fn scan_blobs(name: &str, bytes: &[u8]) -> Vec<PackEntry> {
 pub const MAX_BLOB_LEN: usize = 64 * 1024;
 
 /// Checks stored bytes against their entry and returns the content.
-pub fn decode_blob(pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
+pub fn decode_blob(
+    crypto: &Crypto,
+    pack: &str,
+    entry: &PackEntry,
+    stored: &[u8],
+) -> Result<Vec<u8>> {
     let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::CorruptBlob {
         id: entry.id,
         pack: pack.to_string(),
         offset: entry.offset,
         what: format!("cannot set up zstd: {e}"),
     })?;
-    decode_blob_with(&mut decompressor, pack, entry, stored)
+    decode_blob_with(&mut decompressor, crypto, pack, entry, stored)
 }
 
 /// [`decode_blob`] with a reusable decompression context (one per thread
 /// on hot paths: creating a context costs more than decompressing a block).
 pub fn decode_blob_with(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
+    crypto: &Crypto,
     pack: &str,
     entry: &PackEntry,
     stored: &[u8],
 ) -> Result<Vec<u8>> {
     let mut content = vec![0u8; (entry.raw_len as usize).min(MAX_BLOB_LEN)];
-    decode_blob_into(decompressor, pack, entry, stored, &mut content)?;
+    decode_blob_into(decompressor, crypto, pack, entry, stored, &mut content)?;
     Ok(content)
 }
 
@@ -402,6 +409,44 @@ pub fn decode_blob_with(
 /// no copy of its own.
 pub fn decode_blob_into(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
+    crypto: &Crypto,
+    pack: &str,
+    entry: &PackEntry,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    if !crypto.is_encrypted() {
+        return decode_opened(decompressor, crypto, pack, entry, stored, out);
+    }
+    // Opened into this thread's scratch buffer: no allocation per blob.
+    thread_local! {
+        static OPENED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    OPENED.with(|cell| {
+        let mut opened = cell.borrow_mut();
+        crypto
+            .open_into(
+                Sealed::Blob(entry.kind as u8),
+                &entry.id.0,
+                stored,
+                &mut opened,
+            )
+            .map_err(|e| {
+                e.or_damaged(|what| Error::CorruptBlob {
+                    id: entry.id,
+                    pack: pack.to_string(),
+                    offset: entry.offset,
+                    what: format!("cannot be opened ({what}; the pack is damaged)"),
+                })
+            })?;
+        decode_opened(decompressor, crypto, pack, entry, &opened, out)
+    })
+}
+
+/// [`decode_blob_into`] once the stored bytes are opened.
+fn decode_opened(
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    crypto: &Crypto,
     pack: &str,
     entry: &PackEntry,
     stored: &[u8],
@@ -442,7 +487,7 @@ pub fn decode_blob_into(
             entry.raw_len
         )));
     }
-    if BlobId::of(out) != entry.id {
+    if crypto.blob_id(out)? != entry.id {
         return Err(corrupt(
             "content does not match its id (the pack is damaged)".into(),
         ));
@@ -451,15 +496,27 @@ pub fn decode_blob_into(
 }
 
 /// Compresses `content` with zstd at `level` unless that does not make it
-/// smaller; returns the bytes to store and how they are stored.
+/// smaller, then seals it (in place) in an encrypted repository; returns
+/// the bytes to store and how they are stored.
 pub fn encode_blob(
     compressor: &mut zstd::bulk::Compressor<'_>,
+    crypto: &Crypto,
+    kind: BlobKind,
+    id: &BlobId,
     content: &[u8],
-) -> (Compression, Vec<u8>) {
-    match compressor.compress(content) {
+) -> Result<(Compression, Vec<u8>)> {
+    // zstd's output buffer has room for the seal's trailer already (its
+    // bound exceeds any output that is smaller than the input by more).
+    let (compression, mut stored) = match compressor.compress(content) {
         Ok(packed) if packed.len() < content.len() => (Compression::Zstd, packed),
-        _ => (Compression::None, content.to_vec()),
-    }
+        _ => {
+            let mut raw = Vec::with_capacity(content.len() + crate::crypto::SEAL_OVERHEAD);
+            raw.extend_from_slice(content);
+            (Compression::None, raw)
+        }
+    };
+    crypto.seal(Sealed::Blob(kind as u8), &id.0, &mut stored)?;
+    Ok((compression, stored))
 }
 
 #[cfg(test)]
@@ -471,14 +528,10 @@ mod tests {
         let mut b = PackBuilder::with_capacity(1024);
         let mut c = zstd::bulk::Compressor::new(3).unwrap();
         for content in [vec![7u8; 4096], (0..=255u8).collect::<Vec<_>>()] {
-            let (comp, stored) = encode_blob(&mut c, &content);
-            b.push(
-                BlobId::of(&content),
-                BlobKind::Data,
-                comp,
-                content.len() as u32,
-                &stored,
-            );
+            let id = BlobId::of(&content);
+            let (comp, stored) =
+                encode_blob(&mut c, &Crypto::Plain, BlobKind::Data, &id, &content).unwrap();
+            b.push(id, BlobKind::Data, comp, content.len() as u32, &stored);
         }
         b.finish()
     }
@@ -498,7 +551,7 @@ mod tests {
             let stored = backend
                 .read_at(FileKind::Pack, &pack.name, e.offset, e.stored_len as usize)
                 .unwrap();
-            let content = decode_blob(&pack.name, e, &stored).unwrap();
+            let content = decode_blob(&Crypto::Plain, &pack.name, e, &stored).unwrap();
             assert_eq!(BlobId::of(&content), e.id);
         }
         // A flipped data byte is caught by the blob's id.
@@ -507,7 +560,7 @@ mod tests {
         let stored = backend
             .read_at(FileKind::Pack, &pack.name, e.offset, e.stored_len as usize)
             .unwrap();
-        let err = decode_blob(&pack.name, &e, &stored)
+        let err = decode_blob(&Crypto::Plain, &pack.name, &e, &stored)
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not match its id"), "{err}");
@@ -522,14 +575,20 @@ mod tests {
         for b in &mut bytes[n - TRAILER_LEN - 2 * ENTRY_LEN..] {
             *b = 0xAA;
         }
-        assert_eq!(scan_blobs(&pack.name, &bytes), pack.entries);
+        assert_eq!(scan_blobs(&pack.name, &bytes, &Crypto::Plain), pack.entries);
         // A damaged blob loses only itself.
         bytes[pack.entries[0].offset as usize + 1] ^= 1;
-        assert_eq!(scan_blobs(&pack.name, &bytes), pack.entries[1..]);
+        assert_eq!(
+            scan_blobs(&pack.name, &bytes, &Crypto::Plain),
+            pack.entries[1..]
+        );
         // A damaged header likewise.
         let mut bytes = pack.bytes.clone();
         bytes[pack.entries[1].offset as usize - HEADER_LEN + 9] ^= 0x40;
-        assert_eq!(scan_blobs(&pack.name, &bytes), pack.entries[..1]);
+        assert_eq!(
+            scan_blobs(&pack.name, &bytes, &Crypto::Plain),
+            pack.entries[..1]
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ use serde::Serialize;
 
 use crate::backend::{Backend, FileKind, LocalBackend, sync_dir};
 use crate::catalogue::{CATALOGUE_FILE, Catalogue};
+use crate::crypto::Crypto;
+use crate::encryption::{KeyPrompt, Unlock, read_config};
 use crate::error::{Error, Result};
 use crate::lock::{self, LockMode};
 use crate::manifest::{self, Manifest};
@@ -81,10 +83,37 @@ fn old_knowledge(path: &Path) -> Option<OldKnowledge> {
 
 /// Rebuilds the catalogue of the repository at `path` (which need not
 /// have a working catalogue) and swaps it in. Takes the exclusive lock.
+/// An encrypted repository needs its key: see [`repair_keyed`].
 pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
+    repair_keyed(path, wait, None)
+}
+
+/// [`repair`], asking `key` for the secret of an encrypted repository:
+/// every blob and manifest is opened and checked against its id, so
+/// repair refuses to run without it (it would set every one aside).
+pub fn repair_keyed(
+    path: &Path,
+    wait: Duration,
+    key: Option<KeyPrompt<'_>>,
+) -> Result<RepairReport> {
     if !path.join(CONFIG_FILE).is_file() {
         return Err(Error::NotARepository { path: path.into() });
     }
+    let config = read_config(path, &LocalBackend::new(path))?;
+    let unlock = match key {
+        Some(key) => Unlock::Prompt(key),
+        None => Unlock::None,
+    };
+    let (crypto, _) = unlock.crypto(&config, &LocalBackend::new(path))?;
+    if crypto.is_locked() {
+        return Err(Error::KeyRequired {
+            what: "repair (it opens every blob and manifest to check it)".into(),
+        });
+    }
+    let master = match &crypto {
+        Crypto::Keyed(keys) => Some(keys.master().clone()),
+        _ => None,
+    };
     let _lock = lock::acquire(
         &path.join("locks").join("repository.lock"),
         "the repository",
@@ -111,12 +140,19 @@ pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
     {
         let mut cat = Catalogue::open(&fresh, true)?;
         for name in backend.list(FileKind::Pack)? {
-            index_pack(backend.as_ref(), &mut cat, &name, &old, &mut report)?;
+            index_pack(
+                backend.as_ref(),
+                &crypto,
+                &mut cat,
+                &name,
+                &old,
+                &mut report,
+            )?;
         }
-        rebuild_restore_points(backend.as_ref(), &mut cat, &old, &mut report)?;
+        rebuild_restore_points(backend.as_ref(), &crypto, &mut cat, &old, &mut report)?;
         report
             .set_aside
-            .extend(crate::vm::rebuild(backend.as_ref(), &mut cat)?);
+            .extend(crate::vm::rebuild(backend.as_ref(), &crypto, &mut cat)?);
         carry_over(&cat, path);
         // Fold the WAL into the main file so that one rename moves it all.
         cat.checkpoint()?;
@@ -131,7 +167,11 @@ pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
     std::fs::rename(&fresh, &live).map_err(Error::io(&live))?;
     sync_dir(path)?;
     // Opening checks the result.
-    Repository::open(path)?;
+    let unlock = match master {
+        Some(master) => Unlock::Master(master),
+        None => Unlock::None,
+    };
+    Repository::open_inner(path, backend, unlock)?;
     tracing::info!(?report, "repair finished");
     Ok(report)
 }
@@ -139,6 +179,7 @@ pub fn repair(path: &Path, wait: Duration) -> Result<RepairReport> {
 /// Indexes the blobs of pack `name` whose bytes still match their id.
 fn index_pack(
     backend: &dyn Backend,
+    crypto: &Crypto,
     cat: &mut Catalogue,
     name: &str,
     old: &OldKnowledge,
@@ -156,7 +197,7 @@ fn index_pack(
         Ok(entries) => entries,
         Err(e) => {
             // The blobs' own frames, and what the old catalogue knew.
-            let mut known = pack::scan_blobs(name, &bytes);
+            let mut known = pack::scan_blobs(name, &bytes, crypto);
             let framed = known.len();
             let have: HashSet<_> = known.iter().map(|e| (e.id, e.offset)).collect();
             if let Some(listed) = old.packs.get(name) {
@@ -189,7 +230,7 @@ fn index_pack(
             .ok()
             .and_then(|from| bytes.get(from..from.checked_add(e.stored_len as usize)?));
         let checked = match stored {
-            Some(stored) => pack::decode_blob(name, &e, stored).map(|_| ()),
+            Some(stored) => pack::decode_blob(crypto, name, &e, stored).map(|_| ()),
             None => Err(Error::CorruptBlob {
                 id: e.id,
                 pack: name.to_string(),
@@ -221,6 +262,7 @@ fn index_pack(
 /// manifests that vanished without forget.
 fn rebuild_restore_points(
     backend: &dyn Backend,
+    crypto: &Crypto,
     cat: &mut Catalogue,
     old: &OldKnowledge,
     report: &mut RepairReport,
@@ -228,18 +270,15 @@ fn rebuild_restore_points(
     let on_storage: HashSet<String> = backend.list(FileKind::Manifest)?.into_iter().collect();
     let mut indexed = HashSet::new();
     for id in &on_storage {
-        let parsed = backend
-            .read(FileKind::Manifest, id)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                if !manifest::is_restore_point_id(id) {
-                    Err("its name is not a restore point id".to_string())
-                } else if hex::encode(blake3::hash(&bytes).as_bytes()) != *id {
-                    Err("content does not match its id".to_string())
-                } else {
-                    Manifest::from_json(&bytes)
-                }
-            });
+        let parsed = match backend.read(FileKind::Manifest, id) {
+            Err(e) => Err(e.to_string()),
+            Ok(_) if !manifest::is_restore_point_id(id) => {
+                Err("its name is not a restore point id".to_string())
+            }
+            Ok(bytes) => {
+                manifest::open(id, &bytes, crypto)?.and_then(|json| Manifest::from_json(&json))
+            }
+        };
         match parsed {
             Ok(manifest) => {
                 cat.insert_restore_point(id, &manifest)?;
@@ -259,9 +298,9 @@ fn rebuild_restore_points(
         // The catalogue keeps the manifest as compact JSON; the file is the
         // pretty form, whose hash is the id. The id is taken from that
         // hash, so a damaged id column does not lose the restore point.
-        let restored = Manifest::from_json(json.as_bytes()).ok().map(|m| {
-            let (id, bytes) = manifest::encode(&m);
-            (id, m, bytes)
+        let restored = Manifest::from_json(json.as_bytes()).ok().and_then(|m| {
+            let (id, bytes) = manifest::encode(&m, crypto).ok()?;
+            Some((id, m, bytes))
         });
         let Some((id, m, bytes)) = restored else {
             if !indexed.contains(row_id) && !old.forgetting.contains(row_id) {

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, FileKind, LocalBackend};
 use crate::catalogue::{CATALOGUE_FILE, Catalogue, RestorePointRow};
+use crate::crypto::{Crypto, MasterKey};
+use crate::encryption::{KeyPrompt, Unlock, read_config};
 use crate::error::{Error, Result};
+use crate::key::{KdfParams, Secret};
 use crate::lock::{self, Lock, LockMode};
 use crate::manifest::{self, Manifest};
 use crate::store::{BlobReader, PackWriter};
@@ -24,6 +27,12 @@ pub const CONFIG_FILE: &str = "cbtvault.json";
 /// packs are framed — so that older builds refuse it rather than misread
 /// it.
 pub const FORMAT_VERSION: u32 = 2;
+/// The format of an encrypted repository: version 2 with every blob,
+/// manifest, VM metadata file and journal note sealed, keyed ids and key
+/// slots in `keys/` (see [`crate::crypto`], [`crate::key`]). Its own
+/// number, so that a build that knows no encryption refuses it rather
+/// than writing plaintext into it; unencrypted repositories stay at 2.
+pub const ENCRYPTED_FORMAT_VERSION: u32 = 3;
 /// Block size of every disk in a repository: the changed-block maps'
 /// block ([`cbtvault_blockmap::BLOCK_SIZE`]) is the one definition.
 pub use cbtvault_blockmap::BLOCK_SIZE;
@@ -56,6 +65,35 @@ pub struct Config {
     /// [`Repository::require_removals`]). Chosen at `init`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub append_only: bool,
+    /// Present exactly when the repository is encrypted (written only
+    /// then, so an unencrypted repository's file is unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
+}
+
+/// How an encrypted repository is sealed: recorded so that a later build
+/// can tell, and refuse what it does not know.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionConfig {
+    /// `xchacha20-poly1305`.
+    pub cipher: String,
+    /// `blake3-keyed`.
+    pub ids: String,
+    /// Where the key slots are: `keys/`.
+    pub key_slots: String,
+    /// [`crate::key::KEY_SLOT_FORMAT`].
+    pub key_slot_format: u32,
+}
+
+impl EncryptionConfig {
+    pub(crate) fn current() -> EncryptionConfig {
+        EncryptionConfig {
+            cipher: "xchacha20-poly1305".into(),
+            ids: "blake3-keyed".into(),
+            key_slots: "keys/".into(),
+            key_slot_format: crate::key::KEY_SLOT_FORMAT,
+        }
+    }
 }
 
 /// Options for [`Repository::init`].
@@ -64,6 +102,10 @@ pub struct InitOptions {
     pub compression_level: i32,
     pub pack_size: u64,
     pub append_only: bool,
+    /// Encrypts the repository, with a first key slot for this secret.
+    pub encryption: Option<Secret>,
+    /// Argon2id's cost for that slot.
+    pub kdf: KdfParams,
 }
 
 impl Default for InitOptions {
@@ -72,6 +114,8 @@ impl Default for InitOptions {
             compression_level: 3,
             pack_size: DEFAULT_PACK_SIZE,
             append_only: false,
+            encryption: None,
+            kdf: KdfParams::default(),
         }
     }
 }
@@ -82,6 +126,10 @@ pub struct Repository {
     root: PathBuf,
     backend: Arc<dyn Backend>,
     config: Config,
+    /// Seals and ids objects (the identity for an unencrypted repository).
+    pub(crate) crypto: Arc<Crypto>,
+    /// The key slot this process unlocked with, if any.
+    pub(crate) unlocked_slot: Option<String>,
     catalogue: Mutex<Catalogue>,
     /// Where this process's catalogue connections open: the repository's
     /// own file, or a private copy when the repository is read-only.
@@ -168,8 +216,13 @@ impl Repository {
                 path: backend.locate(FileKind::Config, CONFIG_FILE).into(),
             });
         }
+        let master = options.encryption.as_ref().map(|_| MasterKey::random());
         let config = Config {
-            format_version: FORMAT_VERSION,
+            format_version: if master.is_some() {
+                ENCRYPTED_FORMAT_VERSION
+            } else {
+                FORMAT_VERSION
+            },
             id: hex::encode(
                 &blake3::hash(
                     format!("{:?}{}", jiff::Timestamp::now(), std::process::id()).as_bytes(),
@@ -182,13 +235,21 @@ impl Repository {
             pack_size: options.pack_size,
             created: jiff::Timestamp::now(),
             append_only: options.append_only,
+            encryption: master.as_ref().map(|_| EncryptionConfig::current()),
         };
+        if let (Some(master), Some(secret)) = (&master, &options.encryption) {
+            crate::key::add_slot(backend.as_ref(), &config.id, master, secret, options.kdf)?;
+        }
         std::fs::create_dir_all(local.join("locks")).map_err(Error::io(local))?;
         Catalogue::open(&local.join(CATALOGUE_FILE), true)?;
         let json = serde_json::to_vec_pretty(&config).unwrap_or_default();
         // The config goes last: a store without it is not a repository.
         backend.write(FileKind::Config, CONFIG_FILE, &json)?;
-        Self::open_with(local, backend)
+        let unlock = match master {
+            Some(master) => Unlock::Master(master),
+            None => Unlock::None,
+        };
+        Self::open_inner(local, backend, unlock)
     }
 
     /// Opens a repository whose files live in a remote `backend`, keeping
@@ -197,13 +258,23 @@ impl Repository {
     /// with what the store holds (packs and manifests other hosts or
     /// earlier runs wrote), so any host with access can list and restore.
     pub fn open_cached(local: &Path, backend: Arc<dyn Backend>) -> Result<Repository> {
+        Self::open_cached_with_key(local, backend, None)
+    }
+
+    /// [`Repository::open_cached`] of an encrypted repository: `key` is
+    /// asked for the secret (only when the repository is encrypted).
+    pub fn open_cached_with_key(
+        local: &Path,
+        backend: Arc<dyn Backend>,
+        key: Option<KeyPrompt<'_>>,
+    ) -> Result<Repository> {
         std::fs::create_dir_all(local.join("locks")).map_err(Error::io(local))?;
         let catalogue = local.join(CATALOGUE_FILE);
         if !catalogue.exists() {
             tracing::info!(cache = %local.display(), "no local catalogue for this repository yet: building it from the store");
             Catalogue::open(&catalogue, true)?;
         }
-        let repo = Self::open_with(local, backend)?;
+        let repo = Self::open_with_key(local, backend, key)?;
         let indexed = crate::gc::index_unknown_packs(&repo)?;
         if indexed > 0 {
             tracing::info!(
@@ -214,45 +285,51 @@ impl Repository {
         Ok(repo)
     }
 
-    /// Opens the repository in `path` on the local file system.
+    /// Opens the repository in `path` on the local file system. An
+    /// encrypted one opens without its key: its structure can be
+    /// checked, nothing can be read or written ([`Error::KeyRequired`]).
     pub fn open(path: &Path) -> Result<Repository> {
+        Self::open_keyed(path, None)
+    }
+
+    /// [`Repository::open`], asking `key` for the secret when the
+    /// repository is encrypted.
+    pub fn open_keyed(path: &Path, key: Option<KeyPrompt<'_>>) -> Result<Repository> {
         if !path.join(CONFIG_FILE).is_file() {
             return Err(Error::NotARepository { path: path.into() });
         }
-        Self::open_with(path, Arc::new(LocalBackend::new(path)))
+        Self::open_with_key(path, Arc::new(LocalBackend::new(path)), key)
     }
 
     /// Opens a repository whose files live in `backend`, keeping the
     /// catalogue and locks in the local directory `path`.
     pub fn open_with(path: &Path, backend: Arc<dyn Backend>) -> Result<Repository> {
-        let raw = backend.read(FileKind::Config, CONFIG_FILE)?;
-        let probe: serde_json::Value =
-            serde_json::from_slice(&raw).map_err(|source| Error::Config {
-                path: path.join(CONFIG_FILE),
-                source,
-            })?;
-        let version = probe
-            .get("format_version")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0) as u32;
-        if !(1..=FORMAT_VERSION).contains(&version) {
-            return Err(Error::UnsupportedVersion {
-                found: version,
-                supported: FORMAT_VERSION,
-            });
-        }
-        let mut config: Config = serde_json::from_value(probe).map_err(|source| Error::Config {
-            path: path.join(CONFIG_FILE),
-            source,
-        })?;
-        if config.block_size != BLOCK_SIZE || config.tree_fanout != crate::tree::FANOUT {
-            return Err(Error::InvalidArgument(format!(
-                "{}: block size {} / fan-out {} are not supported",
-                path.display(),
-                config.block_size,
-                config.tree_fanout
-            )));
-        }
+        Self::open_with_key(path, backend, None)
+    }
+
+    /// [`Repository::open_with`], asking `key` for the secret when the
+    /// repository is encrypted.
+    pub fn open_with_key(
+        path: &Path,
+        backend: Arc<dyn Backend>,
+        key: Option<KeyPrompt<'_>>,
+    ) -> Result<Repository> {
+        let unlock = match key {
+            Some(key) => Unlock::Prompt(key),
+            None => Unlock::None,
+        };
+        Self::open_inner(path, backend, unlock)
+    }
+
+    pub(crate) fn open_inner(
+        path: &Path,
+        backend: Arc<dyn Backend>,
+        unlock: Unlock<'_>,
+    ) -> Result<Repository> {
+        let config = read_config(path, backend.as_ref())?;
+        let (crypto, unlocked_slot) = unlock.crypto(&config, backend.as_ref())?;
+        let crypto = Arc::new(crypto);
+        let mut config = config;
         let read_only = is_read_only(path);
         if config.format_version < FORMAT_VERSION && !read_only {
             tracing::info!(
@@ -271,7 +348,7 @@ impl Repository {
         } else {
             (None, path.join(CATALOGUE_FILE))
         };
-        let catalogue = Catalogue::open(&catalogue_path, false)?;
+        let catalogue = Catalogue::open(&catalogue_path, false)?.with_crypto(crypto.clone());
         let backend: Arc<dyn Backend> = if config.append_only {
             Arc::new(crate::append_only::AppendOnlyBackend::new(backend))
         } else {
@@ -281,6 +358,8 @@ impl Repository {
             root: path.to_path_buf(),
             backend,
             config,
+            crypto,
+            unlocked_slot,
             catalogue: Mutex::new(catalogue),
             catalogue_path,
             _private_copy: private_copy,
@@ -336,6 +415,8 @@ impl Repository {
         let mut unreadable = Vec::new();
         for id in on_disk.iter().filter(|id| !known.contains(*id)) {
             match self.load_manifest(id) {
+                // Without the key it stays unindexed, for a keyed open.
+                Err(Error::KeyRequired { .. }) => {}
                 Ok(manifest) => {
                     tracing::info!(restore_point = %id, "indexing a committed manifest");
                     cat.insert_restore_point(id, &manifest)?;
@@ -405,13 +486,14 @@ impl Repository {
 
     /// A new connection to the catalogue, for another thread.
     pub fn open_catalogue(&self) -> Result<Catalogue> {
-        Catalogue::open(&self.catalogue_path, false)
+        Ok(Catalogue::open(&self.catalogue_path, false)?.with_crypto(self.crypto.clone()))
     }
 
     /// A reader of blobs, for one thread.
     pub fn reader(&self) -> Result<BlobReader> {
         Ok(BlobReader::new(
             self.backend.clone(),
+            self.crypto.clone(),
             self.open_catalogue()?,
         ))
     }
@@ -420,8 +502,11 @@ impl Repository {
     pub fn pack_writer(&self, compression_level: Option<i32>) -> Result<PackWriter> {
         self.require_writable("a backup")?;
         let path = self.catalogue_path.clone();
+        // Nothing is written that could not be read back.
+        self.crypto.hash(b"")?;
         PackWriter::new(
             self.backend.clone(),
+            self.crypto.clone(),
             self.open_catalogue()?,
             Arc::new(move || Catalogue::open(&path, false)),
             self.config.pack_size as usize,
@@ -472,7 +557,7 @@ impl Repository {
         self.lock_named("vm", vm, &format!("VM {vm:?}"))
     }
 
-    fn lock_named(&self, kind: &str, name: &str, what: &str) -> Result<Lock> {
+    pub(crate) fn lock_named(&self, kind: &str, name: &str, what: &str) -> Result<Lock> {
         let key = hex::encode(&blake3::hash(name.as_bytes()).as_bytes()[..8]);
         lock::acquire(
             &self.lock_path(&format!("{kind}-{key}")),
@@ -503,7 +588,7 @@ impl Repository {
             name: manifest.disk.clone(),
             what: format!("refusing to commit: {what}"),
         })?;
-        let (id, bytes) = manifest::encode(manifest);
+        let (id, bytes) = manifest::encode(manifest, &self.crypto)?;
         self.backend.write(FileKind::Manifest, &id, &bytes)?;
         // The manifest is the commit: an error indexing it is healed by the
         // next open, and must not report the backup as failed.
@@ -548,12 +633,8 @@ impl Repository {
                 bytes.len()
             )));
         }
-        if hex::encode(blake3::hash(&bytes).as_bytes()) != id {
-            return Err(bad(
-                "content does not match its id (the file is damaged)".into()
-            ));
-        }
-        Manifest::from_json(&bytes).map_err(bad)
+        let json = manifest::open(id, &bytes, &self.crypto)?.map_err(bad)?;
+        Manifest::from_json(&json).map_err(bad)
     }
 
     /// Finds a restore point by id or unique id prefix, or `DISK@latest`.

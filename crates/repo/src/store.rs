@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use crate::BlobId;
 use crate::backend::{Backend, FileKind};
 use crate::catalogue::{BlobLocation, Catalogue};
+use crate::crypto::Crypto;
 use crate::error::{Error, Result};
 use crate::pack::{self, BlobKind, Compression, FinishedPack, PackBuilder, PackEntry};
 use crate::tree::{NodeSink, NodeStore};
@@ -16,6 +17,7 @@ use crate::tree::{NodeSink, NodeStore};
 /// decompression context).
 pub struct BlobReader {
     backend: Arc<dyn Backend>,
+    crypto: Arc<Crypto>,
     catalogue: Catalogue,
     decompressor: RefCell<Option<zstd::bulk::Decompressor<'static>>>,
 }
@@ -29,9 +31,14 @@ impl std::fmt::Debug for BlobReader {
 }
 
 impl BlobReader {
-    pub(crate) fn new(backend: Arc<dyn Backend>, catalogue: Catalogue) -> Self {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        crypto: Arc<Crypto>,
+        catalogue: Catalogue,
+    ) -> Self {
         BlobReader {
             backend,
+            crypto,
             catalogue,
             decompressor: RefCell::new(None),
         }
@@ -40,7 +47,7 @@ impl BlobReader {
     /// Decodes with this reader's decompression context.
     fn decode(&self, pack: &str, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>> {
         self.with_decompressor(pack, entry, |d| {
-            pack::decode_blob_with(d, pack, entry, stored)
+            pack::decode_blob_with(d, &self.crypto, pack, entry, stored)
         })
     }
 
@@ -174,7 +181,7 @@ impl BlobReader {
         self.read_coalesced(&ids, |slot, loc, stored| {
             let out = &mut *wanted[slot].1;
             self.with_decompressor(&loc.pack, &loc.entry, |d| {
-                pack::decode_blob_into(d, &loc.pack, &loc.entry, stored, out)
+                pack::decode_blob_into(d, &self.crypto, &loc.pack, &loc.entry, stored, out)
             })
         })
     }
@@ -240,6 +247,12 @@ impl BlobReader {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::InvalidArgument("blob not read".into()))))
             .collect())
+    }
+
+    /// The id `content` has in this repository (keyed when encrypted):
+    /// to compare a disk's blocks with a restore point's.
+    pub fn blob_id(&self, content: &[u8]) -> Result<BlobId> {
+        self.crypto.blob_id(content)
     }
 
     /// The catalogue connection.
@@ -311,6 +324,7 @@ pub struct WriteStats {
 /// happens after flush.
 pub struct PackWriter {
     backend: Arc<dyn Backend>,
+    crypto: Arc<Crypto>,
     catalogue: Catalogue,
     builder: PackBuilder,
     /// Blobs in the open pack.
@@ -342,6 +356,7 @@ impl std::fmt::Debug for PackWriter {
 impl PackWriter {
     pub(crate) fn new(
         backend: Arc<dyn Backend>,
+        crypto: Arc<Crypto>,
         catalogue: Catalogue,
         open_catalogue: Arc<dyn Fn() -> Result<Catalogue> + Send + Sync>,
         target: usize,
@@ -351,6 +366,7 @@ impl PackWriter {
             .map_err(|e| Error::InvalidArgument(format!("zstd level {level}: {e}")))?;
         Ok(PackWriter {
             backend,
+            crypto,
             catalogue,
             builder: PackBuilder::with_capacity(target + target / 8),
             pending: HashSet::new(),
@@ -406,9 +422,10 @@ impl PackWriter {
 
     /// Compresses and adds a blob unless it is stored already.
     pub fn add(&mut self, kind: BlobKind, content: &[u8]) -> Result<BlobId> {
-        let id = BlobId::of(content);
+        let id = self.crypto.blob_id(content)?;
         if !self.contains(&id)? {
-            let (compression, stored) = pack::encode_blob(&mut self.compressor, content);
+            let (compression, stored) =
+                pack::encode_blob(&mut self.compressor, &self.crypto, kind, &id, content)?;
             self.add_stored(id, kind, compression, content.len() as u32, &stored)?;
         }
         Ok(id)
@@ -507,11 +524,7 @@ impl Drop for PackWriter {
 }
 
 impl NodeSink for PackWriter {
-    fn store_node(&mut self, id: BlobId, bytes: Vec<u8>) -> Result<()> {
-        if !self.contains(&id)? {
-            let (compression, stored) = pack::encode_blob(&mut self.compressor, &bytes);
-            self.add_stored(id, BlobKind::Node, compression, bytes.len() as u32, &stored)?;
-        }
-        Ok(())
+    fn store_node(&mut self, bytes: Vec<u8>) -> Result<BlobId> {
+        self.add(BlobKind::Node, &bytes)
     }
 }

@@ -83,8 +83,9 @@ pub trait NodeStore {
 
 /// Stores nodes; storing a node that exists already is a no-op.
 pub trait NodeSink {
-    /// Stores `bytes` (whose BLAKE3 is `id`).
-    fn store_node(&mut self, id: BlobId, bytes: Vec<u8>) -> Result<()>;
+    /// Stores `bytes` and returns their id, which the sink computes: the
+    /// repository's (keyed in an encrypted one).
+    fn store_node(&mut self, bytes: Vec<u8>) -> Result<BlobId>;
 }
 
 /// Serialises a node.
@@ -413,11 +414,9 @@ impl<'s, H: std::ops::Deref<Target: NodeStore>> TreeBuilder<'s, H> {
                 BlobId::ZERO
             } else {
                 let bytes = encode_node(level, &children);
-                let node_id = BlobId::of(&bytes);
                 self.stats.nodes += 1;
                 self.stats.node_bytes += bytes.len() as u64;
-                sink.store_node(node_id, bytes)?;
-                node_id
+                sink.store_node(bytes)?
             };
             if level == self.depth {
                 self.root = Some(id);

@@ -201,6 +201,11 @@ pub(crate) fn verify(
     progress: OnProgress<'_>,
 ) -> Result<VerifyReport> {
     let read_data = check != DataCheck::None;
+    if read_data && repo.crypto().is_locked() {
+        return Err(Error::KeyRequired {
+            what: "verifying the data (it opens every blob)".into(),
+        });
+    }
     let backend = repo.backend().clone();
     let mut report = VerifyReport {
         partial_files: backend.list_partial()?.len(),
@@ -294,6 +299,15 @@ pub(crate) fn verify(
         }
     }
 
+    if repo.crypto().is_locked() {
+        // Nodes cannot be opened: the structure is all that was checked.
+        report.restore_points = repo.catalogue().restore_point_ids()?.len();
+        report.warning(
+            "restore points".into(),
+            "not walked: the repository is encrypted and verify was given no key, so only its structure (packs, indices, files, catalogue) was checked".into(),
+        );
+        return Ok(report);
+    }
     // Restore points: every node readable and of the right shape, every
     // block stored, readable and of the right length for its place.
     let reader = repo.reader()?;
@@ -366,6 +380,12 @@ fn check_manifests(repo: &Repository, report: &mut VerifyReport) -> Result<()> {
     for name in repo.backend().list(FileKind::Manifest)? {
         let loaded = repo.load_manifest(&name);
         match loaded {
+            // Without the key a manifest is only checked to be indexed.
+            Err(Error::KeyRequired { .. }) if known.contains(&name) => {}
+            Err(Error::KeyRequired { .. }) => report.problem(
+                format!("manifest {name}"),
+                "its restore point is not listed by the catalogue (a keyed open indexes it)".into(),
+            ),
             Err(e) => report.problem(
                 format!("manifest {name}"),
                 format!("{}; `cbtvault repair` sets it aside", strip_name(&e, &name)),
@@ -382,8 +402,8 @@ fn check_manifests(repo: &Repository, report: &mut VerifyReport) -> Result<()> {
         // The catalogue's copy names the restore point by its own hash, even
         // when the row's id column is what got damaged.
         let derived = Manifest::from_json(lost.manifest.as_bytes())
-            .map(|m| manifest::encode(&m).0)
-            .ok();
+            .ok()
+            .and_then(|m| manifest::id_of(&m, repo.crypto()).ok());
         let object = match &derived {
             Some(id) if *id != lost.id => format!(
                 "restore point {id} (the catalogue's record of it, under {:?}, is damaged)",
@@ -445,7 +465,7 @@ fn read_all(
                                     buf.get(from..from.checked_add(e.stored_len as usize)?)
                                 })
                                 .ok_or_else(|| "outside the pack file (truncated?)".to_string())?;
-                            pack::decode_blob(&name, e, stored)
+                            pack::decode_blob(repo.crypto(), &name, e, stored)
                                 .map(|_| ())
                                 .map_err(|err| match err {
                                     Error::CorruptBlob { what, .. } => what,

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, FileKind};
 use crate::catalogue::Catalogue;
+use crate::crypto::{Crypto, OpenError, Sealed};
 use crate::error::{Error, Result};
 use crate::manifest::is_restore_point_id;
 use crate::repository::Repository;
@@ -82,8 +83,9 @@ struct VmMetadataFile {
     metadata: serde_json::Value,
 }
 
-/// Serialises VM metadata and computes its id.
-fn encode(m: &VmMetadata) -> (String, Vec<u8>) {
+/// Serialises VM metadata, computes its id (keyed in an encrypted
+/// repository) and seals it: the file to write.
+fn encode(m: &VmMetadata, crypto: &Crypto) -> Result<(String, Vec<u8>)> {
     let file = VmMetadataFile {
         format: VM_METADATA_FORMAT,
         vm_uuid: m.vm_uuid.clone(),
@@ -91,22 +93,53 @@ fn encode(m: &VmMetadata) -> (String, Vec<u8>) {
         metadata: m.json.clone(),
     };
     // Serialising a JSON value and plain fields to a Vec cannot fail.
-    let bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
-    (hex::encode(blake3::hash(&bytes).as_bytes()), bytes)
+    let mut bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
+    if bytes.len() > MAX_VM_METADATA_LEN {
+        // Refused by the caller; not worth sealing.
+        return Ok((crypto.hex_id(&bytes)?, bytes));
+    }
+    let id = crypto.hex_id(&bytes)?;
+    crypto.seal(Sealed::VmMetadata, id.as_bytes(), &mut bytes)?;
+    Ok((id, bytes))
 }
 
 /// Checks a file read from storage: its name is its id, its content
 /// hashes to it, and it parses.
-fn decode(id: &str, bytes: &[u8]) -> std::result::Result<VmMetadata, String> {
+fn decode(
+    id: &str,
+    bytes: &[u8],
+    crypto: &Crypto,
+) -> Result<std::result::Result<VmMetadata, String>> {
+    Ok(match open(id, bytes, crypto)? {
+        Ok(plain) => parse(&plain),
+        Err(why) => Err(why),
+    })
+}
+
+/// Opens a file and checks it against its id; the JSON it holds.
+fn open(id: &str, bytes: &[u8], crypto: &Crypto) -> Result<std::result::Result<Vec<u8>, String>> {
     if !is_restore_point_id(id) {
-        return Err("its name is not an id (64 hex digits)".into());
+        return Ok(Err("its name is not an id (64 hex digits)".into()));
     }
     if bytes.len() > MAX_VM_METADATA_LEN {
-        return Err(format!("{} bytes, too large", bytes.len()));
+        return Ok(Err(format!("{} bytes, too large", bytes.len())));
     }
-    if hex::encode(blake3::hash(bytes).as_bytes()) != id {
-        return Err("content does not match its id (the file is damaged)".into());
+    let plain = match crypto.open(Sealed::VmMetadata, id.as_bytes(), bytes) {
+        Ok(plain) => plain,
+        Err(OpenError::Key(e)) => return Err(e),
+        Err(OpenError::Damaged(what)) => {
+            return Ok(Err(format!("cannot be opened ({what})")));
+        }
+    };
+    if crypto.hex_id(&plain)? != id {
+        return Ok(Err(
+            "content does not match its id (the file is damaged)".into()
+        ));
     }
+    Ok(Ok(plain))
+}
+
+fn parse(bytes: &[u8]) -> std::result::Result<VmMetadata, String> {
     let file: VmMetadataFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if file.format != VM_METADATA_FORMAT {
         return Err(format!(
@@ -140,7 +173,7 @@ impl Repository {
         // Like a backup: beside other writers, never beside repair, which
         // replaces the catalogue this indexes into.
         let _lock = self.lock_shared()?;
-        let (id, bytes) = encode(metadata);
+        let (id, bytes) = encode(metadata, &self.crypto)?;
         let bad = |what: String| Error::VmMetadata {
             id: id.clone(),
             what,
@@ -174,7 +207,7 @@ impl Repository {
             });
         }
         let bytes = self.backend().read(FileKind::VmMetadata, id)?;
-        decode(id, &bytes).map_err(|what| Error::VmMetadata {
+        decode(id, &bytes, &self.crypto)?.map_err(|what| Error::VmMetadata {
             id: id.to_string(),
             what,
         })
@@ -244,6 +277,12 @@ pub(crate) fn check(repo: &Repository) -> Result<Vec<(String, String)>> {
         .collect();
     for id in &on_storage {
         match repo.vm_metadata(id) {
+            // Without the key only its presence can be checked.
+            Err(Error::KeyRequired { .. }) if indexed.contains(id) => {}
+            Err(Error::KeyRequired { .. }) => problems.push((
+                format!("VM metadata {id}"),
+                "not in the catalogue; `cbtvault repair` rebuilds the catalogue".into(),
+            )),
             Err(e) => problems.push((
                 format!("VM metadata {id}"),
                 format!("{}; `cbtvault repair` sets it aside", strip_id(&e, id)),
@@ -282,13 +321,17 @@ fn strip_id(e: &Error, id: &str) -> String {
 
 /// Repair's part: indexes every valid file into the new catalogue and
 /// sets the others aside. Returns what was set aside, in words.
-pub(crate) fn rebuild(backend: &dyn Backend, cat: &mut Catalogue) -> Result<Vec<String>> {
+pub(crate) fn rebuild(
+    backend: &dyn Backend,
+    crypto: &Crypto,
+    cat: &mut Catalogue,
+) -> Result<Vec<String>> {
     let mut set_aside = Vec::new();
     for id in backend.list(FileKind::VmMetadata)? {
-        let parsed = backend
-            .read(FileKind::VmMetadata, &id)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| decode(&id, &bytes));
+        let parsed = match backend.read(FileKind::VmMetadata, &id) {
+            Ok(bytes) => decode(&id, &bytes, crypto)?,
+            Err(e) => Err(e.to_string()),
+        };
         match parsed {
             Ok(m) => cat.insert_vm_metadata(&id, &m.vm_uuid, m.time)?,
             Err(why) => {

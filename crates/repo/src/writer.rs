@@ -22,6 +22,7 @@ use cbtvault_blockmap::BlockMap;
 
 use crate::BlobId;
 use crate::catalogue::{Catalogue, RestorePointRow};
+use crate::crypto::Crypto;
 use crate::error::{Error, Result};
 use crate::id::is_all_zero;
 use crate::manifest::{BackupMode, BackupStats, MANIFEST_FORMAT, Manifest, SourceInfo};
@@ -98,14 +99,16 @@ impl EncodedBlock {
     }
 }
 
-/// Turns disk blocks into [`EncodedBlock`]s: the zero check, the BLAKE3 id,
-/// the lookup of the id in the catalogue and zstd for new blocks.
+/// Turns disk blocks into [`EncodedBlock`]s: the zero check, the id (BLAKE3,
+/// keyed in an encrypted repository), the lookup of the id in the
+/// catalogue, and zstd then sealing for new blocks.
 ///
 /// Cheap to clone, and each clone is for one thread: it opens its own
 /// catalogue connection and compression context when first used.
 #[derive(Debug)]
 pub struct BlockEncoder {
     catalogue_path: Arc<PathBuf>,
+    crypto: Arc<Crypto>,
     level: i32,
     state: Option<EncoderState>,
 }
@@ -127,6 +130,7 @@ impl Clone for BlockEncoder {
     fn clone(&self) -> Self {
         BlockEncoder {
             catalogue_path: self.catalogue_path.clone(),
+            crypto: self.crypto.clone(),
             level: self.level,
             state: None,
         }
@@ -163,12 +167,14 @@ impl BlockEncoder {
         if is_all_zero(content) {
             return Ok(EncodedBlock::Zero);
         }
-        let id = BlobId::of(content);
+        let id = self.crypto.blob_id(content)?;
+        let crypto = self.crypto.clone();
         let state = self.state()?;
         if state.catalogue.contains(&id)? {
             return Ok(EncodedBlock::Known(id));
         }
-        let (compression, stored) = pack::encode_blob(&mut state.compressor, content);
+        let (compression, stored) =
+            pack::encode_blob(&mut state.compressor, &crypto, BlobKind::Data, &id, content)?;
         Ok(EncodedBlock::New(NewBlock {
             id,
             compression,
@@ -301,6 +307,7 @@ impl Repository {
     pub fn block_encoder(&self, level: Option<i32>) -> Result<BlockEncoder> {
         let mut encoder = BlockEncoder {
             catalogue_path: Arc::new(self.catalogue_path().to_path_buf()),
+            crypto: self.crypto().clone(),
             level: level.unwrap_or(self.config().compression_level),
             state: None,
         };

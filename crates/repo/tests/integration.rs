@@ -4,6 +4,7 @@
 mod integration {
     mod common;
     mod damage;
+    mod encryption;
     mod forget;
     mod fuzz;
     mod maintenance;

@@ -136,6 +136,7 @@ impl S3Backend {
             FileKind::Manifest => format!("manifests/{name}.json"),
             FileKind::VmMetadata => format!("vms/{name}.json"),
             FileKind::Journal => format!("journal/{name}.json"),
+            FileKind::Key => format!("keys/{name}.json"),
         };
         self.under_prefix(&file)
     }
@@ -267,6 +268,7 @@ impl Backend for S3Backend {
             FileKind::Manifest => ("manifests", ".json"),
             FileKind::VmMetadata => ("vms", ".json"),
             FileKind::Journal => ("journal", ".json"),
+            FileKind::Key => ("keys", ".json"),
         };
         let prefix = Key::from(self.under_prefix(dir));
         let text = prefix.to_string();

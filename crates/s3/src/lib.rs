@@ -38,4 +38,4 @@ mod open;
 pub use backend::S3Backend;
 pub use error::{Error, Result};
 pub use location::{Credentials, S3Location};
-pub use open::{cache_root, init, open};
+pub use open::{cache_root, init, open, open_with_key};

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cbtvault_repo::{Backend, FileKind, InitOptions, Repository};
+use cbtvault_repo::{Backend, FileKind, InitOptions, KeyPrompt, Repository};
 
 use crate::backend::S3Backend;
 use crate::error::{Error, Result};
@@ -19,8 +19,14 @@ fn s3_location(path: &Path) -> Option<Result<S3Location>> {
 /// (its catalogue then lives in a local cache, built from the bucket when
 /// missing and brought up to date at each open).
 pub fn open(path: &Path) -> Result<Repository> {
+    open_with_key(path, None)
+}
+
+/// [`open`], asking `key` for the secret when the repository is encrypted
+/// (without it an encrypted repository opens locked: structure only).
+pub fn open_with_key(path: &Path, key: Option<KeyPrompt<'_>>) -> Result<Repository> {
     let Some(location) = s3_location(path) else {
-        return Ok(Repository::open(path)?);
+        return Ok(Repository::open_keyed(path, key)?);
     };
     let location = location?;
     let backend = S3Backend::connect(&location, &Credentials::from_environment()?)?;
@@ -45,7 +51,11 @@ pub fn open(path: &Path) -> Result<Repository> {
             why: "its cbtvault.json has no repository id".into(),
         })?;
     let cache = cache_root()?.join(id);
-    Ok(Repository::open_cached(&cache, Arc::new(backend))?)
+    Ok(Repository::open_cached_with_key(
+        &cache,
+        Arc::new(backend),
+        key,
+    )?)
 }
 
 /// Creates a repository at `path`: a new or empty directory, or an S3
@@ -66,7 +76,12 @@ pub fn init(path: &Path, options: &InitOptions) -> Result<Repository> {
     let made = Repository::init_with(&scratch, Arc::new(backend), options);
     let _ = std::fs::remove_dir_all(&scratch);
     drop(made?);
-    open(path)
+    // A new encrypted repository opens with the secret it was made with.
+    let secret = options.encryption.clone();
+    match secret {
+        Some(secret) => open_with_key(path, Some(&|| Ok(secret.clone()))),
+        None => open(path),
+    }
 }
 
 fn tempfile_dir(root: &Path) -> Result<PathBuf> {

@@ -19,14 +19,22 @@ pub fn init(
     level: i32,
     pack_mib: u64,
     append_only: bool,
+    encrypt: bool,
 ) -> Result<ExitCode> {
     if !(1..=1024).contains(&pack_mib) {
         bail!(usage!("--pack-size-mib {pack_mib} is outside 1..=1024"));
     }
+    let encryption = if encrypt {
+        Some(super::keys::secret_for_init()?)
+    } else {
+        None
+    };
     let options = InitOptions {
         compression_level: level,
         pack_size: pack_mib << 20,
         append_only,
+        encryption,
+        ..InitOptions::default()
     };
     let repo = match cbtvault_s3::init(path, &options) {
         Ok(repo) => repo,
@@ -39,15 +47,25 @@ pub fn init(
         output::print_json(&json!({ "repository": path, "config": repo.config() }));
     } else if !g.quiet {
         outln!(
-            "created {}repository {} (id {})",
+            "created {}{}repository {} (id {})",
             if repo.config().append_only {
                 "append-only "
+            } else {
+                ""
+            },
+            if repo.is_encrypted() {
+                "encrypted "
             } else {
                 ""
             },
             path.display(),
             repo.config().id
         );
+        if repo.is_encrypted() {
+            outln!(
+                "keep the passphrase or key file safe: without one of them nothing in it can be read"
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -306,8 +324,12 @@ pub fn gc(g: &Global, path: &Path, wait: u64, options: GcOptions) -> Result<Exit
 }
 
 pub fn repair(g: &Global, path: &Path, wait: u64) -> Result<ExitCode> {
-    let report = cbtvault_repo::repair(path, Duration::from_secs(wait))
-        .with_context(|| format!("repairing {}", path.display()))?;
+    let report = cbtvault_repo::repair_keyed(
+        path,
+        Duration::from_secs(wait),
+        Some(&super::keys::secret_to_open),
+    )
+    .with_context(|| format!("repairing {}", path.display()))?;
     if g.json {
         output::print_json(&serde_json::to_value(&report)?);
     } else if !g.quiet {

@@ -5,6 +5,7 @@ mod daemon;
 mod data;
 mod files;
 mod jobs;
+mod keys;
 mod maintenance;
 mod points;
 mod restore_vm;
@@ -24,19 +25,23 @@ use crate::failure;
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let g = args.global;
+    keys::set_sources(args.keys);
     match args.command {
         Command::Init {
             repo,
             compression_level,
             pack_size_mib,
             append_only,
+            encrypt,
         } => maintenance::init(
             &g,
             &repo.repo,
             compression_level,
             pack_size_mib,
             append_only,
+            encrypt,
         ),
+        Command::Key(command) => keys::key(&g, command),
         Command::Backup(b) => data::backup(&g, *b),
         Command::RestoreVm(args) => restore_vm::restore_vm(&g, &args),
         Command::List {
@@ -208,7 +213,7 @@ fn check_config(g: &crate::cli::Global, file: &Path) -> Result<ExitCode> {
 pub fn open(path: &Path) -> Result<Arc<Repository>> {
     // The repository's own errors name the path; they stay the chain's
     // first cause, which `--json` classifies.
-    match cbtvault_s3::open(path) {
+    match cbtvault_s3::open_with_key(path, Some(&keys::secret_to_open)) {
         Ok(repo) => Ok(Arc::new(repo)),
         Err(cbtvault_s3::Error::Repo(e)) => {
             Err(anyhow::Error::new(e).context("opening the repository"))

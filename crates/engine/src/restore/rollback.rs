@@ -316,7 +316,7 @@ fn apply(
             let same = if id.is_zero() {
                 cbtvault_repo::is_all_zero(have)
             } else {
-                BlobId::of(have) == *id
+                reader.blob_id(have)? == *id
             };
             if !same {
                 differ.push((b, *id));

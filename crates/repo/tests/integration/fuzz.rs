@@ -3,6 +3,7 @@
 //! allocate what a length field claims before checking it, or accept
 //! damaged input as valid.
 
+use cbtvault_repo::Crypto;
 use cbtvault_repo::testing::pack::{self, BlobKind, PackBuilder, TRAILER_LEN};
 use cbtvault_repo::testing::tree::{decode_node, encode_node};
 use cbtvault_repo::{Backend, BlobId, FileKind, Manifest, MemoryBackend};
@@ -34,14 +35,10 @@ fn sample_pack() -> pack::FinishedPack {
         let content: Vec<u8> = (0..4096u32)
             .map(|j| (j as u8).wrapping_mul(i + 1))
             .collect();
-        let (comp, stored) = pack::encode_blob(&mut c, &content);
-        b.push(
-            BlobId::of(&content),
-            BlobKind::Data,
-            comp,
-            content.len() as u32,
-            &stored,
-        );
+        let id = BlobId::of(&content);
+        let (comp, stored) =
+            pack::encode_blob(&mut c, &Crypto::Plain, BlobKind::Data, &id, &content).unwrap();
+        b.push(id, BlobKind::Data, comp, content.len() as u32, &stored);
     }
     b.finish()
 }
@@ -97,9 +94,9 @@ proptest! {
             prop_assert_eq!(entries, pack.entries.clone());
         }
         // Scanning finds only blobs whose content matches their id.
-        for e in pack::scan_blobs(&pack.name, &bad) {
+        for e in pack::scan_blobs(&pack.name, &bad, &Crypto::Plain) {
             let stored = &bad[e.offset as usize..e.offset as usize + e.stored_len as usize];
-            prop_assert!(pack::decode_blob(&pack.name, &e, stored).is_ok());
+            prop_assert!(pack::decode_blob(&Crypto::Plain, &pack.name, &e, stored).is_ok());
         }
     }
 
@@ -116,7 +113,7 @@ proptest! {
         }
         backend.write(FileKind::Pack, "p", &bytes).unwrap();
         prop_assert!(pack::read_index(&backend, "p").is_err());
-        let _ = pack::scan_blobs("p", &bytes);
+        let _ = pack::scan_blobs("p", &bytes, &Crypto::Plain);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use cbtvault_repo::Crypto;
 use cbtvault_repo::testing::pack::BlobKind;
 use cbtvault_repo::{
     BlobId, CONFIG_FILE, Error, FORMAT_VERSION, FileKind, InitOptions, Repository, Result,
@@ -72,7 +73,7 @@ fn open_refuses_an_unknown_format_version_and_changes_nothing() {
     let before = snapshot(dir.path());
     let result = Repository::open(dir.path());
     assert!(
-        matches!(result, Err(Error::UnsupportedVersion { found: 99, supported }) if supported == FORMAT_VERSION),
+        matches!(result, Err(Error::UnsupportedVersion { found: 99, supported }) if supported == cbtvault_repo::ENCRYPTED_FORMAT_VERSION),
         "{result:?}"
     );
     assert_eq!(
@@ -199,7 +200,7 @@ fn a_prefix_shared_by_two_restore_points_is_ambiguous() -> Result<()> {
     let mut seen: HashMap<String, u64> = HashMap::new();
     let mut pair = None;
     for n in 0u64.. {
-        let (id, _) = manifest::encode(&numbered(n));
+        let (id, _) = manifest::encode(&numbered(n), &Crypto::Plain).unwrap();
         if let Some(&first) = seen.get(&id[..4]) {
             pair = Some((first, n, id[..4].to_string()));
             break;
@@ -248,7 +249,8 @@ fn reopening_reconciles_the_catalogue_with_the_manifests() -> Result<()> {
 
     // A manifest written without its catalogue row (a crash in between)
     // is indexed on the next open.
-    let (orphan, bytes) = manifest::encode(&manifest("vm2", 0, BlobId::ZERO, 20));
+    let (orphan, bytes) =
+        manifest::encode(&manifest("vm2", 0, BlobId::ZERO, 20), &Crypto::Plain).unwrap();
     repo.backend().write(FileKind::Manifest, &orphan, &bytes)?;
     drop(repo);
     let repo = Repository::open(dir.path())?;

@@ -77,7 +77,9 @@ fn a_manifest_without_a_vm_still_loads() -> Result<()> {
     assert_eq!(row.manifest.source.vm, None);
     // Written again, it is the same bytes: the id is stable.
     assert_eq!(
-        cbtvault_repo::testing::manifest::encode(&row.manifest).1,
+        cbtvault_repo::testing::manifest::encode(&row.manifest, &cbtvault_repo::Crypto::Plain)
+            .unwrap()
+            .1,
         old.as_bytes()
     );
     Ok(())
