@@ -149,3 +149,45 @@ fn retention_is_not_applied_at_an_append_only_copy_target_and_says_why() {
         "nothing forgotten at the target: {listed:?}"
     );
 }
+
+#[test]
+fn an_append_only_encrypted_repository_takes_a_new_key_but_keeps_every_slot() {
+    let s = Scratch::new();
+    let repo = s.path("vault");
+    let run = |password: &str, args: &[&str]| {
+        s.command()
+            .env("CBTVAULT_PASSWORD", password)
+            .env("CBTVAULT_NEW_PASSWORD", "second passphrase")
+            .env("CBTVAULT_REPO", &repo)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run("first passphrase", &["init", "--append-only", "--encrypt"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run("first passphrase", &["key", "add"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run("second passphrase", &["key", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let current = list["current"].as_str().unwrap();
+    let other = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .find(|id| *id != current)
+        .unwrap();
+    for args in [&["key", "remove", other][..], &["key", "passwd"][..]] {
+        let out = run("second passphrase", args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("append-only"),
+            "{args:?}: {err}"
+        );
+    }
+    // Both passphrases still open it.
+    for password in ["first passphrase", "second passphrase"] {
+        let out = run(password, &["list"]);
+        assert!(out.status.success(), "{password}: {out:?}");
+    }
+}
