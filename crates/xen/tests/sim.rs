@@ -98,9 +98,15 @@ async fn a_vms_metadata_holds_its_record_and_vbds_and_says_what_is_missing() {
     let vbds = meta["vbds"].as_array().unwrap();
     assert_eq!(vbds.len(), 2);
     assert!(vbds.iter().all(|v| v["userdevice"].is_string()));
-    // The simulator has networks but no VIFs: the metadata says so.
-    assert!(meta["missing"]["VIFs"].is_string(), "{meta:#}");
-    assert_eq!(meta["vifs"].as_array().unwrap().len(), 0);
+    // The VM's VIFs and their networks come with it; nothing is missing.
+    assert_eq!(meta["missing"], serde_json::json!({}), "{meta:#}");
+    let vifs = meta["vifs"].as_array().unwrap();
+    assert!(!vifs.is_empty(), "{meta:#}");
+    assert!(vifs.iter().all(|v| v["MAC"].is_string()), "{meta:#}");
+    // Each VIF's network is saved with it (the sim's VIFs share one).
+    let networks = meta["networks"].as_array().unwrap();
+    assert!(!networks.is_empty(), "{meta:#}");
+    assert!(networks.iter().all(|n| n["bridge"].is_string()), "{meta:#}");
 }
 
 #[tokio::test]
