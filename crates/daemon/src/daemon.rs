@@ -96,6 +96,41 @@ fn plans(config: &Config) -> Result<HashMap<String, Scheduled>> {
     Ok(out)
 }
 
+/// The history row of a run that backs up no disk (a maintenance task or
+/// a copy job): `what` says which (`("task", "gc")`, `("kind", "copy")`).
+fn history_row(
+    name: &str,
+    what: (&str, &str),
+    started: Timestamp,
+    outcome: &str,
+    error: Option<String>,
+    result: serde_json::Value,
+) -> cbtvault_repo::JobRunRow {
+    let finished = Timestamp::now();
+    let mut report = json!({
+        "job": name,
+        "started": started.to_string(),
+        "finished": finished.to_string(),
+        "outcome": outcome,
+        "error": error,
+        "result": result,
+        "disks_ok": 0,
+        "disks_failed": 0,
+        "disks": [],
+    });
+    report[what.0] = json!(what.1);
+    cbtvault_repo::JobRunRow {
+        id: 0,
+        job: name.to_string(),
+        started: started.to_string(),
+        finished: finished.to_string(),
+        outcome: outcome.into(),
+        disks_ok: 0,
+        disks_failed: 0,
+        report: report.to_string(),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic elsewhere must not stop the daemon: the data stays usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -324,32 +359,11 @@ impl Shared {
             Some(e) => error!(task = m.name, error = %e, "maintenance failed"),
         }
         self.metrics.record_task(&m.name, ok);
-        let finished = Timestamp::now();
-        let report = json!({
-            "job": m.name,
-            "task": match m.task {
-                Task::Gc => "gc",
-                Task::Verify => "verify",
-            },
-            "started": started.to_string(),
-            "finished": finished.to_string(),
-            "outcome": outcome,
-            "error": error,
-            "result": result,
-            "disks_ok": 0,
-            "disks_failed": 0,
-            "disks": [],
-        });
-        let row = cbtvault_repo::JobRunRow {
-            id: 0,
-            job: m.name.clone(),
-            started: started.to_string(),
-            finished: finished.to_string(),
-            outcome: outcome.into(),
-            disks_ok: 0,
-            disks_failed: 0,
-            report: report.to_string(),
+        let task = match m.task {
+            Task::Gc => "gc",
+            Task::Verify => "verify",
         };
+        let row = history_row(&m.name, ("task", task), started, outcome, error, result);
         self.finish(&config, row, !ok).await;
     }
 
@@ -389,29 +403,7 @@ impl Shared {
         let ok = error.is_none();
         let outcome = if ok { "ok" } else { "failed" };
         self.metrics.record_task(&job, ok);
-        let finished = Timestamp::now();
-        let report = json!({
-            "job": job,
-            "kind": "copy",
-            "started": started.to_string(),
-            "finished": finished.to_string(),
-            "outcome": outcome,
-            "error": error,
-            "result": result,
-            "disks_ok": 0,
-            "disks_failed": 0,
-            "disks": [],
-        });
-        let row = cbtvault_repo::JobRunRow {
-            id: 0,
-            job,
-            started: started.to_string(),
-            finished: finished.to_string(),
-            outcome: outcome.into(),
-            disks_ok: 0,
-            disks_failed: 0,
-            report: report.to_string(),
-        };
+        let row = history_row(&job, ("kind", "copy"), started, outcome, error, result);
         self.finish(&config, row, !ok).await;
     }
 
