@@ -146,19 +146,58 @@ pub fn write_image(path: &Path, size: u64, seed: u64, mix: Mix) -> std::io::Resu
 /// as a changed-block tracker would report it.
 pub fn churn(path: &Path, fraction: f64, seed: u64) -> std::io::Result<BlockMap> {
     let file = OpenOptions::new().read(true).write(true).open(path)?;
-    let size = file.metadata()?.len();
-    let blocks = block_count(size);
+    let blocks = block_count(file.metadata()?.len());
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let count = ((blocks as f64) * fraction).round() as usize;
     let mut all: Vec<u64> = (0..blocks).collect();
     all.shuffle(&mut rng);
-    let mut map = BlockMap::empty(blocks);
+    all.truncate(count);
+    rewrite(&file, &all, &mut rng)
+}
+
+/// Like [`churn`], but written the way guests write: half of the changed
+/// blocks scattered one by one (metadata, logs), half in runs of 2 to 64
+/// neighbours (files rewritten whole). The same seed gives the same blocks
+/// and bytes, so two copies of an image churned alike stay identical.
+pub fn churn_like_guest(path: &Path, fraction: f64, seed: u64) -> std::io::Result<BlockMap> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let blocks = block_count(file.metadata()?.len());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let count = (((blocks as f64) * fraction).round() as u64).min(blocks);
+    let mut chosen = BlockMap::empty(blocks);
+    let mut picked = 0;
+    while picked < count {
+        let run = if picked < count / 2 {
+            1
+        } else {
+            rng.gen_range(2..=64u64).min(count - picked)
+        };
+        let start = rng.gen_range(0..blocks);
+        for b in start..(start + run).min(blocks) {
+            if !chosen.is_set(b) {
+                chosen.set(b);
+                picked += 1;
+            }
+        }
+    }
+    let order: Vec<u64> = chosen.set_blocks().collect();
+    rewrite(&file, &order, &mut rng)
+}
+
+/// Writes new text or random content over `blocks`, in that order.
+fn rewrite(
+    file: &std::fs::File,
+    blocks: &[u64],
+    rng: &mut ChaCha8Rng,
+) -> std::io::Result<BlockMap> {
+    let size = file.metadata()?.len();
+    let mut map = BlockMap::empty(block_count(size));
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
-    for &b in all.iter().take(count) {
+    for &b in blocks {
         let offset = b * BLOCK_SIZE;
         let len = BLOCK_SIZE.min(size - offset) as usize;
         let kind = if rng.gen_bool(0.5) { 1 } else { 2 };
-        fill(&mut rng, kind, &mut buf[..len]);
+        fill(rng, kind, &mut buf[..len]);
         file.write_all_at(&buf[..len], offset)?;
         map.set(b);
     }

@@ -1,0 +1,354 @@
+//! The suite's results: the targets with met or missed, one table per
+//! disk size, written into `docs/benchmarks.md` between its markers, with
+//! a JSON record and plots beside it.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::Row;
+
+const BEGIN: &str = "<!-- suite:begin -->";
+const END: &str = "<!-- suite:end -->";
+const MIB: f64 = (1 << 20) as f64;
+
+pub struct Report<'a> {
+    pub started: String,
+    pub sizes: &'a [u64],
+    pub churn: &'a [f64],
+    pub rows: &'a [Row],
+    pub rates: &'a [(u64, f64, f64)],
+}
+
+/// One target of issue 14, checked.
+pub struct Target {
+    pub figure: String,
+    pub goal: &'static str,
+    pub measured: String,
+    /// None when the run did not measure it (a peer or size left out).
+    pub met: Option<bool>,
+}
+
+impl Report<'_> {
+    fn find(&self, size: u64, path: &str, tool: &str, step: &str) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.size_gib == size && r.path == path && r.tool == tool && r.step == step)
+    }
+
+    /// The size the single-size targets are judged on: 4 GiB when it ran
+    /// (the issue's figures are for 4 GiB), else the largest.
+    fn reference_size(&self) -> u64 {
+        if self.sizes.contains(&4) {
+            4
+        } else {
+            self.sizes.iter().copied().max().unwrap_or(1)
+        }
+    }
+
+    /// The night the incremental targets use: 1% churn when it ran.
+    fn reference_night(&self) -> Option<String> {
+        let i = self
+            .churn
+            .iter()
+            .position(|c| (*c - 1.0).abs() < 1e-9)
+            .unwrap_or(0);
+        self.churn.get(i).map(|c| format!("night {}: {c}%", i + 1))
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        let size = self.reference_size();
+        let night = self.reference_night().unwrap_or_default();
+        let wall = |path: &str, tool: &str, step: &str| {
+            self.find(size, path, tool, step)
+                .map(|r| r.outcome.cost.wall_s)
+        };
+        let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        let mut out = Vec::new();
+        let check = |figure: String,
+                     goal: &'static str,
+                     value: Option<f64>,
+                     ok: &dyn Fn(f64) -> bool,
+                     unit: &str| Target {
+            figure,
+            goal,
+            measured: value.map_or("not measured".into(), |v| format!("{v:.2}{unit}")),
+            met: value.map(ok),
+        };
+        let incr = ratio(
+            wall("file", "restic", &night),
+            wall("file", "cbtvault", &night),
+        );
+        out.push(check(
+            format!("{night} incremental vs restic, {size} GiB"),
+            "≥ 100× faster",
+            incr,
+            &|v| v >= 100.0,
+            "×",
+        ));
+        let alone = ratio(
+            wall("file", "cbtvault", &night),
+            wall("machine", "read+hash+zstd", &night),
+        );
+        out.push(check(
+            format!("{night} incremental vs reading, hashing and compressing its blocks alone"),
+            "≤ 2× the time",
+            alone,
+            &|v| v <= 2.0,
+            "×",
+        ));
+        let full = ratio(
+            wall("file", "restic", "full"),
+            wall("file", "cbtvault", "full"),
+        );
+        out.push(check(
+            format!("full backup vs restic, {size} GiB"),
+            "≥ 3× faster",
+            full,
+            &|v| v >= 3.0,
+            "×",
+        ));
+        let nbd = ratio(
+            wall("file", "cbtvault", "full"),
+            wall("nbd", "cbtvault", "full"),
+        );
+        out.push(check(
+            format!("full backup over NBD vs from the file, {size} GiB"),
+            "≥ 0.9×",
+            nbd,
+            &|v| v >= 0.9,
+            "×",
+        ));
+        let write = ratio(
+            wall("machine", "write+fsync", "restore"),
+            wall("file", "cbtvault", "restore"),
+        );
+        out.push(check(
+            format!("restore until durable vs the write ceiling, {size} GiB"),
+            "≥ 0.9×",
+            write,
+            &|v| v >= 0.9,
+            "×",
+        ));
+        let restore = ratio(
+            wall("file", "restic", "restore"),
+            wall("file", "cbtvault", "restore"),
+        );
+        out.push(check(
+            format!("restore vs restic, both until durable, {size} GiB"),
+            "≥ 2× faster",
+            restore,
+            &|v| v >= 2.0,
+            "×",
+        ));
+        let rss: Vec<(u64, u64)> = self
+            .sizes
+            .iter()
+            .map(|&s| {
+                let peak = self
+                    .rows
+                    .iter()
+                    .filter(|r| r.size_gib == s && r.tool == "cbtvault")
+                    .map(|r| r.outcome.cost.rss_kib)
+                    .max()
+                    .unwrap_or(0);
+                (s, peak)
+            })
+            .collect();
+        let worst = rss.iter().map(|&(_, k)| k).max();
+        let per_size = rss
+            .iter()
+            .map(|(s, k)| format!("{} MiB at {s} GiB", k >> 10))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push(Target {
+            figure: "peak RSS of any cbtvault backup or restore".into(),
+            goal: "≤ 128 MiB, flat with the disk",
+            measured: per_size,
+            met: worst.map(|k| k <= 128 << 10),
+        });
+        let (small, large) = (
+            self.sizes.iter().copied().min().unwrap_or(1),
+            self.sizes.iter().copied().max().unwrap_or(1),
+        );
+        let scaling = if large > small {
+            let at = |s| {
+                self.find(s, "file", "cbtvault", "same change")
+                    .map(|r| r.outcome.cost.wall_s)
+            };
+            ratio(at(large), at(small))
+        } else {
+            None
+        };
+        out.push(check(
+            format!(
+                "the same change on a {}× larger disk ({large} vs {small} GiB)",
+                large / small.max(1)
+            ),
+            "≤ 1.5× the time",
+            scaling,
+            &|v| v <= 1.5,
+            "×",
+        ));
+        let incrementals: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|r| {
+                r.tool == "cbtvault" && (r.step.starts_with("night") || r.step == "same change")
+            })
+            .collect();
+        let exact = incrementals
+            .iter()
+            .filter(|r| r.outcome.source_bytes == r.data_bytes)
+            .count();
+        out.push(Target {
+            figure: "bytes read from the source by every incremental (every path, size and night)"
+                .into(),
+            goal: "exactly the changed blocks",
+            measured: format!("{exact} of {} exact", incrementals.len()),
+            met: (!incrementals.is_empty()).then_some(exact == incrementals.len()),
+        });
+        let ours = self.find(size, "file", "cbtvault", &night);
+        let growth = ours.map(|r| r.outcome.growth as f64);
+        let vs_restic = ratio(
+            self.find(size, "file", "restic", &night)
+                .map(|r| r.outcome.growth as f64),
+            growth,
+        );
+        let compressed = self
+            .find(size, "machine", "read+hash+zstd", &night)
+            .and_then(|r| r.changed_compressed)
+            .map(|c| c as f64);
+        let vs_compressed = ratio(growth, compressed);
+        out.push(Target {
+            figure: format!("repository growth for the {night} change vs restic's"),
+            goal: "≥ 20× smaller, or within 5% of the changed blocks compressed",
+            measured: format!(
+                "{} smaller than restic; {} the changed blocks compressed",
+                vs_restic.map_or("–".into(), |v| format!("{v:.1}×")),
+                vs_compressed.map_or("–".into(), |v| format!("{v:.2}×"))
+            ),
+            met: (vs_restic.is_some() || vs_compressed.is_some()).then(|| {
+                vs_restic.is_some_and(|v| v >= 20.0) || vs_compressed.is_some_and(|v| v <= 1.05)
+            }),
+        });
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Run of {} (`scripts/bench{}`): disks of {} GiB, nights of {} % churn.\n",
+            self.started,
+            if self.sizes == [1] { " --quick" } else { "" },
+            join(self.sizes),
+            join(self.churn)
+        );
+        let _ = writeln!(
+            s,
+            "### Targets\n\n| figure | target | measured | |\n|---|---|---|---|"
+        );
+        for t in self.targets() {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "not measured",
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {verdict} |",
+                t.figure, t.goal, t.measured
+            );
+        }
+        for &size in self.sizes {
+            let _ = writeln!(s, "\n### {size} GiB\n");
+            if let Some((_, hash, zstd)) = self.rates.iter().find(|r| r.0 == size) {
+                let _ = writeln!(
+                    s,
+                    "One core hashes {hash:.0} MB/s (BLAKE3) and compresses {zstd:.0} MB/s (zstd 3) of this disk's non-zero blocks.\n"
+                );
+            }
+            let _ = writeln!(
+                s,
+                "| step | path | tool | wall s | CPU s | peak RSS MiB | MB/s | read from source MiB | repository growth MiB |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
+            );
+            for r in self.rows.iter().filter(|r| r.size_gib == size) {
+                let c = &r.outcome.cost;
+                let opt = |v: u64| {
+                    if v == 0 {
+                        "–".to_string()
+                    } else {
+                        format!("{:.1}", v as f64 / MIB)
+                    }
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.2} | {:.2} | {} | {:.0} | {} | {} |",
+                    r.step,
+                    r.path,
+                    r.tool,
+                    c.wall_s,
+                    c.cpu_s,
+                    if c.rss_kib == 0 {
+                        "–".into()
+                    } else {
+                        (c.rss_kib >> 10).to_string()
+                    },
+                    r.data_bytes as f64 / 1e6 / c.wall_s.max(1e-9),
+                    opt(r.outcome.source_bytes),
+                    opt(r.outcome.growth),
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\n![{size} GiB: time per step](bench/time-{size}gib.svg)"
+            );
+        }
+        if self.sizes.len() > 1 {
+            let _ = writeln!(
+                s,
+                "\n![time and memory against the disk's size](bench/scaling.svg)"
+            );
+        }
+        s
+    }
+
+    /// Writes the results section of `docs/benchmarks.md`, and
+    /// `bench/suite.json` and the plots beside it.
+    pub fn write(&self, docs: &Path) -> Result<()> {
+        let bench = docs.join("bench");
+        std::fs::create_dir_all(&bench)?;
+        std::fs::write(
+            bench.join("suite.json"),
+            serde_json::to_string_pretty(self.rows)?,
+        )?;
+        for &size in self.sizes {
+            crate::plot::times(&bench.join(format!("time-{size}gib.svg")), size, self.rows)?;
+        }
+        if self.sizes.len() > 1 {
+            crate::plot::scaling(&bench.join("scaling.svg"), self.sizes, self.rows)?;
+        }
+        let path = docs.join("benchmarks.md");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let section = format!("{BEGIN}\n{}{END}", self.markdown());
+        let updated = match (text.find(BEGIN), text.find(END)) {
+            (Some(a), Some(b)) if a < b => {
+                format!("{}{section}{}", &text[..a], &text[b + END.len()..])
+            }
+            _ => format!("{text}\n## The suite's last run\n\n{section}\n"),
+        };
+        std::fs::write(&path, updated)?;
+        Ok(())
+    }
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
