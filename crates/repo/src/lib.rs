@@ -9,8 +9,8 @@
 //! repository), whichever disk or restore
 //! point it came from; all-zero blocks are never stored. Blocks are zstd
 //! compressed (or kept raw when that does not shrink them) and appended to
-//! **packs** of about 32 MiB, each ending with a checksummed index of its
-//! blobs. A restore point's **block map** is a Merkle tree over the block
+//! **packs** of about 16 MiB (the repository's `pack_size`), each ending
+//! with a checksummed index of its blobs. A restore point's **block map** is a Merkle tree over the block
 //! ids whose nodes are stored as blobs too ([`Tree`]); an incremental
 //! writes only the nodes above the blocks it changed, yet every restore
 //! point has a complete tree of its own. A **manifest** per restore point

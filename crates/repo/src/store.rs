@@ -461,8 +461,10 @@ impl PackWriter {
         let catalogue = (self.open_catalogue)()?;
         let backend = self.backend.clone();
         let in_flight = self.in_flight.clone();
-        // One pack may wait while one is written: bounded memory.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<FinishedPack>(1);
+        // A rendezvous: the next pack is handed over only once the previous
+        // one is written, so at most two full packs are in memory (one
+        // being written, one filled), whatever the disk.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<FinishedPack>(0);
         let thread = std::thread::Builder::new()
             .name("cbtvault-packs".into())
             .spawn(move || -> Result<()> {

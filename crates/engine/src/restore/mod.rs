@@ -30,6 +30,11 @@ pub struct RestoreStats {
     pub duration_ms: u64,
 }
 
+/// Neighbouring blocks a restore worker decodes into its buffer and writes
+/// at once: 4 MiB, large enough that writes are cheap per byte, small
+/// enough that memory stays flat whatever the disk.
+const RUN_BLOCKS: usize = 64;
+
 /// One level-1 node's worth of work.
 struct Leaf {
     first: u64,
@@ -76,6 +81,7 @@ pub fn restore(
                     Ok(r) => r,
                     Err(e) => return fail(e.into()),
                 };
+                let mut buffer = vec![0u8; (RUN_BLOCKS as u64 * BLOCK_SIZE) as usize];
                 for leaf in rx.iter() {
                     if cancel.is_cancelled() {
                         return fail(Error::Cancelled);
@@ -89,54 +95,47 @@ pub fn restore(
                         .filter(|(_, id)| !id.is_zero())
                         .collect();
                     local.blocks_zero = leaf.ids.len() as u64 - wanted.len() as u64;
-                    let ids: Vec<BlobId> = wanted.iter().map(|(_, id)| *id).collect();
-                    let contents = match reader.read_many(&ids) {
-                        Ok(c) => c,
-                        Err(e) => return fail(damaged(wanted[0].0 * BLOCK_SIZE, e)),
-                    };
-                    // Adjacent blocks go out as one write: fewer system calls
-                    // and far less contention on the target's inode lock.
-                    let mut run: Vec<u8> = Vec::new();
-                    let mut run_start = 0u64;
-                    for ((block, _), content) in wanted.iter().zip(contents) {
-                        let offset = block * BLOCK_SIZE;
-                        let content = match content {
-                            Ok(c) => c,
-                            Err(e) => return fail(damaged(offset, e)),
+                    // Runs of neighbouring blocks are decoded (and checked)
+                    // straight into this worker's buffer and go out as one
+                    // write: no allocation or copy per block, fewer system
+                    // calls, and less contention on the target's inode lock.
+                    let mut i = 0;
+                    while i < wanted.len() {
+                        let mut j = i + 1;
+                        while j < wanted.len()
+                            && j - i < RUN_BLOCKS
+                            && wanted[j].0 == wanted[j - 1].0 + 1
+                        {
+                            j += 1;
+                        }
+                        let run = &wanted[i..j];
+                        let run_start = run[0].0 * BLOCK_SIZE;
+                        let run_len =
+                            ((run[run.len() - 1].0 + 1) * BLOCK_SIZE).min(size) - run_start;
+                        let bytes = &mut buffer[..run_len as usize];
+                        let mut slots: Vec<(BlobId, &mut [u8])> = run
+                            .iter()
+                            .map(|(_, id)| *id)
+                            .zip(bytes.chunks_mut(BLOCK_SIZE as usize))
+                            .collect();
+                        let results = match reader.read_many_into(&mut slots) {
+                            Ok(r) => r,
+                            Err(e) => return fail(damaged(run_start, e)),
                         };
-                        let expected = BLOCK_SIZE.min(size - offset);
-                        if content.len() as u64 != expected {
-                            return fail(damaged(
-                                offset,
-                                cbtvault_repo::Error::InvalidArgument(format!(
-                                    "block holds {} bytes where {expected} belong",
-                                    content.len()
-                                )),
-                            ));
-                        }
-                        if !run.is_empty() && run_start + run.len() as u64 != offset {
-                            if let Err(source) = target.write_at(run_start, &run) {
-                                return fail(Error::TargetWrite {
-                                    offset: run_start,
-                                    source,
-                                });
+                        for ((block, _), result) in run.iter().zip(results) {
+                            if let Err(e) = result {
+                                return fail(damaged(block * BLOCK_SIZE, e));
                             }
-                            run.clear();
                         }
-                        if run.is_empty() {
-                            run_start = offset;
+                        if let Err(source) = target.write_at(run_start, bytes) {
+                            return fail(Error::TargetWrite {
+                                offset: run_start,
+                                source,
+                            });
                         }
-                        run.extend_from_slice(&content);
-                        local.blocks_written += 1;
-                        local.bytes_written += content.len() as u64;
-                    }
-                    if !run.is_empty()
-                        && let Err(source) = target.write_at(run_start, &run)
-                    {
-                        return fail(Error::TargetWrite {
-                            offset: run_start,
-                            source,
-                        });
+                        local.blocks_written += run.len() as u64;
+                        local.bytes_written += run_len;
+                        i = j;
                     }
                     if !target.is_zeroed() {
                         for (i, id) in leaf.ids.iter().enumerate() {

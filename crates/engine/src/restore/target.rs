@@ -41,8 +41,9 @@ pub trait DiskTarget: Send + Sync {
 #[derive(Debug)]
 pub struct FileTarget {
     file: File,
-    /// Writers queue here instead of spinning on the kernel's inode lock.
-    write_lock: Mutex<()>,
+    /// Writers queue here instead of spinning on the kernel's inode lock;
+    /// it holds the bytes written since writeback was last started.
+    write_lock: Mutex<u64>,
     kind: TargetKind,
     path: PathBuf,
 }
@@ -117,7 +118,7 @@ impl FileTarget {
             .map_err(|e| Error::Target(format!("cannot create {}: {e}", tmp.display())))?;
         Ok(FileTarget {
             file,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(0),
             kind: TargetKind::New { tmp },
             path: path.to_path_buf(),
         })
@@ -135,7 +136,7 @@ impl FileTarget {
             .map_err(|e| Error::Target(format!("cannot resize {}: {e}", path.display())))?;
         Ok(FileTarget {
             file,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(0),
             kind: TargetKind::ExistingFile,
             path: path.to_path_buf(),
         })
@@ -177,7 +178,7 @@ impl FileTarget {
         }
         Ok(FileTarget {
             file,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(0),
             kind: TargetKind::BlockDevice,
             path: path.to_path_buf(),
         })
@@ -217,7 +218,7 @@ impl FileTarget {
         check_kind(&file, path, device)?;
         Ok(FileTarget {
             file,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(0),
             kind: TargetKind::InPlace { device },
             path: path.to_path_buf(),
         })
@@ -284,10 +285,35 @@ fn check_kind(file: &File, path: &Path, device: bool) -> Result<()> {
     })
 }
 
+/// Bytes a restore writes before it asks the kernel to start writing them
+/// back: the disk then works while blocks are still being decoded, and the
+/// final fsync has little left to wait for.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// Starts writeback of the file's dirty pages without waiting for it. A
+/// hint only: an error here is reported by the fsync that ends the restore.
+fn start_writeback(file: &File) {
+    // SAFETY: sync_file_range on a descriptor we own; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            0,
+            0,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 impl DiskTarget for FileTarget {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let _turn = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.file.write_all_at(data, offset)
+        let mut unflushed = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.file.write_all_at(data, offset)?;
+        *unflushed += data.len() as u64;
+        if *unflushed >= WRITEBACK_EVERY {
+            *unflushed = 0;
+            start_writeback(&self.file);
+        }
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
