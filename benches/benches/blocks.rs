@@ -1,5 +1,9 @@
 //! Micro-benchmarks of the per-block work: hashing, zero detection,
-//! compression, and pack writing. `cargo bench -p cbtvault-benches`.
+//! compression, pack writing, changed-block bitmap decoding, and what the
+//! suite's profiles showed matters beside them: the catalogue's dedup
+//! lookups and pack indexing, a restore's decoding of stored blocks, and
+//! opening a repository (the fixed cost of every incremental).
+//! `cargo bench -p cbtvault-benches` (`scripts/bench micro`).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rand::{RngCore, SeedableRng};
@@ -113,5 +117,117 @@ fn pack_writing(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, compression, pack_writing);
+/// A repository holding `count` random blocks in one pack, and their ids.
+fn filled_repository(
+    count: usize,
+) -> (
+    tempfile::TempDir,
+    cbtvault_repo::Repository,
+    Vec<cbtvault_repo::BlobId>,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo =
+        cbtvault_repo::Repository::init(&dir.path().join("r"), &Default::default()).expect("init");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut ids = Vec::with_capacity(count);
+    let mut w = repo.pack_writer(None).expect("writer");
+    for _ in 0..count {
+        let mut v = vec![0u8; BLOCK];
+        rng.fill_bytes(&mut v[..BLOCK / 2]);
+        ids.push(
+            w.add(cbtvault_repo::testing::pack::BlobKind::Data, &v)
+                .expect("add"),
+        );
+    }
+    w.flush().expect("flush");
+    drop(w);
+    (dir, repo, ids)
+}
+
+fn bitmaps(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bitmap");
+    // A 2 TiB disk with 1% of its blocks changed, as list_changed_blocks
+    // returns it.
+    let size = 2u64 << 40;
+    let blocks = size / BLOCK as u64;
+    let mut map = cbtvault_blockmap::BlockMap::empty(blocks);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    for _ in 0..blocks / 100 {
+        map.set(rng.next_u64() % blocks);
+    }
+    let text = map.to_xenapi_base64();
+    g.throughput(Throughput::Bytes(text.len() as u64));
+    g.bench_function("decode-xenapi-2TiB", |b| {
+        b.iter(|| {
+            cbtvault_blockmap::BlockMap::from_xenapi_base64(std::hint::black_box(&text), size)
+                .expect("decode")
+        })
+    });
+    g.bench_function("count-and-runs-2TiB", |b| {
+        b.iter(|| std::hint::black_box(&map).runs(16).count())
+    });
+    g.finish();
+}
+
+fn catalogue(c: &mut Criterion) {
+    let mut g = c.benchmark_group("catalogue");
+    let count = 4096;
+    let (_dir, repo, ids) = filled_repository(count);
+    g.throughput(Throughput::Elements(count as u64));
+    g.bench_function("dedup-lookups-4096", |b| {
+        let cat = repo.catalogue();
+        b.iter(|| {
+            for id in &ids {
+                std::hint::black_box(cat.contains(id).expect("lookup"));
+            }
+        })
+    });
+    g.bench_function("locate-4096", |b| {
+        let cat = repo.catalogue();
+        b.iter(|| {
+            for id in &ids {
+                std::hint::black_box(cat.locate(id).expect("locate"));
+            }
+        })
+    });
+    g.finish();
+}
+
+fn restore_decoding(c: &mut Criterion) {
+    let mut g = c.benchmark_group("restore");
+    let count = 256;
+    let (_dir, repo, ids) = filled_repository(count);
+    g.throughput(Throughput::Bytes((count * BLOCK) as u64));
+    g.bench_function("read-many-into-16MiB", |b| {
+        let reader = repo.reader().expect("reader");
+        let mut buffer = vec![0u8; count * BLOCK];
+        b.iter(|| {
+            let mut slots: Vec<(cbtvault_repo::BlobId, &mut [u8])> =
+                ids.iter().copied().zip(buffer.chunks_mut(BLOCK)).collect();
+            reader.read_many_into(&mut slots).expect("read")
+        })
+    });
+    g.finish();
+}
+
+fn opening(c: &mut Criterion) {
+    let mut g = c.benchmark_group("repository");
+    let (dir, repo, _) = filled_repository(64);
+    drop(repo);
+    g.bench_function("open", |b| {
+        b.iter(|| cbtvault_repo::Repository::open(&dir.path().join("r")).expect("open"))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    hashing,
+    compression,
+    pack_writing,
+    bitmaps,
+    catalogue,
+    restore_decoding,
+    opening
+);
 criterion_main!(benches);

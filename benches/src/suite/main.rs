@@ -335,30 +335,19 @@ impl Suite {
             self.push(size, "file", "borg", "full", bytes, o);
         }
         let mut last_borg = "n0".to_string();
-        for (i, night) in self.nights(size).iter().enumerate() {
-            let map = synth::churn_like_guest(image, night.fraction, night.seed)?;
-            let changed = map.count_set() * BLOCK_SIZE;
-            let bitmap = work.join("changed.b64");
-            std::fs::write(&bitmap, map.to_xenapi_base64())?;
-            let (outcome, id) =
-                cbt.backup(&night.label, &strs(&guest.backup_args(Some(&bitmap))))?;
-            latest = id;
-            self.push(size, "file", "cbtvault", &night.label, changed, outcome);
-            let (cost, compressed) = ceilings::changed_blocks_alone(image, &map)?;
-            self.push_ceiling(size, "read+hash+zstd", &night.label, changed, cost);
-            if let Some(row) = self.rows.last_mut() {
-                row.changed_compressed = Some(compressed);
-            }
-            if !night.peers {
-                continue;
-            }
+        let (with_peers, alone): (Vec<Night>, Vec<Night>) =
+            self.nights(size).into_iter().partition(|n| n.peers);
+        for (i, night) in with_peers.iter().enumerate() {
+            latest = self.file_night(work, &guest, &cbt, size, night)?;
             if let Some(r) = &restic {
                 let o = r.backup(&format!("restic {}", night.label), image)?;
+                let changed = self.rows.last().map_or(0, |r| r.data_bytes);
                 self.push(size, "file", "restic", &night.label, changed, o);
             }
             if let Some(b) = &borg {
                 last_borg = format!("n{}", i + 1);
                 let o = b.backup(&format!("borg {}", night.label), &last_borg, image)?;
+                let changed = self.rows.last().map_or(0, |r| r.data_bytes);
                 self.push(size, "file", "borg", &night.label, changed, o);
             }
         }
@@ -385,6 +374,11 @@ impl Suite {
             std::fs::remove_dir_all(&target)?;
             self.push(size, "file", "borg", "restore", bytes, o);
         }
+        // Nights only cbtvault runs come after the restores, which every
+        // tool makes of the same last state.
+        for night in &alone {
+            self.file_night(work, &guest, &cbt, size, night)?;
+        }
         for repo in [
             "repo",
             "restic-repo",
@@ -395,6 +389,31 @@ impl Suite {
             let _ = std::fs::remove_dir_all(work.join(repo));
         }
         Ok(())
+    }
+
+    /// One night on the file path: the churn, cbtvault's incremental from
+    /// its bitmap, and the ceiling of that change; returns the new restore
+    /// point. Rows for peers that follow copy its changed bytes.
+    fn file_night(
+        &mut self,
+        work: &Path,
+        guest: &paths::FileGuest,
+        cbt: &Cbtvault,
+        size: u64,
+        night: &Night,
+    ) -> Result<String> {
+        let map = synth::churn_like_guest(guest.image(), night.fraction, night.seed)?;
+        let changed = map.count_set() * BLOCK_SIZE;
+        let bitmap = work.join("changed.b64");
+        std::fs::write(&bitmap, map.to_xenapi_base64())?;
+        let (outcome, id) = cbt.backup(&night.label, &strs(&guest.backup_args(Some(&bitmap))))?;
+        self.push(size, "file", "cbtvault", &night.label, changed, outcome);
+        let (cost, compressed) = ceilings::changed_blocks_alone(guest.image(), &map)?;
+        self.push_ceiling(size, "read+hash+zstd", &night.label, changed, cost);
+        if let Some(row) = self.rows.last_mut() {
+            row.changed_compressed = Some(compressed);
+        }
+        Ok(id)
     }
 
     /// cbtvault alone through a hypervisor's changed-block tracking: a full
