@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::pack::{BlobKind, Compression, PackEntry};
 
+mod condemned;
 mod job_runs;
 mod keyed;
 mod runs;
@@ -41,8 +42,9 @@ pub use runs::RunRow;
 pub const CATALOGUE_FILE: &str = "catalogue.sqlite";
 
 /// Version 2 added runs, quarantine and forget bookkeeping; version 3 the
-/// `vm_metadata` table; version 4 `job_runs`. Each only added tables.
-const SCHEMA_VERSION: i64 = 4;
+/// `vm_metadata` table; version 4 `job_runs`; version 5 `condemned`. Each
+/// only added tables.
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS disks(
@@ -139,7 +141,8 @@ pub struct RestorePointRow {
 }
 
 /// Records pack `name` and its blobs in `tx`. Without `replace`, a blob
-/// already indexed elsewhere keeps its first location.
+/// already indexed elsewhere keeps its first location, unless that is a
+/// condemned pack and this one is not.
 fn index_pack(
     tx: &rusqlite::Transaction<'_>,
     name: &str,
@@ -157,8 +160,13 @@ fn index_pack(
         "INSERT OR REPLACE INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
     } else {
-        "INSERT OR IGNORE INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        "INSERT INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT(id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset,
+             stored_len = excluded.stored_len, raw_len = excluded.raw_len,
+             kind = excluded.kind, compression = excluded.compression
+         WHERE blobs.pack IN (SELECT p.id FROM packs p JOIN condemned c ON c.pack = p.name)
+           AND excluded.pack NOT IN (SELECT p.id FROM packs p JOIN condemned c ON c.pack = p.name)"
     })?;
     for e in entries {
         stmt.execute(params![
@@ -241,7 +249,7 @@ impl Catalogue {
         };
         if create {
             cat.conn
-                .execute_batch(&[SCHEMA, job_runs::SCHEMA].concat())
+                .execute_batch(&[SCHEMA, job_runs::SCHEMA, condemned::SCHEMA].concat())
                 .map_err(wrap)?;
             cat.conn
                 .pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -254,7 +262,7 @@ impl Catalogue {
             if (1..SCHEMA_VERSION).contains(&version) {
                 // Later versions only added tables.
                 cat.conn
-                    .execute_batch(&[SCHEMA, job_runs::SCHEMA].concat())
+                    .execute_batch(&[SCHEMA, job_runs::SCHEMA, condemned::SCHEMA].concat())
                     .map_err(wrap)?;
                 cat.conn
                     .pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -330,11 +338,15 @@ impl Catalogue {
         Ok(Some(BlobLocation { pack, entry }))
     }
 
-    /// True when blob `id` is stored.
+    /// True when blob `id` is stored, in a pack that no gc condemned: what
+    /// a backup may deduplicate against.
     pub fn contains(&self, id: &BlobId) -> Result<bool> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")
+            .prepare_cached(
+                "SELECT 1 FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.id = ?1
+                 AND NOT EXISTS (SELECT 1 FROM condemned c WHERE c.pack = p.name)",
+            )
             .map_err(self.err())?;
         stmt.exists([&id.0[..]]).map_err(self.err())
     }

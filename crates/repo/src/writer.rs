@@ -234,12 +234,27 @@ impl Repository {
     /// Starts writing a restore point of `spec.disk`. The caller holds the
     /// disk's lock and the shared repository lock (see the locking table):
     /// runs of the disk still marked running are closed as `interrupted`,
-    /// and a new run is recorded. Packs the catalogue lists but storage
-    /// lacks are quarantined first, so that nothing deduplicates against
-    /// them.
+    /// and a new run is recorded. The catalogue is refreshed from the
+    /// store first ([`Repository::refresh_packs`]: packs other hosts wrote,
+    /// packs gc condemned or deleted), after the caller's operation lock
+    /// object exists, so that nothing deduplicates against a pack gc may
+    /// delete without gc waiting for this backup (see `condemn.rs`); the
+    /// parent's manifest must still be in the store then.
     pub fn begin_backup(self: &Arc<Self>, spec: BackupSpec<'_>) -> Result<BackupWriter> {
         self.require_writable("a backup")?;
-        self.quarantine_missing_packs()?;
+        self.refresh_packs()?;
+        if let Some(parent) = spec.parent {
+            // Forgotten meanwhile (on another host): its blocks may be
+            // condemned, and this backup would build on them unseen.
+            self.backend()
+                .size(crate::backend::FileKind::Manifest, &parent.id)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "disk {:?}: the parent restore point {} is no longer in the repository ({e}); run the backup again",
+                        spec.disk, parent.id
+                    ))
+                })?;
+        }
         let packs = self.pack_writer(spec.compression_level)?;
         let parent = spec
             .parent
