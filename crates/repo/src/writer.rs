@@ -264,6 +264,16 @@ impl Repository {
         let mut base = parent.as_ref().map(|(_, tree, size)| (*tree, *size));
         if let Some(resume) = spec.resume {
             let from = resume.record();
+            if !self.all_stored(&from.tree) {
+                // gc (on another host, after this disk's last run died)
+                // condemned or deleted what the record kept: building on
+                // it would commit blocks a sweep deletes.
+                self.discard_resumable(spec.disk)?;
+                return Err(Error::InvalidArgument(format!(
+                    "disk {:?}: gc condemned blocks the interrupted backup had stored, so it cannot be resumed; its resume record is discarded: run the backup again",
+                    spec.disk
+                )));
+            }
             let parent_id = parent.as_ref().map(|(id, _, _)| id.as_str());
             if from.disk != spec.disk
                 || from.parent.as_deref() != parent_id
@@ -315,6 +325,28 @@ impl Repository {
             touched,
             stats: BackupStats::default(),
         })
+    }
+
+    /// True when every blob of `tree` is stored in a pack no gc condemned.
+    fn all_stored(&self, tree: &crate::tree::Tree) -> bool {
+        struct Check<'a>(&'a crate::catalogue::Catalogue, bool);
+        impl crate::tree::Visitor for Check<'_> {
+            fn node(&mut self, _level: u32, _index: u64, id: &BlobId) -> Result<bool> {
+                self.1 &= self.0.contains(id)?;
+                Ok(self.1)
+            }
+            fn leaf(&mut self, _first: u64, ids: &[BlobId]) -> Result<()> {
+                for id in ids.iter().filter(|id| !id.is_zero()) {
+                    self.1 &= self.0.contains(id)?;
+                }
+                Ok(())
+            }
+        }
+        let (Ok(reader), Ok(cat)) = (self.reader(), self.open_catalogue()) else {
+            return false;
+        };
+        let mut check = Check(&cat, true);
+        crate::tree::walk(tree, &reader, &mut check).is_ok() && check.1
     }
 
     /// An encoder of blocks for [`BackupWriter::push`], compressing at
