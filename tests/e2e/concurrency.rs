@@ -72,25 +72,13 @@ fn gc_runs_beside_a_backup_and_keeps_its_data() {
     std::thread::sleep(Duration::from_millis(300));
     // gc does not wait for the backup: it condemns what nothing uses and
     // leaves the deletion to a sweep once the backup has ended.
-    let beside: serde_json::Value = serde_json::from_str(&s.ok(&[
-        "gc",
-        "--json",
-        "--repo",
-        repo,
-        "--max-unused",
-        "0",
-    ]))
-    .unwrap();
+    let beside: serde_json::Value =
+        serde_json::from_str(&s.ok(&["gc", "--json", "--repo", repo, "--max-unused", "0"]))
+            .unwrap();
     let rp = wait_ok(running);
-    let after: serde_json::Value = serde_json::from_str(&s.ok(&[
-        "gc",
-        "--json",
-        "--repo",
-        repo,
-        "--max-unused",
-        "0",
-    ]))
-    .unwrap();
+    let after: serde_json::Value =
+        serde_json::from_str(&s.ok(&["gc", "--json", "--repo", repo, "--max-unused", "0"]))
+            .unwrap();
     assert_eq!(after["packs_waiting"], 0, "{beside}\n{after}");
     let (ok, report) = s.verify(true);
     assert!(ok, "{report}");

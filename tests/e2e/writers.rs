@@ -58,17 +58,24 @@ fn gc(s: &Scratch, url: &str, h: usize) -> Value {
     serde_json::from_str(&ok_on(s, url, h, &["gc", "--json", "--max-unused", "0"])).unwrap()
 }
 
-/// How many copies of each blob the bucket's packs hold.
-fn copies(server: &S3Server, bucket: &str, prefix: &str) -> HashMap<BlobId, usize> {
-    let location =
-        S3Location::parse(&format!("s3://{bucket}/{prefix}?endpoint={}", server.endpoint()))
-            .unwrap();
+/// A client of the bucket, as the tests' credentials.
+fn backend(server: &S3Server, bucket: &str, prefix: &str) -> S3Backend {
+    let location = S3Location::parse(&format!(
+        "s3://{bucket}/{prefix}?endpoint={}",
+        server.endpoint()
+    ))
+    .unwrap();
     let credentials = Credentials {
         access_key_id: "cbtvault-test".into(),
         secret_access_key: "cbtvault-test-secret".into(),
         session_token: None,
     };
-    let backend = S3Backend::connect(&location, &credentials).unwrap();
+    S3Backend::connect(&location, &credentials).unwrap()
+}
+
+/// How many copies of each blob the bucket's packs hold.
+fn copies(server: &S3Server, bucket: &str, prefix: &str) -> HashMap<BlobId, usize> {
+    let backend = backend(server, bucket, prefix);
     let mut out = HashMap::new();
     for pack in backend.list(FileKind::Pack).unwrap() {
         for e in cbtvault_repo::testing::pack::read_index(&backend, &pack).unwrap() {
@@ -89,6 +96,22 @@ fn finishes_within(mut child: Child, limit: Duration, what: &str) -> std::proces
         std::thread::sleep(Duration::from_millis(50));
     }
     child.wait_with_output().unwrap()
+}
+
+/// The test server honours `If-None-Match: *` on PUT (moto 5.2.1 answers
+/// 412): a lock object is created once; a retried create of the same
+/// bytes is recognised as its own.
+#[test]
+fn the_s3_server_refuses_a_second_create_of_a_lock_object() {
+    let server = S3Server::start();
+    server.create_bucket("cond");
+    let backend = backend(&server, "cond", "r");
+    assert!(backend.create(FileKind::Lock, "gc", b"first").unwrap());
+    assert!(!backend.create(FileKind::Lock, "gc", b"second").unwrap());
+    assert!(backend.create(FileKind::Lock, "gc", b"first").unwrap());
+    assert_eq!(backend.read(FileKind::Lock, "gc").unwrap(), b"first");
+    backend.remove(FileKind::Lock, "gc").unwrap();
+    assert!(backend.create(FileKind::Lock, "gc", b"second").unwrap());
 }
 
 #[test]
@@ -158,7 +181,13 @@ fn three_writers_and_gc_share_one_bucket_and_every_block_is_stored_once() {
             &s,
             &url,
             other,
-            &["restore", "--quiet", &id(point), "--to", to.to_str().unwrap()],
+            &[
+                "restore",
+                "--quiet",
+                &id(point),
+                "--to",
+                to.to_str().unwrap(),
+            ],
         );
         assert_same_file(&images[h], &to);
     }
@@ -231,7 +260,13 @@ fn a_killed_gc_and_a_killed_writer_lose_nothing_and_make_nothing_wait() {
             &s,
             &url,
             2,
-            &["restore", "--quiet", &id(point), "--to", to.to_str().unwrap()],
+            &[
+                "restore",
+                "--quiet",
+                &id(point),
+                "--to",
+                to.to_str().unwrap(),
+            ],
         );
         assert_same_file(image, &to);
     }

@@ -92,7 +92,9 @@ pub fn load(backend: &dyn Backend) -> Result<Vec<(String, GcRecord)>> {
         };
         match serde_json::from_slice::<GcRecord>(&bytes) {
             Ok(r) if r.format == GC_RECORD_FORMAT => out.push((name, r)),
-            Ok(r) => tracing::warn!(record = %name, format = r.format, "gc record of an unknown format skipped"),
+            Ok(r) => {
+                tracing::warn!(record = %name, format = r.format, "gc record of an unknown format skipped")
+            }
             Err(e) => tracing::warn!(record = %name, error = %e, "unreadable gc record skipped"),
         }
     }
@@ -208,7 +210,10 @@ pub fn sweep(repo: &Repository, report: &mut GcReport) -> Result<()> {
     // ended: what they committed is in the manifests.
     let unreadable = repo.reindex_manifests()?;
     if unreadable > 0 {
-        tracing::warn!(manifests = unreadable, "manifests cannot be read, so what they reference is unknown: nothing is swept (`cbtvault verify` names them)");
+        tracing::warn!(
+            manifests = unreadable,
+            "manifests cannot be read, so what they reference is unknown: nothing is swept (`cbtvault verify` names them)"
+        );
         report.packs_waiting += ripe.iter().map(|(_, r)| r.packs.len()).sum::<usize>();
         return Ok(());
     }
@@ -244,4 +249,3 @@ pub fn sweep(repo: &Repository, report: &mut GcReport) -> Result<()> {
     repo.catalogue().set_condemned(&remaining)?;
     Ok(())
 }
-

@@ -378,7 +378,11 @@ pub fn apply(repo: &Repository, plan: GcPlan) -> Result<GcReport> {
         rewrite,
         mut report,
     } = plan;
-    let gone: Vec<String> = delete.iter().chain(&rewrite).map(|p| p.name.clone()).collect();
+    let gone: Vec<String> = delete
+        .iter()
+        .chain(&rewrite)
+        .map(|p| p.name.clone())
+        .collect();
     report.packs_condemned = gone.len();
     crate::condemn::condemn(repo, gone)?;
     let mut added = Vec::new();

@@ -84,7 +84,10 @@ impl Repository {
         }
         report.indexed = crate::gc::index_unknown_packs(self)?;
         if report.indexed > 0 {
-            tracing::info!(packs = report.indexed, "indexed packs the local catalogue did not know");
+            tracing::info!(
+                packs = report.indexed,
+                "indexed packs the local catalogue did not know"
+            );
         }
         lost.retain(|id| self.catalogue().locate(id).ok().flatten().is_none());
         if !lost.is_empty() {

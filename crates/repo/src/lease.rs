@@ -166,10 +166,12 @@ pub fn read(backend: &dyn Backend, name: &str) -> Result<Option<LockRecord>> {
     match backend.read(FileKind::Lock, name) {
         Ok(bytes) => serde_json::from_slice::<LockRecord>(&bytes)
             .map(Some)
-            .map_err(|e| Error::InvalidArgument(format!(
-                "lock object {}: not a lock object ({e}); if no cbtvault runs, remove it",
-                backend.locate(FileKind::Lock, name)
-            ))),
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "lock object {}: not a lock object ({e}); if no cbtvault runs, remove it",
+                    backend.locate(FileKind::Lock, name)
+                ))
+            }),
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(e),
     }
@@ -225,7 +227,9 @@ impl Shared {
                 self.lost.store(true, Ordering::SeqCst);
                 return;
             }
-            Err(e) => tracing::warn!(lock = %self.name, error = %e, "could not read the lock object for a heartbeat"),
+            Err(e) => {
+                tracing::warn!(lock = %self.name, error = %e, "could not read the lock object for a heartbeat")
+            }
         }
         let now = jiff::Timestamp::now();
         let mut next = record.clone();
@@ -240,7 +244,9 @@ impl Shared {
                 tracing::error!(lock = %self.name, error = %e, "no heartbeat written before the lock object expired: it is lost");
                 self.lost.store(true, Ordering::SeqCst);
             }
-            Err(e) => tracing::warn!(lock = %self.name, error = %e, "heartbeat not written; retrying"),
+            Err(e) => {
+                tracing::warn!(lock = %self.name, error = %e, "heartbeat not written; retrying")
+            }
         }
     }
 }
@@ -481,22 +487,40 @@ mod tests {
     fn an_exclusive_lock_object_is_refused_while_its_heartbeat_renews_it() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
         // Held by a process of another host, whose heartbeats keep coming.
-        let held = acquire_as(&backend, "gc", "gc", "gc", Duration::ZERO, short(), other_host())
-            .unwrap();
+        let held = acquire_as(
+            &backend,
+            "gc",
+            "gc",
+            "gc",
+            Duration::ZERO,
+            short(),
+            other_host(),
+        )
+        .unwrap();
         let first = held.record();
         std::thread::sleep(Duration::from_millis(900));
         let renewed = read(backend.as_ref(), "gc").unwrap().unwrap();
         assert!(renewed.heartbeat > first.heartbeat, "heartbeats renew it");
         assert!(renewed.expires > first.expires);
-        let err = acquire(&backend, "gc", "gc", "gc", Duration::from_millis(200), short())
-            .unwrap_err();
+        let err = acquire(
+            &backend,
+            "gc",
+            "gc",
+            "gc",
+            Duration::from_millis(200),
+            short(),
+        )
+        .unwrap_err();
         assert!(
             matches!(&err, Error::Locked { holder, .. } if holder.contains("elsewhere")),
             "{err}"
         );
         assert!(!held.is_lost());
         drop(held);
-        assert!(read(backend.as_ref(), "gc").unwrap().is_none(), "removed on drop");
+        assert!(
+            read(backend.as_ref(), "gc").unwrap().is_none(),
+            "removed on drop"
+        );
         acquire(&backend, "gc", "gc", "gc", Duration::ZERO, short()).unwrap();
     }
 
@@ -513,8 +537,15 @@ mod tests {
         assert!(acquire(&backend, "disk-1", "disk", "d", Duration::ZERO, short()).is_err());
         let later = now + jiff::SignedDuration::from_secs(1);
         assert!(dead.stale(&Owner::current(), later).is_some());
-        let lease =
-            acquire(&backend, "disk-1", "disk", "d", Duration::from_secs(2), short()).unwrap();
+        let lease = acquire(
+            &backend,
+            "disk-1",
+            "disk",
+            "d",
+            Duration::from_secs(2),
+            short(),
+        )
+        .unwrap();
         assert_eq!(lease.record().owner, Owner::current());
         // The dead host's entry was taken over: `live` lists only ours.
         let live = live(backend.as_ref()).unwrap();

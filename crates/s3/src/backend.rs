@@ -302,7 +302,8 @@ impl Backend for S3Backend {
         let mut names: Vec<(String, Option<jiff::Timestamp>)> = metas
             .into_iter()
             .filter_map(|m| {
-                let time = jiff::Timestamp::from_millisecond(m.last_modified.timestamp_millis()).ok();
+                let time =
+                    jiff::Timestamp::from_millisecond(m.last_modified.timestamp_millis()).ok();
                 m.location
                     .filename()
                     .and_then(|f| f.strip_suffix(suffix))
@@ -322,7 +323,9 @@ impl Backend for S3Backend {
                 mode: PutMode::Create,
                 ..Default::default()
             };
-            store.put_opts(&path, PutPayload::from(payload), options).await
+            store
+                .put_opts(&path, PutPayload::from(payload), options)
+                .await
         });
         match put {
             Ok(_) => Ok(true),
@@ -332,9 +335,6 @@ impl Backend for S3Backend {
                     Ok(existing) => Ok(existing == data),
                     Err(_) => Ok(false),
                 }
-            }
-            Err(object_store::Error::NotImplemented) => {
-                Err(self.error(&text, object_store::Error::NotImplemented))
             }
             Err(e) => Err(self.error(&text, e)),
         }

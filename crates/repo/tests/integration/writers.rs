@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cbtvault_repo::testing::pack::BlobKind;
 use cbtvault_repo::{
-    Backend, BlobId, FileKind, ForgetSelection, GcOptions, InitOptions, MemoryBackend,
-    Repository, Result,
+    Backend, BlobId, FileKind, ForgetSelection, GcOptions, InitOptions, MemoryBackend, Repository,
+    Result,
 };
 
 use super::common::{blocks_of, commit_disk, data_block};
@@ -50,7 +50,11 @@ fn gc_condemns_beside_another_hosts_backup_and_sweeps_only_after_it_ended() -> R
     // gc on A condemns the pack but cannot sweep it: B's backup ran then.
     let first = gc(&a)?;
     assert_eq!(first.packs_condemned, 1, "{first:?}");
-    assert_eq!((first.packs_swept, first.packs_waiting), (0, 1), "{first:?}");
+    assert_eq!(
+        (first.packs_swept, first.packs_waiting),
+        (0, 1),
+        "{first:?}"
+    );
     assert_eq!(store.list(FileKind::Gc)?.len(), 1);
     let packs_before = store.list(FileKind::Pack)?;
     // A backup starting now, on either host, stores those blocks again.
@@ -98,7 +102,12 @@ fn one_gc_at_a_time_and_a_disk_is_backed_up_by_one_host_at_a_time() -> Result<()
     let held = a.lock_disk("d")?;
     // Another process of this host holds the kernel lock; another host's
     // process sees the lock object.
-    assert!(store.list(FileKind::Lock)?.iter().any(|n| n.starts_with("disk-")));
+    assert!(
+        store
+            .list(FileKind::Lock)?
+            .iter()
+            .any(|n| n.starts_with("disk-"))
+    );
     drop(held);
     assert!(store.list(FileKind::Lock)?.is_empty(), "released on drop");
     let _b_holds = b.lock_disk("d")?;
