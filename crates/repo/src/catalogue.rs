@@ -15,7 +15,8 @@
 //!   a manifest that vanishes *without* forget is noticed;
 //! - `lost_restore_points`: such vanished restore points, kept (with their
 //!   manifest text) for verify to report and repair to restore.
-//! - `runs`: what each backup run did, for the daemon and the reapers.
+//! - `runs`: what each backup run did, for the daemon and the reapers;
+//! - `condemned`: packs gc records condemn (`catalogue/condemned.rs`).
 //!
 //! Schema version 2 added the first three tables; a version 1 catalogue
 //! is migrated when it is opened for writing.
@@ -336,19 +337,6 @@ impl Catalogue {
             raw_len,
         };
         Ok(Some(BlobLocation { pack, entry }))
-    }
-
-    /// True when blob `id` is stored, in a pack that no gc condemned: what
-    /// a backup may deduplicate against.
-    pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT 1 FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.id = ?1
-                 AND NOT EXISTS (SELECT 1 FROM condemned c WHERE c.pack = p.name)",
-            )
-            .map_err(self.err())?;
-        stmt.exists([&id.0[..]]).map_err(self.err())
     }
 
     /// Records a durable pack and its blobs. A blob already indexed in

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use rusqlite::params;
 
 use super::Catalogue;
+use crate::BlobId;
 use crate::error::{Error, Result};
 
 /// The table, created with the rest of the schema and on upgrade.
@@ -20,6 +21,19 @@ CREATE TABLE IF NOT EXISTS condemned(
 ";
 
 impl Catalogue {
+    /// True when blob `id` is stored, in a pack that no gc condemned: what
+    /// a backup may deduplicate against.
+    pub fn contains(&self, id: &BlobId) -> Result<bool> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.id = ?1
+                 AND NOT EXISTS (SELECT 1 FROM condemned c WHERE c.pack = p.name)",
+            )
+            .map_err(self.err())?;
+        stmt.exists([&id.0[..]]).map_err(self.err())
+    }
+
     /// The packs condemned by gc records, as last refreshed.
     pub fn condemned_packs(&self) -> Result<HashSet<String>> {
         let mut stmt = self
