@@ -125,7 +125,12 @@ fn three_writers_and_gc_share_one_bucket_and_every_block_is_stored_once() {
     // Something for gc to collect while the writers run.
     let junk = s.image("junk.img", 8, 70);
     let j = restore_point(spawn_backup(&s, &url, 0, "junk", &junk));
-    ok_on(&s, &url, 0, &["forget", "--quiet", &id(&j)]);
+    ok_on(
+        &s,
+        &url,
+        0,
+        &["forget", "--quiet", "--allow-forget-last", &id(&j)],
+    );
 
     // Three disks that share three quarters of their blocks.
     let base = s.image("base.img", 24, 71);
@@ -205,7 +210,12 @@ fn a_killed_gc_and_a_killed_writer_lose_nothing_and_make_nothing_wait() {
     let kept = restore_point(spawn_backup(&s, &url, 0, "a", &a));
     let junk = s.image("junk.img", 16, 91);
     let j = restore_point(spawn_backup(&s, &url, 0, "junk", &junk));
-    ok_on(&s, &url, 0, &["forget", "--quiet", &id(&j)]);
+    ok_on(
+        &s,
+        &url,
+        0,
+        &["forget", "--quiet", "--allow-forget-last", &id(&j)],
+    );
 
     // A writer killed mid-backup (it holds disk b's lock object).
     let b = s.image("b.img", 24, 92);
