@@ -29,5 +29,6 @@ mod sources;
 mod ux;
 mod vm_points;
 mod vmware;
+mod writers;
 mod xen;
 mod xen_faithful;

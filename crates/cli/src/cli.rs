@@ -297,10 +297,13 @@ pub enum Command {
     /// Remove restore points by id or by a retention policy (data goes at the next gc).
     Forget(ForgetArgs),
     /// Delete data no restore point references; rewrite mostly-dead packs.
+    /// Runs beside backups: what it would delete is condemned first and
+    /// deleted once every operation that ran then has ended.
     Gc {
         #[command(flatten)]
         repo: RepoArg,
-        /// Seconds to wait for running backups to finish.
+        /// Seconds to wait for another gc (on any host) or a repair to
+        /// finish; backups are not waited for.
         #[arg(long, default_value_t = 0)]
         wait: u64,
         /// Unused space allowed to stay in packs, in percent of the live

@@ -68,8 +68,8 @@ pub struct Maintenance {
     /// next part each time, so the whole repository is re-read over that
     /// many runs (as `verify --read-data-subset n/m` with `n` rotating).
     pub read_data_parts: Option<u32>,
-    /// gc: how long to wait for running backups (gc holds the repository's
-    /// exclusive lock), as `1h`.
+    /// gc: how long to wait for another gc (on any host) or a repair on
+    /// this host, as `1h`; gc runs beside backups.
     #[serde(default = "one_hour")]
     pub wait: String,
 }

@@ -17,8 +17,9 @@
 //! (delete files, rewrite `cbtvault.json`) is stopped only by the storage:
 //! a key that may only add (an S3 policy without `s3:DeleteObject`), or
 //! S3 Object Lock retention on the bucket. docs/cli.md says which stores
-//! offer it. Crash-journal notes and partial writes are not history and
-//! may still be removed.
+//! offer it. Crash-journal notes, partial writes, lock objects and gc
+//! records are not history and may still be removed (gc itself is
+//! refused, so no gc record is ever written).
 
 use crate::backend::{Backend, FileKind};
 use crate::error::{Error, Result};
@@ -96,6 +97,18 @@ impl Backend for AppendOnlyBackend {
         }
         self.inner.remove(kind, name)
     }
+    fn create(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<bool> {
+        self.inner.create(kind, name, data)
+    }
+    fn replace(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        if is_history(kind) {
+            return Err(self.refuse(kind, name, "replacing a file"));
+        }
+        self.inner.replace(kind, name, data)
+    }
+    fn list_dated(&self, kind: FileKind) -> Result<Vec<(String, Option<jiff::Timestamp>)>> {
+        self.inner.list_dated(kind)
+    }
     fn list_partial(&self) -> Result<Vec<String>> {
         self.inner.list_partial()
     }
@@ -135,9 +148,14 @@ mod tests {
             ));
             assert_eq!(backend.read(kind, "x").unwrap(), b"data");
         }
-        // Crash-journal notes are bookkeeping, not history.
+        // Crash-journal notes and lock objects are bookkeeping, not history.
         backend.write(FileKind::Journal, "n", b"note").unwrap();
         backend.remove(FileKind::Journal, "n").unwrap();
         assert!(backend.list(FileKind::Journal).unwrap().is_empty());
+        assert!(backend.create(FileKind::Lock, "disk-1", b"{}").unwrap());
+        assert!(!backend.create(FileKind::Lock, "disk-1", b"{}").unwrap());
+        backend.replace(FileKind::Lock, "disk-1", b"{ }").unwrap();
+        backend.remove(FileKind::Lock, "disk-1").unwrap();
+        assert!(backend.list(FileKind::Lock).unwrap().is_empty());
     }
 }

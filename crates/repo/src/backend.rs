@@ -5,7 +5,11 @@
 //! and durable: once it returns the whole file is there and survives a crash,
 //! and a crash during it leaves at most a partial file that
 //! [`Backend::remove_partial`] can clear. Nothing else is ever rewritten in
-//! place, which is what keeps every backend (an object store later) simple.
+//! place, which is what keeps every backend (an object store later) simple —
+//! except the coordination objects ([`FileKind::Lock`], [`FileKind::Gc`]),
+//! which carry no guest data: created with [`Backend::create`] (a
+//! conditional write where the store offers one) and renewed with
+//! [`Backend::replace`] (see `lease.rs`, `condemn.rs`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -32,6 +36,16 @@ pub enum FileKind {
     Journal,
     /// A key slot of an encrypted repository (see [`crate::key`]).
     Key,
+    /// A lock object: who runs what, with a heartbeat and an expiry (see
+    /// `lease.rs`). Not history: removable in an append-only repository.
+    Lock,
+    /// A gc record: packs condemned by a gc and when (see `condemn.rs`).
+    Gc,
+}
+
+/// True when `e` says the file does not exist.
+pub(crate) fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == ErrorKind::NotFound)
 }
 
 /// Storage for repository files.
@@ -49,10 +63,38 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn list(&self, kind: FileKind) -> Result<Vec<String>>;
     /// Removes a file durably; removing a missing file is not an error.
     fn remove(&self, kind: FileKind, name: &str) -> Result<()>;
+    /// Stores a whole file only if no file of that name exists: true when
+    /// this call created it, false when one was there already. A store
+    /// that offers it does this in one conditional write (`link` on a
+    /// file system, `If-None-Match: *` on S3). This default checks, then
+    /// writes: two callers in the same instant may both succeed, which is
+    /// why lock objects read themselves back after creating (`lease.rs`).
+    fn create(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<bool> {
+        match self.size(kind, name) {
+            Ok(_) => return Ok(false),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+        self.write(kind, name, data)?;
+        Ok(true)
+    }
+    /// Replaces a file's content: only for lock objects' heartbeats and
+    /// gc records, never for data.
+    fn replace(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        self.write(kind, name, data)
+    }
+    /// [`Backend::list`] with each file's last modification time, when the
+    /// store keeps one (gc leaves files younger than the oldest running
+    /// operation alone; a file without a time is judged by the other rules
+    /// alone).
+    fn list_dated(&self, kind: FileKind) -> Result<Vec<(String, Option<jiff::Timestamp>)>> {
+        Ok(self.list(kind)?.into_iter().map(|n| (n, None)).collect())
+    }
     /// Names of partial writes left by interrupted processes.
     fn list_partial(&self) -> Result<Vec<String>>;
-    /// Removes partial writes. Only safe while no other process writes (the
-    /// caller holds the repository's exclusive lock).
+    /// Removes partial writes whose writer is gone (a process of this host
+    /// that died, or a file untouched for [`PARTIAL_MAX_AGE`]), so that it
+    /// is safe beside running backups.
     fn remove_partial(&self) -> Result<usize>;
     /// A human-readable location of a file, for messages.
     fn locate(&self, kind: FileKind, name: &str) -> String;
@@ -61,11 +103,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn set_aside(&self, kind: FileKind, name: &str) -> Result<String>;
 }
 
+/// A partial write of another host (a shared directory) untouched this
+/// long is abandoned.
+pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// A backend on a local (or mounted) file system.
 ///
 /// Layout: `cbtvault.json`, `packs/XY/NAME.pack` (XY = first two characters of
-/// NAME, to keep directories small), `manifests/NAME.json`, `vms/NAME.json` (VM metadata), `journal/NAME.json` (crash-journal notes), `keys/ID.json` (key slots), and `tmp/` for
-/// writes in progress. Writes go to `tmp/`, are fsynced, renamed into place,
+/// NAME, to keep directories small), `manifests/NAME.json`, `vms/NAME.json` (VM metadata), `journal/NAME.json` (crash-journal notes), `keys/ID.json` (key slots), `locks/NAME.json` (lock objects, beside the kernel lock files `locks/NAME.lock`), `gc/NAME.json` (gc records), and `tmp/` for
+/// writes in progress (`NAME.HOST-PID.N.tmp`). Writes go to `tmp/`, are fsynced, renamed into place,
 /// and the target directory is fsynced, so a file is either whole or absent.
 #[derive(Debug)]
 pub struct LocalBackend {
@@ -101,6 +147,64 @@ impl LocalBackend {
             FileKind::VmMetadata => self.root.join("vms").join(format!("{name}.json")),
             FileKind::Journal => self.root.join("journal").join(format!("{name}.json")),
             FileKind::Key => self.root.join("keys").join(format!("{name}.json")),
+            FileKind::Lock => self.root.join("locks").join(format!("{name}.json")),
+            FileKind::Gc => self.root.join("gc").join(format!("{name}.json")),
+        }
+    }
+
+    /// Writes `data` durably to a new file in `tmp/` for a write of
+    /// `name` (its name says which process of which host writes it), and
+    /// makes sure `target`'s directory exists.
+    fn write_tmp(&self, target: &Path, name: &str, data: &[u8]) -> Result<PathBuf> {
+        let dir = target.parent().unwrap_or(&self.root).to_path_buf();
+        if !dir.exists() {
+            create_private_dir(&dir)?;
+            sync_dir(dir.parent().unwrap_or(&self.root))?;
+        }
+        let tmp = self.root.join("tmp").join(format!(
+            "{name}.{}-{}.{}.tmp",
+            crate::lease::host_key(),
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(Error::io(&tmp))?;
+        if let Err(e) = file.write_all(data).and_then(|()| file.sync_all()) {
+            // A full disk must not leave the partial file behind for gc.
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(&tmp)(e));
+        }
+        Ok(tmp)
+    }
+
+    /// True when partial file `name` in `tmp/` belongs to no running
+    /// writer: a dead process of this host, or untouched for
+    /// [`PARTIAL_MAX_AGE`] (another host's, in a shared directory).
+    fn is_abandoned(&self, name: &str) -> bool {
+        let path = self.root.join("tmp").join(name);
+        let old = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age >= PARTIAL_MAX_AGE);
+        // NAME.HOST-PID.N.tmp, or NAME.PID.N.tmp from earlier versions.
+        let mut parts = name.rsplitn(4, '.');
+        let (_tmp, _n, writer) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
+        let (host, pid) = match writer.split_once('-') {
+            Some((host, pid)) => (host.to_string(), pid),
+            None => (crate::lease::host_key(), writer),
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            return old;
+        };
+        if host == crate::lease::host_key() {
+            old || !crate::lease::process_alive(pid, 0)
+        } else {
+            old
         }
     }
 }
@@ -120,37 +224,44 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 impl Backend for LocalBackend {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
         let target = self.path(kind, name);
-        let dir = target.parent().unwrap_or(&self.root).to_path_buf();
-        if !dir.exists() {
-            create_private_dir(&dir)?;
-            sync_dir(dir.parent().unwrap_or(&self.root))?;
-        }
-        let tmp = self.root.join("tmp").join(format!(
-            "{name}.{}.{}.tmp",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(Error::io(&tmp))?;
-        let written = file
-            .write_all(data)
-            .and_then(|()| file.sync_all())
-            .map_err(Error::io(&tmp))
-            .and_then(|()| {
-                drop(file);
-                fs::rename(&tmp, &target).map_err(Error::io(&target))
-            });
-        if let Err(e) = written {
-            // A full disk or a failed rename must not leave the partial
-            // file behind for gc.
+        let tmp = self.write_tmp(&target, name, data)?;
+        if let Err(e) = fs::rename(&tmp, &target) {
+            // A failed rename must not leave the partial file behind.
             let _ = fs::remove_file(&tmp);
-            return Err(e);
+            return Err(Error::io(&target)(e));
         }
-        sync_dir(&dir)
+        sync_dir(target.parent().unwrap_or(&self.root))
+    }
+
+    /// `link(2)` fails when the target exists: one atomic create-if-absent,
+    /// on every POSIX file system (NFS included).
+    fn create(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<bool> {
+        let target = self.path(kind, name);
+        let tmp = self.write_tmp(&target, name, data)?;
+        let linked = fs::hard_link(&tmp, &target);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                sync_dir(target.parent().unwrap_or(&self.root))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io(&target)(e)),
+        }
+    }
+
+    fn list_dated(&self, kind: FileKind) -> Result<Vec<(String, Option<jiff::Timestamp>)>> {
+        Ok(self
+            .list(kind)?
+            .into_iter()
+            .map(|name| {
+                let time = fs::metadata(self.path(kind, &name))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| jiff::Timestamp::try_from(t).ok());
+                (name, time)
+            })
+            .collect())
     }
 
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
@@ -197,6 +308,8 @@ impl Backend for LocalBackend {
             FileKind::VmMetadata => list_suffix(&self.root.join("vms"), ".json", &mut names)?,
             FileKind::Journal => list_suffix(&self.root.join("journal"), ".json", &mut names)?,
             FileKind::Key => list_suffix(&self.root.join("keys"), ".json", &mut names)?,
+            FileKind::Lock => list_suffix(&self.root.join("locks"), ".json", &mut names)?,
+            FileKind::Gc => list_suffix(&self.root.join("gc"), ".json", &mut names)?,
             FileKind::Pack => {
                 let packs = self.root.join("packs");
                 for entry in fs::read_dir(&packs).map_err(Error::io(&packs))? {
@@ -223,7 +336,11 @@ impl Backend for LocalBackend {
     fn list_partial(&self) -> Result<Vec<String>> {
         let mut names = Vec::new();
         list_suffix(&self.root.join("tmp"), ".tmp", &mut names)?;
-        Ok(names.into_iter().map(|n| format!("{n}.tmp")).collect())
+        Ok(names
+            .into_iter()
+            .map(|n| format!("{n}.tmp"))
+            .filter(|n| self.is_abandoned(n))
+            .collect())
     }
 
     fn remove_partial(&self) -> Result<usize> {
@@ -386,6 +503,17 @@ impl Backend for MemoryBackend {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         files.remove(&(kind, name.to_string()));
         Ok(())
+    }
+
+    fn create(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<bool> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        match files.entry((kind, name.to_string())) {
+            std::collections::btree_map::Entry::Occupied(_) => Ok(false),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(data.to_vec());
+                Ok(true)
+            }
+        }
     }
 
     fn list_partial(&self) -> Result<Vec<String>> {

@@ -15,7 +15,8 @@
 //!   a manifest that vanishes *without* forget is noticed;
 //! - `lost_restore_points`: such vanished restore points, kept (with their
 //!   manifest text) for verify to report and repair to restore.
-//! - `runs`: what each backup run did, for the daemon and the reapers.
+//! - `runs`: what each backup run did, for the daemon and the reapers;
+//! - `condemned`: packs gc records condemn (`catalogue/condemned.rs`).
 //!
 //! Schema version 2 added the first three tables; a version 1 catalogue
 //! is migrated when it is opened for writing.
@@ -30,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::pack::{BlobKind, Compression, PackEntry};
 
+mod condemned;
 mod job_runs;
 mod keyed;
 mod runs;
@@ -41,8 +43,9 @@ pub use runs::RunRow;
 pub const CATALOGUE_FILE: &str = "catalogue.sqlite";
 
 /// Version 2 added runs, quarantine and forget bookkeeping; version 3 the
-/// `vm_metadata` table; version 4 `job_runs`. Each only added tables.
-const SCHEMA_VERSION: i64 = 4;
+/// `vm_metadata` table; version 4 `job_runs`; version 5 `condemned`. Each
+/// only added tables.
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS disks(
@@ -139,7 +142,8 @@ pub struct RestorePointRow {
 }
 
 /// Records pack `name` and its blobs in `tx`. Without `replace`, a blob
-/// already indexed elsewhere keeps its first location.
+/// already indexed elsewhere keeps its first location, unless that is a
+/// condemned pack and this one is not.
 fn index_pack(
     tx: &rusqlite::Transaction<'_>,
     name: &str,
@@ -157,8 +161,13 @@ fn index_pack(
         "INSERT OR REPLACE INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
     } else {
-        "INSERT OR IGNORE INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        "INSERT INTO blobs(id, pack, offset, stored_len, raw_len, kind, compression)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT(id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset,
+             stored_len = excluded.stored_len, raw_len = excluded.raw_len,
+             kind = excluded.kind, compression = excluded.compression
+         WHERE blobs.pack IN (SELECT p.id FROM packs p JOIN condemned c ON c.pack = p.name)
+           AND excluded.pack NOT IN (SELECT p.id FROM packs p JOIN condemned c ON c.pack = p.name)"
     })?;
     for e in entries {
         stmt.execute(params![
@@ -241,7 +250,7 @@ impl Catalogue {
         };
         if create {
             cat.conn
-                .execute_batch(&[SCHEMA, job_runs::SCHEMA].concat())
+                .execute_batch(&[SCHEMA, job_runs::SCHEMA, condemned::SCHEMA].concat())
                 .map_err(wrap)?;
             cat.conn
                 .pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -254,7 +263,7 @@ impl Catalogue {
             if (1..SCHEMA_VERSION).contains(&version) {
                 // Later versions only added tables.
                 cat.conn
-                    .execute_batch(&[SCHEMA, job_runs::SCHEMA].concat())
+                    .execute_batch(&[SCHEMA, job_runs::SCHEMA, condemned::SCHEMA].concat())
                     .map_err(wrap)?;
                 cat.conn
                     .pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -328,15 +337,6 @@ impl Catalogue {
             raw_len,
         };
         Ok(Some(BlobLocation { pack, entry }))
-    }
-
-    /// True when blob `id` is stored.
-    pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM blobs WHERE id = ?1")
-            .map_err(self.err())?;
-        stmt.exists([&id.0[..]]).map_err(self.err())
     }
 
     /// Records a durable pack and its blobs. A blob already indexed in

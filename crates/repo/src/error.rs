@@ -99,6 +99,11 @@ pub enum Error {
     )]
     Locked { what: String, holder: String },
 
+    #[error(
+        "this process lost its lock object {name} (no heartbeat reached the repository before it expired, or another process took it over): {what} was not committed; run it again"
+    )]
+    LockLost { name: String, what: String },
+
     #[error("a retention policy with no rule would forget every restore point")]
     EmptyRetentionPolicy,
 

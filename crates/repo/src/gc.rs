@@ -7,14 +7,18 @@
 //! [`GcOptions::max_repack`] bytes. [`plan`] decides, [`apply`] acts; a dry
 //! run is the plan alone, with estimates for other settings.
 //!
-//! gc holds the exclusive repository lock, so no backup runs beside it
-//! (see the locking table in the crate docs). Crash safety comes from the
-//! order of its steps: new packs are written durably first, then one
-//! catalogue transaction moves every live blob to its new pack and drops
-//! the old packs, and only then are old pack files deleted. A crash before
-//! the transaction leaves unindexed new packs (indexed and then dropped as
-//! duplicates by the next gc); a crash after it leaves unindexed old packs
-//! (likewise).
+//! gc runs beside backups, restores and other hosts (see the locking table
+//! in the crate docs and `condemn.rs`): packs it would delete, and packs it
+//! rewrites, are condemned first — a gc record in the repository — and
+//! deleted by a sweep once every operation that ran when they were
+//! condemned has ended; packs newer than the oldest running operation are
+//! left alone. One gc runs at a time (lock object `gc`). Crash safety
+//! comes from the order of its steps: the record first, then new packs
+//! written durably, then one catalogue transaction moves every live blob
+//! to its new pack, and only the sweep deletes old pack files. A crash
+//! before the transaction leaves unindexed new packs (indexed by the next
+//! refresh, their blobs duplicates); a crash in the sweep leaves the
+//! record, and the next gc sweeps the rest.
 
 use std::collections::HashSet;
 
@@ -83,6 +87,18 @@ pub struct GcReport {
     pub bytes_unused_after: u64,
     /// Live blobs found damaged while being copied, and quarantined.
     pub blobs_quarantined: u64,
+    /// Packs condemned by this run (those deleted or rewritten above):
+    /// deleted by a sweep, at once when no other operation ran.
+    pub packs_condemned: usize,
+    /// Condemned pack files deleted by this run's sweeps (this run's and
+    /// earlier runs' records), and their bytes.
+    pub packs_swept: usize,
+    pub bytes_swept: u64,
+    /// gc records swept (and removed) by this run.
+    pub records_swept: usize,
+    /// Condemned packs still waiting for operations that ran when they
+    /// were condemned (a later gc sweeps them).
+    pub packs_waiting: usize,
     /// Saved VM metadata no restore point refers to any more, removed (or,
     /// in a dry run, that would be).
     pub vm_metadata_removed: usize,
@@ -165,10 +181,18 @@ fn choose(packs: &[PackUse], max_unused: f64, max_repack: Option<u64>) -> (Vec<u
     (chosen, copied, unused)
 }
 
-/// Plans a gc: what is live, which packs go, which are rewritten.
-pub fn plan(repo: &Repository, options: &GcOptions) -> Result<GcPlan> {
+/// Plans a gc: what is live, which packs go, which are rewritten — among
+/// the packs older than `cutoff` that no gc condemned yet.
+pub fn plan(repo: &Repository, options: &GcOptions, cutoff: jiff::Timestamp) -> Result<GcPlan> {
     let backend = repo.backend().clone();
     let live = live_blobs(repo)?;
+    let condemned = repo.catalogue().condemned_packs()?;
+    let young: HashSet<String> = backend
+        .list_dated(FileKind::Pack)?
+        .into_iter()
+        .filter(|(_, time)| time.is_some_and(|t| t >= cutoff))
+        .map(|(name, _)| name)
+        .collect();
     let mut report = GcReport {
         blobs_live: live.len() as u64,
         ..Default::default()
@@ -179,6 +203,9 @@ pub fn plan(repo: &Repository, options: &GcOptions) -> Result<GcPlan> {
     // loop, and the loop takes the catalogue again.
     let packs = repo.catalogue().packs()?;
     for (name, size) in packs {
+        if condemned.contains(&name) || young.contains(&name) {
+            continue;
+        }
         let entries = repo.catalogue().blobs_in_pack(&name)?;
         let (keep, drop): (Vec<_>, Vec<_>) =
             entries.into_iter().partition(|e| live.contains(&e.id));
@@ -249,7 +276,9 @@ impl Repository {
                 what: "gc (it walks every block map)".into(),
             });
         }
-        let _lock = self.lock_exclusive(wait)?;
+        // Repair on this host waits; backups and other hosts do not.
+        let _local = self.lock_local_shared(wait)?;
+        let _gc = crate::lease::acquire(self.backend(), "gc", "gc", "gc", wait, self.lock_ttl())?;
         collect_garbage(self, options)
     }
 }
@@ -293,25 +322,36 @@ pub fn live_blobs(repo: &Repository) -> Result<HashSet<BlobId>> {
 /// to it, and gc may run in between.
 const VM_METADATA_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-/// Runs gc. The caller holds the exclusive lock
-/// ([`Repository::collect_garbage`] takes it).
+/// Runs gc: sweeps ripe records, then plans and condemns (see
+/// `condemn.rs`), then sweeps what it condemned if nothing else ran. The
+/// caller holds the `gc` lock object ([`Repository::collect_garbage`]
+/// takes it).
 pub(crate) fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<GcReport> {
     let backend = repo.backend().clone();
+    let start = jiff::Timestamp::now();
+    let mut swept = GcReport::default();
     let (partial, indexed) = if options.dry_run {
         (backend.list_partial()?.len(), 0)
     } else {
         let partial = backend.remove_partial()?;
         repo.expire_resumable(crate::resume::RESUMABLE_MAX_AGE)?;
-        let indexed = index_unknown_packs(repo)?;
-        repo.quarantine_missing_packs()?;
-        (partial, indexed)
+        let refreshed = repo.refresh_packs()?;
+        crate::condemn::sweep(repo, &mut swept)?;
+        (partial, refreshed.indexed)
     };
-    let plan = plan(repo, &options)?;
+    let cutoff = crate::condemn::cutoff(backend.as_ref(), start)?;
+    let plan = plan(repo, &options, cutoff)?;
     let mut report = if options.dry_run {
         plan.report
     } else {
-        apply(repo, plan)?
+        let mut report = apply(repo, plan)?;
+        report.packs_waiting = 0;
+        crate::condemn::sweep(repo, &mut report)?;
+        report
     };
+    report.packs_swept += swept.packs_swept;
+    report.bytes_swept += swept.bytes_swept;
+    report.records_swept += swept.records_swept;
     report.partial_files_removed = partial;
     report.packs_indexed = indexed;
     let unused = crate::vm::unreferenced(repo, VM_METADATA_GRACE)?;
@@ -326,10 +366,11 @@ pub(crate) fn collect_garbage(repo: &Repository, options: GcOptions) -> Result<G
     Ok(report)
 }
 
-/// Carries out a plan: live blobs of the packs to rewrite are copied into
-/// new packs, byte for byte (no recompression) after checking each against
-/// its id; then one catalogue transaction moves them and drops the old
-/// packs; then the old files are deleted.
+/// Carries out a plan: the packs to delete and to rewrite are condemned
+/// (a gc record, before anything else); live blobs of the packs to
+/// rewrite are copied into new packs, byte for byte (no recompression)
+/// after checking each against its id; then one catalogue transaction
+/// moves them to the new packs. The old files go in a sweep.
 pub fn apply(repo: &Repository, plan: GcPlan) -> Result<GcReport> {
     let backend = repo.backend().clone();
     let GcPlan {
@@ -337,6 +378,13 @@ pub fn apply(repo: &Repository, plan: GcPlan) -> Result<GcReport> {
         rewrite,
         mut report,
     } = plan;
+    let gone: Vec<String> = delete
+        .iter()
+        .chain(&rewrite)
+        .map(|p| p.name.clone())
+        .collect();
+    report.packs_condemned = gone.len();
+    crate::condemn::condemn(repo, gone)?;
     let mut added = Vec::new();
     let mut builder = PackBuilder::with_capacity(repo.config().pack_size as usize);
     let write =
@@ -375,17 +423,11 @@ pub fn apply(repo: &Repository, plan: GcPlan) -> Result<GcReport> {
         write(builder, &mut added)?;
     }
     report.packs_written = added.len();
-
-    let gone: Vec<String> = delete.into_iter().chain(rewrite).map(|p| p.name).collect();
-    repo.catalogue().replace_packs(&gone, &added)?;
-    // A rewritten pack can have the very name of an old one (same blobs at
-    // the same offsets): that file now holds live blobs and must stay.
-    for name in gone
-        .iter()
-        .filter(|name| !added.iter().any(|(new, _, _)| new == *name))
-    {
-        backend.remove(FileKind::Pack, name)?;
-    }
+    // The new packs take over the live blobs; the old ones keep only dead
+    // rows until the sweep deletes them. (A rewritten pack can have the
+    // very name of an old one — same blobs at the same offsets: the sweep
+    // finds live blobs in it and keeps it.)
+    repo.catalogue().replace_packs(&[], &added)?;
     Ok(report)
 }
 

@@ -20,30 +20,104 @@ use crate::repository::Repository;
 use crate::store::BlobReader;
 use crate::tree::{self, FANOUT, Tree, TreeShape};
 
+/// What [`Repository::refresh_packs`] found.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RefreshReport {
+    /// Packs the store no longer holds.
+    pub vanished: usize,
+    /// Blobs quarantined because their pack vanished unexplained.
+    pub quarantined: usize,
+    /// Packs indexed that the catalogue did not know.
+    pub indexed: usize,
+    /// Blobs whose copy was found in another pack.
+    pub relocated: usize,
+}
+
 impl Repository {
-    /// Quarantines the blobs of packs the catalogue lists but storage no
-    /// longer holds (a deleted or lost pack file), so that backups store
-    /// those blobs again rather than deduplicate against nothing. Returns
-    /// how many blobs were quarantined.
+    /// Brings this host's index of packs up to date with the store, which
+    /// other hosts (and gc) change: the condemned set from gc records,
+    /// packs that vanished, packs it does not know yet. Runs when a cached
+    /// repository opens, before a backup and in gc.
+    ///
+    /// A vanished pack that gc condemned is forgotten quietly; one nobody
+    /// condemned (a deleted or lost file) has its blobs quarantined, so
+    /// that backups store them again rather than deduplicate against
+    /// nothing. Either way, blobs left without a location are looked for in
+    /// the other packs' indexes (gc keeps a blob's live copy in another
+    /// pack before it deletes one; a race may have stored it twice), which
+    /// reads every pack index once — only after packs vanished.
     ///
     /// Safe beside backups: the catalogue is read before storage is
     /// listed, and a pack is on storage before it is indexed, so a pack
-    /// written meanwhile is never taken for a missing one (gc, which
-    /// removes packs, cannot run beside a backup).
-    pub(crate) fn quarantine_missing_packs(&self) -> Result<usize> {
+    /// written meanwhile is never taken for a missing one.
+    pub(crate) fn refresh_packs(&self) -> Result<RefreshReport> {
+        let mut report = RefreshReport::default();
         if self.is_read_only() {
-            return Ok(0);
+            return Ok(report);
         }
+        let records = crate::condemn::load(self.backend().as_ref())?;
+        let current: Vec<(String, String)> = records
+            .iter()
+            .flat_map(|(name, r)| r.packs.iter().map(|p| (p.clone(), name.clone())))
+            .collect();
+        // Condemned before (a record swept since) or now: either explains
+        // a pack that vanished.
+        let mut condemned = self.catalogue().condemned_packs()?;
+        condemned.extend(current.iter().map(|(p, _)| p.clone()));
+        self.catalogue().set_condemned(&current)?;
         let known = self.catalogue().packs()?;
         let present: HashSet<String> = self.backend().list(FileKind::Pack)?.into_iter().collect();
-        let mut quarantined = 0;
+        let mut lost: HashSet<BlobId> = HashSet::new();
         for (name, _) in known.iter().filter(|(n, _)| !present.contains(n)) {
-            tracing::warn!(pack = %name, "pack file missing from storage; its blobs are quarantined");
-            quarantined += self
-                .catalogue()
-                .quarantine_pack(name, "its pack file is missing from storage")?;
+            let entries = self.catalogue().blobs_in_pack(name)?;
+            lost.extend(entries.iter().map(|e| e.id));
+            if condemned.contains(name) {
+                tracing::debug!(pack = %name, "a condemned pack was deleted by gc");
+                self.catalogue().drop_pack(name)?;
+            } else {
+                tracing::warn!(pack = %name, "pack file missing from storage; its blobs are quarantined");
+                report.quarantined += self
+                    .catalogue()
+                    .quarantine_pack(name, "its pack file is missing from storage")?;
+            }
+            report.vanished += 1;
         }
-        Ok(quarantined)
+        report.indexed = crate::gc::index_unknown_packs(self)?;
+        if report.indexed > 0 {
+            tracing::info!(
+                packs = report.indexed,
+                "indexed packs the local catalogue did not know"
+            );
+        }
+        lost.retain(|id| self.catalogue().locate(id).ok().flatten().is_none());
+        if !lost.is_empty() {
+            report.relocated = self.relocate(&mut lost)?;
+        }
+        Ok(report)
+    }
+
+    /// Finds other copies of the blobs in `lost` in the indexes of the
+    /// packs the catalogue knows, and indexes them; returns how many.
+    fn relocate(&self, lost: &mut HashSet<BlobId>) -> Result<usize> {
+        let mut found = 0;
+        for (name, size) in self.catalogue().packs()? {
+            if lost.is_empty() {
+                break;
+            }
+            let entries = match crate::pack::read_index(self.backend().as_ref(), &name) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::warn!(pack = %name, error = %e, "pack index unreadable while looking for copies");
+                    continue;
+                }
+            };
+            let copies: Vec<_> = entries.into_iter().filter(|e| lost.remove(&e.id)).collect();
+            if !copies.is_empty() {
+                found += copies.len();
+                self.catalogue().insert_pack(&name, size, &copies)?;
+            }
+        }
+        Ok(found)
     }
 
     /// Blocks of `tree` whose stored copy is quarantined or missing, as

@@ -82,12 +82,14 @@
 //! is kept unless the plan allows it to go) and [`Repository::forget`]
 //! applies the plan, so a dry run shows exactly what a real run does.
 //! [`Repository::collect_garbage`] walks every remaining block map (shared
-//! subtrees once), deletes packs with nothing referenced, and rewrites
+//! subtrees once), condemns packs with nothing referenced, and rewrites
 //! packs until the unused bytes left are within
 //! [`GcOptions::max_unused`] of the live ones (most freed per byte copied
-//! first; new packs first, then one catalogue transaction, then deletion
-//! of the old files). It plans, then applies: a dry run is the plan. It
-//! also removes VM metadata that no restore point names once it is a day
+//! first; a gc record condemning the old packs first, then the new packs,
+//! then one catalogue transaction, and the old files go in a sweep once
+//! every operation that ran when they were condemned has ended — see
+//! Locking and `condemn.rs`). It plans, then applies: a dry run is the
+//! plan. It also removes VM metadata that no restore point names once it is a day
 //! old (a run saves it before committing the restore points that name it).
 //!
 //! # Append-only repositories
@@ -98,26 +100,38 @@
 //! asks (`append_only.rs`).
 //!
 //! # Locking
-//! Processes coordinate with kernel file locks in `locks/`, which vanish
-//! with their holder, so a killed process never leaves a stale lock. The
-//! repository takes the repository lock itself for forget, diff, verify,
-//! gc and repair; a backup's locks are taken by its caller (who holds them
-//! around hypervisor steps too) before [`Repository::begin_backup`].
+//! Two layers. **Kernel file locks** in `locks/` (of the local cache
+//! directory for an S3 repository) keep the processes of one host apart
+//! and vanish with their holder. **Lock objects** in the repository itself
+//! (`locks/NAME.json`, `lease.rs`; format in `docs/formats.md`) show every
+//! host who holds what: an owner (host, boot id, pid and its start time),
+//! a heartbeat renewed every minute and an expiry five minutes on. One of
+//! a dead process of the same host is stale at once, one of another host
+//! once expired; either is taken over, so a killed process never makes the
+//! next run hang. Exclusive ones are created with a conditional write
+//! ([`Backend::create`]: `link` on a directory, `If-None-Match: *` on S3)
+//! and read back. A holder whose lock object was lost (taken over, or no
+//! heartbeat before its expiry) commits nothing ([`Error::LockLost`]).
+//! The repository takes what each operation needs itself, except a
+//! backup's locks, taken by its caller (who holds them around hypervisor
+//! steps too) before [`Repository::begin_backup`].
 //!
-//! | operation            | repository lock | disk lock | safe beside                     | because |
-//! |----------------------|-----------------|-----------|---------------------------------|---------|
-//! | backup               | shared          | exclusive | backups of other disks, restore, verify, list, diff, forget | packs are write-once, named by content; SQLite serialises index writes; two backups of one disk are refused by the disk lock |
-//! | restore, diff, show  | shared          | –         | everything but gc and repair    | they only read committed restore points, whose blobs only gc deletes |
-//! | verify               | shared          | –         | everything but gc and repair    | read-only; partial files of running backups are reported, not judged |
-//! | forget               | shared          | –         | backup, restore, verify         | it only removes manifests; blobs stay until gc, and every tree is complete, so a running backup whose parent is forgotten still has its base |
-//! | gc                   | exclusive       | –         | nothing (waits or fails "locked") | it deletes blobs: no backup may be choosing to reuse one at the same time |
-//! | repair               | exclusive       | –         | nothing                         | it replaces the catalogue |
-//! | list                 | none            | –         | everything                      | a SQLite read transaction sees a consistent catalogue |
+//! | operation            | this host (kernel)      | all hosts (lock object) | safe beside                     | because |
+//! |----------------------|-------------------------|-------------------------|---------------------------------|---------|
+//! | backup               | repository shared, disk exclusive | `op-TOKEN`, `disk-KEY` (exclusive) | everything but repair on its host; a backup of the same disk anywhere is refused | packs are write-once, named by content; the catalogue is refreshed (condemned packs, other hosts' packs) after `op-` exists and before any dedup decision, and blobs in condemned packs are stored again |
+//! | restore, diff, show  | repository shared       | `op-TOKEN`              | everything but repair on its host | they read committed restore points; gc deletes a pack only after every operation that ran when it was condemned ended |
+//! | verify               | repository shared       | `op-TOKEN`              | everything but repair on its host | read-only; partial files of running backups are reported, not judged |
+//! | forget               | repository shared       | `op-TOKEN`              | backup, restore, verify, gc     | it only removes manifests; every tree is complete, so a running backup whose parent is forgotten still has its base — a backup checks its parent's manifest after registering, and gc waits for it |
+//! | gc                   | repository shared       | `gc` (exclusive)        | backups, restores, verify, forget on any host; one gc at a time | it condemns (a gc record), and sweeps only what is still unreferenced once every operation listed when it condemned has ended (`condemn.rs`); packs newer than the oldest running operation are never touched |
+//! | repair               | repository exclusive    | –                       | nothing on its host             | it replaces this host's catalogue (a cache for S3) |
+//! | list                 | none                    | –                       | everything                      | a SQLite read transaction sees a consistent catalogue |
 //!
 //! Locks are taken in one order: job lock, repository lock, VM lock, disk
 //! lock, then the catalogue mutex ([`Repository::catalogue`]), which is
 //! held only for one call and never across another that takes it (see
 //! ARCHITECTURE.md). Job, VM and disk locks are tried once, never queued.
+//! Job, VM and key-slot locks are kernel locks only: jobs and VMs belong
+//! to one host's configuration.
 //!
 //! # Encryption at rest
 //! Chosen at init ([`InitOptions::encryption`]). Every encode and decode
@@ -149,8 +163,10 @@
 //!
 //! # Storage backends
 //! Files live behind the [`Backend`] trait: write-once, atomic, durable
-//! named files. [`LocalBackend`] is the file system; [`MemoryBackend`] is for
-//! tests. An object store only needs the same five operations.
+//! named files, plus a conditional create and an in-place replace for
+//! lock objects and gc records, which carry no guest data (never sealed,
+//! and removable in an append-only repository). [`LocalBackend`] is the
+//! file system; [`MemoryBackend`] is for tests; `cbtvault-s3` is S3.
 //!
 //! # Crates used
 //! `blake3` (fast, SIMD and tree-hashing, the ids), `zstd` (compression with
@@ -167,6 +183,7 @@
 mod append_only;
 mod backend;
 mod catalogue;
+mod condemn;
 mod copy;
 mod crypto;
 mod encryption;
@@ -177,6 +194,7 @@ mod heal;
 mod id;
 mod journal;
 mod key;
+mod lease;
 mod lock;
 mod manifest;
 mod pack;
@@ -201,6 +219,7 @@ pub use forget::{Decision, ForgetPlan, ForgetSelection, KeepPolicy};
 pub use gc::{DEFAULT_MAX_UNUSED, GcEstimate, GcOptions, GcReport};
 pub use id::{BlobId, is_all_zero};
 pub use key::{KEY_SLOT_FORMAT, KdfParams, KeySlot, Secret, SecretKind};
+pub use lease::{LOCK_FORMAT, Lease, LockRecord, LockTtl, Owner};
 pub use lock::Lock;
 pub use manifest::{BackupMode, BackupStats, MAX_VIRTUAL_SIZE, Manifest, SourceInfo};
 pub use repair::{RepairReport, repair, repair_keyed};

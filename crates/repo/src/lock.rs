@@ -1,5 +1,6 @@
-//! Advisory file locks between cbtvault processes (see the locking table in
-//! the crate documentation).
+//! Advisory file locks between cbtvault processes of one host, each with
+//! the lock object that shows it to other hosts where one is needed (see
+//! the locking table in the crate documentation and `lease.rs`).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::os::unix::fs::OpenOptionsExt;
@@ -7,11 +8,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::lease::Lease;
 
 /// A held lock; released when dropped (or when the process dies, which is
-/// why these are kernel locks and not lock files that could go stale).
+/// why these are kernel locks and not lock files that could go stale),
+/// with its lock object in the repository when it has one (removed when
+/// dropped, stale when the process dies).
 #[derive(Debug)]
 pub struct Lock {
+    // Dropped first: the lock object goes before the kernel lock.
+    lease: Option<Lease>,
     _file: File,
     path: PathBuf,
 }
@@ -20,6 +26,16 @@ impl Lock {
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The lock object that shows this lock to other hosts, if any.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    pub(crate) fn with_lease(mut self, lease: Option<Lease>) -> Lock {
+        self.lease = lease;
+        self
     }
 }
 
@@ -54,6 +70,7 @@ pub fn acquire(path: &Path, what: &str, mode: LockMode, wait: Duration) -> Resul
         match attempt {
             Ok(()) => {
                 return Ok(Lock {
+                    lease: None,
                     _file: file,
                     path: path.to_path_buf(),
                 });
@@ -65,7 +82,7 @@ pub fn acquire(path: &Path, what: &str, mode: LockMode, wait: Duration) -> Resul
                 return Err(Error::Locked {
                     what: what.to_string(),
                     holder: match mode {
-                        LockMode::Shared => "an exclusive operation such as gc or repair".into(),
+                        LockMode::Shared => "an exclusive operation such as repair".into(),
                         LockMode::Exclusive => "a backup, restore or other operation".into(),
                     },
                 });

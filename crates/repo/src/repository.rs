@@ -143,6 +143,8 @@ pub struct Repository {
     /// Manifests that could not be read when the repository was opened
     /// (name, why): each costs only its own restore point.
     unreadable_manifests: Vec<(String, String)>,
+    /// How long lock objects live without a heartbeat.
+    lock_ttl: crate::lease::LockTtl,
 }
 
 /// True when the repository's files cannot be changed by this process
@@ -278,13 +280,7 @@ impl Repository {
             Catalogue::open(&catalogue, true)?;
         }
         let repo = Self::open_with_key(local, backend, key)?;
-        let indexed = crate::gc::index_unknown_packs(&repo)?;
-        if indexed > 0 {
-            tracing::info!(
-                packs = indexed,
-                "indexed packs the local catalogue did not know"
-            );
-        }
+        repo.refresh_packs()?;
         Ok(repo)
     }
 
@@ -368,6 +364,7 @@ impl Repository {
             _private_copy: private_copy,
             read_only,
             unreadable_manifests: Vec::new(),
+            lock_ttl: crate::lease::LockTtl::default(),
         };
         repo.unreadable_manifests = repo.reconcile()?;
         // Bookkeeping only: a failure here must not keep a repository from
@@ -436,6 +433,22 @@ impl Repository {
             cat.remove_forget_mark(id)?;
         }
         Ok(unreadable)
+    }
+
+    /// Brings this host's catalogue up to date with the store: packs and
+    /// manifests other hosts wrote, packs gc condemned or deleted. Opening
+    /// a cached repository and starting a backup do it themselves; a
+    /// long-running process calls it before listing or restoring.
+    pub fn refresh(&self) -> Result<()> {
+        self.refresh_packs()?;
+        self.reindex_manifests()?;
+        Ok(())
+    }
+
+    /// Indexes manifests other hosts committed (or forgot) since this
+    /// repository was opened; returns how many cannot be read.
+    pub(crate) fn reindex_manifests(&self) -> Result<usize> {
+        Ok(self.reconcile()?.len())
     }
 
     /// Manifests that could not be read when the repository was opened
@@ -518,17 +531,41 @@ impl Repository {
     }
 
     /// The shared repository lock: held by every operation that reads or
-    /// adds data (backup, restore, verify, diff, forget).
+    /// adds data (backup, restore, verify, diff, forget). Beside the
+    /// kernel lock it registers an operation lock object, which tells gc on
+    /// any host that this operation runs and since when (see `condemn.rs`).
     pub fn lock_shared(&self) -> Result<Lock> {
-        lock::acquire(
+        let lock = lock::acquire(
             &self.lock_path("repository"),
             "the repository",
             LockMode::Shared,
             Duration::from_secs(5),
+        )?;
+        if self.read_only {
+            return Ok(lock);
+        }
+        let what = std::env::args()
+            .nth(1)
+            .map(|command| format!("cbtvault {command}"))
+            .unwrap_or_else(|| "a cbtvault operation".into());
+        let lease = crate::lease::register(&self.backend, &what, self.lock_ttl)?;
+        Ok(lock.with_lease(Some(lease)))
+    }
+
+    /// The kernel lock alone, shared: gc, which keeps repair on this host
+    /// out but must not count as an operation it waits for itself.
+    pub(crate) fn lock_local_shared(&self, wait: Duration) -> Result<Lock> {
+        lock::acquire(
+            &self.lock_path("repository"),
+            "the repository",
+            LockMode::Shared,
+            wait,
         )
     }
 
-    /// The exclusive repository lock: gc and repair, which delete files.
+    /// The exclusive repository lock: repair, which replaces this host's
+    /// catalogue. It keeps this host's processes out (a kernel lock);
+    /// gc no longer takes it (see the locking table).
     pub fn lock_exclusive(&self, wait: Duration) -> Result<Lock> {
         lock::acquire(
             &self.lock_path("repository"),
@@ -538,15 +575,43 @@ impl Repository {
         )
     }
 
-    /// The per-disk lock: one backup of a disk at a time.
+    /// The per-disk lock: one backup of a disk at a time, on any host (a
+    /// kernel lock for this host, and lock object `disk-KEY` for all).
     pub fn lock_disk(&self, disk: &str) -> Result<Lock> {
         let key = hex::encode(&blake3::hash(disk.as_bytes()).as_bytes()[..8]);
-        lock::acquire(
+        let what = format!("disk {disk:?}");
+        let lock = lock::acquire(
             &self.lock_path(&format!("disk-{key}")),
-            &format!("disk {disk:?}"),
+            &what,
             LockMode::Exclusive,
             Duration::ZERO,
+        )?;
+        if self.read_only {
+            return Ok(lock);
+        }
+        let lease = crate::lease::acquire(
+            &self.backend,
+            &format!("disk-{key}"),
+            "disk",
+            &format!("a backup of {what}"),
+            Duration::ZERO,
+            self.lock_ttl,
         )
+        .map_err(|e| match e {
+            Error::Locked { holder, .. } => Error::Locked { what, holder },
+            e => e,
+        })?;
+        Ok(lock.with_lease(Some(lease)))
+    }
+
+    /// How long this repository's lock objects live without a heartbeat.
+    pub fn lock_ttl(&self) -> crate::lease::LockTtl {
+        self.lock_ttl
+    }
+
+    /// Changes it (tests, and hosts whose store answers slowly).
+    pub fn set_lock_ttl(&mut self, ttl: crate::lease::LockTtl) {
+        self.lock_ttl = ttl;
     }
 
     /// The per-job lock: one run of a configured job at a time (a second
@@ -587,6 +652,14 @@ impl Repository {
     /// follows.
     pub fn commit(&self, manifest: &Manifest) -> Result<String> {
         self.require_writable("a backup")?;
+        // A lock object lost means gc on another host may have judged this
+        // process gone: what it wrote may already be condemned.
+        if let Some(name) = crate::lease::lost() {
+            return Err(Error::LockLost {
+                name,
+                what: format!("the restore point of disk {:?}", manifest.disk),
+            });
+        }
         manifest.validate().map_err(|what| Error::Manifest {
             name: manifest.disk.clone(),
             what: format!("refusing to commit: {what}"),

@@ -234,12 +234,27 @@ impl Repository {
     /// Starts writing a restore point of `spec.disk`. The caller holds the
     /// disk's lock and the shared repository lock (see the locking table):
     /// runs of the disk still marked running are closed as `interrupted`,
-    /// and a new run is recorded. Packs the catalogue lists but storage
-    /// lacks are quarantined first, so that nothing deduplicates against
-    /// them.
+    /// and a new run is recorded. The catalogue is refreshed from the
+    /// store first ([`Repository::refresh_packs`]: packs other hosts wrote,
+    /// packs gc condemned or deleted), after the caller's operation lock
+    /// object exists, so that nothing deduplicates against a pack gc may
+    /// delete without gc waiting for this backup (see `condemn.rs`); the
+    /// parent's manifest must still be in the store then.
     pub fn begin_backup(self: &Arc<Self>, spec: BackupSpec<'_>) -> Result<BackupWriter> {
         self.require_writable("a backup")?;
-        self.quarantine_missing_packs()?;
+        self.refresh_packs()?;
+        if let Some(parent) = spec.parent {
+            // Forgotten meanwhile (on another host): its blocks may be
+            // condemned, and this backup would build on them unseen.
+            self.backend()
+                .size(crate::backend::FileKind::Manifest, &parent.id)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "disk {:?}: the parent restore point {} is no longer in the repository ({e}); run the backup again",
+                        spec.disk, parent.id
+                    ))
+                })?;
+        }
         let packs = self.pack_writer(spec.compression_level)?;
         let parent = spec
             .parent
@@ -249,6 +264,16 @@ impl Repository {
         let mut base = parent.as_ref().map(|(_, tree, size)| (*tree, *size));
         if let Some(resume) = spec.resume {
             let from = resume.record();
+            if !self.all_stored(&from.tree) {
+                // gc (on another host, after this disk's last run died)
+                // condemned or deleted what the record kept: building on
+                // it would commit blocks a sweep deletes.
+                self.discard_resumable(spec.disk)?;
+                return Err(Error::InvalidArgument(format!(
+                    "disk {:?}: gc condemned blocks the interrupted backup had stored, so it cannot be resumed; its resume record is discarded: run the backup again",
+                    spec.disk
+                )));
+            }
             let parent_id = parent.as_ref().map(|(id, _, _)| id.as_str());
             if from.disk != spec.disk
                 || from.parent.as_deref() != parent_id
@@ -300,6 +325,28 @@ impl Repository {
             touched,
             stats: BackupStats::default(),
         })
+    }
+
+    /// True when every blob of `tree` is stored in a pack no gc condemned.
+    fn all_stored(&self, tree: &crate::tree::Tree) -> bool {
+        struct Check<'a>(&'a crate::catalogue::Catalogue, bool);
+        impl crate::tree::Visitor for Check<'_> {
+            fn node(&mut self, _level: u32, _index: u64, id: &BlobId) -> Result<bool> {
+                self.1 &= self.0.contains(id)?;
+                Ok(self.1)
+            }
+            fn leaf(&mut self, _first: u64, ids: &[BlobId]) -> Result<()> {
+                for id in ids.iter().filter(|id| !id.is_zero()) {
+                    self.1 &= self.0.contains(id)?;
+                }
+                Ok(())
+            }
+        }
+        let (Ok(reader), Ok(cat)) = (self.reader(), self.open_catalogue()) else {
+            return false;
+        };
+        let mut check = Check(&cat, true);
+        crate::tree::walk(tree, &reader, &mut check).is_ok() && check.1
     }
 
     /// An encoder of blocks for [`BackupWriter::push`], compressing at

@@ -12,4 +12,5 @@ mod integration {
     mod tree;
     mod vm;
     mod writer;
+    mod writers;
 }

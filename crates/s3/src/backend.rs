@@ -2,8 +2,9 @@
 //!
 //! Keys mirror the local layout under the location's prefix:
 //! `cbtvault.json`, `packs/XY/NAME.pack`, `manifests/NAME.json`,
-//! `vms/NAME.json`, `journal/NAME.json`, and `damaged/…` for what repair
-//! sets aside — so a local repository copied into a bucket as it is (say
+//! `vms/NAME.json`, `journal/NAME.json`, `keys/ID.json`, `locks/NAME.json`
+//! (lock objects), `gc/NAME.json` (gc records), and `damaged/…` for what
+//! repair sets aside — so a local repository copied into a bucket as it is (say
 //! with `aws s3 sync`) opens as an S3 repository, and back.
 //!
 //! An object is visible only once whole: a PUT, or for packs (larger than
@@ -13,6 +14,13 @@
 //! less than it was given is caught before a manifest refers to it. The
 //! client retries timeouts, dropped connections and 5xx answers (503
 //! SlowDown included) with exponential backoff for up to three minutes.
+//!
+//! Lock objects are created with a conditional PUT (`If-None-Match: *`,
+//! object_store's `PutMode::Create`): of two hosts, the store lets one
+//! create it and answers the other 412. A create whose answer was lost and
+//! that was retried meets its own object: it reads it back and compares.
+//! A store that ignores the header lets the last writer win; the lock then
+//! degrades to "read back and back off" (see the repo crate's `lease.rs`).
 //!
 //! The repository is synchronous; object_store is async. The backend owns
 //! a small runtime and waits for each request on the calling thread (a
@@ -26,7 +34,9 @@ use bytes::Bytes;
 use cbtvault_repo::{Backend, FileKind};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 
 use crate::error::{Error, Result};
 use crate::location::{Credentials, S3Location};
@@ -137,6 +147,8 @@ impl S3Backend {
             FileKind::VmMetadata => format!("vms/{name}.json"),
             FileKind::Journal => format!("journal/{name}.json"),
             FileKind::Key => format!("keys/{name}.json"),
+            FileKind::Lock => format!("locks/{name}.json"),
+            FileKind::Gc => format!("gc/{name}.json"),
         };
         self.under_prefix(&file)
     }
@@ -254,12 +266,19 @@ impl Backend for S3Backend {
     }
 
     fn list(&self, kind: FileKind) -> cbtvault_repo::Result<Vec<String>> {
+        Ok(self.list_dated(kind)?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    fn list_dated(
+        &self,
+        kind: FileKind,
+    ) -> cbtvault_repo::Result<Vec<(String, Option<jiff::Timestamp>)>> {
         let (dir, suffix) = match kind {
             FileKind::Config => {
                 let key = self.key_text(kind, cbtvault_repo::CONFIG_FILE);
                 let path = Key::from(key.clone());
                 return match self.run(move |store| async move { store.head(&path).await }) {
-                    Ok(_) => Ok(vec![cbtvault_repo::CONFIG_FILE.to_string()]),
+                    Ok(_) => Ok(vec![(cbtvault_repo::CONFIG_FILE.to_string(), None)]),
                     Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
                     Err(e) => Err(self.error(&key, e)),
                 };
@@ -269,6 +288,8 @@ impl Backend for S3Backend {
             FileKind::VmMetadata => ("vms", ".json"),
             FileKind::Journal => ("journal", ".json"),
             FileKind::Key => ("keys", ".json"),
+            FileKind::Lock => ("locks", ".json"),
+            FileKind::Gc => ("gc", ".json"),
         };
         let prefix = Key::from(self.under_prefix(dir));
         let text = prefix.to_string();
@@ -278,17 +299,50 @@ impl Backend for S3Backend {
                 store.list(Some(&prefix)).try_collect::<Vec<_>>().await
             })
             .map_err(|e| self.error(&text, e))?;
-        let mut names: Vec<String> = metas
+        let mut names: Vec<(String, Option<jiff::Timestamp>)> = metas
             .into_iter()
             .filter_map(|m| {
+                let time =
+                    jiff::Timestamp::from_millisecond(m.last_modified.timestamp_millis()).ok();
                 m.location
                     .filename()
                     .and_then(|f| f.strip_suffix(suffix))
-                    .map(str::to_string)
+                    .map(|n| (n.to_string(), time))
             })
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    fn create(&self, kind: FileKind, name: &str, data: &[u8]) -> cbtvault_repo::Result<bool> {
+        let path = self.key(kind, name);
+        let text = path.to_string();
+        let payload = Bytes::copy_from_slice(data);
+        let put = self.run(move |store| async move {
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            store
+                .put_opts(&path, PutPayload::from(payload), options)
+                .await
+        });
+        match put {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                // Ours, when a retry met the object its first try made.
+                match self.read(kind, name) {
+                    Ok(existing) => Ok(existing == data),
+                    Err(_) => Ok(false),
+                }
+            }
+            Err(e) => Err(self.error(&text, e)),
+        }
+    }
+
+    fn replace(&self, kind: FileKind, name: &str, data: &[u8]) -> cbtvault_repo::Result<()> {
+        let key = self.key_text(kind, name);
+        self.put(&key, data).map_err(|e| self.error(&key, e))
     }
 
     fn remove(&self, kind: FileKind, name: &str) -> cbtvault_repo::Result<()> {

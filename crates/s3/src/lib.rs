@@ -19,9 +19,11 @@
 //! - **Credentials**: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (and
 //!   `AWS_SESSION_TOKEN`), or a profile of the shared credentials file —
 //!   never the command line.
-//! - **Locks** are the local kernel locks, in the cache directory: they
-//!   keep the processes of one host apart, not two hosts. One host writes
-//!   a bucket's repository at a time.
+//! - **Locks**: the kernel locks in the cache directory keep the processes
+//!   of one host apart; lock objects in the bucket (`locks/NAME.json`,
+//!   created with a conditional PUT, `If-None-Match: *`) keep hosts apart
+//!   and tell gc what runs, so several hosts back up into one bucket at
+//!   once and gc runs beside them (the repo crate's Locking section).
 //!
 //! # Crates used
 //! `object_store` (the Apache Arrow project's object-store client: S3

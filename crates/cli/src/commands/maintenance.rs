@@ -319,6 +319,23 @@ pub fn gc(g: &Global, path: &Path, wait: u64, options: GcOptions) -> Result<Exit
                 String::new()
             }
         );
+        if !dry_run {
+            outln!(
+                "{} packs condemned; swept {} packs ({}) of {} gc records{}",
+                report.packs_condemned,
+                report.packs_swept,
+                output::bytes(report.bytes_swept),
+                report.records_swept,
+                if report.packs_waiting > 0 {
+                    format!(
+                        "; {} condemned packs wait for operations that ran when they were condemned (a later gc deletes them)",
+                        report.packs_waiting
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -85,18 +85,21 @@ fn a_forget_plan_changes_nothing_and_applying_it_forgets_exactly_what_it_says() 
 }
 
 #[test]
-fn gc_takes_the_exclusive_lock_itself_and_waits_for_no_shared_holder() -> Result<()> {
+fn gc_runs_beside_a_shared_holder_and_only_repair_keeps_it_out() -> Result<()> {
     let (_dir, repo) = new_repo(32 << 20);
     let held = repo.lock_shared()?;
+    repo.collect_garbage(GcOptions::default(), Duration::ZERO)?;
+    drop(held);
+    let repair = repo.lock_exclusive(Duration::ZERO)?;
     let result = repo.collect_garbage(GcOptions::default(), Duration::ZERO);
     assert!(matches!(result, Err(Error::Locked { .. })), "{result:?}");
-    drop(held);
+    drop(repair);
     repo.collect_garbage(GcOptions::default(), Duration::ZERO)?;
     Ok(())
 }
 
 #[test]
-fn forget_and_diff_take_the_shared_lock_so_they_never_run_beside_gc() -> Result<()> {
+fn forget_and_diff_take_the_shared_lock_so_they_never_run_beside_repair() -> Result<()> {
     let (_dir, repo) = new_repo(32 << 20);
     let mut writer = repo.pack_writer(None)?;
     let a = writer.add(BlobKind::Data, &data_block(1))?;
@@ -111,14 +114,14 @@ fn forget_and_diff_take_the_shared_lock_so_they_never_run_beside_gc() -> Result<
     assert_eq!(repo.diff(&first, &second)?, vec![1..2]);
 
     let plan = repo.forget_plan(&ForgetSelection::Ids(vec![first.id.clone()]), false)?;
-    let gc = repo.lock_exclusive(Duration::ZERO)?;
+    let repair = repo.lock_exclusive(Duration::ZERO)?;
     // Each waits its bounded time (5 s) for the lock, then says who holds it.
     assert!(matches!(repo.forget(&plan), Err(Error::Locked { .. })));
     assert!(matches!(
         repo.diff(&first, &second),
         Err(Error::Locked { .. })
     ));
-    drop(gc);
+    drop(repair);
     assert_eq!(repo.forget(&plan)?, 1);
     Ok(())
 }
