@@ -68,6 +68,61 @@ pub struct FileSource {
     file: Arc<File>,
     path: PathBuf,
     size: u64,
+    buffers: BufferPool,
+}
+
+/// Read buffers that come back when the data read into them is dropped, so
+/// that a backup reuses the few the pipeline holds at once instead of
+/// taking fresh zeroed pages from the kernel for every read: page faults
+/// and page clearing were a fifth of a full backup's CPU.
+#[derive(Clone, Debug, Default)]
+struct BufferPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+/// More than the backup pipeline ever holds at once (its reads in flight
+/// plus its queues); a buffer beyond it is freed.
+const POOLED_BUFFERS: usize = 64;
+
+impl BufferPool {
+    /// A buffer of `len` bytes (old content, about to be overwritten).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut buf = reused.unwrap_or_default();
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
+        buf
+    }
+
+    /// `buf` as shared bytes that return it here when the last is dropped.
+    fn share(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
+}
+
+struct Pooled {
+    buf: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut pool = self.pool.0.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buf);
+        }
+    }
 }
 
 impl FileSource {
@@ -108,6 +163,7 @@ impl FileSource {
             file: Arc::new(file),
             path: path.to_path_buf(),
             size,
+            buffers: BufferPool::default(),
         })
     }
 }
@@ -142,12 +198,11 @@ impl DiskSource for FileSource {
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, BoxError> {
         let file = self.file.clone();
-        let buf = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, offset).map(|()| buf)
-        })
-        .await??;
-        Ok(Bytes::from(buf))
+        let mut buf = self.buffers.take(len);
+        let buf =
+            tokio::task::spawn_blocking(move || file.read_exact_at(&mut buf, offset).map(|()| buf))
+                .await??;
+        Ok(self.buffers.share(buf))
     }
 
     async fn allocated(&self) -> Result<Option<BlockMap>, BoxError> {

@@ -185,6 +185,16 @@ impl PackBuilder {
         }
     }
 
+    /// An empty pack in a buffer of a pack already written (its memory is
+    /// reused, not its content).
+    pub fn reusing(mut data: Vec<u8>) -> Self {
+        data.clear();
+        PackBuilder {
+            data,
+            entries: Vec::new(),
+        }
+    }
+
     /// Appends a blob's stored bytes.
     pub fn push(
         &mut self,

@@ -332,6 +332,9 @@ pub struct PackWriter {
     /// Blobs in packs the flusher has not indexed yet.
     in_flight: Arc<Mutex<HashSet<BlobId>>>,
     flusher: Option<Flusher>,
+    /// The buffer of the last pack the flusher wrote, for the next pack:
+    /// two buffers take turns instead of fresh pages per pack.
+    spare: Arc<Mutex<Option<Vec<u8>>>>,
     /// Opens the flusher's own catalogue connection.
     open_catalogue: Arc<dyn Fn() -> Result<Catalogue> + Send + Sync>,
     target: usize,
@@ -372,6 +375,7 @@ impl PackWriter {
             pending: HashSet::new(),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             flusher: None,
+            spare: Arc::new(Mutex::new(None)),
             open_catalogue,
             target,
             compressor,
@@ -436,10 +440,7 @@ impl PackWriter {
         if self.builder.is_empty() {
             return Ok(());
         }
-        let builder = std::mem::replace(
-            &mut self.builder,
-            PackBuilder::with_capacity(self.target + self.target / 8),
-        );
+        let builder = std::mem::replace(&mut self.builder, PackBuilder::with_capacity(0));
         let pack = builder.finish();
         self.in_flight().extend(pack.entries.iter().map(|e| e.id));
         self.pending.clear();
@@ -454,6 +455,13 @@ impl PackWriter {
                 "the pack flusher stopped".into(),
             )));
         }
+        // The flusher took this pack only after writing the previous one,
+        // whose buffer now waits in `spare`.
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.builder = match spare {
+            Some(buffer) => PackBuilder::reusing(buffer),
+            None => PackBuilder::with_capacity(self.target + self.target / 8),
+        };
         Ok(())
     }
 
@@ -461,6 +469,7 @@ impl PackWriter {
         let catalogue = (self.open_catalogue)()?;
         let backend = self.backend.clone();
         let in_flight = self.in_flight.clone();
+        let spare = self.spare.clone();
         // A rendezvous: the next pack is handed over only once the previous
         // one is written, so at most two full packs are in memory (one
         // being written, one filled), whatever the disk.
@@ -477,6 +486,8 @@ impl PackWriter {
                     for e in &pack.entries {
                         set.remove(&e.id);
                     }
+                    drop(set);
+                    *spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(pack.bytes);
                 }
                 Ok(())
             })
