@@ -361,14 +361,24 @@ impl Suite {
             }
         }
         // Restores of the last state, each timed until its data is on disk.
+        // The write ceiling runs before and after them and counts its
+        // faster run: a write into memory the previous step just freed is
+        // cheaper on this VM, and the ceiling must not lose by its place.
         let expected = tools::file_hash(image)?;
+        let ceiling = work.join("ceiling.img");
+        let (before, written) = ceilings::durable_write(image, &ceiling)?;
         let restored = work.join("restored.img");
         let outcome = cbt.restore(&latest, &restored)?;
         tools::check_same("cbtvault", &restored, expected)?;
         std::fs::remove_file(&restored)?;
         self.push(size, "file", "cbtvault", "restore", bytes, outcome);
-        let (cost, written) = ceilings::durable_write(image, &work.join("ceiling.img"))?;
-        self.push_ceiling(size, "write+fsync", "restore", written, cost);
+        let (after, _) = ceilings::durable_write(image, &ceiling)?;
+        let best = if after.wall_s < before.wall_s {
+            after
+        } else {
+            before
+        };
+        self.push_ceiling(size, "write+fsync", "restore", written, best);
         if let Some(r) = &restic {
             let target = work.join("restic-restore");
             let (o, file) = r.restore(image, &target)?;

@@ -441,6 +441,15 @@ pub fn index_unknown_packs(repo: &Repository) -> Result<usize> {
         .into_iter()
         .map(|(n, _)| n)
         .collect();
+    // A pack repair left out (every blob of it damaged or stored
+    // elsewhere) still has an intact index: its quarantined copies must not
+    // come back through it, or a backup would deduplicate against damage.
+    let damaged: HashSet<(String, u64)> = repo
+        .catalogue()
+        .quarantined()?
+        .into_iter()
+        .map(|q| (q.pack, q.offset))
+        .collect();
     let mut count = 0;
     for name in backend.list(FileKind::Pack)? {
         if known.contains(&name) {
@@ -449,7 +458,11 @@ pub fn index_unknown_packs(repo: &Repository) -> Result<usize> {
         match pack::read_index(backend.as_ref(), &name) {
             Ok(entries) => {
                 let size = backend.size(FileKind::Pack, &name)?;
-                repo.catalogue().insert_pack(&name, size, &entries)?;
+                let sound: Vec<_> = entries
+                    .into_iter()
+                    .filter(|e| !damaged.contains(&(name.clone(), e.offset)))
+                    .collect();
+                repo.catalogue().insert_pack(&name, size, &sound)?;
                 count += 1;
             }
             Err(e) => tracing::warn!(pack = %name, error = %e, "unreadable pack left in place"),
