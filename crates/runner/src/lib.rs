@@ -52,6 +52,7 @@ mod copy_job;
 mod error;
 mod limits;
 mod login;
+mod qemu_layout;
 mod report;
 mod restore;
 mod restore_vm;

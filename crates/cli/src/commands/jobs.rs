@@ -97,6 +97,7 @@ pub fn backup_qemu_once(
         qmp_socket: socket.to_path_buf(),
         nbd_socket: args.nbd_socket.clone(),
         max_disks: 1,
+        vm: None,
     };
     let target = Target::Qemu {
         host,
@@ -479,6 +480,7 @@ pub fn cleanup(g: &Global, args: &CleanupArgs) -> Result<ExitCode> {
                     qmp_socket: PathBuf::from(socket),
                     nbd_socket: args.nbd_socket.clone(),
                     max_disks: 1,
+                    vm: None,
                 },
                 nodes: vec![cbtvault_runner::QemuNode {
                     node: node.clone(),
