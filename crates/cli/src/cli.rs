@@ -179,9 +179,10 @@ pub enum Command {
         /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
         id: String,
     },
-    /// Rebuild a whole VM in a XenServer pool from a VM-level backup: its
-    /// settings, every disk (new VDIs at the same device positions) and its
-    /// network interfaces.
+    /// Rebuild a whole VM from a VM-level backup: in a XenServer pool (--sr)
+    /// its settings, every disk (new VDIs at the same device positions) and
+    /// its network interfaces; for QEMU (--to DIR) every drive's image and
+    /// the recorded drive layout.
     RestoreVm(Box<RestoreVmArgs>),
     /// Restore a restore point, byte-exact, to a sparse file, an NBD export or a new VDI.
     #[command(group(clap::ArgGroup::new("remote").args(["xapi"])))]
@@ -632,6 +633,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 /// `restore-vm`.
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").args(["sr", "to"]).required(true)))]
 pub struct RestoreVmArgs {
     /// The VM-level restore point: VM (its newest), VM@DATE (the newest run
     /// at or before DATE) or the id of any of its disks' restore points.
@@ -644,24 +646,42 @@ pub struct RestoreVmArgs {
     #[arg(long, env = "CBTVAULT_REPO")]
     pub repo: Option<PathBuf>,
     /// The pool to restore into (needed when the configuration has several).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub pool: Option<String>,
-    /// The SR (uuid) the VM's disks are restored to.
+    /// A XenServer VM: the SR (uuid) its disks are restored to.
     #[arg(long)]
-    pub sr: String,
+    pub sr: Option<String>,
+    /// A QEMU VM: the directory (new or empty) its images, layout.json and
+    /// the qemu-storage-daemon.args and qemu.args fragments are written to.
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<PathBuf>,
+    /// With --to: the images' format.
+    #[arg(long, value_enum, default_value_t = ImageFormatArg::Raw, requires = "to")]
+    pub format: ImageFormatArg,
     /// The new VM's name (default: the backed-up VM's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub name: Option<String>,
     /// Put the VIFs on network OLD (the backed-up VM's network: name, uuid
     /// or bridge) on the pool's network NEW (name, uuid or bridge) instead.
     /// Repeat for several networks.
-    #[arg(long = "network-map", value_name = "OLD=NEW")]
+    #[arg(long = "network-map", value_name = "OLD=NEW", conflicts_with = "to")]
     pub network_map: Vec<String>,
     /// Give the network interfaces new MAC addresses (default: the saved
     /// ones, which clash if the original VM still runs).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub new_macs: bool,
     /// Start the VM once restored (default: left halted).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub start: bool,
+    /// Print what would be made (VM, disks, sizes, target, names, network
+    /// mapping) after checking it, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `restore-vm --format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormatArg {
+    Raw,
+    Qcow2,
 }

@@ -9,6 +9,7 @@ mod keys;
 mod maintenance;
 mod points;
 mod restore_vm;
+mod restore_vm_qemu;
 mod serve;
 
 pub use points::local_time;
