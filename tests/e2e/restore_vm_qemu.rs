@@ -358,7 +358,10 @@ fn bad_targets_and_unknown_vms_are_refused_and_leave_nothing() {
 
     // A QEMU VM into a pool: said so.
     let err = s.fails(&["restore-vm", "web1", "--config", cfg, "--sr", "x"]);
-    assert!(err.contains("--to") || err.contains("pool"), "{err}");
+    assert!(
+        err.contains("backed up from QEMU") && err.contains("--to DIR"),
+        "{err}"
+    );
     assert!(!target.exists());
 
     // A failure half-way (the packs hidden, so no image can be read):

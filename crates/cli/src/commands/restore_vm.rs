@@ -139,14 +139,6 @@ pub(super) fn wording(e: cbtvault_runner::Error, nothing: &str) -> anyhow::Error
 
 pub fn restore_vm(g: &Global, args: &RestoreVmArgs) -> Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let pool = match &args.sr {
-        Some(_) => {
-            let pool = super::jobs::config_pool(&config, &args.config, args.pool.as_deref())?;
-            cbtvault_runner::client_options(&pool)?;
-            Some(pool)
-        }
-        None => None,
-    };
     let repo_path = args
         .repo
         .clone()
@@ -155,7 +147,7 @@ pub fn restore_vm(g: &Global, args: &RestoreVmArgs) -> Result<ExitCode> {
     let points = run_points(&repo, &args.vm)?;
     let _lock = repo.lock_shared()?;
     let qemu = cbtvault_runner::is_qemu_vm(&repo, &points)?;
-    match (&args.to, pool) {
+    match (&args.to, &args.sr) {
         (Some(dir), _) if qemu => super::restore_vm_qemu::restore(g, args, &repo, &points, dir),
         (Some(_), _) => bail!(usage!(
             "VM {:?} was backed up from a XenServer pool: restore it into a pool with --sr SR instead of --to; nothing was written",
@@ -165,7 +157,11 @@ pub fn restore_vm(g: &Global, args: &RestoreVmArgs) -> Result<ExitCode> {
             "VM {:?} was backed up from QEMU: restore its images and drive layout into a directory with --to DIR instead of --sr; nothing was created",
             args.vm
         )),
-        (None, Some(pool)) => xen(g, args, &repo, &points, &pool),
+        (None, Some(_)) => {
+            let pool = super::jobs::config_pool(&config, &args.config, args.pool.as_deref())?;
+            cbtvault_runner::client_options(&pool)?;
+            xen(g, args, &repo, &points, &pool)
+        }
         (None, None) => bail!(usage!(
             "give --sr SR (a XenServer VM) or --to DIR (a QEMU VM)"
         )),
