@@ -28,7 +28,18 @@ fn run_points(repo: &Repository, spec: &str) -> Result<Vec<RestorePointRow>> {
         Ok(found) => found,
         // A bare VM name or uuid: its newest run.
         Err(e) if !spec.contains('@') => {
-            super::points::resolve_all(repo, &format!("{spec}@latest")).map_err(|_| e)?
+            super::points::resolve_all(repo, &format!("{spec}@latest")).map_err(|_| {
+                if spec.chars().all(|c| c.is_ascii_hexdigit()) {
+                    e
+                } else {
+                    failure::tagged(
+                        failure::kind::NOT_FOUND,
+                        format!(
+                            "no VM named {spec:?} has restore points in this repository (`cbtvault list` shows the VMs and ids)"
+                        ),
+                    )
+                }
+            })?
         }
         Err(e) => return Err(e),
     };
