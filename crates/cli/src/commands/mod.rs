@@ -80,7 +80,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             if only_changed {
                 if to == "xapi" {
                     anyhow::bail!(crate::failure::usage!(
-                        "--only-changed rewrites an existing disk (a file, block device or NBD                          export); --to xapi makes a new VDI"
+                        "--only-changed rewrites an existing disk (a file, block device or NBD export); --to xapi makes a new VDI, and a VDI cannot be rewritten in place (xapi-nbd serves VDIs read-only): restore it into a new VDI with --to xapi --sr SR"
                     ));
                 }
                 let state = data::KnownState {
