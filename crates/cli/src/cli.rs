@@ -199,8 +199,13 @@ pub enum Command {
         #[command(flatten)]
         login: XapiLogin,
         /// With --to xapi: the SR to create the VDI on.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "vdi")]
         sr: Option<String>,
+        /// With --to xapi --only-changed: the existing VDI to roll back (or
+        /// forward); only the blocks that differ are uploaded, as a sparse
+        /// VHD.
+        #[arg(long, requires = "only_changed", value_name = "UUID")]
+        vdi: Option<String>,
         /// With --to xapi: take the pool's address and credentials from this
         /// configuration file instead of --xapi.
         #[arg(long, conflicts_with = "xapi")]
@@ -215,10 +220,11 @@ pub enum Command {
         /// The NBD target reads as zeros already (a new image): skip writing zero blocks.
         #[arg(long)]
         target_is_zero: bool,
-        /// Roll back an existing disk (a file, block device or NBD export
-        /// holding another state of this disk): write only the blocks that
-        /// differ, found by hashing the target (several readers at once)
-        /// or, with --target-state, from the block maps.
+        /// Roll back an existing disk (a file, block device, NBD export or,
+        /// with --to xapi --vdi, a VDI holding another state of this disk):
+        /// write only the blocks that differ, found by hashing the target
+        /// (several readers at once) or, with --target-state, from the
+        /// block maps (for a VDI: the block maps and its CBT).
         #[arg(long, conflicts_with_all = ["force", "target_is_zero"])]
         only_changed: bool,
         /// With --only-changed: the restore point the target holds now (it

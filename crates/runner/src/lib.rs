@@ -73,7 +73,7 @@ pub use copy_job::{CopyJobReport, CopySpec, run_copy};
 pub use error::{Error, Result, VmRestoreRefusal};
 pub use login::client_options;
 pub use report::{DiskReport, DiskStatus, JobReport, Observer, Silent};
-pub use restore::{PoolRestore, restore_to_pool};
+pub use restore::{PoolRestore, VdiRollback, restore_to_pool, rollback_vdi};
 pub use restore_vm::{
     PlannedDisk, PlannedDrive, PlannedVif, RESTORED_FROM_KEY, RestoredDisk, RestoredVif,
     VmRestorePlan, VmRestoreRequest, VmRestored, apply_vm_restore, plan_vm_restore,

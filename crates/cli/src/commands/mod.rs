@@ -74,15 +74,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
             workers,
             login,
             sr,
+            vdi,
             config,
             pool,
         } => {
-            if only_changed {
-                if to == "xapi" {
+            if only_changed && to == "xapi" {
+                let Some(vdi) = vdi else {
                     anyhow::bail!(crate::failure::usage!(
-                        "--only-changed rewrites an existing disk (a file, block device or NBD export); --to xapi makes a new VDI, and a VDI cannot be rewritten in place (xapi-nbd serves VDIs read-only): restore it into a new VDI with --to xapi --sr SR"
+                        "--only-changed --to xapi rolls back an existing VDI: name it with --vdi UUID"
+                    ));
+                };
+                if target_changed_blocks.is_some() {
+                    anyhow::bail!(crate::failure::usage!(
+                        "--target-changed-blocks is for files and NBD exports; a VDI's changed blocks come from its CBT"
                     ));
                 }
+                let choice = jobs::PoolChoice {
+                    login: &login,
+                    config: config.as_ref(),
+                    pool: pool.as_deref(),
+                };
+                jobs::rollback_xapi(&g, &repo.repo, &id, choice, &vdi, target_state.as_deref())
+            } else if only_changed {
                 let state = data::KnownState {
                     restore_point: target_state.as_deref(),
                     changed_blocks: target_changed_blocks.as_deref(),
