@@ -139,6 +139,10 @@ pub enum Error {
     #[error(transparent)]
     Repo(#[from] cbtvault_repo::Error),
 
+    /// A VDI that cannot be rolled back as asked.
+    #[error("VDI {vdi}: {what}")]
+    VdiRollback { vdi: String, what: String },
+
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -162,15 +162,19 @@ async fn rollback_vdi_with(
         .await
         .map_err(xapi(name, &format!("reading VDI {vdi_uuid}")))?;
     if record.virtual_size != size {
-        return Err(Error::Internal(format!(
-            "VDI {vdi_uuid} is {} bytes and restore point {} is {size}: a rollback keeps the disk's size (resize the VDI first, or restore into a new VDI)",
-            record.virtual_size, rp.id
-        )));
+        return Err(Error::VdiRollback {
+            vdi: vdi_uuid.to_string(),
+            what: format!(
+                "it is {} bytes and restore point {} is {size}: a rollback keeps the disk's size (resize the VDI first, or restore into a new VDI)",
+                record.virtual_size, rp.id
+            ),
+        });
     }
     if record.is_a_snapshot || record.vdi_type == cbtvault_xenapi::VdiType::CbtMetadata {
-        return Err(Error::Internal(format!(
-            "VDI {vdi_uuid} is a snapshot or CBT metadata, not a disk to roll back"
-        )));
+        return Err(Error::VdiRollback {
+            vdi: vdi_uuid.to_string(),
+            what: "it is a snapshot or CBT metadata, not a disk to roll back".into(),
+        });
     }
     let holds = match holds {
         Some(h) => Some(h),
@@ -193,6 +197,7 @@ async fn rollback_vdi_with(
         }
     };
     // Plan: the blocks to write, or why they cannot be known.
+    let mut in_use = false;
     let plan: std::result::Result<std::collections::BTreeSet<u64>, String> = async {
         let holds = holds
             .as_ref()
@@ -212,11 +217,18 @@ async fn rollback_vdi_with(
                 holds.id
             )
         })?;
-        let changed = client
-            .vdi()
-            .list_changed_blocks(&snap, &vdi)
-            .await
-            .map_err(|e| format!("VDI.list_changed_blocks({snapshot}, {vdi_uuid}): {e}"))?;
+        let changed = match client.vdi().list_changed_blocks(&snap, &vdi).await {
+            Ok(c) => c,
+            Err(cbtvault_xenapi::Error::Xapi(cbtvault_xenapi::XapiError::VdiInUse { .. })) => {
+                in_use = true;
+                return Err("in use".into());
+            }
+            Err(e) => {
+                return Err(format!(
+                    "VDI.list_changed_blocks({snapshot}, {vdi_uuid}): {e}"
+                ));
+            }
+        };
         let (repo, rp, holds) = (repo.clone(), rp.clone(), holds.clone());
         tokio::task::spawn_blocking(move || {
             cbtvault_engine::vdi_rollback_blocks(&repo, &rp, &holds, &changed)
@@ -226,6 +238,13 @@ async fn rollback_vdi_with(
         .map_err(|e| e.to_string())?
     }
     .await;
+    if in_use {
+        // Written under a running guest, the disk would be neither state.
+        return Err(Error::VdiRollback {
+            vdi: vdi_uuid.to_string(),
+            what: "it is in use (attached to a running VM): shut the VM down or unplug the disk, then roll it back".into(),
+        });
+    }
     match plan {
         Ok(grains) => {
             // Every block is checked before the VDI is touched.
