@@ -119,7 +119,7 @@ impl SparseVhd {
             )));
         }
         if let Some(last) = grains.last()
-            && last * GRAIN >= size
+            && last.saturating_mul(GRAIN) >= size
         {
             return Err(invalid(format!(
                 "block {last} is beyond the end of a {size}-byte disk"
