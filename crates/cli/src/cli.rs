@@ -185,63 +185,7 @@ pub enum Command {
     /// the recorded drive layout.
     RestoreVm(Box<RestoreVmArgs>),
     /// Restore a restore point, byte-exact, to a sparse file, an NBD export or a new VDI.
-    #[command(group(clap::ArgGroup::new("remote").args(["xapi"])))]
-    Restore {
-        #[command(flatten)]
-        repo: RepoArg,
-        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
-        /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
-        id: String,
-        /// Where to write the disk: a file path, a writable NBD export URI, or
-        /// `xapi` (a new VDI in the pool given with --xapi, on --sr).
-        #[arg(long)]
-        to: String,
-        #[command(flatten)]
-        login: XapiLogin,
-        /// With --to xapi: the SR to create the VDI on.
-        #[arg(long, conflicts_with = "vdi")]
-        sr: Option<String>,
-        /// With --to xapi --only-changed: the existing VDI to roll back (or
-        /// forward); only the blocks that differ are uploaded, as a sparse
-        /// VHD.
-        #[arg(long, requires = "only_changed", value_name = "UUID")]
-        vdi: Option<String>,
-        /// With --to xapi: take the pool's address and credentials from this
-        /// configuration file instead of --xapi.
-        #[arg(long, conflicts_with = "xapi")]
-        config: Option<PathBuf>,
-        /// With --config: the pool to restore into (needed when the file has
-        /// several).
-        #[arg(long, requires = "config")]
-        pool: Option<String>,
-        /// Overwrite an existing file.
-        #[arg(long)]
-        force: bool,
-        /// The NBD target reads as zeros already (a new image): skip writing zero blocks.
-        #[arg(long)]
-        target_is_zero: bool,
-        /// Roll back an existing disk (a file, block device, NBD export or,
-        /// with --to xapi --vdi, a VDI holding another state of this disk):
-        /// write only the blocks that differ, found by hashing the target
-        /// (several readers at once) or, with --target-state, from the
-        /// block maps (for a VDI: the block maps and its CBT).
-        #[arg(long, conflicts_with_all = ["force", "target_is_zero"])]
-        only_changed: bool,
-        /// With --only-changed: the restore point the target holds now (it
-        /// was restored from it, or backed up as it). The blocks to write
-        /// then come from the two block maps and the target is not read;
-        /// a target changed since is not noticed.
-        #[arg(long, requires = "only_changed", value_name = "ID")]
-        target_state: Option<String>,
-        /// With --target-state: blocks written to the target since it held
-        /// that restore point, as a XenAPI-style base64 bitmap (what
-        /// VDI.list_changed_blocks returns); they are rewritten too.
-        #[arg(long, requires = "target_state", value_name = "FILE")]
-        target_changed_blocks: Option<PathBuf>,
-        /// Threads reading, checking and writing blocks.
-        #[arg(long)]
-        workers: Option<usize>,
-    },
+    Restore(Box<RestoreArgs>),
     /// Serve a restore point read-only over NBD (instant restore).
     Serve {
         #[command(flatten)]
@@ -635,6 +579,66 @@ pub struct XenArgs {
 
 fn parse_size(text: &str) -> Result<u64, String> {
     cbtvault_config::parse_size(text)
+}
+
+/// `restore`.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("remote").args(["xapi"])))]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+    /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
+    pub id: String,
+    /// Where to write the disk: a file path, a writable NBD export URI, or
+    /// `xapi` (a new VDI in the pool given with --xapi, on --sr).
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub login: XapiLogin,
+    /// With --to xapi: the SR to create the VDI on.
+    #[arg(long, conflicts_with = "vdi")]
+    pub sr: Option<String>,
+    /// With --to xapi --only-changed: the existing VDI to roll back (or
+    /// forward); only the blocks that differ are uploaded, as a sparse
+    /// VHD.
+    #[arg(long, requires = "only_changed", value_name = "UUID")]
+    pub vdi: Option<String>,
+    /// With --to xapi: take the pool's address and credentials from this
+    /// configuration file instead of --xapi.
+    #[arg(long, conflicts_with = "xapi")]
+    pub config: Option<PathBuf>,
+    /// With --config: the pool to restore into (needed when the file has
+    /// several).
+    #[arg(long, requires = "config")]
+    pub pool: Option<String>,
+    /// Overwrite an existing file.
+    #[arg(long)]
+    pub force: bool,
+    /// The NBD target reads as zeros already (a new image): skip writing zero blocks.
+    #[arg(long)]
+    pub target_is_zero: bool,
+    /// Roll back an existing disk (a file, block device, NBD export or,
+    /// with --to xapi --vdi, a VDI holding another state of this disk):
+    /// write only the blocks that differ, found by hashing the target
+    /// (several readers at once) or, with --target-state, from the
+    /// block maps (for a VDI: the block maps and its CBT).
+    #[arg(long, conflicts_with_all = ["force", "target_is_zero"])]
+    pub only_changed: bool,
+    /// With --only-changed: the restore point the target holds now (it
+    /// was restored from it, or backed up as it). The blocks to write
+    /// then come from the two block maps and the target is not read;
+    /// a target changed since is not noticed.
+    #[arg(long, requires = "only_changed", value_name = "ID")]
+    pub target_state: Option<String>,
+    /// With --target-state: blocks written to the target since it held
+    /// that restore point, as a XenAPI-style base64 bitmap (what
+    /// VDI.list_changed_blocks returns); they are rewritten too.
+    #[arg(long, requires = "target_state", value_name = "FILE")]
+    pub target_changed_blocks: Option<PathBuf>,
+    /// Threads reading, checking and writing blocks.
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 /// `restore-vm`.

@@ -62,22 +62,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
             },
         ),
         Command::Show { repo, id } => maintenance::show(&g, &repo.repo, &id),
-        Command::Restore {
-            repo,
-            id,
-            to,
-            force,
-            target_is_zero,
-            only_changed,
-            target_state,
-            target_changed_blocks,
-            workers,
-            login,
-            sr,
-            vdi,
-            config,
-            pool,
-        } => {
+        Command::Restore(args) => {
+            let crate::cli::RestoreArgs {
+                repo,
+                id,
+                to,
+                force,
+                target_is_zero,
+                only_changed,
+                target_state,
+                target_changed_blocks,
+                workers,
+                login,
+                sr,
+                vdi,
+                config,
+                pool,
+            } = *args;
             if only_changed && to == "xapi" {
                 let Some(vdi) = vdi else {
                     anyhow::bail!(crate::failure::usage!(
