@@ -20,6 +20,7 @@ mod jobs_locks;
 mod nbd;
 mod qemu;
 mod restore_vm;
+mod restore_vm_qemu;
 mod resume;
 mod rollback;
 mod runner;

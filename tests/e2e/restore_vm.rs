@@ -310,6 +310,52 @@ fn restore_vm_rebuilds_the_vm_of_the_first_run_halted_byte_exact_with_its_macs()
 fn restore_vm_starts_maps_networks_and_gives_new_macs_when_asked() {
     let t = setup();
     let selector = format!("vm-0@{}", t.first_time);
+    // The dry run prints the plan (disks, sizes, SR, names, networks) and
+    // makes nothing.
+    let counted = || {
+        t.pool.rt.block_on(async {
+            let c = t.pool.login().await;
+            counts(&c).await
+        })
+    };
+    let before = counted();
+    let plan = t.restore(
+        &selector,
+        &[
+            "--dry-run",
+            "--start",
+            "--name",
+            "vm-0 copy",
+            "--network-map",
+            "old-lan=xenbr0",
+        ],
+    );
+    assert_eq!(counted(), before, "a dry run made something: {plan}");
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    assert_eq!(plan["name"], "vm-0 copy", "{plan}");
+    assert_eq!(plan["sr"], t.sr.as_str(), "{plan}");
+    assert_eq!(plan["disks"].as_array().map(Vec::len), Some(2), "{plan}");
+    assert!(plan["disks"][0]["bytes"].as_u64().unwrap() > 0, "{plan}");
+    assert!(
+        plan["vifs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["from_network"].as_str().unwrap().contains("old-lan")),
+        "{plan}"
+    );
+    let text_plan = t.s.ok(&t
+        .args(&selector, &["--dry-run", "--network-map", "old-lan=xenbr0"])
+        .iter()
+        .filter(|a| *a != "--json")
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(
+        text_plan.contains("dry run: nothing was created"),
+        "{text_plan}"
+    );
+    assert!(text_plan.contains("old-lan"), "{text_plan}");
+    assert_eq!(counted(), before);
     let done = t.restore(
         &selector,
         &[

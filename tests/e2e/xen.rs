@@ -567,3 +567,94 @@ fn a_vdi_resized_twice_to_partial_blocks_restores_every_night() {
     let (ok, report) = s.verify(true);
     assert!(ok, "{report}");
 }
+
+/// `restore --only-changed --to xapi --vdi`: the VDI is rolled back by a
+/// sparse VHD carrying only the blocks the block maps and the VDI's CBT
+/// name; with CBT disabled it falls back to a whole upload, still exact.
+#[test]
+fn rollback_of_a_vdi_uploads_only_the_changed_blocks() {
+    let s = Scratch::new();
+    let pool = Pool::start(&s, 1);
+    let vdi = pool.vdis()[0].clone();
+    let first = pool.backup(&s, &vdi);
+    let first = first["id"].as_str().unwrap().to_string();
+    let orig = pool.copy_disk(&s, &vdi, "orig.img");
+    // 1% churn, backed up; then 1% more, not backed up.
+    let a = pool.sim().churn(&vdi, 5, 21).unwrap();
+    pool.backup(&s, &vdi);
+    let b = pool.sim().churn(&vdi, 5, 22).unwrap();
+    // Rolled back with its VM shut down: in use, it is refused.
+    let mut changed: Vec<u64> = a.iter().chain(b.iter()).copied().collect();
+    changed.sort();
+    changed.dedup();
+    let url = pool.sim.as_ref().unwrap().https_url();
+    let args_for = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "restore",
+            "--json",
+            first.as_str(),
+            "--to",
+            "xapi",
+            "--only-changed",
+            "--vdi",
+            vdi.as_str(),
+            "--xapi",
+            &url,
+            "--password-file",
+            pool.password.to_str().unwrap(),
+            "--pin",
+            pool.pin.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let roll = |extra: &[&str]| -> Value {
+        let args = args_for(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&s.ok(&args)).unwrap()
+    };
+    let args = args_for(&[]);
+    let err = s.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("in use"), "{err}");
+    pool.sim().unplug(&vdi).unwrap();
+    let v = roll(&[]);
+    let stats = &v["stats"];
+    assert_eq!(stats["method"], "block-maps+changed-blocks", "{v}");
+    assert_eq!(stats["blocks_compared"], 512, "{v}");
+    assert_eq!(stats["blocks_written"], changed.len() as u64, "{v}");
+    // The sim received only those blocks: 128 sectors each.
+    let (received, sectors) = pool.sim().last_import();
+    assert_eq!(sectors, changed.len() as u64 * 128);
+    assert_eq!(received, stats["bytes_uploaded"].as_u64().unwrap());
+    // The body carries each touched 2 MiB VHD block whole (the bitmaps
+    // say which sectors count): headers, then bitmap + 2 MiB per block.
+    let vhd_blocks = {
+        let mut v: Vec<u64> = changed.iter().map(|b| b / 32).collect();
+        v.dedup();
+        v.len() as u64
+    };
+    assert_eq!(
+        received,
+        512 + 1024 + 512 + vhd_blocks * (512 + (2 << 20)) + 512
+    );
+    assert_same_file(&orig, &pool.copy_disk(&s, &vdi, "rolled.img"));
+
+    // CBT disabled: the whole disk goes up, with the reason.
+    pool.sim().churn(&vdi, 5, 23).unwrap();
+    pool.rt.block_on(async {
+        let c = pool.login().await;
+        let r = c.vdi().get_by_uuid(&vdi).await.unwrap();
+        c.vdi().disable_cbt(&r).await.unwrap();
+        c.logout().await.unwrap();
+    });
+    let v = roll(&[]);
+    assert_eq!(v["stats"]["method"], "full", "{v}");
+    assert!(
+        v["stats"]["fallback"]
+            .as_str()
+            .unwrap()
+            .contains("CBT is disabled"),
+        "{v}"
+    );
+    assert_same_file(&orig, &pool.copy_disk(&s, &vdi, "rolled2.img"));
+}

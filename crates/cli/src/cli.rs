@@ -179,62 +179,13 @@ pub enum Command {
         /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
         id: String,
     },
-    /// Rebuild a whole VM in a XenServer pool from a VM-level backup: its
-    /// settings, every disk (new VDIs at the same device positions) and its
-    /// network interfaces.
+    /// Rebuild a whole VM from a VM-level backup: in a XenServer pool (--sr)
+    /// its settings, every disk (new VDIs at the same device positions) and
+    /// its network interfaces; for QEMU (--to DIR) every drive's image and
+    /// the recorded drive layout.
     RestoreVm(Box<RestoreVmArgs>),
     /// Restore a restore point, byte-exact, to a sparse file, an NBD export or a new VDI.
-    #[command(group(clap::ArgGroup::new("remote").args(["xapi"])))]
-    Restore {
-        #[command(flatten)]
-        repo: RepoArg,
-        /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
-        /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
-        id: String,
-        /// Where to write the disk: a file path, a writable NBD export URI, or
-        /// `xapi` (a new VDI in the pool given with --xapi, on --sr).
-        #[arg(long)]
-        to: String,
-        #[command(flatten)]
-        login: XapiLogin,
-        /// With --to xapi: the SR to create the VDI on.
-        #[arg(long)]
-        sr: Option<String>,
-        /// With --to xapi: take the pool's address and credentials from this
-        /// configuration file instead of --xapi.
-        #[arg(long, conflicts_with = "xapi")]
-        config: Option<PathBuf>,
-        /// With --config: the pool to restore into (needed when the file has
-        /// several).
-        #[arg(long, requires = "config")]
-        pool: Option<String>,
-        /// Overwrite an existing file.
-        #[arg(long)]
-        force: bool,
-        /// The NBD target reads as zeros already (a new image): skip writing zero blocks.
-        #[arg(long)]
-        target_is_zero: bool,
-        /// Roll back an existing disk (a file, block device or NBD export
-        /// holding another state of this disk): write only the blocks that
-        /// differ, found by hashing the target (several readers at once)
-        /// or, with --target-state, from the block maps.
-        #[arg(long, conflicts_with_all = ["force", "target_is_zero"])]
-        only_changed: bool,
-        /// With --only-changed: the restore point the target holds now (it
-        /// was restored from it, or backed up as it). The blocks to write
-        /// then come from the two block maps and the target is not read;
-        /// a target changed since is not noticed.
-        #[arg(long, requires = "only_changed", value_name = "ID")]
-        target_state: Option<String>,
-        /// With --target-state: blocks written to the target since it held
-        /// that restore point, as a XenAPI-style base64 bitmap (what
-        /// VDI.list_changed_blocks returns); they are rewritten too.
-        #[arg(long, requires = "target_state", value_name = "FILE")]
-        target_changed_blocks: Option<PathBuf>,
-        /// Threads reading, checking and writing blocks.
-        #[arg(long)]
-        workers: Option<usize>,
-    },
+    Restore(Box<RestoreArgs>),
     /// Serve a restore point read-only over NBD (instant restore).
     Serve {
         #[command(flatten)]
@@ -633,8 +584,69 @@ fn parse_size(text: &str) -> Result<u64, String> {
     cbtvault_config::parse_size(text)
 }
 
+/// `restore`.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("remote").args(["xapi"])))]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// Restore point: an id (a unique prefix is enough), DISK@latest, DISK@DATE
+    /// or VM@DATE (the newest at or before DATE: RFC 3339, or a date meaning its end).
+    pub id: String,
+    /// Where to write the disk: a file path, a writable NBD export URI, or
+    /// `xapi` (a new VDI in the pool given with --xapi, on --sr).
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub login: XapiLogin,
+    /// With --to xapi: the SR to create the VDI on.
+    #[arg(long, conflicts_with = "vdi")]
+    pub sr: Option<String>,
+    /// With --to xapi --only-changed: the existing VDI to roll back (or
+    /// forward); only the blocks that differ are uploaded, as a sparse
+    /// VHD.
+    #[arg(long, requires = "only_changed", value_name = "UUID")]
+    pub vdi: Option<String>,
+    /// With --to xapi: take the pool's address and credentials from this
+    /// configuration file instead of --xapi.
+    #[arg(long, conflicts_with = "xapi")]
+    pub config: Option<PathBuf>,
+    /// With --config: the pool to restore into (needed when the file has
+    /// several).
+    #[arg(long, requires = "config")]
+    pub pool: Option<String>,
+    /// Overwrite an existing file.
+    #[arg(long)]
+    pub force: bool,
+    /// The NBD target reads as zeros already (a new image): skip writing zero blocks.
+    #[arg(long)]
+    pub target_is_zero: bool,
+    /// Roll back an existing disk (a file, block device, NBD export or,
+    /// with --to xapi --vdi, a VDI holding another state of this disk):
+    /// write only the blocks that differ, found by hashing the target
+    /// (several readers at once) or, with --target-state, from the
+    /// block maps (for a VDI: the block maps and its CBT).
+    #[arg(long, conflicts_with_all = ["force", "target_is_zero"])]
+    pub only_changed: bool,
+    /// With --only-changed: the restore point the target holds now (it
+    /// was restored from it, or backed up as it). The blocks to write
+    /// then come from the two block maps and the target is not read;
+    /// a target changed since is not noticed.
+    #[arg(long, requires = "only_changed", value_name = "ID")]
+    pub target_state: Option<String>,
+    /// With --target-state: blocks written to the target since it held
+    /// that restore point, as a XenAPI-style base64 bitmap (what
+    /// VDI.list_changed_blocks returns); they are rewritten too.
+    #[arg(long, requires = "target_state", value_name = "FILE")]
+    pub target_changed_blocks: Option<PathBuf>,
+    /// Threads reading, checking and writing blocks.
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
 /// `restore-vm`.
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").args(["sr", "to"]).required(true)))]
 pub struct RestoreVmArgs {
     /// The VM-level restore point: VM (its newest), VM@DATE (the newest run
     /// at or before DATE) or the id of any of its disks' restore points.
@@ -647,24 +659,42 @@ pub struct RestoreVmArgs {
     #[arg(long, env = "CBTVAULT_REPO")]
     pub repo: Option<PathBuf>,
     /// The pool to restore into (needed when the configuration has several).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub pool: Option<String>,
-    /// The SR (uuid) the VM's disks are restored to.
+    /// A XenServer VM: the SR (uuid) its disks are restored to.
     #[arg(long)]
-    pub sr: String,
+    pub sr: Option<String>,
+    /// A QEMU VM: the directory (new or empty) its images, layout.json and
+    /// the qemu-storage-daemon.args and qemu.args fragments are written to.
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<PathBuf>,
+    /// With --to: the images' format.
+    #[arg(long, value_enum, default_value_t = ImageFormatArg::Raw, requires = "to")]
+    pub format: ImageFormatArg,
     /// The new VM's name (default: the backed-up VM's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub name: Option<String>,
     /// Put the VIFs on network OLD (the backed-up VM's network: name, uuid
     /// or bridge) on the pool's network NEW (name, uuid or bridge) instead.
     /// Repeat for several networks.
-    #[arg(long = "network-map", value_name = "OLD=NEW")]
+    #[arg(long = "network-map", value_name = "OLD=NEW", conflicts_with = "to")]
     pub network_map: Vec<String>,
     /// Give the network interfaces new MAC addresses (default: the saved
     /// ones, which clash if the original VM still runs).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub new_macs: bool,
     /// Start the VM once restored (default: left halted).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub start: bool,
+    /// Print what would be made (VM, disks, sizes, target, names, network
+    /// mapping) after checking it, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `restore-vm --format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormatArg {
+    Raw,
+    Qcow2,
 }

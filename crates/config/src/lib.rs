@@ -223,6 +223,11 @@ pub struct QemuHost {
     /// Disks of this host backed up at once, all jobs together.
     #[serde(default = "four")]
     pub max_disks: usize,
+    /// The VM whose disks this host serves, when QMP cannot name it (a
+    /// qemu-storage-daemon serving a VM's drives). A QEMU started with
+    /// `-name` is named by QMP and this is not needed.
+    #[serde(default)]
+    pub vm: Option<String>,
 }
 
 /// What a job backs up.

@@ -57,7 +57,7 @@ pub use provider::{
 pub use rename::DiskName;
 pub use restore::{
     DiskTarget, FileTarget, NbdInPlace, ReadableTarget, RestoreStats, RollbackStats, TargetState,
-    restore, rollback,
+    check_blocks, restore, restore_point_vhd, rollback, vdi_rollback_blocks,
 };
 pub use source::{DiskSource, FileSource};
 pub use throttle::Throttle;

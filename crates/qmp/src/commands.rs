@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use crate::client::Qmp;
 use crate::error::{Error, ErrorClass, Result};
 use crate::types::{
-    BlockExportInfo, BlockJobInfo, BlockNode, JobInfo, JobStatus, NameInfo, UuidInfo, VersionInfo,
-    VmIdentity,
+    BlockExportInfo, BlockInfo, BlockJobInfo, BlockNode, JobInfo, JobStatus, NameInfo, UuidInfo,
+    VersionInfo, VmIdentity,
 };
 
 /// One action of a QMP `transaction` (qapi/transaction.json): `type` and
@@ -109,6 +109,18 @@ impl Qmp {
     /// `query-named-block-nodes` with `flat: true`: every node once.
     pub async fn query_named_block_nodes(&self) -> Result<Vec<BlockNode>> {
         self.execute_as("query-named-block-nodes", json!({"flat": true}))
+            .await
+    }
+
+    /// `query-block`: the guest's drives (none in a qemu-storage-daemon).
+    pub async fn query_block(&self) -> Result<Vec<BlockInfo>> {
+        self.execute_as("query-block", Value::Null).await
+    }
+
+    /// The QOM type of the object at `path` (`qom-get` of its `type`
+    /// property, which every object has): `virtio-blk-pci`, `ide-hd`, ….
+    pub async fn qom_type(&self, path: &str) -> Result<String> {
+        self.execute_as("qom-get", json!({"path": path, "property": "type"}))
             .await
     }
 

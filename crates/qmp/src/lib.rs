@@ -56,6 +56,6 @@ pub use client::{Address, Options, Qmp};
 pub use commands::Action;
 pub use error::{Error, ErrorClass, Result};
 pub use types::{
-    BlockExportInfo, BlockJobInfo, BlockNode, DirtyBitmap, Event, Greeting, ImageInfo, JobInfo,
-    JobStatus, Version, VersionInfo, VmIdentity,
+    BlockExportInfo, BlockInfo, BlockJobInfo, BlockNode, DirtyBitmap, Event, Greeting, ImageInfo,
+    InsertedNode, JobInfo, JobStatus, Version, VersionInfo, VmIdentity,
 };

@@ -206,6 +206,34 @@ pub struct BlockExportInfo {
     pub shutting_down: bool,
 }
 
+/// One block device of `query-block`: a guest drive (its BlockBackend)
+/// and the node inserted in it. A qemu-storage-daemon has none.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlockInfo {
+    /// The BlockBackend's name (`-drive id=`); empty for a `-blockdev`
+    /// attached with `-device drive=NODE`.
+    #[serde(default)]
+    pub device: String,
+    /// The guest device's QOM path (`/machine/peripheral/ID/…`), if any.
+    #[serde(default)]
+    pub qdev: Option<String>,
+    #[serde(default)]
+    pub removable: bool,
+    #[serde(default)]
+    pub inserted: Option<InsertedNode>,
+}
+
+/// The medium of a [`BlockInfo`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct InsertedNode {
+    #[serde(rename = "node-name", default)]
+    pub node_name: String,
+    #[serde(default)]
+    pub drv: String,
+    #[serde(default)]
+    pub ro: bool,
+}
+
 /// A VM's identity as QEMU knows it (`-name`, `-uuid`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmIdentity {

@@ -139,6 +139,10 @@ async fn a_storage_daemon_runs_no_vm_so_has_no_vm_identity() {
     let qsd = Qsd::start();
     let qmp = connect(&qsd).await;
     assert_eq!(qmp.query_vm_identity().await.unwrap(), None);
+    // Nor guest drives: its nodes reach a VM through exports.
+    assert!(qmp.query_block().await.unwrap().is_empty());
+    // Every QOM object has a type.
+    assert_eq!(qmp.qom_type("/objects").await.unwrap(), "container");
 }
 
 #[tokio::test]

@@ -5,7 +5,8 @@
 //! and a whole VM rebuilt later. A VM-level run saves the VM's metadata
 //! once ([`Repository::save_vm_metadata`]): an opaque JSON document (the
 //! VM record, its VBDs, VIFs and networks, as the provider collected
-//! them) in a file `vms/ID.json` whose BLAKE3 is its id, written durably
+//! them; for QEMU, each drive's node, driver, size, guest device and
+//! exports) in a file `vms/ID.json` whose BLAKE3 is its id, written durably
 //! like a manifest and before any manifest names it. The catalogue indexes
 //! these files (`vm_metadata`) and can be rebuilt from them; verify checks
 //! each file against its id; repair sets damaged ones aside. gc never

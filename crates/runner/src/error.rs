@@ -124,11 +124,24 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// Writing a restored VM's image or layout file failed (what it wrote
+    /// is removed again).
+    #[error("restoring VM {vm:?}: writing {}: {what}", path.display())]
+    VmImage {
+        vm: String,
+        path: std::path::PathBuf,
+        what: String,
+    },
+
     #[error(transparent)]
     Engine(#[from] cbtvault_engine::Error),
 
     #[error(transparent)]
     Repo(#[from] cbtvault_repo::Error),
+
+    /// A VDI that cannot be rolled back as asked.
+    #[error("VDI {vdi}: {what}")]
+    VdiRollback { vdi: String, what: String },
 
     #[error("internal error: {0}")]
     Internal(String),
@@ -153,6 +166,14 @@ pub enum VmRestoreRefusal {
     UnknownSr,
     /// The saved metadata cannot rebuild this VM.
     BadMetadata,
+    /// The VM was backed up from another kind of hypervisor than the
+    /// restore targets (a QEMU VM into a pool, or the other way round).
+    WrongHypervisor,
+    /// The target directory holds files already.
+    TargetNotEmpty,
+    /// The target directory cannot be used (not a directory, no parent,
+    /// a tool missing).
+    TargetUnusable,
 }
 
 /// A cause kept whole (XenAPI, QMP and QEMU errors are large; boxed, an

@@ -38,6 +38,11 @@
 //! metadata and every disk), planned and checked against the pool before
 //! anything is made ([`plan_vm_restore`]), and undone if it fails half-way
 //! ([`apply_vm_restore`]);
+//! [`plan_qemu_vm_restore`] and [`apply_qemu_vm_restore`] do the same for
+//! a QEMU VM into a directory: every drive's image and the drive layout
+//! saved at backup time (a QEMU run saves what QMP tells of each node:
+//! driver, size, guest device, exports), as `layout.json` and ready
+//! `--blockdev`/`--device`/`--export` argument files;
 //! [`cleanup()`] removes what killed QEMU backups left in QEMU (the filter
 //! in the guest's I/O path, the export, the fleece image) without running
 //! one.
@@ -52,9 +57,11 @@ mod copy_job;
 mod error;
 mod limits;
 mod login;
+mod qemu_layout;
 mod report;
 mod restore;
 mod restore_vm;
+mod restore_vm_qemu;
 mod retention;
 mod run;
 mod saved_vm;
@@ -66,10 +73,15 @@ pub use copy_job::{CopyJobReport, CopySpec, run_copy};
 pub use error::{Error, Result, VmRestoreRefusal};
 pub use login::client_options;
 pub use report::{DiskReport, DiskStatus, JobReport, Observer, Silent};
-pub use restore::{PoolRestore, restore_to_pool};
+pub use restore::{PoolRestore, VdiRollback, restore_to_pool, rollback_vdi};
 pub use restore_vm::{
     PlannedDisk, PlannedDrive, PlannedVif, RESTORED_FROM_KEY, RestoredDisk, RestoredVif,
-    VmRestorePlan, VmRestoreRequest, VmRestored, apply_vm_restore, plan_vm_restore, restore_vm,
+    VmRestorePlan, VmRestoreRequest, VmRestored, apply_vm_restore, plan_vm_restore,
+    plan_vm_restore_in_pool, restore_vm,
+};
+pub use restore_vm_qemu::{
+    ImageFormat, PlannedImage, QemuVmRestorePlan, QemuVmRestoreRequest, QemuVmRestored,
+    RestoredImage, apply_qemu_vm_restore, is_qemu_vm, plan_qemu_vm_restore,
 };
 pub use run::Runner;
 pub use spec::{JobSpec, QemuNode, Target};

@@ -159,6 +159,20 @@ pub async fn restore_vm(
     result
 }
 
+/// Logs in and plans the restore of `points` into `pool`, making nothing
+/// (a dry run).
+pub async fn plan_vm_restore_in_pool(
+    pool: &Pool,
+    repo: Arc<Repository>,
+    points: &[RestorePointRow],
+    request: &VmRestoreRequest,
+) -> Result<VmRestorePlan> {
+    let client = crate::login::login(pool).await?;
+    let plan = plan_vm_restore(&client, &pool.name, &repo, points, request).await;
+    let _ = client.logout().await;
+    plan
+}
+
 fn refused(vm: &str, refusal: VmRestoreRefusal, what: String) -> Error {
     Error::VmRestore {
         vm: vm.to_string(),
@@ -206,6 +220,13 @@ pub async fn plan_vm_restore(
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
     let metadata = &saved.json;
+    if metadata.get("provider").and_then(Json::as_str) == Some(crate::qemu_layout::PROVIDER) {
+        return Err(refused(
+            &vm_label,
+            VmRestoreRefusal::WrongHypervisor,
+            "it was backed up from QEMU: restore it into a directory".into(),
+        ));
+    }
     let bad = |what: String| refused(&vm_label, VmRestoreRefusal::BadMetadata, what);
     let record = metadata
         .get("vm")

@@ -86,8 +86,11 @@ enum Hypervisor {
         host: String,
         work_dir: Option<std::path::PathBuf>,
         nbd_socket: Option<std::path::PathBuf>,
-        /// The VM QEMU runs, when it runs one (a storage daemon does not).
+        /// The VM QEMU runs, when it runs one (a storage daemon does not,
+        /// unless the configuration names it).
         vm: Option<cbtvault_qmp::VmIdentity>,
+        /// The id of the VM's saved drive layout.
+        metadata: Option<String>,
     },
     Vmware {
         client: cbtvault_vsphere::Client,
@@ -291,13 +294,29 @@ impl Runner {
                         socket: host.qmp_socket.clone(),
                         source: source.into(),
                     })?;
-                // Recorded with the restore points when QEMU runs a VM.
+                // Recorded with the restore points when QEMU runs a VM, or
+                // when the configuration names the VM a storage daemon serves.
                 let vm = match qmp.query_vm_identity().await {
                     Ok(vm) => vm,
                     Err(e) => {
                         warn!(error = %e, "could not ask QEMU which VM it runs");
                         None
                     }
+                }
+                .or_else(|| {
+                    host.vm.clone().map(|name| cbtvault_qmp::VmIdentity {
+                        name: Some(name),
+                        uuid: None,
+                    })
+                });
+                // The VM's drive layout, once for the run: a whole-VM
+                // restore puts each image back in its place.
+                let metadata = match &vm {
+                    Some(vm) => {
+                        let names: Vec<String> = nodes.iter().map(|n| n.node.clone()).collect();
+                        crate::qemu_layout::save_layout(&qmp, repo, &host.name, vm, &names).await
+                    }
+                    None => None,
                 };
                 let limits = JobLimits::new(
                     &self.limits,
@@ -315,6 +334,7 @@ impl Runner {
                         work_dir: host.qmp_socket.parent().map(|p| p.to_path_buf()),
                         nbd_socket: host.nbd_socket.clone(),
                         vm,
+                        metadata,
                     },
                     limits,
                     captures,
@@ -437,6 +457,7 @@ impl JobContext<'_> {
                     work_dir,
                     nbd_socket,
                     vm,
+                    metadata,
                 },
                 Capture::QemuNode(node),
             ) => {
@@ -456,7 +477,7 @@ impl JobContext<'_> {
                         host: host.clone(),
                         disk_label: None,
                         device: Some(node.node.clone()),
-                        metadata: None,
+                        metadata: metadata.clone(),
                     }),
                 };
                 let disk_options = cbtvault_qemu::DiskOptions {

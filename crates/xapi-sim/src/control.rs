@@ -503,6 +503,16 @@ impl Sim {
         self.inner.nbd_connections_peak.load(Ordering::SeqCst)
     }
 
+    /// The last `/import_raw_vdi` upload that finished (or failed): body
+    /// bytes received, and 512-byte sectors written to the VDI.
+    pub fn last_import(&self) -> (u64, u64) {
+        *self
+            .inner
+            .last_import
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Makes the SR holding VDI `vdi_uuid` of type `sr_type` (one of
     /// [`crate::SR_TYPES`]): `nocbt` has no changed-block tracking,
     /// `dummy` keeps sizes exact.

@@ -6,7 +6,8 @@
 //! connection tells them apart; the certificate is generated once and kept
 //! in the state directory): XML-RPC at `POST /` and `/RPC2`, JSON-RPC at
 //! `POST /jsonrpc` (can be turned off to imitate old hosts), and `PUT
-//! /import_raw_vdi`. The XenAPI subset is what a CBT backup and a restore
+//! /import_raw_vdi` (`format=raw`, or `format=vhd`: a sparse VHD whose
+//! marked sectors alone are written onto the existing VDI). The XenAPI subset is what a CBT backup and a restore
 //! use: sessions (`login_with_password`, `logout`, xapi's per-originator
 //! limits, idle expiry), the implicit getters of `VDI`, `VM`, `VBD`, `VIF`,
 //! `SR`, `PBD`, `network`, `host`, `pool`, `task` and `session`, `VDI.snapshot`,

@@ -130,6 +130,9 @@ pub(crate) struct Inner {
     pub nbd_connections: AtomicUsize,
     /// The most NBD connections that were open at once.
     pub nbd_connections_peak: AtomicUsize,
+    /// The last `/import_raw_vdi` upload: body bytes received, and sectors
+    /// written (for `format=vhd`; a raw upload counts every 512 bytes).
+    pub last_import: Mutex<(u64, u64)>,
     /// The password that logs in now (`sim.set_password` changes it).
     pub password: Mutex<String>,
     /// Logins tried, and of them refused.
@@ -216,6 +219,7 @@ impl Sim {
                 nbd_port: Mutex::new(None),
                 nbd_connections: AtomicUsize::new(0),
                 nbd_connections_peak: AtomicUsize::new(0),
+                last_import: Mutex::new((0, 0)),
                 state_file,
             }),
         };

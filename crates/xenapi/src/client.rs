@@ -429,6 +429,25 @@ impl Client {
     where
         R: AsyncRead + Send + Unpin + 'static,
     {
+        self.import(vdi, "raw", data, length).await
+    }
+
+    /// Uploads a dynamic VHD (`length` bytes from `data`, see
+    /// [`crate::vhd::SparseVhd`]) onto the existing `vdi` with
+    /// `PUT /import_raw_vdi?…&format=vhd`: xapi hands it to vhd-tool,
+    /// which writes only the sectors the VHD holds and leaves the rest of
+    /// the VDI as it is.
+    pub async fn import_vhd<R>(&self, vdi: &VdiRef, data: R, length: u64) -> Result<()>
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+    {
+        self.import(vdi, "vhd", data, length).await
+    }
+
+    async fn import<R>(&self, vdi: &VdiRef, format: &str, data: R, length: u64) -> Result<()>
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+    {
         self.call("VDI.get_uuid", vec![Value::from(vdi)]).await?;
         let session = self
             .session()
@@ -436,7 +455,7 @@ impl Client {
         let query = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("session_id", session.as_str())
             .append_pair("vdi", vdi.as_str())
-            .append_pair("format", "raw")
+            .append_pair("format", format)
             .finish();
         let stream = ReaderStream::with_capacity(data, 1 << 20).map_ok(|b: Bytes| Frame::data(b));
         let body = StreamBody::new(stream).boxed_unsync();

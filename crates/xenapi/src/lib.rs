@@ -62,6 +62,7 @@ pub mod rpc;
 mod tls;
 pub mod types;
 pub mod value;
+pub mod vhd;
 
 pub use api::{SrApi, TaskApi, VbdApi, VdiApi, VmApi};
 pub use cbtvault_tls_pin::{Password, PasswordError};

@@ -97,6 +97,7 @@ pub fn backup_qemu_once(
         qmp_socket: socket.to_path_buf(),
         nbd_socket: args.nbd_socket.clone(),
         max_disks: 1,
+        vm: None,
     };
     let target = Target::Qemu {
         host,
@@ -449,6 +450,82 @@ pub fn restore_to_xapi(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `restore ID --to xapi --only-changed --vdi UUID [--target-state ID2]
+/// (--xapi ... | --config F [--pool NAME])`: the existing VDI rolled to
+/// the restore point, uploading only the blocks that differ.
+pub fn rollback_xapi(
+    g: &Global,
+    repo: &Path,
+    id: &str,
+    choice: PoolChoice<'_>,
+    vdi: &str,
+    target_state: Option<&str>,
+) -> Result<ExitCode> {
+    let (pool, named) = match choice.config {
+        Some(path) => {
+            let config = Config::load(path)?;
+            let pool = config_pool(&config, path, choice.pool)?;
+            (pool, Named::Config)
+        }
+        None => (pool_from_flags(choice.login, 1)?, Named::Flags),
+    };
+    cbtvault_runner::client_options(&pool).map_err(|e| wording(e, named))?;
+    let repo = super::open(repo)?;
+    let rp = super::resolve(&repo, id)?;
+    let holds = match target_state {
+        Some(spec) => Some(super::resolve(&repo, spec).context("--target-state")?),
+        None => None,
+    };
+    let _lock = repo.lock_shared()?;
+    let rt = super::runtime()?;
+    let stats = rt
+        .block_on(cbtvault_runner::rollback_vdi(
+            &pool,
+            repo.clone(),
+            &rp,
+            vdi,
+            holds,
+        ))
+        .map_err(|e| wording(e, named))
+        .with_context(|| {
+            format!(
+                "rollback of VDI {vdi} to {} failed; it may hold a mix of both states now: run it again",
+                output::short(&rp.id)
+            )
+        })?;
+    if let Some(why) = &stats.fallback
+        && !g.json
+    {
+        eprintln!("warning: uploading the whole disk: {why}");
+    }
+    if g.json {
+        output::print_json(&json!({
+            "restore_point": rp.id, "disk": rp.manifest.disk, "to": "xapi",
+            "vdi": vdi, "only_changed": true, "target_state": stats.target_state,
+            "stats": {
+                "method": stats.method,
+                "fallback": stats.fallback,
+                "blocks_compared": stats.blocks_compared,
+                "blocks_written": stats.blocks_written,
+                "bytes_uploaded": stats.bytes_uploaded,
+                "duration_ms": stats.duration_ms,
+            },
+        }));
+    } else if !g.quiet {
+        outln!(
+            "rolled VDI {vdi} to {} of disk {:?}: {} of {} blocks written (compared by {}), {} uploaded, {:.1} s",
+            output::short(&rp.id),
+            rp.manifest.disk,
+            stats.blocks_written,
+            stats.blocks_compared.max(stats.blocks_written),
+            stats.method,
+            output::bytes(stats.bytes_uploaded),
+            stats.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `cleanup --config F --job J`, or `cleanup --repo R --disk D --source
 /// qmp:SOCKET --node N`: what killed QEMU backups left, removed.
 pub fn cleanup(g: &Global, args: &CleanupArgs) -> Result<ExitCode> {
@@ -479,6 +556,7 @@ pub fn cleanup(g: &Global, args: &CleanupArgs) -> Result<ExitCode> {
                     qmp_socket: PathBuf::from(socket),
                     nbd_socket: args.nbd_socket.clone(),
                     max_disks: 1,
+                    vm: None,
                 },
                 nodes: vec![cbtvault_runner::QemuNode {
                     node: node.clone(),

@@ -9,6 +9,7 @@ mod keys;
 mod maintenance;
 mod points;
 mod restore_vm;
+mod restore_vm_qemu;
 mod serve;
 
 pub use points::local_time;
@@ -61,27 +62,41 @@ pub fn run(args: Args) -> Result<ExitCode> {
             },
         ),
         Command::Show { repo, id } => maintenance::show(&g, &repo.repo, &id),
-        Command::Restore {
-            repo,
-            id,
-            to,
-            force,
-            target_is_zero,
-            only_changed,
-            target_state,
-            target_changed_blocks,
-            workers,
-            login,
-            sr,
-            config,
-            pool,
-        } => {
-            if only_changed {
-                if to == "xapi" {
+        Command::Restore(args) => {
+            let crate::cli::RestoreArgs {
+                repo,
+                id,
+                to,
+                force,
+                target_is_zero,
+                only_changed,
+                target_state,
+                target_changed_blocks,
+                workers,
+                login,
+                sr,
+                vdi,
+                config,
+                pool,
+            } = *args;
+            if only_changed && to == "xapi" {
+                let Some(vdi) = vdi else {
                     anyhow::bail!(crate::failure::usage!(
-                        "--only-changed rewrites an existing disk (a file, block device or NBD                          export); --to xapi makes a new VDI"
+                        "--only-changed --to xapi rolls back an existing VDI: name it with --vdi UUID"
+                    ));
+                };
+                if target_changed_blocks.is_some() {
+                    anyhow::bail!(crate::failure::usage!(
+                        "--target-changed-blocks is for files and NBD exports; a VDI's changed blocks come from its CBT"
                     ));
                 }
+                let choice = jobs::PoolChoice {
+                    login: &login,
+                    config: config.as_ref(),
+                    pool: pool.as_deref(),
+                };
+                jobs::rollback_xapi(&g, &repo.repo, &id, choice, &vdi, target_state.as_deref())
+            } else if only_changed {
                 let state = data::KnownState {
                     restore_point: target_state.as_deref(),
                     changed_blocks: target_changed_blocks.as_deref(),

@@ -1,17 +1,22 @@
-//! `restore-vm VM[@DATE|ID] --config F --sr SR`: a whole VM back into a
-//! pool. The command finds the restore points of one VM-level run and
-//! words the runner's refusals in terms of its flags; the runner plans,
-//! checks and makes ([`cbtvault_runner::restore_vm`]).
+//! `restore-vm VM[@DATE|ID] --config F (--sr SR | --to DIR)`: a whole VM
+//! back into a pool, or a QEMU VM's images and drive layout into a
+//! directory. The command finds the restore points of one VM-level run,
+//! words the runner's refusals in terms of its flags and prints; the
+//! runner plans, checks and makes ([`cbtvault_runner::restore_vm`],
+//! [`cbtvault_runner::plan_qemu_vm_restore`]). With `--dry-run` only the
+//! plan is made and printed.
 
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use cbtvault_config::Config;
 use cbtvault_repo::{Repository, RestorePointRow};
-use cbtvault_runner::{VmRestoreRefusal, VmRestoreRequest};
+use cbtvault_runner::{
+    ImageFormat, QemuVmRestoreRequest, VmRestorePlan, VmRestoreRefusal, VmRestoreRequest,
+};
 use serde_json::json;
 
-use crate::cli::{Global, RestoreVmArgs};
+use crate::cli::{Global, ImageFormatArg, RestoreVmArgs};
 use crate::failure::{self, usage};
 use crate::output::{self, outln};
 
@@ -23,7 +28,18 @@ fn run_points(repo: &Repository, spec: &str) -> Result<Vec<RestorePointRow>> {
         Ok(found) => found,
         // A bare VM name or uuid: its newest run.
         Err(e) if !spec.contains('@') => {
-            super::points::resolve_all(repo, &format!("{spec}@latest")).map_err(|_| e)?
+            super::points::resolve_all(repo, &format!("{spec}@latest")).map_err(|_| {
+                if spec.chars().all(|c| c.is_ascii_hexdigit()) {
+                    e
+                } else {
+                    failure::tagged(
+                        failure::kind::NOT_FOUND,
+                        format!(
+                            "no VM named {spec:?} has restore points in this repository (`cbtvault list` shows the VMs and ids)"
+                        ),
+                    )
+                }
+            })?
         }
         Err(e) => return Err(e),
     };
@@ -86,8 +102,9 @@ fn network_map(pairs: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// The runner's refusal in the command's words.
-fn wording(e: cbtvault_runner::Error) -> anyhow::Error {
+/// The runner's refusal in the command's words; `nothing` says what was
+/// not done ("nothing was created").
+pub(super) fn wording(e: cbtvault_runner::Error, nothing: &str) -> anyhow::Error {
     let refusal = match &e {
         cbtvault_runner::Error::VmRestore { refusal, .. } => refusal.clone(),
         _ => return e.into(),
@@ -117,22 +134,22 @@ fn wording(e: cbtvault_runner::Error) -> anyhow::Error {
             failure::kind::NOT_FOUND,
             "; give an SR of the pool with --sr".to_string(),
         ),
+        VmRestoreRefusal::WrongHypervisor => (failure::kind::USAGE, String::new()),
+        VmRestoreRefusal::TargetNotEmpty => (
+            failure::kind::USAGE,
+            "; give a new or empty directory with --to".to_string(),
+        ),
+        VmRestoreRefusal::TargetUnusable => (
+            failure::kind::USAGE,
+            "; give another directory with --to".to_string(),
+        ),
         _ => (failure::kind::REMOTE, String::new()),
     };
-    failure::tagged(kind, format!("{e}{hint}; nothing was created"))
+    failure::tagged(kind, format!("{e}{hint}; {nothing}"))
 }
 
 pub fn restore_vm(g: &Global, args: &RestoreVmArgs) -> Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let pool = super::jobs::config_pool(&config, &args.config, args.pool.as_deref())?;
-    let request = VmRestoreRequest {
-        sr_uuid: args.sr.clone(),
-        name: args.name.clone(),
-        network_map: network_map(&args.network_map)?,
-        new_macs: args.new_macs,
-        start: args.start,
-    };
-    cbtvault_runner::client_options(&pool)?;
     let repo_path = args
         .repo
         .clone()
@@ -140,22 +157,86 @@ pub fn restore_vm(g: &Global, args: &RestoreVmArgs) -> Result<ExitCode> {
     let repo = super::open(&repo_path)?;
     let points = run_points(&repo, &args.vm)?;
     let _lock = repo.lock_shared()?;
+    let qemu = cbtvault_runner::is_qemu_vm(&repo, &points)?;
+    match (&args.to, &args.sr) {
+        (Some(dir), _) if qemu => super::restore_vm_qemu::restore(g, args, &repo, &points, dir),
+        (Some(_), _) => bail!(usage!(
+            "VM {:?} was backed up from a XenServer pool: restore it into a pool with --sr SR instead of --to; nothing was written",
+            args.vm
+        )),
+        (None, Some(_)) if qemu => bail!(usage!(
+            "VM {:?} was backed up from QEMU: restore its images and drive layout into a directory with --to DIR instead of --sr; nothing was created",
+            args.vm
+        )),
+        (None, Some(_)) => {
+            let pool = super::jobs::config_pool(&config, &args.config, args.pool.as_deref())?;
+            cbtvault_runner::client_options(&pool)?;
+            xen(g, args, &repo, &points, &pool)
+        }
+        (None, None) => bail!(usage!(
+            "give --sr SR (a XenServer VM) or --to DIR (a QEMU VM)"
+        )),
+    }
+}
+
+pub(super) fn format(f: ImageFormatArg) -> ImageFormat {
+    match f {
+        ImageFormatArg::Raw => ImageFormat::Raw,
+        ImageFormatArg::Qcow2 => ImageFormat::Qcow2,
+    }
+}
+
+/// `QemuVmRestoreRequest` from the flags.
+pub(super) fn qemu_request(args: &RestoreVmArgs, dir: &std::path::Path) -> QemuVmRestoreRequest {
+    QemuVmRestoreRequest {
+        dir: dir.to_path_buf(),
+        format: format(args.format),
+    }
+}
+
+fn xen(
+    g: &Global,
+    args: &RestoreVmArgs,
+    repo: &std::sync::Arc<Repository>,
+    points: &[RestorePointRow],
+    pool: &cbtvault_config::Pool,
+) -> Result<ExitCode> {
+    let sr = args.sr.clone().unwrap_or_default();
+    let request = VmRestoreRequest {
+        sr_uuid: sr.clone(),
+        name: args.name.clone(),
+        network_map: network_map(&args.network_map)?,
+        new_macs: args.new_macs,
+        start: args.start,
+    };
     let rt = super::runtime()?;
+    if args.dry_run {
+        let plan = rt
+            .block_on(cbtvault_runner::plan_vm_restore_in_pool(
+                pool,
+                repo.clone(),
+                points,
+                &request,
+            ))
+            .map_err(|e| wording(e, "nothing was created"))?;
+        print_xen_plan(g, &plan, &pool.name, &sr);
+        return Ok(ExitCode::SUCCESS);
+    }
     let started = std::time::Instant::now();
     let done = rt
         .block_on(cbtvault_runner::restore_vm(
-            &pool,
+            pool,
             repo.clone(),
-            &points,
+            points,
             &request,
         ))
-        .map_err(wording)?;
+        .map_err(|e| wording(e, "nothing was created"))?;
     if g.json {
         output::print_json(&json!({
             "vm": done.vm,
             "name": done.name,
             "pool": pool.name,
-            "sr": args.sr,
+            "sr": sr,
             "started": done.started,
             "power_state": if done.started { "Running" } else { "Halted" },
             "disks": done.disks.iter().map(|d| json!({
@@ -193,4 +274,74 @@ pub fn restore_vm(g: &Global, args: &RestoreVmArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A pool restore's plan (`--dry-run`).
+fn print_xen_plan(g: &Global, plan: &VmRestorePlan, pool: &str, sr: &str) {
+    if g.json {
+        output::print_json(&json!({
+            "dry_run": true,
+            "source": {"vm": plan.source_uuid, "name": plan.source_name, "time": plan.time},
+            "name": plan.name,
+            "pool": pool,
+            "sr": sr,
+            "vcpus": plan.vcpus,
+            "memory": plan.memory,
+            "start": plan.start,
+            "disks": plan.disks.iter().map(|d| json!({
+                "device": d.device, "name_label": d.label, "bytes": d.size,
+                "bootable": d.bootable, "mode": d.mode, "restore_point": d.restore_point.id,
+            })).collect::<Vec<_>>(),
+            "drives": plan.drives.iter().map(|d| json!({
+                "device": d.device, "type": d.kind, "bootable": d.bootable,
+            })).collect::<Vec<_>>(),
+            "vifs": plan.vifs.iter().map(|v| json!({
+                "device": v.device, "mac": v.mac, "mtu": v.mtu,
+                "from_network": v.from_network,
+                "network": v.network_uuid, "network_name": v.network_name,
+            })).collect::<Vec<_>>(),
+            "notes": plan.notes,
+        }));
+        return;
+    }
+    if g.quiet {
+        return;
+    }
+    outln!(
+        "would restore VM {:?} ({}, run of {}) as {:?} into pool {pool:?}, SR {sr}: {} vCPUs, {} memory, {}",
+        plan.source_name,
+        plan.source_uuid,
+        plan.time,
+        plan.name,
+        plan.vcpus,
+        output::bytes(u64::try_from(plan.memory).unwrap_or_default()),
+        if plan.start { "started" } else { "left halted" }
+    );
+    for d in &plan.disks {
+        outln!(
+            "  disk {} ← {}: new VDI {:?}, {}{}",
+            d.device,
+            output::short(&d.restore_point.id),
+            d.label,
+            output::bytes(d.size),
+            if d.bootable { ", bootable" } else { "" }
+        );
+    }
+    for d in &plan.drives {
+        outln!("  {} drive at {} (empty)", d.kind, d.device);
+    }
+    for v in &plan.vifs {
+        outln!(
+            "  VIF {} MAC {}: network {} → {:?} ({})",
+            v.device,
+            if v.mac.is_empty() { "new" } else { &v.mac },
+            v.from_network,
+            v.network_name,
+            v.network_uuid
+        );
+    }
+    for n in &plan.notes {
+        outln!("  note: {n}");
+    }
+    outln!("dry run: nothing was created");
 }

@@ -5,10 +5,12 @@
 mod nbd;
 mod rollback;
 mod target;
+mod vdi;
 
 pub use nbd::NbdInPlace;
 pub use rollback::{RollbackStats, TargetState, rollback};
 pub use target::{DiskTarget, FileTarget, ReadableTarget};
+pub use vdi::{check_blocks, restore_point_vhd, vdi_rollback_blocks};
 
 use std::sync::Mutex;
 
