@@ -132,12 +132,7 @@ pub fn scaling(path: &Path, sizes: &[u64], rows: &[Row]) -> Result<()> {
             .label(format!("{tool} {step}"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], Palette99::pick(i)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)?;
+    legend(&mut chart)?;
     let mem = [("cbtvault", "full"), ("cbtvault", "restore")];
     let mut chart = ChartBuilder::on(&right)
         .caption("cbtvault peak RSS (target 128 MiB)", ("sans-serif", 16))
@@ -168,14 +163,23 @@ pub fn scaling(path: &Path, sizes: &[u64], rows: &[Row]) -> Result<()> {
             .label(format!("{tool} {step}"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], Palette99::pick(i)));
     }
+    legend(&mut chart)?;
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
+/// Draws the series' legend in the chart's corner.
+fn legend<'a, X, Y>(chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     chart
         .configure_series_labels()
         .background_style(WHITE)
         .border_style(BLACK)
         .draw()
-        .map_err(plot_error)?;
-    root.present().map_err(plot_error)?;
-    Ok(())
+        .map_err(plot_error)
 }
 
 fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
