@@ -108,9 +108,20 @@ impl Drop for Qsd {
 }
 
 async fn connect(qsd: &Qsd) -> Qmp {
-    Qmp::connect_with(qsd.qmp.clone(), Options::default())
-        .await
-        .expect("connect to QSD")
+    // The monitor serves one client at a time: until the daemon has seen
+    // the readiness probe's connection close, it refuses the next one.
+    let mut tries = 0;
+    loop {
+        match Qmp::connect_with(qsd.qmp.clone(), Options::default()).await {
+            Ok(qmp) => return qmp,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("connect to QSD: {e:?}"),
+        }
+    }
 }
 
 #[tokio::test]
