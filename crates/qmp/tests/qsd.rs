@@ -114,9 +114,8 @@ async fn connect(qsd: &Qsd) -> Qmp {
     loop {
         match Qmp::connect_with(qsd.qmp.clone(), Options::default()).await {
             Ok(qmp) => return qmp,
-            Err(e) if tries < 100 => {
+            Err(_) if tries < 100 => {
                 tries += 1;
-                let _ = e;
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             Err(e) => panic!("connect to QSD: {e:?}"),
