@@ -16,6 +16,7 @@ mod measure;
 mod paths;
 mod plot;
 mod report;
+mod s3;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -41,7 +42,8 @@ struct Args {
     /// [default: 0.1,1,10; with --quick: 1].
     #[arg(long, value_delimiter = ',')]
     churn: Vec<f64>,
-    /// Paths and peers to leave out: restic, borg, nbd, xenserver, qemu.
+    /// Paths and peers to leave out: restic, borg, nbd, xenserver, vmware,
+    /// qemu, s3, encrypted.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Work directory, kept afterwards (a temporary one by default). It
@@ -92,6 +94,8 @@ struct Suite {
     rows: Vec<Row>,
     /// Single-core BLAKE3 and zstd rates per disk size, MB/s.
     rates: Vec<(u64, f64, f64)>,
+    /// The S3 server the s3 path ran against.
+    s3_server: Option<&'static str>,
 }
 
 fn main() -> Result<()> {
@@ -130,6 +134,7 @@ fn main() -> Result<()> {
         rt: tokio::runtime::Runtime::new()?,
         rows: Vec::new(),
         rates: Vec::new(),
+        s3_server: None,
     };
     let started = chrono_now();
     let sizes = suite.args.sizes.clone();
@@ -144,12 +149,18 @@ fn main() -> Result<()> {
         suite.one_size(&work, size)?;
         std::fs::remove_dir_all(&work)?;
     }
+    let command = std::iter::once("bench-suite".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
     let outcome = report::Report {
+        command: &command,
         started,
         sizes: &sizes,
         churn: &suite.args.churn,
         rows: &suite.rows,
         rates: &suite.rates,
+        s3_server: suite.s3_server,
     };
     let text = outcome.markdown();
     println!("{text}");
@@ -285,6 +296,15 @@ impl Suite {
             drop(guest);
             std::fs::remove_dir_all(&dir)?;
         }
+        if !self.skips("vmware") {
+            let dir = work.join("vmware");
+            std::fs::create_dir_all(&dir)?;
+            let guest = paths::VmwareGuest::start(&self.rt, &dir, bytes)?;
+            synth::write_image(guest.image(), bytes, 4, synth::Mix::default())?;
+            self.hypervisor_path(work, &guest, size)?;
+            drop(guest);
+            std::fs::remove_dir_all(&dir)?;
+        }
         if !self.skips("qemu") {
             let dir = work.join("qemu");
             std::fs::create_dir_all(&dir)?;
@@ -333,8 +353,21 @@ impl Suite {
         } else {
             Some(Borg::new(work)?)
         };
+        let server = if self.skips("s3") {
+            None
+        } else {
+            Some(s3::S3Server::start(work)?)
+        };
+        let extras = self.repositories(work, server.as_ref())?;
         let (outcome, mut latest) = cbt.backup("full", &strs(&guest.backup_args(None)))?;
         self.push(size, "file", "cbtvault", "full", bytes, outcome);
+        let mut extra_latest = Vec::new();
+        for (path, repo) in &extras {
+            let (outcome, id) =
+                repo.backup(&format!("{path} full"), &strs(&guest.backup_args(None)))?;
+            self.push(size, path, "cbtvault", "full", bytes, outcome);
+            extra_latest.push(id);
+        }
         if let Some(r) = &restic {
             let o = r.backup("restic full", image)?;
             self.push(size, "file", "restic", "full", bytes, o);
@@ -347,7 +380,7 @@ impl Suite {
         let (with_peers, alone): (Vec<Night>, Vec<Night>) =
             self.nights(size).into_iter().partition(|n| n.peers);
         for (i, night) in with_peers.iter().enumerate() {
-            latest = self.file_night(work, &guest, &cbt, size, night)?;
+            (latest, extra_latest) = self.file_night(work, &guest, &cbt, &extras, size, night)?;
             if let Some(r) = &restic {
                 let o = r.backup(&format!("restic {}", night.label), image)?;
                 let changed = self.rows.last().map_or(0, |r| r.data_bytes);
@@ -372,6 +405,12 @@ impl Suite {
         tools::check_same("cbtvault", &restored, expected)?;
         std::fs::remove_file(&restored)?;
         self.push(size, "file", "cbtvault", "restore", bytes, outcome);
+        for ((path, repo), id) in extras.iter().zip(&extra_latest) {
+            let outcome = repo.restore(id, &restored)?;
+            tools::check_same(&format!("cbtvault ({path})"), &restored, expected)?;
+            std::fs::remove_file(&restored)?;
+            self.push(size, path, "cbtvault", "restore", bytes, outcome);
+        }
         let (after, _) = ceilings::durable_write(image, &ceiling)?;
         let best = if after.wall_s < before.wall_s {
             after
@@ -396,10 +435,35 @@ impl Suite {
         // Nights only cbtvault runs come after the restores, which every
         // tool makes of the same last state.
         for night in &alone {
-            self.file_night(work, &guest, &cbt, size, night)?;
+            self.file_night(work, &guest, &cbt, &extras, size, night)?;
+        }
+        // An off-site copy of every restore point, into a new prefix.
+        if let Some(server) = &server {
+            let target = Cbtvault::s3(
+                &self.cbtvault,
+                &server.repo_url("copy"),
+                &server.credentials(),
+                &work.join("s3-cache"),
+            )?;
+            let (cost, sent) = cbt.copy_to(&target)?;
+            self.push(
+                size,
+                "s3",
+                "cbtvault",
+                "copy from file",
+                sent,
+                Outcome {
+                    cost,
+                    ..Outcome::default()
+                },
+            );
+            self.s3_server = Some(server.kind);
         }
         for repo in [
             "repo",
+            "encrypted-repo",
+            "s3-cache",
+            "s3-root",
             "restic-repo",
             "restic-cache",
             "borg-repo",
@@ -418,9 +482,10 @@ impl Suite {
         work: &Path,
         guest: &paths::FileGuest,
         cbt: &Cbtvault,
+        extras: &[(&'static str, Cbtvault)],
         size: u64,
         night: &Night,
-    ) -> Result<String> {
+    ) -> Result<(String, Vec<String>)> {
         let map = synth::churn_like_guest(guest.image(), night.fraction, night.seed)?;
         let changed = map.count_set() * BLOCK_SIZE;
         let bitmap = work.join("changed.b64");
@@ -432,7 +497,41 @@ impl Suite {
         if let Some(row) = self.rows.last_mut() {
             row.changed_compressed = Some(compressed);
         }
-        Ok(id)
+        let mut extra_ids = Vec::new();
+        for (path, repo) in extras {
+            let (outcome, id) = repo.backup(
+                &format!("{path} {}", night.label),
+                &strs(&guest.backup_args(Some(&bitmap))),
+            )?;
+            self.push(size, path, "cbtvault", &night.label, changed, outcome);
+            extra_ids.push(id);
+        }
+        Ok((id, extra_ids))
+    }
+
+    /// The repositories beside the plain local one that the file path
+    /// backs up into, step by step: an encrypted local one and one in an
+    /// S3 bucket (unless skipped).
+    fn repositories(
+        &self,
+        work: &Path,
+        server: Option<&s3::S3Server>,
+    ) -> Result<Vec<(&'static str, Cbtvault)>> {
+        let mut extras = Vec::new();
+        if !self.skips("encrypted") {
+            let repo = Cbtvault::encrypted(&self.cbtvault, &work.join("encrypted-repo"))?;
+            extras.push(("encrypted", repo));
+        }
+        if let Some(server) = server {
+            let repo = Cbtvault::s3(
+                &self.cbtvault,
+                &server.repo_url("repo"),
+                &server.credentials(),
+                &work.join("s3-cache"),
+            )?;
+            extras.push(("s3", repo));
+        }
+        Ok(extras)
     }
 
     /// cbtvault alone through a hypervisor's changed-block tracking: a full

@@ -1,8 +1,10 @@
 //! The ways a disk reaches cbtvault, each as an operator sets it up: a
 //! file with a changed-block bitmap, an NBD export (qemu-nbd), a XenServer
-//! pool (the simulator: XenAPI, CBT and NBD over TLS) and a QEMU guest
-//! (a real qemu-storage-daemon with dirty bitmaps). The same generated
-//! image and the same nights of churn go through each.
+//! pool (the simulator: XenAPI, CBT and NBD over TLS), a QEMU guest (a
+//! real qemu-storage-daemon with dirty bitmaps) and a vCenter (the
+//! simulator: the vSphere API's snapshots and `QueryChangedDiskAreas`,
+//! NBD over TLS). The same generated image and the same nights of churn
+//! go through each.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result};
 use cbtvault_blockmap::{BLOCK_SIZE, BlockMap};
+use cbtvault_vsphere_sim as vsphere;
 use cbtvault_xapi_sim::{PoolSpec, SimConfig, Simulator};
 
 use crate::measure;
@@ -256,6 +259,118 @@ impl Guest for QemuGuest {
             client.disconnect().await;
             anyhow::Ok(())
         })
+    }
+}
+
+/// The one disk of a VM of a simulated vCenter; the suite writes the image
+/// into the disk's file before the first backup (a full reads what NBD's
+/// `base:allocation` reports, so the holes stay holes).
+pub struct VmwareGuest {
+    sim: Option<vsphere::Simulator>,
+    rt: tokio::runtime::Handle,
+    vm: String,
+    image: PathBuf,
+    pin: PathBuf,
+    password: PathBuf,
+}
+
+/// The key vSphere gives a VM's first disk.
+const VMWARE_DISK_KEY: i32 = 2000;
+
+impl VmwareGuest {
+    pub fn start(rt: &tokio::runtime::Runtime, dir: &Path, size: u64) -> Result<VmwareGuest> {
+        let mut config = vsphere::SimConfig::new(dir.join("vcenter"), "secret");
+        config.vms = vec![vsphere::VmSpec {
+            name: "bench".into(),
+            disks: vec![size],
+            powered_on: true,
+            cbt_supported: true,
+            cbt_enabled: false,
+        }];
+        config.nbd_tls = true;
+        let sim = rt.block_on(vsphere::Simulator::start(config))?;
+        let vm = sim
+            .sim()
+            .vms()
+            .into_iter()
+            .next()
+            .context("the simulated vCenter has no VM")?
+            .0;
+        let image = sim.sim().disk_path(&vm, VMWARE_DISK_KEY)?;
+        let password = dir.join("password");
+        std::fs::write(&password, "secret\n")?;
+        let pin = dir.join("pin.pem");
+        std::fs::write(&pin, sim.certificate_pem())?;
+        Ok(VmwareGuest {
+            sim: Some(sim),
+            rt: rt.handle().clone(),
+            vm,
+            image,
+            pin,
+            password,
+        })
+    }
+
+    fn sim(&self) -> Result<&vsphere::Simulator> {
+        self.sim
+            .as_ref()
+            .context("the simulated vCenter has stopped")
+    }
+}
+
+impl Drop for VmwareGuest {
+    fn drop(&mut self) {
+        if let Some(sim) = self.sim.take() {
+            self.rt.block_on(sim.shutdown());
+        }
+    }
+}
+
+impl Guest for VmwareGuest {
+    fn name(&self) -> &'static str {
+        "vmware"
+    }
+    fn image(&self) -> &Path {
+        &self.image
+    }
+    fn backup_args(&self, _: Option<&Path>) -> Vec<String> {
+        let Ok(sim) = self.sim() else {
+            return Vec::new();
+        };
+        let nbd = format!(
+            "{}?tls-pin={}",
+            sim.nbd_uri_template().replace("nbd://", "nbds://"),
+            self.pin.display()
+        );
+        vec![
+            "--vcenter".into(),
+            sim.url(),
+            "--vm".into(),
+            self.vm.clone(),
+            "--username".into(),
+            "administrator@vsphere.local".into(),
+            "--password-file".into(),
+            self.password.display().to_string(),
+            "--pin".into(),
+            self.pin.display().to_string(),
+            "--nbd-uri".into(),
+            nbd,
+        ]
+    }
+    fn replay(&self, changed: &BlockMap) -> Result<()> {
+        // One write per run of blocks: the simulator records every write
+        // in its CBT log and saves its state after each.
+        let sim = self.sim()?;
+        let file = std::fs::File::open(&self.image)?;
+        let size = file.metadata()?.len();
+        let mut buf = Vec::new();
+        for extent in changed.extents(size) {
+            buf.resize(extent.length as usize, 0);
+            file.read_exact_at(&mut buf, extent.offset)?;
+            sim.sim()
+                .write(&self.vm, VMWARE_DISK_KEY, extent.offset, &buf)?;
+        }
+        Ok(())
     }
 }
 

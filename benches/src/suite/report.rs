@@ -14,11 +14,15 @@ const END: &str = "<!-- suite:end -->";
 const MIB: f64 = (1 << 20) as f64;
 
 pub struct Report<'a> {
+    /// The suite's command line, as run.
+    pub command: &'a str,
     pub started: String,
     pub sizes: &'a [u64],
     pub churn: &'a [f64],
     pub rows: &'a [Row],
     pub rates: &'a [(u64, f64, f64)],
+    /// The S3 server the s3 path ran against, if it ran.
+    pub s3_server: Option<&'static str>,
 }
 
 /// One target of issue 14, checked.
@@ -70,7 +74,7 @@ impl Report<'_> {
         // step, the step it is compared with, the bound, whether the ratio
         // must be at least or at most the bound).
         type Step<'a> = (&'a str, &'a str, &'a str);
-        let ratios: [(String, &'static str, Step, Step, f64, bool); 6] = [
+        let ratios: [(String, &'static str, Step, Step, f64, bool); 9] = [
             (
                 format!("{night} incremental vs restic, {size} GiB"),
                 "≥ 100× faster",
@@ -118,6 +122,34 @@ impl Report<'_> {
                 ("file", "cbtvault", "restore"),
                 2.0,
                 true,
+            ),
+            // Issue 12's goals for the S3 backend and encryption.
+            (
+                format!(
+                    "full backup into S3 vs into a local directory, {size} GiB ({})",
+                    self.s3_server.unwrap_or("no server")
+                ),
+                "≥ 0.8× the speed",
+                ("file", "cbtvault", "full"),
+                ("s3", "cbtvault", "full"),
+                0.8,
+                true,
+            ),
+            (
+                format!("{night} incremental into S3 vs into a local directory, {size} GiB"),
+                "≤ 2× the time",
+                ("s3", "cbtvault", &night),
+                ("file", "cbtvault", &night),
+                2.0,
+                false,
+            ),
+            (
+                format!("encryption's cost on a full backup, {size} GiB"),
+                "≤ 1.1× the time",
+                ("encrypted", "cbtvault", "full"),
+                ("file", "cbtvault", "full"),
+                1.1,
+                false,
             ),
         ];
         for (figure, goal, a, b, bound, at_least) in ratios {
@@ -232,9 +264,9 @@ impl Report<'_> {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "Run of {} (`scripts/bench{}`): disks of {} GiB, nights of {} % churn.\n",
+            "Run of {} (`{}`): disks of {} GiB, nights of {} % churn.\n",
             self.started,
-            if self.sizes == [1] { " --quick" } else { "" },
+            self.command,
             join(self.sizes),
             join(self.churn)
         );

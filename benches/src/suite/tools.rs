@@ -20,32 +20,75 @@ pub struct Outcome {
     pub growth: u64,
 }
 
-/// cbtvault's release binary on one repository.
+/// cbtvault's release binary on one repository: a local directory (plain
+/// or encrypted) or an S3 bucket.
 pub struct Cbtvault {
     pub bin: PathBuf,
     pub repo: String,
+    /// Set for every run: an encrypted repository's passphrase, an S3
+    /// repository's credentials and cache directory.
+    env: Vec<(String, String)>,
 }
 
+/// The passphrase of the suite's encrypted repositories.
+const PASSPHRASE: &str = "bench passphrase";
+
 impl Cbtvault {
+    /// A new plain repository in the directory `repo`.
     pub fn new(bin: &Path, repo: &Path) -> Result<Cbtvault> {
+        Self::init(bin, utf8(repo)?, Vec::new(), &[])
+    }
+
+    /// A new encrypted repository (XChaCha20-Poly1305, keyed ids) in `repo`.
+    pub fn encrypted(bin: &Path, repo: &Path) -> Result<Cbtvault> {
+        let env = vec![("CBTVAULT_PASSWORD".into(), PASSPHRASE.into())];
+        Self::init(bin, utf8(repo)?, env, &["--encrypt"])
+    }
+
+    /// A new plain repository at the S3 URL `repo`, its catalogue cached
+    /// in `cache`.
+    pub fn s3(
+        bin: &Path,
+        repo: &str,
+        credentials: &[(&str, &str)],
+        cache: &Path,
+    ) -> Result<Cbtvault> {
+        let mut env: Vec<(String, String)> = credentials
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.push(("CBTVAULT_CACHE_DIR".into(), utf8(cache)?.into()));
+        Self::init(bin, repo, env, &[])
+    }
+
+    fn init(bin: &Path, repo: &str, env: Vec<(String, String)>, args: &[&str]) -> Result<Cbtvault> {
         let c = Cbtvault {
             bin: bin.to_path_buf(),
-            repo: repo.to_str().context("a UTF-8 work directory")?.to_string(),
+            repo: repo.to_string(),
+            env,
         };
-        measure::run("cbtvault init", &mut c.command(&["init"]), false)?;
+        let mut init = vec!["init"];
+        init.extend_from_slice(args);
+        measure::run("cbtvault init", &mut c.command(&init), false)?;
         Ok(c)
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.args(args).args(["--quiet", "--repo", &self.repo]);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
+    }
+
+    /// The repository's local directory, if it has one.
+    fn local(&self) -> Option<&Path> {
+        (!self.repo.contains("://")).then(|| Path::new(&self.repo))
     }
 
     /// A backup with `args` (source and the rest); returns its cost and the
     /// id of the restore point it made.
     pub fn backup(&self, what: &str, args: &[&str]) -> Result<(Outcome, String)> {
-        let before = measure::disk_usage(Path::new(&self.repo));
+        let before = self.local().map(measure::disk_usage);
         let mut cmd = self.command(&["backup", "--json"]);
         cmd.args(args);
         let (cost, out) = measure::run(what, &mut cmd, false)?;
@@ -56,11 +99,17 @@ impl Cbtvault {
             .and_then(|points| points.first())
             .context("the report names no restore point")?;
         let id = point["id"].as_str().context("a restore point id")?;
+        // A bucket's growth is what the backup stored; a directory's is
+        // measured, catalogue included.
+        let growth = match (self.local(), before) {
+            (Some(dir), Some(before)) => measure::disk_usage(dir).saturating_sub(before),
+            _ => point["stats"]["bytes_stored"].as_u64().unwrap_or(0),
+        };
         Ok((
             Outcome {
                 cost,
                 source_bytes: point["stats"]["bytes_read"].as_u64().unwrap_or(0),
-                growth: measure::disk_usage(Path::new(&self.repo)).saturating_sub(before),
+                growth,
             },
             id.to_string(),
         ))
@@ -68,10 +117,9 @@ impl Cbtvault {
 
     /// Restores `id` to a new file `to`, timed until it is durable.
     pub fn restore(&self, id: &str, to: &Path) -> Result<Outcome> {
-        let to = to.to_str().context("a UTF-8 work directory")?;
         let (cost, _) = measure::run(
             "cbtvault restore",
-            &mut self.command(&["restore", id, "--to", to]),
+            &mut self.command(&["restore", id, "--to", utf8(to)?]),
             true,
         )?;
         Ok(Outcome {
@@ -79,6 +127,30 @@ impl Cbtvault {
             ..Outcome::default()
         })
     }
+
+    /// Copies every restore point of this repository into `target`;
+    /// returns the cost and the stored bytes sent.
+    pub fn copy_to(&self, target: &Cbtvault) -> Result<(Cost, u64)> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "copy",
+            "--json",
+            "--quiet",
+            "--from",
+            &self.repo,
+            "--to",
+            &target.repo,
+        ]);
+        cmd.envs(self.env.iter().chain(&target.env).map(|(k, v)| (k, v)));
+        let (cost, out) = measure::run("cbtvault copy", &mut cmd, false)?;
+        let report: serde_json::Value =
+            serde_json::from_slice(&out).context("cbtvault copy's --json report")?;
+        Ok((cost, report["bytes_sent"].as_u64().unwrap_or(0)))
+    }
+}
+
+fn utf8(path: &Path) -> Result<&str> {
+    path.to_str().context("a UTF-8 work directory")
 }
 
 /// restic (Debian's), unencrypted is not an option for it: a fixed

@@ -133,8 +133,9 @@ pub enum Command {
         /// Default zstd level for new blocks (1-22).
         #[arg(long, default_value_t = 3)]
         compression_level: i32,
-        /// Target pack size in MiB.
-        #[arg(long, default_value_t = 32)]
+        /// Target pack size in MiB (each backup holds at most two packs in
+        /// memory).
+        #[arg(long, default_value_t = cbtvault_repo::DEFAULT_PACK_SIZE >> 20)]
         pack_size_mib: u64,
         /// Take backups and copies only: forget, gc and retention are
         /// refused, so nothing that backs up into it can erase its history

@@ -224,8 +224,8 @@ pub use lock::Lock;
 pub use manifest::{BackupMode, BackupStats, MAX_VIRTUAL_SIZE, Manifest, SourceInfo};
 pub use repair::{RepairReport, repair, repair_keyed};
 pub use repository::{
-    BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, ENCRYPTED_FORMAT_VERSION, EncryptionConfig,
-    FORMAT_VERSION, InitOptions, Repository,
+    BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, DEFAULT_PACK_SIZE, ENCRYPTED_FORMAT_VERSION,
+    EncryptionConfig, FORMAT_VERSION, InitOptions, Repository,
 };
 pub use resume::{RESUMABLE_MAX_AGE, Resumable, Resume};
 pub use store::{BlobReader, PackWriter, WriteStats};
