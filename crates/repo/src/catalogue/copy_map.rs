@@ -8,8 +8,9 @@
 //! never written beside a sealed repository), `target` this repository's
 //! blob id. A row is a hint, never a promise: the blob it names may have
 //! gone since (gc, quarantine), so a copy uses it only while
-//! [`Catalogue::contains`] says the blob is stored. Rows are not rebuilt by
-//! repair (a copy after it reads each block once more).
+//! [`Catalogue::contains`] says the blob is stored. Repair carries the
+//! rows of the old catalogue over when it can read them; they cannot be
+//! rebuilt from the store.
 
 use rusqlite::{OptionalExtension, params};
 
@@ -82,6 +83,22 @@ impl Catalogue {
             }
         }
         tx.commit().map_err(err)
+    }
+
+    /// Copies the rows of the catalogue at `old` (repair; an old catalogue
+    /// without the table fails, and costs only re-reads).
+    pub(crate) fn copy_map_from(&self, old: &std::path::Path) -> Result<()> {
+        let old = old.to_string_lossy();
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS old", [old.as_ref()])
+            .map_err(self.err())?;
+        let copied = self.conn.execute_batch(
+            "INSERT OR IGNORE INTO copy_map(source, key, target)
+               SELECT source, key, target FROM old.copy_map
+               WHERE length(key) = 32 AND length(target) = 32;",
+        );
+        let detached = self.conn.execute_batch("DETACH DATABASE old");
+        copied.and(detached).map_err(self.err())
     }
 
     /// Rows recorded for copies from repository `source`.
