@@ -104,6 +104,14 @@ CREATE TABLE IF NOT EXISTS vm_metadata(
 CREATE INDEX IF NOT EXISTS vm_metadata_by_vm ON vm_metadata(vm_uuid, time_ms);
 ";
 
+/// Every table: a new catalogue gets them, an older one the missing ones.
+const TABLES: [&str; 4] = [
+    SCHEMA,
+    job_runs::SCHEMA,
+    condemned::SCHEMA,
+    copy_map::SCHEMA,
+];
+
 /// A quarantined blob.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct QuarantinedBlob {
@@ -251,17 +259,7 @@ impl Catalogue {
             crypto: std::sync::Arc::new(crate::crypto::Crypto::Plain),
         };
         if create {
-            cat.conn
-                .execute_batch(
-                    &[
-                        SCHEMA,
-                        job_runs::SCHEMA,
-                        condemned::SCHEMA,
-                        copy_map::SCHEMA,
-                    ]
-                    .concat(),
-                )
-                .map_err(wrap)?;
+            cat.conn.execute_batch(&TABLES.concat()).map_err(wrap)?;
             cat.conn
                 .pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(wrap)?;
@@ -272,17 +270,7 @@ impl Catalogue {
                 .map_err(wrap)?;
             if (1..SCHEMA_VERSION).contains(&version) {
                 // Later versions only added tables.
-                cat.conn
-                    .execute_batch(
-                        &[
-                            SCHEMA,
-                            job_runs::SCHEMA,
-                            condemned::SCHEMA,
-                            copy_map::SCHEMA,
-                        ]
-                        .concat(),
-                    )
-                    .map_err(wrap)?;
+                cat.conn.execute_batch(&TABLES.concat()).map_err(wrap)?;
                 cat.conn
                     .pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(wrap)?;
