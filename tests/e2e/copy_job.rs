@@ -300,3 +300,116 @@ fn copies_into_s3_killed_midway_lose_nothing_and_the_next_run_finishes() {
         assert!(out.status.success(), "{args:?}: {out:?}");
     }
 }
+
+/// A copy job from an encrypted repository into an unencrypted one: the
+/// copies get the target's ids, yet retention counts each restore point
+/// once — nothing is sent again the next night, and the target forgets
+/// its oldest copy when a new night arrives.
+#[test]
+fn a_copy_job_across_keys_keeps_its_retention_and_sends_nothing_twice() {
+    const PASSWORD: &str = "the source's passphrase";
+    let s = Scratch {
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    let sealed = |args: &[&str]| -> String {
+        let out = s
+            .command()
+            .env("CBTVAULT_PASSWORD", PASSWORD)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cbtvault {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    sealed(&["init", "--encrypt"]);
+    let target = s.path("offsite");
+    s.ok(&["init", "--repo", target.to_str().unwrap()]);
+    let cfg = config(
+        &s,
+        free_port(),
+        target.to_str().unwrap(),
+        "retention = { keep_last = 2 }",
+    );
+    let cfg = cfg.to_str().unwrap();
+    let image = s.image("a.img", 8, 60);
+    let source = format!("file:{}", image.display());
+    let backup = |bitmap: Option<&Path>| -> String {
+        let mut args = vec!["backup", "--json", "--disk", "a", "--source", &source];
+        let map = bitmap.map(|b| b.display().to_string());
+        if let Some(m) = &map {
+            args.extend(["--changed-blocks", m]);
+        }
+        id(&the_restore_point(&sealed(&args)))
+    };
+    let copy = || -> Value {
+        serde_json::from_str(&sealed(&[
+            "backup", "--json", "--config", cfg, "--job", "offsite",
+        ]))
+        .unwrap()
+    };
+
+    let mut nights = vec![backup(None)];
+    for night in 1..3u64 {
+        let (_, bitmap) = s.churn(&image, 0.05, 60 + night, &format!("c{night}.b64"));
+        nights.push(backup(Some(&bitmap)));
+    }
+    let first = copy();
+    assert_eq!(first["skipped"], 1, "{first}");
+    assert_eq!(
+        first["copy"]["copied"],
+        serde_json::json!([nights[1], nights[2]]),
+        "{first}"
+    );
+    let there: Vec<String> = [&nights[1], &nights[2]]
+        .iter()
+        .map(|n| {
+            first["copy"]["target_ids"][n.as_str()]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut want = there.clone();
+    want.sort();
+    assert_eq!(ids(&list(&s, &target)), want);
+
+    // Nothing new: the copies are known by their source ids.
+    let again = copy();
+    assert_eq!(again["copy"]["copied"], serde_json::json!([]), "{again}");
+    assert_eq!(again["copy"]["blobs_sent"], 0, "{again}");
+    assert_eq!(again["forgotten"], serde_json::json!({}), "{again}");
+
+    // A fourth night travels and the target forgets its oldest copy.
+    let (_, bitmap) = s.churn(&image, 0.05, 70, "c4.b64");
+    let fourth = backup(Some(&bitmap));
+    let third = copy();
+    assert_eq!(
+        third["copy"]["copied"],
+        serde_json::json!([fourth]),
+        "{third}"
+    );
+    assert_eq!(third["forgotten"], serde_json::json!({"a": 1}), "{third}");
+    let fourth_there = third["copy"]["target_ids"][fourth.as_str()]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut want = vec![there[1].clone(), fourth_there.clone()];
+    want.sort();
+    assert_eq!(ids(&list(&s, &target)), want);
+    let restored = s.path("back.img");
+    s.ok(&[
+        "restore",
+        "--quiet",
+        "--repo",
+        target.to_str().unwrap(),
+        &fourth_there,
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert_same_file(&image, &restored);
+    s.ok(&["verify", "--read-data", "--repo", target.to_str().unwrap()]);
+}

@@ -229,6 +229,19 @@ pub enum Command {
         /// Only this disk's restore points.
         #[arg(long)]
         disk: Option<String>,
+        /// A file whose first line is the source's passphrase, when it has
+        /// its own key (else CBTVAULT_FROM_PASSWORD, else the key that
+        /// opens the target).
+        #[arg(long, value_name = "FILE", env = "CBTVAULT_FROM_PASSWORD_FILE")]
+        from_password_file: Option<PathBuf>,
+        /// A key file of the source, when it has its own key.
+        #[arg(
+            long,
+            value_name = "FILE",
+            env = "CBTVAULT_FROM_KEY_FILE",
+            conflicts_with = "from_password_file"
+        )]
+        from_key_file: Option<PathBuf>,
         /// Restore points to copy (ids, DISK@DATE, VM@DATE); all when none is given.
         ids: Vec<String>,
     },

@@ -221,7 +221,7 @@ fn repo_kind(e: &cbtvault_repo::Error) -> &'static str {
         E::AlreadyExists { .. } | E::NotEmpty { .. } | E::InvalidArgument(_) => USAGE,
         E::Locked { .. } => LOCKED,
         E::WrongKey { .. } | E::KeyRequired { .. } => AUTHENTICATION,
-        E::LastKeySlot | E::NotEncrypted { .. } | E::CopyAcrossKeys { .. } => USAGE,
+        E::LastKeySlot | E::NotEncrypted { .. } => USAGE,
         E::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => NOT_FOUND,
         E::Io { .. } => IO,
         _ => DAMAGED,

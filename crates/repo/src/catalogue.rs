@@ -16,7 +16,8 @@
 //! - `lost_restore_points`: such vanished restore points, kept (with their
 //!   manifest text) for verify to report and repair to restore.
 //! - `runs`: what each backup run did, for the daemon and the reapers;
-//! - `condemned`: packs gc records condemn (`catalogue/condemned.rs`).
+//! - `condemned`: packs gc records condemn (`catalogue/condemned.rs`);
+//! - `copy_map`: what copies across keys learnt (`catalogue/copy_map.rs`).
 //!
 //! Schema version 2 added the first three tables; a version 1 catalogue
 //! is migrated when it is opened for writing.
@@ -32,6 +33,7 @@ use crate::manifest::Manifest;
 use crate::pack::{BlobKind, Compression, PackEntry};
 
 mod condemned;
+mod copy_map;
 mod job_runs;
 mod keyed;
 mod runs;
@@ -43,9 +45,9 @@ pub use runs::RunRow;
 pub const CATALOGUE_FILE: &str = "catalogue.sqlite";
 
 /// Version 2 added runs, quarantine and forget bookkeeping; version 3 the
-/// `vm_metadata` table; version 4 `job_runs`; version 5 `condemned`. Each
-/// only added tables.
-const SCHEMA_VERSION: i64 = 5;
+/// `vm_metadata` table; version 4 `job_runs`; version 5 `condemned`;
+/// version 6 `copy_map`. Each only added tables.
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS disks(
@@ -101,6 +103,14 @@ CREATE TABLE IF NOT EXISTS vm_metadata(
     time_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS vm_metadata_by_vm ON vm_metadata(vm_uuid, time_ms);
 ";
+
+/// Every table: a new catalogue gets them, an older one the missing ones.
+const TABLES: [&str; 4] = [
+    SCHEMA,
+    job_runs::SCHEMA,
+    condemned::SCHEMA,
+    copy_map::SCHEMA,
+];
 
 /// A quarantined blob.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -249,9 +259,7 @@ impl Catalogue {
             crypto: std::sync::Arc::new(crate::crypto::Crypto::Plain),
         };
         if create {
-            cat.conn
-                .execute_batch(&[SCHEMA, job_runs::SCHEMA, condemned::SCHEMA].concat())
-                .map_err(wrap)?;
+            cat.conn.execute_batch(&TABLES.concat()).map_err(wrap)?;
             cat.conn
                 .pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(wrap)?;
@@ -262,9 +270,7 @@ impl Catalogue {
                 .map_err(wrap)?;
             if (1..SCHEMA_VERSION).contains(&version) {
                 // Later versions only added tables.
-                cat.conn
-                    .execute_batch(&[SCHEMA, job_runs::SCHEMA, condemned::SCHEMA].concat())
-                    .map_err(wrap)?;
+                cat.conn.execute_batch(&TABLES.concat()).map_err(wrap)?;
                 cat.conn
                     .pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(wrap)?;

@@ -1,17 +1,25 @@
 //! Copying restore points into another repository (an off-site copy):
-//! only the blobs the target lacks travel, in their stored form (no
-//! second compression), each checked against its id when read from the
-//! source and again when read back from the target; then the manifest is
-//! written, which commits the copy. The restore point keeps its id.
+//! only the blobs the target lacks travel, each checked against its id
+//! when read from the source and again when read back from the target;
+//! then the manifest is written, which commits the copy.
+//!
+//! Between repositories whose blobs are interchangeable (both
+//! unencrypted, or one master key) blobs travel in their stored form (no
+//! second compression) and the restore point keeps its id. Between any
+//! other pair (unencrypted and encrypted, two keys) each block is opened,
+//! re-ided, sealed for the target and the block map rebuilt: `rekey.rs`,
+//! where the restore point gets a new id, recorded in its manifest.
 //!
 //! A copy that stops half-way leaves packs the target indexes but no
 //! manifest refers to: the next copy finds those blobs present and sends
 //! only the rest (resumable by construction); gc removes them otherwise.
 //!
 //! Locks: the source's shared lock (no gc there meanwhile), the target's
-//! shared lock and the disk's lock, as a backup of that disk takes.
+//! shared lock and the disk's lock, as a backup of that disk takes; the
+//! target's catalogue is refreshed from its store after its lock is taken
+//! and before anything is deduplicated, as a backup does.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::BlobId;
 use crate::catalogue::RestorePointRow;
@@ -37,6 +45,15 @@ pub struct CopyReport {
     pub bytes_sent: u64,
     /// Blobs the target had already.
     pub blobs_present: u64,
+    /// Blobs read from the source: every blob sent, for a copy between
+    /// repositories with one key; every block not known from an earlier
+    /// copy, for a copy across keys (`rekey.rs`).
+    pub blobs_read: u64,
+    /// For a copy across keys, the id in the target of each restore point
+    /// copied or present (source id → target id); empty otherwise, as
+    /// restore points keep their ids.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub target_ids: BTreeMap<String, String>,
 }
 
 impl Repository {
@@ -54,27 +71,41 @@ impl Repository {
             ));
         }
         self.require_writable("a copy")?;
-        // Blobs travel as stored: only repositories whose objects are
-        // interchangeable (both unencrypted, or one master key) can share them.
-        if from.crypto().fingerprint()? != self.crypto().fingerprint()? {
-            let describe = |r: &Repository| {
-                if r.is_encrypted() {
-                    format!("encrypted repository {}", r.config().id)
-                } else {
-                    format!("unencrypted repository {}", r.config().id)
-                }
-            };
-            return Err(Error::CopyAcrossKeys {
-                from: describe(from),
-                to: describe(self),
-            });
+        for (side, repo) in [("the source", from), ("the target", self)] {
+            if repo.crypto().is_locked() {
+                return Err(Error::KeyRequired {
+                    what: format!("a copy ({side}, repository {})", repo.config().id),
+                });
+            }
         }
+        // Blobs travel as stored only between repositories whose objects
+        // are interchangeable (both unencrypted, or one master key).
+        let rekey = from.crypto().fingerprint()? != self.crypto().fingerprint()?;
         let _source_lock = from.lock_shared()?;
         let _target_lock = self.lock_shared()?;
+        // After the operation lock object exists and before any blob is
+        // taken as present (see `condemn.rs`).
+        self.refresh_packs()?;
         let mut points = points.to_vec();
         points.sort_by_key(|p| p.manifest.time);
         let reader = from.reader()?;
         let mut report = CopyReport::default();
+        if rekey {
+            let copies = self.copies_of(from)?;
+            let mut rekey = crate::rekey::Rekey::new(self, from, &reader, copies)?;
+            for point in &points {
+                if let Some(id) = rekey.points.get(&point.id) {
+                    report.target_ids.insert(point.id.clone(), id.clone());
+                    report.present.push(point.id.clone());
+                    continue;
+                }
+                let _disk = self.lock_disk(&point.manifest.disk)?;
+                let id = rekey.copy_one(point, &mut report, progress)?;
+                report.target_ids.insert(point.id.clone(), id);
+                report.copied.push(point.id.clone());
+            }
+            return Ok(report);
+        }
         let present: HashSet<String> = self.catalogue().restore_point_ids()?.into_iter().collect();
         for point in &points {
             if present.contains(&point.id) {
@@ -184,6 +215,7 @@ impl Sender<'_> {
             self.packs
                 .add_stored(*id, entry.kind, entry.compression, entry.raw_len, &stored)?;
             self.sent.push(*id);
+            self.report.blobs_read += 1;
             self.report.blobs_sent += 1;
             self.report.bytes_sent += stored.len() as u64;
             (self.progress)(stored.len() as u64);

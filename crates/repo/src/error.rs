@@ -129,11 +129,6 @@ pub enum Error {
     #[error("{what} is only for encrypted repositories; this one is not")]
     NotEncrypted { what: String },
 
-    #[error(
-        "cannot copy between repositories with different keys ({from} → {to}): blobs would have to be re-encoded, which this build does not do; copy into a repository made with the same key, or between unencrypted ones"
-    )]
-    CopyAcrossKeys { from: String, to: String },
-
     #[error("{0}")]
     InvalidArgument(String),
 }

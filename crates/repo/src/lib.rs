@@ -42,6 +42,9 @@
 //!   beyond the changed blocks (tails after a resize, damaged blocks).
 //! - Reading: [`Repository::resolve`], [`Repository::reader`],
 //!   [`Cursor`], [`walk`], [`Repository::diff`].
+//! - Copying: [`Repository::copy_from`] into another repository, with
+//!   one key (blobs as stored, ids kept) or across keys (re-encoded, new
+//!   ids, [`Repository::copies_of`] maps them back).
 //! - Looking after: [`Repository::forget_plan`] then
 //!   [`Repository::forget`]; [`Repository::collect_garbage`] (plan, then
 //!   apply unless a dry run); [`Repository::verify`]; [`repair()`]. Each
@@ -151,8 +154,10 @@
 //! passes a [`KeyPrompt`] when opening, asked only for an encrypted
 //! repository. Pack framing and indices stay in the clear, so verify checks
 //! structure without the key; the catalogue, a local index, is not
-//! encrypted (it holds no block content). Copies need one master key on
-//! both sides (see `docs/formats.md`).
+//! encrypted (it holds no block content). Copies between repositories
+//! with one master key send blobs as stored; any other pair is re-encoded
+//! block by block, and the copy gets a new restore point id (`rekey.rs`,
+//! `docs/formats.md`).
 //!
 //! | operation | lock | with the key | without it |
 //! |-----------|------|--------------|------------|
@@ -198,6 +203,7 @@ mod lease;
 mod lock;
 mod manifest;
 mod pack;
+mod rekey;
 mod repair;
 mod repository;
 mod resume;
@@ -222,6 +228,7 @@ pub use key::{KEY_SLOT_FORMAT, KdfParams, KeySlot, Secret, SecretKind};
 pub use lease::{LOCK_FORMAT, Lease, LockRecord, LockTtl, Owner};
 pub use lock::Lock;
 pub use manifest::{BackupMode, BackupStats, MAX_VIRTUAL_SIZE, Manifest, SourceInfo};
+pub use rekey::COPIED_FROM;
 pub use repair::{RepairReport, repair, repair_keyed};
 pub use repository::{
     BACKUP_RUN, BLOCK_SIZE, CONFIG_FILE, Config, DEFAULT_PACK_SIZE, ENCRYPTED_FORMAT_VERSION,

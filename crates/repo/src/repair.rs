@@ -334,6 +334,11 @@ fn carry_over(cat: &Catalogue, repo: &Path) {
     if let Err(e) = cat.copy_history_from(&old) {
         tracing::warn!(error = %e, "the old catalogue's run history could not be carried over");
     }
+    // Hints only (a copy checks presence before using a row): without them
+    // the next copy across keys reads every block once more.
+    if let Err(e) = cat.copy_map_from(&old) {
+        tracing::info!(error = %e, "the old catalogue's copy map could not be carried over");
+    }
 }
 
 /// True when the repository's configuration says append-only (read as

@@ -3,6 +3,7 @@
 
 mod integration {
     mod common;
+    mod copy_keys;
     mod damage;
     mod encryption;
     mod forget;

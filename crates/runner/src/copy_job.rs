@@ -10,7 +10,9 @@
 //! blobs the target lacks travel, each checked against its id when read and
 //! read back from the target before the manifest commits, so a run killed
 //! half-way leaves the target consistent and the next run sends only what
-//! is still missing.
+//! is still missing. Between repositories with different keys a restore
+//! point gets a new id at the target ([`Repository::copies_of`] maps it
+//! back), so retention counts each point once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -119,10 +121,22 @@ pub fn run_copy(
         spec.disks.clone()
     };
     let policy = spec.policy();
+    // A copy across keys has an id of the target's: it counts as the
+    // source's restore point it was made from.
+    let copies: BTreeMap<String, String> = target
+        .copies_of(source)?
+        .into_iter()
+        .map(|(from, there)| (there, from))
+        .collect();
     let (mut points, mut skipped) = (Vec::new(), 0);
     for disk in &disks {
         let mut here = source.catalogue().restore_points(Some(disk))?;
-        let there = target.catalogue().restore_points(Some(disk))?;
+        let mut there = target.catalogue().restore_points(Some(disk))?;
+        for point in &mut there {
+            if let Some(from) = copies.get(&point.id) {
+                point.id = from.clone();
+            }
+        }
         let kept = policy.kept(&union(&here, &there));
         let before = here.len();
         here.retain(|p| kept.contains(&p.id));

@@ -12,11 +12,13 @@ use crate::output::{self, outln};
 pub fn copy(
     g: &Global,
     from: &Path,
+    from_key: &super::keys::SourceKey,
     to: &Path,
     disk: Option<&str>,
     ids: &[String],
 ) -> Result<ExitCode> {
-    let source = super::open(from).with_context(|| format!("the source, {}", from.display()))?;
+    let source = super::open_with_key(from, &|| super::keys::source_secret(from_key))
+        .with_context(|| format!("the source, {}", from.display()))?;
     let target = super::open(to).with_context(|| format!("the target, {}", to.display()))?;
     let mut points = Vec::new();
     if ids.is_empty() {
@@ -58,7 +60,11 @@ pub fn copy(
 
 fn print_copied(report: &cbtvault_repo::CopyReport) {
     for id in &report.copied {
-        outln!("copied {id}");
+        // Across keys a restore point gets an id of the target's.
+        match report.target_ids.get(id) {
+            Some(there) => outln!("copied {id} as {there}"),
+            None => outln!("copied {id}"),
+        }
     }
     outln!(
         "{} restore points copied, {} already there; {} blobs sent ({}), {} already there",

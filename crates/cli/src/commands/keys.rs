@@ -51,6 +51,44 @@ pub fn secret_to_open() -> cbtvault_repo::Result<Secret> {
     }
 }
 
+/// Where the source of a copy gets its secret when it has its own key
+/// (`copy --from-key-file`, `--from-password-file`).
+#[derive(Clone, Debug, Default)]
+pub struct SourceKey {
+    pub key_file: Option<std::path::PathBuf>,
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+/// The secret that opens the source of a copy: its own key file,
+/// passphrase file or `CBTVAULT_FROM_PASSWORD` when given, else what
+/// opens any repository ([`secret_to_open`]: one key on both sides, or
+/// only the source encrypted).
+pub fn source_secret(key: &SourceKey) -> cbtvault_repo::Result<Secret> {
+    if let Some(file) = &key.key_file {
+        return read_key_file(file);
+    }
+    if let Some(file) = &key.password_file {
+        return read_password_file(file);
+    }
+    if let Some(text) = std::env::var_os("CBTVAULT_FROM_PASSWORD") {
+        return Ok(Secret::passphrase(text.to_string_lossy().into_owned()));
+    }
+    let sources = sources();
+    if sources.repo_key_file.is_some()
+        || sources.repo_password_file.is_some()
+        || std::env::var_os("CBTVAULT_PASSWORD").is_some()
+    {
+        return secret_to_open();
+    }
+    match prompt("passphrase of the source repository: ") {
+        Some(Ok(text)) => Ok(Secret::passphrase(text)),
+        Some(Err(e)) => Err(io_error("the terminal", e)),
+        None => Err(cbtvault_repo::Error::KeyRequired {
+            what: "opening".into(),
+        }),
+    }
+}
+
 /// The first secret of a new encrypted repository: from the same sources
 /// as [`secret_to_open`], a prompt asking twice.
 pub fn secret_for_init() -> Result<Secret> {

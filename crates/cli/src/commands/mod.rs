@@ -135,8 +135,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             from,
             to,
             disk,
+            from_password_file,
+            from_key_file,
             ids,
-        } => copy::copy(&g, &from, &to, disk.as_deref(), &ids),
+        } => {
+            let key = keys::SourceKey {
+                key_file: from_key_file,
+                password_file: from_password_file,
+            };
+            copy::copy(&g, &from, &key, &to, disk.as_deref(), &ids)
+        }
         Command::Verify {
             repo,
             read_data,
@@ -226,9 +234,17 @@ fn check_config(g: &crate::cli::Global, file: &Path) -> Result<ExitCode> {
 
 /// Opens the repository at `path` with a message that names it.
 pub fn open(path: &Path) -> Result<Arc<Repository>> {
+    open_with_key(path, &keys::secret_to_open)
+}
+
+/// [`open`] with the secret from `key` (the source of a copy).
+pub fn open_with_key(
+    path: &Path,
+    key: &dyn Fn() -> cbtvault_repo::Result<cbtvault_repo::Secret>,
+) -> Result<Arc<Repository>> {
     // The repository's own errors name the path; they stay the chain's
     // first cause, which `--json` classifies.
-    match cbtvault_s3::open_with_key(path, Some(&keys::secret_to_open)) {
+    match cbtvault_s3::open_with_key(path, Some(key)) {
         Ok(repo) => Ok(Arc::new(repo)),
         Err(cbtvault_s3::Error::Repo(e)) => {
             Err(anyhow::Error::new(e).context("opening the repository"))

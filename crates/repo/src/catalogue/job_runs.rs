@@ -151,6 +151,6 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 5, "upgraded to the current schema");
+        assert_eq!(version, 6, "upgraded to the current schema");
     }
 }

@@ -344,24 +344,6 @@ fn keys_are_added_changed_and_removed_without_rewriting_data() -> Result<()> {
 }
 
 #[test]
-fn copies_between_repositories_with_different_keys_are_refused() -> Result<()> {
-    let (one, two) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let plain = Arc::new(Repository::init(one.path(), &InitOptions::default())?);
-    back_up(&plain, "d", BLOCK_SIZE, &[(0, data_block(3))])?;
-    let sealed = encrypted(two.path(), "pw");
-    let points = plain.catalogue().restore_points(None)?;
-    match sealed.copy_from(&plain, &points, &|_| {}) {
-        Err(Error::CopyAcrossKeys { .. }) => {}
-        other => panic!("{other:?}"),
-    }
-    assert!(sealed.catalogue().restore_points(None)?.is_empty());
-    Ok(())
-}
-
-#[test]
 fn gc_rewrites_sealed_packs_and_everything_left_still_restores() -> Result<()> {
     let dir = tempfile::tempdir().expect("temporary directory");
     let repo = Arc::new(encrypted(dir.path(), "pw"));

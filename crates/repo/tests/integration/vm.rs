@@ -235,7 +235,7 @@ fn a_schema_2_catalogue_is_upgraded() -> Result<()> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     Ok(())
 }
 
