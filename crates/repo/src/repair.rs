@@ -225,7 +225,11 @@ fn lock_everywhere(backend: &Arc<dyn Backend>, wait: Duration) -> Result<Lease> 
 /// own lock object exists, so that of the two, one sees the other.
 pub(crate) fn refuse_beside_repair(backend: &dyn Backend) -> Result<()> {
     match lease::read(backend, REPAIR_LOCK)? {
-        Some(repair) if repair.stale(&Owner::current(), jiff::Timestamp::now()).is_none() => {
+        Some(repair)
+            if repair
+                .stale(&Owner::current(), jiff::Timestamp::now())
+                .is_none() =>
+        {
             Err(Error::Locked {
                 what: "the repository".into(),
                 holder: repair.describe(),

@@ -48,7 +48,10 @@ fn held_by_host_b(backend: &dyn Backend, name: &str, kind: &str, what: &str, exp
 
 fn refused_by_host_b<T: std::fmt::Debug>(result: Result<T>, what: &str) {
     match result {
-        Err(Error::Locked { what: locked, holder }) => {
+        Err(Error::Locked {
+            what: locked,
+            holder,
+        }) => {
             assert!(locked.contains(what), "{locked}");
             assert!(holder.contains("host-b"), "the holder is named: {holder}");
         }
@@ -132,16 +135,30 @@ fn repair_is_refused_while_another_host_works_and_keeps_other_hosts_out() -> Res
     let backend = repo.backend().clone();
 
     // Host B backs up: repair needs the repository alone.
-    held_by_host_b(backend.as_ref(), "op-b1", "operation", "cbtvault backup", false);
+    held_by_host_b(
+        backend.as_ref(),
+        "op-b1",
+        "operation",
+        "cbtvault backup",
+        false,
+    );
     refused_by_host_b(repair(&path, Duration::ZERO), "the repository");
     assert!(
-        !backend.list(FileKind::Lock)?.contains(&"repair".to_string()),
+        !backend
+            .list(FileKind::Lock)?
+            .contains(&"repair".to_string()),
         "a refused repair leaves no lock object"
     );
     backend.remove(FileKind::Lock, "op-b1")?;
 
     // Host B repairs: this host's operations, gc and repair are refused.
-    held_by_host_b(backend.as_ref(), "repair", "repair", "a repair of the repository", false);
+    held_by_host_b(
+        backend.as_ref(),
+        "repair",
+        "repair",
+        "a repair of the repository",
+        false,
+    );
     refused_by_host_b(repo.lock_shared(), "the repository");
     refused_by_host_b(
         repo.collect_garbage(cbtvault_repo::GcOptions::default(), Duration::ZERO),
@@ -156,7 +173,13 @@ fn repair_is_refused_while_another_host_works_and_keeps_other_hosts_out() -> Res
 
     // Host B died mid-repair: once its lock object expired, repair here
     // takes it over, and operations run again.
-    held_by_host_b(backend.as_ref(), "repair", "repair", "a repair of the repository", true);
+    held_by_host_b(
+        backend.as_ref(),
+        "repair",
+        "repair",
+        "a repair of the repository",
+        true,
+    );
     repair(&path, Duration::ZERO)?;
     assert!(backend.list(FileKind::Lock)?.is_empty());
     drop(repo.lock_shared()?);
