@@ -139,10 +139,14 @@ pub(crate) type PartSends = BTreeMap<(String, u32), u32>;
 /// answers with S3's `400 RequestTimeout` (what S3 says of a part whose
 /// body came too slowly; object_store does not retry a 400), the first
 /// `times` times each is sent.
+/// And it passes the first `lost_completions` completions of an upload
+/// on to the store, then drops the connection: the store completed the
+/// upload, the client never heard.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct PartFaults {
     pub(crate) parts: Vec<u32>,
     pub(crate) times: u32,
+    pub(crate) lost_completions: u64,
 }
 
 /// What one connection of the proxy shares with the others.
@@ -154,6 +158,7 @@ struct Shared {
     spoiled: Arc<AtomicU64>,
     sends: Arc<Mutex<PartSends>>,
     uploads: Arc<Mutex<Uploads>>,
+    completions: AtomicU64,
 }
 
 impl FaultProxy {
@@ -182,6 +187,7 @@ impl FaultProxy {
             spoiled: spoiled.clone(),
             sends: sends.clone(),
             uploads: uploads.clone(),
+            completions: AtomicU64::new(0),
         });
         let st = stop.clone();
         std::thread::spawn(move || {
@@ -304,6 +310,11 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 continue;
             }
         }
+        let completion = request_line
+            .as_deref()
+            .is_some_and(|l| l.starts_with("POST ") && l.contains("uploadId="));
+        let lose_answer = completion
+            && shared.completions.fetch_add(1, Ordering::Relaxed) < shared.faults.lost_completions;
         let every = shared.every;
         if n.is_multiple_of(every) {
             shared.spoiled.fetch_add(1, Ordering::Relaxed);
@@ -326,6 +337,10 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
         up.write_all(&body)?;
         let mut answer = Vec::new();
         up.read_to_end(&mut answer)?;
+        if lose_answer {
+            shared.spoiled.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         client.write_all(&answer)?;
         // The answer says `Connection: close`: the client opens another.
         return Ok(());
@@ -698,6 +713,7 @@ fn an_interrupted_pack_upload_resumes_sending_again_only_the_parts_that_failed()
         PartFaults {
             parts: vec![2, 3],
             times: 2,
+            ..PartFaults::default()
         },
     );
     let mut backend = client(proxy.port, "resume", "r");
@@ -727,6 +743,7 @@ fn an_interrupted_pack_upload_resumes_sending_again_only_the_parts_that_failed()
         PartFaults {
             parts: vec![1],
             times: u32::MAX,
+            ..PartFaults::default()
         },
     );
     let mut backend = client(proxy.port, "resume", "r");
@@ -748,6 +765,22 @@ fn an_interrupted_pack_upload_resumes_sending_again_only_the_parts_that_failed()
         0,
         "the upload given up was aborted: no parts left in the bucket"
     );
+
+    // The store completes the upload but its answer is lost: the write
+    // finds the object there, whole.
+    let proxy = FaultProxy::failing_parts(
+        server.port,
+        PartFaults {
+            lost_completions: 1,
+            ..PartFaults::default()
+        },
+    );
+    let mut backend = client(proxy.port, "resume", "r");
+    backend.set_resume_policy(quick);
+    backend.write(FileKind::Pack, "ef03", &data).unwrap();
+    assert_eq!(proxy.spoiled.load(Ordering::Relaxed), 1);
+    assert!(direct.read(FileKind::Pack, "ef03").unwrap() == data);
+    assert_eq!(server.multipart_uploads("resume"), 0);
 }
 
 /// A backup whose pack uploads lose a part each (past the client's own
@@ -763,6 +796,7 @@ fn a_backup_through_failing_parts_resumes_its_uploads_and_restores_byte_exact() 
         PartFaults {
             parts: vec![2],
             times: 1,
+            ..PartFaults::default()
         },
     );
     let url = format!("s3://parts/r?endpoint=http://127.0.0.1:{}", proxy.port);

@@ -345,11 +345,15 @@ async fn put_multipart(
             continue;
         }
         let kept = parts.iter().flatten().count();
-        tracing::warn!(
-            key = %path, upload = %id, round, of = resume.rounds, wait = ?wait,
-            failed_parts = ?failed, kept_parts = kept, of_parts = count, %error,
-            "resuming a multipart upload: sending again only the parts that failed"
-        );
+        if failed.is_empty() {
+            tracing::warn!(key = %path, upload = %id, round, of = resume.rounds, wait = ?wait, %error, "resuming a multipart upload: every part is in, completing it again");
+        } else {
+            tracing::warn!(
+                key = %path, upload = %id, round, of = resume.rounds, wait = ?wait,
+                failed_parts = ?failed, kept_parts = kept, of_parts = count, %error,
+                "resuming a multipart upload: sending again only the parts that failed"
+            );
+        }
         tokio::time::sleep(wait).await;
     }
 }
