@@ -4,13 +4,17 @@
 //! verify; the local catalogue is only a cache, rebuilt from the bucket
 //! on another host (here: with the cache deleted); errors name what to set.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cbtvault_repo::{Backend, FileKind};
+use cbtvault_s3::{Credentials, ResumePolicy, S3Backend, S3Location};
+use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
 use crate::common::*;
@@ -58,16 +62,42 @@ impl S3Server {
 
     /// Creates `bucket` (moto takes unsigned requests).
     pub(crate) fn create_bucket(&self, bucket: &str) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            stream,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).unwrap();
+        let answer = self.request("PUT", &format!("/{bucket}"), &[], b"");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    /// An unsigned request (moto takes them): the whole answer, status
+    /// line first.
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut head = format!(
+            "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.port,
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// How many multipart uploads of `bucket` are in progress (neither
+    /// completed nor aborted), by ListMultipartUploads.
+    pub(crate) fn multipart_uploads(&self, bucket: &str) -> usize {
+        let answer = self.request("GET", &format!("/{bucket}?uploads"), &[], b"");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        answer.matches("<UploadId>").count()
     }
 }
 
@@ -81,29 +111,92 @@ impl Drop for S3Server {
 /// An HTTP proxy in front of the S3 server that spoils one request in
 /// `every`: in turn a 503 SlowDown, a connection dropped before the
 /// answer, and an answer 300 ms late. Each request it passes on goes
-/// upstream on a connection of its own.
+/// upstream on a connection of its own. It may also fail given parts of
+/// every multipart upload a given number of times ([`PartFaults`]), and
+/// counts how often each part was sent.
 pub(crate) struct FaultProxy {
     pub(crate) port: u16,
     requests: Arc<AtomicU64>,
     spoiled: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    sends: Arc<Mutex<PartSends>>,
+    uploads: Arc<Mutex<Uploads>>,
+}
+
+/// The uploads (PUTs with a body: objects and parts) the proxy saw, and
+/// how many carried both Content-MD5 and `x-amz-checksum-sha256`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Uploads {
+    pub(crate) puts: u64,
+    pub(crate) with_checksums: u64,
+}
+
+/// How often each part of each multipart upload reached the proxy:
+/// (upload id, part number) → sends.
+pub(crate) type PartSends = BTreeMap<(String, u32), u32>;
+
+/// Parts of every multipart upload (numbers from 1) that the proxy
+/// answers with S3's `400 RequestTimeout` (what S3 says of a part whose
+/// body came too slowly; object_store does not retry a 400), the first
+/// `times` times each is sent.
+/// And it passes the first `lost_completions` completions of an upload
+/// on to the store, then drops the connection: the store completed the
+/// upload, the client never heard.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PartFaults {
+    pub(crate) parts: Vec<u32>,
+    pub(crate) times: u32,
+    pub(crate) lost_completions: u64,
+}
+
+/// What one connection of the proxy shares with the others.
+struct Shared {
+    upstream: u16,
+    every: u64,
+    faults: PartFaults,
+    requests: Arc<AtomicU64>,
+    spoiled: Arc<AtomicU64>,
+    sends: Arc<Mutex<PartSends>>,
+    uploads: Arc<Mutex<Uploads>>,
+    completions: AtomicU64,
 }
 
 impl FaultProxy {
     pub(crate) fn start(upstream: u16, every: u64) -> FaultProxy {
+        FaultProxy::start_with(upstream, every, PartFaults::default())
+    }
+
+    /// A proxy that spoils nothing but the parts `faults` names.
+    pub(crate) fn failing_parts(upstream: u16, faults: PartFaults) -> FaultProxy {
+        FaultProxy::start_with(upstream, u64::MAX, faults)
+    }
+
+    fn start_with(upstream: u16, every: u64, faults: PartFaults) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let (requests, spoiled) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, sp, st) = (requests.clone(), spoiled.clone(), stop.clone());
+        let sends = Arc::new(Mutex::new(PartSends::new()));
+        let uploads = Arc::new(Mutex::new(Uploads::default()));
+        let shared = Arc::new(Shared {
+            upstream,
+            every,
+            faults,
+            requests: requests.clone(),
+            spoiled: spoiled.clone(),
+            sends: sends.clone(),
+            uploads: uploads.clone(),
+            completions: AtomicU64::new(0),
+        });
+        let st = stop.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
-                        let (r, sp) = (r.clone(), sp.clone());
+                        let shared = shared.clone();
                         std::thread::spawn(move || {
-                            let _ = serve(client, upstream, every, &r, &sp);
+                            let _ = serve(client, &shared);
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -115,8 +208,35 @@ impl FaultProxy {
             requests,
             spoiled,
             stop,
+            sends,
+            uploads,
         }
     }
+
+    /// The uploads it saw, and how many carried their checksums.
+    pub(crate) fn uploads(&self) -> Uploads {
+        *self.uploads.lock().unwrap()
+    }
+
+    /// How often each part of each multipart upload was sent.
+    pub(crate) fn part_sends(&self) -> PartSends {
+        self.sends.lock().unwrap().clone()
+    }
+}
+
+/// The upload id and part number of a request line that sends a part.
+fn part_of(request_line: &str) -> Option<(String, u32)> {
+    let target = request_line.strip_prefix("PUT ")?.split(' ').next()?;
+    let query = target.split_once('?')?.1;
+    let (mut upload, mut part) = (None, None);
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("uploadId", v)) => upload = Some(v.to_string()),
+            Some(("partNumber", v)) => part = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((upload?, part?))
 }
 
 impl Drop for FaultProxy {
@@ -126,28 +246,30 @@ impl Drop for FaultProxy {
 }
 
 /// Serves one client connection: request by request until it closes.
-fn serve(
-    client: TcpStream,
-    upstream: u16,
-    every: u64,
-    requests: &AtomicU64,
-    spoiled: &AtomicU64,
-) -> std::io::Result<()> {
+fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
     client.set_nonblocking(false)?;
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client = client;
     loop {
         let mut head = Vec::new();
         let mut length = 0usize;
+        let mut request_line = None;
+        let (mut md5, mut sha256, mut copy) = (false, false, false);
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
                 return Ok(());
             }
+            if request_line.is_none() {
+                request_line = Some(line.clone());
+            }
             let lower = line.to_ascii_lowercase();
             if let Some(v) = lower.strip_prefix("content-length:") {
                 length = v.trim().parse().unwrap_or(0);
             }
+            md5 |= lower.starts_with("content-md5:");
+            sha256 |= lower.starts_with("x-amz-checksum-sha256:");
+            copy |= lower.starts_with("x-amz-copy-source:");
             if lower.starts_with("connection:") {
                 continue;
             }
@@ -159,9 +281,43 @@ fn serve(
         }
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body)?;
-        let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if request_line
+            .as_deref()
+            .is_some_and(|l| l.starts_with("PUT "))
+            && !copy
+            && length > 0
+        {
+            let mut uploads = shared.uploads.lock().unwrap();
+            uploads.puts += 1;
+            uploads.with_checksums += u64::from(md5 && sha256);
+        }
+        if let Some(part) = request_line.as_deref().and_then(part_of) {
+            let sends = {
+                let mut all = shared.sends.lock().unwrap();
+                let n = all.entry(part.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            if shared.faults.parts.contains(&part.1) && sends <= shared.faults.times {
+                shared.spoiled.fetch_add(1, Ordering::Relaxed);
+                let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>RequestTimeout</Code><Message>Your socket connection to the server was not read from or written to within the timeout period.</Message></Error>";
+                write!(
+                    client,
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{xml}",
+                    xml.len()
+                )?;
+                continue;
+            }
+        }
+        let completion = request_line
+            .as_deref()
+            .is_some_and(|l| l.starts_with("POST ") && l.contains("uploadId="));
+        let lose_answer = completion
+            && shared.completions.fetch_add(1, Ordering::Relaxed) < shared.faults.lost_completions;
+        let every = shared.every;
         if n.is_multiple_of(every) {
-            spoiled.fetch_add(1, Ordering::Relaxed);
+            shared.spoiled.fetch_add(1, Ordering::Relaxed);
             match (n / every) % 3 {
                 0 => {
                     let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
@@ -176,11 +332,15 @@ fn serve(
                 _ => std::thread::sleep(Duration::from_millis(300)),
             }
         }
-        let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+        let mut up = TcpStream::connect(("127.0.0.1", shared.upstream))?;
         up.write_all(&head)?;
         up.write_all(&body)?;
         let mut answer = Vec::new();
         up.read_to_end(&mut answer)?;
+        if lose_answer {
+            shared.spoiled.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         client.write_all(&answer)?;
         // The answer says `Connection: close`: the client opens another.
         return Ok(());
@@ -587,4 +747,276 @@ fn an_unencrypted_repository_copies_into_an_encrypted_bucket_sending_only_what_c
         assert_same_file(want, &to);
     }
     sealed(&["verify", "--read-data"]);
+}
+
+/// A client of `bucket/prefix` on the S3 server (or a proxy) at `port`,
+/// as the tests' credentials.
+fn client(port: u16, bucket: &str, prefix: &str) -> S3Backend {
+    let location = S3Location::parse(&format!(
+        "s3://{bucket}/{prefix}?endpoint=http://127.0.0.1:{port}"
+    ))
+    .unwrap();
+    let credentials = Credentials {
+        access_key_id: "cbtvault-test".into(),
+        secret_access_key: "cbtvault-test-secret".into(),
+        session_token: None,
+    };
+    S3Backend::connect(&location, &credentials).unwrap()
+}
+
+/// For each multipart upload the proxy saw, how often each of its parts
+/// was sent: part number → sends.
+fn sends_by_upload(sends: &PartSends) -> BTreeMap<String, BTreeMap<u32, u32>> {
+    let mut out: BTreeMap<String, BTreeMap<u32, u32>> = BTreeMap::new();
+    for ((upload, part), n) in sends {
+        out.entry(upload.clone()).or_default().insert(*part, *n);
+    }
+    out
+}
+
+/// Issue 12, resume of an interrupted upload: parts that keep failing
+/// past the client's own retries (S3's `400 RequestTimeout`, which
+/// object_store does not retry) are sent again, alone, in the same
+/// upload, until they go through; the parts already accepted are kept.
+/// A part that never goes through makes the write fail after the rounds,
+/// and the upload is aborted, leaving nothing behind.
+#[test]
+fn an_interrupted_pack_upload_resumes_sending_again_only_the_parts_that_failed() {
+    let server = S3Server::start();
+    server.create_bucket("resume");
+    let quick = ResumePolicy {
+        rounds: 5,
+        first_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+    };
+    // Three parts: 8 MiB, 8 MiB and the rest.
+    let mut data = vec![0u8; (20 << 20) + 12345];
+    rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut data);
+    let direct = client(server.port, "resume", "r");
+
+    // Parts 2 and 3 fail twice each, then go through.
+    let proxy = FaultProxy::failing_parts(
+        server.port,
+        PartFaults {
+            parts: vec![2, 3],
+            times: 2,
+            ..PartFaults::default()
+        },
+    );
+    let mut backend = client(proxy.port, "resume", "r");
+    backend.set_resume_policy(quick);
+    backend.write(FileKind::Pack, "ab01", &data).unwrap();
+    let uploads = sends_by_upload(&proxy.part_sends());
+    assert_eq!(
+        uploads.len(),
+        1,
+        "one upload, resumed, never restarted: {uploads:?}"
+    );
+    let parts = uploads.values().next().unwrap();
+    assert_eq!(
+        parts,
+        &BTreeMap::from([(1, 1), (2, 3), (3, 3)]),
+        "part 1 was sent once and kept; parts 2 and 3 again, alone, until accepted"
+    );
+    assert!(
+        direct.read(FileKind::Pack, "ab01").unwrap() == data,
+        "the object is byte-exact"
+    );
+    assert_eq!(server.multipart_uploads("resume"), 0);
+
+    // Part 1 never goes through: two rounds, then the upload is aborted.
+    let proxy = FaultProxy::failing_parts(
+        server.port,
+        PartFaults {
+            parts: vec![1],
+            times: u32::MAX,
+            ..PartFaults::default()
+        },
+    );
+    let mut backend = client(proxy.port, "resume", "r");
+    backend.set_resume_policy(ResumePolicy { rounds: 2, ..quick });
+    let err = backend.write(FileKind::Pack, "cd02", &data).unwrap_err();
+    assert!(err.to_string().contains("cd02"), "{err}");
+    let uploads = sends_by_upload(&proxy.part_sends());
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    assert_eq!(
+        uploads.values().next().unwrap(),
+        &BTreeMap::from([(1, 3), (2, 1), (3, 1)]),
+    );
+    assert!(
+        direct.size(FileKind::Pack, "cd02").is_err(),
+        "nothing visible"
+    );
+    assert_eq!(
+        server.multipart_uploads("resume"),
+        0,
+        "the upload given up was aborted: no parts left in the bucket"
+    );
+
+    // The store completes the upload but its answer is lost: the write
+    // finds the object there, whole.
+    let proxy = FaultProxy::failing_parts(
+        server.port,
+        PartFaults {
+            lost_completions: 1,
+            ..PartFaults::default()
+        },
+    );
+    let mut backend = client(proxy.port, "resume", "r");
+    backend.set_resume_policy(quick);
+    backend.write(FileKind::Pack, "ef03", &data).unwrap();
+    assert_eq!(proxy.spoiled.load(Ordering::Relaxed), 1);
+    assert!(direct.read(FileKind::Pack, "ef03").unwrap() == data);
+    assert_eq!(server.multipart_uploads("resume"), 0);
+}
+
+/// A backup whose pack uploads lose a part each (past the client's own
+/// retries) resumes them, sends nothing twice but those parts, and
+/// restores byte-exact.
+#[test]
+fn a_backup_through_failing_parts_resumes_its_uploads_and_restores_byte_exact() {
+    let s = Scratch::new();
+    let server = S3Server::start();
+    server.create_bucket("parts");
+    let proxy = FaultProxy::failing_parts(
+        server.port,
+        PartFaults {
+            parts: vec![2],
+            times: 1,
+            ..PartFaults::default()
+        },
+    );
+    let url = format!("s3://parts/r?endpoint=http://127.0.0.1:{}", proxy.port);
+    ok(&s, &url, &["init"]);
+    let image = s.image("disk.img", 48, 21);
+    let source = format!("file:{}", image.display());
+    let out = command(&s, &url)
+        .args(["backup", "--json", "--disk", "d", "--source", &source])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resuming a multipart upload"),
+        "each resume is logged: {stderr}"
+    );
+    let point = the_restore_point(&String::from_utf8(out.stdout).unwrap());
+
+    let uploads = sends_by_upload(&proxy.part_sends());
+    assert!(!uploads.is_empty(), "packs went up as multipart uploads");
+    for (upload, parts) in &uploads {
+        for (part, n) in parts {
+            let expected = if *part == 2 { 2 } else { 1 };
+            assert_eq!(*n, expected, "upload {upload}, part {part}: {parts:?}");
+        }
+    }
+    eprintln!(
+        "{} multipart uploads, {} parts sent again",
+        uploads.len(),
+        proxy.spoiled.load(Ordering::Relaxed)
+    );
+    assert_eq!(server.multipart_uploads("parts"), 0);
+    assert_same_file(&image, &restore(&s, &url, &id(&point), "r.img"));
+    ok(&s, &url, &["verify", "--read-data"]);
+}
+
+/// Runs `script` under python3 with boto3 (which comes with moto), `s3`
+/// a client of the server and `json` imported; its standard output.
+fn boto3(server: &S3Server, script: &str) -> String {
+    let prelude = format!(
+        "import boto3, json\ns3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='cbtvault-test', aws_secret_access_key='cbtvault-test-secret')\n",
+        server.endpoint()
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(prelude + script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "boto3 script failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// docs/cli.md, append-only repositories: an append-only repository in a
+/// bucket under S3 Object Lock (default retention, compliance mode), on
+/// moto.
+/// cbtvault's uploads carry what the store requires of a write there
+/// (Content-MD5 beside the SHA-256), backups and restores work, and the
+/// store itself refuses to delete any version of a pack or manifest.
+#[test]
+fn an_append_only_repository_in_an_object_lock_bucket_works_and_its_packs_cannot_be_deleted() {
+    let s = Scratch::new();
+    let server = S3Server::start();
+    boto3(
+        &server,
+        "s3.create_bucket(Bucket='locked', ObjectLockEnabledForBucket=True)\n\
+         s3.put_object_lock_configuration(Bucket='locked', ObjectLockConfiguration={'ObjectLockEnabled': 'Enabled', 'Rule': {'DefaultRetention': {'Mode': 'COMPLIANCE', 'Days': 1}}})\n",
+    );
+    // Through a proxy that spoils nothing: it sees what each upload carries.
+    let proxy = FaultProxy::failing_parts(server.port, PartFaults::default());
+    let url = format!("s3://locked/r?endpoint=http://127.0.0.1:{}", proxy.port);
+    // Packs of 4 MiB, each one PUT: moto 5.2.1 gives an object made by a
+    // multipart upload no retention (its CompleteMultipartUpload ignores
+    // the bucket's default), where AWS retains every new version.
+    ok(&s, &url, &["init", "--append-only", "--pack-size-mib", "4"]);
+    let image = s.image("disk.img", 40, 31);
+    let source = format!("file:{}", image.display());
+    let full = backup(&s, &url, &source, None);
+    let first = s.path("first.img");
+    std::fs::copy(&image, &first).unwrap();
+    let (_, bitmap) = s.churn(&image, 0.05, 32, "c.b64");
+    let next = backup(&s, &url, &source, Some(&bitmap));
+    assert_eq!(next["parent"], full["id"], "{next}");
+    assert_same_file(&first, &restore(&s, &url, &id(&full), "r1.img"));
+    assert_same_file(&image, &restore(&s, &url, &id(&next), "r2.img"));
+    // moto refuses a write there without Content-MD5 (or an algorithm
+    // header), so these went through because of it; and each carried its
+    // SHA-256 too.
+    let uploads = proxy.uploads();
+    assert!(
+        uploads.puts > 10 && uploads.with_checksums == uploads.puts,
+        "{uploads:?}"
+    );
+
+    // The store's side: every version of every pack and manifest is under
+    // the default retention; deleting one (by its version id, which is
+    // what erases data in a versioned bucket) is refused.
+    let report = boto3(
+        &server,
+        r#"
+out = []
+for prefix in ['r/packs/', 'r/manifests/']:
+    for v in s3.list_object_versions(Bucket='locked', Prefix=prefix).get('Versions', []):
+        h = s3.head_object(Bucket='locked', Key=v['Key'], VersionId=v['VersionId'])
+        try:
+            s3.delete_object(Bucket='locked', Key=v['Key'], VersionId=v['VersionId'])
+            refused = None
+        except s3.exceptions.ClientError as e:
+            refused = e.response['Error']['Code']
+        out.append({'key': v['Key'], 'mode': h.get('ObjectLockMode'), 'refused': refused})
+print(json.dumps(out))
+"#,
+    );
+    let versions: Vec<Value> = serde_json::from_str(&report).unwrap();
+    let packs = versions
+        .iter()
+        .filter(|v| v["key"].as_str().unwrap().starts_with("r/packs/"))
+        .count();
+    assert!(packs >= 2 && versions.len() >= packs + 2, "{versions:#?}");
+    for v in &versions {
+        assert_eq!(v["mode"], "COMPLIANCE", "{v}");
+        assert_eq!(v["refused"], "AccessDenied", "{v}");
+    }
+    eprintln!(
+        "{} uploads, all with checksums; {} object versions, every deletion refused",
+        uploads.puts,
+        versions.len()
+    );
+
+    // Nothing was lost: both restore points restore, verify passes.
+    assert_same_file(&image, &restore(&s, &url, &id(&next), "r3.img"));
+    ok(&s, &url, &["verify", "--read-data"]);
 }

@@ -3,12 +3,14 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::BlobId;
 use crate::backend::{Backend, FileKind};
 use crate::crypto::{Crypto, MasterKey};
 use crate::error::{Error, Result};
 use crate::key::{self, KdfParams, KeySlot, Secret};
+use crate::lock::Lock;
 use crate::repository::{
     BLOCK_SIZE, CONFIG_FILE, Config, ENCRYPTED_FORMAT_VERSION, EncryptionConfig, Repository,
 };
@@ -146,7 +148,12 @@ impl Repository {
     pub fn key_add(&self, secret: &Secret, kdf: KdfParams) -> Result<String> {
         self.require_encrypted("adding a key")?;
         self.require_writable("adding a key")?;
-        let _lock = self.lock_named("keys", "keys", "the key slots")?;
+        let _lock = self.lock_keys()?;
+        self.add_slot(secret, kdf)
+    }
+
+    /// Writes a key slot for `secret`; the caller holds the keys lock.
+    fn add_slot(&self, secret: &Secret, kdf: KdfParams) -> Result<String> {
         let master = self.master_key("adding a key")?;
         key::add_slot(
             self.backend().as_ref(),
@@ -155,6 +162,30 @@ impl Repository {
             secret,
             kdf,
         )
+    }
+
+    /// The keys lock: one change of the key slots at a time, on any host
+    /// (a kernel lock for this host's processes, and lock object `keys`
+    /// for every host; tried once, never queued).
+    fn lock_keys(&self) -> Result<Lock> {
+        const WHAT: &str = "the key slots";
+        let lock = self.lock_named("keys", "keys", WHAT)?;
+        let lease = crate::lease::acquire(
+            self.backend(),
+            "keys",
+            "keys",
+            "a change of the key slots",
+            Duration::ZERO,
+            self.lock_ttl(),
+        )
+        .map_err(|e| match e {
+            Error::Locked { holder, .. } => Error::Locked {
+                what: WHAT.into(),
+                holder,
+            },
+            e => e,
+        })?;
+        Ok(lock.with_lease(Some(lease)))
     }
 
     /// Removes key slot `id`: never the last one, nor the one this
@@ -169,7 +200,7 @@ impl Repository {
                 what: "it is the key this command was given; open the repository with another key to remove it".into(),
             });
         }
-        let _lock = self.lock_named("keys", "keys", "the key slots")?;
+        let _lock = self.lock_keys()?;
         key::remove(self.backend().as_ref(), id)
     }
 
@@ -184,8 +215,12 @@ impl Repository {
                 what: "changing a passphrase".into(),
             })?
             .to_string();
-        let new = self.key_add(secret, kdf)?;
-        let _lock = self.lock_named("keys", "keys", "the key slots")?;
+        self.require_encrypted("changing a passphrase")?;
+        self.require_writable("changing a passphrase")?;
+        // One holding of the keys lock for both steps: no other change
+        // of the slots runs between them.
+        let _lock = self.lock_keys()?;
+        let new = self.add_slot(secret, kdf)?;
         key::remove(self.backend().as_ref(), &old)?;
         Ok(new)
     }

@@ -279,6 +279,7 @@ impl Repository {
         // Repair on this host waits; backups and other hosts do not.
         let _local = self.lock_local_shared(wait)?;
         let _gc = crate::lease::acquire(self.backend(), "gc", "gc", "gc", wait, self.lock_ttl())?;
+        crate::repair::refuse_beside_repair(self.backend().as_ref())?;
         collect_garbage(self, options)
     }
 }

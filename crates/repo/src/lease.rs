@@ -17,7 +17,8 @@
 //! - on the same host name with another boot id (the host rebooted), at once;
 //! - from another host, once its expiry has passed (its heartbeats stopped).
 //!
-//! Two uses: **exclusive** lock objects (`disk-KEY`, `gc`) are created
+//! Two uses: **exclusive** lock objects (`disk-KEY`, `gc`, `keys`,
+//! `repair`) are created
 //! with [`Backend::create`] — one conditional write where the store offers
 //! it (`link` on a directory, `If-None-Match: *` on S3), so of two hosts
 //! only one gets it — then read back (a store that ignores the condition
@@ -96,7 +97,7 @@ impl Owner {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockRecord {
     pub format: u32,
-    /// `operation`, `disk` or `gc`.
+    /// `operation`, `disk`, `gc`, `keys` or `repair`.
     pub kind: String,
     /// What it is for, for messages (`a backup of disk "d"`).
     pub what: String,

@@ -121,20 +121,21 @@
 //!
 //! | operation            | this host (kernel)      | all hosts (lock object) | safe beside                     | because |
 //! |----------------------|-------------------------|-------------------------|---------------------------------|---------|
-//! | backup               | repository shared, disk exclusive | `op-TOKEN`, `disk-KEY` (exclusive) | everything but repair on its host; a backup of the same disk anywhere is refused | packs are write-once, named by content; the catalogue is refreshed (condemned packs, other hosts' packs) after `op-` exists and before any dedup decision, and blobs in condemned packs are stored again |
-//! | restore, diff, show  | repository shared       | `op-TOKEN`              | everything but repair on its host | they read committed restore points; gc deletes a pack only after every operation that ran when it was condemned ended |
-//! | verify               | repository shared       | `op-TOKEN`              | everything but repair on its host | read-only; partial files of running backups are reported, not judged |
+//! | backup               | repository shared, disk exclusive | `op-TOKEN`, `disk-KEY` (exclusive) | everything but repair; a backup of the same disk anywhere is refused | packs are write-once, named by content; the catalogue is refreshed (condemned packs, other hosts' packs) after `op-` exists and before any dedup decision, and blobs in condemned packs are stored again |
+//! | restore, diff, show  | repository shared       | `op-TOKEN`              | everything but repair | they read committed restore points; gc deletes a pack only after every operation that ran when it was condemned ended |
+//! | verify               | repository shared       | `op-TOKEN`              | everything but repair | read-only; partial files of running backups are reported, not judged |
 //! | forget               | repository shared       | `op-TOKEN`              | backup, restore, verify, gc     | it only removes manifests; every tree is complete, so a running backup whose parent is forgotten still has its base — a backup checks its parent's manifest after registering, and gc waits for it |
 //! | gc                   | repository shared       | `gc` (exclusive)        | backups, restores, verify, forget on any host; one gc at a time | it condemns (a gc record), and sweeps only what is still unreferenced once every operation listed when it condemned has ended (`condemn.rs`); packs newer than the oldest running operation are never touched |
-//! | repair               | repository exclusive    | –                       | nothing on its host             | it replaces this host's catalogue (a cache for S3) |
+//! | repair               | repository exclusive    | `repair` (exclusive), once no other lock object is live | nothing, on any host | it replaces the catalogue, clears partial files and sets damaged files aside; an operation or gc that starts while it runs finds `repair` after creating its own lock object and refuses (of the two, one sees the other) |
+//! | key add/remove/passwd | `keys` exclusive       | `keys` (exclusive)      | everything but another key change, on any host | only key slots change; tried once, never queued |
 //! | list                 | none                    | –                       | everything                      | a SQLite read transaction sees a consistent catalogue |
 //!
 //! Locks are taken in one order: job lock, repository lock, VM lock, disk
 //! lock, then the catalogue mutex ([`Repository::catalogue`]), which is
 //! held only for one call and never across another that takes it (see
-//! ARCHITECTURE.md). Job, VM and disk locks are tried once, never queued.
-//! Job, VM and key-slot locks are kernel locks only: jobs and VMs belong
-//! to one host's configuration.
+//! ARCHITECTURE.md). Job, VM, disk and key-slot locks are tried once,
+//! never queued. Job and VM locks are kernel locks only: jobs and VMs
+//! belong to one host's configuration.
 //!
 //! # Encryption at rest
 //! Chosen at init ([`InitOptions::encryption`]). Every encode and decode
@@ -161,7 +162,7 @@
 //!
 //! | operation | lock | with the key | without it |
 //! |-----------|------|--------------|------------|
-//! | key add / remove / passwd | `keys` lock (exclusive, tried once) | yes | refused |
+//! | key add / remove / passwd | `keys` lock and lock object (exclusive, tried once) | yes | refused |
 //! | key list | none | – | allowed |
 //! | verify | shared | everything | structure only |
 //! | repair | exclusive | yes | refused before it touches anything |

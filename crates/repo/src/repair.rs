@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -24,6 +24,7 @@ use crate::catalogue::{CATALOGUE_FILE, Catalogue};
 use crate::crypto::Crypto;
 use crate::encryption::{KeyPrompt, Unlock, read_config};
 use crate::error::{Error, Result};
+use crate::lease::{self, Lease, LockTtl, Owner};
 use crate::lock::{self, LockMode};
 use crate::manifest::{self, Manifest};
 use crate::pack::{self, PackEntry};
@@ -121,6 +122,7 @@ pub fn repair_keyed(
         wait,
     )?;
     let mut backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(path));
+    let _everywhere = lock_everywhere(&backend, wait)?;
     if is_append_only(backend.as_ref()) {
         // Damaged files stay where they are (see `set_aside`).
         backend = Arc::new(crate::append_only::AppendOnlyBackend::new(backend));
@@ -174,6 +176,67 @@ pub fn repair_keyed(
     Repository::open_inner(path, backend, unlock)?;
     tracing::info!(?report, "repair finished");
     Ok(report)
+}
+
+/// The lock object repair holds: `locks/repair.json`.
+pub(crate) const REPAIR_LOCK: &str = "repair";
+
+/// Takes lock object [`REPAIR_LOCK`] (exclusive, every host), then waits
+/// up to `wait` until no other process on any host holds a lock object:
+/// repair replaces the catalogue, clears partial files and sets damaged
+/// files aside, which another host's backup, gc or repair must not meet
+/// half-way (this host's processes are kept out by the kernel lock).
+/// Operations that start meanwhile see the object and refuse
+/// ([`refuse_beside_repair`]).
+fn lock_everywhere(backend: &Arc<dyn Backend>, wait: Duration) -> Result<Lease> {
+    let deadline = Instant::now() + wait;
+    let lease = lease::acquire(
+        backend,
+        REPAIR_LOCK,
+        "repair",
+        "a repair of the repository",
+        wait,
+        LockTtl::default(),
+    )
+    .map_err(|e| match e {
+        Error::Locked { holder, .. } => Error::Locked {
+            what: "the repository".into(),
+            holder,
+        },
+        e => e,
+    })?;
+    loop {
+        let others = lease::live(backend.as_ref())?;
+        let Some((_, holder)) = others.iter().find(|(name, _)| name != REPAIR_LOCK) else {
+            return Ok(lease);
+        };
+        if Instant::now() >= deadline {
+            return Err(Error::Locked {
+                what: "the repository (repair needs it alone)".into(),
+                holder: holder.describe(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Refuses an operation while a repair runs on another host (on this
+/// host the kernel lock keeps them apart): called once the operation's
+/// own lock object exists, so that of the two, one sees the other.
+pub(crate) fn refuse_beside_repair(backend: &dyn Backend) -> Result<()> {
+    match lease::read(backend, REPAIR_LOCK)? {
+        Some(repair)
+            if repair
+                .stale(&Owner::current(), jiff::Timestamp::now())
+                .is_none() =>
+        {
+            Err(Error::Locked {
+                what: "the repository".into(),
+                holder: repair.describe(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Indexes the blobs of pack `name` whose bytes still match their id.

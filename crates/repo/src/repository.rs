@@ -549,6 +549,7 @@ impl Repository {
             .map(|command| format!("cbtvault {command}"))
             .unwrap_or_else(|| "a cbtvault operation".into());
         let lease = crate::lease::register(&self.backend, &what, self.lock_ttl)?;
+        crate::repair::refuse_beside_repair(self.backend.as_ref())?;
         Ok(lock.with_lease(Some(lease)))
     }
 

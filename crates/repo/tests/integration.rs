@@ -8,6 +8,7 @@ mod integration {
     mod encryption;
     mod forget;
     mod fuzz;
+    mod hosts;
     mod maintenance;
     mod repository;
     mod tree;

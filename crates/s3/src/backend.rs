@@ -9,11 +9,42 @@
 //!
 //! An object is visible only once whole: a PUT, or for packs (larger than
 //! one part) a multipart upload whose parts are sent side by side and
-//! which becomes visible at its completion, or is aborted. Every write is
-//! checked afterwards (its size, by HEAD), so a store that acknowledged
-//! less than it was given is caught before a manifest refers to it. The
-//! client retries timeouts, dropped connections and 5xx answers (503
-//! SlowDown included) with exponential backoff for up to three minutes.
+//! which becomes visible at its completion. Every write is checked
+//! afterwards (its size, by HEAD), so a store that acknowledged less than
+//! it was given is caught before a manifest refers to it. The client
+//! retries each request on timeouts, dropped connections and 5xx answers
+//! (503 SlowDown included) with exponential backoff for up to three
+//! minutes.
+//!
+//! # Resuming an interrupted upload
+//! A part can still fail after those retries: the store kept answering
+//! 5xx, or answered what object_store does not retry (S3's `400
+//! RequestTimeout` when it found a part's body too slow). The upload is
+//! then resumed, not restarted: it keeps its upload id and every part the
+//! store accepted (their ETags and checksums), and sends again only the
+//! parts that failed, in up to [`ResumePolicy::rounds`] further rounds
+//! with a backoff between them; each round is logged (a warning naming
+//! the object, the upload id and the parts sent again). A completion that
+//! failed is sent again the same way; one whose answer was lost after the
+//! store completed it finds the object there, of its size (packs are
+//! named by their content, so an object of that name is that pack). An
+//! upload the store no longer knows (aborted by someone else) starts
+//! afresh, still within the rounds. Only when the rounds are spent, or
+//! the store refuses for good (no permission, no such bucket), is the
+//! upload aborted, so that no parts are left to pay for, and the write
+//! fails.
+//!
+//! A killed process resumes nothing here: its upload id dies with it.
+//! The packs it completed are not sent again — the next backup indexes
+//! them before it deduplicates (`cbtvault_repo`'s `heal.rs`), and a backup
+//! stopped rather than killed suspends so that the next run reads only
+//! what it lacks (`resume.rs`) — but the parts of the upload that was in
+//! flight stay in the bucket, invisible and billed, until the bucket's
+//! lifecycle rule for incomplete multipart uploads
+//! (`AbortIncompleteMultipartUpload`, see docs/cli.md) removes them.
+//! [`Backend::list_partial`] cannot report them: object_store offers no
+//! ListMultipartUploads call, and this crate does not sign requests of
+//! its own.
 //!
 //! Lock objects are created with a conditional PUT (`If-None-Match: *`,
 //! object_store's `PutMode::Create`): of two hosts, the store lets one
@@ -33,6 +64,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cbtvault_repo::{Backend, FileKind};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
@@ -44,11 +76,47 @@ use crate::location::{Credentials, S3Location};
 /// Objects larger than this go up as a multipart upload of parts this big.
 const PART_SIZE: usize = 8 << 20;
 
+/// How a multipart upload whose parts failed after the client's own
+/// retries is resumed (see the module's docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResumePolicy {
+    /// Rounds of sending the failed parts again before giving up.
+    pub rounds: u32,
+    /// The wait before the first round; it doubles with each round.
+    pub first_backoff: Duration,
+    /// The longest wait between two rounds.
+    pub max_backoff: Duration,
+}
+
+impl Default for ResumePolicy {
+    /// Five rounds, 1 s before the first, doubling: a store that keeps
+    /// failing a part after the client's retries gets about half a minute
+    /// more before the upload is given up.
+    fn default() -> Self {
+        ResumePolicy {
+            rounds: 5,
+            first_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(16),
+        }
+    }
+}
+
+impl ResumePolicy {
+    /// The wait before round `round` (1-based).
+    fn backoff(&self, round: u32) -> Duration {
+        let factor = 1u32 << round.saturating_sub(1).min(16);
+        self.first_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
+}
+
 /// A repository's files in an S3 bucket.
 pub struct S3Backend {
     location: S3Location,
     store: Arc<AmazonS3>,
     runtime: tokio::runtime::Runtime,
+    resume: ResumePolicy,
 }
 
 impl std::fmt::Debug for S3Backend {
@@ -70,9 +138,10 @@ impl S3Backend {
             .with_virtual_hosted_style_request(!location.path_style)
             // Every upload (and part) carries its SHA-256, which the store
             // checks before accepting it (a body damaged on the way is
-            // refused, not stored), and which buckets under Object Lock
-            // require of every write.
+            // refused, not stored) ...
             .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
+            // ... and its Content-MD5, which Object Lock asks for by name.
+            .with_http_connector(crate::content_md5::ContentMd5Connector)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
@@ -114,7 +183,14 @@ impl S3Backend {
             location: location.clone(),
             store: Arc::new(store),
             runtime,
+            resume: ResumePolicy::default(),
         })
+    }
+
+    /// Changes how interrupted multipart uploads are resumed (tests, and
+    /// stores known to need longer).
+    pub fn set_resume_policy(&mut self, resume: ResumePolicy) {
+        self.resume = resume;
     }
 
     /// The location this backend reaches.
@@ -180,29 +256,127 @@ impl S3Backend {
     fn put(&self, key: &str, data: &[u8]) -> std::result::Result<(), object_store::Error> {
         let path = Key::from(key);
         let data = Bytes::copy_from_slice(data);
+        let resume = self.resume;
         self.run(move |store| async move {
             if data.len() <= PART_SIZE {
                 store.put(&path, PutPayload::from(data)).await?;
                 return Ok(());
             }
-            let mut upload = store.put_multipart(&path).await?;
-            let parts: Vec<_> = (0..data.len())
-                .step_by(PART_SIZE)
-                .map(|start| {
-                    let end = (start + PART_SIZE).min(data.len());
-                    upload.put_part(PutPayload::from(data.slice(start..end)))
-                })
-                .collect();
-            match futures::future::try_join_all(parts).await {
-                Ok(_) => upload.complete().await.map(|_| ()),
-                Err(e) => {
-                    // Nothing of it becomes visible; the parts go too.
-                    let _ = upload.abort().await;
-                    Err(e)
-                }
-            }
+            put_multipart(&store, &path, &data, resume).await
         })
     }
+}
+
+/// Uploads `data` to `path` in parts of [`PART_SIZE`], sent side by side;
+/// parts that fail are sent again, alone, in up to `resume.rounds` rounds
+/// (see the module's docs). The upload is aborted only when giving up.
+async fn put_multipart(
+    store: &AmazonS3,
+    path: &Key,
+    data: &Bytes,
+    resume: ResumePolicy,
+) -> std::result::Result<(), object_store::Error> {
+    let count = data.len().div_ceil(PART_SIZE);
+    let part = |i: usize| data.slice(i * PART_SIZE..((i + 1) * PART_SIZE).min(data.len()));
+    let mut id = store.create_multipart(path).await?;
+    let mut parts: Vec<Option<PartId>> = vec![None; count];
+    let mut round = 0;
+    loop {
+        let missing: Vec<usize> = (0..count).filter(|&i| parts[i].is_none()).collect();
+        let sent = futures::future::join_all(
+            missing
+                .iter()
+                .map(|&i| store.put_part(path, &id, i, PutPayload::from(part(i)))),
+        )
+        .await;
+        let mut failed = Vec::new();
+        let mut error = None;
+        for (i, result) in missing.into_iter().zip(sent) {
+            match result {
+                Ok(accepted) => parts[i] = Some(accepted),
+                Err(e) => {
+                    failed.push(i + 1);
+                    error = Some(e);
+                }
+            }
+        }
+        let error = match error {
+            Some(e) => e,
+            None => {
+                let accepted: Vec<PartId> = parts.iter().flatten().cloned().collect();
+                match store.complete_multipart(path, &id, accepted).await {
+                    Ok(_) => {
+                        if round > 0 {
+                            tracing::info!(key = %path, upload = %id, rounds = round, "multipart upload completed after resuming");
+                        }
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Completed by an earlier try whose answer was
+                        // lost: the object is there, of its size.
+                        if completed(store, path, data.len()).await {
+                            tracing::info!(key = %path, upload = %id, error = %e, "the store had completed the multipart upload already");
+                            // Or held the pack already (named by content):
+                            // either way no parts are left behind.
+                            let _ = store.abort_multipart(path, &id).await;
+                            return Ok(());
+                        }
+                        e
+                    }
+                }
+            }
+        };
+        round += 1;
+        if round > resume.rounds || !resumable(&error) {
+            tracing::error!(key = %path, upload = %id, failed_parts = ?failed, rounds = round - 1, %error, "giving up a multipart upload: aborting it");
+            if let Err(e) = store.abort_multipart(path, &id).await {
+                tracing::warn!(key = %path, upload = %id, error = %e, "the multipart upload was not aborted; the bucket's lifecycle rule for incomplete uploads removes its parts");
+            }
+            return Err(error);
+        }
+        let wait = resume.backoff(round);
+        if matches!(error, object_store::Error::NotFound { .. }) {
+            // The store no longer knows the upload (aborted meanwhile):
+            // its parts are gone, start afresh.
+            tracing::warn!(key = %path, upload = %id, round, of = resume.rounds, wait = ?wait, %error, "the multipart upload is gone: starting it again");
+            tokio::time::sleep(wait).await;
+            id = store.create_multipart(path).await?;
+            parts = vec![None; count];
+            continue;
+        }
+        let kept = parts.iter().flatten().count();
+        if failed.is_empty() {
+            tracing::warn!(key = %path, upload = %id, round, of = resume.rounds, wait = ?wait, %error, "resuming a multipart upload: every part is in, completing it again");
+        } else {
+            tracing::warn!(
+                key = %path, upload = %id, round, of = resume.rounds, wait = ?wait,
+                failed_parts = ?failed, kept_parts = kept, of_parts = count, %error,
+                "resuming a multipart upload: sending again only the parts that failed"
+            );
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// True when `path` holds an object of `size` bytes.
+async fn completed(store: &AmazonS3, path: &Key, size: usize) -> bool {
+    store
+        .head(path)
+        .await
+        .is_ok_and(|meta| meta.size == size as u64)
+}
+
+/// False for the errors no later round can mend.
+fn resumable(e: &object_store::Error) -> bool {
+    !matches!(
+        e,
+        object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::NotImplemented
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::InvalidPath { .. }
+            | object_store::Error::UnknownConfigurationKey { .. }
+    )
 }
 
 impl Backend for S3Backend {
@@ -354,10 +528,11 @@ impl Backend for S3Backend {
         }
     }
 
-    /// Uploads in progress are invisible, and an interrupted one is
-    /// aborted by the client; what a killed process leaves is removed by
-    /// the bucket's lifecycle rule for incomplete multipart uploads (see
-    /// docs), not listed here.
+    /// Uploads in progress are invisible; one that fails is resumed, and
+    /// aborted when given up. What a killed process leaves (the parts of
+    /// its upload in flight) is removed by the bucket's lifecycle rule for
+    /// incomplete multipart uploads (docs/cli.md), not listed here:
+    /// object_store offers no ListMultipartUploads.
     fn list_partial(&self) -> cbtvault_repo::Result<Vec<String>> {
         Ok(Vec::new())
     }

@@ -8,8 +8,9 @@
 //! # An S3 repository
 //! - **Files**: the repository's files become objects under the prefix,
 //!   in the local layout ([`S3Backend`]); packs go up as multipart uploads,
-//!   invisible until complete, and every write is checked by its size
-//!   afterwards. The commit protocol is the local one: packs, then the
+//!   invisible until complete and resumed when parts fail (only the failed
+//!   parts are sent again, [`ResumePolicy`]), and every write is checked
+//!   by its size afterwards. The commit protocol is the local one: packs, then the
 //!   manifest.
 //! - **Catalogue**: a local cache (`CBTVAULT_CACHE_DIR`, else
 //!   `~/.cache/cbtvault`, one directory per repository id), made from the
@@ -30,14 +31,18 @@
 //! signing, multipart uploads, retries with backoff on timeouts, dropped
 //! connections and 5xx answers — 503 SlowDown included — which is what a
 //! hand-written client would have to get right), `tokio` (its runtime),
-//! `url` (parsing the location).
+//! `url` (parsing the location), and for the Content-MD5 that S3 Object
+//! Lock asks of every upload (`content_md5.rs`) RustCrypto's `md-5`,
+//! `http-body-util` (reading a request's body) and `async-trait`
+//! (object_store's connector trait is one).
 
 mod backend;
+mod content_md5;
 mod error;
 mod location;
 mod open;
 
-pub use backend::S3Backend;
+pub use backend::{ResumePolicy, S3Backend};
 pub use error::{Error, Result};
 pub use location::{Credentials, S3Location};
 pub use open::{cache_root, init, open, open_with_key};
