@@ -203,6 +203,7 @@ mod key;
 mod lease;
 mod lock;
 mod manifest;
+mod node_cache;
 mod pack;
 mod rekey;
 mod repair;

@@ -145,6 +145,9 @@ pub struct Repository {
     unreadable_manifests: Vec<(String, String)>,
     /// How long lock objects live without a heartbeat.
     lock_ttl: crate::lease::LockTtl,
+    /// Where block-map nodes are cached, for a repository whose files are
+    /// remote (see `node_cache.rs`).
+    node_cache_dir: Option<PathBuf>,
 }
 
 /// True when the repository's files cannot be changed by this process
@@ -279,7 +282,8 @@ impl Repository {
             tracing::info!(cache = %local.display(), "no local catalogue for this repository yet: building it from the store");
             Catalogue::open(&catalogue, true)?;
         }
-        let repo = Self::open_with_key(local, backend, key)?;
+        let mut repo = Self::open_with_key(local, backend, key)?;
+        repo.node_cache_dir = Some(local.to_path_buf());
         repo.refresh_packs()?;
         Ok(repo)
     }
@@ -365,6 +369,7 @@ impl Repository {
             read_only,
             unreadable_manifests: Vec::new(),
             lock_ttl: crate::lease::LockTtl::default(),
+            node_cache_dir: None,
         };
         repo.unreadable_manifests = repo.reconcile()?;
         // Bookkeeping only: a failure here must not keep a repository from
@@ -511,7 +516,15 @@ impl Repository {
             self.backend.clone(),
             self.crypto.clone(),
             self.open_catalogue()?,
-        ))
+        )
+        .with_node_cache(self.node_cache()))
+    }
+
+    /// A connection to this host's node cache, for a remote repository.
+    fn node_cache(&self) -> Option<crate::node_cache::NodeCache> {
+        self.node_cache_dir
+            .as_deref()
+            .and_then(crate::node_cache::NodeCache::open)
     }
 
     /// A writer of new packs, for one thread.
@@ -528,6 +541,7 @@ impl Repository {
             self.config.pack_size as usize,
             compression_level.unwrap_or(self.config.compression_level),
         )
+        .map(|w| w.with_node_cache(self.node_cache()))
     }
 
     /// The shared repository lock: held by every operation that reads or

@@ -9,6 +9,7 @@ use crate::BlobId;
 use crate::backend::{Backend, FileKind};
 use crate::catalogue::{BlobLocation, Catalogue};
 use crate::crypto::Crypto;
+use crate::node_cache::NodeCache;
 use crate::error::{Error, Result};
 use crate::pack::{self, BlobKind, Compression, FinishedPack, PackBuilder, PackEntry};
 use crate::tree::{NodeSink, NodeStore};
@@ -20,6 +21,8 @@ pub struct BlobReader {
     crypto: Arc<Crypto>,
     catalogue: Catalogue,
     decompressor: RefCell<Option<zstd::bulk::Decompressor<'static>>>,
+    /// Block-map nodes kept on this host (remote repositories only).
+    nodes: Option<NodeCache>,
 }
 
 impl std::fmt::Debug for BlobReader {
@@ -41,7 +44,14 @@ impl BlobReader {
             crypto,
             catalogue,
             decompressor: RefCell::new(None),
+            nodes: None,
         }
+    }
+
+    /// Reads block-map nodes through `cache` when one is given.
+    pub(crate) fn with_node_cache(mut self, cache: Option<NodeCache>) -> Self {
+        self.nodes = cache;
+        self
     }
 
     /// Decodes with this reader's decompression context.
@@ -298,7 +308,15 @@ fn clone_io(e: &Error) -> Error {
 
 impl NodeStore for BlobReader {
     fn load_node(&self, id: &BlobId) -> Result<Vec<u8>> {
-        self.read(id)
+        let Some(cache) = &self.nodes else {
+            return self.read(id);
+        };
+        if let Some(bytes) = cache.get(id, |b| self.crypto.hash(b).ok()) {
+            return Ok(bytes);
+        }
+        let bytes = self.read(id)?;
+        cache.put(id, &bytes);
+        Ok(bytes)
     }
 }
 
@@ -340,6 +358,8 @@ pub struct PackWriter {
     target: usize,
     compressor: zstd::bulk::Compressor<'static>,
     stats: WriteStats,
+    /// Where the nodes it writes are kept too (remote repositories only).
+    nodes: Option<NodeCache>,
 }
 
 /// The background thread that makes packs durable.
@@ -380,7 +400,14 @@ impl PackWriter {
             target,
             compressor,
             stats: WriteStats::default(),
+            nodes: None,
         })
+    }
+
+    /// Keeps the block-map nodes it writes in `cache` when one is given.
+    pub(crate) fn with_node_cache(mut self, cache: Option<NodeCache>) -> Self {
+        self.nodes = cache;
+        self
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<BlobId>> {
@@ -538,6 +565,10 @@ impl Drop for PackWriter {
 
 impl NodeSink for PackWriter {
     fn store_node(&mut self, bytes: Vec<u8>) -> Result<BlobId> {
-        self.add(BlobKind::Node, &bytes)
+        let id = self.add(BlobKind::Node, &bytes)?;
+        if let Some(cache) = &self.nodes {
+            cache.put(&id, &bytes);
+        }
+        Ok(id)
     }
 }
