@@ -57,6 +57,9 @@ struct Args {
     /// Print the results only; write nothing under --docs.
     #[arg(long)]
     no_docs: bool,
+    /// Internal: the S3 upload ceiling's own process (URL, bytes).
+    #[arg(long, hide = true, num_args = 2, value_names = ["URL", "BYTES"])]
+    s3_put_ceiling: Vec<String>,
 }
 
 /// One measured step.
@@ -100,6 +103,9 @@ struct Suite {
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
+    if let [url, bytes] = args.s3_put_ceiling.as_slice() {
+        return s3::put_ceiling(url, bytes.parse().context("--s3-put-ceiling BYTES")?);
+    }
     if args.sizes.is_empty() {
         args.sizes = if args.quick { vec![1] } else { vec![1, 4, 16] };
     }
@@ -353,7 +359,8 @@ impl Suite {
         } else {
             Some(Borg::new(work)?)
         };
-        let server = if self.skips("s3") {
+        // moto keeps a bucket in memory: the S3 path stops at 4 GiB.
+        let server = if self.skips("s3") || size > 4 {
             None
         } else {
             Some(s3::S3Server::start(work)?)
@@ -365,8 +372,13 @@ impl Suite {
         for (path, repo) in &extras {
             let (outcome, id) =
                 repo.backup(&format!("{path} full"), &strs(&guest.backup_args(None)))?;
+            let stored = outcome.growth;
             self.push(size, path, "cbtvault", "full", bytes, outcome);
             extra_latest.push(id);
+            if let (Some(server), "s3") = (&server, *path) {
+                let cost = server.upload_ceiling(stored)?;
+                self.push_ceiling(size, "s3 put", "full", stored, cost);
+            }
         }
         if let Some(r) = &restic {
             let o = r.backup("restic full", image)?;

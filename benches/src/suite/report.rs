@@ -165,6 +165,18 @@ impl Report<'_> {
             {
                 target.measured += &format!(" (a run with no change takes {fixed:.2} s)");
             }
+            // What the server itself allows: the same bytes put with
+            // nothing else to do.
+            if b.0 == "s3"
+                && b.2 == "full"
+                && let Some(bound) = ratio(
+                    wall("file", "cbtvault", "full"),
+                    wall("machine", "s3 put", "full"),
+                )
+            {
+                target.measured +=
+                    &format!(" (putting the stored bytes alone reaches {bound:.2}×)");
+            }
             out.push(target);
         }
         let rss: Vec<(u64, u64)> = self

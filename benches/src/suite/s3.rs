@@ -11,6 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cbtvault_repo::{Backend, DEFAULT_PACK_SIZE, FileKind};
+use cbtvault_s3::{Credentials, S3Backend, S3Location};
+
+use crate::measure::{self, Cost};
 
 /// The bucket every S3 repository of the suite goes into.
 pub const BUCKET: &str = "bench";
@@ -112,6 +116,59 @@ impl S3Server {
 }
 
 const CREDENTIALS: (&str, &str) = ("cbtvault-bench", "cbtvault-bench-secret");
+
+impl S3Server {
+    /// The upload ceiling: `bytes` put into the server as objects of a
+    /// pack's size, two at a time (as a backup's packs go up while the
+    /// next fills), through the same client cbtvault uses, in a process of
+    /// its own (this one, started with `--s3-put-ceiling`), so that it is
+    /// measured as the tools are and leaves nothing in the suite's memory.
+    /// An S3 backup cannot store faster than this server takes bytes here.
+    pub fn upload_ceiling(&self, bytes: u64) -> Result<Cost> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args([
+            "--s3-put-ceiling",
+            &self.repo_url("ceiling"),
+            &bytes.to_string(),
+        ])
+        .envs(self.credentials());
+        let (cost, _) = measure::run("the S3 upload ceiling", &mut cmd, false)?;
+        Ok(cost)
+    }
+}
+
+/// The upload ceiling's process: puts `bytes` into the repository URL
+/// `url` as [`S3Server::upload_ceiling`] says.
+pub fn put_ceiling(url: &str, bytes: u64) -> Result<()> {
+    let location = S3Location::parse(url)?;
+    let credentials = Credentials {
+        access_key_id: CREDENTIALS.0.into(),
+        secret_access_key: CREDENTIALS.1.into(),
+        session_token: None,
+    };
+    let backend = S3Backend::connect(&location, &credentials)?;
+    let mut object = vec![0u8; DEFAULT_PACK_SIZE as usize];
+    blake3::Hasher::new().finalize_xof().fill(&mut object);
+    let objects = bytes.div_ceil(DEFAULT_PACK_SIZE);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2u64)
+            .map(|worker| {
+                let (backend, object) = (&backend, &object);
+                scope.spawn(move || -> Result<()> {
+                    for n in (worker..objects).step_by(2) {
+                        backend.write(FileKind::Pack, &format!("{n:08x}"), object)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("an upload thread panicked"))??;
+        }
+        Ok(())
+    })
+}
 
 impl Drop for S3Server {
     fn drop(&mut self) {

@@ -58,7 +58,9 @@ pub(crate) struct NodeCache {
 
 impl std::fmt::Debug for NodeCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeCache").field("path", &self.path).finish()
+        f.debug_struct("NodeCache")
+            .field("path", &self.path)
+            .finish()
     }
 }
 

@@ -9,8 +9,8 @@ use crate::BlobId;
 use crate::backend::{Backend, FileKind};
 use crate::catalogue::{BlobLocation, Catalogue};
 use crate::crypto::Crypto;
-use crate::node_cache::NodeCache;
 use crate::error::{Error, Result};
+use crate::node_cache::NodeCache;
 use crate::pack::{self, BlobKind, Compression, FinishedPack, PackBuilder, PackEntry};
 use crate::tree::{NodeSink, NodeStore};
 
