@@ -25,6 +25,7 @@ mod resume;
 mod rollback;
 mod runner;
 mod s3;
+mod s3_nodes;
 mod serve_load;
 mod sources;
 mod ux;

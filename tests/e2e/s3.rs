@@ -213,6 +213,11 @@ impl FaultProxy {
         }
     }
 
+    /// The requests it passed on so far.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     /// The uploads it saw, and how many carried their checksums.
     pub(crate) fn uploads(&self) -> Uploads {
         *self.uploads.lock().unwrap()
@@ -358,7 +363,7 @@ pub(crate) fn command(s: &Scratch, url: &str) -> Command {
     c
 }
 
-fn ok(s: &Scratch, url: &str, args: &[&str]) -> String {
+pub(crate) fn ok(s: &Scratch, url: &str, args: &[&str]) -> String {
     let out = command(s, url).args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -371,7 +376,12 @@ fn ok(s: &Scratch, url: &str, args: &[&str]) -> String {
 
 /// `backup --json` of `source` as disk `d`, an incremental when given a
 /// changed-block bitmap.
-fn backup(s: &Scratch, url: &str, source: &str, bitmap: Option<&std::path::Path>) -> Value {
+pub(crate) fn backup(
+    s: &Scratch,
+    url: &str,
+    source: &str,
+    bitmap: Option<&std::path::Path>,
+) -> Value {
     let mut args = vec!["backup", "--json", "--disk", "d", "--source", source];
     let bitmap = bitmap.map(|b| b.to_str().unwrap().to_string());
     if let Some(b) = &bitmap {
@@ -380,7 +390,7 @@ fn backup(s: &Scratch, url: &str, source: &str, bitmap: Option<&std::path::Path>
     the_restore_point(&ok(s, url, &args))
 }
 
-fn restore(s: &Scratch, url: &str, id: &str, name: &str) -> std::path::PathBuf {
+pub(crate) fn restore(s: &Scratch, url: &str, id: &str, name: &str) -> std::path::PathBuf {
     let to = s.path(name);
     ok(
         s,
