@@ -16,7 +16,10 @@
 //!   `~/.cache/cbtvault`, one directory per repository id), made from the
 //!   bucket when missing and brought up to date at each open: manifests and
 //!   packs another host (or an earlier run) wrote are indexed, so any host
-//!   with the credentials can list and restore.
+//!   with the credentials can list and restore. Beside it the repo crate
+//!   keeps the block maps' nodes (`nodes.sqlite`, each checked against its
+//!   id when used), so an incremental does not read its parent's map one
+//!   request per node.
 //! - **Credentials**: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (and
 //!   `AWS_SESSION_TOKEN`), or a profile of the shared credentials file —
 //!   never the command line.
