@@ -90,6 +90,19 @@ pub fn run(what: &str, cmd: &mut Command, durable: bool) -> Result<(Cost, Vec<u8
     ))
 }
 
+/// The user and system CPU seconds process `pid` has used so far.
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command, which is in parentheses and may hold
+    // spaces: utime and stime are the 12th and 13th of them.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
 fn read_all(mut file: std::fs::File) -> Result<Vec<u8>> {
     use std::io::{Read, Seek};
     file.rewind()?;

@@ -98,6 +98,12 @@ impl QemuNbd {
             uri: format!("nbd+unix:///disk?socket={}", socket.display()),
         })
     }
+
+    /// The CPU seconds the server has used so far (it shares the
+    /// machine's cores with its client).
+    pub fn cpu_s(&self) -> f64 {
+        measure::process_cpu_s(self._server.0.id()).unwrap_or(0.0)
+    }
 }
 
 /// A VDI of a simulated XenServer pool whose data file is the image.

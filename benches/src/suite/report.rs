@@ -165,6 +165,18 @@ impl Report<'_> {
             {
                 target.measured += &format!(" (a run with no change takes {fixed:.2} s)");
             }
+            // The NBD server runs on the same two cores.
+            if b.0 == "nbd"
+                && let (Some(server), Some(client)) = (
+                    self.find(size, "nbd", "qemu-nbd", "full"),
+                    self.find(size, "nbd", "cbtvault", "full"),
+                )
+            {
+                target.measured += &format!(
+                    " (qemu-nbd used {:.1} s of CPU beside cbtvault's {:.1} s, on the same cores)",
+                    server.outcome.cost.cpu_s, client.outcome.cost.cpu_s
+                );
+            }
             // What the server itself allows: the same bytes put with
             // nothing else to do.
             if b.0 == "s3"
