@@ -79,6 +79,9 @@ impl Backend for AppendOnlyBackend {
         // (the trait's rule), so a write never replaces history.
         self.inner.write(kind, name, data)
     }
+    fn write_owned(&self, kind: FileKind, name: &str, data: Vec<u8>) -> Result<Vec<u8>> {
+        self.inner.write_owned(kind, name, data)
+    }
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
         self.inner.read(kind, name)
     }

@@ -53,6 +53,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Stores a whole file atomically and durably, replacing none: writing a
     /// name that exists is allowed only with identical content.
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()>;
+    /// [`Backend::write`] of a buffer the caller gives up, handed back
+    /// after the write for reuse (packs: two buffers take turns). A
+    /// backend that must own what it sends (object storage) takes it
+    /// without a copy; it may hand back an empty buffer.
+    fn write_owned(&self, kind: FileKind, name: &str, data: Vec<u8>) -> Result<Vec<u8>> {
+        self.write(kind, name, &data)?;
+        Ok(data)
+    }
     /// Reads a whole file.
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>>;
     /// Reads `len` bytes at `offset`; a short file is an error.

@@ -506,15 +506,16 @@ impl PackWriter {
             .spawn(move || -> Result<()> {
                 let mut catalogue = catalogue;
                 for pack in rx {
-                    backend.write(FileKind::Pack, &pack.name, &pack.bytes)?;
-                    catalogue.insert_pack(&pack.name, pack.bytes.len() as u64, &pack.entries)?;
-                    tracing::debug!(pack = %pack.name, blobs = pack.entries.len(), bytes = pack.bytes.len(), "pack written");
+                    let len = pack.bytes.len();
+                    let buffer = backend.write_owned(FileKind::Pack, &pack.name, pack.bytes)?;
+                    catalogue.insert_pack(&pack.name, len as u64, &pack.entries)?;
+                    tracing::debug!(pack = %pack.name, blobs = pack.entries.len(), bytes = len, "pack written");
                     let mut set = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                     for e in &pack.entries {
                         set.remove(&e.id);
                     }
                     drop(set);
-                    *spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(pack.bytes);
+                    *spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(buffer);
                 }
                 Ok(())
             })

@@ -253,9 +253,8 @@ impl S3Backend {
         }
     }
 
-    fn put(&self, key: &str, data: &[u8]) -> std::result::Result<(), object_store::Error> {
+    fn put(&self, key: &str, data: Bytes) -> std::result::Result<(), object_store::Error> {
         let path = Key::from(key);
-        let data = Bytes::copy_from_slice(data);
         let resume = self.resume;
         self.run(move |store| async move {
             if data.len() <= PART_SIZE {
@@ -264,6 +263,25 @@ impl S3Backend {
             }
             put_multipart(&store, &path, &data, resume).await
         })
+    }
+
+    /// Puts `data` and checks the store holds all of it.
+    fn put_checked(&self, kind: FileKind, name: &str, data: Bytes) -> cbtvault_repo::Result<()> {
+        let key = self.key_text(kind, name);
+        let len = data.len();
+        self.put(&key, data).map_err(|e| self.error(&key, e))?;
+        // A store that acknowledged less than it was given is caught here,
+        // before anything refers to the object.
+        let size = self.size(kind, name)?;
+        if size != len as u64 {
+            return Err(cbtvault_repo::Error::Io {
+                path: format!("s3://{}/{key}", self.location.bucket).into(),
+                source: std::io::Error::other(format!(
+                    "the store holds {size} bytes after {len} were written"
+                )),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -381,21 +399,26 @@ fn resumable(e: &object_store::Error) -> bool {
 
 impl Backend for S3Backend {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> cbtvault_repo::Result<()> {
-        let key = self.key_text(kind, name);
-        self.put(&key, data).map_err(|e| self.error(&key, e))?;
-        // A store that acknowledged less than it was given is caught here,
-        // before anything refers to the object.
-        let size = self.size(kind, name)?;
-        if size != data.len() as u64 {
-            return Err(cbtvault_repo::Error::Io {
-                path: format!("s3://{}/{key}", self.location.bucket).into(),
-                source: std::io::Error::other(format!(
-                    "the store holds {size} bytes after {} were written",
-                    data.len()
-                )),
-            });
-        }
-        Ok(())
+        self.put_checked(kind, name, Bytes::copy_from_slice(data))
+    }
+
+    /// Sends the buffer itself (a pack: no second copy in memory), and
+    /// hands it back once every clone the upload made is gone.
+    fn write_owned(
+        &self,
+        kind: FileKind,
+        name: &str,
+        data: Vec<u8>,
+    ) -> cbtvault_repo::Result<Vec<u8>> {
+        let data = Bytes::from(data);
+        self.put_checked(kind, name, data.clone())?;
+        Ok(data
+            .try_into_mut()
+            .map(|mut b| {
+                b.clear();
+                Vec::from(b)
+            })
+            .unwrap_or_default())
     }
 
     fn read(&self, kind: FileKind, name: &str) -> cbtvault_repo::Result<Vec<u8>> {
@@ -516,7 +539,8 @@ impl Backend for S3Backend {
 
     fn replace(&self, kind: FileKind, name: &str, data: &[u8]) -> cbtvault_repo::Result<()> {
         let key = self.key_text(kind, name);
-        self.put(&key, data).map_err(|e| self.error(&key, e))
+        self.put(&key, Bytes::copy_from_slice(data))
+            .map_err(|e| self.error(&key, e))
     }
 
     fn remove(&self, kind: FileKind, name: &str) -> cbtvault_repo::Result<()> {
