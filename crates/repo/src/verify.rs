@@ -248,8 +248,22 @@ pub(crate) fn verify(
     report.packs = packs.len();
     let on_storage: HashSet<String> = backend.list(FileKind::Pack)?.into_iter().collect();
     let mut to_read: Vec<(String, Vec<PackEntry>)> = Vec::new();
+    // Packs gc condemned (a record now, or one already swept): such a pack
+    // missing from storage was deleted by a gc killed mid-sweep, not lost;
+    // the next gc finishes the sweep.
+    let mut condemned = repo.catalogue().condemned_packs()?;
+    for (_, record) in crate::condemn::load(backend.as_ref())? {
+        condemned.extend(record.packs);
+    }
     for (name, _) in &packs {
         let entries = repo.catalogue().blobs_in_pack(name)?;
+        if !on_storage.contains(name) && condemned.contains(name) {
+            if !repo.is_read_only() {
+                repo.catalogue().drop_pack(name)?;
+            }
+            report.packs -= 1;
+            continue;
+        }
         if !on_storage.contains(name) {
             let why = "its pack file is missing from storage".to_string();
             for e in &entries {

@@ -117,3 +117,55 @@ fn one_gc_at_a_time_and_a_disk_is_backed_up_by_one_host_at_a_time() -> Result<()
     gc(&a)?;
     Ok(())
 }
+
+#[test]
+fn a_pack_a_killed_gc_deleted_after_condemning_it_is_not_reported_lost() -> Result<()> {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = Arc::new(MemoryBackend::new());
+    let options = InitOptions {
+        pack_size: 1 << 20,
+        ..InitOptions::default()
+    };
+    let a = Repository::init_with(&dir.path().join("a"), store.clone(), &options)?;
+    let mut w = a.pack_writer(None)?;
+    let ids: Vec<BlobId> = (0..4)
+        .map(|i| w.add(BlobKind::Data, &data_block(i)))
+        .collect::<Result<_>>()?;
+    let old = commit_disk(&a, &mut w, "old", &ids, 0)?;
+    let mut w = a.pack_writer(None)?;
+    let kept: Vec<BlobId> = (10..12)
+        .map(|i| w.add(BlobKind::Data, &data_block(i)))
+        .collect::<Result<_>>()?;
+    let kept_id = commit_disk(&a, &mut w, "kept", &kept, 1)?;
+    a.forget(&a.forget_plan(&ForgetSelection::Ids(vec![old]), true)?)?;
+
+    // A gc condemns the forgotten pack while another host's operation
+    // runs, so it cannot sweep yet.
+    let b = Repository::open_cached(&dir.path().join("b"), store.clone())?;
+    let running = b.lock_shared()?;
+    assert_eq!(gc(&a)?.packs_condemned, 1);
+    drop(running);
+    // The next gc is killed mid-sweep: the pack file is deleted, its
+    // record and the catalogue's row are not.
+    let records = store.list(FileKind::Gc)?;
+    assert_eq!(records.len(), 1);
+    let record: serde_json::Value = serde_json::from_slice(&store.read(FileKind::Gc, &records[0])?)
+        .expect("a gc record is JSON");
+    let pack = record["packs"][0].as_str().expect("a condemned pack");
+    store.remove(FileKind::Pack, pack)?;
+
+    // Nothing is lost: verify passes, the kept point restores, and the
+    // next gc finishes the sweep.
+    let report = a.verify(true, 1, &|_| {})?;
+    assert!(report.is_ok(), "{report:?}");
+    let reader = a.reader()?;
+    let rp = a.resolve(&kept_id)?;
+    assert_eq!(blocks_of(&rp.manifest.tree(), &reader)?, kept);
+    gc(&a)?;
+    assert!(
+        store.list(FileKind::Gc)?.is_empty(),
+        "the sweep was finished"
+    );
+    assert!(a.verify(true, 1, &|_| {})?.is_ok());
+    Ok(())
+}
