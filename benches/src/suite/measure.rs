@@ -44,6 +44,7 @@ pub fn run(what: &str, cmd: &mut Command, durable: bool) -> Result<(Cost, Vec<u8
         .spawn()
         .with_context(|| format!("{what}: starting {cmd:?}"))?;
     let pid = child.id() as libc::pid_t;
+    let peak = PeakWatch::start(pid);
     // Wait without reaping, so that /proc/PID/io still describes the child.
     // SAFETY: siginfo_t is plain data that waitid fills in; pid is our child.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -59,6 +60,7 @@ pub fn run(what: &str, cmd: &mut Command, durable: bool) -> Result<(Cost, Vec<u8
         bail!("{what}: waitid failed: {}", std::io::Error::last_os_error());
     }
     let rchar = proc_io(pid, "rchar").unwrap_or(0);
+    let watched_kib = peak.stop();
     let mut status = 0;
     // SAFETY: as above; wait4 reaps the child and gives its own rusage.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -83,7 +85,15 @@ pub fn run(what: &str, cmd: &mut Command, durable: bool) -> Result<(Cost, Vec<u8
         Cost {
             wall_s: wall.as_secs_f64(),
             cpu_s: seconds(usage.ru_utime) + seconds(usage.ru_stime),
-            rss_kib: usage.ru_maxrss as u64,
+            // wait4's figure counts this process's RSS at the fork too
+            // (the forked copy's pages), which the in-process simulators
+            // inflate; the child's own high-water mark is exact when it
+            // was seen.
+            rss_kib: if watched_kib > 0 {
+                watched_kib
+            } else {
+                usage.ru_maxrss as u64
+            },
             rchar,
         },
         output,
@@ -101,6 +111,56 @@ pub fn process_cpu_s(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| ticks / hz as f64)
+}
+
+/// Watches a child's own peak RSS (`VmHWM` of the program it exec'd)
+/// until it exits.
+struct PeakWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl PeakWatch {
+    fn start(pid: libc::pid_t) -> PeakWatch {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let ours = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+        let watching = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !watching.load(Ordering::Relaxed) {
+                // Before its exec the child is a copy of this process.
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"));
+                if comm.is_ok_and(|c| c != ours)
+                    && let Some(kib) = proc_status_kib(pid, "VmHWM")
+                {
+                    peak = peak.max(kib);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        });
+        PeakWatch { stop, thread }
+    }
+
+    /// The highest `VmHWM` seen, in KiB (0 when none was).
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
+fn proc_status_kib(pid: libc::pid_t, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn read_all(mut file: std::fs::File) -> Result<Vec<u8>> {
