@@ -130,27 +130,3 @@ pub fn durable_write(image: &Path, out: &Path) -> Result<(Cost, u64)> {
     let _ = std::fs::remove_file(out);
     result
 }
-
-/// Touches most of the machine's free memory once and gives it back.
-///
-/// On this kind of VM the host backs guest memory only when it is first
-/// touched, and a write into page cache that nothing used before costs
-/// about twice a write into memory an earlier step freed (see "What the
-/// profiles showed"). Without this, whichever tool writes first pays for
-/// the machine's fresh memory and the steps after it look faster.
-pub fn warm_memory() -> Result<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-    let available_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("MemAvailable in /proc/meminfo")?;
-    const CHUNK: usize = 256 << 20;
-    // Leave 2 GiB to everything else.
-    let chunks = ((available_kib << 10).saturating_sub(2 << 30) / CHUNK as u64) as usize;
-    let mut held: Vec<Vec<u8>> = Vec::with_capacity(chunks);
-    for _ in 0..chunks {
-        held.push(vec![1u8; CHUNK]);
-    }
-    Ok((held.len() * CHUNK) as u64)
-}

@@ -142,11 +142,6 @@ fn main() -> Result<()> {
         rates: Vec::new(),
         s3_server: None,
     };
-    let warmed = ceilings::warm_memory()?;
-    eprintln!(
-        "touched {} GiB of free memory once, so that no step pays for the VM's fresh memory",
-        warmed >> 30
-    );
     let started = chrono_now();
     let sizes = suite.args.sizes.clone();
     for &size in &sizes {

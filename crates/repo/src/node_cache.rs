@@ -74,9 +74,16 @@ impl NodeCache {
             Ok(cache) => Some(cache),
             Err(e) => {
                 tracing::warn!(cache = %path.display(), error = %e, "the block-map node cache cannot be used; nodes are read from the store");
-                // A damaged file is set aside so that the next open makes a new one.
-                let aside = path.with_extension("sqlite.damaged");
-                let _ = std::fs::rename(&path, aside);
+                // Only a file that is not a database (or is corrupt) is set
+                // aside for the next open to make anew; a busy or locked
+                // one is another process's live cache.
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+                ) {
+                    let aside = path.with_extension("sqlite.damaged");
+                    let _ = std::fs::rename(&path, aside);
+                }
                 None
             }
         }
